@@ -1,0 +1,68 @@
+"""AutoModel.from_pretrained: resolve the model, shard it once, pick a backend, return an AirModel."""
+import platform
+import sys
+from pathlib import Path
+
+from .archs import arch_for
+from .errors import BackendError
+from .hub import default_shard_dir, is_hub_id, resolve_model
+from .manifest import MANIFEST_NAME, Manifest
+from .model import AirModel
+from .shard import complete_folder, shard_checkpoint
+
+BACKENDS = ("auto", "mlx", "torch")
+COMPRESSIONS = (None, "4bit", "8bit")
+
+
+def pick_backend(backend="auto"):
+    """MLX on Apple silicon, otherwise torch (CUDA when present, else CPU)."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
+    if backend != "auto":
+        return backend
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        try:
+            import mlx.core  # noqa: F401
+            return "mlx"
+        except ImportError:
+            pass
+    return "torch"
+
+
+def make_backend(name, config, device=None, dtype=None):
+    if name == "mlx":
+        try:
+            from .backends.mlx_backend import MLXBackend
+        except ImportError as e:
+            raise BackendError(f"the MLX backend needs mlx and mlx-lm ({e}); pip install mlx mlx-lm, "
+                               "or use backend='torch'.") from None
+        return MLXBackend(config, device=device, dtype=dtype)
+    from .backends.torch_backend import TorchBackend
+    return TorchBackend(config, device=device, dtype=dtype)
+
+
+class AutoModel:
+    @classmethod
+    def from_pretrained(cls, path_or_id, backend="auto", device=None, dtype=None, compression=None,
+                        layer_shards_saving_path=None, memory_budget=None, prefetching=True,
+                        profiling_mode=False, hf_token=None, delete_original=False, allow_pickle=False,
+                        progress=True):
+        """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
+        Hugging Face folder, a hub id, or an existing shard folder."""
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r} is unknown; use one of {COMPRESSIONS}.")
+        if compression is not None:
+            raise NotImplementedError("compression is not available yet; load the model without it.")
+        name = pick_backend(backend)
+        local = Path(str(path_or_id)).expanduser()
+        if (local / MANIFEST_NAME).is_file():
+            shard_dir = local  # already a shard folder
+        else:
+            shard_dir = Path(layer_shards_saving_path or default_shard_dir(path_or_id, compression))
+            if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
+                src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress)
+                shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle, progress=progress)
+        config = Manifest.load(shard_dir).config
+        arch_for(config)
+        return AirModel(shard_dir, make_backend(name, config, device, dtype), memory_budget=memory_budget,
+                        prefetching=prefetching, profiling_mode=profiling_mode)

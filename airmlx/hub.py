@@ -1,0 +1,57 @@
+"""Model resolution: a local folder, or a hub id fetched (or found in the cache) by huggingface_hub."""
+import hashlib
+import re
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_hub_id(name):
+    return not Path(name).expanduser().exists() and bool(HUB_ID.match(str(name))) and not str(name).startswith(".")
+
+
+def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True):
+    """Return a local folder holding the model's config, weights and tokenizer."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights.")
+        return path
+    if not is_hub_id(str(path_or_id)):
+        raise ModelNotFoundError(f"{path_or_id}: no such folder, and it is not a hub id like 'org/name'; check the path.")
+    import huggingface_hub
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, token=hf_token)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{path_or_id} is gated: accept its licence on the Hugging Face hub, then pass "
+                                 "hf_token=... (or --hf-token, or set HF_TOKEN).") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{path_or_id}: no such model on the Hugging Face hub (or it is private: pass "
+                                 "hf_token=...); check the id.") from None
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"{path_or_id} is not in the Hugging Face cache and the hub cannot be reached "
+                                 "(HF_HUB_OFFLINE is set or there is no network); download it once while "
+                                 "online, or give a local folder.") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelNotFoundError(f"{path_or_id}: download failed ({e}); check the network, or give a local folder.") from None
+    return Path(local)
+
+
+def default_shard_dir(path_or_id, compression=None):
+    """$HF_HOME/airmlx/<name>[-<compression>]: hub ids by name, local folders by name plus a path hash."""
+    from huggingface_hub import constants
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        resolved = str(path.resolve())
+        name = f"{path.resolve().name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+    else:
+        name = str(path_or_id).replace("/", "--")
+    if compression:
+        name += f"-{compression}"
+    return Path(constants.HF_HOME) / "airmlx" / name

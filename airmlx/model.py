@@ -1,0 +1,99 @@
+"""The model object users hold: a shard store, a backend and the scheduler between them."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GenerationError, ModelNotFoundError
+from .generate import GenerateOutput, generate_tokens, to_batch
+from .schedule import Scheduler, make_plan, parse_bytes
+from .store import ShardStore
+
+DEFAULT_BUDGET_FRACTION = 0.6
+
+
+class AirModel:
+    """A sharded model streamed through a backend. Build it with airmlx.AutoModel.from_pretrained."""
+
+    def __init__(self, shard_dir, backend, memory_budget=None, prefetching=True, profiling_mode=False):
+        self.shard_dir = Path(shard_dir)
+        self.store = ShardStore(shard_dir)
+        self.config = self.store.manifest.config
+        self.backend = backend
+        budget = (parse_bytes(memory_budget) if memory_budget is not None
+                  else int(DEFAULT_BUDGET_FRACTION * backend.available_memory()))
+        self.plan = make_plan({s.name: s.nbytes for s in self.store.manifest.stages}, budget, prefetching)
+        self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
+        gen_path = self.shard_dir / "generation_config.json"
+        self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.shard_dir)
+            except (OSError, ValueError) as e:
+                raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({e}); copy the model's "
+                                         "tokenizer files into this folder or shard from a folder that has them.")
+        return self._tokenizer
+
+    @property
+    def eos_token_id(self):
+        return self.generation_config.get("eos_token_id", self.config.get("eos_token_id"))
+
+    @property
+    def pad_token_id(self):
+        return self.generation_config.get("pad_token_id", self.config.get("pad_token_id"))
+
+    def step(self, tokens, attention_mask, cache):
+        """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy."""
+        ctx = self.backend.begin_step(tokens, attention_mask, cache)
+        return self.backend.logits(self.scheduler.forward(ctx))
+
+    def new_cache(self, batch_size, left_padding):
+        return self.backend.new_cache(batch_size, left_padding)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
+                 top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, use_cache=True,
+                 return_dict_in_generate=False, streamer=None, seed=None, **unused):
+        """Prompt + new tokens, like transformers' generate; an object with .sequences when
+        return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list."""
+        if unused:
+            raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
+        if pad is None:
+            pad = int(np.atleast_1d(eos)[0]) if eos is not None else 0
+        ids, mask, restore = to_batch(input_ids, attention_mask, pad)
+        limit = self.config.get("max_position_embeddings")
+        if limit and ids.shape[1] > limit:
+            raise GenerationError(f"the prompt has {ids.shape[1]} tokens, more than the model's context of {limit}; "
+                                  "shorten it.")
+        seqs = generate_tokens(self.step, self.new_cache, ids, mask,
+                               max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache,
+                               streamer=streamer, rng=np.random.default_rng(seed))
+        out = restore(seqs)
+        if return_dict_in_generate:
+            return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])
+        return out
+
+    def memory_stats(self):
+        """Budget, plan and the backend's memory counters, in bytes."""
+        return {"budget": self.plan.budget, "resident": self.plan.resident_bytes,
+                "streamed_per_step": self.plan.streamed_bytes_per_step, "bytes_read": self.store.bytes_read,
+                **self.backend.memory()}
+
+    def close(self):
+        self.scheduler.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"

@@ -1,0 +1,209 @@
+"""The sweep: which stages stay resident, which stream, and a prefetch thread reading ahead in sweep order.
+
+Imports neither mlx nor torch: stages reach the backend as raw tensors and come back as opaque handles.
+"""
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value):
+    """4_000_000_000, "4GB", "4 GiB", "512MB" -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise BudgetError(f"memory_budget {value!r} is not a size; use bytes or a string like '4GB' or '512MiB'.")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def format_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+@dataclass
+class Plan:
+    budget: int
+    stage_bytes: dict  # stage name -> bytes, in sweep order
+    resident: list
+    prefetch_depth: int  # stages read ahead while one computes
+
+    @property
+    def streamed(self):
+        return [s for s in self.stage_bytes if s not in self.resident]
+
+    @property
+    def resident_bytes(self):
+        return sum(self.stage_bytes[s] for s in self.resident)
+
+    @property
+    def streamed_bytes_per_step(self):
+        return sum(self.stage_bytes[s] for s in self.streamed)
+
+    def __str__(self):
+        return (f"budget {format_bytes(self.budget)}: {len(self.resident)}/{len(self.stage_bytes)} stages resident "
+                f"({format_bytes(self.resident_bytes)}), {len(self.streamed)} streamed "
+                f"({format_bytes(self.streamed_bytes_per_step)} per step), prefetch depth {self.prefetch_depth}")
+
+
+def make_plan(stage_bytes, budget, prefetching=True):
+    """Everything resident when it fits; otherwise keep prefetch slots for the largest stage and fill the rest
+    of the budget with resident stages: head and embedding first (read every step), then layers spread evenly
+    so streamed reads alternate with resident compute."""
+    total, largest = sum(stage_bytes.values()), max(stage_bytes.values())
+    if budget >= total:
+        return Plan(budget, dict(stage_bytes), list(stage_bytes), 0)
+    if budget < largest:
+        raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
+                          f"{format_bytes(largest)} (its largest stage); raise memory_budget to at least {largest}.")
+    depth = (1 if budget < 4 * largest else 2) if prefetching else 0
+    room = budget - depth * largest
+    resident = []
+    for name in ("head", "embed"):
+        if name in stage_bytes and stage_bytes[name] <= room:
+            resident.append(name)
+            room -= stage_bytes[name]
+    layers = [s for s in stage_bytes if s not in ("head", "embed")]
+    if layers:
+        k = min(len(layers), room // max(stage_bytes[s] for s in layers))
+        spread = sorted({int((j + 0.5) * len(layers) / k) for j in range(k)}) if k else []
+        resident += [layers[i] for i in spread]
+    return Plan(budget, dict(stage_bytes), [s for s in stage_bytes if s in resident], depth)
+
+
+class Prefetcher:
+    """Reads streamed stages in sweep order, cycling across steps, at most `depth + 1` stages in flight
+    (read, queued or computing). take() hands them out; done() frees a slot."""
+
+    def __init__(self, store, names, depth):
+        self.store, self.names = store, list(names)
+        self.slots = threading.Semaphore(depth + 1)
+        self.ready = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="airmlx-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        i = 0
+        while not self.stop.is_set():
+            if not self.slots.acquire(timeout=0.05):
+                continue
+            name = self.names[i % len(self.names)]
+            try:
+                self.ready.put((name, self.store.read_stage(name)))
+            except BaseException as e:  # handed to the consumer, which raises it
+                self.ready.put((name, e))
+                return
+            i += 1
+
+    def take(self, name):
+        got, data = self.ready.get()
+        if isinstance(data, BaseException):
+            raise data
+        assert got == name, f"prefetch order broken: wanted {name}, got {got}"
+        return data
+
+    def done(self):
+        self.slots.release()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        while not self.ready.empty():
+            _, data = self.ready.get_nowait()
+            if not isinstance(data, BaseException):
+                self.store.release(data)
+
+
+@dataclass
+class StageRecord:
+    step: int
+    stage: str
+    bytes_read: int
+    read_s: float
+    wait_s: float
+    load_s: float
+    compute_s: float
+
+
+@dataclass
+class Scheduler:
+    store: object
+    backend: object
+    plan: Plan
+    profiling: bool = False
+    steps: int = 0
+    records: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.entries = self.store.manifest.stages
+        self.resident = {}
+        self.store.pool.keep = self.plan.prefetch_depth + 1
+        self.prefetcher = None
+        self._start_prefetch()
+
+    def _start_prefetch(self):
+        if self.plan.prefetch_depth and self.plan.streamed:
+            self.prefetcher = Prefetcher(self.store, self.plan.streamed, self.plan.prefetch_depth)
+
+    def forward(self, ctx):
+        """One sweep of every stage over the step context; returns the head's output."""
+        x = None
+        try:
+            for entry in self.entries:
+                x = self._run(entry, x, ctx)
+        except BaseException:
+            # an interrupted sweep leaves the prefetcher mid-cycle: start it again from the first stage
+            if self.prefetcher:
+                self.prefetcher.close()
+                self._start_prefetch()
+            raise
+        self.steps += 1
+        return x
+
+    def _run(self, entry, x, ctx):
+        name = entry.name
+        loaded, data, wait_s, load_s = self.resident.get(name), None, 0.0, 0.0
+        streamed = name not in self.plan.resident
+        if loaded is None:
+            t0 = time.perf_counter()
+            data = self.prefetcher.take(name) if (streamed and self.prefetcher) else self.store.read_stage(name)
+            t1 = time.perf_counter()
+            loaded = self.backend.load_stage(entry, data.tensors)
+            if not self.backend.zero_copy:
+                self.store.release(data)
+            wait_s, load_s = t1 - t0, time.perf_counter() - t1
+            if not streamed:
+                self.resident[name] = loaded
+        t2 = time.perf_counter()
+        try:
+            x = self.backend.run_stage(loaded, x, ctx)
+        finally:
+            if streamed:
+                self.backend.free_stage(loaded)
+                if data is not None:
+                    self.store.release(data)
+                if self.prefetcher:
+                    self.prefetcher.done()
+        if self.profiling:
+            self.records.append(StageRecord(self.steps, name, data.nbytes if data else 0,
+                                            data.read_s if data else 0.0, wait_s, load_s, time.perf_counter() - t2))
+        return x
+
+    def close(self):
+        if self.prefetcher:
+            self.prefetcher.close()
+            self.prefetcher = None
+        for loaded in self.resident.values():
+            self.backend.free_stage(loaded)
+        self.resident.clear()

@@ -1,0 +1,295 @@
+"""Checkpoint folder -> shard folder: manifest.json plus one safetensors file per stage.
+
+Tensors are copied as byte ranges straight from the source files, so no stage is ever held in memory
+and bf16/fp16/fp32 pass through untouched. Every file is written as NAME.tmp, fsynced and renamed;
+progress.json records finished stages so an interrupted run resumes; the manifest is written last.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .archs import arch_for, stage_layout
+from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .tensorfile import aligned_order, encode_header, read_header
+
+PROGRESS_NAME = "progress.json"
+LOCK_NAME = ".airmlx.lock"
+COPY_CHUNK = 64 << 20
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja", "chat_template.json")
+STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+)\.safetensors(\.tmp)?$")
+
+
+def load_config(src):
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{src}: no config.json; point airmlx at a Hugging Face model folder.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
+
+
+def weight_files(src, allow_pickle=False):
+    """The source's safetensors files, in a stable order. Refuses pickle checkpoints without the opt-in."""
+    src = Path(src)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{src}: files listed in model.safetensors.index.json are missing: {missing}; "
+                                  "the download is incomplete.")
+        return [src / n for n in names]
+    files = sorted(src.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(src.glob("*.bin"))
+    if bins and not allow_pickle:
+        raise CheckpointError(
+            f"{src} holds only legacy PyTorch pickle files ({bins[0].name}, ...). Loading pickle can run "
+            "arbitrary code; pass allow_pickle=True (--allow-pickle) to convert them, or use a safetensors checkpoint.")
+    if bins:
+        return bins
+    raise CheckpointError(f"{src}: no *.safetensors weights found; is this a model folder?")
+
+
+def source_tensors(files):
+    """{tensor name: (file, data_start, TensorInfo)} over all source files."""
+    tensors = {}
+    for path in files:
+        data_start, infos, _ = read_header(path)
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name][0].name} and {path.name}.")
+            tensors[name] = (path, data_start, info)
+    return tensors
+
+
+def fingerprint(files, config, quantization=None):
+    """What the shard folder was made from; any change means the folder is rebuilt."""
+    return {
+        "files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "quantization": quantization,
+    }
+
+
+def file_checksum(path):
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive lock on the shard folder: a second process sharding into it waits, then reuses the result."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        yield
+        return
+    with open(Path(folder) / LOCK_NAME, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_stage(out, name, kind, index, tensor_names, sources, fds):
+    """Copy one stage's tensors into out/NAME.safetensors (atomically) and return its manifest entry."""
+    specs = aligned_order([(t, sources[t][2].dtype, sources[t][2].shape) for t in tensor_names])
+    header, _ = encode_header(specs, {"format": "pt", "airmlx_stage": name})
+    path = Path(out) / f"{name}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    h = hashlib.sha256(header)
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for t, _, _ in specs:
+            src, data_start, info = sources[t]
+            fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
+            pos, end = data_start + info.start, data_start + info.end
+            while pos < end:
+                chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
+                if not chunk:
+                    raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
+                f.write(chunk)
+                h.update(chunk)
+                pos += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(out)
+    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
+                      checksum="sha256:" + h.hexdigest(), tensors=[s[0] for s in specs])
+
+
+def stage_bytes(tensor_names, sources):
+    return sum(sources[t][2].nbytes for t in tensor_names) + 1024 + 100 * len(tensor_names)
+
+
+def reusable(out, entries, verify):
+    """Finished stages whose files are still intact (size always; checksum when verify)."""
+    ok = {}
+    for e in entries:
+        path = Path(out) / e.file
+        if path.is_file() and path.stat().st_size == e.nbytes and (not verify or file_checksum(path) == e.checksum):
+            ok[e.name] = e
+    return ok
+
+
+def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, compression=None, progress=True):
+    """Shard the checkpoint folder `src` into `out`; return `out`. Reuses a matching folder, resumes an
+    interrupted one, rebuilds one made from a different source."""
+    if compression is not None:
+        raise NotImplementedError("compression (4bit/8bit) is not available yet; shard without it.")
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
+    config = load_config(src)
+    arch_for(config)
+    try:
+        files = originals = weight_files(src, allow_pickle)
+    except CheckpointError:
+        if complete_folder(out):  # the originals were deleted after an earlier sharding
+            return out
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out), contextlib.ExitStack() as cleanup:
+        if files[0].suffix == ".bin":
+            from .legacy import convert_pickle_checkpoint
+            files = convert_pickle_checkpoint(files, out / "_converted")
+            cleanup.callback(shutil.rmtree, out / "_converted", True)
+        sources = source_tensors(files)
+        layout = stage_layout(config, list(sources))
+        fp = fingerprint(originals, config, compression)
+
+        done = {}
+        try:
+            existing = Manifest.load(out)
+        except CorruptShardError:
+            existing = None
+        if existing is not None and existing.source == fp:
+            done = reusable(out, existing.stages, verify=False)
+            if len(done) == len(layout):
+                finish_delete(src, out, originals, existing, delete_original)
+                return out
+        elif existing is not None:
+            print(f"airmlx: {out} was made from a different checkpoint; rebuilding it.", file=sys.stderr)
+        if existing is not None:
+            (out / MANIFEST_NAME).unlink()
+            fsync_dir(out)
+        progress_path = out / PROGRESS_NAME
+        if not done and progress_path.is_file():
+            try:
+                saved = json.loads(progress_path.read_text())
+                if saved.get("source") == fp:
+                    done = reusable(out, [StageEntry(**e) for e in saved["stages"]], verify=True)
+            except (ValueError, TypeError, KeyError):
+                pass  # an unreadable progress file only costs a full rebuild
+
+        todo = [s for s in layout if s[0] not in done]
+        need = sum(stage_bytes(ts, sources) for _, _, ts in todo)
+        free = shutil.disk_usage(out).free
+        if need > free:
+            raise InsufficientDiskSpaceError(
+                f"{out}: sharding needs {need:,} bytes but only {free:,} are free; free "
+                f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
+        fds = {}
+        cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
+        bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {src.name}", disable=not progress)
+        with bar:
+            for index, (name, kind, tensor_names) in enumerate(layout):
+                if name in done:
+                    continue
+                done[name] = write_stage(out, name, kind, index, tensor_names, sources, fds)
+                write_atomic(progress_path, json.dumps(
+                    {"source": fp, "stages": [vars(e) for e in done.values()]}).encode())
+                bar.update(stage_bytes(tensor_names, sources))
+
+        for aux in AUX_FILES:
+            if (src / aux).is_file():
+                write_atomic(out / aux, (src / aux).read_bytes())
+        stages = [done[name] for name, _, _ in layout]
+        for stale in out.iterdir():
+            if STAGE_FILE.match(stale.name) and stale.name not in {s.file for s in stages}:
+                stale.unlink()
+        manifest = Manifest(architecture=config["model_type"], config=config, source=fp, stages=stages,
+                            quantization=compression)
+        manifest.save(out)
+        progress_path.unlink(missing_ok=True)
+        finish_delete(src, out, originals, manifest, delete_original)
+    return out
+
+
+def complete_folder(out):
+    """True when out holds a manifest whose stage files all have their recorded sizes."""
+    try:
+        manifest = Manifest.load(out)
+    except CorruptShardError:
+        return False
+    return len(reusable(out, manifest.stages, verify=False)) == len(manifest.stages)
+
+
+def finish_delete(src, out, originals, manifest, delete_original):
+    """delete_original: remove the source weights, but only after every stage reads back intact."""
+    if not delete_original:
+        return
+    bad = [e.file for e in manifest.stages if file_checksum(Path(out) / e.file) != e.checksum]
+    if bad:
+        raise CorruptShardError(f"{out}: stages {bad} do not match their checksums after writing; "
+                                "the original weights were NOT deleted. Shard again.")
+    for path in originals:
+        target = path.resolve()  # hub cache files are symlinks to blobs: free the blob too
+        path.unlink()
+        if target != path and target.exists():
+            target.unlink()
+    index = Path(src) / "model.safetensors.index.json"
+    index.unlink(missing_ok=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m airmlx.shard",
+                                     description="Split a Hugging Face checkpoint into one file per layer.")
+    parser.add_argument("src", help="model folder or hub id")
+    parser.add_argument("out", nargs="?", help="shard folder (default: under the Hugging Face cache)")
+    parser.add_argument("--delete-original", action="store_true",
+                        help="delete the source weight files once every stage is written and verified")
+    parser.add_argument("--allow-pickle", action="store_true", help="convert legacy pickle .bin checkpoints")
+    parser.add_argument("--hf-token", default=None, help="token for gated hub models")
+    parser.add_argument("--verify", action="store_true", help="check every stage's checksum of an existing shard folder (SRC)")
+    args = parser.parse_args(argv)
+    from .hub import default_shard_dir, resolve_model
+    try:
+        if args.verify:
+            from .store import ShardStore
+            problems = ShardStore(args.src).verify()
+            for p in problems:
+                print(p, file=sys.stderr)
+            print(f"{args.src}: {'OK' if not problems else f'{len(problems)} damaged stage(s)'}")
+            return 1 if problems else 0
+        src = resolve_model(args.src, hf_token=args.hf_token)
+        out = args.out or default_shard_dir(args.src)
+        shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle)
+        print(out)
+        return 0
+    except AirmlxError as e:
+        print(f"airmlx: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The Backend protocol: the one seam between airmlx's core and a framework.
+
+A stage reaches the backend as {tensor name: RawTensor} from the store. The backend makes it runnable
+(load_stage), runs it on the previous stage's output inside a step context (run_stage) and frees it
+(free_stage). Stage kinds: "embed" (token ids -> hidden states, x is None), "layer" (hidden -> hidden,
+using that layer's KV cache), "head" (hidden -> logits of the last position). A backend never opens a file.
+"""
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str
+    zero_copy: bool  # load_stage keeps views of the raw buffers, so they live until free_stage
+
+    def new_cache(self, batch_size: int, left_padding: list) -> Any:
+        """Empty per-layer KV caches for a batch whose prompts are left-padded by these amounts."""
+
+    def cache_bytes(self, cache: Any) -> int: ...
+
+    def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any) -> Any:
+        """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T)."""
+
+    def load_stage(self, entry: Any, tensors: dict) -> Any: ...
+
+    def run_stage(self, stage: Any, x: Any, step: Any) -> Any: ...
+
+    def free_stage(self, stage: Any) -> None: ...
+
+    def logits(self, x: Any) -> np.ndarray:
+        """The head's output as float32 numpy (B, vocab) for the last position."""
+
+    def memory(self) -> dict:
+        """{"active": bytes now, "peak": bytes since reset_peak()} of weights, caches and activations."""
+
+    def reset_peak(self) -> None: ...
+
+    def available_memory(self) -> int:
+        """Bytes this device could still give to weights."""
+
+
+def available_ram():
+    """MemAvailable on Linux; free physical pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+

@@ -1,0 +1,177 @@
+"""torch backend (CUDA and CPU): stages are transformers' own modules on a meta-device skeleton.
+
+The whole model is built once on the meta device (no memory); loading a stage assigns real tensors to
+that stage's parameters, freeing it puts meta tensors back. Masks, rotary embeddings, caches and decoder
+layers are transformers'; this file only wires them in sweep order.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from airmlx.errors import BackendError, CheckpointError
+
+from .base import available_ram
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TorchStage:
+    kind: str
+    params: dict  # parameter path -> (module, parameter name, meta placeholder)
+    nbytes: int
+    module: object = None  # the decoder layer, for layer stages
+
+
+@dataclass
+class TorchStep:
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    causal_mask: object = None
+    rotary: object = None
+    prepared: bool = False
+
+
+def resolve_device(device):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {str(device)!r} was asked for but this torch has no CUDA device; "
+                           "use device='cpu' or install a CUDA build of torch.")
+    if device.type not in ("cuda", "cpu"):
+        raise BackendError(f"device {str(device)!r} is not supported by the torch backend; use 'cuda' or 'cpu'.")
+    return device
+
+
+def resolve_dtype(config, dtype, device):
+    name = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
+    name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+    if device.type == "cpu" and name == "float16" and dtype is None:
+        name = "float32"  # CPU kernels for fp16 are slow or missing
+    return DTYPES[name]
+
+
+def layer_number(entry):
+    return int(entry.name.split(".")[1])
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, config, device=None, dtype=None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(config, dtype, self.device)
+        self.zero_copy = self.device.type == "cpu"
+        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=self.dtype)
+        self.config = self.skeleton.config
+        rotary = self.skeleton.get_submodule("model.rotary_emb")
+        with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
+            self.rotary = type(rotary)(config=self.config)
+        self._live = 0
+        self._peak = 0
+
+    # -- stages --------------------------------------------------------------------------------
+    def _tensor(self, raw):
+        t = torch.from_numpy(raw.data)
+        if raw.dtype == "BF16":
+            t = t.view(torch.bfloat16)
+        if t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t.to(self.device)
+
+    def load_stage(self, entry, tensors):
+        params, nbytes = {}, 0
+        for name, raw in tensors.items():
+            path = name
+            if entry.kind == "head" and name.startswith("model.embed_tokens."):
+                path = "lm_head." + name[len("model.embed_tokens."):]  # tied head reads the embedding
+            module_path, _, pname = path.rpartition(".")
+            try:
+                module = self.skeleton.get_submodule(module_path)
+                placeholder = getattr(module, pname)
+            except AttributeError:
+                raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in transformers' "
+                                      f"{type(self.skeleton).__name__}; the checkpoint does not match its config.")
+            tensor = self._tensor(raw)
+            if tensor.shape != placeholder.shape:
+                raise CheckpointError(f"stage {entry.name}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                                      f"config implies {tuple(placeholder.shape)}; the checkpoint does not match its config.")
+            setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
+            params[path] = (module, pname, placeholder)
+            nbytes += tensor.numel() * tensor.element_size()
+        self._live += nbytes
+        layer = self.skeleton.get_submodule(f"model.layers.{layer_number(entry)}") if entry.kind == "layer" else None
+        return TorchStage(entry.kind, params, nbytes, layer)
+
+    def free_stage(self, stage):
+        for module, pname, placeholder in stage.params.values():
+            setattr(module, pname, placeholder)
+        stage.params = {}
+        self._live -= stage.nbytes
+
+    # -- steps ---------------------------------------------------------------------------------
+    def new_cache(self, batch_size, left_padding):
+        return DynamicCache(config=self.config)
+
+    def cache_bytes(self, cache):
+        total = 0
+        for layer in getattr(cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def begin_step(self, tokens, attention_mask, cache):
+        ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
+        return TorchStep(ids, mask, positions, cache)
+
+    @torch.inference_mode()
+    def run_stage(self, stage, x, step):
+        model = self.skeleton
+        if stage.kind == "embed":
+            x = model.get_input_embeddings()(step.tokens)
+        elif stage.kind == "layer":
+            if not step.prepared:  # once per step, before the first layer writes its cache
+                step.causal_mask = create_causal_mask(config=self.config, inputs_embeds=x,
+                                                      attention_mask=step.mask, past_key_values=step.cache,
+                                                      position_ids=step.positions)
+                step.rotary = self.rotary(x, step.positions)
+                step.prepared = True
+            x = stage.module(x, attention_mask=step.causal_mask, position_ids=step.positions,
+                             past_key_values=step.cache, use_cache=True, position_embeddings=step.rotary)
+        else:
+            x = model.lm_head(model.model.norm(x[:, -1:, :]))
+        self._peak = max(self._peak, self._live + self.cache_bytes(step.cache))
+        return x
+
+    def logits(self, x):
+        return x[:, -1, :].float().cpu().numpy()
+
+    # -- memory --------------------------------------------------------------------------------
+    def memory(self):
+        if self.device.type == "cuda":
+            return {"active": torch.cuda.memory_allocated(self.device),
+                    "peak": torch.cuda.max_memory_allocated(self.device)}
+        return {"active": self._live, "peak": self._peak}
+
+    def reset_peak(self):
+        self._peak = self._live
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def available_memory(self):
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return available_ram()

@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_checkpoint  # noqa: E402
+
+ARCHS = ["llama", "mistral", "qwen2"]
+BACKENDS = ["torch", "mlx"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch -> (folder, transformers reference model), built once per session."""
+    made = {}
+
+    def get(arch, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            made[key] = (folder, make_checkpoint(folder, arch, **overrides))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def hf_home(tmp_path, monkeypatch):
+    """Default shard folders and the hub cache go to a per-test place, never the user's cache."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))

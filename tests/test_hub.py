@@ -1,0 +1,61 @@
+"""Model resolution through huggingface_hub, offline: local folders, the cache, and clear failures."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+import airmlx
+from airmlx.errors import BackendError, ModelNotFoundError
+from airmlx.hub import default_shard_dir, resolve_model
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def fake_cache(src, repo_id):
+    """Lay out a model in the hub cache exactly as snapshot_download leaves it."""
+    repo = f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = Path(constants.HF_HUB_CACHE) / repo
+    shutil.copytree(src, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_local_folder_resolves_to_itself(tmp_path):
+    assert resolve_model(tmp_path) == tmp_path
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        resolve_model(f"{tmp_path}/nothing/here")
+
+
+def test_hub_id_offline_and_not_cached(offline):
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_model("someone/not-downloaded")
+
+
+def test_hub_id_from_cache_end_to_end(offline, checkpoints):
+    folder, _ = checkpoints("qwen2")
+    fake_cache(folder, "tiny-org/tiny-qwen")
+    model = airmlx.AutoModel.from_pretrained("tiny-org/tiny-qwen", backend="torch")
+    assert model.shard_dir == default_shard_dir("tiny-org/tiny-qwen")
+    assert str(model.shard_dir).startswith(constants.HF_HOME) and model.shard_dir.name == "tiny-org--tiny-qwen"
+    assert len(model.generate([3, 4], max_new_tokens=2)) == 4
+    model.close()
+
+
+def test_unknown_backend_and_device(checkpoints):
+    folder, _ = checkpoints("llama")
+    with pytest.raises(BackendError, match="backend 'jax' is unknown"):
+        airmlx.AutoModel.from_pretrained(folder, backend="jax")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA device"):
+            airmlx.AutoModel.from_pretrained(folder, backend="torch", device="cuda")
+    with pytest.raises(BackendError, match="not an MLX device"):
+        airmlx.AutoModel.from_pretrained(folder, backend="mlx", device="tpu")

@@ -1,0 +1,19 @@
+"""The wheel installs airmlx and airmlx.backends, and no top-level `backends` package."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_maps_backends_under_airmlx(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("airmlx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"airmlx", next(t for t in tops if t.endswith(".dist-info"))}
+    for module in ("airmlx/backends/base.py", "airmlx/backends/torch_backend.py", "airmlx/backends/mlx_backend.py",
+                   "airmlx/shard.py", "airmlx/schedule.py"):
+        assert module in names

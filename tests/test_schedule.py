@@ -1,0 +1,93 @@
+"""Budget parsing, the planner's decisions and its error, and the prefetcher's order."""
+import pytest
+
+import airmlx
+from airmlx.errors import BudgetError
+from airmlx.schedule import Prefetcher, make_plan, parse_bytes
+
+SIZES = {"embed": 10, **{f"layer.{i:03d}": 100 for i in range(8)}, "head": 20}
+
+
+@pytest.mark.parametrize("text, want", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5 kb", 1500),
+                                        (123, 123), ("77", 77)])
+def test_parse_bytes(text, want):
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GB", "4XB", 0, -5, True])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(BudgetError, match="not a size"):
+        parse_bytes(bad)
+
+
+def test_everything_fits():
+    plan = make_plan(SIZES, 10_000)
+    assert plan.streamed == [] and plan.prefetch_depth == 0 and plan.streamed_bytes_per_step == 0
+
+
+def test_below_largest_stage_is_an_error_naming_the_minimum():
+    with pytest.raises(BudgetError, match="at least 100"):
+        make_plan(SIZES, 99)
+
+
+def test_tight_budget_streams_all_layers_with_one_prefetch_slot():
+    plan = make_plan(SIZES, 150)
+    assert plan.prefetch_depth == 1 and plan.resident == ["embed", "head"]
+    assert plan.streamed_bytes_per_step == 800
+    assert plan.resident_bytes + plan.prefetch_depth * 100 <= 150
+
+
+def test_resident_layers_are_spread_and_budget_kept():
+    plan = make_plan(SIZES, 630)
+    layers = [s for s in plan.resident if s.startswith("layer")]
+    assert plan.prefetch_depth == 2 and len(layers) == 4
+    assert layers == ["layer.001", "layer.003", "layer.005", "layer.007"]
+    assert plan.resident_bytes + plan.prefetch_depth * 100 <= 630
+
+
+def test_no_prefetch_uses_budget_for_residents():
+    plan = make_plan(SIZES, 630, prefetching=False)
+    assert plan.prefetch_depth == 0 and plan.resident_bytes == 630
+
+
+class FakeStore:
+    def __init__(self):
+        self.reads, self.released = [], []
+
+    def read_stage(self, name):
+        self.reads.append(name)
+        return name
+
+    def release(self, data):
+        self.released.append(data)
+
+
+def test_prefetcher_cycles_across_steps_within_its_slots():
+    store = FakeStore()
+    pf = Prefetcher(store, ["a", "b", "c"], depth=1)
+    for name in ["a", "b", "c", "a", "b", "c", "a"]:
+        assert pf.take(name) == name
+        pf.done()
+    pf.close()
+    assert store.reads[:7] == ["a", "b", "c", "a", "b", "c", "a"]
+    assert len(store.reads) <= 7 + 2  # never more than depth + 1 ahead
+
+
+def test_interrupted_sweep_restarts_prefetch(checkpoints, tmp_path):
+    folder, _ = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    model = airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="260KB")
+    want = model.generate([4, 5, 6], max_new_tokens=4)
+    real, calls = model.backend.run_stage, []
+
+    def interrupt_once(stage, x, ctx):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(stage, x, ctx)
+
+    model.backend.run_stage = interrupt_once
+    with pytest.raises(KeyboardInterrupt):
+        model.generate([4, 5, 6], max_new_tokens=4)
+    assert model.generate([4, 5, 6], max_new_tokens=4) == want
+    model.close()

@@ -1,0 +1,198 @@
+"""Sharder: layout, byte-exact copies, resume, rebuild, disk check, delete_original, pickle refusal, CLI."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import airmlx
+from airmlx import shard as shard_mod
+from airmlx.errors import (CheckpointError, CorruptShardError, InsufficientDiskSpaceError,
+                           UnsupportedArchitectureError)
+from airmlx.manifest import Manifest
+from airmlx.store import ShardStore
+from tiny import make_checkpoint
+
+
+def tensors_of(folder):
+    """{name: tensor} over every safetensors file in folder (torch reads bf16)."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                out.setdefault(k, []).append(st.get_tensor(k))
+    return out
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != ".airmlx.lock"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_multi_file_source_is_copied_exactly(tmp_path, dtype):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama", dtype=dtype, max_shard_size="60KB")
+    assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 3
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len({index[k] for k in index if k.startswith("model.layers.1.")}) > 1  # a layer spans files
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    manifest = Manifest.load(out)
+    assert [s.name for s in manifest.stages] == ["embed", "layer.000", "layer.001", "layer.002", "layer.003", "head"]
+    source, sharded = tensors_of(src), tensors_of(out)
+    assert set(sharded) == set(source)  # names unchanged, nothing dropped
+    for name, (tensor,) in source.items():
+        (copy,) = sharded[name]
+        assert copy.dtype == dtype and torch.equal(copy, tensor)
+    for stage in manifest.stages:
+        assert shard_mod.file_checksum(out / stage.file) == stage.checksum
+        assert (out / stage.file).stat().st_size == stage.nbytes
+        assert all(t.startswith("model.layers.") for t in stage.tensors) == (stage.kind == "layer")
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert manifest.architecture == "llama" and manifest.format_version == 1
+    assert {f["name"] for f in manifest.source["files"]} == {p.name for p in src.glob("*.safetensors")}
+
+
+def test_tied_head_carries_the_embedding(tmp_path):
+    make_checkpoint(tmp_path / "src", "qwen2")
+    out = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
+    head = next(s for s in Manifest.load(out).stages if s.name == "head")
+    assert sorted(head.tensors) == ["model.embed_tokens.weight", "model.norm.weight"]
+
+
+def test_interrupted_sharding_resumes_to_identical_bytes(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama", max_shard_size="60KB")
+    airmlx.shard_checkpoint(src, tmp_path / "clean", progress=False)
+
+    real_write, calls = shard_mod.write_stage, []
+
+    def failing_write(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("injected between stages")
+        calls.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(shard_mod, "write_stage", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        airmlx.shard_checkpoint(src, tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    with pytest.raises(CorruptShardError, match="unfinished"):
+        ShardStore(tmp_path / "resumed")
+
+    rewritten = []
+    monkeypatch.setattr(shard_mod, "write_stage", lambda *a, **k: rewritten.append(a[1]) or real_write(*a, **k))
+    airmlx.shard_checkpoint(src, tmp_path / "resumed", progress=False)
+    assert set(rewritten).isdisjoint(calls) and len(rewritten) == 6 - len(calls)  # finished stages reused
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "clean")
+
+
+def test_truncated_stage_file_is_named(tmp_path):
+    make_checkpoint(tmp_path / "src", "llama")
+    out = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
+    victim = out / "layer.002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CorruptShardError, match="layer.002.safetensors"):
+        airmlx.AutoModel.from_pretrained(out, backend="torch")
+
+
+def test_damaged_header_is_named(tmp_path):
+    make_checkpoint(tmp_path / "src", "llama")
+    out = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
+    victim = out / "layer.001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[12] = ord("#")  # inside the JSON header, size unchanged
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="layer.001.safetensors"):
+        ShardStore(out)
+
+
+def test_changed_source_is_rebuilt_not_reused(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama", seed=0)
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    first = folder_bytes(out)
+    assert airmlx.shard_checkpoint(src, out, progress=False) == out and folder_bytes(out) == first  # unchanged: reused
+    make_checkpoint(src, "llama", seed=1)
+    airmlx.shard_checkpoint(src, out, progress=False)
+    assert "different checkpoint; rebuilding" in capsys.readouterr().err
+    assert folder_bytes(out)["layer.000.safetensors"] != first["layer.000.safetensors"]
+    assert tensors_of(out).keys() == tensors_of(src).keys()
+    for name, (t,) in tensors_of(src).items():
+        assert torch.equal(tensors_of(out)[name][0], t)
+
+
+def test_not_enough_disk_space(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "src", "llama")
+    monkeypatch.setattr(shard_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(InsufficientDiskSpaceError, match=r"needs [\d,]+ bytes but only 1,000 are free"):
+        airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_delete_original_only_after_success(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama", max_shard_size="60KB")
+    weights = sorted(p.name for p in src.glob("*.safetensors"))
+
+    def boom(*a, **k):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(shard_mod, "write_stage", boom)
+    with pytest.raises(OSError):
+        airmlx.shard_checkpoint(src, tmp_path / "out", delete_original=True, progress=False)
+    assert sorted(p.name for p in src.glob("*.safetensors")) == weights
+    monkeypatch.undo()
+
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", delete_original=True, progress=False)
+    assert not list(src.glob("*.safetensors")) and not (src / "model.safetensors.index.json").exists()
+    assert (src / "config.json").exists()
+    assert airmlx.shard_checkpoint(src, out, progress=False) == out  # the shard folder still serves
+    with airmlx.AutoModel.from_pretrained(src, backend="torch", layer_shards_saving_path=out) as model:
+        assert len(model.generate([3, 4, 5], max_new_tokens=3)) == 6
+
+
+def test_pickle_checkpoint_needs_opt_in(tmp_path):
+    src = tmp_path / "src"
+    model = make_checkpoint(src, "llama")
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", allow_pickle=True, progress=False)
+    assert not (out / "_converted").exists()
+    sharded = tensors_of(out)
+    for name, t in model.state_dict().items():
+        if name != "lm_head.weight" or "lm_head.weight" in sharded:
+            assert torch.equal(sharded[name][0], t)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*llama, mistral, qwen2"):
+        airmlx.AutoModel.from_pretrained(src, backend="torch")
+
+
+def test_cli_shards_and_verifies(tmp_path):
+    make_checkpoint(tmp_path / "src", "llama")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "airmlx.shard", *map(str, args)],
+                                       capture_output=True, text=True)
+    done = run(tmp_path / "src", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("out")
+    assert run("--verify", tmp_path / "out").returncode == 0
+    victim = tmp_path / "out" / "layer.003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    bad = run("--verify", tmp_path / "out")
+    assert bad.returncode == 1 and "layer.003" in bad.stderr
+    missing = run(tmp_path / "nope", tmp_path / "out2")
+    assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
