@@ -110,13 +110,17 @@ def left_padding(attention_mask):
 
 def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=False,
                     temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-                    use_cache=True, streamer=None, rng=None):
-    """Prompt ids (B, T) -> ids (B, T + n). Finished rows are filled with pad_token_id, as transformers does."""
+                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0):
+    """Prompt ids (B, T) -> ids (B, T + n). Finished rows are filled with pad_token_id, as transformers does.
+    With `cache` holding `past_length` earlier tokens, ids are only the new ones and the cache is extended."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.size else 0)
     batch, pads = ids.shape[0], left_padding(mask)
-    cache = new_cache(batch, pads)
+    if cache is None:
+        cache = new_cache(batch, pads)
+    elif past_length:
+        mask = np.concatenate([np.ones((batch, past_length), dtype=mask.dtype), mask], axis=1)
     seqs, finished, tokens = ids, np.zeros(batch, dtype=bool), ids
     if streamer is not None:
         streamer.put(ids)

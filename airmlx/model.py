@@ -52,14 +52,19 @@ class AirModel:
         ctx = self.backend.begin_step(tokens, attention_mask, cache)
         return self.backend.logits(self.scheduler.forward(ctx))
 
-    def new_cache(self, batch_size, left_padding):
-        return self.backend.new_cache(batch_size, left_padding)
+    def new_cache(self, batch_size=1, left_padding=None):
+        """Empty KV caches for every layer (resident for the model's life; pass to generate to continue)."""
+        return self.backend.new_cache(batch_size, left_padding or [0] * batch_size)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
                  top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, use_cache=True,
-                 return_dict_in_generate=False, streamer=None, seed=None, **unused):
+                 return_dict_in_generate=False, streamer=None, seed=None, past_key_values=None, **unused):
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
-        return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list."""
+        return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list.
+
+        past_key_values: a cache from model.new_cache(1, [0]) to continue (one prompt only): input_ids are
+        then just the tokens after those already in it, and the cache grows by the prompt and all new
+        tokens but the last. Multi-turn chat keeps one cache this way."""
         if unused:
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
@@ -67,14 +72,21 @@ class AirModel:
         if pad is None:
             pad = int(np.atleast_1d(eos)[0]) if eos is not None else 0
         ids, mask, restore = to_batch(input_ids, attention_mask, pad)
+        past = 0
+        if past_key_values is not None:
+            if ids.shape[0] != 1 or not use_cache:
+                raise GenerationError("past_key_values continues a single prompt with use_cache=True; "
+                                      "pass one prompt.")
+            past = self.backend.cache_length(past_key_values)
         limit = self.config.get("max_position_embeddings")
-        if limit and ids.shape[1] > limit:
-            raise GenerationError(f"the prompt has {ids.shape[1]} tokens, more than the model's context of {limit}; "
-                                  "shorten it.")
+        if limit and past + ids.shape[1] > limit:
+            raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
+                                  f"{limit}; shorten it.")
         seqs = generate_tokens(self.step, self.new_cache, ids, mask,
                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache,
-                               streamer=streamer, rng=np.random.default_rng(seed))
+                               streamer=streamer, rng=np.random.default_rng(seed), cache=past_key_values,
+                               past_length=past)
         out = restore(seqs)
         if return_dict_in_generate:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])

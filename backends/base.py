@@ -20,6 +20,12 @@ class Backend(Protocol):
 
     def cache_bytes(self, cache: Any) -> int: ...
 
+    def cache_length(self, cache: Any) -> int:
+        """Tokens already in the cache."""
+
+    def trim_cache(self, cache: Any, keep: int) -> None:
+        """Drop all but the first `keep` tokens from the cache."""
+
     def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any) -> Any:
         """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T)."""
 

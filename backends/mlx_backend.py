@@ -113,6 +113,16 @@ class MLXBackend:
             return [KVCache() for _ in range(self.num_layers)]
         return [BatchKVCache(list(left_padding)) for _ in range(self.num_layers)]
 
+    def cache_length(self, cache):
+        return int(cache[0].offset) if isinstance(cache[0], KVCache) else int(cache[0]._idx)
+
+    def trim_cache(self, cache, keep):
+        # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
+        for c in cache:
+            length = int(c.offset) if isinstance(c, KVCache) else int(c._idx)
+            if length > keep:
+                c.trim(length - keep)
+
     def cache_bytes(self, cache):
         return sum(c.keys.nbytes + c.values.nbytes for c in cache if c.keys is not None)
 

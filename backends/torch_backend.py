@@ -123,6 +123,16 @@ class TorchBackend:
     def new_cache(self, batch_size, left_padding):
         return DynamicCache(config=self.config)
 
+    def cache_length(self, cache):
+        return cache.get_seq_length()
+
+    def trim_cache(self, cache, keep):
+        # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
+        for layer in cache.layers:
+            drop = layer.get_seq_length() - keep if layer.is_initialized else 0
+            if drop > 0:
+                layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
+
     def cache_bytes(self, cache):
         total = 0
         for layer in getattr(cache, "layers", []):

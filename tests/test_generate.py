@@ -133,3 +133,45 @@ def test_to_batch_left_pads_ragged_lists():
     ids, mask, restore = to_batch([[1, 2, 3], [4]], pad_token_id=9)
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert restore(ids) == [[1, 2, 3], [9, 9, 4]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_continuing_a_cache_prefills_only_new_tokens(model, tmp_path, backend):
+    _, ref = model
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    full = m.generate(PROMPT, max_new_tokens=6)
+    cache = m.new_cache()
+    first = m.generate(PROMPT[:4], max_new_tokens=1, past_key_values=cache)
+    assert m.backend.cache_length(cache) == 4
+    before = m.store.bytes_read
+    rest = m.generate(PROMPT[4:], max_new_tokens=6, past_key_values=cache)
+    assert first[:4] == PROMPT[:4] and rest == PROMPT[4:] + full[len(PROMPT):]
+    assert m.backend.cache_length(cache) == len(PROMPT) + 5
+    m.backend.trim_cache(cache, 4)
+    assert m.backend.cache_length(cache) == 4
+    assert m.generate(PROMPT[4:], max_new_tokens=6, past_key_values=cache) == rest
+    assert m.store.bytes_read >= before
+    m.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_trim_repairs_a_cache_cut_mid_sweep(model, backend):
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    want = m.generate(PROMPT, max_new_tokens=4)
+    cache = m.new_cache()
+    m.generate(PROMPT[:4], max_new_tokens=1, past_key_values=cache)
+    real, calls = m.backend.run_stage, []
+
+    def cut(stage, x, ctx):  # embed + two layers run, then Ctrl-C
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(stage, x, ctx)
+
+    m.backend.run_stage = cut
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache)
+    m.backend.run_stage = real
+    m.backend.trim_cache(cache, 4)
+    assert m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache) == PROMPT[4:] + want[len(PROMPT):]
+    m.close()
