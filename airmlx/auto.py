@@ -8,10 +8,10 @@ from .errors import BackendError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
+from .quant import compression_config
 from .shard import complete_folder, shard_checkpoint
 
 BACKENDS = ("auto", "mlx", "torch")
-COMPRESSIONS = (None, "4bit", "8bit")
 
 
 def pick_backend(backend="auto"):
@@ -29,16 +29,16 @@ def pick_backend(backend="auto"):
     return "torch"
 
 
-def make_backend(name, config, device=None, dtype=None):
+def make_backend(name, config, device=None, dtype=None, tensor_names=()):
     if name == "mlx":
         try:
             from .backends.mlx_backend import MLXBackend
         except ImportError as e:
             raise BackendError(f"the MLX backend needs mlx and mlx-lm ({e}); pip install mlx mlx-lm, "
                                "or use backend='torch'.") from None
-        return MLXBackend(config, device=device, dtype=dtype)
+        return MLXBackend(config, device=device, dtype=dtype, tensor_names=tensor_names)
     from .backends.torch_backend import TorchBackend
-    return TorchBackend(config, device=device, dtype=dtype)
+    return TorchBackend(config, device=device, dtype=dtype, tensor_names=tensor_names)
 
 
 class AutoModel:
@@ -49,10 +49,8 @@ class AutoModel:
                         progress=True):
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder."""
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression {compression!r} is unknown; use one of {COMPRESSIONS}.")
         if compression is not None:
-            raise NotImplementedError("compression is not available yet; load the model without it.")
+            compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
@@ -61,8 +59,11 @@ class AutoModel:
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(path_or_id, compression))
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
                 src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress)
-                shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle, progress=progress)
-        config = Manifest.load(shard_dir).config
-        arch_for(config)
-        return AirModel(shard_dir, make_backend(name, config, device, dtype), memory_budget=memory_budget,
+                shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
+                                 compression=compression, progress=progress)
+        manifest = Manifest.load(shard_dir)
+        arch_for(manifest.config)
+        names = [t for s in manifest.stages for t in s.tensors]
+        backend_obj = make_backend(name, manifest.config, device, dtype, names)
+        return AirModel(shard_dir, backend_obj, memory_budget=memory_budget,
                         prefetching=prefetching, profiling_mode=profiling_mode)

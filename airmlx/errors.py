@@ -33,5 +33,9 @@ class BackendError(AirmlxError, RuntimeError):
     """The requested backend or device is unknown or unavailable."""
 
 
+class OptionError(AirmlxError, ValueError):
+    """An option has a value outside its allowed set (compression, ...)."""
+
+
 class GenerationError(AirmlxError, ValueError):
     """Invalid generation inputs: empty prompt, bad sampling values, prompt too long."""

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GenerationError, ModelNotFoundError
-from .generate import GenerateOutput, generate_tokens, to_batch
+from .generate import GenerateOutput, generate_tokens, left_padding, to_batch
 from .schedule import Scheduler, make_plan, parse_bytes
 from .store import ShardStore
 
@@ -50,6 +50,13 @@ class AirModel:
     def step(self, tokens, attention_mask, cache):
         """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy."""
         ctx = self.backend.begin_step(tokens, attention_mask, cache)
+        return self.backend.logits(self.scheduler.forward(ctx))[:, -1]
+
+    def logits(self, input_ids, attention_mask=None):
+        """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache kept."""
+        ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
+        cache = self.new_cache(ids.shape[0], left_padding(mask))
+        ctx = self.backend.begin_step(ids, mask, cache, all_positions=True)
         return self.backend.logits(self.scheduler.forward(ctx))
 
     def new_cache(self, batch_size=1, left_padding=None):
@@ -109,3 +116,14 @@ class AirModel:
 
     def __repr__(self):
         return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"
+
+    def profile_report(self):
+        """Print and return the per-stage profile table (needs profiling_mode=True); see airmlx.profile."""
+        from .profile import model_report
+        return model_report(self)
+
+    def profile_plot(self, ax=None):
+        """The profile as a matplotlib Figure of stacked bars per stage (needs profiling_mode=True and
+        matplotlib: pip install 'airmlx[plot]'); see airmlx.profile."""
+        from .profile import model_plot
+        return model_plot(self, ax=ax)

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from .errors import OptionError
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -167,3 +169,29 @@ def dequantize(wq, scales, biases, group_size=64, bits=4, dtype=None):
     scaled = _to_float32(_from_float32(scaled, storage), storage)
     out = _from_float32(scaled + _to_float32(biases, storage)[..., None], storage)
     return out.reshape(*wq.shape[:-1], cols)
+
+
+# --- how shard folders use it --------------------------------------------------------------------
+COMPRESSIONS = {"4bit": 4, "8bit": 8}
+DEFAULT_GROUP_SIZE = 64
+FLOAT_VIEWS = {"F32": ("float32", np.float32), "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16)}
+
+
+def compression_config(compression):
+    """"4bit" | "8bit" -> the mlx-lm style {"group_size", "bits", "mode"} recorded in config and manifest."""
+    if compression not in COMPRESSIONS:
+        raise OptionError(f"compression {compression!r} is unknown; use one of {sorted(COMPRESSIONS)} or None.")
+    return {"group_size": DEFAULT_GROUP_SIZE, "bits": COMPRESSIONS[compression], "mode": "affine"}
+
+
+def quantizable(name, dtype, shape, group_size):
+    """The tensors mlx-lm quantises: Linear and Embedding weights (2-D) whose rows split into whole groups."""
+    return (name.endswith(".weight") and len(shape) == 2 and dtype in FLOAT_VIEWS
+            and shape[-1] % group_size == 0)
+
+
+def module_params(qconfig, module_path):
+    """group_size and bits for one module, honouring mlx-lm's per-module overrides in the config."""
+    params = qconfig.get(module_path)
+    params = params if isinstance(params, dict) else qconfig
+    return params.get("group_size", DEFAULT_GROUP_SIZE), params["bits"]

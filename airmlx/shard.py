@@ -14,12 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from . import quant
 from .archs import arch_for, stage_layout
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
-from .tensorfile import aligned_order, encode_header, read_header
+from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
 
 PROGRESS_NAME = "progress.json"
 LOCK_NAME = ".airmlx.lock"
@@ -109,19 +111,43 @@ def folder_lock(folder):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_stage(out, name, kind, index, tensor_names, sources, fds):
-    """Copy one stage's tensors into out/NAME.safetensors (atomically) and return its manifest entry."""
-    specs = aligned_order([(t, sources[t][2].dtype, sources[t][2].shape) for t in tensor_names])
-    header, _ = encode_header(specs, {"format": "pt", "airmlx_stage": name})
+def stage_items(tensor_names, sources, qconfig=None):
+    """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
+    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
+    items = []
+    for t in tensor_names:
+        src, data_start, info = sources[t]
+        if qconfig and quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"]):
+            storage, view = quant.FLOAT_VIEWS[info.dtype]
+            with open(src, "rb", buffering=0) as f:
+                f.seek(data_start + info.start)
+                w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
+            wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage)
+            base = t[: -len(".weight")]
+            items += [(t, "U32", wq.shape, wq), (base + ".scales", info.dtype, scales.shape, scales),
+                      (base + ".biases", info.dtype, biases.shape, biases)]
+        else:
+            items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
+    by_name = {i[0]: i for i in items}
+    return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
+
+
+def write_stage(out, name, kind, index, items, fds):
+    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
+    header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
     path = Path(out) / f"{name}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
     h = hashlib.sha256(header)
     with open(tmp, "wb") as f:
         f.write(header)
-        for t, _, _ in specs:
-            src, data_start, info = sources[t]
+        for t, _, _, payload in items:
+            if isinstance(payload, np.ndarray):
+                data = np.ascontiguousarray(payload).data
+                f.write(data)
+                h.update(data)
+                continue
+            src, pos, end = payload
             fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
-            pos, end = data_start + info.start, data_start + info.end
             while pos < end:
                 chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
                 if not chunk:
@@ -134,11 +160,21 @@ def write_stage(out, name, kind, index, tensor_names, sources, fds):
     os.replace(tmp, path)
     fsync_dir(out)
     return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
-                      checksum="sha256:" + h.hexdigest(), tensors=[s[0] for s in specs])
+                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items])
 
 
-def stage_bytes(tensor_names, sources):
-    return sum(sources[t][2].nbytes for t in tensor_names) + 1024 + 100 * len(tensor_names)
+def stage_bytes(tensor_names, sources, qconfig=None):
+    """Bytes a stage file will take (an estimate that errs high: header room included)."""
+    total = 1024
+    for t in tensor_names:
+        info = sources[t][2]
+        if qconfig and quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"]):
+            rows, cols = info.shape
+            groups = rows * cols // qconfig["group_size"]
+            total += rows * cols * qconfig["bits"] // 8 + 2 * groups * DTYPE_SIZES[info.dtype] + 300
+        else:
+            total += info.nbytes + 100
+    return total
 
 
 def reusable(out, entries, verify):
@@ -154,13 +190,14 @@ def reusable(out, entries, verify):
 def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, compression=None, progress=True):
     """Shard the checkpoint folder `src` into `out`; return `out`. Reuses a matching folder, resumes an
     interrupted one, rebuilds one made from a different source."""
-    if compression is not None:
-        raise NotImplementedError("compression (4bit/8bit) is not available yet; shard without it.")
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
     config = load_config(src)
     arch_for(config)
+    qconfig = quant.compression_config(compression) if compression else None
+    if qconfig and "quantization" in config:
+        raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
     try:
         files = originals = weight_files(src, allow_pickle)
     except CheckpointError:
@@ -175,7 +212,7 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
             cleanup.callback(shutil.rmtree, out / "_converted", True)
         sources = source_tensors(files)
         layout = stage_layout(config, list(sources))
-        fp = fingerprint(originals, config, compression)
+        fp = fingerprint(originals, config, qconfig)
 
         done = {}
         try:
@@ -202,7 +239,7 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
                 pass  # an unreadable progress file only costs a full rebuild
 
         todo = [s for s in layout if s[0] not in done]
-        need = sum(stage_bytes(ts, sources) for _, _, ts in todo)
+        need = sum(stage_bytes(ts, sources, qconfig) for _, _, ts in todo)
         free = shutil.disk_usage(out).free
         if need > free:
             raise InsufficientDiskSpaceError(
@@ -215,10 +252,11 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
             for index, (name, kind, tensor_names) in enumerate(layout):
                 if name in done:
                     continue
-                done[name] = write_stage(out, name, kind, index, tensor_names, sources, fds)
+                items = stage_items(tensor_names, sources, qconfig)
+                done[name] = write_stage(out, name, kind, index, items, fds)
                 write_atomic(progress_path, json.dumps(
                     {"source": fp, "stages": [vars(e) for e in done.values()]}).encode())
-                bar.update(stage_bytes(tensor_names, sources))
+                bar.update(stage_bytes(tensor_names, sources, qconfig))
 
         for aux in AUX_FILES:
             if (src / aux).is_file():
@@ -227,8 +265,10 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
         for stale in out.iterdir():
             if STAGE_FILE.match(stale.name) and stale.name not in {s.file for s in stages}:
                 stale.unlink()
+        if qconfig:  # the mlx-lm convention: the config says how its weights are quantised
+            config = {**config, "quantization": qconfig}
         manifest = Manifest(architecture=config["model_type"], config=config, source=fp, stages=stages,
-                            quantization=compression)
+                            quantization=config.get("quantization"))
         manifest.save(out)
         progress_path.unlink(missing_ok=True)
         finish_delete(src, out, originals, manifest, delete_original)
@@ -270,6 +310,8 @@ def main(argv=None):
                         help="delete the source weight files once every stage is written and verified")
     parser.add_argument("--allow-pickle", action="store_true", help="convert legacy pickle .bin checkpoints")
     parser.add_argument("--hf-token", default=None, help="token for gated hub models")
+    parser.add_argument("--compression", choices=sorted(quant.COMPRESSIONS), default=None,
+                        help="quantise linear and embedding weights (MLX affine layout, group size 64)")
     parser.add_argument("--verify", action="store_true", help="check every stage's checksum of an existing shard folder (SRC)")
     args = parser.parse_args(argv)
     from .hub import default_shard_dir, resolve_model
@@ -282,8 +324,9 @@ def main(argv=None):
             print(f"{args.src}: {'OK' if not problems else f'{len(problems)} damaged stage(s)'}")
             return 1 if problems else 0
         src = resolve_model(args.src, hf_token=args.hf_token)
-        out = args.out or default_shard_dir(args.src)
-        shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle)
+        out = args.out or default_shard_dir(args.src, args.compression)
+        shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
+                         compression=args.compression)
         print(out)
         return 0
     except AirmlxError as e:

@@ -26,8 +26,9 @@ class Backend(Protocol):
     def trim_cache(self, cache: Any, keep: int) -> None:
         """Drop all but the first `keep` tokens from the cache."""
 
-    def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any) -> Any:
-        """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T)."""
+    def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any, all_positions: bool = False) -> Any:
+        """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T);
+        all_positions: the head computes logits for every new token, not just the last."""
 
     def load_stage(self, entry: Any, tensors: dict) -> Any: ...
 
@@ -36,7 +37,7 @@ class Backend(Protocol):
     def free_stage(self, stage: Any) -> None: ...
 
     def logits(self, x: Any) -> np.ndarray:
-        """The head's output as float32 numpy (B, vocab) for the last position."""
+        """The head's output as float32 numpy (B, positions, vocab)."""
 
     def memory(self) -> dict:
         """{"active": bytes now, "peak": bytes since reset_peak()} of weights, caches and activations."""

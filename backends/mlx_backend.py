@@ -16,6 +16,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from airmlx.archs import arch_for, rope_config
 from airmlx.errors import BackendError, CheckpointError
+from airmlx.quant import module_params
 
 from .base import available_ram
 
@@ -38,6 +39,7 @@ class MLXStep:
     tokens: mx.array
     mask: object
     cache: list
+    all_positions: bool = False
 
 
 def mlx_args(config, module):
@@ -55,7 +57,7 @@ class MLXBackend:
     name = "mlx"
     zero_copy = False
 
-    def __init__(self, config, device=None, dtype=None):
+    def __init__(self, config, device=None, dtype=None, tensor_names=()):
         if device is not None:
             if device not in ("gpu", "cpu"):
                 raise BackendError(f"device {device!r} is not an MLX device; use 'gpu' or 'cpu'.")
@@ -66,6 +68,17 @@ class MLXBackend:
         module = importlib.import_module(f"mlx_lm.models.{arch_for(config).mlx_module}")
         self.args = mlx_args(config, module)
         self.skeleton = module.Model(self.args)
+        self.qconfig = config.get("quantization")
+        if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
+            names = set(tensor_names)
+
+            def quantized(path, m):
+                if isinstance(self.qconfig.get(path), (bool, dict)):
+                    return self.qconfig[path]
+                return hasattr(m, "to_quantized") and f"{path}.scales" in names
+
+            nn.quantize(self.skeleton, self.qconfig.get("group_size", 64), self.qconfig["bits"],
+                        mode=self.qconfig.get("mode", "affine"), class_predicate=quantized)
         self.placeholders = dict(tree_flatten(self.skeleton.parameters()))
         self.num_layers = len(self.skeleton.layers)
         self._cache_limit = 0
@@ -85,10 +98,15 @@ class MLXBackend:
             self._cache_limit = 2 * nbytes
             mx.set_cache_limit(max(self._cache_limit, mx.get_cache_memory()))
         module, layer = None, None
-        if entry.kind == "head" and "lm_head.weight" not in arrays:
-            w = arrays.pop("model.embed_tokens.weight")
-            module = nn.Embedding(*w.shape)
-            module.weight = w
+        if entry.kind == "head" and "lm_head.weight" not in arrays:  # tied: the head is the embedding
+            tied = {k[len("model.embed_tokens."):]: arrays.pop(k) for k in list(arrays)
+                    if k.startswith("model.embed_tokens.")}
+            if "scales" in tied:
+                gs, bits = module_params(self.qconfig, "model.embed_tokens")
+                module = nn.QuantizedEmbedding(tied["scales"].shape[0], tied["scales"].shape[1] * gs, gs, bits)
+            else:
+                module = nn.Embedding(*tied["weight"].shape)
+            module.update(tied)
         unknown = [n for n in arrays if n not in self.placeholders]
         if unknown:
             raise CheckpointError(f"stage {entry.name}: tensors {unknown[:3]} have no place in mlx-lm's "
@@ -126,10 +144,10 @@ class MLXBackend:
     def cache_bytes(self, cache):
         return sum(c.keys.nbytes + c.values.nbytes for c in cache if c.keys is not None)
 
-    def begin_step(self, tokens, attention_mask, cache):
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False):
         # BatchKVCache already knows each row's left padding; the mask is not needed again
         ids = mx.array(tokens.astype("int32"))
-        return MLXStep(ids, create_attention_mask(ids, cache[0]), cache)
+        return MLXStep(ids, create_attention_mask(ids, cache[0]), cache, all_positions)
 
     def run_stage(self, stage, x, step):
         model = self.skeleton
@@ -141,13 +159,13 @@ class MLXBackend:
             x = stage.module(x, step.mask, cache=cache)
             mx.eval(x, cache.keys, cache.values)  # nothing lazy may keep this stage's weights alive
         else:
-            h = model.model.norm(x[:, -1:, :])
+            h = model.model.norm(x if step.all_positions else x[:, -1:, :])
             x = stage.module.as_linear(h) if stage.module is not None else model.lm_head(h)
             mx.eval(x)
         return x
 
     def logits(self, x):
-        return np.array(x[:, -1, :].astype(mx.float32))
+        return np.array(x.astype(mx.float32))
 
     def memory(self):
         return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory()}

@@ -14,6 +14,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.errors import BackendError, CheckpointError
+from airmlx.quant import FLOAT_VIEWS, dequantize, module_params
+from airmlx.store import RawTensor
 
 from .base import available_ram
 
@@ -34,6 +36,7 @@ class TorchStep:
     mask: torch.Tensor
     positions: torch.Tensor
     cache: DynamicCache
+    all_positions: bool = False
     causal_mask: object = None
     rotary: object = None
     prepared: bool = False
@@ -66,11 +69,14 @@ def layer_number(entry):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, config, device=None, dtype=None):
+    def __init__(self, config, device=None, dtype=None, tensor_names=()):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.zero_copy = self.device.type == "cpu"
-        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        self.qconfig = config.get("quantization")
+        # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
+        plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=self.dtype)
         self.config = self.skeleton.config
@@ -89,8 +95,23 @@ class TorchBackend:
             t = t.to(self.dtype)
         return t.to(self.device)
 
+    def dequantize(self, tensors):
+        """Quantised weights (MLX affine layout) -> plain weights in the checkpoint's float type, per stage,
+        with the numpy quantiser both backends share."""
+        out = dict(tensors)
+        for name in [n for n in tensors if n.endswith(".scales")]:
+            base = name[: -len(".scales")]
+            scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
+            gs, bits = module_params(self.qconfig, base)
+            storage = FLOAT_VIEWS[scales.dtype][0]
+            w = dequantize(wq.data, scales.data, biases.data, group_size=gs, bits=bits, dtype=storage)
+            out[base + ".weight"] = RawTensor(scales.dtype, w.shape, w)
+        return out
+
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
+        if self.qconfig:
+            tensors = self.dequantize(tensors)
         for name, raw in tensors.items():
             path = name
             if entry.kind == "head" and name.startswith("model.embed_tokens."):
@@ -141,11 +162,11 @@ class TorchBackend:
                     total += t.numel() * t.element_size()
         return total
 
-    def begin_step(self, tokens, attention_mask, cache):
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False):
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
-        return TorchStep(ids, mask, positions, cache)
+        return TorchStep(ids, mask, positions, cache, all_positions)
 
     @torch.inference_mode()
     def run_stage(self, stage, x, step):
@@ -162,12 +183,12 @@ class TorchBackend:
             x = stage.module(x, attention_mask=step.causal_mask, position_ids=step.positions,
                              past_key_values=step.cache, use_cache=True, position_embeddings=step.rotary)
         else:
-            x = model.lm_head(model.model.norm(x[:, -1:, :]))
+            x = model.lm_head(model.model.norm(x if step.all_positions else x[:, -1:, :]))
         self._peak = max(self._peak, self._live + self.cache_bytes(step.cache))
         return x
 
     def logits(self, x):
-        return x[:, -1, :].float().cpu().numpy()
+        return x.float().cpu().numpy()
 
     # -- memory --------------------------------------------------------------------------------
     def memory(self):

@@ -31,4 +31,15 @@ def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard
                 p.add_(torch.randn_like(p) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(folder, **kwargs)
+    save_tokenizer(folder, config.vocab_size)
     return model.float()
+
+
+def save_tokenizer(folder, vocab_size):
+    """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), enough for tools that want one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1",
+                                         unk_token="w2").save_pretrained(folder)

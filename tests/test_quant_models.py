@@ -1,0 +1,117 @@
+"""Quantised shards: ours (compression=) and mlx-lm's (mlx_lm.convert), streamed on both backends."""
+import glob
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm import convert, load as mlx_load
+from mlx_lm.models.cache import make_prompt_cache
+from safetensors.numpy import load_file
+
+import airmlx
+from airmlx.archs import rope_config
+from airmlx.errors import CheckpointError, OptionError
+from airmlx.manifest import Manifest
+from tiny import make_checkpoint
+
+PROMPT = [5, 17, 33, 2, 9, 60, 7, 41, 12]
+SIZE = dict(intermediate_size=128)  # every linear's input splits into whole groups of 64
+
+
+def mlx_lm_greedy(model, n):
+    """Greedy tokens from an mlx-lm model held resident, with mlx-lm's own cache."""
+    cache = make_prompt_cache(model)
+    tokens, out = mx.array([PROMPT]), []
+    for _ in range(n):
+        logits = model(tokens, cache=cache)[:, -1]
+        nxt = int(mx.argmax(logits, axis=-1).item())
+        out.append(nxt)
+        tokens = mx.array([[nxt]])
+    return PROMPT + out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """An fp32 HF checkpoint and the 8-bit mlx-community-style folder mlx_lm.convert makes from it."""
+    root = tmp_path_factory.mktemp("q")
+    make_checkpoint(root / "hf", "llama", **SIZE)
+    # mlx-lm reads rope settings only from top-level keys, which transformers 5 no longer writes
+    config = json.loads((root / "hf" / "config.json").read_text())
+    theta, scaling = rope_config(config)
+    (root / "hf" / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": scaling}))
+    convert(str(root / "hf"), str(root / "mlx8"), quantize=True, q_bits=8, q_group_size=64, dtype="float32")
+    return root
+
+
+def test_our_8bit_shards_are_bit_identical_to_mlx_lm_convert(converted, tmp_path):
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q8", compression="8bit", progress=False)
+    ours = {}
+    for f in glob.glob(str(out / "*.safetensors")):
+        ours.update(load_file(f))
+    theirs = {}
+    for f in glob.glob(str(converted / "mlx8" / "*.safetensors")):
+        theirs.update(load_file(f))
+    quantized = [k for k in theirs if k.endswith(".scales")]
+    assert len(quantized) == 4 * 7 + 2  # every linear of every layer, the embedding and the head
+    for k in quantized:
+        base = k[: -len(".scales")]
+        for part in (".weight", ".scales", ".biases"):
+            assert np.array_equal(ours[base + part], theirs[base + part]), base + part
+    assert Manifest.load(out).quantization == {"group_size": 64, "bits": 8, "mode": "affine"}
+
+
+def test_8bit_streamed_greedy_equals_mlx_lm_resident(converted, tmp_path):
+    model, _ = mlx_load(str(converted / "mlx8"))
+    want = mlx_lm_greedy(model, 16)
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q8", compression="8bit", progress=False)
+    stage = max(s.nbytes for s in Manifest.load(out).stages)
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx", memory_budget=int(1.5 * stage)) as m:
+        assert m.plan.streamed
+        assert m.generate(PROMPT, max_new_tokens=16) == want
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=int(1.5 * stage)) as m:
+        assert m.generate(PROMPT, max_new_tokens=16) == want
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_prequantized_mlx_checkpoint_streams_without_requantising(converted, tmp_path, backend):
+    model, _ = mlx_load(str(converted / "mlx8"))
+    want = mlx_lm_greedy(model, 12)
+    out = airmlx.shard_checkpoint(converted / "mlx8", tmp_path / "pre", progress=False)
+    theirs = {}
+    for f in glob.glob(str(converted / "mlx8" / "*.safetensors")):
+        theirs.update(load_file(f))
+    ours = {}
+    for f in glob.glob(str(out / "*.safetensors")):
+        ours.update(load_file(f))
+    assert all(np.array_equal(ours[k], v) for k, v in theirs.items())  # copied, not re-quantised
+    with airmlx.AutoModel.from_pretrained(out, backend=backend, memory_budget="200KB") as m:
+        assert m.generate(PROMPT, max_new_tokens=12) == want
+    with pytest.raises(CheckpointError, match="already quantised"):
+        airmlx.shard_checkpoint(converted / "mlx8", tmp_path / "again", compression="4bit", progress=False)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_4bit_runs_on_both_backends_and_agrees(converted, tmp_path, backend):
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        want = m.generate(PROMPT, max_new_tokens=12)
+        ref_logits = m.logits([PROMPT])
+    with airmlx.AutoModel.from_pretrained(out, backend=backend, memory_budget="120KB") as m:
+        assert m.generate(PROMPT, max_new_tokens=12) == want
+        got = m.logits([PROMPT])
+    assert np.abs(got - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
+
+
+def test_4bit_shards_are_under_0_3_of_bf16(tmp_path):
+    make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16, intermediate_size=256, vocab_size=512)
+    plain = Manifest.load(airmlx.shard_checkpoint(tmp_path / "bf16", tmp_path / "p", progress=False)).total_bytes
+    four = Manifest.load(airmlx.shard_checkpoint(tmp_path / "bf16", tmp_path / "q", compression="4bit",
+                                                 progress=False)).total_bytes
+    assert four <= 0.3 * plain, four / plain
+
+
+def test_unknown_compression_is_refused(converted):
+    with pytest.raises(OptionError, match="'3bit'.*4bit"):
+        airmlx.AutoModel.from_pretrained(converted / "hf", compression="3bit")
