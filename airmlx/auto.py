@@ -4,12 +4,12 @@ import sys
 from pathlib import Path
 
 from .archs import arch_for
-from .errors import BackendError
+from .errors import BackendError, CorruptShardError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .quant import compression_config
-from .shard import complete_folder, shard_checkpoint
+from .shard import PROGRESS_NAME, complete_folder, shard_checkpoint
 
 BACKENDS = ("auto", "mlx", "torch")
 
@@ -55,6 +55,9 @@ class AutoModel:
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
             shard_dir = local  # already a shard folder
+        elif (local / PROGRESS_NAME).is_file() or (local / "embed.safetensors").is_file():
+            raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
+                                    f"python -m airmlx.shard ORIGINAL_MODEL {local}")
         else:
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(path_or_id, compression))
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):

@@ -14,14 +14,24 @@ class GenerateOutput:
     num_new_tokens: int
 
 
+def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 def check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    if not is_number(temperature) or not is_number(top_p):
+        raise GenerationError(f"temperature={temperature!r}, top_p={top_p!r}: both must be numbers.")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens!r}: use a whole number >= 0.")
     if do_sample and not temperature > 0:
         raise GenerationError(f"temperature={temperature!r}: use a value > 0 (or do_sample=False for greedy).")
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p={top_p!r}: use a value in (0, 1].")
-    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise GenerationError(f"top_k={top_k!r}: use a whole number >= 0 (0 turns it off).")
 
 
@@ -68,6 +78,8 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0):
     elif isinstance(input_ids, (list, tuple)):
         rows = [list(input_ids)] if not input_ids or not isinstance(input_ids[0], (list, tuple, np.ndarray)) \
             else [list(r) for r in input_ids]
+        if not all(is_int(t) for r in rows for t in r):
+            raise GenerationError("input_ids holds something other than whole-number token ids; tokenize the text first.")
         width = max(len(r) for r in rows)
         ids = np.array([[pad_token_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
         if attention_mask is None:

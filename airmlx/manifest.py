@@ -1,6 +1,7 @@
 """The shard-folder format: manifest.json <-> a versioned dataclass. A folder without a manifest is unfinished."""
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,16 +45,18 @@ class Manifest:
             raw = json.loads(text)
             if raw.get("format_version") != FORMAT_VERSION:
                 raise CorruptShardError(
-                    f"{where}: shard format version {raw.get('format_version')!r}, this airmlx reads "
+                    f"{where}: shard format version {raw.get('format_version')!r:.40}, this airmlx reads "
                     f"version {FORMAT_VERSION}; delete the folder and shard the model again.")
             raw["stages"] = [StageEntry(**s) for s in raw["stages"]]
             manifest = cls(**raw)
         except CorruptShardError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CorruptShardError(f"{where}: malformed manifest ({e}); delete the folder and shard the model again.")
-        if not isinstance(manifest.config, dict) or not manifest.stages:
-            raise CorruptShardError(f"{where}: manifest has no config or no stages; shard the model again.")
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise CorruptShardError(f"{where}: malformed manifest ({type(e).__name__}: {str(e)[:200]!r}); "
+                                    "delete the folder and shard the model again.") from None
+        if not well_formed(manifest):
+            raise CorruptShardError(f"{where}: manifest has missing or mistyped fields (config, stages, file "
+                                    "names, sizes); delete the folder and shard the model again.")
         return manifest
 
     def save(self, folder):
@@ -65,7 +68,25 @@ class Manifest:
         if not path.is_file():
             raise CorruptShardError(f"{folder}: no {MANIFEST_NAME}, so this shard folder is unfinished; "
                                     "run the sharding again to complete it.")
-        return cls.from_json(path.read_text(), where=str(path))
+        return cls.from_json(path.read_bytes(), where=str(path))
+
+
+def well_formed(m):
+    """Every field has its type, and stage files are plain names inside the folder (no paths)."""
+    stages_ok = isinstance(m.stages, list) and bool(m.stages) and all(
+        isinstance(s.name, str) and isinstance(s.kind, str) and type(s.index) is int
+        and isinstance(s.file, str) and s.file == Path(s.file).name and s.file not in ("", ".", "..")
+        and "\0" not in s.file and type(s.nbytes) is int and s.nbytes >= 0 and isinstance(s.checksum, str)
+        and isinstance(s.tensors, list) and all(isinstance(t, str) for t in s.tensors) for s in m.stages)
+    return (stages_ok and len({s.name for s in m.stages}) == len(m.stages)
+            and isinstance(m.architecture, str) and isinstance(m.config, dict) and isinstance(m.source, dict)
+            and isinstance(m.quantization, (dict, type(None))) and isinstance(m.extra, dict)
+            and type(m.format_version) is int)
+
+
+def repair_hint(folder):
+    """The command that rebuilds a shard folder's damaged stages."""
+    return f"rebuild it with: python -m airmlx.shard --verify --repair {shlex.quote(str(folder))}"
 
 
 def fsync_dir(folder):

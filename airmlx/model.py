@@ -10,6 +10,7 @@ from .schedule import Scheduler, make_plan, parse_bytes
 from .store import ShardStore
 
 DEFAULT_BUDGET_FRACTION = 0.6
+PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
 
 class AirModel:
@@ -50,14 +51,17 @@ class AirModel:
     def step(self, tokens, attention_mask, cache):
         """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy."""
         ctx = self.backend.begin_step(tokens, attention_mask, cache)
-        return self.backend.logits(self.scheduler.forward(ctx))[:, -1]
+        return self.backend.logits(self.scheduler.forward(ctx, self._progress(tokens)))[:, -1]
+
+    def _progress(self, tokens):
+        return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
 
     def logits(self, input_ids, attention_mask=None):
         """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache kept."""
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
         cache = self.new_cache(ids.shape[0], left_padding(mask))
         ctx = self.backend.begin_step(ids, mask, cache, all_positions=True)
-        return self.backend.logits(self.scheduler.forward(ctx))
+        return self.backend.logits(self.scheduler.forward(ctx, self._progress(ids)))
 
     def new_cache(self, batch_size=1, left_padding=None):
         """Empty KV caches for every layer (resident for the model's life; pass to generate to continue)."""
@@ -79,6 +83,11 @@ class AirModel:
         if pad is None:
             pad = int(np.atleast_1d(eos)[0]) if eos is not None else 0
         ids, mask, restore = to_batch(input_ids, attention_mask, pad)
+        vocab = self.config.get("vocab_size")
+        if vocab and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.max() if ids.max() >= vocab else ids.min())
+            raise GenerationError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); "
+                                  "use this model's tokenizer (model.tokenizer).")
         past = 0
         if past_key_values is not None:
             if ids.shape[0] != 1 or not use_cache:

@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from .errors import BudgetError
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -85,8 +87,8 @@ class Prefetcher:
     """Reads streamed stages in sweep order, cycling across steps, at most `depth + 1` stages in flight
     (read, queued or computing). take() hands them out; done() frees a slot."""
 
-    def __init__(self, store, names, depth):
-        self.store, self.names = store, list(names)
+    def __init__(self, store, names, depth, read):
+        self.store, self.names, self.read = store, list(names), read
         self.slots = threading.Semaphore(depth + 1)
         self.ready = queue.Queue()
         self.stop = threading.Event()
@@ -100,7 +102,7 @@ class Prefetcher:
                 continue
             name = self.names[i % len(self.names)]
             try:
-                self.ready.put((name, self.store.read_stage(name)))
+                self.ready.put((name, self.read(name)))
             except BaseException as e:  # handed to the consumer, which raises it
                 self.ready.put((name, e))
                 return
@@ -149,18 +151,25 @@ class Scheduler:
         self.entries = self.store.manifest.stages
         self.resident = {}
         self.store.pool.keep = self.plan.prefetch_depth + 1
+        self.store.pool.slot_bytes = max((self.plan.stage_bytes[s] for s in self.plan.streamed), default=0)
         self.prefetcher = None
+        # a backend computing in place on host memory gets page-cache views; the others get read buffers
+        self.read = self.store.map_stage if self.backend.zero_copy else self.store.read_stage
         self._start_prefetch()
 
     def _start_prefetch(self):
         if self.plan.prefetch_depth and self.plan.streamed:
-            self.prefetcher = Prefetcher(self.store, self.plan.streamed, self.plan.prefetch_depth)
+            self.prefetcher = Prefetcher(self.store, self.plan.streamed, self.plan.prefetch_depth, self.read)
 
-    def forward(self, ctx):
-        """One sweep of every stage over the step context; returns the head's output."""
+    def forward(self, ctx, progress=None):
+        """One sweep of every stage over the step context; returns the head's output. `progress`: a label
+        for a progress bar over the stages (long prefills)."""
         x = None
+        entries = self.entries
+        if progress:
+            entries = tqdm(entries, desc=progress, unit="stage", leave=False)
         try:
-            for entry in self.entries:
+            for entry in entries:
                 x = self._run(entry, x, ctx)
         except BaseException:
             # an interrupted sweep leaves the prefetcher mid-cycle: start it again from the first stage
@@ -177,7 +186,7 @@ class Scheduler:
         streamed = name not in self.plan.resident
         if loaded is None:
             t0 = time.perf_counter()
-            data = self.prefetcher.take(name) if (streamed and self.prefetcher) else self.store.read_stage(name)
+            data = self.prefetcher.take(name) if (streamed and self.prefetcher) else self.read(name)
             t1 = time.perf_counter()
             loaded = self.backend.load_stage(entry, data.tensors)
             if not self.backend.zero_copy:
@@ -193,8 +202,9 @@ class Scheduler:
                 self.backend.free_stage(loaded)
                 if data is not None:
                     self.store.release(data)
+                    data.tensors = None  # drop the views now: a mapping goes with its last view
                 if self.prefetcher:
-                    self.prefetcher.done()
+                    self.prefetcher.done()  # only then may the next read start
         if self.profiling:
             self.records.append(StageRecord(self.steps, name, data.nbytes if data else 0,
                                             data.read_s if data else 0.0, wait_s, load_s, time.perf_counter() - t2))

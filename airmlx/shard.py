@@ -6,10 +6,12 @@ progress.json records finished stages so an interrupted run resumes; the manifes
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from . import quant
 from .archs import arch_for, stage_layout
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, repair_hint, write_atomic
 from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
 
 PROGRESS_NAME = "progress.json"
@@ -30,6 +32,7 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja", "chat_template.json")
 STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+)\.safetensors(\.tmp)?$")
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def load_config(src):
@@ -70,7 +73,10 @@ def source_tensors(files):
     """{tensor name: (file, data_start, TensorInfo)} over all source files."""
     tensors = {}
     for path in files:
-        data_start, infos, _ = read_header(path)
+        try:
+            data_start, infos, _ = read_header(path, fix="download the checkpoint again.")
+        except CorruptShardError as e:
+            raise CheckpointError(str(e)) from None
         for name, info in infos.items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in both {tensors[name][0].name} and {path.name}.")
@@ -138,25 +144,29 @@ def write_stage(out, name, kind, index, items, fds):
     path = Path(out) / f"{name}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
     h = hashlib.sha256(header)
-    with open(tmp, "wb") as f:
-        f.write(header)
-        for t, _, _, payload in items:
-            if isinstance(payload, np.ndarray):
-                data = np.ascontiguousarray(payload).data
-                f.write(data)
-                h.update(data)
-                continue
-            src, pos, end = payload
-            fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
-            while pos < end:
-                chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
-                if not chunk:
-                    raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
-                f.write(chunk)
-                h.update(chunk)
-                pos += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for t, _, _, payload in items:
+                if isinstance(payload, np.ndarray):
+                    data = np.ascontiguousarray(payload).data
+                    f.write(data)
+                    h.update(data)
+                    continue
+                src, pos, end = payload
+                fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
+                while pos < end:
+                    chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
+                    if not chunk:
+                        raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
+                    f.write(chunk)
+                    h.update(chunk)
+                    pos += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, which is never read
+        raise
     os.replace(tmp, path)
     fsync_dir(out)
     return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
@@ -187,9 +197,25 @@ def reusable(out, entries, verify):
     return ok
 
 
-def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, compression=None, progress=True):
+@contextlib.contextmanager
+def disk_full_named(out, bytes_left):
+    """Turn a write that fails for lack of space into an error naming the folder and the bytes still needed."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, AirmlxError) or e.errno not in DISK_FULL:
+            raise
+        raise InsufficientDiskSpaceError(
+            f"{out}: a write failed ({os.strerror(e.errno)}): sharding needs {bytes_left():,} more bytes there and "
+            f"{shutil.disk_usage(out).free:,} are free; free space (or raise the file size limit, ulimit -f) or "
+            "pass another layer_shards_saving_path, then run again: finished stages are kept.") from None
+
+
+def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, compression=None, progress=True,
+                     verify=False):
     """Shard the checkpoint folder `src` into `out`; return `out`. Reuses a matching folder, resumes an
-    interrupted one, rebuilds one made from a different source."""
+    interrupted one, rebuilds one made from a different source. verify=True checks the checksums of the
+    stages it would reuse and rebuilds the damaged ones."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
@@ -201,7 +227,7 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
     try:
         files = originals = weight_files(src, allow_pickle)
     except CheckpointError:
-        if complete_folder(out):  # the originals were deleted after an earlier sharding
+        if complete_folder(out, verify):  # the originals were deleted after an earlier sharding
             return out
         raise
     out.mkdir(parents=True, exist_ok=True)
@@ -215,21 +241,24 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
         fp = fingerprint(originals, config, qconfig)
 
         done = {}
+        progress_path = out / PROGRESS_NAME
         try:
             existing = Manifest.load(out)
         except CorruptShardError:
             existing = None
         if existing is not None and existing.source == fp:
-            done = reusable(out, existing.stages, verify=False)
+            done = reusable(out, existing.stages, verify=verify)
             if len(done) == len(layout):
+                progress_path.unlink(missing_ok=True)  # left behind when a run was killed right after the manifest
                 finish_delete(src, out, originals, existing, delete_original)
                 return out
+            print(f"airmlx: {out}: rebuilding damaged or missing stages "
+                  f"{[s.name for s in existing.stages if s.name not in done]}.", file=sys.stderr)
         elif existing is not None:
             print(f"airmlx: {out} was made from a different checkpoint; rebuilding it.", file=sys.stderr)
         if existing is not None:
             (out / MANIFEST_NAME).unlink()
             fsync_dir(out)
-        progress_path = out / PROGRESS_NAME
         if not done and progress_path.is_file():
             try:
                 saved = json.loads(progress_path.read_text())
@@ -247,6 +276,9 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
                 f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
+        small_files = sum((src / a).stat().st_size for a in AUX_FILES if (src / a).is_file()) + (1 << 20)  # + manifest
+        cleanup.enter_context(disk_full_named(out, lambda: small_files + sum(
+            stage_bytes(ts, sources, qconfig) for name, _, ts in layout if name not in done)))
         bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {src.name}", disable=not progress)
         with bar:
             for index, (name, kind, tensor_names) in enumerate(layout):
@@ -268,20 +300,63 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
         if qconfig:  # the mlx-lm convention: the config says how its weights are quantised
             config = {**config, "quantization": qconfig}
         manifest = Manifest(architecture=config["model_type"], config=config, source=fp, stages=stages,
-                            quantization=config.get("quantization"))
+                            quantization=config.get("quantization"), extra={"source_path": str(src.resolve())})
         manifest.save(out)
         progress_path.unlink(missing_ok=True)
         finish_delete(src, out, originals, manifest, delete_original)
     return out
 
 
-def complete_folder(out):
-    """True when out holds a manifest whose stage files all have their recorded sizes."""
+def complete_folder(out, verify=False):
+    """True when out holds a manifest whose stage files all have their recorded sizes (and checksums)."""
     try:
         manifest = Manifest.load(out)
     except CorruptShardError:
         return False
-    return len(reusable(out, manifest.stages, verify=False)) == len(manifest.stages)
+    return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
+
+
+def verify_folder(folder):
+    """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
+    folder = Path(folder)
+    problems = []
+    for e in Manifest.load(folder).stages:
+        path = folder / e.file
+        if not path.is_file():
+            what = "is missing"
+        elif path.stat().st_size != e.nbytes:
+            what = f"has {path.stat().st_size} bytes, the manifest says {e.nbytes} (truncated or replaced)"
+        elif file_checksum(path) != e.checksum:
+            what = "does not match its checksum (damaged)"
+        else:
+            continue
+        problems.append(f"stage {e.name}: file {path} {what}; {repair_hint(folder)}")
+    return problems
+
+
+def repair_stages(folder, progress=True):
+    """Rebuild a shard folder's damaged stages from the checkpoint its manifest records; return their names."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    bad = [e.name for e in manifest.stages if e.name not in reusable(folder, manifest.stages, verify=True)]
+    if not bad:
+        return []
+    src = manifest.extra.get("source_path")
+    qconfig = manifest.source.get("quantization")
+    try:
+        # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
+        files = weight_files(src, allow_pickle=True) if src else []
+        same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
+    except (CheckpointError, OSError):
+        same = False
+    if not same:
+        raise CorruptShardError(
+            f"{folder}: stages {bad} are damaged and the checkpoint they were made from ({src or 'not recorded'}) "
+            f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
+            f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
+    shard_checkpoint(src, folder, allow_pickle=True, compression=qconfig and f"{qconfig['bits']}bit",
+                     progress=progress, verify=True)
+    return bad
 
 
 def finish_delete(src, out, originals, manifest, delete_original):
@@ -313,12 +388,17 @@ def main(argv=None):
     parser.add_argument("--compression", choices=sorted(quant.COMPRESSIONS), default=None,
                         help="quantise linear and embedding weights (MLX affine layout, group size 64)")
     parser.add_argument("--verify", action="store_true", help="check every stage's checksum of an existing shard folder (SRC)")
+    parser.add_argument("--repair", action="store_true",
+                        help="with --verify: rebuild damaged stages from the checkpoint the folder was made from")
     args = parser.parse_args(argv)
     from .hub import default_shard_dir, resolve_model
     try:
+        if args.repair:
+            fixed = repair_stages(args.src)
+            print(f"{args.src}: {f'rebuilt {fixed}' if fixed else 'OK'}")
+            return 0
         if args.verify:
-            from .store import ShardStore
-            problems = ShardStore(args.src).verify()
+            problems = verify_folder(args.src)
             for p in problems:
                 print(p, file=sys.stderr)
             print(f"{args.src}: {'OK' if not problems else f'{len(problems)} damaged stage(s)'}")

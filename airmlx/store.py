@@ -3,8 +3,10 @@
 The store knows files and bytes, not what layers mean. Opening a shard folder checks every stage file's
 size and safetensors header, so a truncated or foreign file fails here, named, before any compute.
 """
+import mmap
 import os
 import threading
+import weakref
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptShardError
-from .manifest import Manifest
+from .manifest import Manifest, repair_hint
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
+PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -39,21 +42,21 @@ class StageData:
 
 
 class BufferPool:
-    """Keeps up to `keep` freed buffers and hands the smallest big-enough one out again."""
+    """Keeps up to `keep` freed buffers and hands the smallest big-enough one out again. Requests up to
+    `slot_bytes` get a buffer of exactly slot_bytes, so streamed stages of mixed sizes share slots instead of
+    reallocating (and page-faulting) every step."""
 
-    def __init__(self, keep=4):
-        self.keep = keep
+    def __init__(self, keep=4, slot_bytes=0):
+        self.keep, self.slot_bytes = keep, slot_bytes
         self._free = []
         self._lock = threading.Lock()
 
     def acquire(self, nbytes):
         with self._lock:
-            fits = [b for b in self._free if b.nbytes >= nbytes]
-            if fits:
-                buf = min(fits, key=lambda b: b.nbytes)
-                self._free.remove(buf)
-                return buf
-        return np.empty(nbytes, dtype=np.uint8)
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+            if fits:  # by position: numpy arrays compare elementwise, so list.remove() would not do
+                return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+        return np.empty(max(nbytes, self.slot_bytes) if nbytes <= self.slot_bytes else nbytes, dtype=np.uint8)
 
     def release(self, buf):
         with self._lock:
@@ -69,21 +72,22 @@ class ShardStore:
         self.stages = {s.name: s for s in self.manifest.stages}
         self.pool = BufferPool()
         self.bytes_read = 0
+        self.held_bytes = 0  # stage bytes handed out and not yet given back (buffers and live mappings)
+        self.peak_held_bytes = 0
         self._lock = threading.Lock()
         self._layout = {}
         for entry in self.manifest.stages:
             path = self.folder / entry.file
             if not path.is_file():
-                raise CorruptShardError(f"stage {entry.name}: file {path} is missing; shard the model again "
-                                        "(finished stages are reused).")
+                raise CorruptShardError(f"stage {entry.name}: file {path} is missing; {repair_hint(self.folder)}")
             size = path.stat().st_size
             if size != entry.nbytes:
                 raise CorruptShardError(f"stage {entry.name}: file {path} has {size} bytes, the manifest says "
-                                        f"{entry.nbytes} (truncated or replaced); delete it and shard again.")
-            data_start, infos, _ = read_header(path)
+                                        f"{entry.nbytes} (truncated or replaced); {repair_hint(self.folder)}")
+            data_start, infos, _ = read_header(path, fix=f"stage {entry.name} is damaged; {repair_hint(self.folder)}")
             if sorted(infos) != sorted(entry.tensors):
                 raise CorruptShardError(f"stage {entry.name}: file {path} holds other tensors than the manifest "
-                                        "lists; delete it and shard again.")
+                                        f"lists; {repair_hint(self.folder)}")
             self._layout[entry.name] = (data_start, infos)
 
     def read_stage(self, name):
@@ -100,29 +104,57 @@ class ShardStore:
                 if not n:
                     self.pool.release(buf)
                     raise CorruptShardError(f"stage {name}: file {path} ended after {pos} of {entry.nbytes} bytes; "
-                                            "delete it and shard again.")
+                                            f"{repair_hint(self.folder)}")
                 pos += n
-        data_start, infos = self._layout[name]
-        tensors = {}
-        for info in infos.values():
-            raw = buf[data_start + info.start: data_start + info.end]
-            tensors[info.name] = RawTensor(info.dtype, info.shape,
-                                           raw.view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
+        tensors = self._views(name, buf)
         with self._lock:
             self.bytes_read += entry.nbytes
+        self._hold(entry.nbytes)
         return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0)
+
+    def _hold(self, nbytes):
+        with self._lock:
+            self.held_bytes += nbytes
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+
+    def map_stage(self, name):
+        """Map a stage file instead of reading it: the tensors are views of the page cache, so a backend that
+        computes on host memory in place (torch on CPU) never copies them. Pages are faulted in here, on the
+        calling (prefetch) thread: MADV_WILLNEED starts one large read-ahead, then one touch per page waits
+        for it and maps every page, so compute later runs without page faults."""
+        entry = self.stages[name]
+        t0 = time.perf_counter()
+        with open(self.folder / entry.file, "rb") as f:
+            # private copy-on-write mapping: writable views for frameworks that insist, shared pages for reads
+            mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_COPY)
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_WILLNEED)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
+        if len(buf) != entry.nbytes:
+            raise CorruptShardError(f"stage {name}: file {self.folder / entry.file} is shorter than the manifest "
+                                    "says; delete it and shard again.")
+        int(buf[::PAGE].sum())  # fault every page in (numpy releases the GIL in this loop)
+        tensors = self._views(name, buf)
+        with self._lock:
+            self.bytes_read += entry.nbytes
+        self._hold(entry.nbytes)
+        weakref.finalize(mapped, self._hold, -entry.nbytes)  # unmapped once the last view is gone
+        return StageData(name, tensors, None, entry.nbytes, time.perf_counter() - t0)
+
+    def _views(self, name, buf):
+        data_start, infos = self._layout[name]
+        return {info.name: RawTensor(info.dtype, info.shape,
+                                     buf[data_start + info.start: data_start + info.end]
+                                     .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
+                for info in infos.values()}
 
     def release(self, data):
         if data.buffer is not None:
             self.pool.release(data.buffer)
             data.buffer = None
+            self._hold(-data.nbytes)
 
     def verify(self):
         """Check every stage's checksum; return one line per damaged stage (empty when all are intact)."""
-        from .shard import file_checksum
-        problems = []
-        for entry in self.manifest.stages:
-            if file_checksum(self.folder / entry.file) != entry.checksum:
-                problems.append(f"stage {entry.name}: {self.folder / entry.file} does not match its checksum; "
-                                "delete the file and shard again to rebuild it.")
-        return problems
+        from .shard import verify_folder
+        return verify_folder(self.folder)

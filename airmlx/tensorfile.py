@@ -26,6 +26,7 @@ NUMPY_VIEWS = {
     "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 64  # numpy's limit; also keeps a hostile header from making the size check slow
 
 
 @dataclass(frozen=True)
@@ -41,53 +42,56 @@ class TensorInfo:
         return self.end - self.start
 
 
-def parse_header(blob, data_size, path):
-    """Validate a header's JSON against the data section's size; return ({name: TensorInfo}, metadata)."""
+def parse_header(blob, data_size, path, fix="re-create this file."):
+    """Validate a header's JSON against the data section's size; return ({name: TensorInfo}, metadata).
+    Anything malformed raises CorruptShardError naming `path` and ending with `fix`."""
     try:
         raw = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptShardError(f"{path}: the safetensors header is not valid JSON ({e}); re-create this file.")
+    except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8, bad JSON and over-long integers
+        raise CorruptShardError(f"{path}: the safetensors header is not valid JSON ({str(e)[:200]}); {fix}") from None
     if not isinstance(raw, dict):
-        raise CorruptShardError(f"{path}: the safetensors header is not a JSON object; re-create this file.")
+        raise CorruptShardError(f"{path}: the safetensors header is not a JSON object; {fix}")
     metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptShardError(f"{path}: the safetensors header's __metadata__ is not a JSON object; {fix}")
     infos = {}
     for name, entry in raw.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = (dtype in DTYPE_SIZES and all(type(d) is int and d >= 0 for d in shape)
+            ok = (dtype in DTYPE_SIZES and len(shape) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)
                   and type(start) is int and type(end) is int and 0 <= start <= end
                   and end - start == math.prod(shape) * DTYPE_SIZES[dtype])
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise CorruptShardError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}; re-create this file.")
+            raise CorruptShardError(f"{path}: tensor {name!r:.200} has a malformed header entry {entry!r:.200}; {fix}")
         infos[name] = TensorInfo(name, dtype, shape, start, end)
     expected = 0
     for info in sorted(infos.values(), key=lambda t: (t.start, t.end)):
         if info.start != expected:
-            raise CorruptShardError(f"{path}: tensor {info.name!r} does not follow the previous one "
-                                    f"(offset {info.start}, expected {expected}); re-create this file.")
+            raise CorruptShardError(f"{path}: tensor {info.name!r:.200} does not follow the previous one "
+                                    f"(offset {info.start}, expected {expected}); {fix}")
         expected = info.end
     if expected != data_size:
         what = "truncated" if expected > data_size else "longer than its header says"
         raise CorruptShardError(f"{path}: file is {what} (header describes {expected} data bytes, "
-                                f"file holds {data_size}); re-create this file.")
+                                f"file holds {data_size}); {fix}")
     return infos, metadata
 
 
-def read_header(path):
+def read_header(path, fix="re-create this file."):
     """Parse a safetensors file's header; return (data_start, {name: TensorInfo}, metadata)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise CorruptShardError(f"{path}: file is truncated ({size} bytes, no safetensors header); re-create this file.")
+            raise CorruptShardError(f"{path}: file is truncated ({size} bytes, no safetensors header); {fix}")
         (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CorruptShardError(f"{path}: header length {n} does not fit the file's {size} bytes "
-                                    "(truncated or not a safetensors file); re-create this file.")
+                                    f"(truncated or not a safetensors file); {fix}")
         blob = f.read(n)
-    infos, metadata = parse_header(blob, size - 8 - n, path)
+    infos, metadata = parse_header(blob, size - 8 - n, path, fix)
     return 8 + n, infos, metadata
 
 

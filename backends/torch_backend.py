@@ -43,7 +43,10 @@ class TorchStep:
 
 
 def resolve_device(device):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise BackendError(f"device {device!r} is not a torch device; use 'cuda', 'cuda:N' or 'cpu'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {str(device)!r} was asked for but this torch has no CUDA device; "
                            "use device='cpu' or install a CUDA build of torch.")

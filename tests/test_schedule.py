@@ -64,7 +64,7 @@ class FakeStore:
 
 def test_prefetcher_cycles_across_steps_within_its_slots():
     store = FakeStore()
-    pf = Prefetcher(store, ["a", "b", "c"], depth=1)
+    pf = Prefetcher(store, ["a", "b", "c"], depth=1, read=store.read_stage)
     for name in ["a", "b", "c", "a", "b", "c", "a"]:
         assert pf.take(name) == name
         pf.done()

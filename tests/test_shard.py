@@ -82,6 +82,8 @@ def test_interrupted_sharding_resumes_to_identical_bytes(tmp_path, monkeypatch):
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     with pytest.raises(CorruptShardError, match="unfinished"):
         ShardStore(tmp_path / "resumed")
+    with pytest.raises(CorruptShardError, match="unfinished shard folder"):
+        airmlx.AutoModel.from_pretrained(tmp_path / "resumed", backend="torch")
 
     rewritten = []
     monkeypatch.setattr(shard_mod, "write_stage", lambda *a, **k: rewritten.append(a[1]) or real_write(*a, **k))

@@ -1,0 +1,197 @@
+"""`python -m airmlx.bench`: decode-step time streamed cold, streamed warm and resident, against the I/O floor.
+
+It builds (or takes) a model several times larger than the budget, shards it, measures the cold sequential
+read bandwidth of the shard files, then times decode steps per backend:
+  cold      every shard file evicted from the page cache (posix_fadvise DONTNEED) before each step
+  warm      shard files in the page cache
+  resident  the reference framework (transformers / mlx-lm) with the whole model in memory
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .schedule import format_bytes, parse_bytes
+
+BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def build_model(folder, layers, hidden):
+    """A random bf16 Llama (about 470 MB at the defaults), saved once and reused."""
+    import torch
+    import transformers
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = {**BENCH_CONFIG, "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 4 * hidden}
+    config = transformers.LlamaConfig(**cfg)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_theta"] = cfg["rope_theta"]  # mlx-lm reads only the top-level key
+    (folder / "config.json").write_text(json.dumps(raw, indent=1))
+    return folder
+
+
+def evict(paths):
+    """Drop files from the page cache (clean pages only; shard files are fsynced when written)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_read_gbps(store, names):
+    """Sequential read bandwidth of these stages' files from a cold page cache, with the store's own reads."""
+    evict([store.folder / store.stages[n].file for n in names])
+    t0, total = time.perf_counter(), 0
+    for n in names:
+        data = store.read_stage(n)
+        total += data.nbytes
+        store.release(data)
+    return total / (time.perf_counter() - t0) / 1e9
+
+
+def time_streamed(model, steps, cold):
+    """Median decode-step time: prefill a short prompt, then one token per step."""
+    files = [model.store.folder / e.file for e in model.store.manifest.stages if e.name in model.plan.streamed]
+    cache = model.new_cache()
+    model.step(np.array([[1, 2, 3, 4]]), np.ones((1, 4), dtype=np.int64), cache)
+    model.backend.reset_peak()
+    times, past = [], 4
+    for i in range(steps + 1):
+        if cold:
+            evict(files)
+        t0 = time.perf_counter()
+        model.step(np.array([[5 + i]]), np.ones((1, past + 1), dtype=np.int64), cache)
+        times.append(time.perf_counter() - t0)
+        past += 1
+    return statistics.median(times[1:]), model.backend.memory()["peak"]
+
+
+def time_resident(backend, src, steps):
+    if backend == "torch":
+        import torch
+        from transformers import AutoModelForCausalLM, DynamicCache
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        cache = DynamicCache(config=ref.config)
+        with torch.inference_mode():
+            ref(torch.tensor([[1, 2, 3, 4]]), past_key_values=cache, use_cache=True)
+            times = []
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                ref(torch.tensor([[5 + i]]), past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+    else:
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.models.cache import make_prompt_cache
+        ref, _ = load(str(src))
+        cache = make_prompt_cache(ref)
+        mx.eval(ref(mx.array([[1, 2, 3, 4]]), cache=cache))
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            mx.eval(ref(mx.array([[5 + i]]), cache=cache))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def time_airllm(src, budget, steps):
+    """AirLLM's decode step on the same model, when it is installed (it is not a dependency)."""
+    try:
+        from airllm import AutoModel as AirLLMAutoModel
+    except ImportError:
+        return None
+    import torch
+    model = AirLLMAutoModel.from_pretrained(str(src), device="cpu", dtype=torch.bfloat16)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        model(torch.tensor([[1, 2, 3, 4 + i]]), use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def run(args):
+    from .auto import AutoModel
+    from .shard import shard_checkpoint
+    from .store import ShardStore
+    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
+    src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
+    shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
+    store = ShardStore(shards)
+    model_bytes = store.manifest.total_bytes
+    budget = int(args.budget * model_bytes) if args.budget < 10 else parse_bytes(args.budget)
+    rows = []
+    for backend in args.backend.split(","):
+        model = AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
+        plan = model.plan
+        gbps = cold_read_gbps(store, plan.streamed)
+        floor = plan.streamed_bytes_per_step / (gbps * 1e9)
+        cold, cold_peak = time_streamed(model, args.steps, cold=True)
+        warm, warm_peak = time_streamed(model, args.steps, cold=False)
+        model.close()
+        resident = time_resident(backend, src, args.steps)
+        row = dict(backend=backend, model_bytes=model_bytes, budget_bytes=budget,
+                   streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
+                   io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
+                   cold_over_floor=cold / floor, warm_over_resident=warm / resident,
+                   peak_memory_bytes=max(cold_peak, warm_peak), plan=str(plan), steps=args.steps)
+        if args.compare == "airllm":
+            airllm = time_airllm(src, budget, max(2, args.steps // 2))
+            row["airllm_step_s"] = airllm
+            row["speedup_vs_airllm"] = airllm / warm if airllm else None
+        rows.append(row)
+        print_row(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def print_row(r):
+    print(f"\n{r['backend']}: model {format_bytes(r['model_bytes'])}, budget {format_bytes(r['budget_bytes'])}, "
+          f"streamed {format_bytes(r['streamed_bytes_per_step'])}/step, cold read {r['cold_read_gbps']:.2f} GB/s")
+    print(f"  {'regime':<10}{'step s':>10}{'ratio':>24}")
+    print(f"  {'io floor':<10}{r['io_floor_s']:>10.3f}")
+    print(f"  {'cold':<10}{r['cold_step_s']:>10.3f}{r['cold_over_floor']:>14.2f} x floor")
+    print(f"  {'warm':<10}{r['warm_step_s']:>10.3f}{r['warm_over_resident']:>14.2f} x resident")
+    print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}")
+    if r.get("airllm_step_s"):
+        print(f"  {'airllm':<10}{r['airllm_step_s']:>10.3f}{r['speedup_vs_airllm']:>14.1f} x slower than warm")
+    print(f"  peak memory {format_bytes(r['peak_memory_bytes'])}; {r['plan']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m airmlx.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="HF model folder to use instead of the generated random Llama")
+    parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
+    parser.add_argument("--budget", default=0.25, type=lambda v: float(v) if v.replace(".", "", 1).isdigit() else v,
+                        help="memory budget: a fraction of the model (default 0.25) or a size like 200MB")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime (medians reported)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--compare", choices=["airllm"], help="also time AirLLM, when installed")
+    args = parser.parse_args(argv)
+    if not hasattr(os, "posix_fadvise"):
+        print("airmlx.bench: this platform has no posix_fadvise, so the cold regime cannot be measured.",
+              file=sys.stderr)
+        return 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

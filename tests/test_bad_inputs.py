@@ -1,0 +1,149 @@
+"""Every user-facing failure in one table: the input, the airmlx exception, a key phrase of its one-line message.
+README's error table lists the same rows in the same order."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import airmlx
+from airmlx import shard as shard_mod
+from airmlx.errors import (AirmlxError, BackendError, BudgetError, CheckpointError, CorruptShardError,
+                           GenerationError, InsufficientDiskSpaceError, ModelNotFoundError, OptionError,
+                           UnsupportedArchitectureError)
+from airmlx.store import ShardStore
+from tiny import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A tiny llama checkpoint, its shard folder and a model streamed from it (torch, CPU)."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    make_checkpoint(root / "src", "llama")
+    model = airmlx.AutoModel.from_pretrained(root / "src", backend="torch", layer_shards_saving_path=root / "shards",
+                                             progress=False)
+    yield SimpleNamespace(src=root / "src", shards=root / "shards", model=model)
+    model.close()
+
+
+@pytest.fixture
+def ctx(made, tmp_path, monkeypatch):
+    return SimpleNamespace(**vars(made), tmp=tmp_path, monkeypatch=monkeypatch)
+
+
+def folder_with(ctx, config, *files):
+    """A model folder holding only config.json and the named (empty) files."""
+    folder = ctx.tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in files:
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def offline(ctx):
+    from huggingface_hub import constants
+    ctx.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return airmlx.AutoModel.from_pretrained("someone/not-downloaded", backend="torch")
+
+
+def gated(ctx):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def refuse(*args, **kwargs):  # what the hub answers for a gated repo and no token
+        # a stand-in response: the error only reads its headers and request (httpx or requests alike)
+        raise GatedRepoError("403: access to model org/gated is restricted",
+                             response=SimpleNamespace(headers={}, request=None))
+
+    ctx.monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    return airmlx.AutoModel.from_pretrained("org/gated", backend="torch")
+
+
+def no_disk(ctx):
+    ctx.monkeypatch.setattr(shard_mod.shutil, "disk_usage",
+                            lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    return airmlx.shard_checkpoint(ctx.src, ctx.tmp / "out", progress=False)
+
+
+def truncated_stage(ctx):
+    out = ctx.tmp / "shards"
+    shutil.copytree(ctx.shards, out)
+    victim = out / "layer.002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    return airmlx.AutoModel.from_pretrained(out, backend="torch")
+
+
+def unfinished_folder(ctx):
+    out = ctx.tmp / "shards"
+    shutil.copytree(ctx.shards, out)
+    (out / "manifest.json").unlink()  # as a run stopped before its last step leaves it
+    return ShardStore(out)
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+ROWS = [
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.tmp / "nothing" / "here"),
+                 ModelNotFoundError, "no such folder, and it is not a hub id", id="missing path"),
+    pytest.param(offline, ModelNotFoundError, "not in the Hugging Face cache .*HF_HUB_OFFLINE", id="hub id offline"),
+    pytest.param(gated, ModelNotFoundError, "is gated: accept its licence .* hf_token", id="gated model, no token"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "gpt2"})),
+                 UnsupportedArchitectureError, "'gpt2' is not supported .*supported: llama, mistral, qwen2",
+                 id="unsupported architecture"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "llama"},
+                                                                        "pytorch_model.bin")),
+                 CheckpointError, "pickle .*pass allow_pickle=True", id="pickle .bin without opt-in"),
+    pytest.param(no_disk, InsufficientDiskSpaceError, r"needs [\d,]+ bytes but only 1,000 are free",
+                 id="not enough disk"),
+    pytest.param(truncated_stage, CorruptShardError,
+                 "stage layer.002: file .*layer.002.safetensors .*truncated.*python -m airmlx.shard --verify --repair",
+                 id="truncated stage file"),
+    pytest.param(unfinished_folder, CorruptShardError, "unfinished; run the sharding again",
+                 id="unfinished shard folder"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="1KB"),
+                 BudgetError, r"below the minimum .*at least \d+", id="memory_budget below the minimum"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="lots"),
+                 BudgetError, "'lots' is not a size", id="memory_budget not a size"),
+    pytest.param(lambda c: c.model.generate([5] * 299), GenerationError, "299 tokens.*context of 256",
+                 id="prompt longer than the context"),
+    pytest.param(lambda c: c.model.generate([]), GenerationError, "non-empty", id="empty prompt"),
+    pytest.param(lambda c: c.model.generate([[1, 2, 3]], attention_mask=[[1, 1, 0]]), GenerationError,
+                 "left padding", id="right-padded batch"),
+    pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, temperature=0), GenerationError,
+                 r"temperature=0: use a value > 0", id="temperature <= 0"),
+    pytest.param(lambda c: c.model.generate([1, 2], top_p=1.5), GenerationError, r"top_p=1.5: use a value in \(0, 1\]",
+                 id="top_p outside (0, 1]"),
+    pytest.param(lambda c: c.model.generate([1, 2], top_k=-3), GenerationError, "top_k=-3: use a whole number >= 0",
+                 id="top_k negative"),
+    pytest.param(lambda c: c.model.generate([1, 2], max_new_tokens=-1), GenerationError,
+                 "max_new_tokens=-1: use a whole number >= 0", id="max_new_tokens negative"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="3bit"), OptionError,
+                 r"compression '3bit' is unknown; use one of \['4bit', '8bit'\]", id="unknown compression"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="jax"), BackendError,
+                 "backend 'jax' is unknown; use one of auto, mlx, torch", id="unknown backend"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="mlx", device="tpu"), BackendError,
+                 "'tpu' is not an MLX device; use 'gpu' or 'cpu'", id="unknown device (mlx)"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", device="mps"), BackendError,
+                 "'mps' is not supported by the torch backend; use 'cuda' or 'cpu'", id="unsupported device (torch)"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", device="cuda"), BackendError,
+                 "no CUDA device; use device='cpu'", id="CUDA where there is none", marks=no_cuda),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", device="tpu"), BackendError,
+                 "'tpu' is not a torch device; use 'cuda', 'cuda:N' or 'cpu'", id="device unknown to torch"),
+    pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, temperature="hot"), GenerationError,
+                 "must be numbers", id="temperature not a number"),
+    pytest.param(lambda c: c.model.generate([1, 2], top_p=None), GenerationError, "must be numbers",
+                 id="top_p not a number"),
+    pytest.param(lambda c: c.model.generate([1.5, 2]), GenerationError, "whole-number token ids",
+                 id="float token ids"),
+    pytest.param(lambda c: c.model.generate([1, 2000], max_new_tokens=1), GenerationError,
+                 r"token id 2000 is outside the model's vocabulary \(0\.\.", id="token id outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize("call, error, phrase", ROWS)
+def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
+    with pytest.raises(error, match=phrase) as info:
+        call(ctx)
+    assert isinstance(info.value, AirmlxError) and "\n" not in str(info.value)
