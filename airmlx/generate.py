@@ -122,35 +122,43 @@ def left_padding(attention_mask):
 
 def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=False,
                     temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0):
-    """Prompt ids (B, T) -> ids (B, T + n). Finished rows are filled with pad_token_id, as transformers does.
-    With `cache` holding `past_length` earlier tokens, ids are only the new ones and the cache is extended."""
+                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0, select_rows=None):
+    """Prompt ids (B, T) -> ids (B, T + n). Each step runs the model once for every row still generating;
+    a row that reaches EOS leaves the batch (select_rows(cache, kept rows)) and is filled with
+    pad_token_id from then on, as transformers does. With `cache` holding `past_length` earlier tokens,
+    ids are only the new ones and the cache is extended."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.size else 0)
-    batch, pads = ids.shape[0], left_padding(mask)
+    batch = ids.shape[0]
     if cache is None:
-        cache = new_cache(batch, pads)
+        cache = new_cache(batch, left_padding(mask))
     elif past_length:
         mask = np.concatenate([np.ones((batch, past_length), dtype=mask.dtype), mask], axis=1)
-    seqs, finished, tokens = ids, np.zeros(batch, dtype=bool), ids
+    seqs, active, tokens = ids, np.arange(batch), ids
     if streamer is not None:
         streamer.put(ids)
     for _ in range(max_new_tokens):
         if use_cache:
             logits = step(tokens, mask, cache)
         else:
-            logits = step(seqs, mask, new_cache(batch, pads))
-        nxt = sample(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
-        nxt = np.where(finished, pad, nxt)
+            logits = step(seqs[active], mask, new_cache(len(active), left_padding(mask)))
+        picked = sample(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
+        nxt = np.full(batch, pad, dtype=np.int64)
+        nxt[active] = picked
         seqs = np.concatenate([seqs, nxt[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+        mask = np.concatenate([mask, np.ones((len(active), 1), dtype=mask.dtype)], axis=1)
         if streamer is not None:
             streamer.put(nxt)
-        finished |= np.isin(nxt, eos)
-        if finished.all():
+        done = np.isin(picked, eos)
+        if done.all():
             break
-        tokens = nxt[:, None]
+        if done.any():
+            keep = np.flatnonzero(~done)
+            if use_cache:
+                select_rows(cache, keep)
+            active, mask, picked = active[keep], mask[keep], picked[keep]
+        tokens = picked[:, None]
     if streamer is not None:
         streamer.end()
     return seqs

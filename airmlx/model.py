@@ -63,6 +63,13 @@ class AirModel:
         ctx = self.backend.begin_step(ids, mask, cache, all_positions=True)
         return self.backend.logits(self.scheduler.forward(ctx, self._progress(ids)))
 
+    def score(self, requests, batch_size=8, max_tokens=None, progress=True):
+        """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
+        token ids), layer-major: the model is read about once per pass, not once per request. The result
+        also carries .bytes_read and .passes. See airmlx.score."""
+        from .score import score
+        return score(self, requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+
     def new_cache(self, batch_size=1, left_padding=None):
         """Empty KV caches for every layer (resident for the model's life; pass to generate to continue)."""
         return self.backend.new_cache(batch_size, left_padding or [0] * batch_size)
@@ -102,7 +109,7 @@ class AirModel:
                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache,
                                streamer=streamer, rng=np.random.default_rng(seed), cache=past_key_values,
-                               past_length=past)
+                               past_length=past, select_rows=self.backend.select_rows)
         out = restore(seqs)
         if return_dict_in_generate:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])

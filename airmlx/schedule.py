@@ -164,13 +164,21 @@ class Scheduler:
     def forward(self, ctx, progress=None):
         """One sweep of every stage over the step context; returns the head's output. `progress`: a label
         for a progress bar over the stages (long prefills)."""
-        x = None
+        out = []
+        self.forward_many([ctx], lambda i, x: out.append(x), progress)
+        return out[0]
+
+    def forward_many(self, ctxs, on_output, progress=None):
+        """Layer-major sweep: each stage is loaded once and runs every context before the next stage is
+        read, so a whole set of batches costs one read of the model. The head's output for context i goes
+        to on_output(i, x) and is dropped, so only one batch's logits exist at a time."""
+        xs = [None] * len(ctxs)
         entries = self.entries
         if progress:
             entries = tqdm(entries, desc=progress, unit="stage", leave=False)
         try:
             for entry in entries:
-                x = self._run(entry, x, ctx)
+                self._run(entry, xs, ctxs, on_output if entry is self.entries[-1] else None)
         except BaseException:
             # an interrupted sweep leaves the prefetcher mid-cycle: start it again from the first stage
             if self.prefetcher:
@@ -178,9 +186,8 @@ class Scheduler:
                 self._start_prefetch()
             raise
         self.steps += 1
-        return x
 
-    def _run(self, entry, x, ctx):
+    def _run(self, entry, xs, ctxs, on_output):
         name = entry.name
         loaded, data, wait_s, load_s = self.resident.get(name), None, 0.0, 0.0
         streamed = name not in self.plan.resident
@@ -196,7 +203,11 @@ class Scheduler:
                 self.resident[name] = loaded
         t2 = time.perf_counter()
         try:
-            x = self.backend.run_stage(loaded, x, ctx)
+            for i, ctx in enumerate(ctxs):
+                xs[i] = self.backend.run_stage(loaded, xs[i], ctx)
+                if on_output:
+                    on_output(i, xs[i])
+                    xs[i] = None
         finally:
             if streamed:
                 self.backend.free_stage(loaded)
@@ -208,7 +219,6 @@ class Scheduler:
         if self.profiling:
             self.records.append(StageRecord(self.steps, name, data.nbytes if data else 0,
                                             data.read_s if data else 0.0, wait_s, load_s, time.perf_counter() - t2))
-        return x
 
     def close(self):
         if self.prefetcher:

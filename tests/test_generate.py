@@ -175,3 +175,23 @@ def test_trim_repairs_a_cache_cut_mid_sweep(model, backend):
     m.backend.trim_cache(cache, 4)
     assert m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache) == PROMPT[4:] + want[len(PROMPT):]
     m.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_finished_rows_leave_the_batch(model, backend):
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    rows = [PROMPT, PROMPT[:3], PROMPT[2:]]
+    free = [m.generate(r, max_new_tokens=10) for r in rows]
+    eos = free[1][3 + 2]  # row 1's third new token: it stops early, the others (probably) later
+    alone = [m.generate(r, max_new_tokens=10, eos_token_id=eos, pad_token_id=0) for r in rows]
+    widths = []
+    real = m.step
+    m.step = lambda tokens, mask, cache: widths.append(tokens.shape[0]) or real(tokens, mask, cache)
+    batched = m.generate(rows, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    m.close()
+    width = max(len(r) for r in rows)
+    for row, got, want in zip(rows, batched, alone):  # each row's tokens as alone, then padding after EOS
+        new, want_new = got[width:], want[len(row):]
+        assert new == (want_new + [0] * len(new))[:len(new)]
+    assert eos in batched[1][width:]
+    assert widths[0] == 3 and min(widths) < 3  # the batch shrank once a row was done

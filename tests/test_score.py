@@ -1,0 +1,68 @@
+"""Layer-major scoring equals transformers' log-likelihoods and reads the model once per pass."""
+import numpy as np
+import pytest
+import torch
+
+import airmlx
+
+REQUESTS = [([5, 17, 33], [2, 9, 60]), [4, 8, 15, 16, 23, 42], ([7], [7, 7, 7, 1]), [90, 3],
+            ([11, 12, 13, 14, 15, 16], [17]), list(range(20, 40))]
+
+
+def greedy_continuation(ref, context, n):
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([context]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(context):].tolist()
+
+
+def reference(ref, request):
+    context, continuation = request if isinstance(request, tuple) else (request[:1], request[1:])
+    ids = torch.tensor([list(context) + list(continuation)])
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(ids).logits[0].double(), -1)
+    pos = torch.arange(len(context) - 1, ids.shape[1] - 1)
+    targets = ids[0, len(context):]
+    return logp[pos, targets].sum().item(), bool((logp[pos].argmax(-1) == targets).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_scores_equal_transformers_loglikelihoods(checkpoints, tmp_path, backend):
+    folder, ref = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    requests = REQUESTS + [([5, 17, 33], greedy_continuation(ref, [5, 17, 33], 4))]  # one must be greedy
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="260KB") as model:
+        got = model.score(requests, batch_size=3, progress=False)
+    assert got[-1][1] is True and not all(g for _, g in got)
+    for request, (loglik, greedy) in zip(requests, got):
+        want_loglik, want_greedy = reference(ref, request)
+        assert loglik == pytest.approx(want_loglik, rel=1e-4, abs=1e-4) and greedy == want_greedy
+    assert got.passes == 1
+
+
+def test_model_read_once_per_pass(checkpoints, tmp_path):
+    folder, _ = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    requests = [[(7 * i + j) % 90 + 3 for j in range(12)] for i in range(64)]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="260KB") as model:
+        one = model.score(requests, batch_size=8, progress=False)
+        chunked = model.score(requests, batch_size=8, max_tokens=8 * 12 * 2, progress=False)
+        streamed, slack = model.plan.streamed_bytes_per_step, 2 * max(model.plan.stage_bytes.values())
+        each = [model.score([r], progress=False)[0] for r in requests[:4]]
+    assert one.passes == 1 and chunked.passes == 4  # 8 batches of 8, two batches per pass
+    assert one.bytes_read <= model.plan.resident_bytes + streamed + slack
+    assert 4 * streamed - slack <= chunked.bytes_read <= 4 * streamed + slack
+    # batching and passes change nothing but the cost
+    assert np.allclose([s[0] for s in one[:4]], [e[0] for e in each], rtol=1e-5)
+    assert [s[1] for s in one[:4]] == [e[1] for e in each]
+    assert np.allclose([s[0] for s in one], [s[0] for s in chunked], rtol=1e-5)
+
+
+def test_text_requests_use_the_tokenizer_and_bad_requests_fail(checkpoints, tmp_path):
+    folder, _ = checkpoints("llama")
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch") as model:
+        (loglik, _), = model.score([("w3 w4", "w5 w6")], progress=False)
+        ids = model.tokenizer("w3 w4")["input_ids"]
+        (direct, _), = model.score([(ids, [5, 6])], progress=False)
+        assert loglik == pytest.approx(direct, rel=1e-6)
+        with pytest.raises(airmlx.errors.GenerationError, match="nothing to score"):
+            model.score([[5]], progress=False)
