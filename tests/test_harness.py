@@ -1,0 +1,87 @@
+"""The lm-evaluation-harness adapter: its requests equal transformers' answers, and a local task runs end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+import airmlx  # noqa: E402
+from airmlx.harness import AirmlxLM  # noqa: E402
+
+WORDS = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13", "w20"]
+
+
+@pytest.fixture
+def lm(checkpoints, tmp_path):
+    folder, ref = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    adapter = AirmlxLM(pretrained=str(shards), backend="torch", memory_budget="260KB", batch_size=2)
+    yield adapter, ref
+    adapter.model.close()
+
+
+def ids(lm, text):
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loglikelihood_matches_transformers(lm):
+    adapter, ref = lm
+    pairs = [("w5 w6", " w7 w8"), ("w9", " w10"), ("w3 w4 w5", " w6")]
+    got = adapter.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (context, continuation), (loglik, greedy) in zip(pairs, got):
+        c, k = ids(adapter, context), ids(adapter, continuation)
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([c + k])).logits[0].double(), -1)
+        want = sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k))
+        assert loglik == pytest.approx(want, rel=1e-4)
+        assert greedy == all(logp[len(c) - 1 + j].argmax().item() == t for j, t in enumerate(k))
+
+
+def test_rolling_scores_every_token_after_the_prefix(lm):
+    adapter, ref = lm
+    (got,) = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("w5 w6 w7 w8",), 0)])
+    tokens = [adapter.prefix_token] + ids(adapter, "w5 w6 w7 w8")
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([tokens])).logits[0].double(), -1)
+    assert got == pytest.approx(sum(logp[j, tokens[j + 1]].item() for j in range(len(tokens) - 1)), rel=1e-4)
+
+
+def test_generate_until_stops_at_the_stop_string(lm):
+    adapter, _ = lm
+    free = adapter.generate_until([Instance("generate_until", {}, ("w5 w6", {"max_gen_toks": 6}), 0)])[0]
+    stop = free.split()[2]
+    cut = adapter.generate_until([Instance("generate_until", {}, ("w5 w6", {"until": [stop], "max_gen_toks": 6}), 0)])[0]
+    assert cut == free.split(stop)[0] and stop not in cut
+
+
+def test_local_task_end_to_end_from_the_command_line(checkpoints, tmp_path):
+    folder, _ = checkpoints("llama")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": w, "choices": [" w30", " w31", " w32"], "answer": i % 3})
+                              for i, w in enumerate(WORDS)))
+    (tmp_path / "task.yaml").write_text(f"""task: airmlx_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--model_args",
+                          f"pretrained={folder},backend=torch,layer_shards_saving_path={tmp_path / 's'}",
+                          "--tasks", "airmlx_local", "--include_path", str(tmp_path), "--output_path", str(out)],
+                         capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = out.rglob("results*.json")
+    acc = json.loads(result.read_text())["results"]["airmlx_local"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and "airmlx_local" in run.stdout
