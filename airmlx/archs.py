@@ -14,15 +14,57 @@ class Arch:
     model_type: str
     mlx_module: str  # mlx_lm.models.<mlx_module>
     adapter: str = "decoder"  # the backends' adapter family: embed -> N decoder layers -> norm + head
-    embed_prefix: str = "model.embed_tokens."
-    layer_prefix: str = "model.layers."
-    head_prefixes: tuple = ("model.norm.", "lm_head.")
+    # module paths, the same in the checkpoint and in the mlx-lm model (remote-code families differ)
+    embed: str = "model.embed_tokens"
+    layers: str = "model.layers"
+    norm: str = "model.norm"
+    head: str = "lm_head"
+    remote_code: bool = False  # ships its own modelling code; transformers has no module, so MLX only
+    # (mlx-lm ModelArgs key, HF config key) where transformers renamed a key mlx-lm still reads
+    config_aliases: tuple = ()
+    embed_scale: bool = False  # hidden states leave the embedding times sqrt(hidden_size), in the model's dtype
+    final_softcap: bool = False  # logits = cap * tanh(logits / cap), cap = config final_logit_softcapping
+    mlx_sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
+    mlx_mask_array: bool = False  # the mlx-lm attention needs a mask array, not the "causal" shortcut
+    torch_attention: str = "sdpa"  # transformers' attn_implementation
+
+    @property
+    def embed_prefix(self):
+        return self.embed + "."
+
+    @property
+    def layer_prefix(self):
+        return self.layers + "."
+
+    @property
+    def head_prefixes(self):
+        return (self.norm + ".", self.head + ".")
+    tested: str = "transformers generate"  # what the equivalence tests compare it with
 
 
 ARCHS = {a.model_type: a for a in [
     Arch("llama", mlx_module="llama"),
     Arch("mistral", mlx_module="llama"),  # mlx-lm runs mistral checkpoints with its llama module
     Arch("qwen2", mlx_module="qwen2"),
+    Arch("qwen3", mlx_module="qwen3"),
+    Arch("phi3", mlx_module="phi3"),
+    Arch("glm4", mlx_module="glm4"),
+    # MoE: the experts run inside the layer stage; per-expert checkpoint tensors are stacked on load by
+    # mlx-lm's sanitize / transformers' conversion mapping
+    Arch("mixtral", mlx_module="mixtral"),
+    Arch("qwen2_moe", mlx_module="qwen2_moe"),
+    Arch("qwen3_moe", mlx_module="qwen3_moe", config_aliases=(("num_experts", "num_local_experts"),)),
+    # sliding-window layers come from config.layer_types on both backends (mlx-lm's gemma2 module has no
+    # window of its own: airmlx gives its sliding layers a RotatingKVCache and a windowed mask)
+    Arch("gemma2", mlx_module="gemma2", embed_scale=True, final_softcap=True, mlx_mask_array=True,
+         torch_attention="eager"),  # transformers: sdpa has no attention soft-capping
+    Arch("gemma3_text", mlx_module="gemma3_text", embed_scale=True, final_softcap=True, mlx_sanitize=False),
+    # remote-code families: MLX backend only (tested against mlx-lm's own model)
+    Arch("internlm2", mlx_module="internlm2", embed="model.tok_embeddings", head="output", remote_code=True,
+         tested="mlx-lm resident"),
+    Arch("internlm3", mlx_module="internlm3", remote_code=True, tested="mlx-lm resident"),
+    Arch("qwen", mlx_module="qwen", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f",
+         remote_code=True, tested="mlx-lm resident"),
 ]}
 
 # Buffers some checkpoints carry that no framework loads.
@@ -73,13 +115,13 @@ def stage_layout(config, tensor_names):
     if missing:
         raise CheckpointError(f"the checkpoint has no tensors for decoder layers {missing[:5]} of {n}; "
                               "it is incomplete or config.json's num_hidden_layers is wrong.")
-    has_head = any(t.startswith("lm_head.") for t in head)
+    has_head = any(t.startswith(arch.head + ".") for t in head)
     tied = config.get("tie_word_embeddings", not has_head)
     if not tied and not has_head:
         raise CheckpointError("config.json says tie_word_embeddings is false but the checkpoint has no "
-                              "lm_head.weight; the checkpoint is incomplete.")
+                              f"{arch.head}.weight; the checkpoint is incomplete.")
     if tied:
-        head = [t for t in head if not t.startswith("lm_head.")] + embed
+        head = [t for t in head if not t.startswith(arch.head + ".")] + embed
     stages = [("embed", "embed", embed)]
     stages += [(stage_name("layer", i, n), "layer", ts) for i, ts in enumerate(layers)]
     stages.append(("head", "head", head))
@@ -90,8 +132,16 @@ def rope_config(config):
     """rope_theta and rope_scaling, whether the config has them top-level (transformers 4) or in
     rope_parameters (transformers 5 writes only that)."""
     params = config.get("rope_parameters") or {}
+    params = params.get("full_attention", params)  # per layer type (gemma3): the global layers' settings
     theta = config.get("rope_theta", params.get("rope_theta"))
     scaling = config.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     return theta, scaling
+
+
+def layer_types(config):
+    """Per layer: "full_attention" or "sliding_attention" (transformers' config.layer_types)."""
+    n = config["num_hidden_layers"]
+    types = config.get("layer_types") or ["full_attention"] * n
+    return list(types)[:n]

@@ -18,6 +18,7 @@ from .manifest import Manifest, repair_hint
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
+POPULATE = hasattr(mmap, "MAP_POPULATE")  # Linux: the kernel maps every page inside mmap()
 PAGE = mmap.PAGESIZE
 
 
@@ -118,22 +119,24 @@ class ShardStore:
             self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
     def map_stage(self, name):
-        """Map a stage file instead of reading it: the tensors are views of the page cache, so a backend that
-        computes on host memory in place (torch on CPU) never copies them. Pages are faulted in here, on the
-        calling (prefetch) thread: MADV_WILLNEED starts one large read-ahead, then one touch per page waits
-        for it and maps every page, so compute later runs without page faults."""
+        """Map a stage file instead of reading it: the tensors are read-only views of the page cache, so a
+        backend that computes on host memory in place (torch on CPU) never copies them. Every page is mapped
+        here, on the calling (prefetch) thread, so compute later runs without page faults: on Linux the
+        kernel populates the mapping inside mmap() (read-ahead when cold, GIL released); elsewhere
+        MADV_WILLNEED starts the read-ahead and one touch per page waits for it."""
         entry = self.stages[name]
         t0 = time.perf_counter()
         with open(self.folder / entry.file, "rb") as f:
-            # private copy-on-write mapping: writable views for frameworks that insist, shared pages for reads
-            mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_COPY)
-        if hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_WILLNEED)
+            if POPULATE:
+                mapped = mmap.mmap(f.fileno(), entry.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                   prot=mmap.PROT_READ)
+            else:
+                mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mapped, dtype=np.uint8)
-        if len(buf) != entry.nbytes:
-            raise CorruptShardError(f"stage {name}: file {self.folder / entry.file} is shorter than the manifest "
-                                    "says; delete it and shard again.")
-        int(buf[::PAGE].sum())  # fault every page in (numpy releases the GIL in this loop)
+        if not POPULATE:
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_WILLNEED)
+            int(buf[::PAGE].sum())  # fault every page in (numpy releases the GIL in this loop)
         tensors = self._views(name, buf)
         with self._lock:
             self.bytes_read += entry.nbytes

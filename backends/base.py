@@ -20,6 +20,9 @@ class Backend(Protocol):
 
     def cache_bytes(self, cache: Any) -> int: ...
 
+    def select_rows(self, cache: Any, rows: list) -> None:
+        """Keep only these batch rows in the cache (finished sequences leave the batch)."""
+
     def cache_length(self, cache: Any) -> int:
         """Tokens already in the cache."""
 
@@ -28,7 +31,8 @@ class Backend(Protocol):
 
     def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any, all_positions: bool = False) -> Any:
         """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T);
-        all_positions: the head computes logits for every new token, not just the last."""
+        all_positions: the head computes logits for every new token, not just the last. cache=None: a
+        single sweep that keeps no KV cache (scoring)."""
 
     def load_stage(self, entry: Any, tensors: dict) -> Any: ...
 

@@ -4,6 +4,7 @@ The mlx-lm model is built once; its random-initialised parameters stay lazy and 
 so the skeleton costs no memory. Loading a stage swaps real arrays in; freeing swaps the lazy
 placeholders back, and every stage's output is evaluated before its weights are dropped.
 """
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -11,10 +12,10 @@ import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.base import create_attention_mask, create_causal_mask
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
-from airmlx.archs import arch_for, rope_config
+from airmlx.archs import arch_for, layer_types, rope_config
 from airmlx.errors import BackendError, CheckpointError
 from airmlx.quant import module_params
 
@@ -40,16 +41,29 @@ class MLXStep:
     mask: object
     cache: list
     all_positions: bool = False
+    sliding_mask: object = None  # for sliding-window layers
 
 
 def mlx_args(config, module):
     """mlx-lm ModelArgs from an HF config, reading rope settings where transformers 5 puts them."""
     cfg = dict(config)
     theta, scaling = rope_config(config)
+    params = config.get("rope_parameters") or {}
+    if "partial_rotary_factor" in params:  # transformers 5 moved it into rope_parameters
+        cfg.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
     if theta is not None:
         cfg["rope_theta"] = theta
+    local = params.get("sliding_attention", {}).get("rope_theta")
+    if local is not None:  # gemma3: the sliding layers' own rope base
+        cfg.setdefault("rope_local_base_freq", local)
+    types = layer_types(config)
+    if "full_attention" in types and "sliding_attention" in types:  # mlx-lm gemma3 wants it as a period
+        cfg.setdefault("sliding_window_pattern", types.index("full_attention") + 1)
     cfg["rope_scaling"] = scaling
     cfg.setdefault("tie_word_embeddings", False)
+    for mlx_key, hf_key in arch_for(config).config_aliases:
+        if hf_key in cfg:
+            cfg.setdefault(mlx_key, cfg[hf_key])
     return module.ModelArgs.from_dict(cfg)
 
 
@@ -65,7 +79,8 @@ class MLXBackend:
         if dtype is not None and dtype not in DTYPES:
             raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         self.dtype = DTYPES.get(dtype)
-        module = importlib.import_module(f"mlx_lm.models.{arch_for(config).mlx_module}")
+        self.arch = arch_for(config)
+        module = importlib.import_module(f"mlx_lm.models.{self.arch.mlx_module}")
         self.args = mlx_args(config, module)
         self.skeleton = module.Model(self.args)
         self.qconfig = config.get("quantization")
@@ -81,6 +96,9 @@ class MLXBackend:
                         mode=self.qconfig.get("mode", "affine"), class_predicate=quantized)
         self.placeholders = dict(tree_flatten(self.skeleton.parameters()))
         self.num_layers = len(self.skeleton.layers)
+        self.sliding = [t == "sliding_attention" for t in layer_types(config)]
+        self.window = config.get("sliding_window")
+        self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
         self._cache_limit = 0
 
     def _array(self, raw):
@@ -91,22 +109,35 @@ class MLXBackend:
             a = a.astype(self.dtype)
         return a
 
+    def sanitize(self, arrays, layer):
+        """mlx-lm's own sanitize on one stage (e.g. per-expert MoE weights -> stacked SwitchGLU weights).
+        Some sanitizers look for layer 0's keys only, so a layer stage goes through as layer 0."""
+        if not (self.arch.mlx_sanitize and hasattr(self.skeleton, "sanitize")):
+            return arrays
+        if layer is None:
+            return self.skeleton.sanitize(arrays)
+        ours, zero = f"{self.arch.layers}.{layer}.", f"{self.arch.layers}.0."
+        out = self.skeleton.sanitize({zero + k[len(ours):] if k.startswith(ours) else k: a for k, a in arrays.items()})
+        return {ours + k[len(zero):] if k.startswith(zero) else k: a for k, a in out.items()}
+
     def load_stage(self, entry, tensors):
+        layer = int(entry.name.split(".")[1]) if entry.kind == "layer" else None
         arrays = {name: self._array(raw) for name, raw in tensors.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
         if nbytes > self._cache_limit:  # keep freed stage buffers for reuse instead of reallocating
             self._cache_limit = 2 * nbytes
             mx.set_cache_limit(max(self._cache_limit, mx.get_cache_memory()))
-        module, layer = None, None
-        if entry.kind == "head" and "lm_head.weight" not in arrays:  # tied: the head is the embedding
-            tied = {k[len("model.embed_tokens."):]: arrays.pop(k) for k in list(arrays)
-                    if k.startswith("model.embed_tokens.")}
+        module = None
+        embed = self.arch.embed_prefix
+        if entry.kind == "head" and f"{self.arch.head}.weight" not in arrays:  # tied: the head is the embedding
+            tied = {k[len(embed):]: arrays.pop(k) for k in list(arrays) if k.startswith(embed)}
             if "scales" in tied:
-                gs, bits = module_params(self.qconfig, "model.embed_tokens")
+                gs, bits = module_params(self.qconfig, self.arch.embed)
                 module = nn.QuantizedEmbedding(tied["scales"].shape[0], tied["scales"].shape[1] * gs, gs, bits)
             else:
                 module = nn.Embedding(*tied["weight"].shape)
             module.update(tied)
+        arrays = self.sanitize(arrays, layer)
         unknown = [n for n in arrays if n not in self.placeholders]
         if unknown:
             raise CheckpointError(f"stage {entry.name}: tensors {unknown[:3]} have no place in mlx-lm's "
@@ -118,7 +149,6 @@ class MLXBackend:
         self.skeleton.load_weights(list(arrays.items()), strict=False)
         mx.eval(list(arrays.values()))
         if entry.kind == "layer":
-            layer = int(entry.name.split(".")[1])
             module = self.skeleton.layers[layer]
         return MLXStage(entry.kind, list(arrays), nbytes, module, layer)
 
@@ -127,17 +157,26 @@ class MLXBackend:
         stage.names, stage.module = [], None
 
     def new_cache(self, batch_size, left_padding):
-        if batch_size == 1 and not any(left_padding):
-            return [KVCache() for _ in range(self.num_layers)]
-        return [BatchKVCache(list(left_padding)) for _ in range(self.num_layers)]
+        # sliding-window layers keep a RotatingKVCache of the window, as mlx-lm's gemma3 make_cache does
+        pads = list(left_padding)
+        if batch_size == 1 and not any(pads):
+            return [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
+        return [BatchRotatingKVCache(self.window, pads) if s else BatchKVCache(pads) for s in self.sliding]
+
+    @staticmethod
+    def _length(c):
+        """Tokens this layer's cache has seen (with left padding, for batch caches)."""
+        if isinstance(c, BatchRotatingKVCache):
+            return int(c._offset)
+        return int(c.offset) if isinstance(c, (KVCache, RotatingKVCache)) else int(c._idx)
 
     def cache_length(self, cache):
-        return int(cache[0].offset) if isinstance(cache[0], KVCache) else int(cache[0]._idx)
+        return self._length(cache[0])
 
     def trim_cache(self, cache, keep):
         # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
         for c in cache:
-            length = int(c.offset) if isinstance(c, KVCache) else int(c._idx)
+            length = self._length(c)
             if length > keep:
                 c.trim(length - keep)
 
@@ -145,22 +184,56 @@ class MLXBackend:
         return sum(c.keys.nbytes + c.values.nbytes for c in cache if c.keys is not None)
 
     def begin_step(self, tokens, attention_mask, cache, all_positions=False):
-        # BatchKVCache already knows each row's left padding; the mask is not needed again
         ids = mx.array(tokens.astype("int32"))
-        return MLXStep(ids, create_attention_mask(ids, cache[0]), cache, all_positions)
+        array = self.arch.mlx_mask_array
+        if cache is None:  # one sweep, nothing kept (scoring): the mask carries the left padding itself
+            pads = np.argmax(np.asarray(attention_mask) != 0, axis=1)
+
+            def mask(window=None):
+                if pads.any():
+                    return create_causal_mask(ids.shape[1], window_size=window, left_padding=mx.array(pads))
+                return create_attention_mask(ids, window_size=window, return_array=array)
+            return MLXStep(ids, mask(), None, all_positions, mask(self.window) if any(self.sliding) else None)
+        # the batch caches already know each row's left padding; the mask is not needed again
+        full = next((c for c, s in zip(cache, self.sliding) if not s), cache[0])
+        step = MLXStep(ids, create_attention_mask(ids, full, return_array=array), cache, all_positions)
+        if any(self.sliding):
+            swa = cache[self.sliding.index(True)]
+            step.sliding_mask = create_attention_mask(ids, swa, window_size=self.window, return_array=array)
+        return step
+
+    def select_rows(self, cache, rows):
+        for c in cache:
+            c.filter(mx.array(rows))
+
+    def _module(self, path):
+        return functools.reduce(getattr, path.split("."), self.skeleton)
+
+    def _grouped(self, mask):
+        # mlx-lm's gemma2 attention scores are (B, kv_heads, repeats, L, K): a per-row (B, 1, L, K) mask
+        # would broadcast B against kv_heads, so it gets the repeats axis
+        if self.arch.mlx_mask_array and isinstance(mask, mx.array) and mask.ndim == 4 and \
+                self.args.num_attention_heads != self.args.num_key_value_heads:
+            return mask[:, :, None]
+        return mask
 
     def run_stage(self, stage, x, step):
         model = self.skeleton
         if stage.kind == "embed":
-            x = model.model.embed_tokens(step.tokens)
+            x = self._module(self.arch.embed)(step.tokens)
+            if self.arch.embed_scale:
+                x = x * mx.array(self.args.hidden_size ** 0.5, x.dtype)
             mx.eval(x)
         elif stage.kind == "layer":
-            cache = step.cache[stage.layer]
-            x = stage.module(x, step.mask, cache=cache)
-            mx.eval(x, cache.keys, cache.values)  # nothing lazy may keep this stage's weights alive
+            cache = step.cache[stage.layer] if step.cache is not None else None
+            x = stage.module(x, self._grouped(step.sliding_mask if self.sliding[stage.layer] else step.mask),
+                             cache=cache)
+            mx.eval(x, *((cache.keys, cache.values) if cache else ()))  # nothing lazy may keep weights alive
         else:
-            h = model.model.norm(x if step.all_positions else x[:, -1:, :])
-            x = stage.module.as_linear(h) if stage.module is not None else model.lm_head(h)
+            h = self._module(self.arch.norm)(x if step.all_positions else x[:, -1:, :])
+            x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)
+            if self.softcap:
+                x = mx.tanh(x / self.softcap) * self.softcap
             mx.eval(x)
         return x
 

@@ -4,20 +4,30 @@ The whole model is built once on the meta device (no memory); loading a stage as
 that stage's parameters, freeing it puts meta tensors back. Masks, rotary embeddings, caches and decoder
 layers are transformers'; this file only wires them in sweep order.
 """
+import inspect
+from copy import deepcopy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from airmlx.errors import BackendError, CheckpointError
+from airmlx.archs import arch_for, layer_types
+from airmlx.errors import BackendError, CheckpointError, UnsupportedArchitectureError
 from airmlx.quant import FLOAT_VIEWS, dequantize, module_params
 from airmlx.store import RawTensor
 
 from .base import available_ram
+
+# Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
+# here, because a catch_warnings() per tensor costs more than the load itself.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,6 +38,7 @@ class TorchStage:
     params: dict  # parameter path -> (module, parameter name, meta placeholder)
     nbytes: int
     module: object = None  # the decoder layer, for layer stages
+    layer: int = None
 
 
 @dataclass
@@ -37,8 +48,8 @@ class TorchStep:
     positions: torch.Tensor
     cache: DynamicCache
     all_positions: bool = False
-    causal_mask: object = None
-    rotary: object = None
+    causal_mask: dict = None  # per layer type
+    rotary: dict = None  # per layer type
     prepared: bool = False
 
 
@@ -73,16 +84,31 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, config, device=None, dtype=None, tensor_names=()):
+        arch = arch_for(config)
+        if arch.remote_code and config["model_type"] not in CONFIG_MAPPING:
+            raise UnsupportedArchitectureError(
+                f"model_type {arch.model_type!r} has no transformers module, and airmlx's torch backend does not "
+                f"run checkpoints' own modelling code; use backend='mlx' (mlx-lm's {arch.mlx_module}).")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.zero_copy = self.device.type == "cpu"
         self.qconfig = config.get("quantization")
+        self.arch = arch_for(config)
         # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=self.dtype)
+            self.skeleton = AutoModelForCausalLM.from_config(hf_config, attn_implementation=self.arch.torch_attention,
+                                                             dtype=self.dtype)
         self.config = self.skeleton.config
+        self.layer_types = layer_types(config)
+        embed = self.skeleton.get_input_embeddings()
+        if self.arch.embed_scale:  # transformers' scaled embedding keeps sqrt(hidden) in a buffer, meta here
+            embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=self.device)
+        self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
+        mapping = get_model_conversion_mapping(self.skeleton)
+        self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
         rotary = self.skeleton.get_submodule("model.rotary_emb")
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
             self.rotary = type(rotary)(config=self.config)
@@ -111,14 +137,32 @@ class TorchBackend:
             out[base + ".weight"] = RawTensor(scales.dtype, w.shape, w)
         return out
 
+    def convert(self, tensors):
+        """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
+        (e.g. per-expert MoE weights -> fused experts), one stage at a time: {param path: (name, tensor)}."""
+        out, pending = {}, {}
+        converters = list(dict.fromkeys(self.converters.values()))
+        for name in sorted(tensors, key=dot_natural_key):  # expert 10 after expert 9, as transformers stacks them
+            target, pattern = rename_source_key(name, self.renamings, converters)
+            if pattern is None:
+                out[target] = (name, tensors[name])
+            else:
+                conv = pending.setdefault(target, deepcopy(self.converters[pattern]))
+                conv.add_tensor(target, name, pattern, tensors[name])
+        for target, conv in pending.items():
+            for path, t in conv.convert(target).items():
+                out[path] = (target, t)
+        return out
+
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
         if self.qconfig:
             tensors = self.dequantize(tensors)
-        for name, raw in tensors.items():
-            path = name
-            if entry.kind == "head" and name.startswith("model.embed_tokens."):
-                path = "lm_head." + name[len("model.embed_tokens."):]  # tied head reads the embedding
+        tensors = {name: self._tensor(raw) for name, raw in tensors.items()}
+        if entry.kind == "head":  # tied head reads the embedding
+            tensors = {"lm_head." + n[len("model.embed_tokens."):] if n.startswith("model.embed_tokens.") else n: t
+                       for n, t in tensors.items()}
+        for path, (name, tensor) in self.convert(tensors).items():
             module_path, _, pname = path.rpartition(".")
             try:
                 module = self.skeleton.get_submodule(module_path)
@@ -126,7 +170,6 @@ class TorchBackend:
             except AttributeError:
                 raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in transformers' "
                                       f"{type(self.skeleton).__name__}; the checkpoint does not match its config.")
-            tensor = self._tensor(raw)
             if tensor.shape != placeholder.shape:
                 raise CheckpointError(f"stage {entry.name}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                       f"config implies {tuple(placeholder.shape)}; the checkpoint does not match its config.")
@@ -134,8 +177,9 @@ class TorchBackend:
             params[path] = (module, pname, placeholder)
             nbytes += tensor.numel() * tensor.element_size()
         self._live += nbytes
-        layer = self.skeleton.get_submodule(f"model.layers.{layer_number(entry)}") if entry.kind == "layer" else None
-        return TorchStage(entry.kind, params, nbytes, layer)
+        index = layer_number(entry) if entry.kind == "layer" else None
+        layer = self.skeleton.get_submodule(f"model.layers.{index}") if entry.kind == "layer" else None
+        return TorchStage(entry.kind, params, nbytes, layer, index)
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
@@ -156,6 +200,9 @@ class TorchBackend:
             drop = layer.get_seq_length() - keep if layer.is_initialized else 0
             if drop > 0:
                 layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
+
+    def select_rows(self, cache, rows):
+        cache.batch_select_indices(torch.as_tensor(rows, device=self.device))
 
     def cache_bytes(self, cache):
         total = 0
@@ -178,15 +225,22 @@ class TorchBackend:
             x = model.get_input_embeddings()(step.tokens)
         elif stage.kind == "layer":
             if not step.prepared:  # once per step, before the first layer writes its cache
-                step.causal_mask = create_causal_mask(config=self.config, inputs_embeds=x,
-                                                      attention_mask=step.mask, past_key_values=step.cache,
-                                                      position_ids=step.positions)
-                step.rotary = self.rotary(x, step.positions)
+                kw = dict(config=self.config, inputs_embeds=x, attention_mask=step.mask,
+                          past_key_values=step.cache, position_ids=step.positions)
+                make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+                types = set(self.layer_types)
+                step.causal_mask = {t: make[t](**kw) for t in types}
+                per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3: own rope
+                step.rotary = {t: self.rotary(x, step.positions, *([t] if per_type else [])) for t in types}
                 step.prepared = True
-            x = stage.module(x, attention_mask=step.causal_mask, position_ids=step.positions,
-                             past_key_values=step.cache, use_cache=True, position_embeddings=step.rotary)
+            kind = self.layer_types[stage.layer]
+            x = stage.module(x, attention_mask=step.causal_mask[kind], position_ids=step.positions,
+                             past_key_values=step.cache, use_cache=step.cache is not None,
+                             position_embeddings=step.rotary[kind])
         else:
             x = model.lm_head(model.model.norm(x if step.all_positions else x[:, -1:, :]))
+            if self.softcap:
+                x = torch.tanh(x / self.softcap) * self.softcap
         self._peak = max(self._peak, self._live + self.cache_bytes(step.cache))
         return x
 

@@ -2,6 +2,8 @@
 import torch
 import transformers
 
+from airmlx.bench import save_tokenizer
+
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.15,
             pad_token_id=0, bos_token_id=1, eos_token_id=None)
@@ -16,6 +18,27 @@ ARCH_CONFIGS = {
     # small Qwen2.5-style: qkv bias, tied embeddings
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True,
                                              rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16, tie_word_embeddings=True)),  # q_norm / k_norm
+    "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False)),  # fused qkv_proj, gate_up_proj
+    "glm4": (transformers.Glm4Config, dict(head_dim=16, tie_word_embeddings=False, eos_token_id=None)),
+    "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                 intermediate_size=32, tie_word_embeddings=False)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                                    tie_word_embeddings=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=32, head_dim=16, norm_topk_prob=True,
+                                                    tie_word_embeddings=False)),
+    # sliding_window 8: the test prompts plus 16 new tokens run past it (and change the output);
+    # smaller init: with the sqrt(hidden) embedding scale, 0.15 makes one token win every step
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                               initializer_range=0.05, final_logit_softcapping=30.0,
+                                               attn_logit_softcapping=50.0, tie_word_embeddings=True)),
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True, initializer_range=0.05,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 
@@ -35,11 +58,44 @@ def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard
     return model.float()
 
 
-def save_tokenizer(folder, vocab_size):
-    """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), enough for tools that want one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1",
-                                         unk_token="w2").save_pretrained(folder)
+
+# Families whose checkpoints ship their own modelling code: mlx-lm's module is the reference.
+MLX_BASE = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=160, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96, max_position_embeddings=256,
+                rope_theta=10000.0, tie_word_embeddings=False)
+MLX_CONFIGS = {
+    "internlm2": dict(MLX_BASE, model_type="internlm2", bias=False),
+    "internlm3": dict(MLX_BASE, model_type="internlm3", bias=False, qkv_bias=False),
+    "qwen": dict(model_type="qwen", hidden_size=64, num_attention_heads=4, num_hidden_layers=4, kv_channels=16,
+                 max_position_embeddings=256, layer_norm_epsilon=1e-6, intermediate_size=320, no_bias=True,
+                 vocab_size=96),
+}
+
+
+def make_mlx_checkpoint(folder, arch, seed=0):
+    """Save a random mlx-lm model of `arch` the way its family ships (config.json, model.safetensors with the
+    family's tensor names, a tokenizer); return the mlx-lm model, resident, as the reference."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = MLX_CONFIGS[arch]
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if w.ndim == 2:  # mlx-lm's default init makes these tiny models repeat one token; larger weights don't
+            weights[name] = 2.0 * w
+        elif "norm" in name or "ln" in name:  # norms start at 1.0; perturb them so a misplaced one shows
+            weights[name] = w + 0.1 * mx.random.normal(w.shape)
+    model.load_weights(list(weights.items()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tokenizer(folder, config["vocab_size"])
+    return model
