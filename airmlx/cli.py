@@ -1,13 +1,19 @@
-"""Command-line faces: shared model options and `python -m airmlx.generate`."""
+"""Command-line faces: shared model options and `python -m airmlx.generate` (`python -m airmlx.chat` is in
+airmlx/chat.py)."""
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from .demo import DEMO_MODEL  # noqa: F401  (re-exported: the CLIs' default model)
 from .errors import AirmlxError
 from .schedule import format_bytes
 
-DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit status 2), like airmlx's other errors."""
+
+    def error(self, message):
+        self.exit(2, f"airmlx: {message}; see {self.prog} --help\n")
 
 
 def add_model_options(parser):
@@ -18,13 +24,16 @@ def add_model_options(parser):
     parser.add_argument("--memory-budget", default=None, help="bytes of weights kept in memory, e.g. 4GB")
     parser.add_argument("--layer-shards-saving-path", default=None, help="where the shard folder goes")
     parser.add_argument("--hf-token", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="record read / wait / load / compute time per stage and print the table")
 
 
 def load_model(args):
     from .auto import AutoModel
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
                                      compression=args.compression, memory_budget=args.memory_budget,
-                                     layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token)
+                                     layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
+                                     profiling_mode=getattr(args, "profile", False))
 
 
 class PrintStreamer:
@@ -66,8 +75,8 @@ def stats_line(model, prompt_tokens, streamer, start):
 
 
 def generate_main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m airmlx.generate",
-                                     description="Generate text with a model streamed layer by layer.")
+    parser = ArgumentParser(prog="python -m airmlx.generate",
+                            description="Generate text with a model streamed layer by layer.")
     add_model_options(parser)
     parser.add_argument("--prompt", default="The ", help="prompt text")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -90,8 +99,14 @@ def generate_main(argv=None):
         model.generate([ids], max_new_tokens=args.max_tokens, do_sample=args.temp > 0,
                        temperature=args.temp or 1.0, top_p=args.top_p, seed=args.seed, streamer=streamer)
         print(stats_line(model, len(ids), streamer, start), file=sys.stderr)
+        if args.profile:
+            from .profile import report
+            print(report(model.scheduler.records), file=sys.stderr)
         model.close()
         return 0
     except AirmlxError as e:
         print(f"airmlx: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

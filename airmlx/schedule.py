@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from .errors import BudgetError
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
 from .archs import arch_for, stage_layout

@@ -197,9 +197,14 @@ class TorchBackend:
     def trim_cache(self, cache, keep):
         # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
         for layer in cache.layers:
-            drop = layer.get_seq_length() - keep if layer.is_initialized else 0
-            if drop > 0:
-                layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
+            if not layer.is_initialized:
+                continue
+            if layer.is_sliding:  # the sliding layer's own crop knows its window bookkeeping
+                drop = layer.get_seq_length() - keep
+                if drop > 0:
+                    layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
+            else:  # keys and values apart: Ctrl-C may land between transformers' two updates
+                layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
 
     def select_rows(self, cache, rows):
         cache.batch_select_indices(torch.as_tensor(rows, device=self.device))

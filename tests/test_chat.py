@@ -1,0 +1,233 @@
+"""python -m airmlx.chat: one KV cache across turns, /reset, Ctrl-C mid-answer, piped stdin, one-line errors."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import airmlx
+from airmlx.chat import ChatSession, ChatUI, common_prefix, main
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (  # the demo model's template
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] | trim + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+CORPUS = ["What is a list? A list is a mutable sequence of items.", "The dict maps keys to values.",
+          "def f(x): return x + 1", "for item in items: print(item)"] * 4
+MAX_TOKENS = 6
+
+
+def make_chat_checkpoint(folder):
+    """A tiny random Llama plus a byte-level BPE tokenizer with the demo model's chat template."""
+    from tiny import make_checkpoint
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
+                                  pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    make_checkpoint(folder, "llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    src = make_chat_checkpoint(root / "src")
+    return airmlx.shard_checkpoint(src, root / "shards", progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(chat_shards):
+    # a budget below the model: layers stream through the prefetcher, as they would for a big model
+    with airmlx.AutoModel.from_pretrained(chat_shards, backend="torch", memory_budget="400KB") as m:
+        assert m.plan.streamed
+        yield m
+
+
+@pytest.fixture(scope="module")
+def mlx_model(chat_shards):
+    with airmlx.AutoModel.from_pretrained(chat_shards, backend="mlx", memory_budget="400KB") as m:
+        yield m
+
+
+def layer_lengths(session):
+    """Tokens each layer's cache holds (torch DynamicCache or mlx-lm KVCaches)."""
+    cache = session.cache
+    if hasattr(cache, "layers"):
+        return [layer.get_seq_length() for layer in cache.layers]
+    return [int(c.offset) for c in cache]
+
+
+class StepSpy:
+    """Wraps model.step to record how many tokens each step feeds."""
+
+    def __init__(self, model, monkeypatch):
+        self.fed = []
+        inner = model.step
+
+        def step(tokens, mask, cache):
+            self.fed.append(np.asarray(tokens).shape[1])
+            return inner(tokens, mask, cache)
+
+        monkeypatch.setattr(model, "step", step)
+
+
+def from_scratch(model, ids, max_new):
+    """The greedy answer a fresh generate gives for the whole rendered conversation."""
+    out = model.generate([ids], max_new_tokens=max_new, eos_token_id=model.tokenizer.eos_token_id)
+    return out[0][len(ids):]
+
+
+def test_second_turn_feeds_only_its_new_tokens_and_matches_a_fresh_generate(model, monkeypatch):
+    session = ChatSession(model, max_tokens=MAX_TOKENS)
+    spy = StepSpy(model, monkeypatch)
+    first_prompt = session.render([{"role": "user", "content": "What is a list?"}])
+    t1 = session.send("What is a list?")
+    assert spy.fed[0] == len(first_prompt) and t1.reused_tokens == 0
+    assert t1.tokens == from_scratch(model, first_prompt, MAX_TOKENS)
+    assert session.cache_length() == len(session.cached) == len(first_prompt) + len(t1.tokens) - 1
+    assert session.messages[-1] == {"role": "assistant", "content": t1.text}
+
+    spy.fed.clear()
+    before = session.cache_length()
+    ids = session.render(session.messages + [{"role": "user", "content": "And a dict?"}])
+    t2 = session.send("And a dict?")
+    reused = common_prefix(ids, session.cached)
+    assert t2.reused_tokens >= len(first_prompt)  # at least the whole first prompt came from the cache
+    assert spy.fed[0] == len(ids) - t2.reused_tokens == t2.prompt_tokens < len(ids) - len(first_prompt) + 1
+    assert all(n == 1 for n in spy.fed[1:])  # then one token per step
+    assert reused >= t2.reused_tokens and t2.reused_tokens <= before
+    assert t2.tokens == from_scratch(model, ids, MAX_TOKENS)
+    assert session.cache_length() == len(ids) + len(t2.tokens) - 1
+
+
+def test_a_rewritten_answer_trims_the_cache_to_the_common_prefix(model, monkeypatch):
+    session = ChatSession(model, max_tokens=MAX_TOKENS)
+    session.send("What is a list?")
+    # the template renders the stored answer; pretend it tokenises differently from what was generated
+    session.messages[-1]["content"] = "Something else entirely."
+    spy = StepSpy(model, monkeypatch)
+    ids = session.render(session.messages + [{"role": "user", "content": "Why?"}])
+    keep = common_prefix(session.cached, ids)
+    assert keep < session.cache_length()
+    turn = session.send("Why?")
+    assert turn.reused_tokens == keep and spy.fed[0] == len(ids) - keep
+    assert turn.tokens == from_scratch(model, ids, MAX_TOKENS)
+
+
+def test_reset_empties_the_cache_and_the_conversation(model):
+    session = ChatSession(model, max_tokens=3, system_prompt="Be brief.")
+    session.send("hi")
+    assert session.cache_length() > 0 and len(session.messages) == 3
+    session.reset()
+    assert session.cache_length() == 0 and session.cached == []
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+    turn = session.send("hi")
+    assert turn.reused_tokens == 0  # nothing was kept from before
+
+
+@pytest.mark.parametrize("backend, when", [("torch", "prefill"), ("torch", "decode"), ("mlx", "decode")])
+def test_ctrl_c_mid_sweep_keeps_the_partial_answer_and_the_next_turn_is_right(request, monkeypatch, backend, when):
+    model = request.getfixturevalue("model" if backend == "torch" else "mlx_model")
+    session = ChatSession(model, max_tokens=MAX_TOKENS)
+    session.send("What is a list?")
+    n_stages = len(model.plan.stage_bytes)
+    # the stage call at which Ctrl-C lands: half-way through the prefill sweep of turn 2, or through its
+    # third decode sweep; either way some layers have written this step's keys and values, others not
+    target = n_stages // 2 + (0 if when == "prefill" else 3 * n_stages)
+    calls = {"n": 0}
+    inner = model.backend.run_stage
+
+    def run_stage(stage, x, ctx):
+        calls["n"] += 1
+        if calls["n"] == target + 1:
+            raise KeyboardInterrupt
+        return inner(stage, x, ctx)
+
+    monkeypatch.setattr(model.backend, "run_stage", run_stage)
+    ids = session.render(session.messages + [{"role": "user", "content": "And a dict?"}])
+    turn = session.send("And a dict?")
+    monkeypatch.undo()
+    assert turn.interrupted
+    assert len(turn.tokens) == (0 if when == "prefill" else 3)
+    assert session.messages[-1] == {"role": "assistant", "content": turn.text}  # the partial answer is kept
+    lengths = set(layer_lengths(session))
+    assert lengths == {session.cache_length()} == {len(session.cached)}  # every layer trimmed alike
+    assert session.cached == (ids + turn.tokens)[:len(session.cached)]
+
+    want_ids = session.render(session.messages + [{"role": "user", "content": "Go on."}])
+    after = session.send("Go on.")
+    assert not after.interrupted and after.reused_tokens > 0
+    assert after.tokens == from_scratch(model, want_ids, MAX_TOKENS)
+
+
+def test_same_seed_same_sampled_answer_and_too_long_is_refused(model):
+    a = ChatSession(model, max_tokens=MAX_TOKENS, temp=1.5, top_p=0.95, seed=7)
+    b = ChatSession(model, max_tokens=MAX_TOKENS, temp=1.5, top_p=0.95, seed=7)
+    assert [a.send("hi").tokens, a.send("more").tokens] == [b.send("hi").tokens, b.send("more").tokens]
+    before = list(a.messages)
+    with pytest.raises(airmlx.AirmlxError, match="/reset"):
+        a.send("list " * model.config["max_position_embeddings"])
+    assert a.messages == before and a.cache_length() == len(a.cached)
+
+
+def test_ui_commands_on_a_stream(model):
+    session = ChatSession(model, max_tokens=3)
+    out, err = io.StringIO(), io.StringIO()
+    lines = "hello\n\n/stats\n/help\n/nope\n/reset\n/stats\nq\nnever read\n"
+    ChatUI(session, stdin=io.StringIO(lines), stdout=out, stderr=err, interactive=False).run()
+    text = out.getvalue()
+    assert ">>" not in text  # no prompt when piped
+    assert "tokens/s" in text and "per step" in text and "peak memory" in text and str(model.plan) in text
+    assert "/reset" in text and "/quit" in text  # the help
+    assert "no answer yet" not in text.split("/reset")[0]
+    assert "unknown command /nope" in err.getvalue() and "new conversation" in err.getvalue()
+    assert session.cache_length() == 0 and session.messages == []  # reset, and "never read" was not
+
+
+def test_chat_from_a_pipe_end_to_end(chat_shards, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "airmlx.chat", "--model", str(chat_shards), "--backend", "torch",
+                           "--max-tokens", "4", "--profile"],
+                          input="hi\nwhat is a list?\n/stats\n", capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    answers, _, after = proc.stdout.partition("prompt: ")  # two answers, then the /stats line
+    assert answers.count("\n") >= 2 and "tokens/s" in after and "per step" in after and "cache:" in after
+    assert ">>" not in proc.stdout and "Traceback" not in proc.stderr
+    assert "profile:" in proc.stdout and "profile:" in proc.stderr  # on /stats and at the end
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--max-tokens", "lots"], "invalid int value"),
+    (["--temp", "-1"], "temp=-1.0"),
+    (["--top-p", "2"], "top_p=2.0"),
+    (["--max-tokens", "0"], "max_tokens=0"),
+])
+def test_bad_option_is_one_line_and_status_2(argv, says, capsys):
+    try:
+        code = main(argv, stdin=io.StringIO(""))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("airmlx: ") and says in err
+
+
+def test_missing_model_is_one_line_and_status_2(tmp_path, capsys):
+    code = main(["--model", str(tmp_path / "nowhere"), "--backend", "torch"], stdin=io.StringIO("hi\n"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("airmlx: ") and "nowhere" in err
