@@ -174,7 +174,8 @@ def run(args):
     from .store import ShardStore
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
-    shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
+    suffix = f"-{args.compression}" if args.compression else ""
+    shards = shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
     store = ShardStore(shards)
     model_bytes = store.manifest.total_bytes
     budget = int(args.budget * model_bytes) if args.budget < 10 else parse_bytes(args.budget)
@@ -190,7 +191,7 @@ def run(args):
         scoring = time_scoring(model, args.score, 64) if args.score else None
         model.close()
         resident = time_resident(backend, src, args.steps)
-        row = dict(backend=backend, model_bytes=model_bytes, budget_bytes=budget,
+        row = dict(backend=backend, compression=args.compression, model_bytes=model_bytes, budget_bytes=budget,
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
                    cold_over_floor=cold / floor, warm_over_resident=warm / resident,
@@ -243,6 +244,7 @@ def main(argv=None):
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--compare", choices=["airllm"], help="also time AirLLM, when installed")
+    parser.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="stream quantised shards")
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")

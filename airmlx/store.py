@@ -4,10 +4,9 @@ The store knows files and bytes, not what layers mean. Opening a shard folder ch
 size and safetensors header, so a truncated or foreign file fails here, named, before any compute.
 """
 import mmap
-import os
 import threading
-import weakref
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 

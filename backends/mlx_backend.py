@@ -218,7 +218,6 @@ class MLXBackend:
         return mask
 
     def run_stage(self, stage, x, step):
-        model = self.skeleton
         if stage.kind == "embed":
             x = self._module(self.arch.embed)(step.tokens)
             if self.arch.embed_scale:
