@@ -191,7 +191,9 @@ def run(args):
         scoring = time_scoring(model, args.score, 64) if args.score else None
         model.close()
         resident = time_resident(backend, src, args.steps)
-        row = dict(backend=backend, compression=args.compression, model_bytes=model_bytes, budget_bytes=budget,
+        # the resident reference is the framework's own load of the checkpoint: unquantised
+        row = dict(backend=backend, compression=args.compression, resident_is_unquantised=bool(args.compression),
+                   model_bytes=model_bytes, budget_bytes=budget,
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
                    cold_over_floor=cold / floor, warm_over_resident=warm / resident,

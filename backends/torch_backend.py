@@ -20,8 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CheckpointError, UnsupportedArchitectureError
-from airmlx.quant import FLOAT_VIEWS, dequantize, module_params
-from airmlx.store import RawTensor
+from airmlx.quant import dequantize, module_params
 
 from .base import available_ram
 
@@ -76,6 +75,22 @@ def resolve_dtype(config, dtype, device):
     return DTYPES[name]
 
 
+def dequantize_affine(wq, scales, biases, group_size, bits):
+    """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
+    back to weights, with torch ops on the weights' device. Widths that straddle words (3, 5, 6 bits) go
+    through the shared numpy quantiser."""
+    if 32 % bits:
+        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
+        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
+        w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
+        w = torch.from_numpy(w)
+        return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
+    codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(*scales.shape, group_size).to(scales.dtype)
+    return (codes * scales.unsqueeze(-1) + biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
+
+
 def layer_number(entry):
     return int(entry.name.split(".")[1])
 
@@ -125,16 +140,13 @@ class TorchBackend:
         return t.to(self.device)
 
     def dequantize(self, tensors):
-        """Quantised weights (MLX affine layout) -> plain weights in the checkpoint's float type, per stage,
-        with the numpy quantiser both backends share."""
+        """Quantised weights (MLX affine layout) -> plain weights in the compute dtype, one stage at a time,
+        on the stage's device."""
         out = dict(tensors)
         for name in [n for n in tensors if n.endswith(".scales")]:
             base = name[: -len(".scales")]
             scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
-            gs, bits = module_params(self.qconfig, base)
-            storage = FLOAT_VIEWS[scales.dtype][0]
-            w = dequantize(wq.data, scales.data, biases.data, group_size=gs, bits=bits, dtype=storage)
-            out[base + ".weight"] = RawTensor(scales.dtype, w.shape, w)
+            out[base + ".weight"] = dequantize_affine(wq, scales, biases, *module_params(self.qconfig, base))
         return out
 
     def convert(self, tensors):
@@ -156,9 +168,9 @@ class TorchBackend:
 
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
+        tensors = {name: self._tensor(raw) for name, raw in tensors.items()}
         if self.qconfig:
             tensors = self.dequantize(tensors)
-        tensors = {name: self._tensor(raw) for name, raw in tensors.items()}
         if entry.kind == "head":  # tied head reads the embedding
             tensors = {"lm_head." + n[len("model.embed_tokens."):] if n.startswith("model.embed_tokens.") else n: t
                        for n, t in tensors.items()}

@@ -115,3 +115,21 @@ def test_4bit_shards_are_under_0_3_of_bf16(tmp_path):
 def test_unknown_compression_is_refused(converted):
     with pytest.raises(OptionError, match="'3bit'.*4bit"):
         airmlx.AutoModel.from_pretrained(converted / "hf", compression="3bit")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype):
+    from airmlx.backends.torch_backend import dequantize_affine
+    mx_dtype, torch_dtype = getattr(mx, dtype), getattr(torch, dtype)
+    w = mx.array(np.random.default_rng(bits).normal(size=(32, 256)).astype(np.float32)).astype(mx_dtype)
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    want = mx.dequantize(q, s, b, group_size=64, bits=bits)
+
+    def to_torch(a):  # bf16 travels as its bit pattern
+        return torch.from_numpy(np.array(a.view(mx.uint16))).view(torch.bfloat16) if dtype == "bfloat16" \
+            else torch.from_numpy(np.array(a))
+
+    got = dequantize_affine(torch.from_numpy(np.array(q)), to_torch(s), to_torch(b), 64, bits)
+    assert got.dtype == torch_dtype and torch.equal(got.view(torch.int16) if dtype != "float32" else got,
+                                                    to_torch(want).view(torch.int16) if dtype != "float32" else to_torch(want))
