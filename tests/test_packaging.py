@@ -15,5 +15,6 @@ def test_wheel_maps_backends_under_airmlx(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"airmlx", next(t for t in tops if t.endswith(".dist-info"))}
     for module in ("airmlx/backends/base.py", "airmlx/backends/torch_backend.py", "airmlx/backends/mlx_backend.py",
-                   "airmlx/shard.py", "airmlx/schedule.py"):
+                   "airmlx/shard.py", "airmlx/schedule.py", "airmlx/demo_model/model.safetensors",
+                   "airmlx/demo_model/tokenizer.json", "airmlx/demo_model/config.json"):
         assert module in names
