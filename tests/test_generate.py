@@ -6,6 +6,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import airmlx
+from conftest import interrupt_at
 from airmlx.errors import GenerationError
 from airmlx.generate import sample, to_batch
 
@@ -160,18 +161,10 @@ def test_trim_repairs_a_cache_cut_mid_sweep(model, backend):
     want = m.generate(PROMPT, max_new_tokens=4)
     cache = m.new_cache()
     m.generate(PROMPT[:4], max_new_tokens=1, past_key_values=cache)
-    real, calls = m.backend.run_stage, []
-
-    def cut(stage, x, ctx):  # embed + two layers run, then Ctrl-C
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(stage, x, ctx)
-
-    m.backend.run_stage = cut
+    restore = interrupt_at(m.backend, 4)  # embed + two layers run, then Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache)
-    m.backend.run_stage = real
+    restore()
     m.backend.trim_cache(cache, 4)
     assert m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache) == PROMPT[4:] + want[len(PROMPT):]
     m.close()

@@ -2,6 +2,7 @@
 import pytest
 
 import airmlx
+from conftest import interrupt_at
 from airmlx.errors import BudgetError
 from airmlx.schedule import Prefetcher, make_plan, parse_bytes
 
@@ -78,16 +79,9 @@ def test_interrupted_sweep_restarts_prefetch(checkpoints, tmp_path):
     shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
     model = airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="260KB")
     want = model.generate([4, 5, 6], max_new_tokens=4)
-    real, calls = model.backend.run_stage, []
-
-    def interrupt_once(stage, x, ctx):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(stage, x, ctx)
-
-    model.backend.run_stage = interrupt_once
+    restore = interrupt_at(model.backend, 3)
     with pytest.raises(KeyboardInterrupt):
         model.generate([4, 5, 6], max_new_tokens=4)
+    restore()
     assert model.generate([4, 5, 6], max_new_tokens=4) == want
     model.close()
