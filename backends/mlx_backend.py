@@ -9,8 +9,8 @@ import importlib
 from dataclasses import dataclass
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
@@ -22,8 +22,6 @@ from airmlx.quant import module_params
 from .base import available_ram
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-RAW_TO_MX = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
-             "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8, "BOOL": mx.bool_}
 
 
 @dataclass
