@@ -6,10 +6,9 @@ import numpy as np
 
 from .errors import GenerationError, ModelNotFoundError
 from .generate import GenerateOutput, generate_tokens, left_padding, to_batch
-from .schedule import Scheduler, make_plan, parse_bytes
+from .schedule import Scheduler, default_budget, make_plan, parse_bytes
 from .store import ShardStore
 
-DEFAULT_BUDGET_FRACTION = 0.6
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
 
@@ -22,7 +21,7 @@ class AirModel:
         self.config = self.store.manifest.config
         self.backend = backend
         budget = (parse_bytes(memory_budget) if memory_budget is not None
-                  else int(DEFAULT_BUDGET_FRACTION * backend.available_memory()))
+                  else default_budget(backend.available_memory(), self.config))
         self.plan = make_plan({s.name: s.nbytes for s in self.store.manifest.stages}, budget, prefetching)
         self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"

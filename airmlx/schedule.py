@@ -58,6 +58,27 @@ class Plan:
                 f"({format_bytes(self.streamed_bytes_per_step)} per step), prefetch depth {self.prefetch_depth}")
 
 
+SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
+RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
+
+
+def reserve_bytes(config, context=RESERVE_CONTEXT, batch=1):
+    """KV cache for `context` tokens plus activations (hidden states and one row of logits per token of a
+    1024-token prefill): what the default budget keeps free for everything that is not weights."""
+    layers = config.get("num_hidden_layers", 0)
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    kv = layers * 2 * kv_heads * head_dim * min(context, config.get("max_position_embeddings") or context) * batch * 2
+    activations = 1024 * batch * (4 * config.get("hidden_size", 0) + config.get("intermediate_size", 0)) * 4
+    return kv + activations + 4 * config.get("vocab_size", 0) * 4
+
+
+def default_budget(available, config):
+    """A safe fraction of the device's free memory, less the KV-cache and activation reserve."""
+    return max(int(SAFE_FRACTION * available) - reserve_bytes(config), 0)
+
+
 def make_plan(stage_bytes, budget, prefetching=True):
     """Everything resident when it fits; otherwise keep prefetch slots for the largest stage and fill the rest
     of the budget with resident stages: head and embedding first (read every step), then layers spread evenly

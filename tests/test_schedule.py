@@ -85,3 +85,15 @@ def test_interrupted_sweep_restarts_prefetch(checkpoints, tmp_path):
     restore()
     assert model.generate([4, 5, 6], max_new_tokens=4) == want
     model.close()
+
+
+def test_default_budget_leaves_room_for_kv_cache_and_activations():
+    from airmlx.schedule import default_budget, reserve_bytes
+    llama70b = dict(num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, hidden_size=8192,
+                    intermediate_size=28672, vocab_size=128256, max_position_embeddings=131072)
+    kv = 80 * 2 * 8 * 128 * 4096 * 2  # 4096 tokens of bf16 keys and values
+    assert kv < reserve_bytes(llama70b) < kv + 2 * 10**9
+    assert default_budget(64 * 10**9, llama70b) == int(0.8 * 64 * 10**9) - reserve_bytes(llama70b)
+    assert default_budget(10**6, llama70b) == 0  # then make_plan says what the minimum is
+    with pytest.raises(BudgetError, match="at least"):
+        make_plan(SIZES, default_budget(10**6, llama70b))
