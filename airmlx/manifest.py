@@ -21,6 +21,11 @@ class StageEntry:
     checksum: str  # "sha256:<hex>" of the whole file
     tensors: list
 
+    @property
+    def layer(self):
+        """The decoder layer's number, for layer stages ("layer.007" -> 7); None otherwise."""
+        return int(self.name.split(".")[1]) if self.kind == "layer" else None
+
 
 @dataclass
 class Manifest:

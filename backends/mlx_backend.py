@@ -119,7 +119,7 @@ class MLXBackend:
         return {ours + k[len(zero):] if k.startswith(zero) else k: a for k, a in out.items()}
 
     def load_stage(self, entry, tensors):
-        layer = int(entry.name.split(".")[1]) if entry.kind == "layer" else None
+        layer = entry.layer
         arrays = {name: self._array(raw) for name, raw in tensors.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
         if nbytes > self._cache_limit:  # keep freed stage buffers for reuse instead of reallocating

@@ -5,8 +5,8 @@ that stage's parameters, freeing it puts meta tensors back. Masks, rotary embedd
 layers are transformers'; this file only wires them in sweep order.
 """
 import inspect
-from copy import deepcopy
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,15 +91,11 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
     return (codes * scales.unsqueeze(-1) + biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
 
 
-def layer_number(entry):
-    return int(entry.name.split(".")[1])
-
-
 class TorchBackend:
     name = "torch"
 
     def __init__(self, config, device=None, dtype=None, tensor_names=()):
-        arch = arch_for(config)
+        self.arch = arch = arch_for(config)
         if arch.remote_code and config["model_type"] not in CONFIG_MAPPING:
             raise UnsupportedArchitectureError(
                 f"model_type {arch.model_type!r} has no transformers module, and airmlx's torch backend does not "
@@ -108,7 +104,6 @@ class TorchBackend:
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.zero_copy = self.device.type == "cpu"
         self.qconfig = config.get("quantization")
-        self.arch = arch_for(config)
         # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
@@ -124,11 +119,12 @@ class TorchBackend:
         mapping = get_model_conversion_mapping(self.skeleton)
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
-        rotary = self.skeleton.get_submodule("model.rotary_emb")
+        self.converter_list = list(dict.fromkeys(self.converters.values()))
+        rotary = self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb")
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
             self.rotary = type(rotary)(config=self.config)
-        self._live = 0
-        self._peak = 0
+        self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
+        self._live = self._peak_live = self._peak = 0
 
     # -- stages --------------------------------------------------------------------------------
     def _tensor(self, raw):
@@ -153,9 +149,8 @@ class TorchBackend:
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
         (e.g. per-expert MoE weights -> fused experts), one stage at a time: {param path: (name, tensor)}."""
         out, pending = {}, {}
-        converters = list(dict.fromkeys(self.converters.values()))
         for name in sorted(tensors, key=dot_natural_key):  # expert 10 after expert 9, as transformers stacks them
-            target, pattern = rename_source_key(name, self.renamings, converters)
+            target, pattern = rename_source_key(name, self.renamings, self.converter_list)
             if pattern is None:
                 out[target] = (name, tensors[name])
             else:
@@ -172,8 +167,8 @@ class TorchBackend:
         if self.qconfig:
             tensors = self.dequantize(tensors)
         if entry.kind == "head":  # tied head reads the embedding
-            tensors = {"lm_head." + n[len("model.embed_tokens."):] if n.startswith("model.embed_tokens.") else n: t
-                       for n, t in tensors.items()}
+            embed, head = self.arch.embed_prefix, self.arch.head + "."
+            tensors = {head + n[len(embed):] if n.startswith(embed) else n: t for n, t in tensors.items()}
         for path, (name, tensor) in self.convert(tensors).items():
             module_path, _, pname = path.rpartition(".")
             try:
@@ -189,8 +184,9 @@ class TorchBackend:
             params[path] = (module, pname, placeholder)
             nbytes += tensor.numel() * tensor.element_size()
         self._live += nbytes
-        index = layer_number(entry) if entry.kind == "layer" else None
-        layer = self.skeleton.get_submodule(f"model.layers.{index}") if entry.kind == "layer" else None
+        self._peak_live = max(self._peak_live, self._live)
+        index = entry.layer
+        layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
         return TorchStage(entry.kind, params, nbytes, layer, index)
 
     def free_stage(self, stage):
@@ -247,18 +243,21 @@ class TorchBackend:
                 make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
                 types = set(self.layer_types)
                 step.causal_mask = {t: make[t](**kw) for t in types}
-                per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3: own rope
-                step.rotary = {t: self.rotary(x, step.positions, *([t] if per_type else [])) for t in types}
+                step.rotary = {t: self.rotary(x, step.positions, *([t] if self.rotary_per_type else []))
+                               for t in types}
                 step.prepared = True
             kind = self.layer_types[stage.layer]
             x = stage.module(x, attention_mask=step.causal_mask[kind], position_ids=step.positions,
                              past_key_values=step.cache, use_cache=step.cache is not None,
                              position_embeddings=step.rotary[kind])
         else:
-            x = model.lm_head(model.model.norm(x if step.all_positions else x[:, -1:, :]))
+            norm, head = model.get_submodule(self.arch.norm), model.get_submodule(self.arch.head)
+            x = head(norm(x if step.all_positions else x[:, -1:, :]))
             if self.softcap:
                 x = torch.tanh(x / self.softcap) * self.softcap
-        self._peak = max(self._peak, self._live + self.cache_bytes(step.cache))
+            # once per step, not per stage: the cache is largest at the step's end (an upper bound)
+            self._peak = max(self._peak, self._peak_live + self.cache_bytes(step.cache))
+            self._peak_live = self._live
         return x
 
     def logits(self, x):
@@ -272,7 +271,7 @@ class TorchBackend:
         return {"active": self._live, "peak": self._peak}
 
     def reset_peak(self):
-        self._peak = self._live
+        self._peak = self._peak_live = self._live
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
