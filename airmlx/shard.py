@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in not
 from . import quant
 from .archs import arch_for, stage_layout
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, repair_hint, write_atomic
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
 
 PROGRESS_NAME = "progress.json"
@@ -267,8 +266,8 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
             except (ValueError, TypeError, KeyError):
                 pass  # an unreadable progress file only costs a full rebuild
 
-        todo = [s for s in layout if s[0] not in done]
-        need = sum(stage_bytes(ts, sources, qconfig) for _, _, ts in todo)
+        sizes = {name: stage_bytes(ts, sources, qconfig) for name, _, ts in layout}
+        need = sum(sizes[name] for name, _, _ in layout if name not in done)
         free = shutil.disk_usage(out).free
         if need > free:
             raise InsufficientDiskSpaceError(
@@ -278,7 +277,7 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
         small_files = sum((src / a).stat().st_size for a in AUX_FILES if (src / a).is_file()) + (1 << 20)  # + manifest
         cleanup.enter_context(disk_full_named(out, lambda: small_files + sum(
-            stage_bytes(ts, sources, qconfig) for name, _, ts in layout if name not in done)))
+            sizes[name] for name, _, _ in layout if name not in done)))
         bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {src.name}", disable=not progress)
         with bar:
             for index, (name, kind, tensor_names) in enumerate(layout):
@@ -288,7 +287,7 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
                 done[name] = write_stage(out, name, kind, index, items, fds)
                 write_atomic(progress_path, json.dumps(
                     {"source": fp, "stages": [vars(e) for e in done.values()]}).encode())
-                bar.update(stage_bytes(tensor_names, sources, qconfig))
+                bar.update(sizes[name])
 
         for aux in AUX_FILES:
             if (src / aux).is_file():
@@ -314,49 +313,6 @@ def complete_folder(out, verify=False):
     except CorruptShardError:
         return False
     return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
-
-
-def verify_folder(folder):
-    """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
-    folder = Path(folder)
-    problems = []
-    for e in Manifest.load(folder).stages:
-        path = folder / e.file
-        if not path.is_file():
-            what = "is missing"
-        elif path.stat().st_size != e.nbytes:
-            what = f"has {path.stat().st_size} bytes, the manifest says {e.nbytes} (truncated or replaced)"
-        elif file_checksum(path) != e.checksum:
-            what = "does not match its checksum (damaged)"
-        else:
-            continue
-        problems.append(f"stage {e.name}: file {path} {what}; {repair_hint(folder)}")
-    return problems
-
-
-def repair_stages(folder, progress=True):
-    """Rebuild a shard folder's damaged stages from the checkpoint its manifest records; return their names."""
-    folder = Path(folder)
-    manifest = Manifest.load(folder)
-    bad = [e.name for e in manifest.stages if e.name not in reusable(folder, manifest.stages, verify=True)]
-    if not bad:
-        return []
-    src = manifest.extra.get("source_path")
-    qconfig = manifest.source.get("quantization")
-    try:
-        # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
-        files = weight_files(src, allow_pickle=True) if src else []
-        same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
-    except (CheckpointError, OSError):
-        same = False
-    if not same:
-        raise CorruptShardError(
-            f"{folder}: stages {bad} are damaged and the checkpoint they were made from ({src or 'not recorded'}) "
-            f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
-            f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
-    shard_checkpoint(src, folder, allow_pickle=True, compression=qconfig and f"{qconfig['bits']}bit",
-                     progress=progress, verify=True)
-    return bad
 
 
 def finish_delete(src, out, originals, manifest, delete_original):
@@ -392,6 +348,7 @@ def main(argv=None):
                         help="with --verify: rebuild damaged stages from the checkpoint the folder was made from")
     args = parser.parse_args(argv)
     from .hub import default_shard_dir, resolve_model
+    from .repair import repair_stages, verify_folder
     try:
         if args.repair:
             fixed = repair_stages(args.src)

@@ -158,5 +158,5 @@ class ShardStore:
 
     def verify(self):
         """Check every stage's checksum; return one line per damaged stage (empty when all are intact)."""
-        from .shard import verify_folder
+        from .repair import verify_folder
         return verify_folder(self.folder)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import airmlx
+from airmlx import repair
 from airmlx import shard as shard_mod
 from airmlx.errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from airmlx.manifest import Manifest, StageEntry, well_formed
@@ -78,7 +79,7 @@ def kill_and_rerun(tmp_path, kills, seed, **model):
         landed.append(len(list(out.glob("*.safetensors"))) if out.exists() else -1)
         if (out / "manifest.json").exists():
             ShardStore(out)
-            assert shard_mod.verify_folder(out) == []
+            assert repair.verify_folder(out) == []
             # a kill between the manifest and the progress file's removal leaves only that file behind
             assert {k: v for k, v in folder_bytes(out).items() if k != "progress.json"} == want
         else:
@@ -239,7 +240,7 @@ def test_repair_needs_the_recorded_source(tmp_path):
     make_checkpoint(src, "llama")
     airmlx.shard_checkpoint(src, out, progress=False)
     want = folder_bytes(out)
-    assert shard_mod.repair_stages(out, progress=False) == []
+    assert repair.repair_stages(out, progress=False) == []
     flip(out / "head.safetensors", 20)  # inside the header: sizes unchanged, only the checksum tells
     airmlx.shard_checkpoint(src, out, progress=False, verify=True)
     assert folder_bytes(out) == want
@@ -247,7 +248,7 @@ def test_repair_needs_the_recorded_source(tmp_path):
     flip(out / "embed.safetensors", -3)
     make_checkpoint(src, "llama", seed=1)  # the source changed since
     with pytest.raises(CorruptShardError, match=r"\['embed'\] are damaged .* gone or has changed.*shard the model"):
-        shard_mod.repair_stages(out, progress=False)
+        repair.repair_stages(out, progress=False)
     shutil.rmtree(src)
     gone = shard_cli("--verify", "--repair", out)
     assert gone.returncode == 2 and "gone or has changed" in gone.stderr

@@ -1,0 +1,51 @@
+"""Checking a shard folder's stages against their checksums, and rebuilding damaged ones from the
+checkpoint the manifest records (`python -m airmlx.shard --verify [--repair] FOLDER`)."""
+import shlex
+from pathlib import Path
+
+from .errors import CheckpointError, CorruptShardError
+from .manifest import Manifest, repair_hint
+from .shard import file_checksum, fingerprint, load_config, reusable, shard_checkpoint, weight_files
+
+
+def verify_folder(folder):
+    """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
+    folder = Path(folder)
+    problems = []
+    for e in Manifest.load(folder).stages:
+        path = folder / e.file
+        if not path.is_file():
+            what = "is missing"
+        elif path.stat().st_size != e.nbytes:
+            what = f"has {path.stat().st_size} bytes, the manifest says {e.nbytes} (truncated or replaced)"
+        elif file_checksum(path) != e.checksum:
+            what = "does not match its checksum (damaged)"
+        else:
+            continue
+        problems.append(f"stage {e.name}: file {path} {what}; {repair_hint(folder)}")
+    return problems
+
+
+def repair_stages(folder, progress=True):
+    """Rebuild a shard folder's damaged stages from the checkpoint its manifest records; return their names."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    bad = [e.name for e in manifest.stages if e.name not in reusable(folder, manifest.stages, verify=True)]
+    if not bad:
+        return []
+    src = manifest.extra.get("source_path")
+    qconfig = manifest.source.get("quantization")
+    try:
+        # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
+        files = weight_files(src, allow_pickle=True) if src else []
+        same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
+    except (CheckpointError, OSError):
+        same = False
+    if not same:
+        raise CorruptShardError(
+            f"{folder}: stages {bad} are damaged and the checkpoint they were made from ({src or 'not recorded'}) "
+            f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
+            f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
+    shard_checkpoint(src, folder, allow_pickle=True, compression=qconfig and f"{qconfig['bits']}bit",
+                     progress=progress, verify=True)
+    return bad
