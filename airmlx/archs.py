@@ -19,14 +19,24 @@ class Arch:
     layers: str = "model.layers"
     norm: str = "model.norm"
     head: str = "lm_head"
-    remote_code: bool = False  # ships its own modelling code; transformers has no module, so MLX only
+    remote_code: bool = False  # ships its own modelling code: torch runs it only with trust_remote_code=True
     # (mlx-lm ModelArgs key, HF config key) where transformers renamed a key mlx-lm still reads
     config_aliases: tuple = ()
     embed_scale: bool = False  # hidden states leave the embedding times sqrt(hidden_size), in the model's dtype
     final_softcap: bool = False  # logits = cap * tanh(logits / cap), cap = config final_logit_softcapping
     mlx_sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
     mlx_mask_array: bool = False  # the mlx-lm attention needs a mask array, not the "causal" shortcut
+    # zero left-padded positions before each layer: its attention also reads the position before (a
+    # convolution), so padding would leak into a row's first token
+    mlx_zero_padding: bool = False
+    unquantized: tuple = ()  # modules the sharder's compression leaves alone
     torch_attention: str = "sdpa"  # transformers' attn_implementation
+    # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
+    # sharder stores them apart from the layer so each expert is read on its own, after routing
+    experts: str = None
+    torch_experts: str = "mlp.experts"  # transformers' fused experts module in a layer
+    mlx_experts: str = None  # mlx-lm's SwitchGLU in a layer
+    mlx_expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
 
     @property
     def embed_prefix(self):
@@ -49,22 +59,31 @@ ARCHS = {a.model_type: a for a in [
     Arch("qwen3", mlx_module="qwen3"),
     Arch("phi3", mlx_module="phi3"),
     Arch("glm4", mlx_module="glm4"),
-    # MoE: the experts run inside the layer stage; per-expert checkpoint tensors are stacked on load by
-    # mlx-lm's sanitize / transformers' conversion mapping
-    Arch("mixtral", mlx_module="mixtral"),
-    Arch("qwen2_moe", mlx_module="qwen2_moe"),
-    Arch("qwen3_moe", mlx_module="qwen3_moe", config_aliases=(("num_experts", "num_local_experts"),)),
+    # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
+    # one by one (airmlx/experts.py), stacked for the framework's own MoE module
+    Arch("mixtral", mlx_module="mixtral", experts="block_sparse_moe.experts",
+         mlx_experts="block_sparse_moe.switch_mlp",
+         mlx_expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
+    Arch("qwen2_moe", mlx_module="qwen2_moe", experts="mlp.experts", mlx_experts="mlp.switch_mlp"),
+    Arch("qwen3_moe", mlx_module="qwen3_moe", config_aliases=(("num_experts", "num_local_experts"),),
+         experts="mlp.experts", mlx_experts="mlp.switch_mlp"),
     # sliding-window layers come from config.layer_types on both backends (mlx-lm's gemma2 module has no
     # window of its own: airmlx gives its sliding layers a RotatingKVCache and a windowed mask)
     Arch("gemma2", mlx_module="gemma2", embed_scale=True, final_softcap=True, mlx_mask_array=True,
          torch_attention="eager"),  # transformers: sdpa has no attention soft-capping
     Arch("gemma3_text", mlx_module="gemma3_text", embed_scale=True, final_softcap=True, mlx_sanitize=False),
-    # remote-code families: MLX backend only (tested against mlx-lm's own model)
+    # remote-code families: mlx-lm's modules on MLX (tested against mlx-lm's own model); on torch, transformers'
+    # module where it has one (internlm3), else the checkpoint's own code with trust_remote_code=True
     Arch("internlm2", mlx_module="internlm2", embed="model.tok_embeddings", head="output", remote_code=True,
          tested="mlx-lm resident"),
     Arch("internlm3", mlx_module="internlm3", remote_code=True, tested="mlx-lm resident"),
     Arch("qwen", mlx_module="qwen", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f",
          remote_code=True, tested="mlx-lm resident"),
+    # key/value convolution over neighbouring positions (mlx-lm keeps its state in the layer's CacheList);
+    # sliding layers from config.sliding_window_layers; mlx-lm's sanitize normalises lm_head (a NormHead)
+    # (when not quantised: so compression keeps it as it is)
+    Arch("baichuan_m1", mlx_module="baichuan_m1", remote_code=True, mlx_zero_padding=True,
+         unquantized=("lm_head",), tested="mlx-lm resident"),
 ]}
 
 # Buffers some checkpoints carry that no framework loads.
@@ -80,16 +99,28 @@ def arch_for(config):
 
 
 def stage_name(kind, index=None, num_layers=0):
-    if kind == "layer":
-        return f"layer.{index:0{max(3, len(str(num_layers - 1)))}d}"
+    if kind in ("layer", "experts"):
+        name = f"layer.{index:0{max(3, len(str(num_layers - 1)))}d}"
+        return name + ".experts" if kind == "experts" else name
     return kind
 
 
-def stage_layout(config, tensor_names):
+def expert_pattern(arch):
+    """Matches a routed expert's checkpoint tensor: groups (layer, expert)."""
+    return re.compile(re.escape(arch.layer_prefix) + r"(\d+)\." + re.escape(arch.experts) + r"\.(\d+)\.")
+
+
+def expert_index(arch, tensor_name):
+    m = expert_pattern(arch).match(tensor_name) if arch.experts else None
+    return int(m.group(2)) if m else None
+
+
+def stage_layout(config, tensor_names, split_experts=True):
     """Split a checkpoint's tensor names into stages, in sweep order: [(stage name, kind, [tensor names])].
 
     Tied embeddings: the head stage carries the embedding matrix too (under its own name), because the
-    head reads all of it every step while the embedding stage only needs a few rows.
+    head reads all of it every step while the embedding stage only needs a few rows. MoE layers: the
+    routed experts' tensors form an "experts" stage after their layer (read expert by expert, not swept).
     """
     arch = arch_for(config)
     n = config["num_hidden_layers"]
@@ -123,7 +154,12 @@ def stage_layout(config, tensor_names):
     if tied:
         head = [t for t in head if not t.startswith(arch.head + ".")] + embed
     stages = [("embed", "embed", embed)]
-    stages += [(stage_name("layer", i, n), "layer", ts) for i, ts in enumerate(layers)]
+    for i, ts in enumerate(layers):
+        routed = [t for t in ts if expert_index(arch, t) is not None] if split_experts else []
+        stages.append((stage_name("layer", i, n), "layer", [t for t in ts if expert_index(arch, t) is None
+                                                             or not split_experts]))
+        if routed:
+            stages.append((stage_name("experts", i, n), "experts", routed))
     stages.append(("head", "head", head))
     return stages
 
@@ -144,4 +180,6 @@ def layer_types(config):
     """Per layer: "full_attention" or "sliding_attention" (transformers' config.layer_types)."""
     n = config["num_hidden_layers"]
     types = config.get("layer_types") or ["full_attention"] * n
+    if "sliding_window_layers" in config:  # baichuan_m1 lists its sliding layers instead
+        types = ["sliding_attention" if i in config["sliding_window_layers"] else "full_attention" for i in range(n)]
     return list(types)[:n]

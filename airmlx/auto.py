@@ -29,7 +29,7 @@ def pick_backend(backend="auto"):
     return "torch"
 
 
-def make_backend(name, config, device=None, dtype=None, tensor_names=()):
+def make_backend(name, config, device=None, dtype=None, tensor_names=(), trust_remote_code=False, shard_dir=None):
     if name == "mlx":
         try:
             from .backends.mlx_backend import MLXBackend
@@ -38,7 +38,8 @@ def make_backend(name, config, device=None, dtype=None, tensor_names=()):
                                "or use backend='torch'.") from None
         return MLXBackend(config, device=device, dtype=dtype, tensor_names=tensor_names)
     from .backends.torch_backend import TorchBackend
-    return TorchBackend(config, device=device, dtype=dtype, tensor_names=tensor_names)
+    return TorchBackend(config, device=device, dtype=dtype, tensor_names=tensor_names,
+                        trust_remote_code=trust_remote_code, code_dir=shard_dir)
 
 
 class AutoModel:
@@ -46,9 +47,13 @@ class AutoModel:
     def from_pretrained(cls, path_or_id, backend="auto", device=None, dtype=None, compression=None,
                         layer_shards_saving_path=None, memory_budget=None, prefetching=True,
                         profiling_mode=False, hf_token=None, delete_original=False, allow_pickle=False,
-                        progress=True):
+                        progress=True, trust_remote_code=False):
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
-        Hugging Face folder, a hub id, or an existing shard folder."""
+        Hugging Face folder, a hub id, or an existing shard folder.
+
+        trust_remote_code: run the checkpoint's own modelling (and tokenizer) code where it ships some
+        (config.json auto_map) and transformers has no module for it; read that code first. The torch backend
+        needs it for such families; backend='mlx' runs them with mlx-lm's modules instead."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
@@ -67,6 +72,8 @@ class AutoModel:
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
         names = [t for s in manifest.stages for t in s.tensors]
-        backend_obj = make_backend(name, manifest.config, device, dtype, names)
-        return AirModel(shard_dir, backend_obj, memory_budget=memory_budget,
-                        prefetching=prefetching, profiling_mode=profiling_mode)
+        backend_obj = make_backend(name, manifest.config, device, dtype, names, trust_remote_code, shard_dir)
+        model = AirModel(shard_dir, backend_obj, memory_budget=memory_budget,
+                         prefetching=prefetching, profiling_mode=profiling_mode)
+        model.trust_remote_code = trust_remote_code
+        return model

@@ -35,15 +35,19 @@ def save_tokenizer(folder, vocab_size):
 
 def build_model(folder, layers, hidden):
     """A random bf16 Llama (about 470 MB at the defaults), saved once and reused."""
+    cfg = {**BENCH_CONFIG, "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 4 * hidden}
+    return save_random_model(folder, "Llama", cfg)
+
+
+def save_random_model(folder, family, cfg):
+    """transformers' <family>ForCausalLM with random weights, saved in bf16 with a tokenizer, unless it is there."""
     import torch
     import transformers
     if (folder / "tokenizer.json").is_file():
         return folder
-    cfg = {**BENCH_CONFIG, "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": 4 * hidden}
-    config = transformers.LlamaConfig(**cfg)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
+    config = getattr(transformers, f"{family}Config")(**cfg)
+    getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).save_pretrained(folder)
     raw = json.loads((folder / "config.json").read_text())
     raw["rope_theta"] = cfg["rope_theta"]  # mlx-lm reads only the top-level key
     (folder / "config.json").write_text(json.dumps(raw, indent=1))
@@ -236,17 +240,22 @@ def print_row(r):
               f"{s['tokens_per_s']:.0f} tokens/s")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m airmlx.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="HF model folder to use instead of the generated random Llama")
+def add_common_options(parser, generated, layers):
+    """The options python -m airmlx.bench and python -m airmlx.bench_moe share."""
+    parser.add_argument("--model", help=f"HF model folder to use instead of {generated}")
     parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
     parser.add_argument("--budget", default=0.25, type=lambda v: float(v) if v.replace(".", "", 1).isdigit() else v,
                         help="memory budget: a fraction of the model (default 0.25) or a size like 200MB")
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime (medians reported)")
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
+    parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m airmlx.bench", description=__doc__.split("\n")[0])
+    add_common_options(parser, "the generated random Llama", layers=16)
+    parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--compare", choices=["airllm"], help="also time AirLLM, when installed")
     parser.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="stream quantised shards")
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,

@@ -24,6 +24,9 @@ def add_model_options(parser):
     parser.add_argument("--memory-budget", default=None, help="bytes of weights kept in memory, e.g. 4GB")
     parser.add_argument("--layer-shards-saving-path", default=None, help="where the shard folder goes")
     parser.add_argument("--hf-token", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the checkpoint's own modelling/tokenizer code (torch backend, families transformers "
+                             "lacks); read that code first")
     parser.add_argument("--profile", action="store_true",
                         help="record read / wait / load / compute time per stage and print the table")
 
@@ -33,7 +36,8 @@ def load_model(args):
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
                                      compression=args.compression, memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
-                                     profiling_mode=getattr(args, "profile", False))
+                                     profiling_mode=getattr(args, "profile", False),
+                                     trust_remote_code=getattr(args, "trust_remote_code", False))
 
 
 class PrintStreamer:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# *.py: a checkpoint's own modelling code, run only with trust_remote_code=True
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

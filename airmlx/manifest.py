@@ -20,11 +20,13 @@ class StageEntry:
     nbytes: int
     checksum: str  # "sha256:<hex>" of the whole file
     tensors: list
+    # "experts" stages: expert number (as a string) -> [start, end) of its tensors' bytes in the data section
+    parts: dict = None
 
     @property
     def layer(self):
-        """The decoder layer's number, for layer stages ("layer.007" -> 7); None otherwise."""
-        return int(self.name.split(".")[1]) if self.kind == "layer" else None
+        """The decoder layer's number, for layer and experts stages ("layer.007" -> 7); None otherwise."""
+        return int(self.name.split(".")[1]) if self.kind in ("layer", "experts") else None
 
 
 @dataclass
@@ -82,7 +84,10 @@ def well_formed(m):
         isinstance(s.name, str) and isinstance(s.kind, str) and type(s.index) is int
         and isinstance(s.file, str) and s.file == Path(s.file).name and s.file not in ("", ".", "..")
         and "\0" not in s.file and type(s.nbytes) is int and s.nbytes >= 0 and isinstance(s.checksum, str)
-        and isinstance(s.tensors, list) and all(isinstance(t, str) for t in s.tensors) for s in m.stages)
+        and isinstance(s.tensors, list) and all(isinstance(t, str) for t in s.tensors)
+        and (s.parts is None or isinstance(s.parts, dict) and all(
+            isinstance(k, str) and isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+            and 0 <= r[0] <= r[1] for k, r in s.parts.items())) for s in m.stages)
     return (stages_ok and len({s.name for s in m.stages}) == len(m.stages)
             and isinstance(m.architecture, str) and isinstance(m.config, dict) and isinstance(m.source, dict)
             and isinstance(m.quantization, (dict, type(None))) and isinstance(m.extra, dict)

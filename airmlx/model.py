@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GenerationError, ModelNotFoundError
+from .experts import expert_demand
 from .generate import GenerateOutput, generate_tokens, left_padding, to_batch
 from .schedule import Scheduler, default_budget, make_plan, parse_bytes
 from .store import ShardStore
@@ -14,6 +15,7 @@ PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progre
 
 class AirModel:
     """A sharded model streamed through a backend. Build it with airmlx.AutoModel.from_pretrained."""
+    trust_remote_code = False  # the tokenizer may run the checkpoint's own tokenizer code
 
     def __init__(self, shard_dir, backend, memory_budget=None, prefetching=True, profiling_mode=False):
         self.shard_dir = Path(shard_dir)
@@ -22,7 +24,10 @@ class AirModel:
         self.backend = backend
         budget = (parse_bytes(memory_budget) if memory_budget is not None
                   else default_budget(backend.available_memory(), self.config))
-        self.plan = make_plan({s.name: s.nbytes for s in self.store.manifest.stages}, budget, prefetching)
+        stages = self.store.manifest.stages
+        routed = [s for s in stages if s.kind == "experts"]
+        self.plan = make_plan({s.name: s.nbytes for s in stages if s.kind != "experts"}, budget, prefetching,
+                              expert_demand(routed, self.config.get("num_experts_per_tok", 1)))
         self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -33,7 +38,8 @@ class AirModel:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.shard_dir)
+                self._tokenizer = AutoTokenizer.from_pretrained(self.shard_dir,
+                                                                trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError) as e:
                 raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({e}); copy the model's "
                                          "tokenizer files into this folder or shard from a folder that has them.")
@@ -116,9 +122,10 @@ class AirModel:
 
     def memory_stats(self):
         """Budget, plan and the backend's memory counters, in bytes."""
+        experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         return {"budget": self.plan.budget, "resident": self.plan.resident_bytes,
                 "streamed_per_step": self.plan.streamed_bytes_per_step, "bytes_read": self.store.bytes_read,
-                **self.backend.memory()}
+                **experts, **self.backend.memory()}
 
     def close(self):
         self.scheduler.close()

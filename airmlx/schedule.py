@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from .errors import BudgetError
+from .experts import ExpertCache
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -39,6 +40,8 @@ class Plan:
     stage_bytes: dict  # stage name -> bytes, in sweep order
     resident: list
     prefetch_depth: int  # stages read ahead while one computes
+    expert_cache: int = 0  # MoE: bytes for routed experts (read after routing, kept while they fit)
+    expert_bytes: int = 0  # MoE: all routed experts' bytes
 
     @property
     def streamed(self):
@@ -53,9 +56,12 @@ class Plan:
         return sum(self.stage_bytes[s] for s in self.streamed)
 
     def __str__(self):
+        experts = (f", expert cache {format_bytes(self.expert_cache)} of {format_bytes(self.expert_bytes)} experts"
+                   if self.expert_bytes else "")
         return (f"budget {format_bytes(self.budget)}: {len(self.resident)}/{len(self.stage_bytes)} stages resident "
                 f"({format_bytes(self.resident_bytes)}), {len(self.streamed)} streamed "
-                f"({format_bytes(self.streamed_bytes_per_step)} per step), prefetch depth {self.prefetch_depth}")
+                f"({format_bytes(self.streamed_bytes_per_step)} per step), prefetch depth {self.prefetch_depth}"
+                + experts)
 
 
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
@@ -79,18 +85,24 @@ def default_budget(available, config):
     return max(int(SAFE_FRACTION * available) - reserve_bytes(config), 0)
 
 
-def make_plan(stage_bytes, budget, prefetching=True):
+def make_plan(stage_bytes, budget, prefetching=True, experts=(0, 0)):
     """Everything resident when it fits; otherwise keep prefetch slots for the largest stage and fill the rest
     of the budget with resident stages: head and embedding first (read every step), then layers spread evenly
-    so streamed reads alternate with resident compute."""
+    so streamed reads alternate with resident compute. MoE: experts = (all routed experts' bytes, bytes of the
+    experts one token needs in a layer); that much is set aside first, and whatever the stages leave over
+    caches experts."""
+    expert_total, expert_min = experts
     total, largest = sum(stage_bytes.values()), max(stage_bytes.values())
-    if budget >= total:
-        return Plan(budget, dict(stage_bytes), list(stage_bytes), 0)
-    if budget < largest:
+    if budget >= total + expert_total or budget - expert_min >= total:
+        return Plan(budget, dict(stage_bytes), list(stage_bytes), 0, min(expert_total, budget - total), expert_total)
+    if budget < largest + expert_min:
+        what = f"{format_bytes(largest)} (its largest stage)" + (
+            f" + {format_bytes(expert_min)} (one token's routed experts in a layer)" if expert_min else "")
         raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
-                          f"{format_bytes(largest)} (its largest stage); raise memory_budget to at least {largest}.")
-    depth = (1 if budget < 4 * largest else 2) if prefetching else 0
-    room = budget - depth * largest
+                          f"{what}; raise memory_budget to at least {largest + expert_min}.")
+    budget_stages = budget - expert_min
+    depth = (1 if budget_stages < 4 * largest else 2) if prefetching else 0
+    room = budget_stages - depth * largest
     resident = []
     for name in ("head", "embed"):
         if name in stage_bytes and stage_bytes[name] <= room:
@@ -101,7 +113,9 @@ def make_plan(stage_bytes, budget, prefetching=True):
         k = min(len(layers), room // max(stage_bytes[s] for s in layers))
         spread = sorted({int((j + 0.5) * len(layers) / k) for j in range(k)}) if k else []
         resident += [layers[i] for i in spread]
-    return Plan(budget, dict(stage_bytes), [s for s in stage_bytes if s in resident], depth)
+    resident = [s for s in stage_bytes if s in resident]
+    cache = budget - sum(stage_bytes[s] for s in resident) - depth * largest if expert_total else 0
+    return Plan(budget, dict(stage_bytes), resident, depth, cache, expert_total)
 
 
 class Prefetcher:
@@ -169,7 +183,13 @@ class Scheduler:
     records: list = field(default_factory=list)
 
     def __post_init__(self):
-        self.entries = self.store.manifest.stages
+        stages = self.store.manifest.stages
+        self.entries = [s for s in stages if s.kind != "experts"]
+        self.experts = None
+        routed = [s for s in stages if s.kind == "experts"]
+        if routed:  # the backend runs routing, then asks for the chosen experts
+            self.experts = ExpertCache(self.store, self.backend, routed, self.plan.expert_cache)
+            self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}
         self.store.pool.keep = self.plan.prefetch_depth + 1
         self.store.pool.slot_bytes = max((self.plan.stage_bytes[s] for s in self.plan.streamed), default=0)
@@ -248,3 +268,5 @@ class Scheduler:
         for loaded in self.resident.values():
             self.backend.free_stage(loaded)
         self.resident.clear()
+        if self.experts:
+            self.experts.clear()

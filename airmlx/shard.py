@@ -9,6 +9,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import arch_for, stage_layout
+from .archs import arch_for, expert_index, stage_layout
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
@@ -30,7 +31,7 @@ COPY_CHUNK = 64 << 20
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja", "chat_template.json")
-STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+)\.safetensors(\.tmp)?$")
+STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -116,13 +117,19 @@ def folder_lock(folder):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def quantized(t, info, qconfig):
+    """Whether the sharder quantises tensor t: mlx-lm's rule, less the modules the config keeps unquantised."""
+    return bool(qconfig) and qconfig.get(t.rpartition(".")[0]) is not False and \
+        quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"])
+
+
 def stage_items(tensor_names, sources, qconfig=None):
     """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
     range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
     items = []
     for t in tensor_names:
         src, data_start, info = sources[t]
-        if qconfig and quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"]):
+        if quantized(t, info, qconfig):
             storage, view = quant.FLOAT_VIEWS[info.dtype]
             with open(src, "rb", buffering=0) as f:
                 f.seek(data_start + info.start)
@@ -137,7 +144,22 @@ def stage_items(tensor_names, sources, qconfig=None):
     return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
 
 
-def write_stage(out, name, kind, index, items, fds):
+def expert_items(arch, tensor_names, sources, qconfig=None):
+    """An experts stage's items, expert by expert, and each expert's [start, end) in the data section."""
+    by_expert = {}
+    for t in tensor_names:
+        by_expert.setdefault(expert_index(arch, t), []).append(t)
+    items, parts, pos = [], {}, 0
+    for e in sorted(by_expert):
+        group = stage_items(by_expert[e], sources, qconfig)
+        size = sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape, _ in group)
+        items += group
+        parts[str(e)] = [pos, pos + size]
+        pos += size
+    return items, parts
+
+
+def write_stage(out, name, kind, index, items, fds, parts=None):
     """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
     header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
     path = Path(out) / f"{name}.safetensors"
@@ -169,7 +191,7 @@ def write_stage(out, name, kind, index, items, fds):
     os.replace(tmp, path)
     fsync_dir(out)
     return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
-                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items])
+                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items], parts=parts)
 
 
 def stage_bytes(tensor_names, sources, qconfig=None):
@@ -177,7 +199,7 @@ def stage_bytes(tensor_names, sources, qconfig=None):
     total = 1024
     for t in tensor_names:
         info = sources[t][2]
-        if qconfig and quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"]):
+        if quantized(t, info, qconfig):
             rows, cols = info.shape
             groups = rows * cols // qconfig["group_size"]
             total += rows * cols * qconfig["bits"] // 8 + 2 * groups * DTYPE_SIZES[info.dtype] + 300
@@ -219,8 +241,10 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
     config = load_config(src)
-    arch_for(config)
+    arch = arch_for(config)
     qconfig = quant.compression_config(compression) if compression else None
+    if qconfig and arch.unquantized:  # mlx-lm's per-module convention: False keeps a module unquantised
+        qconfig = {**qconfig, **dict.fromkeys(arch.unquantized, False)}
     if qconfig and "quantization" in config:
         raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
     try:
@@ -275,7 +299,9 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
                 f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
-        small_files = sum((src / a).stat().st_size for a in AUX_FILES if (src / a).is_file()) + (1 << 20)  # + manifest
+        # the checkpoint's own modelling / tokenizer code (config.json auto_map) comes along, to run only on request
+        aux_files = AUX_FILES + tuple(sorted(p.name for p in src.glob("*.py")))
+        small_files = sum((src / a).stat().st_size for a in aux_files if (src / a).is_file()) + (1 << 20)  # + manifest
         cleanup.enter_context(disk_full_named(out, lambda: small_files + sum(
             sizes[name] for name, _, _ in layout if name not in done)))
         bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {src.name}", disable=not progress)
@@ -283,13 +309,16 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
             for index, (name, kind, tensor_names) in enumerate(layout):
                 if name in done:
                     continue
-                items = stage_items(tensor_names, sources, qconfig)
-                done[name] = write_stage(out, name, kind, index, items, fds)
+                if kind == "experts":
+                    items, parts = expert_items(arch, tensor_names, sources, qconfig)
+                else:
+                    items, parts = stage_items(tensor_names, sources, qconfig), None
+                done[name] = write_stage(out, name, kind, index, items, fds, parts)
                 write_atomic(progress_path, json.dumps(
                     {"source": fp, "stages": [vars(e) for e in done.values()]}).encode())
                 bar.update(sizes[name])
 
-        for aux in AUX_FILES:
+        for aux in aux_files:
             if (src / aux).is_file():
                 write_atomic(out / aux, (src / aux).read_bytes())
         stages = [done[name] for name, _, _ in layout]

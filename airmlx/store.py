@@ -88,6 +88,9 @@ class ShardStore:
             if sorted(infos) != sorted(entry.tensors):
                 raise CorruptShardError(f"stage {entry.name}: file {path} holds other tensors than the manifest "
                                         f"lists; {repair_hint(self.folder)}")
+            if entry.parts is not None and any(end > size - data_start for _, end in entry.parts.values()):
+                raise CorruptShardError(f"stage {entry.name}: the manifest's expert ranges run past the end of "
+                                        f"{path}; {repair_hint(self.folder)}")
             self._layout[entry.name] = (data_start, infos)
 
     def read_stage(self, name):
@@ -111,6 +114,34 @@ class ShardStore:
             self.bytes_read += entry.nbytes
         self._hold(entry.nbytes)
         return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0)
+
+    def read_part(self, name, part):
+        """Read one part of a stage (a routed expert: its tensors are one byte range) into a fresh buffer,
+        which the returned tensors view; the caller keeps or drops it (no release)."""
+        entry = self.stages[name]
+        start, end = entry.parts[str(part)]
+        data_start, infos = self._layout[name]
+        t0 = time.perf_counter()
+        buf = np.empty(end - start, dtype=np.uint8)
+        with open(self.folder / entry.file, "rb", buffering=0) as f:
+            f.seek(data_start + start)
+            view, pos = memoryview(buf), 0
+            while pos < buf.nbytes:
+                n = f.readinto(view[pos: pos + READ_CHUNK])
+                if not n:
+                    raise CorruptShardError(f"stage {name}: file {self.folder / entry.file} ended inside expert "
+                                            f"{part}; {repair_hint(self.folder)}")
+                pos += n
+        tensors = {info.name: RawTensor(info.dtype, info.shape, buf[info.start - start: info.end - start]
+                                        .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
+                   for info in infos.values() if start <= info.start and info.end <= end}
+        with self._lock:
+            self.bytes_read += buf.nbytes
+        return StageData(f"{name}[{part}]", tensors, None, buf.nbytes, time.perf_counter() - t0)
+
+    def hold(self, nbytes):
+        """Count bytes kept elsewhere (the expert cache) as held."""
+        self._hold(nbytes)
 
     def _hold(self, nbytes):
         with self._lock:

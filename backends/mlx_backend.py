@@ -13,12 +13,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from airmlx.archs import arch_for, layer_types, rope_config
+from airmlx.archs import arch_for, expert_index, layer_types, rope_config
 from airmlx.errors import BackendError, CheckpointError
 from airmlx.quant import module_params
 
+from . import mlx_adapters, mlx_experts
 from .base import available_ram
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -40,6 +41,7 @@ class MLXStep:
     cache: list
     all_positions: bool = False
     sliding_mask: object = None  # for sliding-window layers
+    valid: mx.array = None  # (B, L, 1), False at left-padded positions: zeroed before each layer (mlx_zero_padding)
 
 
 def mlx_args(config, module):
@@ -84,6 +86,8 @@ class MLXBackend:
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
             names = set(tensor_names)
+            if self.arch.experts:  # streamed experts stack into the SwitchGLU: it is quantised if they are
+                names |= {mlx_experts.switch_name(self.arch, n) for n in names if expert_index(self.arch, n) is not None}
 
             def quantized(path, m):
                 if isinstance(self.qconfig.get(path), (bool, dict)):
@@ -154,32 +158,35 @@ class MLXBackend:
         self.skeleton.load_weights([(n, self.placeholders[n]) for n in stage.names], strict=False)
         stage.names, stage.module = [], None
 
-    def new_cache(self, batch_size, left_padding):
-        # sliding-window layers keep a RotatingKVCache of the window, as mlx-lm's gemma3 make_cache does
-        pads = list(left_padding)
-        if batch_size == 1 and not any(pads):
-            return [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
-        return [BatchRotatingKVCache(self.window, pads) if s else BatchKVCache(pads) for s in self.sliding]
+    # -- routed experts (MoE): backends/mlx_experts.py --------------------------------------------
+    def stream_experts(self, layers, chunks):
+        mlx_experts.stream_experts(self, layers, chunks)
 
-    @staticmethod
-    def _length(c):
-        """Tokens this layer's cache has seen (with left padding, for batch caches)."""
-        if isinstance(c, BatchRotatingKVCache):
-            return int(c._offset)
-        return int(c.offset) if isinstance(c, (KVCache, RotatingKVCache)) else int(c._idx)
+    def load_expert(self, entry, expert, tensors):
+        return mlx_experts.load_expert(self, entry, tensors)
+
+    def free_expert(self, params):
+        pass  # the arrays go with the cache's last reference
+
+    def new_cache(self, batch_size, left_padding):
+        pads = list(left_padding)
+        if hasattr(self.skeleton, "make_cache"):  # mlx-lm's own: sliding windows, convolution states
+            caches = self.skeleton.make_cache()
+        else:  # sliding-window layers keep a RotatingKVCache of the window, as mlx-lm's gemma3 make_cache does
+            caches = [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
+        batch = batch_size > 1 or any(pads)
+        return [mlx_adapters.batched(c, pads if batch else None) for c in caches]
 
     def cache_length(self, cache):
-        return self._length(cache[0])
+        return mlx_adapters.length(cache[0])
 
     def trim_cache(self, cache, keep):
         # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
         for c in cache:
-            length = self._length(c)
-            if length > keep:
-                c.trim(length - keep)
+            mlx_adapters.trim(c, keep)
 
     def cache_bytes(self, cache):
-        return sum(c.keys.nbytes + c.values.nbytes for c in cache if c.keys is not None)
+        return sum(a.nbytes for c in cache for a in mlx_adapters.arrays(c))
 
     def begin_step(self, tokens, attention_mask, cache, all_positions=False):
         ids = mx.array(tokens.astype("int32"))
@@ -191,13 +198,17 @@ class MLXBackend:
                 if pads.any():
                     return create_causal_mask(ids.shape[1], window_size=window, left_padding=mx.array(pads))
                 return create_attention_mask(ids, window_size=window, return_array=array)
-            return MLXStep(ids, mask(), None, all_positions, mask(self.window) if any(self.sliding) else None)
-        # the batch caches already know each row's left padding; the mask is not needed again
-        full = next((c for c, s in zip(cache, self.sliding) if not s), cache[0])
-        step = MLXStep(ids, create_attention_mask(ids, full, return_array=array), cache, all_positions)
-        if any(self.sliding):
-            swa = cache[self.sliding.index(True)]
-            step.sliding_mask = create_attention_mask(ids, swa, window_size=self.window, return_array=array)
+            step = MLXStep(ids, mask(), None, all_positions, mask(self.window) if any(self.sliding) else None)
+        else:  # the batch caches already know each row's left padding; the mask is not needed again
+            kv = [mlx_adapters.kv_part(c) for c in cache]
+            full = next((c for c, s in zip(kv, self.sliding) if not s), kv[0])
+            step = MLXStep(ids, create_attention_mask(ids, full, return_array=array), cache, all_positions)
+            if any(self.sliding):
+                swa = kv[self.sliding.index(True)]
+                step.sliding_mask = create_attention_mask(ids, swa, window_size=self.window, return_array=array)
+        valid = np.asarray(attention_mask)[:, -ids.shape[1]:] != 0
+        if self.arch.mlx_zero_padding and not valid.all():
+            step.valid = mx.array(valid)[..., None]
         return step
 
     def select_rows(self, cache, rows):
@@ -223,9 +234,12 @@ class MLXBackend:
             mx.eval(x)
         elif stage.kind == "layer":
             cache = step.cache[stage.layer] if step.cache is not None else None
+            if step.valid is not None:
+                x = mx.where(step.valid, x, 0.0)
             x = stage.module(x, self._grouped(step.sliding_mask if self.sliding[stage.layer] else step.mask),
                              cache=cache)
-            mx.eval(x, *((cache.keys, cache.values) if cache else ()))  # nothing lazy may keep weights alive
+            # nothing lazy may keep weights alive
+            mx.eval(x, *(mlx_adapters.arrays(cache) if cache is not None else ()))
         else:
             h = self._module(self.arch.norm)(x if step.all_positions else x[:, -1:, :])
             x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)

@@ -19,9 +19,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
-from airmlx.errors import BackendError, CheckpointError, UnsupportedArchitectureError
+from airmlx.errors import BackendError, CheckpointError
 from airmlx.quant import dequantize, module_params
 
+from . import torch_experts
+from .torch_remote import remote_config, shared_rotary
 from .base import available_ram
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -94,22 +96,22 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, config, device=None, dtype=None, tensor_names=()):
+    def __init__(self, config, device=None, dtype=None, tensor_names=(), trust_remote_code=False, code_dir=None):
+        """code_dir: the shard folder, which holds a remote-code checkpoint's .py files."""
         self.arch = arch = arch_for(config)
-        if arch.remote_code and config["model_type"] not in CONFIG_MAPPING:
-            raise UnsupportedArchitectureError(
-                f"model_type {arch.model_type!r} has no transformers module, and airmlx's torch backend does not "
-                f"run checkpoints' own modelling code; use backend='mlx' (mlx-lm's {arch.mlx_module}).")
+        remote = arch.remote_code and config["model_type"] not in CONFIG_MAPPING
+        hf_config = remote_config(config, arch, trust_remote_code, code_dir) if remote else None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.zero_copy = self.device.type == "cpu"
         self.qconfig = config.get("quantization")
         # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-        hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
+        # the checkpoint's own code picks its attention implementation
+        kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.arch.torch_attention}
+        hf_config = hf_config or CONFIG_MAPPING[config["model_type"]].from_dict(plain)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(hf_config, attn_implementation=self.arch.torch_attention,
-                                                             dtype=self.dtype)
+            self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw)
         self.config = self.skeleton.config
         self.layer_types = layer_types(config)
         embed = self.skeleton.get_input_embeddings()
@@ -120,7 +122,8 @@ class TorchBackend:
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
         self.converter_list = list(dict.fromkeys(self.converters.values()))
-        rotary = self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb")
+        rotary = (shared_rotary(self.skeleton, arch) if remote else
+                  self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb"))
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
             self.rotary = type(rotary)(config=self.config)
         self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
@@ -194,6 +197,19 @@ class TorchBackend:
             setattr(module, pname, placeholder)
         stage.params = {}
         self._live -= stage.nbytes
+
+    # -- routed experts (MoE): backends/torch_experts.py ------------------------------------------
+    def stream_experts(self, layers, chunks):
+        torch_experts.stream_experts(self, layers, chunks)
+
+    def load_expert(self, entry, expert, tensors):
+        params, nbytes = torch_experts.load_expert(self, entry, tensors)
+        self._live += nbytes
+        self._peak_live = max(self._peak_live, self._live)
+        return params, nbytes
+
+    def free_expert(self, params):
+        self._live -= sum(t.numel() * t.element_size() for t in params.values())
 
     # -- steps ---------------------------------------------------------------------------------
     def new_cache(self, batch_size, left_padding):

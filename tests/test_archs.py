@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from airmlx.errors import UnsupportedArchitectureError
+from airmlx.errors import BackendError, UnsupportedArchitectureError
 from conftest import BACKENDS
-from test_equivalence import BATCH, NEW_TOKENS, PROMPT, load, reference_generate
+from test_equivalence import BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
 ARCHS = ["qwen3", "phi3", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
 
@@ -20,11 +20,7 @@ def test_streamed_matches_transformers(checkpoints, tmp_path, arch, backend):
         assert model.plan.streamed and len(model.plan.resident) < len(model.plan.stage_bytes)
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
 
-        seq = np.array(want)
-        ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
-        with torch.no_grad():
-            theirs = ref(torch.tensor(want)).logits[:, -1].numpy()
-        assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+        assert_last_logits_match(model, ref, want)
 
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
         alone = [model.generate(row, max_new_tokens=NEW_TOKENS) for row in BATCH]
@@ -32,7 +28,7 @@ def test_streamed_matches_transformers(checkpoints, tmp_path, arch, backend):
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
 
 
-MLX_ONLY = ["internlm2", "internlm3", "qwen"]
+MLX_ONLY = ["internlm2", "internlm3", "qwen", "baichuan_m1"]
 
 
 def mlx_reference(model, rows):
@@ -66,7 +62,49 @@ def test_remote_code_family_matches_mlx_lm(tmp_path, arch):
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in mlx_reference(ref, BATCH)[0]]
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    if arch in CONFIG_MAPPING:  # transformers 5 ships internlm3 itself: no refusal (torch path not yet tested)
+    if arch in CONFIG_MAPPING:  # transformers 5 runs internlm3 itself (tests/test_remote_code.py)
         return
-    with pytest.raises(UnsupportedArchitectureError, match="backend='mlx'"):
+    with pytest.raises(UnsupportedArchitectureError, match="only with trust_remote_code=True.*backend='mlx'"):
         airmlx.AutoModel.from_pretrained(tmp_path / "shards", backend="torch")
+
+
+def test_convolution_state_trims(tmp_path):
+    """baichuan_m1's convolution state goes back with its KV cache (a chat edit, a Ctrl-C) or says it cannot."""
+    from tiny import make_mlx_checkpoint
+    # a window wider than the test: a sliding window that has dropped tokens cannot go back exactly
+    make_mlx_checkpoint(tmp_path / "ckpt", "baichuan_m1", sliding_window=64)
+    n = len(PROMPT[0])
+    with load(tmp_path / "ckpt", tmp_path, "mlx", "tight") as model:
+        cache = model.new_cache()
+        seq = model.generate(PROMPT, past_key_values=cache, max_new_tokens=NEW_TOKENS)[0]
+        keep = n + 5  # back into the answer: each decode step's state was kept
+        model.backend.trim_cache(cache, keep)
+        assert model.backend.cache_length(cache) == keep
+        ours = model.step(np.array([seq[keep:keep + 1]]), np.ones((1, keep + 1)), cache)
+        fresh = np.array([seq[:keep + 1]])
+        want = model.step(fresh, np.ones_like(fresh), model.new_cache())
+        assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4
+        with pytest.raises(BackendError, match="convolution state cannot go back to 3 tokens"):
+            model.backend.trim_cache(cache, 3)  # inside the prompt: one prefill step, one state
+        model.backend.trim_cache(cache, 0)
+        assert model.backend.cache_length(cache) == 0
+        ours = model.step(np.array(PROMPT), np.ones((1, n)), cache)
+        assert np.abs(ours - model.step(np.array(PROMPT), np.ones((1, n)), model.new_cache())).max() < 1e-5
+
+
+def test_compression_keeps_the_normalised_head(tmp_path):
+    """mlx-lm normalises baichuan_m1's lm_head in sanitize, but not a quantised one: compression leaves it."""
+    import airmlx
+    import mlx.core as mx
+    from airmlx.manifest import Manifest
+    from tiny import make_mlx_checkpoint
+    ref = make_mlx_checkpoint(tmp_path / "ckpt", "baichuan_m1")
+    want = np.array(ref(mx.array(PROMPT))[:, -1])
+    out = airmlx.shard_checkpoint(tmp_path / "ckpt", tmp_path / "q8", compression="8bit", progress=False)
+    manifest = Manifest.load(out)
+    assert manifest.config["quantization"]["lm_head"] is False
+    assert "model.layers.0.self_attn.W_pack.scales" in manifest.stages[1].tensors
+    assert "lm_head.scales" not in manifest.stages[-1].tensors
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as model:
+        ours = model.step(np.array(PROMPT), np.ones_like(PROMPT), model.new_cache())
+    assert np.abs(ours - want).max() / np.abs(want).max() < 0.05

@@ -24,6 +24,15 @@ def load(folder, tmp_path, backend, budget=None):
     return airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
 
 
+def assert_last_logits_match(model, ref, seq):
+    """One prefill over the whole sequence: our last-position logits against transformers' (1e-4 relative)."""
+    seq = np.array(seq)
+    ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+    with torch.no_grad():
+        theirs = ref(torch.tensor(seq)).logits[:, -1].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
 def reference_generate(ref, rows):
     width = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
@@ -46,12 +55,7 @@ def test_greedy_matches_transformers(checkpoints, tmp_path, arch, backend, budge
         assert got.tolist() == want
         assert len(want[0]) == len(PROMPT[0]) + NEW_TOKENS
 
-        # last-step logits over the whole generated sequence, one prefill, against transformers
-        seq = np.array(want)
-        ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
-        with torch.no_grad():
-            theirs = ref(torch.tensor(want)).logits[:, -1].numpy()
-        assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+        assert_last_logits_match(model, ref, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

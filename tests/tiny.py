@@ -65,14 +65,18 @@ MLX_BASE = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=160, num_
                 rope_theta=10000.0, tie_word_embeddings=False)
 MLX_CONFIGS = {
     "internlm2": dict(MLX_BASE, model_type="internlm2", bias=False),
-    "internlm3": dict(MLX_BASE, model_type="internlm3", bias=False, qkv_bias=False),
+    # head_dim as real internlm3 configs carry it (transformers' default is 128; mlx-lm derives it)
+    "internlm3": dict(MLX_BASE, model_type="internlm3", bias=False, qkv_bias=False, head_dim=16),
     "qwen": dict(model_type="qwen", hidden_size=64, num_attention_heads=4, num_hidden_layers=4, kv_channels=16,
                  max_position_embeddings=256, layer_norm_epsilon=1e-6, intermediate_size=320, no_bias=True,
                  vocab_size=96),
+    # sliding_window 8: the test prompts plus 16 new tokens run past it; the sliding layers have more kv heads
+    "baichuan_m1": dict(MLX_BASE, model_type="baichuan_m1", sliding_window=8, sliding_window_layers=[0, 2],
+                        conv_window=2, num_swa_attention_heads=4, num_swa_key_value_heads=4),
 }
 
 
-def make_mlx_checkpoint(folder, arch, seed=0):
+def make_mlx_checkpoint(folder, arch, seed=0, **overrides):
     """Save a random mlx-lm model of `arch` the way its family ships (config.json, model.safetensors with the
     family's tensor names, a tokenizer); return the mlx-lm model, resident, as the reference."""
     import importlib
@@ -84,7 +88,7 @@ def make_mlx_checkpoint(folder, arch, seed=0):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = MLX_CONFIGS[arch]
+    config = {**MLX_CONFIGS[arch], **overrides}
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -94,7 +98,11 @@ def make_mlx_checkpoint(folder, arch, seed=0):
             weights[name] = 2.0 * w
         elif "norm" in name or "ln" in name:  # norms start at 1.0; perturb them so a misplaced one shows
             weights[name] = w + 0.1 * mx.random.normal(w.shape)
-    model.load_weights(list(weights.items()))
+        elif "conv" in name:  # baichuan_m1's key/value convolution starts at zero: it would hide a wrong state
+            weights[name] = mx.random.uniform(-1.0, 1.0, w.shape)
+    # the reference loads them as mlx-lm does, through sanitize (baichuan_m1 normalises lm_head there)
+    loaded = model.sanitize(dict(weights)) if hasattr(model, "sanitize") else weights
+    model.load_weights(list(loaded.items()))
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
     (folder / "config.json").write_text(json.dumps(config))
     save_tokenizer(folder, config["vocab_size"])

@@ -1,0 +1,108 @@
+"""`python -m airmlx.bench_moe`: bytes read per decode step of a streamed MoE model, against its active bytes.
+
+It builds (or takes) a Mixtral-style checkpoint, shards it (routed experts stored one by one), and runs
+decode steps under a memory budget, counting what the store reads:
+  active  the bytes one token touches: every non-expert stage plus top_k experts in each MoE layer
+  dense   the whole model: what a step streams when experts are part of their layer
+The target is bytes per step <= 1.2 x active. Step times (cold: shard files evicted from the page cache
+before each step; warm: in the page cache) come with them.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench import add_common_options, evict, save_random_model
+from .schedule import format_bytes, parse_bytes
+
+MOE_CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def build_moe_model(folder, layers, experts):
+    """A random bf16 Mixtral (about 330 MB at the defaults), saved once and reused."""
+    return save_random_model(folder, "Mixtral", {**MOE_CONFIG, "num_hidden_layers": layers, "num_local_experts": experts})
+
+
+def decode_steps(model, steps, cold, seed=0):
+    """Per decode step: (seconds, bytes the store read, expert bytes read). Random tokens, so routing varies."""
+    files = [model.store.folder / e.file for e in model.store.manifest.stages]
+    rng = np.random.default_rng(seed)
+    vocab = model.config["vocab_size"]
+    cache = model.new_cache()
+    model.step(rng.integers(3, vocab, size=(1, 4)), np.ones((1, 4), dtype=np.int64), cache)
+    experts, rows = model.scheduler.experts, []
+    for i in range(steps):
+        if cold:
+            evict(files)
+        before, expert_before = model.store.bytes_read, experts.bytes_read
+        t0 = time.perf_counter()
+        model.step(rng.integers(3, vocab, size=(1, 1)), np.ones((1, 5 + i), dtype=np.int64), cache)
+        rows.append((time.perf_counter() - t0, model.store.bytes_read - before, experts.bytes_read - expert_before))
+    return rows
+
+
+def run(args):
+    from .auto import AutoModel
+    from .shard import shard_checkpoint
+    from .store import ShardStore
+    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
+    src = Path(args.model) if args.model else build_moe_model(
+        work / f"mixtral-{args.layers}x{args.experts}", args.layers, args.experts)
+    shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
+    manifest = ShardStore(shards).manifest
+    routed = [s for s in manifest.stages if s.kind == "experts"]
+    if not routed:
+        raise SystemExit(f"{src}: no routed experts in its shards; give a mixtral / qwen2_moe / qwen3_moe model.")
+    top_k = manifest.config["num_experts_per_tok"]
+    non_expert = sum(s.nbytes for s in manifest.stages if s.kind != "experts")
+    per_expert = statistics.mean(e - s for st in routed for s, e in st.parts.values())
+    active = non_expert + len(routed) * top_k * per_expert
+    model_bytes = manifest.total_bytes
+    fraction = isinstance(args.budget, float) and args.budget <= 10
+    budget = int(args.budget * model_bytes) if fraction else parse_bytes(args.budget)
+    rows = []
+    for backend in args.backend.split(","):
+        # MLX's CPU gather_mm (SwitchGLU) runs only float32; on Metal the shards' bf16 runs as it is
+        dtype = "float32" if backend == "mlx" and sys.platform != "darwin" else None
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget, dtype=dtype) as model:
+            cold = decode_steps(model, args.steps, cold=True)
+            warm = decode_steps(model, args.steps, cold=False, seed=1)
+            stats = model.scheduler.experts.stats()
+            plan = str(model.plan)
+        step_bytes = statistics.mean(b for _, b, _ in cold)
+        row = dict(backend=backend, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget, layers=len(routed),
+                   experts_per_layer=len(routed[0].parts), top_k=top_k, expert_bytes=per_expert,
+                   non_expert_bytes=non_expert, active_bytes=active, bytes_per_step=step_bytes,
+                   expert_bytes_per_step=statistics.mean(e for _, _, e in cold),
+                   over_active=step_bytes / active, over_dense=step_bytes / model_bytes,
+                   cold_step_s=statistics.median(t for t, _, _ in cold),
+                   warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=args.steps, **stats)
+        rows.append(row)
+        print(f"\n{backend}: model {format_bytes(model_bytes)} ({row['layers']} MoE layers x "
+              f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")
+        print(f"  read per decode step {format_bytes(step_bytes)} (experts {format_bytes(row['expert_bytes_per_step'])})"
+              f" = {row['over_active']:.2f} x active {format_bytes(active)} = {row['over_dense']:.2f} x dense")
+        print(f"  step: cold {row['cold_step_s']:.3f} s, warm {row['warm_step_s']:.3f} s; expert cache "
+              f"{stats['expert_hits']} hits / {stats['expert_misses']} misses; {plan}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
+    add_common_options(parser, "the generated random Mixtral", layers=8)
+    parser.add_argument("--experts", type=int, default=8)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""MLX: routed experts streamed into mlx-lm's own SwitchGLU.
+
+Each MoE block's SwitchGLU keeps its class and math; the block calls a stand-in instead, which, given the
+router's choices, fetches the chosen experts (airmlx.experts.ExpertCache), stacks them in place of the
+SwitchGLU's (num_experts, ...) weights and renumbers the tokens' expert indices to match.
+"""
+import functools
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from airmlx.archs import expert_pattern
+from airmlx.errors import BackendError
+
+
+def switch_name(arch, tensor_name):
+    """A routed expert's checkpoint tensor -> the SwitchGLU parameter it stacks into, e.g.
+    model.layers.3.block_sparse_moe.experts.5.w1.scales -> model.layers.3.block_sparse_moe.switch_mlp.gate_proj.scales."""
+    m = expert_pattern(arch).match(tensor_name)
+    proj, _, kind = tensor_name[m.end():].partition(".")
+    return f"{arch.layer_prefix}{m.group(1)}.{arch.mlx_experts}.{dict(arch.mlx_expert_names).get(proj, proj)}.{kind}"
+
+
+def load_expert(backend, entry, tensors):
+    """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
+    prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.arch.mlx_experts}."
+    half = {raw.dtype for raw in tensors.values()} & {"BF16", "F16"}
+    if half and (backend.dtype is None or backend.dtype != mx.float32) and not backend.qconfig \
+            and mx.default_device().type == mx.cpu:
+        # mlx-lm's SwitchGLU uses gather_mm, which MLX's CPU build runs only in float32 (resident mlx-lm too)
+        raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
+                           f"{backend.arch.model_type} checkpoint's experts are {half.pop()}; pass dtype='float32', "
+                           "shard with compression='8bit' or '4bit', or use backend='torch'.")
+    params = {switch_name(backend.arch, name)[len(prefix):]: backend._array(raw) for name, raw in tensors.items()}
+    mx.eval(list(params.values()))
+    return params, sum(a.nbytes for a in params.values())
+
+
+def stream_experts(backend, layers, chunks):
+    block_path, _, attr = backend.arch.mlx_experts.rpartition(".")
+    for layer in layers:
+        block = functools.reduce(getattr, block_path.split("."), backend.skeleton.layers[layer])
+        prefix = f"{backend.arch.layer_prefix}{layer}.{backend.arch.mlx_experts}."
+        placeholders = {k[len(prefix):]: a for k, a in backend.placeholders.items() if k.startswith(prefix)}
+        # an instance attribute, so the SwitchGLU stays in the parameter tree
+        object.__setattr__(block, attr, StreamedSwitch(getattr(block, attr), layer, chunks, placeholders))
+
+
+class StreamedSwitch:
+    def __init__(self, switch, layer, chunks, placeholders):
+        self.switch, self.layer, self.chunks, self.placeholders = switch, layer, chunks, placeholders
+        self.num_experts = next(iter(placeholders.values())).shape[0]
+
+    def __call__(self, x, indices):
+        routed = np.unique(np.array(indices)).tolist()
+        out = None
+        for experts, handles in self.chunks(self.layer, routed):
+            index = np.zeros(self.num_experts, dtype=np.int32)
+            index[experts] = np.arange(len(experts))
+            stacked = {k: mx.stack([h[k] for h in handles]) for k in handles[0]}
+            self.switch.update(tree_unflatten(list(stacked.items())))
+            try:
+                y = self.switch(x, mx.array(index)[indices])
+            finally:
+                self.switch.update(tree_unflatten([(k, self.placeholders[k]) for k in stacked]))
+            if len(experts) < len(routed):  # a group of a large prefill: other experts' slots count zero here
+                chosen = np.zeros(self.num_experts, dtype=bool)
+                chosen[experts] = True
+                y = y * mx.array(chosen)[indices][..., None].astype(y.dtype)
+            out = y if out is None else out + y
+        return out

@@ -1,0 +1,149 @@
+"""MoE expert streaming: a layer stage holds attention, norms and router; each routed expert is a byte range
+of its layer's experts file, read only when the router picks it, and kept in a cache inside the budget."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import airmlx
+from airmlx.errors import BudgetError
+from airmlx.store import ShardStore
+from conftest import BACKENDS
+from test_equivalence import BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, reference_generate
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+TOP_K = 2  # tests/tiny.py: 4 experts, 2 per token, 2 layers
+
+
+def shard(checkpoints, tmp_path, arch, **overrides):
+    folder, ref = checkpoints(arch, **overrides)
+    return folder, ref, airmlx.shard_checkpoint(folder, tmp_path / "shards", progress=False)
+
+
+def expert_size(shards):
+    sizes = {e - s for st in ShardStore(shards).manifest.stages if st.parts for s, e in st.parts.values()}
+    assert len(sizes) == 1  # every expert of these models is the same size
+    return sizes.pop()
+
+
+def min_budget(shards):
+    stages = ShardStore(shards).manifest.stages
+    return max(s.nbytes for s in stages if s.kind != "experts") + TOP_K * expert_size(shards)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_experts_are_stored_apart_and_each_reads_alone(checkpoints, tmp_path, arch):
+    folder, _, shards = shard(checkpoints, tmp_path, arch)
+    source = load_file(str(folder / "model.safetensors"))
+    store = ShardStore(shards)
+    stages = store.manifest.stages
+    assert [s.name for s in stages] == ["embed", "layer.000", "layer.000.experts", "layer.001", "layer.001.experts",
+                                        "head"]
+    for s in stages:
+        if s.kind == "layer":  # attention, norms, router (and a shared expert): no routed expert
+            assert not any(".experts." in t for t in s.tensors) and any(".gate." in t for t in s.tensors)
+        if s.kind == "experts":
+            assert sorted(s.parts) == ["0", "1", "2", "3"]
+            for e in range(4):
+                before = store.bytes_read
+                part = store.read_part(s.name, e)
+                assert store.bytes_read - before == part.nbytes < s.nbytes / 3  # its own bytes, nothing more
+                assert part.tensors and all(f".experts.{e}." in name for name in part.tensors)
+                for name, raw in part.tensors.items():
+                    np.testing.assert_array_equal(raw.data, source[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("budget", ["minimum", "roomy"])
+def test_streamed_experts_match_transformers(checkpoints, tmp_path, arch, backend, budget):
+    folder, ref, shards = shard(checkpoints, tmp_path, arch)
+    want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend,
+                                          memory_budget=min_budget(shards) if budget == "minimum" else "1GB") as model:
+        cache = model.scheduler.experts
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+        if budget == "minimum":  # room for one token's experts: a 9-token prefill's union comes in groups
+            assert cache.capacity == TOP_K * expert_size(shards) and cache.hits == 0
+        else:  # every expert read once, then kept
+            assert cache.misses == 8 and cache.hits > 0
+        assert_last_logits_match(model, ref, want)
+        batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
+    assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_decode_step_reads_only_the_routed_experts(checkpoints, tmp_path, backend):
+    _, _, shards = shard(checkpoints, tmp_path, "mixtral")
+    size = expert_size(shards)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards)) as model:
+        reads, read_part = [], model.store.read_part
+        model.store.read_part = lambda name, e: (reads.append((name, e)), read_part(name, e))[1]
+        cache = model.new_cache(1, [0])
+        prompt = np.array(PROMPT)
+        model.step(prompt, np.ones_like(prompt), cache)
+        plan = model.plan
+        largest = max(plan.stage_bytes.values())
+        for n in range(1, 4):
+            reads.clear()
+            before = model.store.bytes_read
+            mask = np.ones((1, prompt.shape[1] + n), dtype=np.int64)
+            model.step(np.array([[7]]), mask, cache)
+            step_bytes = model.store.bytes_read - before
+            # the cache holds one layer's experts: each layer reads the two its token chose, and only those
+            assert sorted(name for name, _ in reads) == ["layer.000.experts"] * TOP_K + ["layer.001.experts"] * TOP_K
+            assert len(set(reads)) == 2 * TOP_K
+            # the stages the plan streams (prefetch may be up to its depth ahead) plus those experts
+            active = plan.streamed_bytes_per_step + 2 * TOP_K * size
+            assert active - plan.prefetch_depth * largest <= step_bytes <= active + plan.prefetch_depth * largest
+            assert step_bytes < plan.streamed_bytes_per_step + plan.expert_bytes  # the dense layer's bytes
+
+
+def test_budget_minimum_counts_one_tokens_experts(checkpoints, tmp_path):
+    _, _, shards = shard(checkpoints, tmp_path, "qwen3_moe")
+    with pytest.raises(BudgetError, match="routed experts"):
+        airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=min_budget(shards) - 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_streamed_experts_match_mlx_lm(checkpoints, tmp_path, backend):
+    """Our 8-bit shards quantise each expert as mlx_lm.convert quantises the stacked experts."""
+    import mlx.core as mx
+    from mlx_lm import convert, load as mlx_load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from airmlx.archs import rope_config
+    folder, _ = checkpoints("mixtral", intermediate_size=64)
+    config = json.loads((folder / "config.json").read_text())
+    theta, scaling = rope_config(config)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in folder.iterdir():
+        (hf / f.name).write_bytes(f.read_bytes())
+    (hf / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": scaling}))
+    convert(str(hf), str(tmp_path / "mlx8"), quantize=True, q_bits=8, q_group_size=64, dtype="float32")
+    ref, _ = mlx_load(str(tmp_path / "mlx8"))
+    cache, ids, want = make_prompt_cache(ref), mx.array(PROMPT), list(PROMPT[0])
+    for _ in range(NEW_TOKENS):
+        want.append(int(mx.argmax(ref(ids, cache=cache)[:, -1], axis=-1).item()))
+        ids = mx.array([[want[-1]]])
+    shards = airmlx.shard_checkpoint(hf, tmp_path / "q8", compression="8bit", progress=False)
+    assert any(t.endswith(".experts.0.w1.scales") for s in ShardStore(shards).manifest.stages for t in s.tensors)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards)) as model:
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0] == want
+
+
+def test_bf16_experts_on_mlx_cpu_say_how_to_run(checkpoints, tmp_path):
+    """MLX's CPU build has no bf16 gather_mm (mlx-lm resident fails too): a clear error, and float32 runs."""
+    import mlx.core as mx
+    from airmlx.errors import BackendError
+    if mx.default_device().type != mx.cpu:
+        pytest.skip("only MLX's CPU build lacks the kernel")
+    folder, ref, shards = shard(checkpoints, tmp_path, "mixtral", dtype=torch.bfloat16)
+    with airmlx.AutoModel.from_pretrained(shards, backend="mlx") as model:
+        with pytest.raises(BackendError, match="dtype='float32'"):
+            model.generate(PROMPT, max_new_tokens=2)
+    with airmlx.AutoModel.from_pretrained(shards, backend="mlx", dtype="float32") as model:
+        assert len(model.generate(PROMPT, max_new_tokens=2)[0]) == len(PROMPT[0]) + 2
