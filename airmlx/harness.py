@@ -25,7 +25,7 @@ def cuda_available():
 class AirmlxLM(LM):
     def __init__(self, pretrained=None, backend="auto", device=None, dtype=None, memory_budget=None,
                  compression=None, batch_size=8, max_length=None, max_gen_toks=256, layer_shards_saving_path=None,
-                 **unused):
+                 trust_remote_code=False, **unused):
         super().__init__()
         if str(device).startswith("cuda") and not cuda_available():
             # lm-eval's command line sends device=cuda:0 unless told otherwise, CUDA or not
@@ -33,7 +33,9 @@ class AirmlxLM(LM):
             device = None
         self.model = AutoModel.from_pretrained(pretrained or DEMO_MODEL, backend=backend, device=device,
                                                dtype=dtype, memory_budget=memory_budget, compression=compression,
-                                               layer_shards_saving_path=layer_shards_saving_path)
+                                               layer_shards_saving_path=layer_shards_saving_path,
+                                               # model_args arrive as strings: "trust_remote_code=True"
+                                               trust_remote_code=str(trust_remote_code).lower() in ("true", "1"))
         self.tokenizer = self.model.tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length or self.model.config.get("max_position_embeddings", 2048))
