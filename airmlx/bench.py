@@ -247,7 +247,7 @@ def add_common_options(parser, generated, layers):
     parser.add_argument("--budget", default=0.25, type=lambda v: float(v) if v.replace(".", "", 1).isdigit() else v,
                         help="memory budget: a fraction of the model (default 0.25) or a size like 200MB")
     parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
-    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the generated model")
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")
 

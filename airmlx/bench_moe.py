@@ -99,7 +99,7 @@ def run(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Mixtral", layers=8)
-    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=8, help="routed experts per layer of the generated model")
     run(parser.parse_args(argv))
     return 0
 

@@ -4,6 +4,9 @@ and come back as opaque handles, like stages.
 """
 from collections import OrderedDict
 
+from .errors import CorruptShardError
+from .manifest import repair_hint
+
 
 class ExpertCache:
     """(layer, expert) -> the backend's loaded expert, least recently used evicted first, at most
@@ -24,7 +27,8 @@ class ExpertCache:
         group, size = [], 0
         for e in experts:
             if (layer, e) not in self.sizes:
-                raise KeyError(f"layer {layer} has no stored expert {e}")
+                raise CorruptShardError(f"the router of layer {layer} chose expert {e}, which its shard folder "
+                                        f"does not hold; {repair_hint(self.store.folder)}")
             n = self.sizes[layer, e]
             if group and size + n > self.capacity:
                 yield group, self.get(layer, group)

@@ -99,16 +99,11 @@ class ShardStore:
         path = self.folder / entry.file
         t0 = time.perf_counter()
         buf = self.pool.acquire(entry.nbytes)
-        view = memoryview(buf)[: entry.nbytes]
-        with open(path, "rb", buffering=0) as f:
-            pos = 0
-            while pos < entry.nbytes:
-                n = f.readinto(view[pos: pos + READ_CHUNK])
-                if not n:
-                    self.pool.release(buf)
-                    raise CorruptShardError(f"stage {name}: file {path} ended after {pos} of {entry.nbytes} bytes; "
-                                            f"{repair_hint(self.folder)}")
-                pos += n
+        try:
+            self._read_into(path, 0, memoryview(buf)[: entry.nbytes], f"stage {name}")
+        except CorruptShardError:
+            self.pool.release(buf)
+            raise
         tensors = self._views(name, buf)
         with self._lock:
             self.bytes_read += entry.nbytes
@@ -123,21 +118,25 @@ class ShardStore:
         data_start, infos = self._layout[name]
         t0 = time.perf_counter()
         buf = np.empty(end - start, dtype=np.uint8)
-        with open(self.folder / entry.file, "rb", buffering=0) as f:
-            f.seek(data_start + start)
-            view, pos = memoryview(buf), 0
-            while pos < buf.nbytes:
-                n = f.readinto(view[pos: pos + READ_CHUNK])
-                if not n:
-                    raise CorruptShardError(f"stage {name}: file {self.folder / entry.file} ended inside expert "
-                                            f"{part}; {repair_hint(self.folder)}")
-                pos += n
+        self._read_into(self.folder / entry.file, data_start + start, memoryview(buf), f"stage {name}, expert {part},")
         tensors = {info.name: RawTensor(info.dtype, info.shape, buf[info.start - start: info.end - start]
                                         .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
                    for info in infos.values() if start <= info.start and info.end <= end}
         with self._lock:
             self.bytes_read += buf.nbytes
         return StageData(f"{name}[{part}]", tensors, None, buf.nbytes, time.perf_counter() - t0)
+
+    def _read_into(self, path, offset, view, what):
+        """Fill view with the file's bytes from offset on, in large reads; a file that ends early is damaged."""
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            pos = 0
+            while pos < len(view):
+                n = f.readinto(view[pos: pos + READ_CHUNK])
+                if not n:
+                    raise CorruptShardError(f"{what} file {path} ended {len(view) - pos} bytes early; "
+                                            f"{repair_hint(self.folder)}")
+                pos += n
 
     def hold(self, nbytes):
         """Count bytes kept elsewhere (the expert cache) as held."""

@@ -40,6 +40,16 @@ class Backend(Protocol):
 
     def free_stage(self, stage: Any) -> None: ...
 
+    # MoE models whose routed experts are stored apart (airmlx/experts.py)
+    def stream_experts(self, layers: list, chunks: Any) -> None:
+        """From now on, these layers' MoE blocks get their routed experts from chunks(layer, experts), which
+        yields (experts, [loaded expert]) groups that fit the expert cache; the outputs of the groups add up."""
+
+    def load_expert(self, entry: Any, expert: int, tensors: dict) -> tuple:
+        """One routed expert's raw tensors -> (loaded expert, bytes it holds)."""
+
+    def free_expert(self, loaded: Any) -> None: ...
+
     def logits(self, x: Any) -> np.ndarray:
         """The head's output as float32 numpy (B, positions, vocab)."""
 
