@@ -6,7 +6,8 @@ module once.
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "AirmlxError": ".errors", "shard_checkpoint": ".shard"}
+_EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "AirmlxError": ".errors", "shard_checkpoint": ".sharder",
+            "DEMO_MODEL": ".hub"}
 __all__ = list(_EXPORTS)
 
 

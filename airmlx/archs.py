@@ -1,7 +1,7 @@
-"""Registry: model_type -> how its checkpoint splits into stages, and which framework modules run them.
+"""Registry: model_type -> how its checkpoint splits into stages, and the math switches both backends share.
 
-One entry per architecture. The model math lives in mlx-lm (``mlx_module``) and transformers (looked up
-from the config's model_type); the backends' adapters only wire stages together.
+One entry per architecture. The model math lives in mlx-lm and transformers; each backend keeps its own
+table of the framework modules that run an architecture and the workarounds they need.
 """
 import re
 from dataclasses import dataclass
@@ -11,32 +11,22 @@ from .errors import CheckpointError, UnsupportedArchitectureError
 
 @dataclass(frozen=True)
 class Arch:
+    """What both backends and the sharder need of an architecture: where its stages sit in the checkpoint
+    and the math switches the stage wiring applies. Framework modules and workarounds live in each
+    backend's own table (backends/mlx_backend.py MLX_ARCHS, backends/torch_backend.py TORCH_ARCHS)."""
     model_type: str
-    mlx_module: str  # mlx_lm.models.<mlx_module>
-    adapter: str = "decoder"  # the backends' adapter family: embed -> N decoder layers -> norm + head
-    # module paths, the same in the checkpoint and in the mlx-lm model (remote-code families differ)
+    # module paths in the checkpoint (remote-code families differ from transformers' own names)
     embed: str = "model.embed_tokens"
     layers: str = "model.layers"
     norm: str = "model.norm"
     head: str = "lm_head"
     remote_code: bool = False  # ships its own modelling code: torch runs it only with trust_remote_code=True
-    # (mlx-lm ModelArgs key, HF config key) where transformers renamed a key mlx-lm still reads
-    config_aliases: tuple = ()
     embed_scale: bool = False  # hidden states leave the embedding times sqrt(hidden_size), in the model's dtype
     final_softcap: bool = False  # logits = cap * tanh(logits / cap), cap = config final_logit_softcapping
-    mlx_sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
-    mlx_mask_array: bool = False  # the mlx-lm attention needs a mask array, not the "causal" shortcut
-    # zero left-padded positions before each layer: its attention also reads the position before (a
-    # convolution), so padding would leak into a row's first token
-    mlx_zero_padding: bool = False
     unquantized: tuple = ()  # modules the sharder's compression leaves alone
-    torch_attention: str = "sdpa"  # transformers' attn_implementation
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
-    torch_experts: str = "mlp.experts"  # transformers' fused experts module in a layer
-    mlx_experts: str = None  # mlx-lm's SwitchGLU in a layer
-    mlx_expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
 
     @property
     def embed_prefix(self):
@@ -49,48 +39,37 @@ class Arch:
     @property
     def head_prefixes(self):
         return (self.norm + ".", self.head + ".")
-    tested: str = "transformers generate"  # what the equivalence tests compare it with
 
 
 ARCHS = {a.model_type: a for a in [
-    Arch("llama", mlx_module="llama"),
-    Arch("mistral", mlx_module="llama"),  # mlx-lm runs mistral checkpoints with its llama module
-    Arch("qwen2", mlx_module="qwen2"),
-    Arch("qwen3", mlx_module="qwen3"),
-    Arch("phi3", mlx_module="phi3"),
-    Arch("glm4", mlx_module="glm4"),
+    Arch("llama"),
+    Arch("mistral"),
+    Arch("qwen2"),
+    Arch("qwen3"),
+    Arch("phi3"),
+    Arch("glm4"),
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
-    Arch("mixtral", mlx_module="mixtral", experts="block_sparse_moe.experts",
-         mlx_experts="block_sparse_moe.switch_mlp",
-         mlx_expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
-    Arch("qwen2_moe", mlx_module="qwen2_moe", experts="mlp.experts", mlx_experts="mlp.switch_mlp"),
-    Arch("qwen3_moe", mlx_module="qwen3_moe", config_aliases=(("num_experts", "num_local_experts"),),
-         experts="mlp.experts", mlx_experts="mlp.switch_mlp"),
-    # sliding-window layers come from config.layer_types on both backends (mlx-lm's gemma2 module has no
-    # window of its own: airmlx gives its sliding layers a RotatingKVCache and a windowed mask)
-    Arch("gemma2", mlx_module="gemma2", embed_scale=True, final_softcap=True, mlx_mask_array=True,
-         torch_attention="eager"),  # transformers: sdpa has no attention soft-capping
-    Arch("gemma3_text", mlx_module="gemma3_text", embed_scale=True, final_softcap=True, mlx_sanitize=False),
-    # remote-code families: mlx-lm's modules on MLX (tested against mlx-lm's own model); on torch, transformers'
-    # module where it has one (internlm3), else the checkpoint's own code with trust_remote_code=True
-    Arch("internlm2", mlx_module="internlm2", embed="model.tok_embeddings", head="output", remote_code=True,
-         tested="mlx-lm resident"),
-    Arch("internlm3", mlx_module="internlm3", remote_code=True, tested="mlx-lm resident"),
-    Arch("qwen", mlx_module="qwen", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f",
-         remote_code=True, tested="mlx-lm resident"),
-    # key/value convolution over neighbouring positions (mlx-lm keeps its state in the layer's CacheList);
-    # sliding layers from config.sliding_window_layers; mlx-lm's sanitize normalises lm_head (a NormHead)
-    # (when not quantised: so compression keeps it as it is)
-    Arch("baichuan_m1", mlx_module="baichuan_m1", remote_code=True, mlx_zero_padding=True,
-         unquantized=("lm_head",), tested="mlx-lm resident"),
+    Arch("mixtral", experts="block_sparse_moe.experts"),
+    Arch("qwen2_moe", experts="mlp.experts"),
+    Arch("qwen3_moe", experts="mlp.experts"),
+    # sliding-window layers come from config.layer_types (layer_types() below)
+    Arch("gemma2", embed_scale=True, final_softcap=True),
+    Arch("gemma3_text", embed_scale=True, final_softcap=True),
+    # remote-code families: on torch, transformers' module where it has one (internlm3), else the
+    # checkpoint's own code with trust_remote_code=True
+    Arch("internlm2", embed="model.tok_embeddings", head="output", remote_code=True),
+    Arch("internlm3", remote_code=True),
+    Arch("qwen", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f", remote_code=True),
+    # mlx-lm's sanitize normalises lm_head (a NormHead) only when it is not quantised: compression keeps it
+    Arch("baichuan_m1", remote_code=True, unquantized=("lm_head",)),
 ]}
 
 # Buffers some checkpoints carry that no framework loads.
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def arch_for(config):
+def arch_for(config: dict) -> Arch:
     model_type = config.get("model_type")
     if model_type not in ARCHS:
         raise UnsupportedArchitectureError(
@@ -115,7 +94,7 @@ def expert_index(arch, tensor_name):
     return int(m.group(2)) if m else None
 
 
-def stage_layout(config, tensor_names, split_experts=True):
+def stage_layout(config: dict, tensor_names: list) -> list:
     """Split a checkpoint's tensor names into stages, in sweep order: [(stage name, kind, [tensor names])].
 
     Tied embeddings: the head stage carries the embedding matrix too (under its own name), because the
@@ -155,9 +134,8 @@ def stage_layout(config, tensor_names, split_experts=True):
         head = [t for t in head if not t.startswith(arch.head + ".")] + embed
     stages = [("embed", "embed", embed)]
     for i, ts in enumerate(layers):
-        routed = [t for t in ts if expert_index(arch, t) is not None] if split_experts else []
-        stages.append((stage_name("layer", i, n), "layer", [t for t in ts if expert_index(arch, t) is None
-                                                             or not split_experts]))
+        routed = [t for t in ts if expert_index(arch, t) is not None]
+        stages.append((stage_name("layer", i, n), "layer", [t for t in ts if expert_index(arch, t) is None]))
         if routed:
             stages.append((stage_name("experts", i, n), "experts", routed))
     stages.append(("head", "head", head))

@@ -9,12 +9,12 @@ from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .quant import compression_config
-from .shard import PROGRESS_NAME, complete_folder, shard_checkpoint
+from .sharder import PROGRESS_NAME, complete_folder, shard_checkpoint
 
 BACKENDS = ("auto", "mlx", "torch")
 
 
-def pick_backend(backend="auto"):
+def pick_backend(backend: str = "auto") -> str:
     """MLX on Apple silicon, otherwise torch (CUDA when present, else CPU)."""
     if backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
@@ -29,25 +29,40 @@ def pick_backend(backend="auto"):
     return "torch"
 
 
-def make_backend(name, config, device=None, dtype=None, tensor_names=(), trust_remote_code=False, shard_dir=None):
+def make_backend(name: str, manifest: Manifest, device=None, dtype=None, trust_remote_code: bool = False,
+                 code_dir=None):
+    """The backend `name` ("mlx" | "torch") for a shard folder's manifest; both are built the same way."""
+    try:
+        import airmlx.backends  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "airmlx.backends":
+            raise
+        raise BackendError("airmlx is not installed: its backends (the backends/ folder) become importable as "
+                           "airmlx.backends only through the package; run pip install -e . in the clone.") from None
     if name == "mlx":
         try:
-            from .backends.mlx_backend import MLXBackend
+            from .backends.mlx_backend import MLXBackend as Backend
         except ImportError as e:
-            raise BackendError(f"the MLX backend needs mlx and mlx-lm ({e}); pip install mlx mlx-lm, "
-                               "or use backend='torch'.") from None
-        return MLXBackend(config, device=device, dtype=dtype, tensor_names=tensor_names)
-    from .backends.torch_backend import TorchBackend
-    return TorchBackend(config, device=device, dtype=dtype, tensor_names=tensor_names,
-                        trust_remote_code=trust_remote_code, code_dir=shard_dir)
+            raise BackendError(f"the MLX backend needs mlx and mlx-lm ({e}); pip install mlx mlx-lm "
+                               "(mlx[cpu] on Linux), or use backend='torch'.") from None
+    else:
+        try:
+            from .backends.torch_backend import TorchBackend as Backend
+        except ImportError as e:
+            raise BackendError(f"the torch backend needs torch and transformers ({e}); pip install torch "
+                               "transformers, or use backend='mlx'.") from None
+    return Backend(manifest, device=device, dtype=dtype, trust_remote_code=trust_remote_code, code_dir=code_dir)
 
 
 class AutoModel:
     @classmethod
-    def from_pretrained(cls, path_or_id, backend="auto", device=None, dtype=None, compression=None,
-                        layer_shards_saving_path=None, memory_budget=None, prefetching=True,
-                        profiling_mode=False, hf_token=None, delete_original=False, allow_pickle=False,
-                        progress=True, trust_remote_code=False):
+    def from_pretrained(cls, path_or_id: "str | Path", backend: str = "auto", device: str | None = None,
+                        dtype: str | None = None, compression: str | None = None,
+                        layer_shards_saving_path: "str | Path | None" = None,
+                        memory_budget: "int | str | None" = None, prefetching: bool = True,
+                        profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
+                        allow_pickle: bool = False, progress: bool = True,
+                        trust_remote_code: bool = False) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -71,9 +86,6 @@ class AutoModel:
                                  compression=compression, progress=progress)
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
-        names = [t for s in manifest.stages for t in s.tensors]
-        backend_obj = make_backend(name, manifest.config, device, dtype, names, trust_remote_code, shard_dir)
-        model = AirModel(shard_dir, backend_obj, memory_budget=memory_budget,
-                         prefetching=prefetching, profiling_mode=profiling_mode)
-        model.trust_remote_code = trust_remote_code
-        return model
+        backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
+        return AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
+                        profiling_mode=profiling_mode, trust_remote_code=trust_remote_code)

@@ -6,7 +6,6 @@ read bandwidth of the shard files, then times decode steps per backend:
   warm      shard files in the page cache
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
-import argparse
 import json
 import os
 import statistics
@@ -17,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .schedule import format_bytes, parse_bytes
+from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .quant import COMPRESSIONS
+from .store import evict
+from .units import format_bytes
 
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
@@ -55,33 +57,12 @@ def save_random_model(folder, family, cfg):
     return folder
 
 
-def evict(paths):
-    """Drop files from the page cache (clean pages only; shard files are fsynced when written)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def cold_read_gbps(store, names):
-    """Sequential read bandwidth of these stages' files from a cold page cache, with the store's own reads."""
-    evict([store.folder / store.stages[n].file for n in names])
-    t0, total = time.perf_counter(), 0
-    for n in names:
-        data = store.read_stage(n)
-        total += data.nbytes
-        store.release(data)
-    return total / (time.perf_counter() - t0) / 1e9
-
-
 def time_streamed(model, steps, cold):
     """Median decode-step time: prefill a short prompt, then one token per step."""
-    files = [model.store.folder / e.file for e in model.store.manifest.stages if e.name in model.plan.streamed]
+    files = model.stage_files(streamed_only=True)
     cache = model.new_cache()
     model.step(np.array([[1, 2, 3, 4]]), np.ones((1, 4), dtype=np.int64), cache)
-    model.backend.reset_peak()
+    model.reset_peak()
     times, past = [], 4
     for i in range(steps + 1):
         if cold:
@@ -90,12 +71,12 @@ def time_streamed(model, steps, cold):
         model.step(np.array([[5 + i]]), np.ones((1, past + 1), dtype=np.int64), cache)
         times.append(time.perf_counter() - t0)
         past += 1
-    return statistics.median(times[1:]), model.backend.memory()["peak"]
+    return statistics.median(times[1:]), model.memory_stats()["peak"]
 
 
 def time_batches(model, batch_sizes, steps):
     """Cold-regime aggregate decode tokens/s per batch size: each step serves every row with one read."""
-    files = [model.store.folder / e.file for e in model.store.manifest.stages if e.name in model.plan.streamed]
+    files = model.stage_files(streamed_only=True)
     rates = {}
     for batch in batch_sizes:
         cache = model.new_cache(batch, [0] * batch)
@@ -113,14 +94,14 @@ def time_batches(model, batch_sizes, steps):
 
 def time_scoring(model, requests, length):
     """Layer-major scoring of `requests` random sequences, cold: bytes read against model bytes x passes."""
-    files = [model.store.folder / e.file for e in model.store.manifest.stages]
+    files = model.stage_files()
     rng = np.random.default_rng(0)
     data = [rng.integers(3, 1000, size=length).tolist() for _ in range(requests)]
     evict(files)
     t0 = time.perf_counter()
     scores = model.score(data, batch_size=8, max_tokens=length * 64)
     seconds = time.perf_counter() - t0
-    model_bytes = model.store.manifest.total_bytes
+    model_bytes = model.shard_bytes
     return dict(requests=requests, tokens_per_request=length, passes=scores.passes, bytes_read=scores.bytes_read,
                 bytes_over_model_x_passes=scores.bytes_read / (model_bytes * scores.passes),
                 score_s=seconds, tokens_per_s=requests * length / seconds)
@@ -174,22 +155,20 @@ def time_airllm(src, steps):
 
 def run(args):
     from .auto import AutoModel
-    from .shard import shard_checkpoint
-    from .store import ShardStore
+    from .manifest import Manifest
+    from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
     suffix = f"-{args.compression}" if args.compression else ""
     shards = shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
-    store = ShardStore(shards)
-    model_bytes = store.manifest.total_bytes
-    fraction = isinstance(args.budget, float) and args.budget <= 10  # 0.25 = a quarter of the model
-    budget = int(args.budget * model_bytes) if fraction else parse_bytes(args.budget)
+    model_bytes = Manifest.load(shards).total_bytes
+    budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
         model = AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
         plan = model.plan
-        measured = plan.streamed or list(store.stages)  # everything resident: report the disk anyway
-        gbps = max(cold_read_gbps(store, measured) for _ in range(2))  # best of two: a busy disk only lowers it
+        # best of two: a busy disk only lowers it; everything resident: the disk is reported anyway
+        gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
         floor = plan.streamed_bytes_per_step / (gbps * 1e9)
         cold, cold_peak = time_streamed(model, args.steps, cold=True)
         warm, warm_peak = time_streamed(model, args.steps, cold=False)
@@ -244,28 +223,31 @@ def add_common_options(parser, generated, layers):
     """The options python -m airmlx.bench and python -m airmlx.bench_moe share."""
     parser.add_argument("--model", help=f"HF model folder to use instead of {generated}")
     parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
-    parser.add_argument("--budget", default=0.25, type=lambda v: float(v) if v.replace(".", "", 1).isdigit() else v,
-                        help="memory budget: a fraction of the model (default 0.25) or a size like 200MB")
+    add_budget_options(parser, fraction=0.25)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
     parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the generated model")
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m airmlx.bench", description=__doc__.split("\n")[0])
+def build_parser():
+    parser = ArgumentParser(prog="python -m airmlx.bench", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Llama", layers=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--compare", choices=["airllm"], help="also time AirLLM, when installed")
-    parser.add_argument("--compression", choices=["4bit", "8bit"], default=None, help="stream quantised shards")
+    parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default=None, help="stream quantised shards")
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
+    return parser
+
+
+@face
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(os, "posix_fadvise"):
-        print("airmlx.bench: this platform has no posix_fadvise, so the cold regime cannot be measured.",
-              file=sys.stderr)
-        return 2
+        parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
     run(args)
     return 0
 

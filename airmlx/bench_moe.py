@@ -7,7 +7,6 @@ decode steps under a memory budget, counting what the store reads:
 The target is bytes per step <= 1.2 x active. Step times (cold: shard files evicted from the page cache
 before each step; warm: in the page cache) come with them.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -17,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import add_common_options, evict, save_random_model
-from .schedule import format_bytes, parse_bytes
+from .bench import add_common_options, save_random_model
+from .cli import ArgumentParser, bench_budget, face
+from .errors import AirmlxError
+from .store import evict
+from .units import format_bytes
 
 MOE_CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
@@ -32,41 +34,41 @@ def build_moe_model(folder, layers, experts):
 
 def decode_steps(model, steps, cold, seed=0):
     """Per decode step: (seconds, bytes the store read, expert bytes read). Random tokens, so routing varies."""
-    files = [model.store.folder / e.file for e in model.store.manifest.stages]
+    files = model.stage_files()
     rng = np.random.default_rng(seed)
     vocab = model.config["vocab_size"]
     cache = model.new_cache()
     model.step(rng.integers(3, vocab, size=(1, 4)), np.ones((1, 4), dtype=np.int64), cache)
-    experts, rows = model.scheduler.experts, []
+    rows = []
     for i in range(steps):
         if cold:
             evict(files)
-        before, expert_before = model.store.bytes_read, experts.bytes_read
+        before, expert_before = model.bytes_read, model.memory_stats()["expert_bytes_read"]
         t0 = time.perf_counter()
         model.step(rng.integers(3, vocab, size=(1, 1)), np.ones((1, 5 + i), dtype=np.int64), cache)
-        rows.append((time.perf_counter() - t0, model.store.bytes_read - before, experts.bytes_read - expert_before))
+        rows.append((time.perf_counter() - t0, model.bytes_read - before,
+                     model.memory_stats()["expert_bytes_read"] - expert_before))
     return rows
 
 
 def run(args):
     from .auto import AutoModel
-    from .shard import shard_checkpoint
-    from .store import ShardStore
+    from .manifest import Manifest
+    from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     src = Path(args.model) if args.model else build_moe_model(
         work / f"mixtral-{args.layers}x{args.experts}", args.layers, args.experts)
     shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
-    manifest = ShardStore(shards).manifest
+    manifest = Manifest.load(shards)
     routed = [s for s in manifest.stages if s.kind == "experts"]
     if not routed:
-        raise SystemExit(f"{src}: no routed experts in its shards; give a mixtral / qwen2_moe / qwen3_moe model.")
+        raise AirmlxError(f"{src}: no routed experts in its shards; give a mixtral / qwen2_moe / qwen3_moe model.")
     top_k = manifest.config["num_experts_per_tok"]
     non_expert = sum(s.nbytes for s in manifest.stages if s.kind != "experts")
     per_expert = statistics.mean(e - s for st in routed for s, e in st.parts.values())
     active = non_expert + len(routed) * top_k * per_expert
     model_bytes = manifest.total_bytes
-    fraction = isinstance(args.budget, float) and args.budget <= 10
-    budget = int(args.budget * model_bytes) if fraction else parse_bytes(args.budget)
+    budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
         # MLX's CPU gather_mm (SwitchGLU) runs only float32; on Metal the shards' bf16 runs as it is
@@ -74,7 +76,7 @@ def run(args):
         with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget, dtype=dtype) as model:
             cold = decode_steps(model, args.steps, cold=True)
             warm = decode_steps(model, args.steps, cold=False, seed=1)
-            stats = model.scheduler.experts.stats()
+            stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
             plan = str(model.plan)
         step_bytes = statistics.mean(b for _, b, _ in cold)
         row = dict(backend=backend, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget, layers=len(routed),
@@ -96,8 +98,9 @@ def run(args):
     return rows
 
 
+@face
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Mixtral", layers=8)
     parser.add_argument("--experts", type=int, default=8, help="routed experts per layer of the generated model")
     run(parser.parse_args(argv))

@@ -1,12 +1,17 @@
-"""Command-line faces: shared model options and `python -m airmlx.generate` (`python -m airmlx.chat` is in
-airmlx/chat.py)."""
+"""What every command-line face shares: one parser class, the model options (choices read from the
+registries), one error wrapper (an AirmlxError is one line on stderr and exit status 2; Ctrl-C is 130),
+loading the model, and printing tokens as they arrive."""
 import argparse
+import functools
 import sys
 import time
+from typing import Callable
 
-from .demo import DEMO_MODEL  # noqa: F401  (re-exported: the CLIs' default model)
+from .auto import BACKENDS, AutoModel
 from .errors import AirmlxError
-from .schedule import format_bytes
+from .hub import DEMO_MODEL
+from .quant import COMPRESSIONS
+from .units import parse_bytes
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -16,36 +21,72 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"airmlx: {message}; see {self.prog} --help\n")
 
 
-def add_model_options(parser):
-    parser.add_argument("--model", default=None, help="model folder, hub id or shard folder (default: the bundled demo model)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"])
+def face(body: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130."""
+
+    @functools.wraps(body)
+    def main(argv=None, **kwargs):
+        err = kwargs.get("stderr") or sys.stderr
+        try:
+            return body(argv, **kwargs) or 0
+        except AirmlxError as e:
+            print(f"airmlx: {e}", file=err)
+            return 2
+        except KeyboardInterrupt:
+            print(file=err)
+            return 130
+    return main
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model folder, hub id or shard folder (default: the bundled demo model)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--device", default=None, help="torch: cuda/cpu; mlx: gpu/cpu")
-    parser.add_argument("--compression", default=None, choices=["4bit", "8bit"])
+    parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16")
+    parser.add_argument("--compression", default=None, choices=sorted(COMPRESSIONS))
     parser.add_argument("--memory-budget", default=None, help="bytes of weights kept in memory, e.g. 4GB")
     parser.add_argument("--layer-shards-saving-path", default=None, help="where the shard folder goes")
     parser.add_argument("--hf-token", default=None)
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the checkpoint's own modelling/tokenizer code (torch backend, families transformers "
-                             "lacks); read that code first")
+                        help="run the checkpoint's own modelling/tokenizer code (torch backend, families "
+                             "transformers lacks); read that code first")
     parser.add_argument("--profile", action="store_true",
                         help="record read / wait / load / compute time per stage and print the table")
 
 
-def load_model(args):
-    from .auto import AutoModel
+def add_budget_options(parser: argparse.ArgumentParser, fraction: float) -> None:
+    """The benches' budget: a fraction of the model, or a size."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--budget-fraction", type=float, default=None,
+                       help=f"memory budget as a fraction of the model's bytes (default {fraction})")
+    group.add_argument("--memory-budget", default=None, help="memory budget as a size, e.g. 200MB")
+    parser.set_defaults(default_fraction=fraction)
+
+
+def bench_budget(args: argparse.Namespace, model_bytes: int) -> int:
+    if args.memory_budget is not None:
+        return parse_bytes(args.memory_budget)
+    fraction = args.default_fraction if args.budget_fraction is None else args.budget_fraction
+    if not fraction > 0:
+        raise AirmlxError(f"--budget-fraction {fraction}: use a fraction > 0 of the model, e.g. 0.25.")
+    return int(fraction * model_bytes)
+
+
+def load_model(args: argparse.Namespace):
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
-                                     compression=args.compression, memory_budget=args.memory_budget,
+                                     dtype=args.dtype, compression=args.compression,
+                                     memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
-                                     profiling_mode=getattr(args, "profile", False),
-                                     trust_remote_code=getattr(args, "trust_remote_code", False))
+                                     profiling_mode=args.profile, trust_remote_code=args.trust_remote_code)
 
 
 class PrintStreamer:
     """Prints text as tokens arrive (decoding the whole answer so far, so multi-token characters come out
     whole) and times the prompt and each new token."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.tokens, self.printed, self.times = [], "", []
 
     def put(self, value):
@@ -62,55 +103,3 @@ class PrintStreamer:
     def end(self):
         self.out.write("\n")
         self.out.flush()
-
-
-def stats_line(model, prompt_tokens, streamer, start):
-    """Prompt tokens/s, generation tokens/s, bytes read per token, peak memory."""
-    times = [start] + streamer.times[1:]
-    prefill = times[1] - times[0] if len(times) > 1 else 0.0
-    gen = len(times) - 2
-    gen_tps = gen / (times[-1] - times[1]) if gen > 0 else 0.0
-    steps = max(model.scheduler.steps, 1)
-    mem = model.memory_stats()
-    return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
-            f"generation: {gen + 1} tokens, {gen_tps:.1f} tokens/s | "
-            f"read {format_bytes(mem['bytes_read'] / steps)} per step | peak memory {format_bytes(mem['peak'])} | "
-            f"{model.plan}")
-
-
-def generate_main(argv=None):
-    parser = ArgumentParser(prog="python -m airmlx.generate",
-                            description="Generate text with a model streamed layer by layer.")
-    add_model_options(parser)
-    parser.add_argument("--prompt", default="The ", help="prompt text")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temp", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--chat-template", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    args = parser.parse_args(argv)
-    try:
-        model = load_model(args)
-        tok = model.tokenizer
-        if args.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = tok(args.prompt)["input_ids"]
-        streamer = PrintStreamer(tok)
-        sys.stdout.write(args.prompt)
-        start = time.perf_counter()
-        model.generate([ids], max_new_tokens=args.max_tokens, do_sample=args.temp > 0,
-                       temperature=args.temp or 1.0, top_p=args.top_p, seed=args.seed, streamer=streamer)
-        print(stats_line(model, len(ids), streamer, start), file=sys.stderr)
-        if args.profile:
-            from .profile import report
-            print(report(model.scheduler.records), file=sys.stderr)
-        model.close()
-        return 0
-    except AirmlxError as e:
-        print(f"airmlx: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130

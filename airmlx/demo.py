@@ -4,11 +4,15 @@ The corpus is Python's own documentation (pydoc_data.topics), so it exists where
 """
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-DEMO_MODEL = Path(__file__).parent / "demo_model"
+from .auto import BACKENDS
+from .cli import ArgumentParser, face
+from .hub import DEMO_MODEL
+
 HELD_OUT_EVERY = 20
 
 
@@ -72,16 +76,16 @@ def quantisation_report(work_dir, backend="torch"):
             m.generate([ids[:16].tolist()], max_new_tokens=32, eos_token_id=-1)
             tps = 32 / (time.perf_counter() - t0)
             rows.append({"compression": compression or "none", "perplexity": ppl,
-                         "shard_bytes": m.store.manifest.total_bytes, "tokens_per_s": tps})
+                         "shard_bytes": m.shard_bytes, "tokens_per_s": tps})
     return rows
 
 
+@face
 def main(argv=None):
-    import argparse
     import tempfile
-    parser = argparse.ArgumentParser(prog="python -m airmlx.demo",
-                                     description="Quantisation quality of the bundled demo model.")
-    parser.add_argument("--backend", default="torch", choices=["torch", "mlx"])
+    parser = ArgumentParser(prog="python -m airmlx.demo",
+                            description="Quantisation quality of the bundled demo model.")
+    parser.add_argument("--backend", default="torch", choices=[b for b in BACKENDS if b != "auto"])
     parser.add_argument("--work-dir", default=None, help="where the shard folders go (default: a temp dir)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +95,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['compression']:<12}{r['perplexity']:>14.3f}{r['perplexity'] / base['perplexity'] - 1:>+10.2%}"
               f"{r['shard_bytes'] / 1e6:>10.2f}{r['shard_bytes'] / base['shard_bytes']:>8.2f}{r['tokens_per_s']:>8.1f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .auto import AutoModel
-from .demo import DEMO_MODEL
+from .cli import face
+from .hub import DEMO_MODEL
 
 
 def cuda_available():
@@ -89,7 +90,16 @@ class AirmlxLM(LM):
         return out
 
 
-if __name__ == "__main__":
+@face
+def main(argv=None) -> int:
+    """lm-eval's own command line (the same arguments as `lm_eval`), with "airmlx" registered."""
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = "python -m airmlx.harness"
+    if argv is not None:
+        sys.argv[1:] = list(argv)
     cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

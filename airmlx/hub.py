@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
+DEMO_MODEL = Path(__file__).parent / "demo_model"  # the bundled default: a 3.2M-parameter Llama (see demo.py)
 # *.py: a checkpoint's own modelling code, run only with trust_remote_code=True
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -24,8 +25,7 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True):
     if not is_hub_id(str(path_or_id)):
         raise ModelNotFoundError(f"{path_or_id}: no such folder, and it is not a hub id like 'org/name'; check the path.")
     import huggingface_hub
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
         local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, token=hf_token)

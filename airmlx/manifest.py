@@ -1,4 +1,5 @@
 """The shard-folder format: manifest.json <-> a versioned dataclass. A folder without a manifest is unfinished."""
+import hashlib
 import json
 import os
 import shlex
@@ -94,9 +95,45 @@ def well_formed(m):
             and type(m.format_version) is int)
 
 
+CHECKSUM_CHUNK = 64 << 20
+
+
+def file_checksum(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHECKSUM_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def stage_file_problem(path, entry: StageEntry, checksum: bool = False) -> "str | None":
+    """The one integrity check of a stage file against its manifest entry (the store, --verify and the
+    sharder's resume all use it): what is wrong with it, or None when it is intact."""
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != entry.nbytes:
+        return f"has {size} bytes, the manifest says {entry.nbytes} (truncated or replaced)"
+    if checksum and file_checksum(path) != entry.checksum:
+        return "does not match its checksum (damaged)"
+    return None
+
+
+def verify_folder(folder) -> list:
+    """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
+    folder = Path(folder)
+    problems = []
+    for e in Manifest.load(folder).stages:
+        what = stage_file_problem(folder / e.file, e, checksum=True)
+        if what:
+            problems.append(f"stage {e.name}: file {folder / e.file} {what}; {repair_hint(folder)}")
+    return problems
+
+
 def repair_hint(folder):
     """The command that rebuilds a shard folder's damaged stages."""
-    return f"rebuild it with: python -m airmlx.shard --verify --repair {shlex.quote(str(folder))}"
+    return f"rebuild it with: python -m airmlx.shard --repair {shlex.quote(str(folder))}"
 
 
 def fsync_dir(folder):

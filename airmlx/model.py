@@ -6,19 +6,23 @@ import numpy as np
 
 from .errors import GenerationError, ModelNotFoundError
 from .experts import expert_demand
-from .generate import GenerateOutput, generate_tokens, left_padding, to_batch
-from .schedule import Scheduler, default_budget, make_plan, parse_bytes
+from .generation import GenerateOutput, generate_tokens, left_padding, to_batch
+from .schedule import Scheduler, default_budget, make_plan
 from .store import ShardStore
+from .units import format_bytes, parse_bytes
 
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
 
 class AirModel:
-    """A sharded model streamed through a backend. Build it with airmlx.AutoModel.from_pretrained."""
-    trust_remote_code = False  # the tokenizer may run the checkpoint's own tokenizer code
+    """A sharded model streamed through a backend. Build it with airmlx.AutoModel.from_pretrained.
 
-    def __init__(self, shard_dir, backend, memory_budget=None, prefetching=True, profiling_mode=False):
+    trust_remote_code: the tokenizer may run the checkpoint's own tokenizer code."""
+
+    def __init__(self, shard_dir, backend, memory_budget=None, prefetching: bool = True,
+                 profiling_mode: bool = False, trust_remote_code: bool = False):
         self.shard_dir = Path(shard_dir)
+        self.trust_remote_code = trust_remote_code
         self.store = ShardStore(shard_dir)
         self.config = self.store.manifest.config
         self.backend = backend
@@ -61,25 +65,71 @@ class AirModel:
     def _progress(self, tokens):
         return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
 
-    def logits(self, input_ids, attention_mask=None):
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
         """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache kept."""
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
         cache = self.new_cache(ids.shape[0], left_padding(mask))
         ctx = self.backend.begin_step(ids, mask, cache, all_positions=True)
         return self.backend.logits(self.scheduler.forward(ctx, self._progress(ids)))
 
-    def score(self, requests, batch_size=8, max_tokens=None, progress=True):
+    def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
         """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
         token ids), layer-major: the model is read about once per pass, not once per request. The result
         also carries .bytes_read and .passes. See airmlx.score."""
         from .score import score
         return score(self, requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
 
-    def new_cache(self, batch_size=1, left_padding=None):
+    def sweep(self, batches: list, on_output, progress: str | None = None) -> None:
+        """One read of the model for several left-padded batches [(ids (B, T), mask (B, T))] that keep no cache:
+        each stage runs every batch before the next stage is read. on_output(i, logits) gets batch i's logits
+        for every position as float32 numpy (B, T, vocab), one batch at a time."""
+        ctxs = [self.backend.begin_step(ids, mask, None, all_positions=True) for ids, mask in batches]
+        self.scheduler.forward_many(ctxs, lambda i, x: on_output(i, self.backend.logits(x)), progress)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of stage files read so far (streamed stages count once per step)."""
+        return self.store.bytes_read
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of all stage files: the model as stored."""
+        return self.store.manifest.total_bytes
+
+    def stage_files(self, streamed_only: bool = False) -> list:
+        """The shard folder's stage files (only those streamed every step, with streamed_only=True)."""
+        return [self.shard_dir / e.file for e in self.store.manifest.stages
+                if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
+
+    def read_bandwidth(self, cold: bool = True) -> float:
+        """Bytes per second the store reads this model's streamed stages (every stage when none streams);
+        cold: from the disk, warm: from the page cache."""
+        return self.store.read_bandwidth(self.plan.streamed or list(self.plan.stage_bytes), cold)
+
+    def reset_peak(self) -> None:
+        """Start the backend's peak-memory count afresh."""
+        self.backend.reset_peak()
+
+    def new_cache(self, batch_size: int = 1, left_padding: list | None = None):
         """Empty KV caches for every layer (resident for the model's life; pass to generate to continue)."""
         return self.backend.new_cache(batch_size, left_padding or [0] * batch_size)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False, temperature=1.0,
+    def cache_length(self, cache) -> int:
+        """Tokens a cache from new_cache() holds."""
+        return self.backend.cache_length(cache)
+
+    def trim_cache(self, cache, keep: int) -> None:
+        """Roll a cache back to its first `keep` tokens (every layer, also after a sweep cut short)."""
+        self.backend.trim_cache(cache, keep)
+
+    def cache_bytes(self, cache) -> int:
+        return self.backend.cache_bytes(cache)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=False, temperature=1.0,
                  top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, use_cache=True,
                  return_dict_in_generate=False, streamer=None, seed=None, past_key_values=None, **unused):
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
@@ -120,12 +170,25 @@ class AirModel:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])
         return out
 
-    def memory_stats(self):
-        """Budget, plan and the backend's memory counters, in bytes."""
+    def memory_stats(self) -> dict:
+        """Budget, plan and the backend's memory counters, in bytes; steps run so far."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         return {"budget": self.plan.budget, "resident": self.plan.resident_bytes,
                 "streamed_per_step": self.plan.streamed_bytes_per_step, "bytes_read": self.store.bytes_read,
-                **experts, **self.backend.memory()}
+                "steps": self.scheduler.steps, **experts, **self.backend.memory()}
+
+    def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
+        """Prompt tokens/s, generation tokens/s, bytes read per step, peak memory, the plan. `times`: when the
+        prompt and each new token arrived (a streamer's .times); start: when the call began."""
+        times = [start] + list(times[1:])
+        prefill = times[1] - times[0] if len(times) > 1 else 0.0
+        gen = len(times) - 2
+        gen_tps = gen / (times[-1] - times[1]) if gen > 0 else 0.0
+        mem = self.memory_stats()
+        return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
+                f"generation: {gen + 1} tokens, {gen_tps:.1f} tokens/s | "
+                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step | "
+                f"peak memory {format_bytes(mem['peak'])} | {self.plan}")
 
     def close(self):
         self.scheduler.close()
@@ -139,10 +202,16 @@ class AirModel:
     def __repr__(self):
         return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"
 
-    def profile_report(self):
-        """Print and return the per-stage profile table (needs profiling_mode=True); see airmlx.profile."""
+    @property
+    def profile_records(self) -> list:
+        """One StageRecord(step, stage, bytes_read, read_s, wait_s, load_s, compute_s) per stage and step, with
+        profiling_mode=True (see airmlx.profile)."""
+        return self.scheduler.records
+
+    def profile_report(self, show: bool = True) -> str:
+        """The per-stage profile table (needs profiling_mode=True), printed unless show=False; see airmlx.profile."""
         from .profile import model_report
-        return model_report(self)
+        return model_report(self, show)
 
     def profile_plot(self, ax=None):
         """The profile as a matplotlib Figure of stacked bars per stage (needs profiling_mode=True and

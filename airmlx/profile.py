@@ -17,7 +17,7 @@ compute-bound; `plot(records)` draws the same as stacked horizontal bars (matplo
 from dataclasses import dataclass
 
 from .errors import AirmlxError
-from .schedule import format_bytes
+from .units import format_bytes
 
 
 class ProfilingError(AirmlxError, RuntimeError):
@@ -156,10 +156,11 @@ def _records_of(model):
     return scheduler.records
 
 
-def model_report(model):
-    """model.profile_report(): print the table and return it."""
+def model_report(model, show=True):
+    """model.profile_report(): the table, printed unless show=False."""
     text = report(_records_of(model))
-    print(text)
+    if show:
+        print(text)
     return text
 
 

@@ -1,29 +1,11 @@
-"""Checking a shard folder's stages against their checksums, and rebuilding damaged ones from the
-checkpoint the manifest records (`python -m airmlx.shard --verify [--repair] FOLDER`)."""
+"""Rebuilding a shard folder's damaged stages from the checkpoint its manifest records
+(`python -m airmlx.shard --repair FOLDER`; the check itself is manifest.verify_folder)."""
 import shlex
 from pathlib import Path
 
 from .errors import CheckpointError, CorruptShardError
-from .manifest import Manifest, repair_hint
-from .shard import file_checksum, fingerprint, load_config, reusable, shard_checkpoint, weight_files
-
-
-def verify_folder(folder):
-    """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
-    folder = Path(folder)
-    problems = []
-    for e in Manifest.load(folder).stages:
-        path = folder / e.file
-        if not path.is_file():
-            what = "is missing"
-        elif path.stat().st_size != e.nbytes:
-            what = f"has {path.stat().st_size} bytes, the manifest says {e.nbytes} (truncated or replaced)"
-        elif file_checksum(path) != e.checksum:
-            what = "does not match its checksum (damaged)"
-        else:
-            continue
-        problems.append(f"stage {e.name}: file {path} {what}; {repair_hint(folder)}")
-    return problems
+from .manifest import Manifest
+from .sharder import fingerprint, load_config, reusable, shard_checkpoint, weight_files
 
 
 def repair_stages(folder, progress=True):

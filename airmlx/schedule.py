@@ -3,7 +3,6 @@
 Imports neither mlx nor torch: stages reach the backend as raw tensors and come back as opaque handles.
 """
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,26 +11,7 @@ from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in not
 
 from .errors import BudgetError
 from .experts import ExpertCache
-
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value):
-    """4_000_000_000, "4GB", "4 GiB", "512MB" -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
-        raise BudgetError(f"memory_budget {value!r} is not a size; use bytes or a string like '4GB' or '512MiB'.")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
-
-
-def format_bytes(n):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
+from .units import format_bytes
 
 
 @dataclass
@@ -191,8 +171,8 @@ class Scheduler:
             self.experts = ExpertCache(self.store, self.backend, routed, self.plan.expert_cache)
             self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}
-        self.store.pool.keep = self.plan.prefetch_depth + 1
-        self.store.pool.slot_bytes = max((self.plan.stage_bytes[s] for s in self.plan.streamed), default=0)
+        self.store.configure_pool(self.plan.prefetch_depth + 1,
+                                  max((self.plan.stage_bytes[s] for s in self.plan.streamed), default=0))
         self.prefetcher = None
         # a backend computing in place on host memory gets page-cache views; the others get read buffers
         self.read = self.store.map_stage if self.backend.zero_copy else self.store.read_stage

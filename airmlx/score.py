@@ -67,11 +67,11 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
     results = Scores([None] * len(encoded))
-    before = model.store.bytes_read
+    before = model.bytes_read
     pad = model.pad_token_id or 0
     passes = make_passes([len(t) for t, _ in encoded], batch_size, max_tokens)
     for n, batches in enumerate(passes):
-        ctxs = []
+        inputs = []
         for batch in batches:
             width = max(len(encoded[i][0]) for i in batch)
             ids = np.full((len(batch), width), pad, dtype=np.int64)
@@ -79,17 +79,14 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
             for r, i in enumerate(batch):
                 tokens = encoded[i][0]
                 ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
-            ctxs.append(model.backend.begin_step(ids, mask, None, all_positions=True))
+            inputs.append((ids, mask))
 
-        def collect(b, x, batches=batches):
-            logits = model.backend.logits(x)
+        def collect(b, logits, batches=batches):
             for r, i in enumerate(batches[b]):
                 tokens, start = encoded[i]
                 results[i] = row_scores(logits[r], tokens, start, logits.shape[1] - len(tokens))
 
-        label = f"scoring pass {n + 1}/{len(passes)}" if progress else None
-        model.scheduler.forward_many(ctxs, collect, label)
-    results.bytes_read = model.store.bytes_read - before
+        model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
+    results.bytes_read = model.bytes_read - before
     results.passes = len(passes)
     return results
-

@@ -4,6 +4,7 @@ The store knows files and bytes, not what layers mean. Opening a shard folder ch
 size and safetensors header, so a truncated or foreign file fails here, named, before any compute.
 """
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -13,12 +14,23 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptShardError
-from .manifest import Manifest, repair_hint
+from .manifest import Manifest, repair_hint, stage_file_problem, verify_folder
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
 POPULATE = hasattr(mmap, "MAP_POPULATE")  # Linux: the kernel maps every page inside mmap()
 PAGE = mmap.PAGESIZE
+
+
+def evict(paths) -> None:
+    """Drop files from the page cache (clean pages only; shard files are fsynced when written), so the next
+    read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -78,12 +90,10 @@ class ShardStore:
         self._layout = {}
         for entry in self.manifest.stages:
             path = self.folder / entry.file
-            if not path.is_file():
-                raise CorruptShardError(f"stage {entry.name}: file {path} is missing; {repair_hint(self.folder)}")
-            size = path.stat().st_size
-            if size != entry.nbytes:
-                raise CorruptShardError(f"stage {entry.name}: file {path} has {size} bytes, the manifest says "
-                                        f"{entry.nbytes} (truncated or replaced); {repair_hint(self.folder)}")
+            problem = stage_file_problem(path, entry)
+            if problem:
+                raise CorruptShardError(f"stage {entry.name}: file {path} {problem}; {repair_hint(self.folder)}")
+            size = entry.nbytes
             data_start, infos, _ = read_header(path, fix=f"stage {entry.name} is damaged; {repair_hint(self.folder)}")
             if sorted(infos) != sorted(entry.tensors):
                 raise CorruptShardError(f"stage {entry.name}: file {path} holds other tensors than the manifest "
@@ -186,7 +196,22 @@ class ShardStore:
             data.buffer = None
             self._hold(-data.nbytes)
 
-    def verify(self):
+    def read_bandwidth(self, names: list, cold: bool = True) -> float:
+        """Bytes per second reading these stages in order with the store's own reads; cold: from the disk
+        (their files evicted from the page cache first)."""
+        if cold:
+            evict([self.folder / self.stages[n].file for n in names])
+        t0, total = time.perf_counter(), 0
+        for n in names:
+            data = self.read_stage(n)
+            total += data.nbytes
+            self.release(data)
+        return total / (time.perf_counter() - t0)
+
+    def configure_pool(self, keep: int, slot_bytes: int) -> None:
+        """Keep up to `keep` freed read buffers, each `slot_bytes` for requests that fit one."""
+        self.pool.keep, self.pool.slot_bytes = keep, slot_bytes
+
+    def verify(self) -> list:
         """Check every stage's checksum; return one line per damaged stage (empty when all are intact)."""
-        from .repair import verify_folder
         return verify_folder(self.folder)

@@ -4,16 +4,25 @@ A stage reaches the backend as {tensor name: RawTensor} from the store. The back
 (load_stage), runs it on the previous stage's output inside a step context (run_stage) and frees it
 (free_stage). Stage kinds: "embed" (token ids -> hidden states, x is None), "layer" (hidden -> hidden,
 using that layer's KV cache), "head" (hidden -> logits of the last position). A backend never opens a file.
+
+Both backends are built the same way: Backend(manifest, device=None, dtype=None, trust_remote_code=False,
+code_dir=None); tests/test_layout.py checks that both satisfy this protocol.
 """
 import os
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from airmlx.errors import CheckpointError
 
+
+@runtime_checkable
 class Backend(Protocol):
     name: str
     zero_copy: bool  # load_stage keeps views of the raw buffers, so they live until free_stage
+
+    def from_raw(self, raw: Any) -> Any:
+        """One RawTensor as the framework's array, in the compute dtype, on the device."""
 
     def new_cache(self, batch_size: int, left_padding: list) -> Any:
         """Empty per-layer KV caches for a batch whose prompts are left-padded by these amounts."""
@@ -29,7 +38,8 @@ class Backend(Protocol):
     def trim_cache(self, cache: Any, keep: int) -> None:
         """Drop all but the first `keep` tokens from the cache."""
 
-    def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any, all_positions: bool = False) -> Any:
+    def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any,
+                   all_positions: bool = False) -> Any:
         """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T);
         all_positions: the head computes logits for every new token, not just the last. cache=None: a
         single sweep that keeps no KV cache (scoring)."""
@@ -62,7 +72,17 @@ class Backend(Protocol):
         """Bytes this device could still give to weights."""
 
 
-def available_ram():
+def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str) -> None:
+    """A checkpoint tensor must have a parameter of the same shape in the framework's model."""
+    if expected is None:
+        raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in {framework}; the checkpoint "
+                              "does not match its config.")
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(f"stage {entry.name}: tensor {name!r} has shape {tuple(shape)}, the config implies "
+                              f"{tuple(expected)}; the checkpoint does not match its config.")
+
+
+def available_ram() -> int:
     """MemAvailable on Linux; free physical pages elsewhere."""
     try:
         with open("/proc/meminfo") as f:
@@ -72,4 +92,3 @@ def available_ram():
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-

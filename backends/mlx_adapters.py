@@ -5,8 +5,7 @@ A cache is mlx-lm's KVCache / RotatingKVCache / Batch* or a CacheList of such wi
 keeps its key/value convolution state (the last position's keys and values before the convolution) there.
 """
 import mlx.core as mx
-from mlx_lm.models.cache import (ArraysCache, BatchKVCache, BatchRotatingKVCache, CacheList, KVCache,
-                                 RotatingKVCache)
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache, CacheList, KVCache, RotatingKVCache
 
 from airmlx.errors import BackendError
 

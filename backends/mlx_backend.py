@@ -16,13 +16,50 @@ from mlx_lm.models.base import create_attention_mask, create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from airmlx.archs import arch_for, expert_index, layer_types, rope_config
-from airmlx.errors import BackendError, CheckpointError
+from airmlx.errors import BackendError
 from airmlx.quant import module_params
 
 from . import mlx_adapters, mlx_experts
-from .base import available_ram
+from .base import available_ram, check_placement
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass(frozen=True)
+class MLXArch:
+    """How mlx-lm runs an architecture, and the workarounds its modules need here."""
+    module: str  # mlx_lm.models.<module>
+    sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
+    mask_array: bool = False  # the attention needs a mask array, not the "causal" shortcut
+    # zero left-padded positions before each layer: its attention also reads the position before (a
+    # convolution), so padding would leak into a row's first token
+    zero_padding: bool = False
+    experts: str = None  # MoE: the SwitchGLU in a layer
+    expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
+    config_aliases: tuple = ()  # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads
+
+
+MLX_ARCHS = {
+    "llama": MLXArch("llama"),
+    "mistral": MLXArch("llama"),  # mlx-lm runs mistral checkpoints with its llama module
+    "qwen2": MLXArch("qwen2"),
+    "qwen3": MLXArch("qwen3"),
+    "phi3": MLXArch("phi3"),
+    "glm4": MLXArch("glm4"),
+    "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
+                       expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
+    "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
+    "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
+    # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
+    # a windowed mask here
+    "gemma2": MLXArch("gemma2", mask_array=True),
+    "gemma3_text": MLXArch("gemma3_text", sanitize=False),
+    "internlm2": MLXArch("internlm2"),
+    "internlm3": MLXArch("internlm3"),
+    "qwen": MLXArch("qwen"),
+    # key/value convolution over neighbouring positions (mlx-lm keeps its state in the layer's CacheList)
+    "baichuan_m1": MLXArch("baichuan_m1", zero_padding=True),
+}
 
 
 @dataclass
@@ -61,7 +98,7 @@ def mlx_args(config, module):
         cfg.setdefault("sliding_window_pattern", types.index("full_attention") + 1)
     cfg["rope_scaling"] = scaling
     cfg.setdefault("tie_word_embeddings", False)
-    for mlx_key, hf_key in arch_for(config).config_aliases:
+    for mlx_key, hf_key in MLX_ARCHS[config["model_type"]].config_aliases:
         if hf_key in cfg:
             cfg.setdefault(mlx_key, cfg[hf_key])
     return module.ModelArgs.from_dict(cfg)
@@ -71,7 +108,9 @@ class MLXBackend:
     name = "mlx"
     zero_copy = False
 
-    def __init__(self, config, device=None, dtype=None, tensor_names=()):
+    def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
+        """trust_remote_code and code_dir are the torch backend's: mlx-lm has a module for every family."""
+        config = manifest.config
         if device is not None:
             if device not in ("gpu", "cpu"):
                 raise BackendError(f"device {device!r} is not an MLX device; use 'gpu' or 'cpu'.")
@@ -80,14 +119,15 @@ class MLXBackend:
             raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         self.dtype = DTYPES.get(dtype)
         self.arch = arch_for(config)
-        module = importlib.import_module(f"mlx_lm.models.{self.arch.mlx_module}")
+        self.mlx_arch = MLX_ARCHS[config["model_type"]]
+        module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
         self.args = mlx_args(config, module)
         self.skeleton = module.Model(self.args)
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
-            names = set(tensor_names)
+            names = {t for s in manifest.stages for t in s.tensors}
             if self.arch.experts:  # streamed experts stack into the SwitchGLU: it is quantised if they are
-                names |= {mlx_experts.switch_name(self.arch, n) for n in names if expert_index(self.arch, n) is not None}
+                names |= {mlx_experts.switch_name(self, n) for n in names if expert_index(self.arch, n) is not None}
 
             def quantized(path, m):
                 if isinstance(self.qconfig.get(path), (bool, dict)):
@@ -103,7 +143,7 @@ class MLXBackend:
         self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
         self._cache_limit = 0
 
-    def _array(self, raw):
+    def from_raw(self, raw):
         a = mx.array(raw.data)
         if raw.dtype == "BF16":
             a = a.view(mx.bfloat16)
@@ -114,7 +154,7 @@ class MLXBackend:
     def sanitize(self, arrays, layer):
         """mlx-lm's own sanitize on one stage (e.g. per-expert MoE weights -> stacked SwitchGLU weights).
         Some sanitizers look for layer 0's keys only, so a layer stage goes through as layer 0."""
-        if not (self.arch.mlx_sanitize and hasattr(self.skeleton, "sanitize")):
+        if not (self.mlx_arch.sanitize and hasattr(self.skeleton, "sanitize")):
             return arrays
         if layer is None:
             return self.skeleton.sanitize(arrays)
@@ -124,7 +164,7 @@ class MLXBackend:
 
     def load_stage(self, entry, tensors):
         layer = entry.layer
-        arrays = {name: self._array(raw) for name, raw in tensors.items()}
+        arrays = {name: self.from_raw(raw) for name, raw in tensors.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
         if nbytes > self._cache_limit:  # keep freed stage buffers for reuse instead of reallocating
             self._cache_limit = 2 * nbytes
@@ -140,14 +180,10 @@ class MLXBackend:
                 module = nn.Embedding(*tied["weight"].shape)
             module.update(tied)
         arrays = self.sanitize(arrays, layer)
-        unknown = [n for n in arrays if n not in self.placeholders]
-        if unknown:
-            raise CheckpointError(f"stage {entry.name}: tensors {unknown[:3]} have no place in mlx-lm's "
-                                  f"{type(self.skeleton).__module__}; the checkpoint does not match its config.")
         for n, a in arrays.items():
-            if a.shape != self.placeholders[n].shape:
-                raise CheckpointError(f"stage {entry.name}: tensor {n!r} has shape {a.shape}, the config implies "
-                                      f"{self.placeholders[n].shape}; the checkpoint does not match its config.")
+            placeholder = self.placeholders.get(n)
+            check_placement(entry, n, a.shape, None if placeholder is None else placeholder.shape,
+                            f"mlx-lm's {type(self.skeleton).__module__}")
         self.skeleton.load_weights(list(arrays.items()), strict=False)
         mx.eval(list(arrays.values()))
         if entry.kind == "layer":
@@ -165,7 +201,7 @@ class MLXBackend:
     def load_expert(self, entry, expert, tensors):
         return mlx_experts.load_expert(self, entry, tensors)
 
-    def free_expert(self, params):
+    def free_expert(self, loaded):
         pass  # the arrays go with the cache's last reference
 
     def new_cache(self, batch_size, left_padding):
@@ -190,7 +226,7 @@ class MLXBackend:
 
     def begin_step(self, tokens, attention_mask, cache, all_positions=False):
         ids = mx.array(tokens.astype("int32"))
-        array = self.arch.mlx_mask_array
+        array = self.mlx_arch.mask_array
         if cache is None:  # one sweep, nothing kept (scoring): the mask carries the left padding itself
             pads = np.argmax(np.asarray(attention_mask) != 0, axis=1)
 
@@ -207,7 +243,7 @@ class MLXBackend:
                 swa = kv[self.sliding.index(True)]
                 step.sliding_mask = create_attention_mask(ids, swa, window_size=self.window, return_array=array)
         valid = np.asarray(attention_mask)[:, -ids.shape[1]:] != 0
-        if self.arch.mlx_zero_padding and not valid.all():
+        if self.mlx_arch.zero_padding and not valid.all():
             step.valid = mx.array(valid)[..., None]
         return step
 
@@ -221,7 +257,7 @@ class MLXBackend:
     def _grouped(self, mask):
         # mlx-lm's gemma2 attention scores are (B, kv_heads, repeats, L, K): a per-row (B, 1, L, K) mask
         # would broadcast B against kv_heads, so it gets the repeats axis
-        if self.arch.mlx_mask_array and isinstance(mask, mx.array) and mask.ndim == 4 and \
+        if self.mlx_arch.mask_array and isinstance(mask, mx.array) and mask.ndim == 4 and \
                 self.args.num_attention_heads != self.args.num_key_value_heads:
             return mask[:, :, None]
         return mask

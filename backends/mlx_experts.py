@@ -14,17 +14,18 @@ from airmlx.archs import expert_pattern
 from airmlx.errors import BackendError
 
 
-def switch_name(arch, tensor_name):
+def switch_name(backend, tensor_name):
     """A routed expert's checkpoint tensor -> the SwitchGLU parameter it stacks into, e.g.
     model.layers.3.block_sparse_moe.experts.5.w1.scales -> model.layers.3.block_sparse_moe.switch_mlp.gate_proj.scales."""
+    arch, table = backend.arch, backend.mlx_arch
     m = expert_pattern(arch).match(tensor_name)
     proj, _, kind = tensor_name[m.end():].partition(".")
-    return f"{arch.layer_prefix}{m.group(1)}.{arch.mlx_experts}.{dict(arch.mlx_expert_names).get(proj, proj)}.{kind}"
+    return f"{arch.layer_prefix}{m.group(1)}.{table.experts}.{dict(table.expert_names).get(proj, proj)}.{kind}"
 
 
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
-    prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.arch.mlx_experts}."
+    prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.mlx_arch.experts}."
     half = {raw.dtype for raw in tensors.values()} & {"BF16", "F16"}
     if half and (backend.dtype is None or backend.dtype != mx.float32) and not backend.qconfig \
             and mx.default_device().type == mx.cpu:
@@ -32,16 +33,16 @@ def load_expert(backend, entry, tensors):
         raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
                            f"{backend.arch.model_type} checkpoint's experts are {half.pop()}; pass dtype='float32', "
                            "shard with compression='8bit' or '4bit', or use backend='torch'.")
-    params = {switch_name(backend.arch, name)[len(prefix):]: backend._array(raw) for name, raw in tensors.items()}
+    params = {switch_name(backend, name)[len(prefix):]: backend.from_raw(raw) for name, raw in tensors.items()}
     mx.eval(list(params.values()))
     return params, sum(a.nbytes for a in params.values())
 
 
 def stream_experts(backend, layers, chunks):
-    block_path, _, attr = backend.arch.mlx_experts.rpartition(".")
+    block_path, _, attr = backend.mlx_arch.experts.rpartition(".")
     for layer in layers:
         block = functools.reduce(getattr, block_path.split("."), backend.skeleton.layers[layer])
-        prefix = f"{backend.arch.layer_prefix}{layer}.{backend.arch.mlx_experts}."
+        prefix = f"{backend.arch.layer_prefix}{layer}.{backend.mlx_arch.experts}."
         placeholders = {k[len(prefix):]: a for k, a in backend.placeholders.items() if k.startswith(prefix)}
         # an instance attribute, so the SwitchGLU stays in the parameter tree
         object.__setattr__(block, attr, StreamedSwitch(getattr(block, attr), layer, chunks, placeholders))

@@ -19,18 +19,35 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
-from airmlx.errors import BackendError, CheckpointError
+from airmlx.errors import BackendError
 from airmlx.quant import dequantize, module_params
 
 from . import torch_experts
+from .base import available_ram, check_placement
 from .torch_remote import remote_config, shared_rotary
-from .base import available_ram
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
 # here, because a catch_warnings() per tensor costs more than the load itself.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TorchArch:
+    """How transformers runs an architecture here."""
+    attention: str = "sdpa"  # attn_implementation
+    experts: str = "mlp.experts"  # MoE: transformers' fused experts module in a layer
+
+
+TORCH_ARCHS = {
+    "llama": TorchArch(), "mistral": TorchArch(), "qwen2": TorchArch(), "qwen3": TorchArch(), "phi3": TorchArch(),
+    "glm4": TorchArch(), "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
+    "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
+    "gemma3_text": TorchArch(),
+    # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)
+    "internlm2": TorchArch(), "internlm3": TorchArch(), "qwen": TorchArch(), "baichuan_m1": TorchArch(),
+}
 
 
 @dataclass
@@ -93,12 +110,19 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
     return (codes * scales.unsqueeze(-1) + biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
 
 
+def cache_argument(function):
+    """The name `function` takes the KV cache by: "cache" (transformers >= 5.2x) or "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, config, device=None, dtype=None, tensor_names=(), trust_remote_code=False, code_dir=None):
+    def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
         """code_dir: the shard folder, which holds a remote-code checkpoint's .py files."""
+        config = manifest.config
         self.arch = arch = arch_for(config)
+        self.torch_arch = TORCH_ARCHS[config["model_type"]]
         remote = arch.remote_code and config["model_type"] not in CONFIG_MAPPING
         hf_config = remote_config(config, arch, trust_remote_code, code_dir) if remote else None
         self.device = resolve_device(device)
@@ -108,7 +132,7 @@ class TorchBackend:
         # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         # the checkpoint's own code picks its attention implementation
-        kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.arch.torch_attention}
+        kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.torch_arch.attention}
         hf_config = hf_config or CONFIG_MAPPING[config["model_type"]].from_dict(plain)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw)
@@ -127,10 +151,13 @@ class TorchBackend:
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
             self.rotary = type(rotary)(config=self.config)
         self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
+        # transformers >= 5.2x names the cache argument `cache` (past_key_values= is deprecated there)
+        self.layer_cache_arg = cache_argument(type(self.skeleton.get_submodule(f"{arch.layers}.0")).forward)
+        self.mask_cache_arg = cache_argument(create_causal_mask)
         self._live = self._peak_live = self._peak = 0
 
     # -- stages --------------------------------------------------------------------------------
-    def _tensor(self, raw):
+    def from_raw(self, raw):
         t = torch.from_numpy(raw.data)
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
@@ -166,7 +193,7 @@ class TorchBackend:
 
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
-        tensors = {name: self._tensor(raw) for name, raw in tensors.items()}
+        tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
         if self.qconfig:
             tensors = self.dequantize(tensors)
         if entry.kind == "head":  # tied head reads the embedding
@@ -178,11 +205,9 @@ class TorchBackend:
                 module = self.skeleton.get_submodule(module_path)
                 placeholder = getattr(module, pname)
             except AttributeError:
-                raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in transformers' "
-                                      f"{type(self.skeleton).__name__}; the checkpoint does not match its config.")
-            if tensor.shape != placeholder.shape:
-                raise CheckpointError(f"stage {entry.name}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
-                                      f"config implies {tuple(placeholder.shape)}; the checkpoint does not match its config.")
+                module = placeholder = None
+            check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
+                            f"transformers' {type(self.skeleton).__name__}")
             setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += tensor.numel() * tensor.element_size()
@@ -208,8 +233,8 @@ class TorchBackend:
         self._peak_live = max(self._peak_live, self._live)
         return params, nbytes
 
-    def free_expert(self, params):
-        self._live -= sum(t.numel() * t.element_size() for t in params.values())
+    def free_expert(self, loaded):
+        self._live -= sum(t.numel() * t.element_size() for t in loaded.values())
 
     # -- steps ---------------------------------------------------------------------------------
     def new_cache(self, batch_size, left_padding):
@@ -255,7 +280,7 @@ class TorchBackend:
         elif stage.kind == "layer":
             if not step.prepared:  # once per step, before the first layer writes its cache
                 kw = dict(config=self.config, inputs_embeds=x, attention_mask=step.mask,
-                          past_key_values=step.cache, position_ids=step.positions)
+                          position_ids=step.positions, **{self.mask_cache_arg: step.cache})
                 make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
                 types = set(self.layer_types)
                 step.causal_mask = {t: make[t](**kw) for t in types}
@@ -264,8 +289,8 @@ class TorchBackend:
                 step.prepared = True
             kind = self.layer_types[stage.layer]
             x = stage.module(x, attention_mask=step.causal_mask[kind], position_ids=step.positions,
-                             past_key_values=step.cache, use_cache=step.cache is not None,
-                             position_embeddings=step.rotary[kind])
+                             use_cache=step.cache is not None, position_embeddings=step.rotary[kind],
+                             **{self.layer_cache_arg: step.cache})
         else:
             norm, head = model.get_submodule(self.arch.norm), model.get_submodule(self.arch.head)
             x = head(norm(x if step.all_positions else x[:, -1:, :]))

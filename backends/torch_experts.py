@@ -12,7 +12,7 @@ import torch
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({fused parameter name: (1, ...) tensor}, bytes), converted by
     transformers' own conversion mapping as for a whole layer."""
-    tensors = {name: backend._tensor(raw) for name, raw in tensors.items()}
+    tensors = {name: backend.from_raw(raw) for name, raw in tensors.items()}
     if backend.qconfig:
         tensors = backend.dequantize(tensors)
     params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
@@ -21,7 +21,7 @@ def load_expert(backend, entry, tensors):
 
 def stream_experts(backend, layers, chunks):
     for layer in layers:
-        module = backend.skeleton.get_submodule(f"{backend.arch.layers}.{layer}.{backend.arch.torch_experts}")
+        module = backend.skeleton.get_submodule(f"{backend.arch.layers}.{layer}.{backend.torch_arch.experts}")
         module.forward = functools.partial(streamed_forward, module, layer, chunks, module.num_experts)
 
 

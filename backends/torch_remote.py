@@ -25,7 +25,7 @@ def remote_config(config, arch, trust_remote_code, code_dir):
             f"model_type {arch.model_type!r} has no transformers module: its checkpoints ship their own modelling "
             f"code ({', '.join(files) or 'named by config.json auto_map'}). The torch backend runs that code only "
             "with trust_remote_code=True (--trust-remote-code), after you have read it: it runs with your "
-            f"rights. backend='mlx' runs this model without it (mlx-lm's {arch.mlx_module}).")
+            f"rights. backend='mlx' runs this model without it (mlx-lm's module).")
     missing = [f for f in files if code_dir is None or not (Path(code_dir) / f).is_file()]
     if not files or missing:
         raise UnsupportedArchitectureError(
@@ -49,9 +49,10 @@ def shared_rotary(skeleton, arch):
     except AttributeError:
         rotary = layer = None
     if rotary is None or "config" not in inspect.signature(type(rotary)).parameters or \
-            not {"position_embeddings", "past_key_values"} <= set(inspect.signature(layer.forward).parameters):
+            "position_embeddings" not in (params := set(inspect.signature(layer.forward).parameters)) or \
+            not params & {"cache", "past_key_values"}:
         raise UnsupportedArchitectureError(
             f"{type(skeleton).__name__} (the checkpoint's own code) is not laid out as transformers' own decoders "
-            f"are: a {base}.rotary_emb built from the config, layers taking position_embeddings and "
-            "past_key_values; the torch backend runs only those. Use backend='mlx'.")
+            f"are: a {base}.rotary_emb built from the config, layers taking position_embeddings and a "
+            "cache; the torch backend runs only those. Use backend='mlx'.")
     return rotary

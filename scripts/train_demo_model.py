@@ -17,9 +17,9 @@ import argparse
 import json
 import math
 import platform
+import pydoc_data.topics
 import time
 
-import pydoc_data.topics
 import torch
 import torch.nn.functional as F
 import transformers

@@ -4,10 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import make_checkpoint  # noqa: E402
-
-ARCHS = ["llama", "mistral", "qwen2"]
-BACKENDS = ["torch", "mlx"]
+from tiny import interrupt_at, make_checkpoint  # noqa: E402,F401  (interrupt_at: for the audit's scripts)
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +28,3 @@ def hf_home(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-
-
-def interrupt_at(backend, nth):
-    """Make the backend's nth run_stage call raise KeyboardInterrupt (a Ctrl-C mid-sweep); returns a
-    function that restores it."""
-    real, calls = backend.run_stage, []
-
-    def run_stage(stage, x, ctx):
-        calls.append(1)
-        if len(calls) == nth:
-            raise KeyboardInterrupt
-        return real(stage, x, ctx)
-
-    backend.run_stage = run_stage
-    return lambda: setattr(backend, "run_stage", real)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from airmlx.errors import BackendError, UnsupportedArchitectureError
-from conftest import BACKENDS
-from test_equivalence import BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
+
+from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
 ARCHS = ["qwen3", "phi3", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
 
@@ -49,6 +49,7 @@ def mlx_reference(model, rows):
 @pytest.mark.parametrize("arch", MLX_ONLY)
 def test_remote_code_family_matches_mlx_lm(tmp_path, arch):
     import airmlx
+
     from tiny import make_mlx_checkpoint
     ref = make_mlx_checkpoint(tmp_path / "ckpt", arch)
     want, want_logits = mlx_reference(ref, PROMPT)
@@ -78,25 +79,27 @@ def test_convolution_state_trims(tmp_path):
         cache = model.new_cache()
         seq = model.generate(PROMPT, past_key_values=cache, max_new_tokens=NEW_TOKENS)[0]
         keep = n + 5  # back into the answer: each decode step's state was kept
-        model.backend.trim_cache(cache, keep)
-        assert model.backend.cache_length(cache) == keep
+        model.trim_cache(cache, keep)
+        assert model.cache_length(cache) == keep
         ours = model.step(np.array([seq[keep:keep + 1]]), np.ones((1, keep + 1)), cache)
         fresh = np.array([seq[:keep + 1]])
         want = model.step(fresh, np.ones_like(fresh), model.new_cache())
         assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4
         with pytest.raises(BackendError, match="convolution state cannot go back to 3 tokens"):
-            model.backend.trim_cache(cache, 3)  # inside the prompt: one prefill step, one state
-        model.backend.trim_cache(cache, 0)
-        assert model.backend.cache_length(cache) == 0
+            model.trim_cache(cache, 3)  # inside the prompt: one prefill step, one state
+        model.trim_cache(cache, 0)
+        assert model.cache_length(cache) == 0
         ours = model.step(np.array(PROMPT), np.ones((1, n)), cache)
         assert np.abs(ours - model.step(np.array(PROMPT), np.ones((1, n)), model.new_cache())).max() < 1e-5
 
 
 def test_compression_keeps_the_normalised_head(tmp_path):
     """mlx-lm normalises baichuan_m1's lm_head in sanitize, but not a quantised one: compression leaves it."""
-    import airmlx
     import mlx.core as mx
+
+    import airmlx
     from airmlx.manifest import Manifest
+
     from tiny import make_mlx_checkpoint
     ref = make_mlx_checkpoint(tmp_path / "ckpt", "baichuan_m1")
     want = np.array(ref(mx.array(PROMPT))[:, -1])

@@ -8,11 +8,21 @@ import pytest
 import torch
 
 import airmlx
-from airmlx import shard as shard_mod
-from airmlx.errors import (AirmlxError, BackendError, BudgetError, CheckpointError, CorruptShardError,
-                           GenerationError, InsufficientDiskSpaceError, ModelNotFoundError, OptionError,
-                           UnsupportedArchitectureError)
+from airmlx import sharder as shard_mod
+from airmlx.errors import (
+    AirmlxError,
+    BackendError,
+    BudgetError,
+    CheckpointError,
+    CorruptShardError,
+    GenerationError,
+    InsufficientDiskSpaceError,
+    ModelNotFoundError,
+    OptionError,
+    UnsupportedArchitectureError,
+)
 from airmlx.store import ShardStore
+
 from tiny import make_checkpoint
 
 
@@ -90,7 +100,8 @@ ROWS = [
     pytest.param(offline, ModelNotFoundError, "not in the Hugging Face cache .*HF_HUB_OFFLINE", id="hub id offline"),
     pytest.param(gated, ModelNotFoundError, "is gated: accept its licence .* hf_token", id="gated model, no token"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "gpt2"})),
-                 UnsupportedArchitectureError, "'gpt2' is not supported .*supported: baichuan_m1, gemma2, .*llama, mistral.*qwen3_moe",
+                 UnsupportedArchitectureError,
+                 "'gpt2' is not supported .*supported: baichuan_m1, gemma2, .*llama, mistral.*qwen3_moe",
                  id="unsupported architecture"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "llama"},
                                                                         "pytorch_model.bin")),
@@ -98,7 +109,7 @@ ROWS = [
     pytest.param(no_disk, InsufficientDiskSpaceError, r"needs [\d,]+ bytes but only 1,000 are free",
                  id="not enough disk"),
     pytest.param(truncated_stage, CorruptShardError,
-                 "stage layer.002: file .*layer.002.safetensors .*truncated.*python -m airmlx.shard --verify --repair",
+                 "stage layer.002: file .*layer.002.safetensors .*truncated.*python -m airmlx.shard --repair",
                  id="truncated stage file"),
     pytest.param(unfinished_folder, CorruptShardError, "unfinished; run the sharding again",
                  id="unfinished shard folder"),
@@ -147,3 +158,22 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     with pytest.raises(error, match=phrase) as info:
         call(ctx)
     assert isinstance(info.value, AirmlxError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("face, argv", [
+    ("generate", ["--model", "/no/such/model", "--backend", "torch"]),
+    ("chat", ["--model", "/no/such/model", "--backend", "torch"]),
+    ("shard", ["/no/such/model", "/tmp/out-never-made"]),
+    ("bench", ["--model", "/no/such/model"]),
+    ("bench_moe", ["--model", "/no/such/model"]),
+    ("bench", ["--budget-fraction", "0.5", "--memory-budget", "1GB"]),  # an option error: argparse's exit 2
+])
+def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
+    import importlib
+    main = importlib.import_module(f"airmlx.{face}").main
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse exits itself, with the same one-line form
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("airmlx: ") and err.count("\n") == 1, err

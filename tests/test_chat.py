@@ -9,37 +9,12 @@ import numpy as np
 import pytest
 
 import airmlx
-from airmlx.chat import ChatSession, ChatUI, common_prefix, main
+from airmlx.chat import ChatUI, main
+from airmlx.session import ChatSession, common_prefix
 
-SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (  # the demo model's template
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] | trim + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-CORPUS = ["What is a list? A list is a mutable sequence of items.", "The dict maps keys to values.",
-          "def f(x): return x + 1", "for item in items: print(item)"] * 4
+from tiny import make_chat_checkpoint
+
 MAX_TOKENS = 6
-
-
-def make_chat_checkpoint(folder):
-    """A tiny random Llama plus a byte-level BPE tokenizer with the demo model's chat template."""
-    from tiny import make_checkpoint
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
-                                  pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
-    tok.chat_template = CHAT_TEMPLATE
-    make_checkpoint(folder, "llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -3,43 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-import airmlx
-from airmlx.store import ShardStore
-from conftest import ARCHS, BACKENDS
-
-PROMPT = [[5, 17, 33, 2, 9, 60, 7, 41, 12]]
-BATCH = [[5, 17, 33, 2, 9, 60, 7, 41, 12], [8, 90, 10, 4]]
-NEW_TOKENS = 16
-
-
-def stage_size(folder):
-    return max(s.nbytes for s in ShardStore(folder).manifest.stages)
-
-
-def load(folder, tmp_path, backend, budget=None):
-    shards = tmp_path / "shards"
-    airmlx.shard_checkpoint(folder, shards, progress=False)
-    if budget == "tight":  # below two layers: everything but what fits in 1.5 stages streams
-        budget = int(1.5 * stage_size(shards))
-    return airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
-
-
-def assert_last_logits_match(model, ref, seq):
-    """One prefill over the whole sequence: our last-position logits against transformers' (1e-4 relative)."""
-    seq = np.array(seq)
-    ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
-    with torch.no_grad():
-        theirs = ref(torch.tensor(seq)).logits[:, -1].numpy()
-    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
-
-
-def reference_generate(ref, rows):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    out = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                       pad_token_id=0, eos_token_id=None)
-    return out.tolist()
+from tiny import (
+    ARCHS,
+    BACKENDS,
+    BATCH,
+    NEW_TOKENS,
+    PROMPT,
+    assert_last_logits_match,
+    load,
+    make_checkpoint,
+    reference_generate,
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,7 +57,6 @@ def test_mlx_and_torch_agree(checkpoints, tmp_path, arch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_checkpoint_streams(tmp_path, backend):
     """bf16 weights pass through the sharder untouched and run on both backends."""
-    from tiny import make_checkpoint
     ref = make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     ref = ref.to(torch.bfloat16)
     ids = torch.tensor(PROMPT)

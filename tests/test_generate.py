@@ -6,9 +6,10 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import airmlx
-from conftest import interrupt_at
 from airmlx.errors import GenerationError
-from airmlx.generate import sample, to_batch
+from airmlx.generation import sample, to_batch
+
+from tiny import interrupt_at
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7]
 
@@ -143,15 +144,18 @@ def test_continuing_a_cache_prefills_only_new_tokens(model, tmp_path, backend):
     full = m.generate(PROMPT, max_new_tokens=6)
     cache = m.new_cache()
     first = m.generate(PROMPT[:4], max_new_tokens=1, past_key_values=cache)
-    assert m.backend.cache_length(cache) == 4
-    before = m.store.bytes_read
+    assert m.cache_length(cache) == 4
+    fed, real = [], m.step
+    m.step = lambda tokens, mask, cache: fed.append((tokens.shape[1], mask.shape[1])) or real(tokens, mask, cache)
     rest = m.generate(PROMPT[4:], max_new_tokens=6, past_key_values=cache)
     assert first[:4] == PROMPT[:4] and rest == PROMPT[4:] + full[len(PROMPT):]
-    assert m.backend.cache_length(cache) == len(PROMPT) + 5
-    m.backend.trim_cache(cache, 4)
-    assert m.backend.cache_length(cache) == 4
+    # one sweep over the tokens after the cached ones (the mask covers all), then one token per sweep
+    n = len(PROMPT)
+    assert fed == [(n - 4, n)] + [(1, n + i) for i in range(1, 6)]
+    assert m.cache_length(cache) == len(PROMPT) + 5
+    m.trim_cache(cache, 4)
+    assert m.cache_length(cache) == 4
     assert m.generate(PROMPT[4:], max_new_tokens=6, past_key_values=cache) == rest
-    assert m.store.bytes_read >= before
     m.close()
 
 
@@ -165,7 +169,7 @@ def test_trim_repairs_a_cache_cut_mid_sweep(model, backend):
     with pytest.raises(KeyboardInterrupt):
         m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache)
     restore()
-    m.backend.trim_cache(cache, 4)
+    m.trim_cache(cache, 4)
     assert m.generate(PROMPT[4:], max_new_tokens=4, past_key_values=cache) == PROMPT[4:] + want[len(PROMPT):]
     m.close()
 

@@ -4,7 +4,8 @@ import pytest
 
 import airmlx
 from airmlx.store import ShardStore
-from conftest import BACKENDS
+
+from tiny import BACKENDS
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7, 41, 12]
 
@@ -25,7 +26,7 @@ def test_peak_memory_within_budget(checkpoints, tmp_path, backend):
         cache = model.new_cache(1, [0])
         seq = np.array([out])
         model.step(seq, np.ones_like(seq), cache)
-        kv = model.backend.cache_bytes(cache)
+        kv = model.cache_bytes(cache)
         steps = model.scheduler.steps
         bytes_read = model.store.bytes_read
     assert len(out) == len(PROMPT) + 12

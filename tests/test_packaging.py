@@ -18,3 +18,9 @@ def test_wheel_maps_backends_under_airmlx(tmp_path):
                    "airmlx/shard.py", "airmlx/schedule.py", "airmlx/demo_model/model.safetensors",
                    "airmlx/demo_model/tokenizer.json", "airmlx/demo_model/config.json"):
         assert module in names
+    # a console script per face, named like mlx-lm's, for every module that runs with python -m
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    faces = sorted(p.stem for p in (ROOT / "airmlx").glob("*.py") if '__name__ == "__main__"' in p.read_text())
+    assert faces == ["bench", "bench_moe", "chat", "demo", "generate", "harness", "shard"]
+    for face in faces:
+        assert f"airmlx.{face} = airmlx.{face}:main" in entry_points

@@ -6,7 +6,8 @@ import pytest
 
 import airmlx
 from airmlx.profile import ProfilingError, plot, report, summarize, verdict
-from airmlx.schedule import StageRecord, format_bytes
+from airmlx.schedule import StageRecord
+from airmlx.units import format_bytes
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7]
 STEPS = 4
@@ -104,8 +105,9 @@ def test_profiling_off_says_to_turn_it_on(checkpoints, tmp_path):
 
 
 def test_generate_cli_profile_prints_the_report(tmp_path, capsys):
-    from airmlx.cli import generate_main
     from test_chat import make_chat_checkpoint
+
+    from airmlx.generate import main as generate_main
     src = make_chat_checkpoint(tmp_path / "src")
     code = generate_main(["--model", str(src), "--backend", "torch", "--max-tokens", "3", "--profile",
                           "--prompt", "def"])

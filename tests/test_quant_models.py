@@ -6,7 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx_lm import convert, load as mlx_load
+from mlx_lm import convert
+from mlx_lm import load as mlx_load
 from mlx_lm.models.cache import make_prompt_cache
 from safetensors.numpy import load_file
 
@@ -14,6 +15,7 @@ import airmlx
 from airmlx.archs import rope_config
 from airmlx.errors import CheckpointError, OptionError
 from airmlx.manifest import Manifest
+
 from tiny import make_checkpoint
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7, 41, 12]

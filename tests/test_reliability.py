@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 
 import airmlx
 from airmlx import repair
-from airmlx import shard as shard_mod
+from airmlx import sharder as shard_mod
 from airmlx.errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from airmlx.manifest import Manifest, StageEntry, well_formed
+from airmlx.manifest import Manifest, StageEntry, verify_folder, well_formed
 from airmlx.store import ShardStore
 from airmlx.tensorfile import DTYPE_SIZES, encode_header, parse_header, read_header
+
 from tiny import make_checkpoint
 
 SHARD = [sys.executable, "-m", "airmlx.shard"]
@@ -79,7 +80,7 @@ def kill_and_rerun(tmp_path, kills, seed, **model):
         landed.append(len(list(out.glob("*.safetensors"))) if out.exists() else -1)
         if (out / "manifest.json").exists():
             ShardStore(out)
-            assert repair.verify_folder(out) == []
+            assert verify_folder(out) == []
             # a kill between the manifest and the progress file's removal leaves only that file behind
             assert {k: v for k, v in folder_bytes(out).items() if k != "progress.json"} == want
         else:
@@ -107,7 +108,7 @@ def test_sigkill_50_times_on_a_bigger_model(tmp_path):
 # Writes past RLIMIT_FSIZE fail with EFBIG (SIGXFSZ ignored so it does not kill the child), like a full disk.
 DISK_FULL_CHILD = """
 import json, resource, signal, sys
-from airmlx import shard
+from airmlx import sharder as shard
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -216,7 +217,7 @@ def test_damaged_stages_are_named_and_repaired(tmp_path):
     flip(out / "layer.001.safetensors", -1)
     truncated = out / "layer.003.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:-100])
-    command = f"python -m airmlx.shard --verify --repair {out}"
+    command = f"python -m airmlx.shard --repair {out}"
     with pytest.raises(CorruptShardError, match="stage layer.003: file .*layer.003.safetensors") as info:
         ShardStore(out)
     assert command in str(info.value)
@@ -228,7 +229,7 @@ def test_damaged_stages_are_named_and_repaired(tmp_path):
     assert "stage layer.001: file" in lines[0] and "layer.001.safetensors does not match its checksum" in lines[0]
     assert "stage layer.003: file" in lines[1] and "truncated" in lines[1]
 
-    fixed = shard_cli("--verify", "--repair", out)
+    fixed = shard_cli("--repair", out)
     assert fixed.returncode == 0, fixed.stderr
     assert "rebuilt ['layer.001', 'layer.003']" in fixed.stdout
     assert folder_bytes(out) == want
@@ -250,7 +251,7 @@ def test_repair_needs_the_recorded_source(tmp_path):
     with pytest.raises(CorruptShardError, match=r"\['embed'\] are damaged .* gone or has changed.*shard the model"):
         repair.repair_stages(out, progress=False)
     shutil.rmtree(src)
-    gone = shard_cli("--verify", "--repair", out)
+    gone = shard_cli("--repair", out)
     assert gone.returncode == 2 and "gone or has changed" in gone.stderr
     assert f"python -m airmlx.shard MODEL {out}" in gone.stderr and "Traceback" not in gone.stderr
 

@@ -9,8 +9,8 @@ import torch
 import airmlx
 from airmlx.archs import ARCHS, Arch
 from airmlx.errors import UnsupportedArchitectureError
-from test_equivalence import (BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate,
-                              stage_size)
+
+from tiny import BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate, stage_size
 
 CONFIG_PY = """from transformers import LlamaConfig
 
@@ -35,9 +35,14 @@ def remote_checkpoint(tmp_path, monkeypatch, tmp_path_factory):
     """A Llama checkpoint renamed to a model_type transformers lacks, with its own configuration and modelling
     code (subclasses of transformers' Llama), registered in airmlx as a remote-code family."""
     from transformers import dynamic_module_utils
+
     from tiny import make_checkpoint
     monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
-    monkeypatch.setitem(ARCHS, "tinyremote", Arch("tinyremote", mlx_module="llama", remote_code=True))
+    from airmlx.backends.mlx_backend import MLX_ARCHS, MLXArch
+    from airmlx.backends.torch_backend import TORCH_ARCHS, TorchArch
+    monkeypatch.setitem(ARCHS, "tinyremote", Arch("tinyremote", remote_code=True))
+    monkeypatch.setitem(MLX_ARCHS, "tinyremote", MLXArch("llama"))
+    monkeypatch.setitem(TORCH_ARCHS, "tinyremote", TorchArch())
     folder = tmp_path / "ckpt"
     make_checkpoint(folder, "llama")
     config = json.loads((folder / "config.json").read_text())
@@ -99,6 +104,7 @@ def test_internlm3_on_torch_agrees_with_mlx_lm(tmp_path):
     """transformers 5 runs internlm3 checkpoints with its Llama modules: streamed on torch, no remote code."""
     pytest.importorskip("mlx_lm")
     from test_archs import mlx_reference
+
     from tiny import make_mlx_checkpoint
     ref = make_mlx_checkpoint(tmp_path / "ckpt", "internlm3")
     want, want_logits = mlx_reference(ref, PROMPT)

@@ -2,9 +2,11 @@
 import pytest
 
 import airmlx
-from conftest import interrupt_at
 from airmlx.errors import BudgetError
-from airmlx.schedule import Prefetcher, make_plan, parse_bytes
+from airmlx.schedule import Prefetcher, make_plan
+from airmlx.units import parse_bytes
+
+from tiny import interrupt_at
 
 SIZES = {"embed": 10, **{f"layer.{i:03d}": 100 for i in range(8)}, "head": 20}
 
@@ -97,3 +99,61 @@ def test_default_budget_leaves_room_for_kv_cache_and_activations():
     assert default_budget(10**6, llama70b) == 0  # then make_plan says what the minimum is
     with pytest.raises(BudgetError, match="at least"):
         make_plan(SIZES, default_budget(10**6, llama70b))
+
+
+class FakeBackend:
+    """Records what the scheduler asks of a backend; a stage's output counts the stages run so far."""
+    name, zero_copy = "fake", False
+
+    def __init__(self, store):
+        self.store, self.events, self.live, self.most_held = store, [], set(), 0
+
+    def load_stage(self, entry, tensors):
+        assert tensors, entry.name
+        self.events.append(("load", entry.name))
+        self.live.add(entry.name)
+        return entry.name
+
+    def run_stage(self, stage, x, ctx):
+        assert stage in self.live
+        self.events.append(("run", stage))
+        self.most_held = max(self.most_held, self.store.held_bytes)
+        return (x or 0) + 1
+
+    def free_stage(self, stage):
+        self.events.append(("free", stage))
+        self.live.discard(stage)
+
+
+@pytest.mark.parametrize("prefetching", [True, False])
+def test_scheduler_loads_runs_and_frees_in_sweep_order(checkpoints, tmp_path, prefetching):
+    from airmlx.schedule import Scheduler
+    from airmlx.store import ShardStore
+    folder, _ = checkpoints("llama")
+    store = ShardStore(airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False))
+    sizes = {s.name: s.nbytes for s in store.manifest.stages}
+    layer = sizes["layer.000"]
+    plan = make_plan(sizes, sizes["embed"] + sizes["head"] + layer * 3 // 2, prefetching)
+    assert plan.prefetch_depth == (1 if prefetching else 0) and plan.streamed
+    assert {"embed", "head"} <= set(plan.resident)
+    backend = FakeBackend(store)
+    scheduler = Scheduler(store, backend, plan)
+    assert [scheduler.forward(None) for _ in range(3)] == [6, 6, 6]  # embed, 4 layers, head
+
+    def sweep(first):
+        events = []
+        for name in sizes:
+            resident = name in plan.resident
+            events += ([("load", name)] if first or not resident else []) + [("run", name)]
+            events += [] if resident else [("free", name)]
+        return events
+
+    # resident stages load once; streamed ones load, run and free every sweep, in order
+    assert backend.events == sweep(True) + sweep(False) + sweep(False)
+    # stage bytes in hand: the residents' read buffers are given back after loading; at most depth + 1
+    # streamed stages are read ahead or computing
+    assert backend.most_held <= (plan.prefetch_depth + 1) * layer
+    assert store.bytes_read >= plan.resident_bytes + 3 * plan.streamed_bytes_per_step
+    scheduler.close()
+    assert sorted(backend.events[-len(plan.resident):]) == sorted(("free", n) for n in plan.resident)
+    assert store.held_bytes == 0

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 
 import airmlx
-from airmlx import shard as shard_mod
-from airmlx.errors import (CheckpointError, CorruptShardError, InsufficientDiskSpaceError,
-                           UnsupportedArchitectureError)
-from airmlx.manifest import Manifest
+from airmlx import sharder as shard_mod
+from airmlx.errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, UnsupportedArchitectureError
+from airmlx.manifest import Manifest, file_checksum
 from airmlx.store import ShardStore
+
 from tiny import make_checkpoint
 
 
@@ -48,7 +48,7 @@ def test_multi_file_source_is_copied_exactly(tmp_path, dtype):
         (copy,) = sharded[name]
         assert copy.dtype == dtype and torch.equal(copy, tensor)
     for stage in manifest.stages:
-        assert shard_mod.file_checksum(out / stage.file) == stage.checksum
+        assert file_checksum(out / stage.file) == stage.checksum
         assert (out / stage.file).stat().st_size == stage.nbytes
         assert all(t.startswith("model.layers.") for t in stage.tensors) == (stage.kind == "layer")
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()

@@ -1,8 +1,15 @@
-"""Tiny random-weight checkpoints, built with transformers' own classes and save_pretrained."""
+"""What the tests share: tiny random-weight checkpoints (built with transformers' and mlx-lm's own classes),
+the reference comparisons, and a Ctrl-C injected mid-sweep."""
+import numpy as np
 import torch
 import transformers
 
+import airmlx
 from airmlx.bench import save_tokenizer
+from airmlx.store import ShardStore
+
+ARCHS = ["llama", "mistral", "qwen2"]
+BACKENDS = ["torch", "mlx"]
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.15,
@@ -107,3 +114,82 @@ def make_mlx_checkpoint(folder, arch, seed=0, **overrides):
     (folder / "config.json").write_text(json.dumps(config))
     save_tokenizer(folder, config["vocab_size"])
     return model
+
+
+PROMPT = [[5, 17, 33, 2, 9, 60, 7, 41, 12]]
+BATCH = [[5, 17, 33, 2, 9, 60, 7, 41, 12], [8, 90, 10, 4]]
+NEW_TOKENS = 16
+
+
+def stage_size(folder):
+    return max(s.nbytes for s in ShardStore(folder).manifest.stages)
+
+
+def load(folder, tmp_path, backend, budget=None):
+    shards = tmp_path / "shards"
+    airmlx.shard_checkpoint(folder, shards, progress=False)
+    if budget == "tight":  # below two layers: everything but what fits in 1.5 stages streams
+        budget = int(1.5 * stage_size(shards))
+    return airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
+
+
+def assert_last_logits_match(model, ref, seq):
+    """One prefill over the whole sequence: our last-position logits against transformers' (1e-4 relative)."""
+    seq = np.array(seq)
+    ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+    with torch.no_grad():
+        theirs = ref(torch.tensor(seq)).logits[:, -1].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
+def reference_generate(ref, rows):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+    return out.tolist()
+
+
+def interrupt_at(backend, nth):
+    """Make the backend's nth run_stage call raise KeyboardInterrupt (a Ctrl-C mid-sweep); returns a
+    function that restores it."""
+    real, calls = backend.run_stage, []
+
+    def run_stage(stage, x, ctx):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return real(stage, x, ctx)
+
+    backend.run_stage = run_stage
+    return lambda: setattr(backend, "run_stage", real)
+
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (  # the demo model's template
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] | trim + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+CORPUS = ["What is a list? A list is a mutable sequence of items.", "The dict maps keys to values.",
+          "def f(x): return x + 1", "for item in items: print(item)"] * 4
+
+
+def make_chat_checkpoint(folder):
+    """A tiny random Llama plus a byte-level BPE tokenizer with the demo model's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
+                                  pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    make_checkpoint(folder, "llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,421 @@
+"""Checkpoint folder -> shard folder: manifest.json plus one safetensors file per stage.
+
+Tensors are copied as byte ranges straight from the source files, so no stage is ever held in memory
+and bf16/fp16/fp32 pass through untouched. Every file is written as NAME.tmp, fsynced and renamed;
+progress.json records finished stages so an interrupted run resumes; the manifest is written last.
+`python -m airmlx.shard` is the command-line face (airmlx/shard.py).
+"""
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
+
+from . import quant
+from .archs import arch_for, expert_index, stage_layout
+from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem, write_atomic
+from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
+
+PROGRESS_NAME = "progress.json"
+LOCK_NAME = ".airmlx.lock"
+COPY_CHUNK = 64 << 20
+# files the source carries besides its weights that the shard folder needs: config, tokenizer (whatever its
+# files are called: tokenizer.json, qwen.tiktoken, vocab.txt, ...), chat template, the checkpoint's own code
+AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py", ".vocab")
+NOT_AUX = re.compile(r"^(model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json|manifest\.json|"
+                     r"progress\.json|README.*|LICENSE.*|.*\.md)$")
+# Trainer and optimizer state saved beside pickle weights: never model weights
+NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt)$")
+STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def load_config(src):
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{src}: no config.json; point airmlx at a Hugging Face model folder.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
+
+
+def weight_files(src, allow_pickle=False):
+    """The source's safetensors files, in a stable order. Refuses pickle checkpoints without the opt-in."""
+    src = Path(src)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{src}: files listed in model.safetensors.index.json are missing: {missing}; "
+                                  "the download is incomplete.")
+        return [src / n for n in names]
+    files = sorted(src.glob("*.safetensors"))
+    if files:
+        return files
+    bins = pickle_files(src)
+    if bins and not allow_pickle:
+        raise CheckpointError(
+            f"{src} holds only legacy PyTorch pickle files ({bins[0].name}, ...). Loading pickle can run "
+            "arbitrary code; pass allow_pickle=True (--allow-pickle) to convert them, or use a safetensors checkpoint.")
+    if bins:
+        return bins
+    raise CheckpointError(f"{src}: no *.safetensors weights found; is this a model folder?")
+
+
+def pickle_files(src):
+    """Legacy pickle weights: those pytorch_model.bin.index.json names, else pytorch_model*.bin / model*.bin
+    (never training_args.bin, optimizer.bin and other Trainer state)."""
+    index = src / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            return [src / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e}); re-download the model.") from None
+    return sorted(p for p in src.glob("*.bin") if p.name.startswith(("pytorch_model", "model"))
+                  and not NOT_WEIGHTS.match(p.name))
+
+
+def aux_files(src):
+    """The source's small non-weight files that the shard folder copies."""
+    return sorted(p.name for p in Path(src).iterdir() if p.is_file() and p.suffix in AUX_SUFFIXES
+                  and not NOT_AUX.match(p.name) and not p.name.endswith(".safetensors"))
+
+
+def source_tensors(files):
+    """{tensor name: (file, data_start, TensorInfo)} over all source files."""
+    tensors = {}
+    for path in files:
+        try:
+            data_start, infos, _ = read_header(path, fix="download the checkpoint again.")
+        except CorruptShardError as e:
+            raise CheckpointError(str(e)) from None
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name][0].name} and {path.name}.")
+            tensors[name] = (path, data_start, info)
+    return tensors
+
+
+def fingerprint(files, config, quantization=None):
+    """What the shard folder was made from; any change means the folder is rebuilt."""
+    return {
+        "files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "quantization": quantization,
+    }
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive lock on the shard folder: a second process sharding into it waits, then reuses the result."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        yield
+        return
+    with open(Path(folder) / LOCK_NAME, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def quantized(t, info, qconfig):
+    """Whether the sharder quantises tensor t: mlx-lm's rule, less the modules the config keeps unquantised."""
+    return bool(qconfig) and qconfig.get(t.rpartition(".")[0]) is not False and \
+        quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"])
+
+
+def stage_items(tensor_names, sources, qconfig=None):
+    """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
+    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
+    items = []
+    for t in tensor_names:
+        src, data_start, info = sources[t]
+        if quantized(t, info, qconfig):
+            storage, view = quant.FLOAT_VIEWS[info.dtype]
+            with open(src, "rb", buffering=0) as f:
+                f.seek(data_start + info.start)
+                w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
+            wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage)
+            base = t[: -len(".weight")]
+            items += [(t, "U32", wq.shape, wq), (base + ".scales", info.dtype, scales.shape, scales),
+                      (base + ".biases", info.dtype, biases.shape, biases)]
+        else:
+            items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
+    by_name = {i[0]: i for i in items}
+    return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
+
+
+def expert_items(arch, tensor_names, sources, qconfig=None):
+    """An experts stage's items, expert by expert, and each expert's [start, end) in the data section."""
+    by_expert = {}
+    for t in tensor_names:
+        by_expert.setdefault(expert_index(arch, t), []).append(t)
+    items, parts, pos = [], {}, 0
+    for e in sorted(by_expert):
+        group = stage_items(by_expert[e], sources, qconfig)
+        size = sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape, _ in group)
+        items += group
+        parts[str(e)] = [pos, pos + size]
+        pos += size
+    return items, parts
+
+
+def write_stage(out, name, kind, index, items, fds, parts=None):
+    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
+    header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
+    path = Path(out) / f"{name}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    h = hashlib.sha256(header)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for t, _, _, payload in items:
+                if isinstance(payload, np.ndarray):
+                    data = np.ascontiguousarray(payload).data
+                    f.write(data)
+                    h.update(data)
+                    continue
+                src, pos, end = payload
+                fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
+                while pos < end:
+                    chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
+                    if not chunk:
+                        raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
+                    f.write(chunk)
+                    h.update(chunk)
+                    pos += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, which is never read
+        raise
+    os.replace(tmp, path)
+    fsync_dir(out)
+    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
+                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items], parts=parts)
+
+
+def stage_bytes(tensor_names, sources, qconfig=None):
+    """Bytes a stage file will take (an estimate that errs high: header room included)."""
+    total = 1024
+    for t in tensor_names:
+        info = sources[t][2]
+        if quantized(t, info, qconfig):
+            rows, cols = info.shape
+            groups = rows * cols // qconfig["group_size"]
+            total += rows * cols * qconfig["bits"] // 8 + 2 * groups * DTYPE_SIZES[info.dtype] + 300
+        else:
+            total += info.nbytes + 100
+    return total
+
+
+def reusable(out, entries, verify):
+    """Finished stages whose files are still intact (size always; checksum when verify)."""
+    return {e.name: e for e in entries if stage_file_problem(Path(out) / e.file, e, checksum=verify) is None}
+
+
+@contextlib.contextmanager
+def disk_full_named(out, bytes_left):
+    """Turn a write that fails for lack of space into an error naming the folder and the bytes still needed."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, AirmlxError) or e.errno not in DISK_FULL:
+            raise
+        raise InsufficientDiskSpaceError(
+            f"{out}: a write failed ({os.strerror(e.errno)}): sharding needs {bytes_left():,} more bytes there and "
+            f"{shutil.disk_usage(out).free:,} are free; free space (or raise the file size limit, ulimit -f) or "
+            "pass another layer_shards_saving_path, then run again: finished stages are kept.") from None
+
+
+@dataclass
+class Job:
+    """One sharding run: what is read, what is written, and what is already there."""
+    src: Path
+    out: Path
+    config: dict
+    qconfig: dict
+    originals: list  # the source's weight files (the fingerprint; what delete_original removes)
+    sources: dict = None  # tensor name -> (file, data start, TensorInfo)
+    layout: list = None  # [(stage name, kind, tensor names)] in sweep order
+    fingerprint: dict = None
+    done: dict = None  # stage name -> StageEntry already written and intact
+
+    @property
+    def progress_path(self):
+        return self.out / PROGRESS_NAME
+
+
+def quantization_for(config, arch, compression, src):
+    """The mlx-lm style quantisation config compression asks for, or None."""
+    if not compression:
+        return None
+    if "quantization" in config:
+        raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
+    qconfig = quant.compression_config(compression)
+    # mlx-lm's per-module convention: False keeps a module unquantised
+    return {**qconfig, **dict.fromkeys(arch.unquantized, False)}
+
+
+def resume_state(job, verify):
+    """Stages a previous run of the same checkpoint left intact (from its manifest or progress.json); the
+    manifest of an incomplete or foreign folder is removed first, so the folder counts as unfinished."""
+    try:
+        existing = Manifest.load(job.out)
+    except CorruptShardError:
+        existing = None
+    done = {}
+    if existing is not None and existing.source == job.fingerprint:
+        done = reusable(job.out, existing.stages, verify=verify)
+        if len(done) == len(job.layout):
+            job.progress_path.unlink(missing_ok=True)  # left behind when a run was killed right after the manifest
+            return done, existing
+        print(f"airmlx: {job.out}: rebuilding damaged or missing stages "
+              f"{[s.name for s in existing.stages if s.name not in done]}.", file=sys.stderr)
+    elif existing is not None:
+        print(f"airmlx: {job.out} was made from a different checkpoint; rebuilding it.", file=sys.stderr)
+    if existing is not None:
+        (job.out / MANIFEST_NAME).unlink()
+        fsync_dir(job.out)
+    if not done and job.progress_path.is_file():
+        try:
+            saved = json.loads(job.progress_path.read_text())
+            if saved.get("source") == job.fingerprint:
+                done = reusable(job.out, [StageEntry(**e) for e in saved["stages"]], verify=True)
+        except (ValueError, TypeError, KeyError):
+            pass  # an unreadable progress file only costs a full rebuild
+    return done, None
+
+
+def check_disk(job, sizes):
+    """Refuse to start when the stages still to write do not fit the free space."""
+    need = sum(size for name, size in sizes.items() if name not in job.done)
+    free = shutil.disk_usage(job.out).free
+    if need > free:
+        raise InsufficientDiskSpaceError(
+            f"{job.out}: sharding needs {need:,} bytes but only {free:,} are free; free "
+            f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
+    return need
+
+
+def write_stages(job, sizes, need, progress):
+    """Write every stage not yet done, recording each in progress.json as it lands."""
+    arch = arch_for(job.config)
+    fds = {}
+    bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {job.src.name}", disable=not progress)
+    try:
+        with bar:
+            for index, (name, kind, tensor_names) in enumerate(job.layout):
+                if name in job.done:
+                    continue
+                if kind == "experts":
+                    items, parts = expert_items(arch, tensor_names, job.sources, job.qconfig)
+                else:
+                    items, parts = stage_items(tensor_names, job.sources, job.qconfig), None
+                job.done[name] = write_stage(job.out, name, kind, index, items, fds, parts)
+                write_atomic(job.progress_path, json.dumps(
+                    {"source": job.fingerprint, "stages": [vars(e) for e in job.done.values()]}).encode())
+                bar.update(sizes[name])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def finalise(job):
+    """Copy the small files, drop stale stage files, write the manifest last; return it."""
+    for aux in aux_files(job.src):
+        write_atomic(job.out / aux, (job.src / aux).read_bytes())
+    stages = [job.done[name] for name, _, _ in job.layout]
+    for stale in job.out.iterdir():
+        if STAGE_FILE.match(stale.name) and stale.name not in {s.file for s in stages}:
+            stale.unlink()
+    config = job.config
+    if job.qconfig:  # the mlx-lm convention: the config says how its weights are quantised
+        config = {**config, "quantization": job.qconfig}
+    manifest = Manifest(architecture=config["model_type"], config=config, source=job.fingerprint, stages=stages,
+                        quantization=config.get("quantization"), extra={"source_path": str(job.src.resolve())})
+    manifest.save(job.out)
+    job.progress_path.unlink(missing_ok=True)
+    return manifest
+
+
+def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: bool = False,
+                     allow_pickle: bool = False, compression: "str | None" = None, progress: bool = True,
+                     verify: bool = False) -> Path:
+    """Shard the checkpoint folder `src` into `out`; return `out`. Reuses a matching folder, resumes an
+    interrupted one, rebuilds one made from a different source. verify=True checks the checksums of the
+    stages it would reuse and rebuilds the damaged ones."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
+    config = load_config(src)
+    qconfig = quantization_for(config, arch_for(config), compression, src)
+    try:
+        originals = weight_files(src, allow_pickle)
+    except CheckpointError:
+        if complete_folder(out, verify):  # the originals were deleted after an earlier sharding
+            return out
+        raise
+    job = Job(src, out, config, qconfig, originals)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out), contextlib.ExitStack() as cleanup:
+        files = originals
+        if files[0].suffix == ".bin":
+            from .legacy import convert_pickle_checkpoint
+            files = convert_pickle_checkpoint(files, out / "_converted")
+            cleanup.callback(shutil.rmtree, out / "_converted", True)
+        job.sources = source_tensors(files)
+        job.layout = stage_layout(config, list(job.sources))
+        job.fingerprint = fingerprint(originals, config, qconfig)
+        job.done, manifest = resume_state(job, verify)
+        if manifest is None:
+            sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
+            need = check_disk(job, sizes)
+            small = sum((src / a).stat().st_size for a in aux_files(src)) + (1 << 20)  # + the manifest
+            with disk_full_named(out, lambda: small + sum(v for k, v in sizes.items() if k not in job.done)):
+                write_stages(job, sizes, need, progress)
+                manifest = finalise(job)
+        finish_delete(src, out, originals, manifest, delete_original)
+    return out
+
+
+def complete_folder(out, verify=False):
+    """True when out holds a manifest whose stage files all have their recorded sizes (and checksums)."""
+    try:
+        manifest = Manifest.load(out)
+    except CorruptShardError:
+        return False
+    return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
+
+
+def finish_delete(src, out, originals, manifest, delete_original):
+    """delete_original: remove the source weights, but only after every stage reads back intact."""
+    if not delete_original:
+        return
+    bad = [e.file for e in manifest.stages if file_checksum(Path(out) / e.file) != e.checksum]
+    if bad:
+        raise CorruptShardError(f"{out}: stages {bad} do not match their checksums after writing; "
+                                "the original weights were NOT deleted. Shard again.")
+    for path in originals:
+        target = path.resolve()  # hub cache files are symlinks to blobs: free the blob too
+        path.unlink()
+        if target != path and target.exists():
+            target.unlink()
+    index = Path(src) / "model.safetensors.index.json"
+    index.unlink(missing_ok=True)
+

@@ -1,0 +1,24 @@
+"""Byte sizes in and out: "4GB" -> 4_000_000_000 and back to "4.00 GB"."""
+import re
+
+from .errors import BudgetError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: "int | float | str", what: str = "memory_budget") -> int:
+    """4_000_000_000, "4GB", "4 GiB", "512MB" -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+        raise BudgetError(f"{what} {value!r} is not a size; use bytes or a string like '4GB' or '512MiB'.")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
