@@ -39,3 +39,11 @@ class OptionError(AirmlxError, ValueError):
 
 class GenerationError(AirmlxError, ValueError):
     """Invalid generation inputs: empty prompt, bad sampling values, prompt too long."""
+
+
+class CacheTrimError(GenerationError):
+    """A KV cache cannot be rolled back that far exactly (its sliding-window layers no longer hold the tokens)."""
+
+
+class ModelClosedError(AirmlxError, RuntimeError):
+    """The model was used after (or closed during) close()."""

@@ -1,17 +1,36 @@
-"""The model object users hold: a shard store, a backend and the scheduler between them."""
+"""The model object users hold: a shard store, a backend and the scheduler between them.
+
+One call runs at a time: generate, score, logits and step take the model's lock, so two threads sharing a
+model take turns; close() cancels a running call at its next step and waits for it to end.
+"""
+import functools
 import json
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
 
-from .errors import GenerationError, ModelNotFoundError
+from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, generate_tokens, left_padding, to_batch
-from .schedule import Scheduler, default_budget, make_plan
+from .generation import GenerateOutput, generate_tokens, to_batch
+from .plan import DEFAULT_PREFILL_STEP, ExpertDemand, StageCost, activation_bytes, default_budget, make_plan, minimum_budget
+from .schedule import Scheduler
 from .store import ShardStore
+from .sweeps import prompt_contexts, sweep_batches
 from .units import format_bytes, parse_bytes
 
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
+
+
+def exclusive(method):
+    """Run `method` holding the model's lock, and refuse it once the model is closed (or closing)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            self._check_open()
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class AirModel:
@@ -20,22 +39,37 @@ class AirModel:
     trust_remote_code: the tokenizer may run the checkpoint's own tokenizer code."""
 
     def __init__(self, shard_dir, backend, memory_budget=None, prefetching: bool = True,
-                 profiling_mode: bool = False, trust_remote_code: bool = False):
+                 profiling_mode: bool = False, trust_remote_code: bool = False,
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP):
         self.shard_dir = Path(shard_dir)
         self.trust_remote_code = trust_remote_code
+        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+            raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
+        self.prefill_step_size = prefill_step_size
         self.store = ShardStore(shard_dir)
         self.config = self.store.manifest.config
         self.backend = backend
         budget = (parse_bytes(memory_budget) if memory_budget is not None
-                  else default_budget(backend.available_memory(), self.config))
-        stages = self.store.manifest.stages
-        routed = [s for s in stages if s.kind == "experts"]
-        self.plan = make_plan({s.name: s.nbytes for s in stages if s.kind != "experts"}, budget, prefetching,
-                              expert_demand(routed, self.config.get("num_experts_per_tok", 1)))
+                  else default_budget(backend.available_memory(), self.config, backend.itemsize, prefill_step_size))
+        costs = {s.name: StageCost(s.nbytes, *backend.footprint(s, self.store.tensor_infos(s.name)))
+                 for s in self.store.manifest.stages}
+        routed = [s for s in self.store.manifest.stages if s.kind == "experts"]
+        # experts are held as the backend loads them: as many bytes as their files, or more if it dequantises
+        scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
+        stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
+        experts = ExpertDemand(*expert_demand(routed, 1, scale), self.config.get("num_experts_per_tok", 1) if routed else 0)
+        self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
+        self.plan = make_plan(stages, budget, prefetching, experts)
+        # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
+        backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
         self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self._tokenizer = None
+        self._lock = threading.RLock()
+        self._closing = self._closed = False
+        self._caches = weakref.WeakSet()  # caches made by new_cache(), counted while they live
+        self._largest_step = (0, 0, 0)  # (rows, new tokens, tokens of context) of the largest step so far
 
     @property
     def tokenizer(self):
@@ -57,20 +91,43 @@ class AirModel:
     def pad_token_id(self):
         return self.generation_config.get("pad_token_id", self.config.get("pad_token_id"))
 
+    def _check_open(self):
+        if self._closing or self._closed:
+            raise ModelClosedError("this model is closed (close() was called); load it again with "
+                                   "AutoModel.from_pretrained.")
+
+    @exclusive
     def step(self, tokens, attention_mask, cache):
-        """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy."""
-        ctx = self.backend.begin_step(tokens, attention_mask, cache)
-        return self.backend.logits(self.scheduler.forward(ctx, self._progress(tokens)))[:, -1]
+        """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy.
+        attention_mask covers the cache's past tokens and the new ones (B, past + T). A prompt longer than
+        prefill_step_size runs in chunks inside the one sweep."""
+        ctxs = prompt_contexts(self.backend, tokens, attention_mask, cache, self.prefill_step_size)
+        out = []
+        self.scheduler.forward_many(ctxs, lambda i, x: out.append(x) if i == len(ctxs) - 1 else None,
+                                    self._progress(tokens))
+        self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1])
+        return self.backend.logits(out[0])[:, -1]
 
     def _progress(self, tokens):
         return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
 
+    def _note_step(self, rows, tokens, context):
+        largest = self._largest_step
+        self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context))
+
+    def _activation_bound(self, rows, tokens, context):
+        return activation_bytes(self.config, min(rows * tokens, self.prefill_step_size), rows, context,
+                                max(self.backend.itemsize, 4), tokens)
+
+    @exclusive
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
-        """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache kept."""
+        """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache
+        kept. The result itself is B x T x vocab x 4 bytes; score() returns log-likelihoods without it."""
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
-        cache = self.new_cache(ids.shape[0], left_padding(mask))
-        ctx = self.backend.begin_step(ids, mask, cache, all_positions=True)
-        return self.backend.logits(self.scheduler.forward(ctx, self._progress(ids)))
+        out = []
+        sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
+        self._note_step(*ids.shape, ids.shape[1])
+        return out[0]
 
     def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
         """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
@@ -79,12 +136,16 @@ class AirModel:
         from .score import score
         return score(self, requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
 
+    @exclusive
     def sweep(self, batches: list, on_output, progress: str | None = None) -> None:
-        """One read of the model for several left-padded batches [(ids (B, T), mask (B, T))] that keep no cache:
-        each stage runs every batch before the next stage is read. on_output(i, logits) gets batch i's logits
-        for every position as float32 numpy (B, T, vocab), one batch at a time."""
-        ctxs = [self.backend.begin_step(ids, mask, None, all_positions=True) for ids, mask in batches]
-        self.scheduler.forward_many(ctxs, lambda i, x: on_output(i, self.backend.logits(x)), progress)
+        """One read of the model for several left-padded batches [(ids (B, T), mask (B, T), targets (B, T))]
+        that keep no cache: each stage runs every batch before the next stage is read. on_output(i, scores)
+        gets batch i's (B, T, 2) float32 numpy: log p(targets[b, t]) after position t, and 1.0 where that
+        target was the most likely token. The (B, T, vocab) logits never exist whole: the head works through
+        a few positions at a time, and batches longer than prefill_step_size run in chunks."""
+        sweep_batches(self, batches, on_output, progress)
+        for ids, _, _ in batches:
+            self._note_step(*ids.shape, ids.shape[1])
 
     @property
     def bytes_read(self) -> int:
@@ -111,24 +172,31 @@ class AirModel:
         return self.store.read_bandwidth(self.plan.streamed or list(self.plan.stage_bytes), cold)
 
     def reset_peak(self) -> None:
-        """Start the backend's peak-memory count afresh."""
+        """Start the peak-memory counts afresh."""
         self.backend.reset_peak()
+        self.store.reset_peak()
 
     def new_cache(self, batch_size: int = 1, left_padding: list | None = None):
-        """Empty KV caches for every layer (resident for the model's life; pass to generate to continue)."""
-        return self.backend.new_cache(batch_size, left_padding or [0] * batch_size)
+        """Empty KV caches for every layer (pass to generate to continue); memory_stats() counts them while
+        they live."""
+        cache = self.backend.new_cache(batch_size, left_padding or [0] * batch_size)
+        self._caches.add(cache)
+        return cache
 
     def cache_length(self, cache) -> int:
         """Tokens a cache from new_cache() holds."""
         return self.backend.cache_length(cache)
 
     def trim_cache(self, cache, keep: int) -> None:
-        """Roll a cache back to its first `keep` tokens (every layer, also after a sweep cut short)."""
+        """Roll a cache back to its first `keep` tokens (every layer, also after a sweep cut short). Exact, or
+        a CacheTrimError when sliding-window layers no longer hold what the roll-back needs (start a new
+        cache then)."""
         self.backend.trim_cache(cache, keep)
 
     def cache_bytes(self, cache) -> int:
         return self.backend.cache_bytes(cache)
 
+    @exclusive
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=False, temperature=1.0,
                  top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, use_cache=True,
                  return_dict_in_generate=False, streamer=None, seed=None, past_key_values=None, **unused):
@@ -171,11 +239,27 @@ class AirModel:
         return out
 
     def memory_stats(self) -> dict:
-        """Budget, plan and the backend's memory counters, in bytes; steps run so far."""
+        """What the model holds, in bytes, and what it has read:
+
+        budget; plan (weights as planned: resident_weights, in_flight, expert_cache, expert_stack; plan_total
+        never exceeds the budget); held now (stage buffers and mappings handed out, in_flight_now, and their
+        peak, in_flight_peak); kv_cache (the caches of new_cache() still alive); activation_bound (the bound
+        on a step's activations for the largest step so far, see airmlx.plan.activation_bytes); active and
+        peak (the backend's own count: everything MLX holds; on torch its own tensors and KV caches plus the
+        stage buffers it computes from); bytes_read and steps; for MoE the expert cache's counters."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
-        return {"budget": self.plan.budget, "resident": self.plan.resident_bytes,
-                "streamed_per_step": self.plan.streamed_bytes_per_step, "bytes_read": self.store.bytes_read,
-                "steps": self.scheduler.steps, **experts, **self.backend.memory()}
+        backend = self.backend.memory()
+        if not self.backend.counts_buffers:  # torch: the store's buffers and mappings are not its own
+            backend = {"active": backend["active"] + self.store.held_bytes + self.store.pool.pooled_bytes,
+                       "peak": backend["peak"] + self.store.peak_held_bytes + self.store.pool.pooled_bytes}
+        plan = self.plan
+        return {"budget": plan.budget, "resident_weights": plan.resident_bytes, "in_flight": plan.in_flight_bytes,
+                "expert_stack": plan.expert_stack, "plan_total": plan.total_bytes,
+                "streamed_per_step": plan.streamed_bytes_per_step, "in_flight_now": self.store.held_bytes,
+                "in_flight_peak": self.store.peak_held_bytes,
+                "kv_cache": sum(self.backend.cache_bytes(c) for c in list(self._caches)),
+                "activation_bound": self._activation_bound(*self._largest_step),
+                "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend}
 
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
         """Prompt tokens/s, generation tokens/s, bytes read per step, peak memory, the plan. `times`: when the
@@ -190,8 +274,14 @@ class AirModel:
                 f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step | "
                 f"peak memory {format_bytes(mem['peak'])} | {self.plan}")
 
-    def close(self):
-        self.scheduler.close()
+    def close(self) -> None:
+        """Free everything the model holds. A call running in another thread is cancelled at its next step
+        (ModelClosedError there) and waited for; any later call raises ModelClosedError."""
+        self._closing = True
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.scheduler.close()
 
     def __enter__(self):
         return self

@@ -53,13 +53,11 @@ def make_passes(lengths, batch_size, max_tokens):
     return passes + ([current] if current else [])
 
 
-def row_scores(logits, tokens, start, offset):
-    """Sum of log p(token) over the scored tokens of one row, and whether each was the argmax."""
-    targets = np.array(tokens[start:])
-    rows = logits[offset + start - 1: offset + len(tokens) - 1].astype(np.float64)
-    top = rows.max(-1)
-    logp = rows[np.arange(len(targets)), targets] - top - np.log(np.exp(rows - top[:, None]).sum(-1))
-    return float(logp.sum()), bool((rows.argmax(-1) == targets).all())
+def row_scores(scores, tokens, start, offset):
+    """Sum of log p(token) over the scored tokens of one row, and whether each was the argmax; `scores`
+    (T, 2) holds per position the log-probability of the next token and whether it was the argmax."""
+    rows = scores[offset + start - 1: offset + len(tokens) - 1]
+    return float(rows[:, 0].astype(np.float64).sum()), bool((rows[:, 1] > 0.5).all())
 
 
 def score(model, requests, batch_size=8, max_tokens=None, progress=True):
@@ -79,12 +77,13 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
             for r, i in enumerate(batch):
                 tokens = encoded[i][0]
                 ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
-            inputs.append((ids, mask))
+            targets = np.concatenate([ids[:, 1:], np.zeros((len(batch), 1), dtype=np.int64)], axis=1)
+            inputs.append((ids, mask, targets))
 
-        def collect(b, logits, batches=batches):
+        def collect(b, scores, batches=batches):
             for r, i in enumerate(batches[b]):
                 tokens, start = encoded[i]
-                results[i] = row_scores(logits[r], tokens, start, logits.shape[1] - len(tokens))
+                results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens))
 
         model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
     results.bytes_read = model.bytes_read - before

@@ -1,7 +1,13 @@
 """Reading stages fast: one open per stage, large reads into reusable buffers, raw tensor views.
 
 The store knows files and bytes, not what layers mean. Opening a shard folder checks every stage file's
-size and safetensors header, so a truncated or foreign file fails here, named, before any compute.
+size and safetensors header, so a truncated or foreign file fails here, named, before any compute; every
+later read checks again that the file is the one checked then (size, inode, modification time), so a file
+replaced or rewritten under a running model is an error naming it, never a silent mix of weights.
+
+Buffers come from the backend (`allocate`): MLX gets its own arrays, so a stage is read straight into the
+memory it computes from; torch gets numpy (pinned on CUDA). Streamed stages share a few slot-sized pooled
+buffers; resident stages get buffers of their own size that are never pooled.
 """
 import mmap
 import os
@@ -10,6 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,11 +40,19 @@ def evict(paths) -> None:
             os.close(fd)
 
 
+def numpy_buffer(nbytes: int):
+    """The default allocator: (owner, writable uint8 view) of plain host memory."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    return buf, buf
+
+
 @dataclass
 class RawTensor:
     dtype: str  # safetensors dtype name ("BF16", "F32", ...)
     shape: tuple
     data: np.ndarray  # typed view of the stage buffer; BF16/FP8 come as their raw bit patterns
+    owner: object = None  # the allocator's object the data lives in (an mx.array for MLX), for zero-copy loads
+    offset: int = 0  # byte offset of data inside owner
 
     @property
     def nbytes(self):
@@ -45,36 +60,62 @@ class RawTensor:
 
 
 @dataclass
+class Buffer:
+    owner: object
+    view: np.ndarray  # uint8, writable
+    pooled: bool
+
+    @property
+    def nbytes(self):
+        return self.view.nbytes
+
+
+@dataclass
 class StageData:
     name: str
     tensors: dict
-    buffer: np.ndarray  # owned by the pool until release()
-    nbytes: int
+    buffer: Buffer  # None for mappings and expert parts
+    nbytes: int  # bytes held: the buffer's or the mapping's size
     read_s: float
 
 
 class BufferPool:
-    """Keeps up to `keep` freed buffers and hands the smallest big-enough one out again. Requests up to
-    `slot_bytes` get a buffer of exactly slot_bytes, so streamed stages of mixed sizes share slots instead of
-    reallocating (and page-faulting) every step."""
+    """Streamed stages read into slot-sized buffers kept for reuse (at most `keep`, one per stage in flight),
+    so stages of mixed sizes share slots instead of reallocating (and page-faulting) every step. Any other
+    request gets a buffer of its own size that release() drops. fill() allocates the slots up front, on the
+    calling thread (MLX allocates only on the thread that computes)."""
 
-    def __init__(self, keep=4, slot_bytes=0):
-        self.keep, self.slot_bytes = keep, slot_bytes
+    def __init__(self, allocate: Callable = numpy_buffer, keep: int = 0, slot_bytes: int = 0):
+        self.allocate, self.keep, self.slot_bytes = allocate, keep, slot_bytes
         self._free = []
         self._lock = threading.Lock()
 
-    def acquire(self, nbytes):
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
-            if fits:  # by position: numpy arrays compare elementwise, so list.remove() would not do
-                return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
-        return np.empty(max(nbytes, self.slot_bytes) if nbytes <= self.slot_bytes else nbytes, dtype=np.uint8)
+    def acquire(self, nbytes: int, pooled: bool = True) -> Buffer:
+        if pooled and nbytes <= self.slot_bytes:
+            with self._lock:
+                if self._free:
+                    return self._free.pop()
+            return Buffer(*self.allocate(self.slot_bytes), pooled=True)
+        return Buffer(*self.allocate(nbytes), pooled=False)
 
-    def release(self, buf):
+    def release(self, buf: Buffer) -> None:
         with self._lock:
-            self._free.append(buf)
-            self._free.sort(key=lambda b: -b.nbytes)
-            del self._free[self.keep:]
+            if buf.pooled and buf.nbytes == self.slot_bytes and len(self._free) < self.keep:
+                self._free.append(buf)
+
+    def fill(self) -> None:
+        with self._lock:
+            missing = self.keep - len(self._free)
+        for _ in range(missing):
+            self.release(Buffer(*self.allocate(self.slot_bytes), pooled=True))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    @property
+    def pooled_bytes(self) -> int:
+        return len(self._free) * self.slot_bytes
 
 
 class ShardStore:
@@ -88,114 +129,153 @@ class ShardStore:
         self.peak_held_bytes = 0
         self._lock = threading.Lock()
         self._layout = {}
+        self._identity = {}  # stage name -> (size, device, inode, mtime) of the file checked at open
         for entry in self.manifest.stages:
             path = self.folder / entry.file
             problem = stage_file_problem(path, entry)
             if problem:
                 raise CorruptShardError(f"stage {entry.name}: file {path} {problem}; {repair_hint(self.folder)}")
-            size = entry.nbytes
+            st = path.stat()
             data_start, infos, _ = read_header(path, fix=f"stage {entry.name} is damaged; {repair_hint(self.folder)}")
             if sorted(infos) != sorted(entry.tensors):
                 raise CorruptShardError(f"stage {entry.name}: file {path} holds other tensors than the manifest "
                                         f"lists; {repair_hint(self.folder)}")
-            if entry.parts is not None and any(end > size - data_start for _, end in entry.parts.values()):
+            if entry.parts is not None and any(end > st.st_size - data_start for _, end in entry.parts.values()):
                 raise CorruptShardError(f"stage {entry.name}: the manifest's expert ranges run past the end of "
                                         f"{path}; {repair_hint(self.folder)}")
             self._layout[entry.name] = (data_start, infos)
+            self._identity[entry.name] = identity(st)
 
-    def read_stage(self, name):
-        """Read a whole stage file into a pooled buffer; the caller must release() it."""
+    def tensor_infos(self, name: str) -> dict:
+        """{tensor name: TensorInfo(dtype, shape, start, end)} of a stage, from its header."""
+        return self._layout[name][1]
+
+    def configure_pool(self, keep: int, slot_bytes: int, allocate: Callable = numpy_buffer) -> None:
+        """Streamed stages share `keep` pooled buffers of `slot_bytes`, allocated now by `allocate`."""
+        self.pool.clear()
+        self.pool = BufferPool(allocate, keep, slot_bytes)
+        self.pool.fill()
+
+    # -- reads -------------------------------------------------------------------------------------
+    def read_stage(self, name: str, pooled: bool = True) -> StageData:
+        """Read a whole stage file into a buffer (a pooled slot for streamed stages); release() gives it back."""
         entry = self.stages[name]
-        path = self.folder / entry.file
         t0 = time.perf_counter()
-        buf = self.pool.acquire(entry.nbytes)
+        buf = self.pool.acquire(entry.nbytes, pooled)
         try:
-            self._read_into(path, 0, memoryview(buf)[: entry.nbytes], f"stage {name}")
-        except CorruptShardError:
+            self._read_into(name, 0, buf.view[: entry.nbytes])
+        except BaseException:
             self.pool.release(buf)
             raise
-        tensors = self._views(name, buf)
-        with self._lock:
-            self.bytes_read += entry.nbytes
-        self._hold(entry.nbytes)
+        tensors = self._views(name, buf.view, buf.owner)
+        self._count(entry.nbytes, entry.nbytes)
         return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0)
 
-    def read_part(self, name, part):
+    def read_part(self, name: str, part: int, allocate: Callable = numpy_buffer) -> StageData:
         """Read one part of a stage (a routed expert: its tensors are one byte range) into a fresh buffer,
         which the returned tensors view; the caller keeps or drops it (no release)."""
         entry = self.stages[name]
         start, end = entry.parts[str(part)]
         data_start, infos = self._layout[name]
         t0 = time.perf_counter()
-        buf = np.empty(end - start, dtype=np.uint8)
-        self._read_into(self.folder / entry.file, data_start + start, memoryview(buf), f"stage {name}, expert {part},")
-        tensors = {info.name: RawTensor(info.dtype, info.shape, buf[info.start - start: info.end - start]
-                                        .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
+        owner, view = allocate(end - start)
+        self._read_into(name, data_start + start, view, f", expert {part}")
+        tensors = {info.name: RawTensor(info.dtype, info.shape, view[info.start - start: info.end - start]
+                                        .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape), owner,
+                                        info.start - start)
                    for info in infos.values() if start <= info.start and info.end <= end}
-        with self._lock:
-            self.bytes_read += buf.nbytes
-        return StageData(f"{name}[{part}]", tensors, None, buf.nbytes, time.perf_counter() - t0)
+        self._count(end - start, 0)
+        return StageData(f"{name}[{part}]", tensors, None, end - start, time.perf_counter() - t0)
 
-    def _read_into(self, path, offset, view, what):
-        """Fill view with the file's bytes from offset on, in large reads; a file that ends early is damaged."""
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            pos = 0
-            while pos < len(view):
-                n = f.readinto(view[pos: pos + READ_CHUNK])
-                if not n:
-                    raise CorruptShardError(f"{what} file {path} ended {len(view) - pos} bytes early; "
-                                            f"{repair_hint(self.folder)}")
-                pos += n
-
-    def hold(self, nbytes):
-        """Count bytes kept elsewhere (the expert cache) as held."""
-        self._hold(nbytes)
-
-    def _hold(self, nbytes):
-        with self._lock:
-            self.held_bytes += nbytes
-            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
-
-    def map_stage(self, name):
+    def map_stage(self, name: str) -> StageData:
         """Map a stage file instead of reading it: the tensors are read-only views of the page cache, so a
         backend that computes on host memory in place (torch on CPU) never copies them. Every page is mapped
         here, on the calling (prefetch) thread, so compute later runs without page faults: on Linux the
         kernel populates the mapping inside mmap() (read-ahead when cold, GIL released); elsewhere
-        MADV_WILLNEED starts the read-ahead and one touch per page waits for it."""
+        MADV_WILLNEED starts the read-ahead and one touch per page waits for it. A file truncated while
+        mapped would kill the process (SIGBUS), so the file is checked against the one opened first."""
         entry = self.stages[name]
         t0 = time.perf_counter()
-        with open(self.folder / entry.file, "rb") as f:
-            if POPULATE:
-                mapped = mmap.mmap(f.fileno(), entry.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                                   prot=mmap.PROT_READ)
-            else:
-                mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_READ)
+        with self._open(name) as f:
+            try:
+                if POPULATE:
+                    mapped = mmap.mmap(f.fileno(), entry.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                       prot=mmap.PROT_READ)
+                else:
+                    mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise self._unreadable(name, e) from None
         buf = np.frombuffer(mapped, dtype=np.uint8)
         if not POPULATE:
             if hasattr(mapped, "madvise"):
                 mapped.madvise(mmap.MADV_WILLNEED)
             int(buf[::PAGE].sum())  # fault every page in (numpy releases the GIL in this loop)
         tensors = self._views(name, buf)
-        with self._lock:
-            self.bytes_read += entry.nbytes
-        self._hold(entry.nbytes)
-        weakref.finalize(mapped, self._hold, -entry.nbytes)  # unmapped once the last view is gone
+        self._count(entry.nbytes, entry.nbytes)
+        weakref.finalize(mapped, self._count, 0, -entry.nbytes)  # unmapped once the last view is gone
         return StageData(name, tensors, None, entry.nbytes, time.perf_counter() - t0)
 
-    def _views(self, name, buf):
-        data_start, infos = self._layout[name]
-        return {info.name: RawTensor(info.dtype, info.shape,
-                                     buf[data_start + info.start: data_start + info.end]
-                                     .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape))
-                for info in infos.values()}
-
-    def release(self, data):
+    def release(self, data: StageData) -> None:
+        """Give a read_stage() buffer back (a mapping goes with its last view)."""
         if data.buffer is not None:
             self.pool.release(data.buffer)
             data.buffer = None
-            self._hold(-data.nbytes)
+            self._count(0, -data.nbytes)
 
+    def _open(self, name):
+        """Open a stage file, checking it is still the file checked when the folder was opened."""
+        path = self.folder / self.stages[name].file
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise self._unreadable(name, e) from None
+        if identity(os.fstat(f.fileno())) != self._identity[name]:
+            f.close()
+            raise CorruptShardError(f"stage {name}: file {path} changed while the model was open (replaced, "
+                                    f"truncated or rewritten); reload the model, and if the folder is damaged "
+                                    f"{repair_hint(self.folder)}")
+        return f
+
+    def _read_into(self, name, offset, view, what=""):
+        """Fill view with the file's bytes from offset on, in large reads; a file that ends early is damaged."""
+        path = self.folder / self.stages[name].file
+        with self._open(name) as f:
+            try:
+                f.seek(offset)
+                pos = 0
+                while pos < len(view):
+                    n = f.readinto(view[pos: pos + READ_CHUNK])
+                    if not n:
+                        raise CorruptShardError(f"stage {name}{what}: file {path} ended {len(view) - pos} bytes "
+                                                f"early; {repair_hint(self.folder)}")
+                    pos += n
+            except OSError as e:
+                raise self._unreadable(name, e) from None
+
+    def _unreadable(self, name, error):
+        path = self.folder / self.stages[name].file
+        return CorruptShardError(f"stage {name}: reading {path} failed ({type(error).__name__}: "
+                                 f"{getattr(error, 'strerror', None) or error}); {repair_hint(self.folder)}")
+
+    def _views(self, name, buf, owner=None):
+        data_start, infos = self._layout[name]
+        return {info.name: RawTensor(info.dtype, info.shape,
+                                     buf[data_start + info.start: data_start + info.end]
+                                     .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape),
+                                     owner, data_start + info.start)
+                for info in infos.values()}
+
+    def _count(self, read, held):
+        with self._lock:
+            self.bytes_read += read
+            self.held_bytes += held
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_held_bytes = self.held_bytes
+
+    # -- tools -------------------------------------------------------------------------------------
     def read_bandwidth(self, names: list, cold: bool = True) -> float:
         """Bytes per second reading these stages in order with the store's own reads; cold: from the disk
         (their files evicted from the page cache first)."""
@@ -203,15 +283,19 @@ class ShardStore:
             evict([self.folder / self.stages[n].file for n in names])
         t0, total = time.perf_counter(), 0
         for n in names:
-            data = self.read_stage(n)
+            data = self.read_stage(n, pooled=False)
             total += data.nbytes
             self.release(data)
         return total / (time.perf_counter() - t0)
 
-    def configure_pool(self, keep: int, slot_bytes: int) -> None:
-        """Keep up to `keep` freed read buffers, each `slot_bytes` for requests that fit one."""
-        self.pool.keep, self.pool.slot_bytes = keep, slot_bytes
-
     def verify(self) -> list:
         """Check every stage's checksum; return one line per damaged stage (empty when all are intact)."""
         return verify_folder(self.folder)
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def identity(st):
+    """What says a file is still the one checked: its size, device, inode and modification time."""
+    return st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns

@@ -20,7 +20,30 @@ from airmlx.errors import CheckpointError
 class Backend(Protocol):
     name: str
     zero_copy: bool  # load_stage keeps views of the raw buffers, so they live until free_stage
+    page_cache_views: bool  # streamed stages may be page-cache mappings (the tensors view them in place)
+    counts_buffers: bool  # memory() includes the store's read buffers (they come from allocate())
+    itemsize: int  # bytes per element of activations and KV caches
 
+    # -- memory
+    def allocate(self, nbytes: int) -> tuple:
+        """A read buffer: (the framework's object that owns it, a writable uint8 numpy view of it)."""
+
+    def footprint(self, entry: Any, infos: dict) -> tuple:
+        """(bytes a stage holds once loaded, bytes while it loads) from its tensors' dtypes and shapes: what
+        the memory plan budgets, after dtype conversion, dequantising or a copy to the device."""
+
+    def set_scratch(self, nbytes: int) -> None:
+        """Memory the framework may keep for reuse between stages (MLX's buffer cache)."""
+
+    def memory(self) -> dict:
+        """{"active": bytes now, "peak": bytes since reset_peak()} of weights, caches and activations."""
+
+    def reset_peak(self) -> None: ...
+
+    def available_memory(self) -> int:
+        """Bytes this device could still give to weights."""
+
+    # -- stages
     def from_raw(self, raw: Any) -> Any:
         """One RawTensor as the framework's array, in the compute dtype, on the device."""
 
@@ -36,13 +59,18 @@ class Backend(Protocol):
         """Tokens already in the cache."""
 
     def trim_cache(self, cache: Any, keep: int) -> None:
-        """Drop all but the first `keep` tokens from the cache."""
+        """Drop all but the first `keep` tokens from the cache, exactly, or raise CacheTrimError."""
+
+    def drop_cache_layer(self, cache: Any, layer: int) -> None:
+        """Empty one layer's part of a cache nobody needs after the sweep (scoring's scratch caches)."""
 
     def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any,
-                   all_positions: bool = False) -> Any:
+                   all_positions: bool = False, targets: np.ndarray | None = None) -> Any:
         """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T);
         all_positions: the head computes logits for every new token, not just the last. cache=None: a
-        single sweep that keeps no KV cache (scoring)."""
+        single sweep that keeps no KV cache. targets (B, T): the head returns (B, T, 2), the log-probability
+        of each target and whether it was the argmax, never the whole logits. Nothing here may depend on
+        what the cache holds now: a long prompt's chunks all begin before the first runs."""
 
     def load_stage(self, entry: Any, tensors: dict) -> Any: ...
 
@@ -61,15 +89,7 @@ class Backend(Protocol):
     def free_expert(self, loaded: Any) -> None: ...
 
     def logits(self, x: Any) -> np.ndarray:
-        """The head's output as float32 numpy (B, positions, vocab)."""
-
-    def memory(self) -> dict:
-        """{"active": bytes now, "peak": bytes since reset_peak()} of weights, caches and activations."""
-
-    def reset_peak(self) -> None: ...
-
-    def available_memory(self) -> int:
-        """Bytes this device could still give to weights."""
+        """The head's output as float32 numpy (B, positions, vocab), or (B, positions, 2) when scoring."""
 
 
 def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str) -> None:

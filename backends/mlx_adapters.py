@@ -3,13 +3,33 @@ versions, and the length, trimming, bytes and arrays the backend asks of them.
 
 A cache is mlx-lm's KVCache / RotatingKVCache / Batch* or a CacheList of such with an ArraysCache: baichuan_m1
 keeps its key/value convolution state (the last position's keys and values before the convolution) there.
+Sliding-window layers keep TRIM_SLACK tokens beyond their window (the attention mask still covers only the
+window), so a cache rolls back up to that many tokens exactly; further is a CacheTrimError, never a silent
+change of the numbers.
 """
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache, CacheList, KVCache, RotatingKVCache
 
-from airmlx.errors import BackendError
+from airmlx.errors import BackendError, CacheTrimError
 
 CONV_HISTORY = 64  # convolution states kept per layer, so a cache can be cut back by up to this many writes
+TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
+
+
+class Caches(list):
+    """One cache per layer: a list the model can keep a weak reference to (identity, not contents, is
+    what makes two of them the same)."""
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+def windowed(cache, window):
+    """A sliding-window layer's cache: a RotatingKVCache of window + TRIM_SLACK tokens."""
+    if isinstance(cache, CacheList):
+        return CacheList(*(c if isinstance(c, ArraysCache) else windowed(c, window) for c in cache.caches))
+    if isinstance(cache, (KVCache, RotatingKVCache)):
+        return RotatingKVCache(max_size=window + TRIM_SLACK, keep=getattr(cache, "keep", 0))
+    return cache
 
 
 def kv_part(cache):
@@ -55,11 +75,11 @@ class ConvState(ArraysCache):
         super().filter(batch_indices)
         self.history = [(n, [a[batch_indices] if a is not None else None for a in s]) for n, s in self.history]
 
+    def can_rewind(self, keep):
+        return not keep or any(n == keep for n, _ in self.history)
+
     def rewind(self, keep):
         saved = [s for n, s in self.history if n == keep]
-        if keep and not saved:
-            raise BackendError(f"this layer's convolution state cannot go back to {keep} tokens (it keeps the "
-                               f"last {CONV_HISTORY} steps); start a new cache (in chat: /reset).")
         self.cache = list(saved[-1]) if saved else [None] * len(self.cache)
         self.history = [(n, s) for n, s in self.history if n <= keep]
 
@@ -83,7 +103,34 @@ def batched(cache, pads):
                        "run one prompt at a time.")
 
 
+def check_trim(cache, keep, window):
+    """Raise CacheTrimError unless trimming this layer's cache back to `keep` tokens is exact."""
+    drop = length(cache) - keep
+    if drop <= 0:
+        return
+    if isinstance(cache, CacheList):
+        for c in cache.caches:
+            if isinstance(c, ConvState) and not c.can_rewind(keep):
+                raise CacheTrimError(f"this model's convolution state cannot go back {drop} tokens (it keeps the "
+                                     f"last {CONV_HISTORY} steps); start a new cache (in chat: /reset).")
+            if not isinstance(c, ArraysCache):
+                check_trim(c, keep, window)
+        return
+    if isinstance(cache, RotatingKVCache):
+        stored = min(cache.offset, cache.keys.shape[2]) if cache.keys is not None else 0
+        if stored - drop >= min(keep, window - 1):
+            return
+    elif isinstance(cache, BatchRotatingKVCache):
+        if cache.is_trimmable():
+            return
+    else:
+        return
+    raise CacheTrimError(f"the cache cannot go back {drop} tokens exactly: its sliding-window layers keep only the "
+                         f"last {window} + {TRIM_SLACK} tokens; start a new cache (in chat: /reset).")
+
+
 def trim(cache, keep):
+    """Roll one layer's cache back to `keep` tokens (check_trim says whether that is exact)."""
     drop = length(cache) - keep
     if drop <= 0:
         return
@@ -92,6 +139,39 @@ def trim(cache, keep):
             if isinstance(c, ConvState):
                 c.rewind(keep)
             elif not isinstance(c, ArraysCache):
-                c.trim(drop)
+                trim(c, keep)
+    elif isinstance(cache, RotatingKVCache):
+        trim_rotating(cache, drop)
     else:
         cache.trim(drop)
+
+
+def trim_rotating(cache, drop):
+    """RotatingKVCache.trim moves the write position back, which is right only while the buffer has not
+    wrapped. Here the buffer goes into temporal order, loses its newest `drop` tokens, and is padded in front
+    (positions the window no longer reaches) to the layout mlx-lm expects for the new offset."""
+    offset = cache.offset - drop
+    keys, values = (cache._temporal_order(v)[..., : min(cache.offset, cache.keys.shape[2]) - drop, :]
+                    for v in (cache.keys, cache.values))
+    size = max(min(offset, cache.max_size), keys.shape[2])
+
+    def padded(v):
+        missing = size - v.shape[2]
+        return mx.concatenate([mx.zeros((*v.shape[:2], missing, v.shape[3]), v.dtype), v], axis=2) if missing else v
+
+    cache.keys, cache.values = padded(keys), padded(values)
+    cache.offset, cache._idx = offset, size
+
+
+def empty_layer(cache):
+    """Forget what one layer's cache holds (a scoring sweep's scratch cache, once the layer has run)."""
+    if isinstance(cache, CacheList):
+        for c in cache.caches:
+            empty_layer(c)
+    elif isinstance(cache, ArraysCache):
+        cache.cache = [None] * len(cache.cache)
+    else:
+        cache.keys = cache.values = None
+        cache.offset = 0
+        if hasattr(cache, "_idx"):
+            cache._idx = 0

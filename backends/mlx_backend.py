@@ -6,14 +6,15 @@ placeholders back, and every stage's output is evaluated before its weights are 
 """
 import functools
 import importlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache
 
 from airmlx.archs import arch_for, expert_index, layer_types, rope_config
 from airmlx.errors import BackendError
@@ -23,6 +24,11 @@ from . import mlx_adapters, mlx_experts
 from .base import available_ram, check_placement
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
+              "U16": mx.uint16, "U8": mx.uint8, "I64": mx.int64, "I32": mx.int32, "I16": mx.int16, "I8": mx.int8,
+              "U64": mx.uint64, "BOOL": mx.bool_}
+FLOATS = ("F32", "F16", "BF16", "F64")
+SCORE_CHUNK = 1 << 24  # logits elements computed at once when the head scores targets
 
 
 @dataclass(frozen=True)
@@ -74,11 +80,12 @@ class MLXStage:
 @dataclass
 class MLXStep:
     tokens: mx.array
-    mask: object
+    attention_mask: np.ndarray  # over past + new tokens
     cache: list
     all_positions: bool = False
-    sliding_mask: object = None  # for sliding-window layers
-    valid: mx.array = None  # (B, L, 1), False at left-padded positions: zeroed before each layer (mlx_zero_padding)
+    targets: mx.array = None  # scoring: (B, T) token ids; the head returns their log-probabilities
+    masks: dict = field(default_factory=dict)  # per layer type, made when a layer of that type first runs
+    valid: mx.array = None  # (B, L, 1), False at left-padded positions: zeroed before each layer (zero_padding)
 
 
 def mlx_args(config, module):
@@ -105,8 +112,11 @@ def mlx_args(config, module):
 
 
 class MLXBackend:
+    """Stages are read straight into MLX arrays (allocate) and loaded as views of them: no copy, unless a
+    dtype= asks for a conversion."""
     name = "mlx"
-    zero_copy = False
+    counts_buffers = True  # the store's read buffers are MLX arrays: memory() counts them
+    page_cache_views = False
 
     def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
         """trust_remote_code and code_dir are the torch backend's: mlx-lm has a module for every family."""
@@ -118,6 +128,9 @@ class MLXBackend:
         if dtype is not None and dtype not in DTYPES:
             raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
         self.dtype = DTYPES.get(dtype)
+        self.zero_copy = self.dtype is None  # loaded stages are views of their read buffers
+        stored = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+        self.itemsize = (self.dtype or DTYPES.get(stored, mx.bfloat16)).size  # of activations and KV caches
         self.arch = arch_for(config)
         self.mlx_arch = MLX_ARCHS[config["model_type"]]
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
@@ -141,12 +154,47 @@ class MLXBackend:
         self.sliding = [t == "sliding_attention" for t in layer_types(config)]
         self.window = config.get("sliding_window")
         self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
-        self._cache_limit = 0
+        mx.set_cache_limit(0)  # freed buffers go back at once until the model says what scratch may stay
 
+    # -- memory ------------------------------------------------------------------------------------
+    def allocate(self, nbytes):
+        """A read buffer in MLX memory: (the array, a writable numpy view of it)."""
+        owner = mx.zeros((nbytes,), dtype=mx.uint8)
+        mx.eval(owner)
+        return owner, np.array(owner, copy=False)
+
+    def footprint(self, entry, infos):
+        """(bytes a loaded stage holds, bytes while it loads): its read buffer, which the arrays view, and
+        whatever a dtype conversion makes."""
+        if self.zero_copy:
+            return entry.nbytes, entry.nbytes
+        made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
+        return made, entry.nbytes + made
+
+    def set_scratch(self, nbytes):
+        mx.set_cache_limit(int(nbytes))
+
+    def memory(self):
+        return {"active": mx.get_active_memory() + mx.get_cache_memory(),
+                "peak": mx.get_peak_memory() + mx.get_cache_memory()}
+
+    def reset_peak(self):
+        mx.reset_peak_memory()
+
+    def available_memory(self):
+        if mx.metal.is_available():
+            return mx.metal.device_info()["max_recommended_working_set_size"] - mx.get_active_memory()
+        return available_ram()
+
+    # -- stages ------------------------------------------------------------------------------------
     def from_raw(self, raw):
-        a = mx.array(raw.data)
-        if raw.dtype == "BF16":
-            a = a.view(mx.bfloat16)
+        # a view of the read buffer (no copy), unless the buffer goes back to the pool right after loading
+        if self.zero_copy and isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:
+            a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
+        else:
+            a = mx.array(raw.data)
+            if raw.dtype == "BF16":
+                a = a.view(mx.bfloat16)
         if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(self.dtype)
         return a
@@ -166,9 +214,6 @@ class MLXBackend:
         layer = entry.layer
         arrays = {name: self.from_raw(raw) for name, raw in tensors.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
-        if nbytes > self._cache_limit:  # keep freed stage buffers for reuse instead of reallocating
-            self._cache_limit = 2 * nbytes
-            mx.set_cache_limit(max(self._cache_limit, mx.get_cache_memory()))
         module = None
         embed = self.arch.embed_prefix
         if entry.kind == "head" and f"{self.arch.head}.weight" not in arrays:  # tied: the head is the embedding
@@ -179,6 +224,7 @@ class MLXBackend:
             else:
                 module = nn.Embedding(*tied["weight"].shape)
             module.update(tied)
+            mx.eval(module.parameters())
         arrays = self.sanitize(arrays, layer)
         for n, a in arrays.items():
             placeholder = self.placeholders.get(n)
@@ -204,14 +250,17 @@ class MLXBackend:
     def free_expert(self, loaded):
         pass  # the arrays go with the cache's last reference
 
+    # -- caches ------------------------------------------------------------------------------------
     def new_cache(self, batch_size, left_padding):
+        """mlx-lm's own caches (its model's make_cache: convolution states), with this model's sliding-window
+        layers in RotatingKVCaches that keep TRIM_SLACK tokens beyond the window, so a cache can be rolled
+        back that far exactly."""
         pads = list(left_padding)
-        if hasattr(self.skeleton, "make_cache"):  # mlx-lm's own: sliding windows, convolution states
-            caches = self.skeleton.make_cache()
-        else:  # sliding-window layers keep a RotatingKVCache of the window, as mlx-lm's gemma3 make_cache does
-            caches = [RotatingKVCache(max_size=self.window) if s else KVCache() for s in self.sliding]
+        caches = self.skeleton.make_cache() if hasattr(self.skeleton, "make_cache") else \
+            [KVCache() for _ in range(self.num_layers)]
+        caches = [mlx_adapters.windowed(c, self.window) if s else c for c, s in zip(caches, self.sliding)]
         batch = batch_size > 1 or any(pads)
-        return [mlx_adapters.batched(c, pads if batch else None) for c in caches]
+        return mlx_adapters.Caches(mlx_adapters.batched(c, pads if batch else None) for c in caches)
 
     def cache_length(self, cache):
         return mlx_adapters.length(cache[0])
@@ -219,37 +268,49 @@ class MLXBackend:
     def trim_cache(self, cache, keep):
         # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
         for c in cache:
+            mlx_adapters.check_trim(c, keep, self.window)
+        for c in cache:
             mlx_adapters.trim(c, keep)
 
     def cache_bytes(self, cache):
         return sum(a.nbytes for c in cache for a in mlx_adapters.arrays(c))
 
-    def begin_step(self, tokens, attention_mask, cache, all_positions=False):
-        ids = mx.array(tokens.astype("int32"))
-        array = self.mlx_arch.mask_array
-        if cache is None:  # one sweep, nothing kept (scoring): the mask carries the left padding itself
-            pads = np.argmax(np.asarray(attention_mask) != 0, axis=1)
-
-            def mask(window=None):
-                if pads.any():
-                    return create_causal_mask(ids.shape[1], window_size=window, left_padding=mx.array(pads))
-                return create_attention_mask(ids, window_size=window, return_array=array)
-            step = MLXStep(ids, mask(), None, all_positions, mask(self.window) if any(self.sliding) else None)
-        else:  # the batch caches already know each row's left padding; the mask is not needed again
-            kv = [mlx_adapters.kv_part(c) for c in cache]
-            full = next((c for c, s in zip(kv, self.sliding) if not s), kv[0])
-            step = MLXStep(ids, create_attention_mask(ids, full, return_array=array), cache, all_positions)
-            if any(self.sliding):
-                swa = kv[self.sliding.index(True)]
-                step.sliding_mask = create_attention_mask(ids, swa, window_size=self.window, return_array=array)
-        valid = np.asarray(attention_mask)[:, -ids.shape[1]:] != 0
-        if self.mlx_arch.zero_padding and not valid.all():
-            step.valid = mx.array(valid)[..., None]
-        return step
+    def drop_cache_layer(self, cache, layer):
+        mlx_adapters.empty_layer(cache[layer])
 
     def select_rows(self, cache, rows):
         for c in cache:
             c.filter(mx.array(rows))
+
+    # -- steps -------------------------------------------------------------------------------------
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None):
+        ids = mx.array(tokens.astype("int32"))
+        step = MLXStep(ids, np.asarray(attention_mask), cache, all_positions or targets is not None,
+                       None if targets is None else mx.array(np.asarray(targets).astype("int32")))
+        valid = step.attention_mask[:, -ids.shape[1]:] != 0
+        if self.mlx_arch.zero_padding and not valid.all():
+            step.valid = mx.array(valid)[..., None]
+        return step
+
+    def _mask(self, step, layer):
+        """The attention mask of this step for the layer's type, made when a layer of that type first runs:
+        from that layer's own cache, which then holds exactly the tokens before this step's (a long prompt
+        runs in chunks, each chunk through a layer before the next)."""
+        sliding = self.sliding[layer]
+        if sliding not in step.masks:
+            window = self.window if sliding else None
+            array = self.mlx_arch.mask_array
+            if step.cache is None:  # one sweep, nothing kept (scoring): the mask carries the left padding itself
+                pads = np.argmax(step.attention_mask != 0, axis=1)
+                if pads.any():
+                    mask = create_causal_mask(step.tokens.shape[1], window_size=window, left_padding=mx.array(pads))
+                else:
+                    mask = create_attention_mask(step.tokens, window_size=window, return_array=array)
+            else:  # the batch caches already know each row's left padding
+                kv = mlx_adapters.kv_part(step.cache[layer])
+                mask = create_attention_mask(step.tokens, kv, window_size=window, return_array=array)
+            step.masks[sliding] = self._grouped(mask)
+        return step.masks[sliding]
 
     def _module(self, path):
         return functools.reduce(getattr, path.split("."), self.skeleton)
@@ -272,28 +333,35 @@ class MLXBackend:
             cache = step.cache[stage.layer] if step.cache is not None else None
             if step.valid is not None:
                 x = mx.where(step.valid, x, 0.0)
-            x = stage.module(x, self._grouped(step.sliding_mask if self.sliding[stage.layer] else step.mask),
-                             cache=cache)
+            x = stage.module(x, self._mask(step, stage.layer), cache=cache)
             # nothing lazy may keep weights alive
             mx.eval(x, *(mlx_adapters.arrays(cache) if cache is not None else ()))
+        elif step.targets is not None:
+            x = self._score(stage, x, step.targets)
         else:
-            h = self._module(self.arch.norm)(x if step.all_positions else x[:, -1:, :])
-            x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)
-            if self.softcap:
-                x = mx.tanh(x / self.softcap) * self.softcap
+            x = self._head(stage, x if step.all_positions else x[:, -1:, :])
             mx.eval(x)
         return x
 
+    def _head(self, stage, x):
+        h = self._module(self.arch.norm)(x)
+        x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)
+        return mx.tanh(x / self.softcap) * self.softcap if self.softcap else x
+
+    def _score(self, stage, x, targets):
+        """(B, T, 2): log p(target) and whether the target was the argmax, per position, computed a few
+        positions at a time so the full (B, T, vocab) logits never exist."""
+        step = max(1, SCORE_CHUNK // (x.shape[0] * self.args.vocab_size))
+        parts = []
+        for i in range(0, x.shape[1], step):
+            logits = self._head(stage, x[:, i:i + step]).astype(mx.float32)
+            t = targets[:, i:i + step]
+            logp = mx.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+            greedy = (mx.argmax(logits, axis=-1) == t).astype(mx.float32)
+            part = mx.stack([logp, greedy], axis=-1)
+            mx.eval(part)
+            parts.append(part)
+        return mx.concatenate(parts, axis=1)
+
     def logits(self, x):
         return np.array(x.astype(mx.float32))
-
-    def memory(self):
-        return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory()}
-
-    def reset_peak(self):
-        mx.reset_peak_memory()
-
-    def available_memory(self):
-        if mx.metal.is_available():
-            return mx.metal.device_info()["max_recommended_working_set_size"] - mx.get_active_memory()
-        return available_ram()

@@ -70,4 +70,7 @@ class StreamedSwitch:
                 chosen[experts] = True
                 y = y * mx.array(chosen)[indices][..., None].astype(y.dtype)
             out = y if out is None else out + y
+            # evaluated now, so this group's experts (and their stacked copy) can go before the next is read
+            mx.eval(out)
+            del stacked, handles, y
         return out

@@ -5,9 +5,10 @@ that stage's parameters, freeing it puts meta tensors back. Masks, rotary embedd
 layers are transformers'; this file only wires them in sweep order.
 """
 import inspect
+import math
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
-from airmlx.errors import BackendError
+from airmlx.errors import BackendError, CacheTrimError
 from airmlx.quant import dequantize, module_params
 
 from . import torch_experts
@@ -31,6 +32,10 @@ from .torch_remote import remote_config, shared_rotary
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a 4-bit stage's load
+SCORE_CHUNK = 1 << 24  # logits elements computed at once when the head scores targets
+TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ class TorchStep:
     positions: torch.Tensor
     cache: DynamicCache
     all_positions: bool = False
-    causal_mask: dict = None  # per layer type
-    rotary: dict = None  # per layer type
-    prepared: bool = False
+    targets: torch.Tensor = None  # scoring: (B, T) token ids; the head returns their log-probabilities
+    causal_mask: dict = field(default_factory=dict)  # per layer type, made when a layer of that type first runs
+    rotary: dict = field(default_factory=dict)  # per layer type
 
 
 def resolve_device(device):
@@ -96,8 +101,8 @@ def resolve_dtype(config, dtype, device):
 
 def dequantize_affine(wq, scales, biases, group_size, bits):
     """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
-    back to weights, with torch ops on the weights' device. Widths that straddle words (3, 5, 6 bits) go
-    through the shared numpy quantiser."""
+    back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
+    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser."""
     if 32 % bits:
         as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
         storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
@@ -105,9 +110,15 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
         w = torch.from_numpy(w)
         return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
-    codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    codes = codes.reshape(*scales.shape, group_size).to(scales.dtype)
-    return (codes * scales.unsqueeze(-1) + biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
+    lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
+    wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
+    out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
+    rows = max(1, DEQUANT_ELEMENTS // cols)
+    for r in range(0, wq.shape[0], rows):
+        codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        codes = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
+        out[r:r + rows] = (codes * scales[r:r + rows].unsqueeze(-1) + biases[r:r + rows].unsqueeze(-1)).flatten(1)
+    return out.reshape(*lead, cols)
 
 
 def cache_argument(function):
@@ -116,7 +127,10 @@ def cache_argument(function):
 
 
 class TorchBackend:
+    """Stages are transformers modules on a meta skeleton. On the CPU a stage's tensors are views of its
+    read buffer or page-cache mapping (no copy) unless they need a dtype conversion or dequantising."""
     name = "torch"
+    counts_buffers = False  # the store's buffers and mappings are numpy: memory() counts only torch's own
 
     def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
         """code_dir: the shard folder, which holds a remote-code checkpoint's .py files."""
@@ -127,8 +141,12 @@ class TorchBackend:
         hf_config = remote_config(config, arch, trust_remote_code, code_dir) if remote else None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config, dtype, self.device)
-        self.zero_copy = self.device.type == "cpu"
+        self.itemsize = self.dtype.itemsize  # of activations and KV caches
         self.qconfig = config.get("quantization")
+        stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+        # tensors stay views of the raw buffers: on the CPU, when nothing needs converting
+        self.zero_copy = self.device.type == "cpu" and not self.qconfig and DTYPES.get(stored) == self.dtype
+        self.page_cache_views = self.zero_copy
         # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         # the checkpoint's own code picks its attention implementation
@@ -154,16 +172,79 @@ class TorchBackend:
         # transformers >= 5.2x names the cache argument `cache` (past_key_values= is deprecated there)
         self.layer_cache_arg = cache_argument(type(self.skeleton.get_submodule(f"{arch.layers}.0")).forward)
         self.mask_cache_arg = cache_argument(create_causal_mask)
-        self._live = self._peak_live = self._peak = 0
+        self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
+        self.window = config.get("sliding_window")
+
+    # -- memory ------------------------------------------------------------------------------------
+    def allocate(self, nbytes):
+        """A read buffer: numpy, in pinned (page-locked) memory when the stage is headed for a CUDA device."""
+        if self.device.type == "cuda":
+            owner = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            return owner, owner.numpy()
+        buf = np.empty(nbytes, dtype=np.uint8)
+        return buf, buf
+
+    def footprint(self, entry, infos):
+        """(bytes a loaded stage holds, bytes while it loads): views of its buffer on the CPU, or what
+        conversion, dequantising or the copy to the GPU makes (the host buffer is not device memory)."""
+        made, views, dequantised = 0, False, 0
+        for info in infos.values():
+            name = info.name
+            if self.qconfig and name.endswith((".scales", ".biases")):
+                continue
+            if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:  # a packed weight, dequantised
+                scales = infos[f"{name.rpartition('.')[0]}.scales"]
+                numel = math.prod(scales.shape) * module_params(self.qconfig, name.rpartition(".")[0])[0]
+                made += numel * self.dtype.itemsize
+                dequantised = max(dequantised, min(numel, DEQUANT_ELEMENTS))
+            elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
+                made += math.prod(info.shape) * self.dtype.itemsize
+            elif self.device.type == "cuda" or not self.zero_copy:
+                made += info.nbytes
+            else:
+                views = True
+        buffer = entry.nbytes if self.device.type == "cpu" else 0
+        # dequantising a block of rows: int32 codes, their float copy, the product and the sum
+        temporaries = dequantised * (4 + 3 * self.dtype.itemsize)
+        return (buffer if views else 0) + made, buffer + made + temporaries
+
+    def set_scratch(self, nbytes):
+        pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
+
+    def memory(self):
+        if self.device.type == "cuda":
+            return {"active": torch.cuda.memory_allocated(self.device),
+                    "peak": torch.cuda.max_memory_allocated(self.device)}
+        return {"active": self._live, "peak": max(self._peak, self._peak_live)}
+
+    def reset_peak(self):
+        self._peak = self._peak_live = self._live
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def available_memory(self):
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return available_ram()
+
+    def _made(self, tensor, raw_ranges):
+        """Bytes of a tensor this backend allocated (0 for a view of a raw buffer)."""
+        ptr = tensor.data_ptr()
+        if tensor.device.type == "cpu" and any(start <= ptr < end for start, end in raw_ranges):
+            return 0
+        return tensor.numel() * tensor.element_size()
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        t = torch.from_numpy(raw.data)
+        t = source = torch.from_numpy(raw.data)
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
-        return t.to(self.device)
+        t = t.to(self.device)
+        if not self.zero_copy and t.data_ptr() == source.data_ptr():  # the buffer is reused after loading
+            t = t.clone()
+        return t
 
     def dequantize(self, tensors):
         """Quantised weights (MLX affine layout) -> plain weights in the compute dtype, one stage at a time,
@@ -193,6 +274,7 @@ class TorchBackend:
 
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
+        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
         if self.qconfig:
             tensors = self.dequantize(tensors)
@@ -210,7 +292,7 @@ class TorchBackend:
                             f"transformers' {type(self.skeleton).__name__}")
             setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
-            nbytes += tensor.numel() * tensor.element_size()
+            nbytes += self._made(tensor, raw_ranges)
         self._live += nbytes
         self._peak_live = max(self._peak_live, self._live)
         index = entry.layer
@@ -236,9 +318,15 @@ class TorchBackend:
     def free_expert(self, loaded):
         self._live -= sum(t.numel() * t.element_size() for t in loaded.values())
 
-    # -- steps ---------------------------------------------------------------------------------
+    # -- caches ------------------------------------------------------------------------------------
     def new_cache(self, batch_size, left_padding):
-        return DynamicCache(config=self.config)
+        """transformers' DynamicCache; its sliding-window layers record their past, and keep TRIM_SLACK
+        tokens beyond the window (trimmed after each layer runs), so a cache rolls back that far exactly."""
+        cache = DynamicCache(config=self.config)
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False):
+                layer.activate_past_recording()
+        return cache
 
     def cache_length(self, cache):
         return cache.get_seq_length()
@@ -246,14 +334,24 @@ class TorchBackend:
     def trim_cache(self, cache, keep):
         # per layer: a sweep cut short (Ctrl-C) leaves layers holding different lengths
         for layer in cache.layers:
-            if not layer.is_initialized:
+            drop = layer.get_seq_length() - keep if layer.is_initialized else 0
+            if drop > 0 and layer.is_sliding and layer.get_seq_length() >= layer.sliding_window \
+                    and layer.keys.shape[-2] - (layer.sliding_window - 1) < drop:
+                raise CacheTrimError(
+                    f"the cache cannot go back {drop} tokens exactly: its sliding-window layers keep only the last "
+                    f"{layer.sliding_window} + {TRIM_SLACK} tokens; start a new cache (in chat: /reset).")
+        for layer in cache.layers:
+            drop = layer.get_seq_length() - keep if layer.is_initialized else 0
+            if drop <= 0:
                 continue
             if layer.is_sliding:  # the sliding layer's own crop knows its window bookkeeping
-                drop = layer.get_seq_length() - keep
-                if drop > 0:
-                    layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
+                layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
             else:  # keys and values apart: Ctrl-C may land between transformers' two updates
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
+
+    def drop_cache_layer(self, cache, layer):
+        cache.layers[layer] = type(cache.layers[layer])(**({"sliding_window": cache.layers[layer].sliding_window}
+                                                          if cache.layers[layer].is_sliding else {}))
 
     def select_rows(self, cache, rows):
         cache.batch_select_indices(torch.as_tensor(rows, device=self.device))
@@ -266,11 +364,25 @@ class TorchBackend:
                     total += t.numel() * t.element_size()
         return total
 
-    def begin_step(self, tokens, attention_mask, cache, all_positions=False):
+    # -- steps ---------------------------------------------------------------------------------
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None):
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
-        return TorchStep(ids, mask, positions, cache, all_positions)
+        if targets is not None:
+            targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
+        return TorchStep(ids, mask, positions, cache, all_positions or targets is not None, targets)
+
+    def _prepare(self, step, kind, x):
+        """The mask and rotary embedding of this step for a layer type, made when a layer of that type first
+        runs: transformers reads the cache of the first layer of that type, which then holds exactly the
+        tokens before this step's (a long prompt runs in chunks, each through a layer before the next)."""
+        if kind not in step.causal_mask:
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            step.causal_mask[kind] = make(config=self.config, inputs_embeds=x, attention_mask=step.mask,
+                                          position_ids=step.positions, **{self.mask_cache_arg: step.cache})
+            step.rotary[kind] = self.rotary(x, step.positions, *([kind] if self.rotary_per_type else []))
+        return step.causal_mask[kind], step.rotary[kind]
 
     @torch.inference_mode()
     def run_stage(self, stage, x, step):
@@ -278,45 +390,42 @@ class TorchBackend:
         if stage.kind == "embed":
             x = model.get_input_embeddings()(step.tokens)
         elif stage.kind == "layer":
-            if not step.prepared:  # once per step, before the first layer writes its cache
-                kw = dict(config=self.config, inputs_embeds=x, attention_mask=step.mask,
-                          position_ids=step.positions, **{self.mask_cache_arg: step.cache})
-                make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-                types = set(self.layer_types)
-                step.causal_mask = {t: make[t](**kw) for t in types}
-                step.rotary = {t: self.rotary(x, step.positions, *([t] if self.rotary_per_type else []))
-                               for t in types}
-                step.prepared = True
             kind = self.layer_types[stage.layer]
-            x = stage.module(x, attention_mask=step.causal_mask[kind], position_ids=step.positions,
-                             use_cache=step.cache is not None, position_embeddings=step.rotary[kind],
-                             **{self.layer_cache_arg: step.cache})
+            mask, rotary = self._prepare(step, kind, x)
+            x = stage.module(x, attention_mask=mask, position_ids=step.positions, use_cache=step.cache is not None,
+                             position_embeddings=rotary, **{self.layer_cache_arg: step.cache})
+            if kind == "sliding_attention" and step.cache is not None:
+                layer = step.cache.layers[stage.layer]
+                keep = layer.sliding_window - 1 + TRIM_SLACK
+                if layer.keys.shape[-2] > keep:  # recording its past: keep the window and the slack only
+                    layer.keys, layer.values = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
+        elif step.targets is not None:
+            x = self._score(x, step.targets)
         else:
-            norm, head = model.get_submodule(self.arch.norm), model.get_submodule(self.arch.head)
-            x = head(norm(x if step.all_positions else x[:, -1:, :]))
-            if self.softcap:
-                x = torch.tanh(x / self.softcap) * self.softcap
+            x = self._head(x if step.all_positions else x[:, -1:, :])
+        if stage.kind != "layer":
             # once per step, not per stage: the cache is largest at the step's end (an upper bound)
-            self._peak = max(self._peak, self._peak_live + self.cache_bytes(step.cache))
+            cache = self.cache_bytes(step.cache) if step.cache is not None else 0
+            self._peak = max(self._peak, self._peak_live + cache)
             self._peak_live = self._live
         return x
 
+    def _head(self, x):
+        norm, head = self.skeleton.get_submodule(self.arch.norm), self.skeleton.get_submodule(self.arch.head)
+        x = head(norm(x))
+        return torch.tanh(x / self.softcap) * self.softcap if self.softcap else x
+
+    def _score(self, x, targets):
+        """(B, T, 2): log p(target) and whether the target was the argmax, per position, computed a few
+        positions at a time so the full (B, T, vocab) logits never exist."""
+        step = max(1, SCORE_CHUNK // (x.shape[0] * self.config.vocab_size))
+        out = torch.empty(*x.shape[:2], 2, dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[1], step):
+            logits = self._head(x[:, i:i + step]).float()
+            t = targets[:, i:i + step]
+            out[:, i:i + step, 0] = logits.gather(-1, t[..., None])[..., 0] - torch.logsumexp(logits, -1)
+            out[:, i:i + step, 1] = (logits.argmax(-1) == t).float()
+        return out
+
     def logits(self, x):
         return x.float().cpu().numpy()
-
-    # -- memory --------------------------------------------------------------------------------
-    def memory(self):
-        if self.device.type == "cuda":
-            return {"active": torch.cuda.memory_allocated(self.device),
-                    "peak": torch.cuda.max_memory_allocated(self.device)}
-        return {"active": self._live, "peak": self._peak}
-
-    def reset_peak(self):
-        self._peak = self._peak_live = self._live
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def available_memory(self):
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0]
-        return available_ram()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from airmlx.errors import BackendError, UnsupportedArchitectureError
+from airmlx.errors import CacheTrimError, UnsupportedArchitectureError
 
 from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
@@ -85,7 +85,7 @@ def test_convolution_state_trims(tmp_path):
         fresh = np.array([seq[:keep + 1]])
         want = model.step(fresh, np.ones_like(fresh), model.new_cache())
         assert np.abs(ours - want).max() / np.abs(want).max() < 1e-4
-        with pytest.raises(BackendError, match="convolution state cannot go back to 3 tokens"):
+        with pytest.raises(CacheTrimError, match="convolution state cannot go back 12 tokens.*/reset"):
             model.trim_cache(cache, 3)  # inside the prompt: one prefill step, one state
         model.trim_cache(cache, 0)
         assert model.cache_length(cache) == 0

@@ -11,7 +11,7 @@ import airmlx
 from airmlx.errors import BudgetError
 from airmlx.store import ShardStore
 
-from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, reference_generate
+from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, minimum_budget, reference_generate
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 TOP_K = 2  # tests/tiny.py: 4 experts, 2 per token, 2 layers
@@ -28,9 +28,12 @@ def expert_size(shards):
     return sizes.pop()
 
 
-def min_budget(shards):
+def min_budget(shards, backend="torch"):
+    budget = minimum_budget(shards, backend)
     stages = ShardStore(shards).manifest.stages
-    return max(s.nbytes for s in stages if s.kind != "experts") + TOP_K * expert_size(shards)
+    if backend == "mlx" or not ShardStore(shards).manifest.quantization:  # experts held as their bytes
+        assert budget == max(s.nbytes for s in stages if s.kind != "experts") + 2 * TOP_K * expert_size(shards)
+    return budget
 
 
 @pytest.mark.parametrize("arch", MOE)
@@ -62,7 +65,7 @@ def test_streamed_experts_match_transformers(checkpoints, tmp_path, arch, backen
     folder, ref, shards = shard(checkpoints, tmp_path, arch)
     want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
     with airmlx.AutoModel.from_pretrained(shards, backend=backend,
-                                          memory_budget=min_budget(shards) if budget == "minimum" else "1GB") as model:
+                                          memory_budget=min_budget(shards, backend) if budget == "minimum" else "1GB") as model:
         cache = model.scheduler.experts
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
         if budget == "minimum":  # room for one token's experts: a 9-token prefill's union comes in groups
@@ -78,9 +81,9 @@ def test_streamed_experts_match_transformers(checkpoints, tmp_path, arch, backen
 def test_a_decode_step_reads_only_the_routed_experts(checkpoints, tmp_path, backend):
     _, _, shards = shard(checkpoints, tmp_path, "mixtral")
     size = expert_size(shards)
-    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards)) as model:
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards, backend)) as model:
         reads, read_part = [], model.store.read_part
-        model.store.read_part = lambda name, e: (reads.append((name, e)), read_part(name, e))[1]
+        model.store.read_part = lambda name, e, *a: (reads.append((name, e)), read_part(name, e, *a))[1]
         cache = model.new_cache(1, [0])
         prompt = np.array(PROMPT)
         model.step(prompt, np.ones_like(prompt), cache)
@@ -134,7 +137,7 @@ def test_8bit_streamed_experts_match_mlx_lm(checkpoints, tmp_path, backend):
         ids = mx.array([[want[-1]]])
     shards = airmlx.shard_checkpoint(hf, tmp_path / "q8", compression="8bit", progress=False)
     assert any(t.endswith(".experts.0.w1.scales") for s in ShardStore(shards).manifest.stages for t in s.tensors)
-    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards)) as model:
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards, backend)) as model:
         assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0] == want
 
 

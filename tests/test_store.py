@@ -7,32 +7,39 @@ from safetensors import safe_open
 from airmlx.store import BufferPool, ShardStore
 
 
-def test_pool_reuses_the_smallest_big_enough_buffer_of_mixed_sizes():
-    pool = BufferPool(keep=3)
-    big, small = pool.acquire(1000), pool.acquire(100)
-    pool.release(big)
-    pool.release(small)
-    got = pool.acquire(50)
-    assert got is small
-    assert pool.acquire(500) is big
-    assert pool.acquire(10).nbytes == 10  # nothing free: a new one
-
-
-def test_pool_keeps_at_most_keep_buffers():
-    pool = BufferPool(keep=2)
-    bufs = [pool.acquire(n) for n in (10, 20, 30)]
-    for b in bufs:
-        pool.release(b)
-    assert sorted(b.nbytes for b in pool._free) == [20, 30]
-    assert isinstance(pool.acquire(5), np.ndarray)
-
-
-def test_slot_sized_buffers_serve_stages_of_any_smaller_size():
+def test_streamed_stages_share_slot_buffers():
     pool = BufferPool(keep=2, slot_bytes=1000)
     a = pool.acquire(300)
-    assert a.nbytes == 1000
+    assert a.nbytes == 1000 and a.pooled
     pool.release(a)
-    assert pool.acquire(900) is a and pool.acquire(2000).nbytes == 2000
+    assert pool.acquire(900) is a  # a smaller stage reuses the slot
+    assert pool.acquire(10).nbytes == 1000  # nothing free: a new slot
+
+
+def test_resident_and_oversized_buffers_are_never_kept():
+    """Audit bug 6: buffers of resident stages (often the largest: embedding, head) stayed in the pool forever
+    and were lent to streamed layers, counted nowhere."""
+    pool = BufferPool(keep=2, slot_bytes=1000)
+    resident = pool.acquire(5000, pooled=False)
+    assert resident.nbytes == 5000 and not resident.pooled
+    pool.release(resident)
+    big = pool.acquire(2000)  # larger than a slot: its own size, not kept either
+    pool.release(big)
+    assert pool.pooled_bytes == 0
+    slots = [pool.acquire(100) for _ in range(3)]
+    for slot in slots:
+        pool.release(slot)
+    assert pool.pooled_bytes == 2 * 1000  # at most `keep` slots
+    pool.clear()
+    assert pool.pooled_bytes == 0
+
+
+def test_fill_allocates_the_slots_with_the_given_allocator():
+    made = []
+    pool = BufferPool(lambda n: made.append(n) or (f"owner{len(made)}", np.empty(n, np.uint8)), keep=3, slot_bytes=64)
+    pool.fill()
+    assert made == [64, 64, 64] and pool.pooled_bytes == 3 * 64
+    assert pool.acquire(10).owner in {"owner1", "owner2", "owner3"} and made == [64, 64, 64]
 
 
 @pytest.fixture(scope="module")

@@ -128,9 +128,15 @@ def stage_size(folder):
 def load(folder, tmp_path, backend, budget=None):
     shards = tmp_path / "shards"
     airmlx.shard_checkpoint(folder, shards, progress=False)
-    if budget == "tight":  # below two layers: everything but what fits in 1.5 stages streams
-        budget = int(1.5 * stage_size(shards))
+    if budget == "tight":  # one prefetch slot and room for half a layer more: every layer streams
+        budget = int(2.5 * stage_size(shards))
     return airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
+
+
+def minimum_budget(shards, backend):
+    """The smallest budget the model runs under on this backend (what loading its stages takes there)."""
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="1GB") as probe:
+        return probe.minimum_budget
 
 
 def assert_last_logits_match(model, ref, seq):

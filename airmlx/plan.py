@@ -1,0 +1,186 @@
+"""The memory plan: which stages stay resident under a budget, and what everything else costs.
+
+`memory_budget` bounds what the model's weights take in memory: resident stages as the backend holds them
+(after any dtype conversion or dequantisation, not their file size), the stages in flight (read buffers or
+page-cache mappings, the one loading and computing), and the MoE expert cache with its stacking room. The KV
+caches (at their real dtype) and a step's activations (bounded by prefill_step_size) come on top; both are
+counted in model.memory_stats(), and the default budget leaves room for them.
+"""
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+from .units import format_bytes
+
+SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
+RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
+DEFAULT_PREFILL_STEP = 512  # tokens (rows x positions) a stage runs at once; longer prompts run in chunks
+
+
+@dataclass(frozen=True)
+class StageCost:
+    read: int  # bytes read from disk: the stage file
+    held: int  # bytes in memory once the backend has loaded it
+    loading: int  # bytes in memory while it loads (its read buffer and whatever the backend makes of it)
+
+
+@dataclass
+class Plan:
+    budget: int
+    stages: dict  # stage name -> StageCost, in sweep order
+    resident: list
+    prefetch_depth: int  # stages read ahead while one computes
+    expert_cache: int = 0  # MoE: bytes of loaded routed experts kept while they fit
+    expert_stack: int = 0  # MoE: room for the copy a group of experts is stacked into
+    expert_bytes: int = 0  # MoE: all routed experts, in memory
+
+    @property
+    def stage_bytes(self) -> dict:
+        """Stage name -> file bytes (what a read of it costs)."""
+        return {name: cost.read for name, cost in self.stages.items()}
+
+    @property
+    def streamed(self) -> list:
+        return [s for s in self.stages if s not in self.resident]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Resident stages, as held in memory."""
+        return sum(self.stages[s].held for s in self.resident)
+
+    @property
+    def streamed_bytes_per_step(self) -> int:
+        """Bytes read from disk per step."""
+        return sum(self.stages[s].read for s in self.streamed)
+
+    @property
+    def slot_bytes(self) -> int:
+        """A read buffer for any streamed stage."""
+        return max((self.stages[s].read for s in self.streamed), default=0)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Streamed stages read ahead (depth buffers) plus the one loading or computing."""
+        if not self.streamed:
+            return 0
+        return self.prefetch_depth * self.slot_bytes + max(self.stages[s].loading for s in self.streamed)
+
+    @property
+    def load_overhead(self) -> int:
+        """What loading a resident stage takes beyond what it then holds (a conversion's source)."""
+        return max((self.stages[s].loading - self.stages[s].held for s in self.resident), default=0)
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the plan accounts for: never above the budget."""
+        return (self.resident_bytes + self.in_flight_bytes + self.load_overhead + self.expert_cache
+                + self.expert_stack)
+
+    def __str__(self):
+        experts = (f", expert cache {format_bytes(self.expert_cache)} of {format_bytes(self.expert_bytes)} experts"
+                   if self.expert_bytes else "")
+        return (f"budget {format_bytes(self.budget)}: {len(self.resident)}/{len(self.stages)} stages resident "
+                f"({format_bytes(self.resident_bytes)}), {len(self.streamed)} streamed "
+                f"({format_bytes(self.streamed_bytes_per_step)} read per step, "
+                f"{format_bytes(self.in_flight_bytes)} in flight), prefetch depth {self.prefetch_depth}" + experts)
+
+
+@dataclass(frozen=True)
+class ExpertDemand:
+    """MoE: what the routed experts take in memory."""
+    total: int = 0  # every routed expert
+    largest: int = 0  # the largest one
+    top_k: int = 0  # experts a token routes to in a layer
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def minimum(self) -> int:
+        """One token's experts in the cache and once more stacked."""
+        return 2 * self.top_k * self.largest
+
+
+def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
+    """The smallest budget a model runs under: its largest stage while loading (no prefetch), plus one
+    token's routed experts cached and stacked."""
+    return max(c.loading for c in stages.values()) + experts.minimum
+
+
+def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: ExpertDemand = ExpertDemand()) -> Plan:
+    """Everything resident when it fits; otherwise keep prefetch slots for the largest stage and fill the rest
+    of the budget with resident stages: head and embedding first (read every step), then layers spread evenly
+    so streamed reads alternate with resident compute. MoE: room for one token's experts (cached and
+    stacked) is set aside first; whatever the stages leave over caches experts."""
+    overhead = max(c.loading - c.held for c in stages.values())
+    total = sum(c.held for c in stages.values())
+    if experts.total and budget >= total + overhead + experts.minimum:
+        rest = budget - total - overhead
+        stack = max(experts.minimum // 2, rest // 4)
+        return Plan(budget, dict(stages), list(stages), 0, min(experts.total, rest - stack), stack, experts.total)
+    if not experts.total and budget >= total + overhead:
+        return Plan(budget, dict(stages), list(stages), 0)
+    slot = max(c.read for c in stages.values())
+    loading = max(c.loading for c in stages.values())
+    if budget < minimum_budget(stages, experts):
+        what = f"{format_bytes(loading)} (its largest stage, loaded)" + (
+            f" + {format_bytes(experts.minimum)} (one token's routed experts in a layer, cached and stacked)"
+            if experts.total else "")
+        raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
+                          f"{what}; raise memory_budget to at least {minimum_budget(stages, experts)}.")
+    budget_stages = budget - experts.minimum
+    depth = 0
+    if prefetching:
+        depth = 2 if budget_stages >= 4 * slot + loading else 1 if budget_stages >= slot + loading else 0
+    room = budget_stages - depth * slot - loading - overhead
+    resident = []
+    for name in ("head", "embed"):
+        if name in stages and stages[name].held <= room:
+            resident.append(name)
+            room -= stages[name].held
+    layers = [s for s in stages if s not in ("head", "embed")]
+    if layers:
+        k = min(len(layers), max(room, 0) // max(stages[s].held for s in layers))
+        spread = sorted({int((j + 0.5) * len(layers) / k) for j in range(k)}) if k else []
+        resident += [layers[i] for i in spread]
+    plan = Plan(budget, dict(stages), [s for s in stages if s in resident], depth)
+    if experts.total:
+        rest = budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
+        plan.expert_stack = max(experts.minimum // 2, rest // 4)
+        plan.expert_cache = min(experts.total, rest - plan.expert_stack)
+        plan.expert_bytes = experts.total
+    return plan
+
+
+def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
+    """Keys and values of one token in every layer."""
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return config.get("num_hidden_layers", 0) * 2 * kv_heads * head_dim * itemsize
+
+
+def activation_bytes(config: dict, tokens: int, batch: int = 1, context: int = 0, itemsize: int = 4,
+                     prompt: int = 0) -> int:
+    """An upper bound on a step's activations: one stage run on `tokens` (rows x positions, a prefill chunk)
+    with a context of `context` keys per row (attention scores in float32), the hidden states of a whole
+    prompt of `prompt` positions per row kept between stages, and one row of float32 logits per row."""
+    hidden = config.get("hidden_size", 0)
+    heads = config.get("num_attention_heads", 1)
+    inner = max(config.get("intermediate_size", 0),
+                config.get("moe_intermediate_size", 0) * config.get("num_experts_per_tok", 1)
+                + config.get("shared_expert_intermediate_size", 0))
+    per_token = itemsize * (10 * hidden + 5 * inner) + 4 * heads * max(context, 1) * 2
+    kept = 3 * batch * max(prompt, tokens // max(batch, 1)) * hidden * itemsize
+    return tokens * per_token + kept + 3 * batch * config.get("vocab_size", 0) * 4
+
+
+def reserve_bytes(config: dict, itemsize: int = 2, prefill_step: int = DEFAULT_PREFILL_STEP,
+                  context: int = RESERVE_CONTEXT, batch: int = 1) -> int:
+    """What the default budget keeps free for everything that is not weights: KV caches for `context`
+    tokens at their real itemsize and the activations of a prefill chunk against that context."""
+    context = min(context, config.get("max_position_embeddings") or context)
+    return (kv_bytes_per_token(config, itemsize) * context * batch
+            + activation_bytes(config, prefill_step, batch, context, max(itemsize, 4), context))
+
+
+def default_budget(available: int, config: dict, itemsize: int = 2, prefill_step: int = DEFAULT_PREFILL_STEP) -> int:
+    """A safe fraction of the device's free memory, less the KV-cache and activation reserve."""
+    return max(int(SAFE_FRACTION * available) - reserve_bytes(config, itemsize, prefill_step), 0)
