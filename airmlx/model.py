@@ -44,9 +44,10 @@ class AirModel:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.shard_dir,
                                                                 trust_remote_code=self.trust_remote_code)
-            except (OSError, ValueError) as e:
-                raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({e}); copy the model's "
-                                         "tokenizer files into this folder or shard from a folder that has them.")
+            except Exception as e:  # a missing file surfaces as OSError, ValueError, TypeError, ... by tokenizer
+                why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+                raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({why}); copy the model's "
+                                         "tokenizer files into this folder or shard from a folder that has them.") from e
         return self._tokenizer
 
     @property
