@@ -1,6 +1,6 @@
 """`python -m airmlx.chat`: a multi-turn chat in the terminal with a model streamed layer by layer.
 
-    python -m airmlx.chat [--model PATH_OR_HUB_ID] [--max-tokens 256] [--temp 0.7 --top-p 0.9 --seed 1]
+    python -m airmlx.chat [--model PATH_OR_HUB_ID] [--max-tokens 256] [--temp 0.7 --top-p 0.9 --top-k 20 --seed 1]
         [--system-prompt "..."] [--profile] [--backend ... --memory-budget 4GB ...]
     printf 'hi\\n/stats\\nq\\n' | python -m airmlx.chat      # piped: one turn per line, exits at EOF
 
@@ -8,7 +8,7 @@ The conversation itself (one KV cache across turns) is airmlx.session.ChatSessio
 """
 import sys
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, face, load_model
+from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
 from .errors import GenerationError
 from .hub import DEMO_MODEL
 from .session import DEFAULT_MAX_TOKENS, ChatSession, check_chat_options
@@ -106,8 +106,7 @@ def build_parser():
     add_model_options(parser)
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"most tokens per answer (default {DEFAULT_MAX_TOKENS})")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 means greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
+    add_sampling_options(parser)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (answers repeat with the same seed)")
     parser.add_argument("--system-prompt", default=None, help="system message at the start of every conversation")
     return parser
@@ -116,10 +115,10 @@ def build_parser():
 @face
 def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     args = build_parser().parse_args(argv)
-    check_chat_options(args.max_tokens, args.temp, args.top_p)
+    check_chat_options(args.max_tokens, args.temp, args.top_p, args.top_k)
     with load_model(args) as model:
         session = ChatSession(model, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
-                              temp=args.temp, top_p=args.top_p, seed=args.seed)
+                              temp=args.temp or 0.0, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         name = args.model or f"the demo model ({DEMO_MODEL.name})"
         return ChatUI(session, name=name, profile=args.profile, stdin=stdin, stdout=stdout, stderr=stderr).run()
 

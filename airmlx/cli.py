@@ -55,6 +55,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="record read / wait / load / compute time per stage and print the table")
 
 
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Greedy unless --temp > 0 (like mlx-lm's CLI); then top-p / top-k not given follow the model's
+    generation_config.json, then transformers' defaults (model.generate's rule)."""
+    parser.add_argument("--temp", type=float, default=None,
+                        help="sample at this temperature; without it (or 0) decoding is greedy, whatever the "
+                             "model's generation_config.json says")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="with --temp: nucleus sampling, keep this much probability (default: the model's "
+                             "generation_config.json, else 1.0)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="with --temp: sample among the k most likely tokens, 0 for all (default: the model's "
+                             "generation_config.json, else 50)")
+
+
 def add_budget_options(parser: argparse.ArgumentParser, fraction: float) -> None:
     """The benches' budget: a fraction of the model, or a size."""
     group = parser.add_mutually_exclusive_group()

@@ -1,11 +1,11 @@
 """`python -m airmlx.generate`: generate text with a model streamed layer by layer.
 
-    python -m airmlx.generate [--model PATH_OR_HUB_ID] --prompt "..." [--max-tokens 64] [--temp 0.7 ...]
+    python -m airmlx.generate [--model PATH_OR_HUB_ID] --prompt "..." [--max-tokens 64] [--temp 0.7 --top-p 0.9 --top-k 20 ...]
 """
 import sys
 import time
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, face, load_model
+from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
 
 
 def build_parser() -> ArgumentParser:
@@ -14,8 +14,7 @@ def build_parser() -> ArgumentParser:
     add_model_options(parser)
     parser.add_argument("--prompt", default="The ", help="prompt text")
     parser.add_argument("--max-tokens", type=int, default=64, help="most new tokens")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 means greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
+    add_sampling_options(parser)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--chat-template", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     return parser
@@ -34,8 +33,8 @@ def main(argv=None) -> int:
         streamer = PrintStreamer(tok)
         sys.stdout.write(args.prompt)
         start = time.perf_counter()
-        model.generate([ids], max_new_tokens=args.max_tokens, do_sample=args.temp > 0,
-                       temperature=args.temp or 1.0, top_p=args.top_p, seed=args.seed, streamer=streamer)
+        model.generate([ids], max_new_tokens=args.max_tokens, do_sample=bool(args.temp), temperature=args.temp or None,
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, streamer=streamer)
         print(model.stats_line(len(ids), streamer.times, start), file=sys.stderr)
         if args.profile:
             print(model.profile_report(show=False), file=sys.stderr)

@@ -1,5 +1,6 @@
 """The token loop: sampling, stopping, streaming, left-padded batches. Knows nothing of the backend:
 it calls step(tokens, attention_mask, cache) -> last-position logits as numpy (B, vocab)."""
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,20 @@ def is_int(v):
 
 def is_number(v):
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+# transformers' global generation defaults (transformers 5: GenerationConfig._get_default_generation_params()),
+# used where neither the call nor the checkpoint's generation_config.json sets a value; tests/test_generate.py
+# checks them against transformers
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def resolve_sampling(generation_config: dict, do_sample=None, temperature=None, top_k=None, top_p=None) -> dict:
+    """do_sample, temperature, top_k and top_p as transformers' generate resolves them: the argument when it
+    is not None, else the checkpoint's generation_config.json, else transformers' global default."""
+    given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    return {name: next(v for v in (given[name], generation_config.get(name), default) if v is not None)
+            for name, default in SAMPLING_DEFAULTS.items()}
 
 
 def check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k):
@@ -55,6 +70,26 @@ def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, rng=Non
     cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
     u = (rng or np.random.default_rng()).random((logits.shape[0], 1))
     return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
+
+
+class StopStrings:
+    """Which rows' new tokens, decoded, contain one of the stop strings. The row's whole continuation is
+    decoded (special tokens kept, as transformers matches them), so a stop string split over several tokens
+    is found as soon as its last piece arrives."""
+
+    def __init__(self, stop_strings: "str | Sequence[str]", tokenizer):
+        stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+        if not isinstance(stops, Sequence) or not stops or not all(isinstance(t, str) and t for t in stops):
+            raise GenerationError(f"stop_strings={stop_strings!r}: use a string or a list of non-empty strings.")
+        if tokenizer is None or not hasattr(tokenizer, "decode"):
+            raise GenerationError("stop_strings needs a tokenizer to decode the new tokens; pass tokenizer=... "
+                                  "(anything with decode(ids)).")
+        self.stops, self.tokenizer = list(stops), tokenizer
+
+    def rows_hit(self, new_tokens: np.ndarray) -> np.ndarray:
+        """new_tokens (B, n): the tokens each row generated so far -> bool (B,), True where a stop string is in."""
+        texts = (self.tokenizer.decode([int(t) for t in row], skip_special_tokens=False) for row in new_tokens)
+        return np.array([any(stop in text for stop in self.stops) for text in texts], dtype=bool)
 
 
 def _unsort(values, order):
@@ -122,12 +157,15 @@ def left_padding(attention_mask):
 
 def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=False,
                     temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0, select_rows=None):
+                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0, select_rows=None,
+                    stop_strings=None, tokenizer=None):
     """Prompt ids (B, T) -> ids (B, T + n). Each step runs the model once for every row still generating;
-    a row that reaches EOS leaves the batch (select_rows(cache, kept rows)) and is filled with
-    pad_token_id from then on, as transformers does. With `cache` holding `past_length` earlier tokens,
-    ids are only the new ones and the cache is extended."""
+    a row that reaches EOS, or whose new tokens decoded with `tokenizer` contain one of `stop_strings`,
+    leaves the batch (select_rows(cache, kept rows)) and is filled with pad_token_id from then on, as
+    transformers does. With `cache` holding `past_length` earlier tokens, ids are only the new ones and the
+    cache is extended."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
+    stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.size else 0)
     batch = ids.shape[0]
@@ -135,7 +173,7 @@ def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=
         cache = new_cache(batch, left_padding(mask))
     elif past_length:
         mask = np.concatenate([np.ones((batch, past_length), dtype=mask.dtype), mask], axis=1)
-    seqs, active, tokens = ids, np.arange(batch), ids
+    seqs, active, tokens, start = ids, np.arange(batch), ids, ids.shape[1]
     if streamer is not None:
         streamer.put(ids)
     for _ in range(max_new_tokens):
@@ -151,6 +189,8 @@ def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=
         if streamer is not None:
             streamer.put(nxt)
         done = np.isin(picked, eos)
+        if stops is not None:
+            done |= stops.rows_hit(seqs[active, start:])
         if done.all():
             break
         if done.any():

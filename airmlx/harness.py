@@ -3,11 +3,15 @@
 lm-eval finds models in its registry only; importing this module registers "airmlx", and running it as
 a module runs lm-eval's own command line with that registration in place (same arguments as `lm_eval`).
 loglikelihood and loglikelihood_rolling go through the layer-major model.score(); generate_until through
-batched model.generate().
+batched model.generate(): requests with the same generation kwargs share batches, and a row stops at its
+first `until` string (model.generate's stop_strings).
 """
+import json
 import sys
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -72,22 +76,81 @@ class AirmlxLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm=False):
-        out = []
-        for context, gen_kwargs in (r.args for r in requests):
-            kwargs = dict(gen_kwargs)
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            temperature = float(kwargs.pop("temperature", 0.0))
-            do_sample = bool(kwargs.pop("do_sample", temperature > 0))
-            ids = self.tokenizer(context)["input_ids"][-(self.max_length - max_new):]
-            seq = self.model.generate([ids], max_new_tokens=max_new, do_sample=do_sample,
-                                      temperature=temperature or 1.0, top_p=float(kwargs.pop("top_p", 1.0)))[0]
-            text = self.tokenizer.decode(seq[len(ids):], skip_special_tokens=True)
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+        """Requests with the same generation kwargs run together, batch_size prompts per model.generate(); a row
+        leaves its batch at EOS, at max_gen_toks or as soon as its text contains one of its `until` strings, and
+        its text is cut before the first of them. Sampling takes its seed from numpy's global RNG (which
+        lm-eval's --seed sets) unless the kwargs carry a `seed`."""
+        out = [None] * len(requests)
+        for gen_kwargs, indices in group_by_kwargs([r.args[1] for r in requests]):
+            settings = GenerationSettings.from_kwargs(gen_kwargs, self.max_gen_toks)
+            prompts = {i: self.context_ids(requests[i].args[0], settings.max_new_tokens) for i in indices}
+            by_length = sorted(indices, key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
+            for start in range(0, len(by_length), self.batch_size):
+                batch = by_length[start:start + self.batch_size]
+                for i, text in zip(batch, self.generate_batch([prompts[i] for i in batch], settings)):
+                    out[i] = text
         return out
+
+    def context_ids(self, context, max_new_tokens):
+        """The context's token ids, keeping the last ones when context plus generation would not fit."""
+        return self.tokenizer(context)["input_ids"][-max(self.max_length - max_new_tokens, 1):]
+
+    def generate_batch(self, prompts, settings):
+        """One model.generate() over left-padded prompts -> each row's continuation text, cut at its stop strings."""
+        seed = settings.seed
+        if seed is None and settings.do_sample:
+            seed = int(np.random.randint(2**31 - 1))  # numpy's global RNG: lm-eval's --seed makes runs repeat
+        seqs = self.model.generate(prompts, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                   temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                   stop_strings=settings.until or None, tokenizer=self.tokenizer, seed=seed)
+        width = max(len(p) for p in prompts)
+        return [self.continuation_text(seq[width:], settings.until) for seq in seqs]
+
+    def continuation_text(self, tokens, until):
+        """New tokens -> text up to the first EOS token and before the first stop string (lm-eval's cut)."""
+        eos = self.model.eos_token_id
+        stops = {int(t) for t in np.atleast_1d(eos)} if eos is not None else set()
+        end = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
+        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """An lm-eval request's generation kwargs as model.generate() takes them. Greedy unless the task asks for
+    sampling (a temperature > 0 or do_sample), as lm-eval's own models do."""
+    until: tuple
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+
+    @classmethod
+    def from_kwargs(cls, gen_kwargs: dict, max_gen_toks: int) -> "GenerationSettings":
+        kwargs = dict(gen_kwargs)
+        until = kwargs.pop("until", None) or []
+        until = (until,) if isinstance(until, str) else tuple(u for u in until if u)
+        max_new = int(kwargs.pop("max_gen_toks", max_gen_toks))
+        temperature = float(kwargs.pop("temperature", 0.0))
+        do_sample = bool(kwargs.pop("do_sample", temperature > 0))
+        top_p, top_k, seed = kwargs.pop("top_p", None), kwargs.pop("top_k", None), kwargs.pop("seed", None)
+        if kwargs:
+            warnings.warn(f"airmlx ignores these generation arguments: {sorted(kwargs)}.")
+        return cls(until, max_new, do_sample, temperature or None, None if top_p is None else float(top_p),
+                   None if top_k is None else int(top_k), None if seed is None else int(seed))
+
+
+def group_by_kwargs(all_kwargs: list) -> list:
+    """[(gen_kwargs, indices of the requests that have them)], in order of first appearance."""
+    groups = {}
+    for i, kwargs in enumerate(all_kwargs):
+        key = json.dumps(kwargs, sort_keys=True, default=repr)
+        groups.setdefault(key, (kwargs, []))[1].append(i)
+    return list(groups.values())
 
 
 @face

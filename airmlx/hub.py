@@ -8,6 +8,8 @@ from .errors import ModelNotFoundError
 DEMO_MODEL = Path(__file__).parent / "demo_model"  # the bundled default: a 3.2M-parameter Llama (see demo.py)
 # *.py: a checkpoint's own modelling code, run only with trust_remote_code=True
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+# mistralai repos ship a second full copy of the weights in mistral-inference's layout beside the HF shards
+HUB_IGNORE = ["consolidated*.safetensors", "consolidated*.pth"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -28,7 +30,8 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True):
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
-        local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, token=hf_token)
+        local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, ignore_patterns=HUB_IGNORE,
+                                                   token=hf_token)
     except GatedRepoError:
         raise ModelNotFoundError(f"{path_or_id} is gated: accept its licence on the Hugging Face hub, then pass "
                                  "hf_token=... (or --hf-token, or set HF_TOKEN).") from None

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, generate_tokens, to_batch
+from .generation import GenerateOutput, generate_tokens, resolve_sampling, to_batch
 from .plan import DEFAULT_PREFILL_STEP, ExpertDemand, StageCost, activation_bytes, default_budget, make_plan, minimum_budget
 from .schedule import Scheduler
 from .store import ShardStore
@@ -78,9 +78,10 @@ class AirModel:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.shard_dir,
                                                                 trust_remote_code=self.trust_remote_code)
-            except (OSError, ValueError) as e:
-                raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({e}); copy the model's "
-                                         "tokenizer files into this folder or shard from a folder that has them.")
+            except Exception as e:  # a missing file surfaces as OSError, ValueError, TypeError, ... by tokenizer
+                why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+                raise ModelNotFoundError(f"{self.shard_dir}: no usable tokenizer files ({why}); copy the model's "
+                                         "tokenizer files into this folder or shard from a folder that has them.") from e
         return self._tokenizer
 
     @property
@@ -197,12 +198,18 @@ class AirModel:
         return self.backend.cache_bytes(cache)
 
     @exclusive
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=False, temperature=1.0,
-                 top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None, use_cache=True,
-                 return_dict_in_generate=False, streamer=None, seed=None, past_key_values=None, **unused):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
+                 streamer=None, seed: int | None = None, past_key_values=None,
+                 stop_strings: "str | list[str] | None" = None, tokenizer=None, **unused):
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
         return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list.
 
+        do_sample, temperature, top_p, top_k: None takes the checkpoint's generation_config.json, then
+        transformers' defaults (greedy; when sampling, temperature 1.0, top_k 50, top_p 1.0).
+        stop_strings: a row stops once its new tokens, decoded with `tokenizer` (default: the model's own),
+        contain one of them; the stop string stays in the output, as in transformers.
         past_key_values: a cache from model.new_cache(1, [0]) to continue (one prompt only): input_ids are
         then just the tokens after those already in it, and the cache grows by the prompt and all new
         tokens but the last. Multi-turn chat keeps one cache this way."""
@@ -228,11 +235,14 @@ class AirModel:
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
                                   f"{limit}; shorten it.")
-        seqs = generate_tokens(self.step, self.new_cache, ids, mask,
-                               max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache,
-                               streamer=streamer, rng=np.random.default_rng(seed), cache=past_key_values,
-                               past_length=past, select_rows=self.backend.select_rows)
+        sampling = resolve_sampling(self.generation_config, do_sample=do_sample, temperature=temperature,
+                                    top_k=top_k, top_p=top_p)
+        if stop_strings is not None and tokenizer is None:
+            tokenizer = self.tokenizer
+        seqs = generate_tokens(self.step, self.new_cache, ids, mask, max_new_tokens=max_new_tokens, **sampling,
+                               eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
+                               rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
+                               select_rows=self.backend.select_rows, stop_strings=stop_strings, tokenizer=tokenizer)
         out = restore(seqs)
         if return_dict_in_generate:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])

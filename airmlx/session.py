@@ -57,12 +57,14 @@ def common_prefix(a, b):
     return n
 
 
-def check_chat_options(max_tokens, temp, top_p):
+def check_chat_options(max_tokens, temp, top_p, top_k=None):
+    """The options given (None: unset, the model's generation_config.json decides) are valid."""
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise GenerationError(f"max_tokens={max_tokens!r}: use a whole number >= 1.")
-    if temp < 0:
+    if temp is not None and temp < 0:
         raise GenerationError(f"temp={temp!r}: use 0 for greedy or a value > 0 to sample.")
-    check_sampling(int(max_tokens), temp > 0, temp or 1.0, top_p, 0)
+    check_sampling(int(max_tokens), bool(temp), temp or 1.0, 1.0 if top_p is None else top_p,
+                   0 if top_k is None else top_k)
 
 
 class ChatSession:
@@ -75,13 +77,17 @@ class ChatSession:
     """
 
     def __init__(self, model, system_prompt: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 temp: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        check_chat_options(max_tokens, temp, top_p)
+                 temp: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 seed: int | None = None):
+        """temp: 0 is greedy, > 0 samples at that temperature; temp, top_p, top_k left at None follow the
+        model's generation_config.json, then transformers' defaults, as model.generate() does."""
+        check_chat_options(max_tokens, temp, top_p, top_k)
         self.model, self.tokenizer = model, model.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template, so it cannot chat; "
                                   "use a chat/instruct model, or python -m airmlx.generate for plain completion.")
-        self.system_prompt, self.max_tokens, self.temp, self.top_p = system_prompt, max_tokens, temp, top_p
+        self.system_prompt, self.max_tokens = system_prompt, max_tokens
+        self.temp, self.top_p, self.top_k = temp, top_p, top_k
         self.rng = np.random.default_rng(seed)
         stops = {int(t) for t in np.atleast_1d(model.eos_token_id)} if model.eos_token_id is not None else set()
         if self.tokenizer.eos_token_id is not None:
@@ -125,14 +131,14 @@ class ChatSession:
         self.cached = self.cached[:keep]
         new = ids[keep:]
         max_new = min(self.max_tokens, limit - len(ids)) if limit else self.max_tokens
-        sample = self.temp > 0
         tap = _Tap(streamer)
         turn = Turn("", tap.tokens, len(new), keep, start=time.perf_counter(), times=tap.times)
         try:
-            self.model.generate([new], past_key_values=self.cache, max_new_tokens=max_new, do_sample=sample,
-                                temperature=self.temp if sample else 1.0, top_p=self.top_p,
-                                eos_token_id=self.stop_tokens or None,
-                                seed=int(self.rng.integers(2**63)) if sample else None, streamer=tap)
+            self.model.generate([new], past_key_values=self.cache, max_new_tokens=max_new,
+                                do_sample=None if self.temp is None else self.temp > 0,
+                                temperature=self.temp or None, top_p=self.top_p, top_k=self.top_k,
+                                eos_token_id=self.stop_tokens or None, seed=int(self.rng.integers(2**63)),
+                                streamer=tap)
             consistent = self.cache_length()
         except KeyboardInterrupt:
             # Each new token was sampled from a sweep that finished: the cache certainly holds the prompt

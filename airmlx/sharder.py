@@ -36,6 +36,8 @@ NOT_AUX = re.compile(r"^(model\.safetensors\.index\.json|pytorch_model\.bin\.ind
                      r"progress\.json|README.*|LICENSE.*|.*\.md)$")
 # Trainer and optimizer state saved beside pickle weights: never model weights
 NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt)$")
+# mistral-inference's copy of the weights (other tensor names), shipped beside the HF files in mistralai repos
+MISTRAL_INFERENCE = re.compile(r"^consolidated.*\.safetensors$")
 STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -62,8 +64,9 @@ def weight_files(src, allow_pickle=False):
                                   "the download is incomplete.")
         return [src / n for n in names]
     files = sorted(src.glob("*.safetensors"))
+    hf_layout = [f for f in files if not MISTRAL_INFERENCE.match(f.name)]
     if files:
-        return files
+        return hf_layout or files
     bins = pickle_files(src)
     if bins and not allow_pickle:
         raise CheckpointError(

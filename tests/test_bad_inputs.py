@@ -92,6 +92,17 @@ def unfinished_folder(ctx):
     return ShardStore(out)
 
 
+def broken_tokenizer(ctx):
+    import transformers
+
+    def fail(*args, **kwargs):  # what Qwen-1's tokenizer code raises when qwen.tiktoken is missing
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+
+    ctx.monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch") as model:
+        return model.tokenizer
+
+
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 ROWS = [
@@ -144,12 +155,17 @@ ROWS = [
                  "'tpu' is not a torch device; use 'cuda', 'cuda:N' or 'cpu'", id="device unknown to torch"),
     pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, temperature="hot"), GenerationError,
                  "must be numbers", id="temperature not a number"),
-    pytest.param(lambda c: c.model.generate([1, 2], top_p=None), GenerationError, "must be numbers",
+    pytest.param(lambda c: c.model.generate([1, 2], top_p="high"), GenerationError, "must be numbers",
                  id="top_p not a number"),
     pytest.param(lambda c: c.model.generate([1.5, 2]), GenerationError, "whole-number token ids",
                  id="float token ids"),
     pytest.param(lambda c: c.model.generate([1, 2000], max_new_tokens=1), GenerationError,
                  r"token id 2000 is outside the model's vocabulary \(0\.\.", id="token id outside the vocabulary"),
+    pytest.param(lambda c: c.model.generate([1, 2], stop_strings=[""]), GenerationError,
+                 r"stop_strings=\[''\]: use a string or a list of non-empty strings", id="empty stop string"),
+    pytest.param(broken_tokenizer, ModelNotFoundError,
+                 r"no usable tokenizer files \(TypeError: .*\); copy the model's tokenizer files into this folder",
+                 id="tokenizer that does not load"),
 ]
 
 

@@ -191,6 +191,7 @@ def test_chat_from_a_pipe_end_to_end(chat_shards, tmp_path):
     (["--max-tokens", "lots"], "invalid int value"),
     (["--temp", "-1"], "temp=-1.0"),
     (["--top-p", "2"], "top_p=2.0"),
+    (["--top-k", "-1"], "top_k=-1"),
     (["--max-tokens", "0"], "max_tokens=0"),
 ])
 def test_bad_option_is_one_line_and_status_2(argv, says, capsys):
@@ -206,3 +207,24 @@ def test_missing_model_is_one_line_and_status_2(tmp_path, capsys):
     code = main(["--model", str(tmp_path / "nowhere"), "--backend", "torch"], stdin=io.StringIO("hi\n"))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("airmlx: ") and "nowhere" in err
+
+
+def test_session_follows_generation_config_and_the_chat_cli_stays_greedy(chat_shards, tmp_path):
+    import json
+    import shutil
+    folder = shutil.copytree(chat_shards, tmp_path / "sampling")
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=1.5, top_k=0)  # a checkpoint that asks for sampling
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch") as m:
+        greedy = ChatSession(m, max_tokens=MAX_TOKENS, temp=0).send("hi")
+        sampled = {tuple(ChatSession(m, max_tokens=MAX_TOKENS, seed=s).send("hi").tokens) for s in range(4)}
+    assert len(sampled) > 1  # temp left unset: the session samples, as the checkpoint asks
+
+    def cli(*flags):
+        out = io.StringIO()
+        assert main(["--model", str(folder), "--backend", "torch", "--max-tokens", str(MAX_TOKENS), *flags],
+                    stdin=io.StringIO("hi\n"), stdout=out) == 0
+        return out.getvalue()
+
+    assert cli("--seed", "1") == cli("--seed", "2") == greedy.text + "\n"  # no --temp: greedy

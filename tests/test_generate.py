@@ -192,3 +192,174 @@ def test_finished_rows_leave_the_batch(model, backend):
         assert new == (want_new + [0] * len(new))[:len(new)]
     assert eos in batched[1][width:]
     assert widths[0] == 3 and min(widths) < 3  # the batch shrank once a row was done
+
+
+class AngleTok:
+    """A stand-in tokenizer: token i decodes to "<i>", so "3><4" is split over two tokens."""
+
+    def decode(self, ids, **kw):
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
+def tokens_to_reach(new_tokens, stop, decode):
+    """How many new tokens a row needs before its decoded text contains `stop` (None: never)."""
+    return next((n for n in range(1, len(new_tokens) + 1) if stop in decode(new_tokens[:n])), None)
+
+
+def test_stop_string_split_over_two_tokens_stops_the_row(model):
+    m, _ = model
+    free = m.generate(PROMPT, max_new_tokens=10)[len(PROMPT):]
+    stop = f"{free[2]}><{free[3]}"  # the end of the third new token and the start of the fourth
+    n = tokens_to_reach(free, stop, AngleTok().decode)
+    assert n is not None and n < 10
+    steps = m.memory_stats()["steps"]
+    got = m.generate(PROMPT, max_new_tokens=10, stop_strings=[stop], tokenizer=AngleTok())
+    assert got == PROMPT + free[:n]  # the stop string stays in, as in transformers; nothing after it
+    assert m.memory_stats()["steps"] - steps == n  # one sweep per token, none after the stop
+    assert m.generate(PROMPT, max_new_tokens=10, stop_strings=stop, tokenizer=AngleTok()) == got  # a lone string
+
+
+def test_stop_strings_default_to_the_models_tokenizer(model):
+    m, _ = model
+    free = m.generate(PROMPT, max_new_tokens=10)[len(PROMPT):]
+    words = m.tokenizer.decode(free).split()
+    stop = f"{words[1][-1]} {words[2][:2]}"  # "w50 w76 w28": "0 w7", over the second and third token
+    n = tokens_to_reach(free, stop, m.tokenizer.decode)
+    assert n is not None and n < 10
+    assert m.generate(PROMPT, max_new_tokens=10, stop_strings=[stop]) == PROMPT + free[:n]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_row_at_its_stop_string_leaves_the_batch(model, backend):
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    rows = [PROMPT, PROMPT[:3], PROMPT[2:]]
+    free = [m.generate(r, max_new_tokens=10)[len(r):] for r in rows]
+    stop = f"<{free[1][2]}>"  # row 1's third new token; the other rows stop there too if they make it
+    alone = [m.generate(r, max_new_tokens=10, stop_strings=[stop], tokenizer=AngleTok(), pad_token_id=0)
+             for r in rows]
+    widths = []
+    real = m.step
+    m.step = lambda tokens, mask, cache: widths.append(tokens.shape[0]) or real(tokens, mask, cache)
+    batched = m.generate(rows, max_new_tokens=10, stop_strings=[stop], tokenizer=AngleTok(), pad_token_id=0)
+    m.close()
+    width = max(len(r) for r in rows)
+    for row, got, want in zip(rows, batched, alone):  # each row's tokens as alone, then padding after its stop
+        new, want_new = got[width:], want[len(row):]
+        assert new == (want_new + [0] * len(new))[:len(new)]
+    assert len(alone[1]) == 3 + 3 and widths[0] == 3 and min(widths) < 3
+
+
+@pytest.mark.parametrize("stop_strings, tokenizer, match", [
+    ([""], AngleTok(), "non-empty strings"),
+    ([3], AngleTok(), "non-empty strings"),
+    ([], AngleTok(), "non-empty strings"),
+])
+def test_bad_stop_strings(model, stop_strings, tokenizer, match):
+    m, _ = model
+    with pytest.raises(GenerationError, match=match):
+        m.generate(PROMPT, max_new_tokens=2, stop_strings=stop_strings, tokenizer=tokenizer)
+
+
+def test_the_token_loop_needs_a_tokenizer_for_stop_strings():
+    from airmlx.generation import generate_tokens
+    ids = np.array([PROMPT])
+    with pytest.raises(GenerationError, match="needs a tokenizer"):
+        generate_tokens(None, None, ids, np.ones_like(ids), stop_strings=["x"])
+
+
+# ---- sampling defaults: the call, then the checkpoint's generation_config.json, then transformers' defaults
+
+QWEN_STYLE = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "bos_token_id": 1,
+              "pad_token_id": 0}  # Qwen2.5-Instruct's generation_config.json, less repetition_penalty
+DRAWS = 300
+
+
+@pytest.fixture(scope="module")
+def vocab400(tmp_path_factory):
+    """A 400-token model (so top_k 50 and 20 cut something), sharded twice: as saved, and with a
+    Qwen2.5-style generation_config.json."""
+    import json
+    import shutil
+
+    from tiny import make_checkpoint
+    root = tmp_path_factory.mktemp("vocab400")
+    make_checkpoint(root / "src", "llama", vocab_size=400)
+    plain = airmlx.shard_checkpoint(root / "src", root / "plain", progress=False)
+    qwen = shutil.copytree(plain, root / "qwen-style")
+    (qwen / "generation_config.json").write_text(json.dumps(QWEN_STYLE))
+    return plain, qwen
+
+
+def draws_and_logits(folder, **kwargs):
+    """DRAWS first tokens sampled for PROMPT in one batch (each row samples on its own), and the logits."""
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch") as m:
+        out = m.generate([PROMPT] * DRAWS, max_new_tokens=1, seed=0, **kwargs)
+        return np.array([row[-1] for row in out]), m.logits([PROMPT])[0, -1]
+
+
+def allowed(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The tokens transformers' warpers leave for sampling."""
+    t = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits)[None])
+    if top_k:
+        t = TopKLogitsWarper(top_k)(None, t)
+    if top_p < 1:
+        t = TopPLogitsWarper(top_p)(None, t)
+    return set(np.flatnonzero(torch.isfinite(t[0]).numpy()).tolist())
+
+
+def test_the_sampling_defaults_are_transformers_own():
+    from transformers import GenerationConfig
+
+    from airmlx.generation import SAMPLING_DEFAULTS
+    theirs = GenerationConfig._get_default_generation_params()
+    assert SAMPLING_DEFAULTS == {k: theirs[k] for k in SAMPLING_DEFAULTS}
+
+
+def test_sampling_keeps_transformers_default_top_k_50(vocab400):
+    plain, _ = vocab400
+    draws, logits = draws_and_logits(plain, do_sample=True)
+    top50 = allowed(logits, top_k=50)
+    assert len(top50) == 50 and set(draws.tolist()) <= top50
+    assert len(set(draws.tolist())) > 10  # it did sample
+    draws, _ = draws_and_logits(plain, do_sample=True, top_k=0)  # top_k=0 turns the cut off, as in transformers
+    assert not set(draws.tolist()) <= top50
+
+
+def test_generation_config_json_makes_generate_sample_within_its_settings(vocab400):
+    plain, qwen = vocab400
+    draws, logits = draws_and_logits(qwen)  # no sampling arguments at all
+    assert len(set(draws.tolist())) > 1  # it samples, as the checkpoint asks
+    assert set(draws.tolist()) <= allowed(logits, temperature=0.7, top_k=20, top_p=0.8) <= allowed(logits, top_k=20)
+    greedy, _ = draws_and_logits(plain)
+    assert set(greedy.tolist()) == {int(logits.argmax())}  # without the config: greedy
+    # explicit arguments override the config
+    assert set(draws_and_logits(qwen, do_sample=False)[0].tolist()) == {int(logits.argmax())}
+    assert set(draws_and_logits(qwen, top_k=1)[0].tolist()) == {int(logits.argmax())}
+    wide, _ = draws_and_logits(qwen, top_k=0, top_p=1.0, temperature=1.0)
+    assert not set(wide.tolist()) <= allowed(logits, top_k=20)
+
+
+def test_resolve_sampling_order():
+    from airmlx.generation import resolve_sampling
+    config = {"do_sample": True, "temperature": 0.7, "top_k": None}
+    assert resolve_sampling(config) == {"do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 1.0}
+    assert resolve_sampling(config, temperature=1.3, top_k=0, do_sample=False) == \
+        {"do_sample": False, "temperature": 1.3, "top_k": 0, "top_p": 1.0}
+    assert resolve_sampling({}) == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
+    from airmlx.generate import main
+    _, qwen = vocab400
+
+    def run(*flags):
+        assert main(["--model", str(qwen), "--backend", "torch", "--prompt", "w5 w17 w33", "--max-tokens", "8",
+                     *flags]) == 0
+        return capsys.readouterr().out
+
+    with airmlx.AutoModel.from_pretrained(qwen, backend="torch") as m:
+        ids = m.tokenizer("w5 w17 w33")["input_ids"]
+        greedy = m.tokenizer.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[len(ids):])
+    assert run("--seed", "1") == run("--seed", "2") == f"w5 w17 w33{greedy}\n"
+    assert len({run("--temp", "1.0", "--seed", str(s)) for s in range(3)}) > 1
+    assert run("--temp", "1.0", "--top-k", "1", "--seed", "3") == f"w5 w17 w33{greedy}\n"

@@ -85,3 +85,56 @@ metric_list:
     (result,) = out.rglob("results*.json")
     acc = json.loads(result.read_text())["results"]["airmlx_local"]["acc,none"]
     assert 0.0 <= acc <= 1.0 and "airmlx_local" in run.stdout
+
+
+def until_request(context, i=0, **kwargs):
+    return Instance("generate_until", {}, (context, kwargs), i)
+
+
+def test_generate_until_batches_and_stops_the_batch_at_the_stop_string(lm):
+    adapter, _ = lm
+    adapter.batch_size = 8
+    m = adapter.model
+    context = "w20 w3"
+    prompt = adapter.tokenizer(context)["input_ids"]
+    free = m.generate(prompt, max_new_tokens=32)[len(prompt):]
+    words = adapter.tokenizer.decode(free).split()
+    stop = next(w for j, w in enumerate(words) if j >= 2 and w not in " ".join(words[:j]))  # a word not seen before
+    n = next(k for k in range(1, 33) if stop in adapter.tokenizer.decode(free[:k]))
+    assert 3 <= n < 32
+    before = m.memory_stats()["steps"]
+    out = adapter.generate_until([until_request(context, i, until=[stop], max_gen_toks=32) for i in range(4)])
+    assert m.memory_stats()["steps"] - before == n  # one batch, one sweep per token, none after the stop
+    assert out == [adapter.tokenizer.decode(free).split(stop)[0]] * 4 and out[0]
+
+
+def test_batched_generate_until_equals_one_request_at_a_time(lm):
+    adapter, _ = lm
+    contexts = ["w5 w6", "w9", "w10 w11 w12 w13", "w20 w3", "w7 w8 w9"]
+    kinds = [dict(max_gen_toks=6), dict(until=["w5"], max_gen_toks=5)]
+    requests = [until_request(c, i, **kinds[i % 2]) for i, c in enumerate(contexts)]
+    adapter.batch_size = 1
+    alone = adapter.generate_until(requests)
+    adapter.batch_size = 8
+    calls, real = [], adapter.model.generate
+    adapter.model.generate = lambda rows, **kw: calls.append(len(rows)) or real(rows, **kw)
+    try:
+        batched = adapter.generate_until(requests)
+    finally:
+        adapter.model.generate = real
+    assert batched == alone and all(a for a in alone)
+    assert sorted(calls) == [2, 3]  # one batch per kind of generation kwargs
+
+
+def test_generate_until_sampling_follows_lm_evals_seed(lm):
+    import random
+
+    import numpy as np
+    adapter, _ = lm
+
+    def sampled(seed):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # what lm-eval's --seed does
+        return adapter.generate_until([until_request("w5 w6", max_gen_toks=12, do_sample=True, temperature=1.0)])[0]
+
+    assert sampled(1234) == sampled(1234)
+    assert sampled(1234) != sampled(4321)

@@ -59,3 +59,35 @@ def test_unknown_backend_and_device(checkpoints):
             airmlx.AutoModel.from_pretrained(folder, backend="torch", device="cuda")
     with pytest.raises(BackendError, match="not an MLX device"):
         airmlx.AutoModel.from_pretrained(folder, backend="mlx", device="tpu")
+
+
+def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, monkeypatch):
+    """mistralai repos hold the weights twice: the HF files and consolidated.safetensors (mistral-inference's
+    layout). snapshot_download is asked for the first only (patterns applied by huggingface_hub's own filter)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    folder, _ = checkpoints("mistral")
+    repo = tmp_path / "repo"  # the hub repo's files
+    shutil.copytree(folder, repo)
+    shutil.copyfile(folder / "model.safetensors", repo / "consolidated.safetensors")
+    (repo / "consolidated.00.pth").write_bytes(b"pickle")
+    (repo / "params.json").write_text("{}")
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        local = tmp_path / "snapshot"
+        local.mkdir()
+        for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
+                                        ignore_patterns=ignore_patterns):
+            shutil.copyfile(repo / name, local / name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    local = resolve_model("mistralai/Tiny-v0.1", allow_pickle=True)
+    assert asked["repo_id"] == "mistralai/Tiny-v0.1"
+    got = {p.name for p in local.iterdir()}
+    assert "model.safetensors" in got and "tokenizer.json" in got and "params.json" in got
+    assert not {"consolidated.safetensors", "consolidated.00.pth"} & got
+    with airmlx.AutoModel.from_pretrained(local, backend="torch") as model:
+        assert len(model.generate([3, 4], max_new_tokens=2)) == 4

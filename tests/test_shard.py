@@ -11,11 +11,17 @@ from safetensors import safe_open
 
 import airmlx
 from airmlx import sharder as shard_mod
-from airmlx.errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, UnsupportedArchitectureError
+from airmlx.errors import (
+    CheckpointError,
+    CorruptShardError,
+    InsufficientDiskSpaceError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+)
 from airmlx.manifest import Manifest, file_checksum
 from airmlx.store import ShardStore
 
-from tiny import make_checkpoint
+from tiny import make_checkpoint, make_mlx_checkpoint
 
 
 def tensors_of(folder):
@@ -198,3 +204,140 @@ def test_cli_shards_and_verifies(tmp_path):
     assert bad.returncode == 1 and "layer.003" in bad.stderr
     missing = run(tmp_path / "nope", tmp_path / "out2")
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def pickle_checkpoint(src, sharded_index):
+    """A legacy pickle checkpoint as Trainer leaves it: the weights (one pytorch_model.bin, or two files and
+    pytorch_model.bin.index.json) beside training_args.bin and optimizer.bin, which are pickled objects."""
+    import argparse
+    model = make_checkpoint(src, "llama")
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    state = model.state_dict()
+    if sharded_index:
+        names = sorted(state)
+        parts = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
+                 "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for file, keys in parts.items():
+            torch.save({k: state[k] for k in keys}, src / file)
+        weight_map = {k: file for file, keys in parts.items() for k in keys}
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        torch.save(state, src / "pytorch_model.bin")
+    torch.save(argparse.Namespace(learning_rate=2e-5, output_dir=str(src)), src / "training_args.bin")
+    torch.save(argparse.Namespace(state={}), src / "optimizer.bin")
+    return state
+
+
+@pytest.mark.parametrize("sharded_index", [False, True], ids=["pytorch_model.bin", "index"])
+def test_pickle_checkpoint_skips_trainer_files(tmp_path, sharded_index):
+    src = tmp_path / "finetune"
+    state = pickle_checkpoint(src, sharded_index)
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", allow_pickle=True, progress=False)
+    sharded = tensors_of(out)
+    for name, t in state.items():
+        if name != "lm_head.weight" or "lm_head.weight" in sharded:
+            assert torch.equal(sharded[name][0], t)
+    assert {f["name"] for f in Manifest.load(out).source["files"]} <= {
+        "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"}
+
+
+def as_mistral_inference(state):
+    """The same weights under mistral-inference's names, as consolidated.safetensors holds them."""
+    names = {"model.embed_tokens.": "tok_embeddings.", "model.norm.": "norm.", "lm_head.": "output.",
+             "model.layers.": "layers.", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+             "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    out = {}
+    for name, t in state.items():
+        for hf, theirs in names.items():
+            name = name.replace(hf, theirs)
+        out[name] = t.contiguous()
+    return out
+
+
+def test_consolidated_safetensors_beside_hf_weights_is_ignored(tmp_path):
+    from safetensors.torch import save_file
+    src = tmp_path / "Mistral-tiny"
+    model = make_checkpoint(src, "mistral")
+    want = tensors_of(airmlx.shard_checkpoint(src, tmp_path / "plain", progress=False))
+    # what mistralai repos ship beside the HF files: the weights again, in mistral-inference's layout
+    save_file(as_mistral_inference(model.state_dict()), str(src / "consolidated.safetensors"))
+    (src / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 4}))
+    assert not (src / "model.safetensors.index.json").exists()  # no index to say which files are the weights
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    assert {f["name"] for f in Manifest.load(out).source["files"]} == {"model.safetensors"}
+    got = tensors_of(out)
+    assert set(got) == set(want) and all(torch.equal(got[k][0], want[k][0]) for k in want)
+
+
+QWEN_TOKENIZER_PY = '''
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
+
+
+class QWenTokenizer(PreTrainedTokenizer):
+    """A stand-in for Qwen-1's tokenizer: the same vocab_files_names mechanism, a word vocabulary."""
+    vocab_files_names = VOCAB_FILES_NAMES
+
+    def __init__(self, vocab_file, **kw):
+        self.vocab = dict(line.split("=") for line in open(vocab_file).read().split())  # TypeError when missing
+        self.words = {int(v): k for k, v in self.vocab.items()}
+        super().__init__(**kw)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return {k: int(v) for k, v in self.vocab.items()}
+
+    def _tokenize(self, text):
+        return text.split()
+
+    def _convert_token_to_id(self, token):
+        return int(self.vocab[token])
+
+    def _convert_id_to_token(self, index):
+        return self.words[index]
+
+    def convert_tokens_to_string(self, tokens):
+        return " ".join(tokens)
+'''
+
+
+def test_qwen_tiktoken_tokenizer_end_to_end(tmp_path, monkeypatch):
+    """Qwen-1 keeps its vocabulary in qwen.tiktoken, read by its own tokenizer code: the shard folder gets the
+    file, the tokenizer loads from it, and without it the error is airmlx's, with the fix."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from transformers import dynamic_module_utils
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    src = tmp_path / "Qwen-7B-Chat"
+    ref = make_mlx_checkpoint(src, "qwen")
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:  # what Qwen-1 ships instead:
+        (src / f).unlink(missing_ok=True)
+    (src / "qwen.tiktoken").write_text("".join(f"w{i}={i}\n" for i in range(96)))
+    (src / "tokenization_qwen.py").write_text(QWEN_TOKENIZER_PY)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}, "tokenizer_class": "QWenTokenizer"}))
+    model = airmlx.AutoModel.from_pretrained(src, backend="mlx", trust_remote_code=True,
+                                             layer_shards_saving_path=tmp_path / "shards")
+    assert (model.shard_dir / "qwen.tiktoken").read_bytes() == (src / "qwen.tiktoken").read_bytes()
+    tok = model.tokenizer
+    assert type(tok).__name__ == "QWenTokenizer"
+    ids = tok("w5 w17 w33 w2")["input_ids"]
+    assert ids == [5, 17, 33, 2]
+    out = model.generate(ids, max_new_tokens=6)
+    want = [int(t) for t, _ in generate_step(mx.array(ids), ref, max_tokens=6)]  # mlx-lm's greedy tokens
+    assert out[len(ids):] == want
+    assert tok.decode(out[len(ids):]) == " ".join(f"w{t}" for t in want)
+    model.close()
+
+    (model.shard_dir / "qwen.tiktoken").unlink()
+    with airmlx.AutoModel.from_pretrained(model.shard_dir, backend="mlx", trust_remote_code=True) as broken:
+        with pytest.raises(ModelNotFoundError, match=r"no usable tokenizer files \(TypeError: .*copy the model's "
+                                                     r"tokenizer files into this folder"):
+            broken.tokenizer
