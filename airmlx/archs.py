@@ -27,6 +27,9 @@ class Arch:
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
+    # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
+    # Mistral, Phi-3, Mixtral and Qwen3-MoE pick their mask by `sliding_window is None`)
+    window_everywhere: bool = False
 
     @property
     def embed_prefix(self):
@@ -43,16 +46,16 @@ class Arch:
 
 ARCHS = {a.model_type: a for a in [
     Arch("llama"),
-    Arch("mistral"),
+    Arch("mistral", window_everywhere=True),  # Mistral-7B-v0.1: sliding_window 4096
     Arch("qwen2"),
     Arch("qwen3"),
-    Arch("phi3"),
+    Arch("phi3", window_everywhere=True),  # Phi-3-*-4k: sliding_window 2047
     Arch("glm4"),
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
-    Arch("mixtral", experts="block_sparse_moe.experts"),
+    Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),
     Arch("qwen2_moe", experts="mlp.experts"),
-    Arch("qwen3_moe", experts="mlp.experts"),
+    Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
     # sliding-window layers come from config.layer_types (layer_types() below)
     Arch("gemma2", embed_scale=True, final_softcap=True),
     Arch("gemma3_text", embed_scale=True, final_softcap=True),
@@ -155,9 +158,11 @@ def rope_config(config):
 
 
 def layer_types(config):
-    """Per layer: "full_attention" or "sliding_attention" (transformers' config.layer_types)."""
+    """Per layer: "full_attention" or "sliding_attention" (transformers' config.layer_types, or every layer
+    sliding where the architecture applies config.sliding_window to all of them)."""
     n = config["num_hidden_layers"]
-    types = config.get("layer_types") or ["full_attention"] * n
+    everywhere = arch_for(config).window_everywhere and config.get("sliding_window")
+    types = config.get("layer_types") or [("sliding_attention" if everywhere else "full_attention")] * n
     if "sliding_window_layers" in config:  # baichuan_m1 lists its sliding layers instead
         types = ["sliding_attention" if i in config["sliding_window_layers"] else "full_attention" for i in range(n)]
     return list(types)[:n]

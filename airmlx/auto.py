@@ -8,6 +8,7 @@ from .errors import BackendError, CorruptShardError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
+from .plan import DEFAULT_PREFILL_STEP
 from .quant import compression_config
 from .sharder import PROGRESS_NAME, complete_folder, shard_checkpoint
 
@@ -62,13 +63,16 @@ class AutoModel:
                         memory_budget: "int | str | None" = None, prefetching: bool = True,
                         profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
                         allow_pickle: bool = False, progress: bool = True,
-                        trust_remote_code: bool = False) -> AirModel:
+                        trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
         trust_remote_code: run the checkpoint's own modelling (and tokenizer) code where it ships some
         (config.json auto_map) and transformers has no module for it; read that code first. The torch backend
-        needs it for such families; backend='mlx' runs them with mlx-lm's modules instead."""
+        needs it for such families; backend='mlx' runs them with mlx-lm's modules instead.
+
+        prefill_step_size: tokens (rows x positions) a stage runs at once; a longer prompt runs in chunks
+        inside the same sweep (the model is still read once), which bounds a step's activations."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
@@ -88,4 +92,5 @@ class AutoModel:
         arch_for(manifest.config)
         backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
         return AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
-                        profiling_mode=profiling_mode, trust_remote_code=trust_remote_code)
+                        profiling_mode=profiling_mode, trust_remote_code=trust_remote_code,
+                        prefill_step_size=prefill_step_size)

@@ -6,6 +6,7 @@ read bandwidth of the shard files, then times decode steps per backend:
   warm      shard files in the page cache
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
+import inspect
 import json
 import os
 import statistics
@@ -71,7 +72,9 @@ def time_streamed(model, steps, cold):
         model.step(np.array([[5 + i]]), np.ones((1, past + 1), dtype=np.int64), cache)
         times.append(time.perf_counter() - t0)
         past += 1
-    return statistics.median(times[1:]), model.memory_stats()["peak"]
+    stats = model.memory_stats()
+    bound = stats["budget"] + stats["kv_cache_peak"] + stats["activation_bound"]
+    return statistics.median(times[1:]), stats["peak"], stats["peak"] / bound
 
 
 def time_batches(model, batch_sizes, steps):
@@ -114,11 +117,13 @@ def time_resident(backend, src, steps):
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
         cache = DynamicCache(config=ref.config)
         with torch.inference_mode():
-            ref(torch.tensor([[1, 2, 3, 4]]), past_key_values=cache, use_cache=True)
+            # transformers >= 5.2x takes the cache as `cache=` (past_key_values= is deprecated there)
+            kw = {"cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values": cache}
+            ref(torch.tensor([[1, 2, 3, 4]]), use_cache=True, **kw)
             times = []
             for i in range(steps + 1):
                 t0 = time.perf_counter()
-                ref(torch.tensor([[5 + i]]), past_key_values=cache, use_cache=True)
+                ref(torch.tensor([[5 + i]]), use_cache=True, **kw)
                 times.append(time.perf_counter() - t0)
     else:
         import mlx.core as mx
@@ -170,8 +175,8 @@ def run(args):
         # best of two: a busy disk only lowers it; everything resident: the disk is reported anyway
         gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
         floor = plan.streamed_bytes_per_step / (gbps * 1e9)
-        cold, cold_peak = time_streamed(model, args.steps, cold=True)
-        warm, warm_peak = time_streamed(model, args.steps, cold=False)
+        cold, cold_peak, cold_ratio = time_streamed(model, args.steps, cold=True)
+        warm, warm_peak, warm_ratio = time_streamed(model, args.steps, cold=False)
         batches = time_batches(model, args.batch, max(2, args.steps // 2)) if args.batch else {}
         scoring = time_scoring(model, args.score, 64) if args.score else None
         model.close()
@@ -182,7 +187,8 @@ def run(args):
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
                    cold_over_floor=cold / floor if floor else None, warm_over_resident=warm / resident,
-                   peak_memory_bytes=max(cold_peak, warm_peak), plan=str(plan), steps=args.steps)
+                   peak_memory_bytes=max(cold_peak, warm_peak), plan=str(plan), steps=args.steps,
+                   peak_over_bound=max(cold_ratio, warm_ratio))
         if batches:
             row["cold_batch_tokens_per_s"] = batches
             row["batch_speedup"] = {b: batches[b] / batches[min(batches)] for b in batches}
@@ -209,7 +215,8 @@ def print_row(r):
     print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}")
     if r.get("airllm_step_s"):
         print(f"  {'airllm':<10}{r['airllm_step_s']:>10.3f}{r['speedup_vs_airllm']:>14.1f} x slower than warm")
-    print(f"  peak memory {format_bytes(r['peak_memory_bytes'])}; {r['plan']}")
+    print(f"  peak memory {format_bytes(r['peak_memory_bytes'])} = {r['peak_over_bound']:.2f} x (budget + KV cache + "
+          f"activation bound); {r['plan']}")
     for b, rate in r.get("cold_batch_tokens_per_s", {}).items():
         print(f"  cold batch {b:>3}: {rate:8.2f} tokens/s ({r['batch_speedup'][b]:.1f} x batch {min(r['batch_speedup'])})")
     if r.get("scoring"):

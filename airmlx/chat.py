@@ -9,7 +9,7 @@ The conversation itself (one KV cache across turns) is airmlx.session.ChatSessio
 import sys
 
 from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
-from .errors import GenerationError
+from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .session import DEFAULT_MAX_TOKENS, ChatSession, check_chat_options
 
@@ -89,7 +89,7 @@ class ChatUI:
     def answer(self, query):
         try:
             turn = self.session.send(query, PrintStreamer(self.session.tokenizer, self.out))
-        except GenerationError as e:
+        except AirmlxError as e:  # the conversation goes on (a bad input, a model file that changed, ...)
             self.say(f"airmlx: {e}", self.err)
             return
         except KeyboardInterrupt:  # outside generation (rendering, decoding): nothing was streamed

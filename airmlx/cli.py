@@ -10,6 +10,7 @@ from typing import Callable
 from .auto import BACKENDS, AutoModel
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
+from .plan import DEFAULT_PREFILL_STEP
 from .quant import COMPRESSIONS
 from .units import parse_bytes
 
@@ -45,7 +46,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch: cuda/cpu; mlx: gpu/cpu")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16")
     parser.add_argument("--compression", default=None, choices=sorted(COMPRESSIONS))
-    parser.add_argument("--memory-budget", default=None, help="bytes of weights kept in memory, e.g. 4GB")
+    parser.add_argument("--memory-budget", default=None,
+                        help="memory for the weights: resident stages, stages in flight, the expert cache (e.g. "
+                             "4GB); the KV cache and activations come on top")
+    parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP,
+                        help=f"tokens a stage runs at once; longer prompts run in chunks (default {DEFAULT_PREFILL_STEP})")
     parser.add_argument("--layer-shards-saving-path", default=None, help="where the shard folder goes")
     parser.add_argument("--hf-token", default=None)
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -92,7 +97,8 @@ def load_model(args: argparse.Namespace):
                                      dtype=args.dtype, compression=args.compression,
                                      memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
-                                     profiling_mode=args.profile, trust_remote_code=args.trust_remote_code)
+                                     profiling_mode=args.profile, trust_remote_code=args.trust_remote_code,
+                                     prefill_step_size=args.prefill_step_size)
 
 
 class PrintStreamer:

@@ -78,8 +78,8 @@ class ExpertCache:
         self._evict(self.capacity + 1, keep=set())
 
 
-def expert_demand(entries, top_k, scale=1.0):
-    """(bytes of every routed expert, bytes of the largest expert) in memory: the files' bytes times `scale`
-    (what the backend makes of them: 1 for views, more when it dequantises)."""
+def expert_demand(entries, scale=1.0):
+    """(bytes of every routed expert, of the largest) in memory: the files' bytes times `scale` (what the
+    backend makes of them: 1 for views, more when it dequantises), and the largest expert's file bytes."""
     sizes = [end - start for e in entries for start, end in e.parts.values()]
-    return (int(sum(sizes) * scale), int(max(sizes) * scale)) if sizes else (0, 0)
+    return (int(sum(sizes) * scale), int(max(sizes) * scale), max(sizes)) if sizes else (0, 0, 0)

@@ -14,7 +14,16 @@ import numpy as np
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
 from .generation import GenerateOutput, generate_tokens, resolve_sampling, to_batch
-from .plan import DEFAULT_PREFILL_STEP, ExpertDemand, StageCost, activation_bytes, default_budget, make_plan, minimum_budget
+from .plan import (
+    DEFAULT_PREFILL_STEP,
+    SCORE_LOGITS,
+    ExpertDemand,
+    StageCost,
+    activation_bytes,
+    default_budget,
+    make_plan,
+    minimum_budget,
+)
 from .schedule import Scheduler
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
@@ -57,7 +66,8 @@ class AirModel:
         # experts are held as the backend loads them: as many bytes as their files, or more if it dequantises
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
-        experts = ExpertDemand(*expert_demand(routed, 1, scale), self.config.get("num_experts_per_tok", 1) if routed else 0)
+        total, largest, largest_read = expert_demand(routed, scale)
+        experts = ExpertDemand(total, largest, self.config.get("num_experts_per_tok", 1) if routed else 0, largest_read)
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         self.plan = make_plan(stages, budget, prefetching, experts)
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
@@ -69,7 +79,8 @@ class AirModel:
         self._lock = threading.RLock()
         self._closing = self._closed = False
         self._caches = weakref.WeakSet()  # caches made by new_cache(), counted while they live
-        self._largest_step = (0, 0, 0)  # (rows, new tokens, tokens of context) of the largest step so far
+        self._largest_step = (0, 0, 0, 0)  # rows, new tokens, tokens of context, logits of the largest step
+        self._kv_peak = 0  # the largest KV cache a step has left
 
     @property
     def tokenizer(self):
@@ -107,18 +118,22 @@ class AirModel:
         self.scheduler.forward_many(ctxs, lambda i, x: out.append(x) if i == len(ctxs) - 1 else None,
                                     self._progress(tokens))
         self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1])
+        if cache is not None:
+            self._kv_peak = max(self._kv_peak, self.backend.cache_bytes(cache))
         return self.backend.logits(out[0])[:, -1]
 
     def _progress(self, tokens):
         return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
 
-    def _note_step(self, rows, tokens, context):
+    def _note_step(self, rows, tokens, context, logits=0):
+        """Remember the largest step so far: rows, new tokens, context and positions of logits."""
         largest = self._largest_step
-        self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context))
+        self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context),
+                              max(largest[3], logits))
 
-    def _activation_bound(self, rows, tokens, context):
+    def _activation_bound(self, rows, tokens, context, logits=0):
         return activation_bytes(self.config, min(rows * tokens, self.prefill_step_size), rows, context,
-                                max(self.backend.itemsize, 4), tokens)
+                                max(self.backend.itemsize, 4), tokens, logits)
 
     @exclusive
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -127,7 +142,7 @@ class AirModel:
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
-        self._note_step(*ids.shape, ids.shape[1])
+        self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
         return out[0]
 
     def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
@@ -145,8 +160,9 @@ class AirModel:
         target was the most likely token. The (B, T, vocab) logits never exist whole: the head works through
         a few positions at a time, and batches longer than prefill_step_size run in chunks."""
         sweep_batches(self, batches, on_output, progress)
-        for ids, _, _ in batches:
-            self._note_step(*ids.shape, ids.shape[1])
+        rows, width = sum(ids.shape[0] for ids, _, _ in batches), max(ids.shape[1] for ids, _, _ in batches)
+        vocab = self.config.get("vocab_size", 1)
+        self._note_step(rows, width, width, min(rows * width, max(SCORE_LOGITS // vocab, rows)))
 
     @property
     def bytes_read(self) -> int:
@@ -176,6 +192,8 @@ class AirModel:
         """Start the peak-memory counts afresh."""
         self.backend.reset_peak()
         self.store.reset_peak()
+        self._kv_peak = 0
+        self._largest_step = (0, 0, 0, 0)
 
     def new_cache(self, batch_size: int = 1, left_padding: list | None = None):
         """Empty KV caches for every layer (pass to generate to continue); memory_stats() counts them while
@@ -255,19 +273,21 @@ class AirModel:
         never exceeds the budget); held now (stage buffers and mappings handed out, in_flight_now, and their
         peak, in_flight_peak); kv_cache (the caches of new_cache() still alive); activation_bound (the bound
         on a step's activations for the largest step so far, see airmlx.plan.activation_bytes); active and
-        peak (the backend's own count: everything MLX holds; on torch its own tensors and KV caches plus the
-        stage buffers it computes from); bytes_read and steps; for MoE the expert cache's counters."""
+        kv_cache_peak (the largest cache a step left); peak (the backend's own count: everything MLX holds; on
+        torch its own tensors and KV caches plus the stage buffers it computes from), never above budget +
+        kv_cache_peak + activation_bound; bytes_read and steps; for MoE the expert cache's counters."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         backend = self.backend.memory()
         if not self.backend.counts_buffers:  # torch: the store's buffers and mappings are not its own
-            backend = {"active": backend["active"] + self.store.held_bytes + self.store.pool.pooled_bytes,
-                       "peak": backend["peak"] + self.store.peak_held_bytes + self.store.pool.pooled_bytes}
+            backend = {"active": backend["active"] + self.store.buffer_bytes,
+                       "peak": backend["peak"] + self.store.pool.pooled_bytes + self.store.peak_held_bytes}
         plan = self.plan
         return {"budget": plan.budget, "resident_weights": plan.resident_bytes, "in_flight": plan.in_flight_bytes,
                 "expert_stack": plan.expert_stack, "plan_total": plan.total_bytes,
                 "streamed_per_step": plan.streamed_bytes_per_step, "in_flight_now": self.store.held_bytes,
                 "in_flight_peak": self.store.peak_held_bytes,
                 "kv_cache": sum(self.backend.cache_bytes(c) for c in list(self._caches)),
+                "kv_cache_peak": self._kv_peak,
                 "activation_bound": self._activation_bound(*self._largest_step),
                 "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend}
 

@@ -6,7 +6,7 @@ page-cache mappings, the one loading and computing), and the MoE expert cache wi
 caches (at their real dtype) and a step's activations (bounded by prefill_step_size) come on top; both are
 counted in model.memory_stats(), and the default budget leaves room for them.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import BudgetError
 from .units import format_bytes
@@ -14,6 +14,7 @@ from .units import format_bytes
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
 RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
 DEFAULT_PREFILL_STEP = 512  # tokens (rows x positions) a stage runs at once; longer prompts run in chunks
+SCORE_LOGITS = 1 << 22  # logits the head computes at once when it scores targets (float32: 16 MB)
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,15 @@ class Plan:
 @dataclass(frozen=True)
 class ExpertDemand:
     """MoE: what the routed experts take in memory."""
-    total: int = 0  # every routed expert
-    largest: int = 0  # the largest one
+    total: int = 0  # every routed expert, loaded
+    largest: int = 0  # the largest one, loaded
     top_k: int = 0  # experts a token routes to in a layer
-    extra: dict = field(default_factory=dict)
+    largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
 
     @property
     def minimum(self) -> int:
-        """One token's experts in the cache and once more stacked."""
-        return 2 * self.top_k * self.largest
+        """One token's experts in the cache and once more stacked, and one more being read."""
+        return 2 * self.top_k * self.largest + self.largest_read if self.total else 0
 
 
 def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
@@ -113,7 +114,7 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     total = sum(c.held for c in stages.values())
     if experts.total and budget >= total + overhead + experts.minimum:
         rest = budget - total - overhead
-        stack = max(experts.minimum // 2, rest // 4)
+        stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
         return Plan(budget, dict(stages), list(stages), 0, min(experts.total, rest - stack), stack, experts.total)
     if not experts.total and budget >= total + overhead:
         return Plan(budget, dict(stages), list(stages), 0)
@@ -143,7 +144,7 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     plan = Plan(budget, dict(stages), [s for s in stages if s in resident], depth)
     if experts.total:
         rest = budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
-        plan.expert_stack = max(experts.minimum // 2, rest // 4)
+        plan.expert_stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total
     return plan
@@ -158,18 +159,27 @@ def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
 
 
 def activation_bytes(config: dict, tokens: int, batch: int = 1, context: int = 0, itemsize: int = 4,
-                     prompt: int = 0) -> int:
+                     prompt: int = 0, logits: int = 0) -> int:
     """An upper bound on a step's activations: one stage run on `tokens` (rows x positions, a prefill chunk)
     with a context of `context` keys per row (attention scores in float32), the hidden states of a whole
-    prompt of `prompt` positions per row kept between stages, and one row of float32 logits per row."""
+    prompt of `prompt` positions per row kept between stages, a matrix multiply's workspace (as large as
+    a layer's largest weight matrix) and the head's float32 logits for `logits` positions (default: the
+    last position of each row; a scoring sweep's head works through SCORE_LOGITS of them at a time)."""
     hidden = config.get("hidden_size", 0)
     heads = config.get("num_attention_heads", 1)
+    vocab = config.get("vocab_size", 0)
     inner = max(config.get("intermediate_size", 0),
                 config.get("moe_intermediate_size", 0) * config.get("num_experts_per_tok", 1)
                 + config.get("shared_expert_intermediate_size", 0))
     per_token = itemsize * (10 * hidden + 5 * inner) + 4 * heads * max(context, 1) * 2
-    kept = 3 * batch * max(prompt, tokens // max(batch, 1)) * hidden * itemsize
-    return tokens * per_token + kept + 3 * batch * config.get("vocab_size", 0) * 4
+    # a stage's input and output for every position of the prompt, and a scoring sweep's scratch keys and
+    # values of one layer
+    kept = 4 * batch * max(prompt, tokens // max(batch, 1)) * hidden * itemsize
+    # a matrix multiply may pack its weight into a workspace (torch's CPU GEMM does for several rows)
+    workspace = itemsize * hidden * inner
+    # the logits in the compute dtype and float32, and a log-softmax's temporaries
+    head = 3 * 4 * max(logits or batch, 1) * vocab
+    return tokens * per_token + kept + workspace + head
 
 
 def reserve_bytes(config: dict, itemsize: int = 2, prefill_step: int = DEFAULT_PREFILL_STEP,

@@ -108,15 +108,16 @@ class Scheduler:
                                        self.plan.expert_stack)
             self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}  # name -> (loaded stage, its raw data while the backend views it)
-        streamed = bool(self.plan.streamed)
-        self.store.configure_pool(self.plan.prefetch_depth + 1 if streamed else 0, self.plan.slot_bytes,
-                                  self.backend.allocate)
         # a backend computing in place on host memory gets page-cache views of streamed stages; resident
         # stages are read into memory of their own (a file changed under a mapping would kill the process)
         self.read = self.store.map_stage if self.backend.page_cache_views else self.store.read_stage
+        slots = self.plan.prefetch_depth + 1 if self.plan.streamed and not self.backend.page_cache_views else 0
+        self.store.configure_pool(slots, self.plan.slot_bytes, self.backend.allocate)
         self.prefetcher = None
 
     def _start_prefetch(self):
+        if self.prefetcher is not None and not self.prefetcher.thread.is_alive():
+            self._stop_prefetch()  # it stopped on an error it reported (or would report): start afresh
         if self.prefetcher is None and self.plan.prefetch_depth and self.plan.streamed:
             self.prefetcher = Prefetcher(self.store, self.plan.streamed, self.plan.prefetch_depth, self.read)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import GenerationError
+from .errors import CacheTrimError, GenerationError
 from .generation import check_sampling
 from .units import format_bytes
 
@@ -125,10 +125,7 @@ class ChatSession:
         if limit and len(ids) >= limit:
             raise GenerationError(f"the conversation has {len(ids)} tokens, the model's context is {limit}; "
                                   "/reset to start a new one.")
-        keep = min(common_prefix(self.cached, ids), len(ids) - 1)  # feed at least one token
-        if self.cache_length() > keep:
-            self.model.trim_cache(self.cache, keep)
-        self.cached = self.cached[:keep]
+        keep = self._roll_back(min(common_prefix(self.cached, ids), len(ids) - 1))  # feed at least one token
         new = ids[keep:]
         max_new = min(self.max_tokens, limit - len(ids)) if limit else self.max_tokens
         tap = _Tap(streamer)
@@ -145,7 +142,7 @@ class ChatSession:
             # and every answer token but the last one seen. A sweep cut short left some layers longer.
             turn.interrupted = True
             consistent = keep + len(new) + len(tap.tokens) - 1 if tap.tokens else keep
-            self.model.trim_cache(self.cache, consistent)
+            consistent = self._roll_back(consistent)
         self.cached = (ids + tap.tokens)[:consistent]
         answer = list(tap.tokens)
         while answer and answer[-1] in self.stop_tokens:
@@ -154,6 +151,18 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": turn.text}]
         self.last = turn
         return turn
+
+    def _roll_back(self, keep: int) -> int:
+        """Trim the cache to its first `keep` tokens; where that cannot be exact (sliding-window layers that
+        no longer hold what it needs, a convolution state), start an empty cache instead, so the next feed
+        recomputes the conversation. Returns the tokens the cache now holds."""
+        if self.cache_length() > keep:
+            try:
+                self.model.trim_cache(self.cache, keep)
+            except CacheTrimError:
+                self.cache, keep = self.model.new_cache(), 0
+        self.cached = self.cached[:keep]
+        return keep
 
     def stats(self) -> str:
         """The stats line of the last answer (tokens/s, bytes read per step, peak memory, the plan) and the cache."""

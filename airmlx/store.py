@@ -75,8 +75,9 @@ class StageData:
     name: str
     tensors: dict
     buffer: Buffer  # None for mappings and expert parts
-    nbytes: int  # bytes held: the buffer's or the mapping's size
+    nbytes: int  # bytes read
     read_s: float
+    held: int = 0  # bytes counted as handed out (a buffer outside the pool, a mapping) until release()
 
 
 class BufferPool:
@@ -87,6 +88,7 @@ class BufferPool:
 
     def __init__(self, allocate: Callable = numpy_buffer, keep: int = 0, slot_bytes: int = 0):
         self.allocate, self.keep, self.slot_bytes = allocate, keep, slot_bytes
+        self.slots = 0  # slot buffers in existence, free or lent out
         self._free = []
         self._lock = threading.Lock()
 
@@ -95,27 +97,35 @@ class BufferPool:
             with self._lock:
                 if self._free:
                     return self._free.pop()
+                self.slots += 1
             return Buffer(*self.allocate(self.slot_bytes), pooled=True)
         return Buffer(*self.allocate(nbytes), pooled=False)
 
     def release(self, buf: Buffer) -> None:
         with self._lock:
-            if buf.pooled and buf.nbytes == self.slot_bytes and len(self._free) < self.keep:
+            if not buf.pooled:
+                return
+            if buf.nbytes == self.slot_bytes and len(self._free) < self.keep:
                 self._free.append(buf)
+            else:
+                self.slots -= 1
 
     def fill(self) -> None:
         with self._lock:
             missing = self.keep - len(self._free)
+            self.slots += missing
         for _ in range(missing):
             self.release(Buffer(*self.allocate(self.slot_bytes), pooled=True))
 
     def clear(self) -> None:
         with self._lock:
+            self.slots -= len(self._free)
             self._free.clear()
 
     @property
     def pooled_bytes(self) -> int:
-        return len(self._free) * self.slot_bytes
+        """Bytes of the slot buffers the pool has made and not dropped: free or lent out."""
+        return self.slots * self.slot_bytes
 
 
 class ShardStore:
@@ -125,7 +135,7 @@ class ShardStore:
         self.stages = {s.name: s for s in self.manifest.stages}
         self.pool = BufferPool()
         self.bytes_read = 0
-        self.held_bytes = 0  # stage bytes handed out and not yet given back (buffers and live mappings)
+        self.held_bytes = 0  # bytes handed out outside the pool and not yet given back (buffers, live mappings)
         self.peak_held_bytes = 0
         self._lock = threading.Lock()
         self._layout = {}
@@ -168,8 +178,9 @@ class ShardStore:
             self.pool.release(buf)
             raise
         tensors = self._views(name, buf.view, buf.owner)
-        self._count(entry.nbytes, entry.nbytes)
-        return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0)
+        held = 0 if buf.pooled else buf.nbytes  # pooled slots count as the pool's, lent or not
+        self._count(entry.nbytes, held)
+        return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0, held)
 
     def read_part(self, name: str, part: int, allocate: Callable = numpy_buffer) -> StageData:
         """Read one part of a stage (a routed expert: its tensors are one byte range) into a fresh buffer,
@@ -213,14 +224,19 @@ class ShardStore:
         tensors = self._views(name, buf)
         self._count(entry.nbytes, entry.nbytes)
         weakref.finalize(mapped, self._count, 0, -entry.nbytes)  # unmapped once the last view is gone
-        return StageData(name, tensors, None, entry.nbytes, time.perf_counter() - t0)
+        return StageData(name, tensors, None, entry.nbytes, time.perf_counter() - t0, entry.nbytes)
 
     def release(self, data: StageData) -> None:
         """Give a read_stage() buffer back (a mapping goes with its last view)."""
         if data.buffer is not None:
             self.pool.release(data.buffer)
             data.buffer = None
-            self._count(0, -data.nbytes)
+            self._count(0, -data.held)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Stage bytes in memory for reading: the pool's slots and the buffers and mappings handed out."""
+        return self.pool.pooled_bytes + self.held_bytes
 
     def _open(self, name):
         """Open a stage file, checking it is still the file checked when the folder was opened."""

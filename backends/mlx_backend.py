@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 
 from airmlx.archs import arch_for, expert_index, layer_types, rope_config
 from airmlx.errors import BackendError
+from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 
 from . import mlx_adapters, mlx_experts
@@ -28,7 +29,6 @@ RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": 
               "U16": mx.uint16, "U8": mx.uint8, "I64": mx.int64, "I32": mx.int32, "I16": mx.int16, "I8": mx.int8,
               "U64": mx.uint64, "BOOL": mx.bool_}
 FLOATS = ("F32", "F16", "BF16", "F64")
-SCORE_CHUNK = 1 << 24  # logits elements computed at once when the head scores targets
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,10 @@ class MLXBackend:
             nn.quantize(self.skeleton, self.qconfig.get("group_size", 64), self.qconfig["bits"],
                         mode=self.qconfig.get("mode", "affine"), class_predicate=quantized)
         self.placeholders = dict(tree_flatten(self.skeleton.parameters()))
+        # arrays the modules compute for themselves (rotary frequencies) are lazy on this thread's stream:
+        # evaluated now, so any thread can run the model later
+        mx.eval([v for m in self.skeleton.modules() for k, v in m.items()
+                 if isinstance(v, mx.array) and k.startswith("_")])
         self.num_layers = len(self.skeleton.layers)
         self.sliding = [t == "sliding_attention" for t in layer_types(config)]
         self.window = config.get("sliding_window")
@@ -172,7 +176,9 @@ class MLXBackend:
         return made, entry.nbytes + made
 
     def set_scratch(self, nbytes):
-        mx.set_cache_limit(int(nbytes))
+        # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the
+        # CPU's come from malloc, which the cache would only hide from the count
+        mx.set_cache_limit(int(nbytes) if mx.default_device().type == mx.gpu else 0)
 
     def memory(self):
         return {"active": mx.get_active_memory() + mx.get_cache_memory(),
@@ -188,13 +194,16 @@ class MLXBackend:
 
     # -- stages ------------------------------------------------------------------------------------
     def from_raw(self, raw):
-        # a view of the read buffer (no copy), unless the buffer goes back to the pool right after loading
-        if self.zero_copy and isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:
+        if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
             a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
-        else:
-            a = mx.array(raw.data)
-            if raw.dtype == "BF16":
-                a = a.view(mx.bfloat16)
+            if self.zero_copy:
+                return a
+            if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
+                return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
+        # a copy: the read buffer goes back to the pool right after loading
+        a = mx.array(raw.data)
+        if raw.dtype == "BF16":
+            a = a.view(mx.bfloat16)
         if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(self.dtype)
         return a
@@ -351,7 +360,7 @@ class MLXBackend:
     def _score(self, stage, x, targets):
         """(B, T, 2): log p(target) and whether the target was the argmax, per position, computed a few
         positions at a time so the full (B, T, vocab) logits never exist."""
-        step = max(1, SCORE_CHUNK // (x.shape[0] * self.args.vocab_size))
+        step = max(1, SCORE_LOGITS // (x.shape[0] * self.args.vocab_size))
         parts = []
         for i in range(0, x.shape[1], step):
             logits = self._head(stage, x[:, i:i + step]).astype(mx.float32)

@@ -21,6 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
+from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import dequantize, module_params
 
 from . import torch_experts
@@ -34,7 +35,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a 4-bit stage's load
-SCORE_CHUNK = 1 << 24  # logits elements computed at once when the head scores targets
 TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
 
 
@@ -418,7 +418,7 @@ class TorchBackend:
     def _score(self, x, targets):
         """(B, T, 2): log p(target) and whether the target was the argmax, per position, computed a few
         positions at a time so the full (B, T, vocab) logits never exist."""
-        step = max(1, SCORE_CHUNK // (x.shape[0] * self.config.vocab_size))
+        step = max(1, SCORE_LOGITS // (x.shape[0] * self.config.vocab_size))
         out = torch.empty(*x.shape[:2], 2, dtype=torch.float32, device=x.device)
         for i in range(0, x.shape[1], step):
             logits = self._head(x[:, i:i + step]).float()

@@ -13,10 +13,12 @@ from airmlx.errors import (
     AirmlxError,
     BackendError,
     BudgetError,
+    CacheTrimError,
     CheckpointError,
     CorruptShardError,
     GenerationError,
     InsufficientDiskSpaceError,
+    ModelClosedError,
     ModelNotFoundError,
     OptionError,
     UnsupportedArchitectureError,
@@ -103,6 +105,40 @@ def broken_tokenizer(ctx):
         return model.tokenizer
 
 
+def changed_stage(ctx):
+    out = ctx.tmp / "shards"
+    shutil.copytree(ctx.shards, out)
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="420KB") as model:
+        victim = out / "layer.002.safetensors"
+        replacement = out / "layer.002.new"
+        replacement.write_bytes(victim.read_bytes())
+        replacement.replace(victim)  # re-sharded into the folder while the model runs: another file
+        return model.generate([1, 2], max_new_tokens=2)
+
+
+def unreadable_stage(ctx):
+    out = ctx.tmp / "shards"
+    shutil.copytree(ctx.shards, out)
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="420KB") as model:
+        (out / "layer.002.safetensors").unlink()
+        return model.generate([1, 2], max_new_tokens=2)
+
+
+def closed_model(ctx):
+    model = airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch")
+    model.close()
+    return model.generate([1, 2], max_new_tokens=1)
+
+
+def trim_past_the_window(ctx):
+    make_checkpoint(ctx.tmp / "gemma", "gemma3_text", sliding_window=8)
+    with airmlx.AutoModel.from_pretrained(ctx.tmp / "gemma", backend="torch",
+                                          layer_shards_saving_path=ctx.tmp / "gemma-shards") as model:
+        cache = model.new_cache()
+        model.generate([5, 6, 7], max_new_tokens=90, eos_token_id=-1, past_key_values=cache)
+        model.trim_cache(cache, 2)
+
+
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 ROWS = [
@@ -166,6 +202,18 @@ ROWS = [
     pytest.param(broken_tokenizer, ModelNotFoundError,
                  r"no usable tokenizer files \(TypeError: .*\); copy the model's tokenizer files into this folder",
                  id="tokenizer that does not load"),
+    pytest.param(changed_stage, CorruptShardError,
+                 "stage layer.002: file .*layer.002.safetensors changed while the model was open .*reload the model",
+                 id="stage file replaced while the model runs"),
+    pytest.param(unreadable_stage, CorruptShardError,
+                 r"stage layer.002: reading .*layer.002.safetensors failed \(FileNotFoundError.*--repair",
+                 id="stage file gone while the model runs"),
+    pytest.param(closed_model, ModelClosedError, "this model is closed .*load it again", id="model used after close"),
+    pytest.param(trim_past_the_window, CacheTrimError, r"cannot go back \d+ tokens exactly.*/reset",
+                 id="cache rolled back past a sliding window"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", prefill_step_size=0),
+                 GenerationError, "prefill_step_size=0: use a whole number of tokens >= 1",
+                 id="prefill_step_size below 1"),
 ]
 
 

@@ -32,7 +32,8 @@ def min_budget(shards, backend="torch"):
     budget = minimum_budget(shards, backend)
     stages = ShardStore(shards).manifest.stages
     if backend == "mlx" or not ShardStore(shards).manifest.quantization:  # experts held as their bytes
-        assert budget == max(s.nbytes for s in stages if s.kind != "experts") + 2 * TOP_K * expert_size(shards)
+        # the largest stage, and one token's experts cached, stacked, and one more being read
+        assert budget == max(s.nbytes for s in stages if s.kind != "experts") + (2 * TOP_K + 1) * expert_size(shards)
     return budget
 
 

@@ -1,4 +1,6 @@
 """The store's buffer pool and reads."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,69 @@ def test_expert_parts_read_only_their_bytes(store):
         assert data.tensors and all(f".experts.{part}." in name for name in data.tensors)
         for name, raw in data.tensors.items():
             assert torch.equal(as_torch(raw), want[name])
+
+
+CHANGES = ["truncate", "replace_other", "replace_shorter", "rewrite_in_place", "delete"]
+
+
+def change_file(path, how, other):
+    import os
+    import shutil
+    if how == "truncate":  # `cp other/layer.001.safetensors here`: O_TRUNC on the same inode
+        os.truncate(path, 100)
+    elif how == "replace_other":  # re-sharding an updated checkpoint into the folder: tmp file + rename
+        tmp = path.with_suffix(".new")
+        shutil.copyfile(other, tmp)
+        os.replace(tmp, path)
+    elif how == "replace_shorter":
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(path.read_bytes()[:1000])
+        os.replace(tmp, path)
+    elif how == "rewrite_in_place":  # same size, same inode, new bytes
+        data = bytearray(path.read_bytes())
+        data[-8:] = b"\x01" * 8
+        with open(path, "r+b") as f:
+            f.write(data)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # filesystems with coarse clocks
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("how", CHANGES)
+def test_a_stage_file_changed_under_a_running_model_is_a_clear_error(tmp_path, backend, how):
+    """Audit bug 10: a truncated stage killed a torch-CPU process (SIGBUS), a shorter one raised a raw
+    ValueError, a replaced one silently mixed weights. Now: CorruptShardError naming the file, every time, in
+    a process that survives (run apart, so a SIGBUS would show as a signal)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import airmlx
+
+    from tiny import make_checkpoint
+    make_checkpoint(tmp_path / "src", "llama")
+    make_checkpoint(tmp_path / "other", "llama", seed=7)
+    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    other = airmlx.shard_checkpoint(tmp_path / "other", tmp_path / "other-shards", progress=False)
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import airmlx
+from test_store import change_file
+m = airmlx.AutoModel.from_pretrained({str(shards)!r}, backend={backend!r}, memory_budget="300KB")
+first = m.generate([4, 5, 6], max_new_tokens=4)
+change_file(Path({str(shards)!r}) / "layer.001.safetensors", {how!r}, Path({str(other)!r}) / "layer.001.safetensors")
+try:
+    again = m.generate([4, 5, 6], max_new_tokens=4)
+    print("RESULT", "same" if again == first else "DIFFERENT")
+except airmlx.AirmlxError as e:
+    print("RESULT", type(e).__name__, e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    result = done.stdout.strip().splitlines()[-1]
+    assert result.startswith("RESULT CorruptShardError stage layer.001") and "layer.001.safetensors" in result, result
+    assert "python -m airmlx.shard --repair" in result or "reload the model" in result
+    shutil.rmtree(tmp_path / "shards")

@@ -182,8 +182,9 @@ CORPUS = ["What is a list? A list is a mutable sequence of items.", "The dict ma
           "def f(x): return x + 1", "for item in items: print(item)"] * 4
 
 
-def make_chat_checkpoint(folder):
-    """A tiny random Llama plus a byte-level BPE tokenizer with the demo model's chat template."""
+def make_chat_checkpoint(folder, arch="llama", **overrides):
+    """A tiny random model (a Llama unless told) plus a byte-level BPE tokenizer with the demo model's chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -195,7 +196,7 @@ def make_chat_checkpoint(folder):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
                                   pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
     tok.chat_template = CHAT_TEMPLATE
-    make_checkpoint(folder, "llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    make_checkpoint(folder, arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **overrides)
     tok.save_pretrained(folder)
     return folder
