@@ -9,6 +9,7 @@ import math
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS
-from airmlx.quant import dequantize, module_params
+from airmlx.quant import module_params
 
-from . import torch_experts
+from . import torch_experts, torch_quant
 from .base import available_ram, check_placement
 from .torch_remote import remote_config, shared_rotary
 
@@ -34,7 +35,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a 4-bit stage's load
 TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
 
 
@@ -62,6 +62,7 @@ class TorchStage:
     nbytes: int
     module: object = None  # the decoder layer, for layer stages
     layer: int = None
+    overrides: list = field(default_factory=list)  # modules running quantised weights (torch_quant)
 
 
 @dataclass
@@ -97,28 +98,6 @@ def resolve_dtype(config, dtype, device):
     if device.type == "cpu" and name == "float16" and dtype is None:
         name = "float32"  # CPU kernels for fp16 are slow or missing
     return DTYPES[name]
-
-
-def dequantize_affine(wq, scales, biases, group_size, bits):
-    """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
-    back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
-    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser."""
-    if 32 % bits:
-        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
-        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
-        w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
-        w = torch.from_numpy(w)
-        return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
-    lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
-    wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
-    out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
-    rows = max(1, DEQUANT_ELEMENTS // cols)
-    for r in range(0, wq.shape[0], rows):
-        codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        codes = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
-        out[r:r + rows] = (codes * scales[r:r + rows].unsqueeze(-1) + biases[r:r + rows].unsqueeze(-1)).flatten(1)
-    return out.reshape(*lead, cols)
 
 
 def cache_argument(function):
@@ -187,16 +166,16 @@ class TorchBackend:
     def footprint(self, entry, infos):
         """(bytes a loaded stage holds, bytes while it loads): views of its buffer on the CPU, or what
         conversion, dequantising or the copy to the GPU makes (the host buffer is not device memory)."""
-        made, views, dequantised = 0, False, 0
+        made, views, temporaries = 0, False, 0
         for info in infos.values():
             name = info.name
             if self.qconfig and name.endswith((".scales", ".biases")):
+                made += 0 if f"{name.rpartition('.')[0]}.weight" in infos else info.nbytes
                 continue
-            if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:  # a packed weight, dequantised
-                scales = infos[f"{name.rpartition('.')[0]}.scales"]
-                numel = math.prod(scales.shape) * module_params(self.qconfig, name.rpartition(".")[0])[0]
-                made += numel * self.dtype.itemsize
-                dequantised = max(dequantised, min(numel, DEQUANT_ELEMENTS))
+            if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:
+                held, transient = self._quantized_footprint(entry, name, info, infos)
+                made += held
+                temporaries = max(temporaries, transient)
             elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
                 made += math.prod(info.shape) * self.dtype.itemsize
             elif self.device.type == "cuda" or not self.zero_copy:
@@ -204,9 +183,34 @@ class TorchBackend:
             else:
                 views = True
         buffer = entry.nbytes if self.device.type == "cpu" else 0
-        # dequantising a block of rows: int32 codes, their float copy, the product and the sum
-        temporaries = dequantised * (4 + 3 * self.dtype.itemsize)
         return (buffer if views else 0) + made, buffer + made + temporaries
+
+    def _quantized_footprint(self, entry, name, info, infos):
+        """(bytes held, bytes of temporaries while loading) of one quantised weight, as quantized() runs it."""
+        base = name.rpartition(".")[0]
+        scales = infos[base + ".scales"]
+        group_size, bits = module_params(self.qconfig, base)
+        rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
+        module = self._target_module(base.replace(self.arch.embed, self.arch.head) if entry.kind == "head" else base)
+        quantized_bytes = info.nbytes + 2 * scales.nbytes
+        if self.device.type == "cpu" and torch_quant.packable(module, bits, group_size):
+            # the packed codes and stacked scales and zeros; the clone and repack of the codes while loading
+            return rows * cols // 2 + scales.nbytes * 2 // STORED[scales.dtype].itemsize * self.dtype.itemsize, \
+                3 * quantized_bytes
+        if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
+            return quantized_bytes, quantized_bytes
+        # dequantising a block of rows: codes, their float copy, the product and the sum
+        return rows * cols * self.dtype.itemsize, min(rows * cols, torch_quant.DEQUANT_ELEMENTS) * (4 + 3 * self.dtype.itemsize)
+
+    def _target_module(self, base):
+        """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
+        target, pattern = rename_source_key(base + ".weight", self.renamings, self.converter_list)
+        if pattern is not None:
+            return None
+        try:
+            return self.skeleton.get_submodule(target.rpartition(".")[0])
+        except AttributeError:
+            return None
 
     def set_scratch(self, nbytes):
         pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
@@ -246,15 +250,27 @@ class TorchBackend:
             t = t.clone()
         return t
 
-    def dequantize(self, tensors):
-        """Quantised weights (MLX affine layout) -> plain weights in the compute dtype, one stage at a time,
-        on the stage's device."""
-        out = dict(tensors)
+    def quantized(self, tensors):
+        """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
+        dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
+        rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
+        out, overrides, nbytes = dict(tensors), [], 0
         for name in [n for n in tensors if n.endswith(".scales")]:
             base = name[: -len(".scales")]
             scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
-            out[base + ".weight"] = dequantize_affine(wq, scales, biases, *module_params(self.qconfig, base))
-        return out
+            group_size, bits = module_params(self.qconfig, base)
+            module = self._target_module(base)
+            if module is not None and self.device.type == "cpu" and torch_quant.packable(module, bits, group_size):
+                check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 32 // bits),
+                                tuple(module.weight.shape), f"transformers' {type(self.skeleton).__name__}")
+                nbytes += torch_quant.install_int4(module, wq, scales, biases, group_size)
+                overrides.append(module)
+            elif isinstance(module, torch.nn.Embedding):
+                nbytes += torch_quant.install_embedding(module, wq, scales, biases, group_size, bits)
+                overrides.append(module)
+            else:
+                out[base + ".weight"] = torch_quant.dequantize_affine(wq, scales, biases, group_size, bits)
+        return out, overrides, nbytes
 
     def convert(self, tensors):
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
@@ -276,11 +292,12 @@ class TorchBackend:
         params, nbytes = {}, 0
         raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
-        if self.qconfig:
-            tensors = self.dequantize(tensors)
         if entry.kind == "head":  # tied head reads the embedding
             embed, head = self.arch.embed_prefix, self.arch.head + "."
             tensors = {head + n[len(embed):] if n.startswith(embed) else n: t for n, t in tensors.items()}
+        overrides = []
+        if self.qconfig:
+            tensors, overrides, nbytes = self.quantized(tensors)
         for path, (name, tensor) in self.convert(tensors).items():
             module_path, _, pname = path.rpartition(".")
             try:
@@ -297,12 +314,14 @@ class TorchBackend:
         self._peak_live = max(self._peak_live, self._live)
         index = entry.layer
         layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
-        return TorchStage(entry.kind, params, nbytes, layer, index)
+        return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
             setattr(module, pname, placeholder)
-        stage.params = {}
+        for module in stage.overrides:
+            torch_quant.remove(module)
+        stage.params, stage.overrides = {}, []
         self._live -= stage.nbytes
 
     # -- routed experts (MoE): backends/torch_experts.py ------------------------------------------
