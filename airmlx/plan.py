@@ -23,6 +23,11 @@ class StageCost:
     read: int  # bytes read from disk: the stage file
     held: int  # bytes in memory once the backend has loaded it
     loading: int  # bytes in memory while it loads (its read buffer and whatever the backend makes of it)
+    ahead: int = 0  # bytes while it waits, read (and prepared) ahead of its turn; 0: its read bytes
+
+    @property
+    def waiting(self) -> int:
+        return self.ahead or self.read
 
 
 @dataclass
@@ -61,10 +66,11 @@ class Plan:
 
     @property
     def in_flight_bytes(self) -> int:
-        """Streamed stages read ahead (depth buffers) plus the one loading or computing."""
+        """Streamed stages read (and prepared) ahead, plus the one loading or computing."""
         if not self.streamed:
             return 0
-        return self.prefetch_depth * self.slot_bytes + max(self.stages[s].loading for s in self.streamed)
+        ahead = max(self.stages[s].waiting for s in self.streamed)
+        return self.prefetch_depth * ahead + max(self.stages[s].loading for s in self.streamed)
 
     @property
     def load_overhead(self) -> int:
@@ -127,27 +133,29 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     ends = [n for n in ("head", "embed") if n in stages]
     choices = [[], *([n] for n in ends), ends] if ends else [[]]
     plans = [p for kept in choices for depth in ((2, 1, 0) if prefetching else (0,))
-             if (p := streaming_plan(stages, budget - experts.minimum, kept, depth, overhead)) is not None]
+             if (p := streaming_plan(stages, budget - experts.minimum, kept, depth)) is not None]
     best = min(plans, key=lambda p: (p.streamed_bytes_per_step * (1 if p.prefetch_depth else NO_PREFETCH_COST),
                                      -p.prefetch_depth))
     best.budget = budget
     return with_experts(best, experts)
 
 
-def streaming_plan(stages, room, kept, depth, overhead):
+def streaming_plan(stages, room, kept, depth):
     """The plan keeping `kept` resident with `depth` prefetch slots, layers filling what is left, or None when
-    that does not fit `room`."""
+    that does not fit `room`. A resident stage's load may briefly need more than it then holds (a
+    conversion's source): the largest such excess is kept free too."""
     candidates = [s for s in stages if s not in kept]
     if not candidates:
         return None
-    slot, loading = max(stages[s].read for s in candidates), max(stages[s].loading for s in candidates)
-    room -= depth * slot + loading + overhead + sum(stages[s].held for s in kept)
-    if room < 0 or (depth == 2 and room < 2 * slot):  # a second slot only when layers still fit beside it
+    slot, loading = max(stages[s].waiting for s in candidates), max(stages[s].loading for s in candidates)
+    excess = lambda names: max((stages[s].loading - stages[s].held for s in names), default=0)
+    room -= depth * slot + loading + sum(stages[s].held for s in kept)
+    if room - excess(kept) < 0 or (depth == 2 and room < 2 * slot):  # a second slot only beside resident layers
         return None
     layers = [s for s in candidates if s not in ("head", "embed")]
     resident = list(kept)
     if layers:
-        k = min(len(layers), room // max(stages[s].held for s in layers))
+        k = min(len(layers), max(room - max(excess(kept), excess(layers)), 0) // max(stages[s].held for s in layers))
         resident += [layers[i] for i in sorted({int((j + 0.5) * len(layers) / k) for j in range(k)})] if k else []
     plan = Plan(room, dict(stages), [s for s in stages if s in resident], depth)
     return plan if plan.streamed else None

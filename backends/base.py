@@ -29,8 +29,9 @@ class Backend(Protocol):
         """A read buffer: (the framework's object that owns it, a writable uint8 numpy view of it)."""
 
     def footprint(self, entry: Any, infos: dict) -> tuple:
-        """(bytes a stage holds once loaded, bytes while it loads) from its tensors' dtypes and shapes: what
-        the memory plan budgets, after dtype conversion, dequantising or a copy to the device."""
+        """(bytes a stage holds once loaded, bytes while it loads, bytes while it waits read and prepared)
+        from its tensors' dtypes and shapes: what the memory plan budgets, after dtype conversion,
+        dequantising or a copy to the device."""
 
     def set_scratch(self, nbytes: int) -> None:
         """Memory the framework may keep for reuse between stages (MLX's buffer cache)."""
@@ -44,6 +45,10 @@ class Backend(Protocol):
         """Bytes this device could still give to weights."""
 
     # -- stages
+    def prepare(self, entry: Any, tensors: dict) -> dict:
+        """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside
+        compute): e.g. repacking quantised codes. Returns what load_stage takes."""
+
     def from_raw(self, raw: Any) -> Any:
         """One RawTensor as the framework's array, in the compute dtype, on the device."""
 

@@ -171,9 +171,9 @@ class MLXBackend:
         """(bytes a loaded stage holds, bytes while it loads): its read buffer, which the arrays view, and
         whatever a dtype conversion makes."""
         if self.zero_copy:
-            return entry.nbytes, entry.nbytes
+            return entry.nbytes, entry.nbytes, entry.nbytes
         made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
-        return made, entry.nbytes + made
+        return made, entry.nbytes + made, entry.nbytes
 
     def set_scratch(self, nbytes):
         # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the
@@ -193,6 +193,9 @@ class MLXBackend:
         return available_ram()
 
     # -- stages ------------------------------------------------------------------------------------
+    def prepare(self, entry, tensors):
+        return tensors  # the arrays view the read buffer as it is
+
     def from_raw(self, raw):
         if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
             a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)

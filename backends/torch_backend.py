@@ -8,7 +8,7 @@ import inspect
 import math
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -166,7 +166,7 @@ class TorchBackend:
     def footprint(self, entry, infos):
         """(bytes a loaded stage holds, bytes while it loads): views of its buffer on the CPU, or what
         conversion, dequantising or the copy to the GPU makes (the host buffer is not device memory)."""
-        made, views, temporaries = 0, False, 0
+        made, views, temporaries, prepared = 0, False, 0, 0
         for info in infos.values():
             name = info.name
             if self.qconfig and name.endswith((".scales", ".biases")):
@@ -176,6 +176,7 @@ class TorchBackend:
                 held, transient = self._quantized_footprint(entry, name, info, infos)
                 made += held
                 temporaries = max(temporaries, transient)
+                prepared += info.nbytes if self._packable(entry, name.rpartition(".")[0]) else 0
             elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
                 made += math.prod(info.shape) * self.dtype.itemsize
             elif self.device.type == "cuda" or not self.zero_copy:
@@ -183,7 +184,8 @@ class TorchBackend:
             else:
                 views = True
         buffer = entry.nbytes if self.device.type == "cpu" else 0
-        return (buffer if views else 0) + made, buffer + made + temporaries
+        # a stage read ahead holds its buffer and what prepare() made of it (repacked 4-bit codes)
+        return (buffer if views else 0) + made, buffer + made + temporaries, entry.nbytes + prepared // 2
 
     def _quantized_footprint(self, entry, name, info, infos):
         """(bytes held, bytes of temporaries while loading) of one quantised weight, as quantized() runs it."""
@@ -191,16 +193,44 @@ class TorchBackend:
         scales = infos[base + ".scales"]
         group_size, bits = module_params(self.qconfig, base)
         rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
-        module = self._target_module(base.replace(self.arch.embed, self.arch.head) if entry.kind == "head" else base)
+        module = self._target_module(self._stage_name(entry, base))
         quantized_bytes = info.nbytes + 2 * scales.nbytes
-        if self.device.type == "cpu" and torch_quant.packable(module, bits, group_size):
-            # the packed codes and stacked scales and zeros; the clone and repack of the codes while loading
+        if self._packable(entry, base):
+            # the packed codes and stacked scales and zeros; the repack's temporaries while loading
             return rows * cols // 2 + scales.nbytes * 2 // STORED[scales.dtype].itemsize * self.dtype.itemsize, \
-                3 * quantized_bytes
+                info.nbytes // 2
         if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
-            return quantized_bytes, quantized_bytes
-        # dequantising a block of rows: codes, their float copy, the product and the sum
-        return rows * cols * self.dtype.itemsize, min(rows * cols, torch_quant.DEQUANT_ELEMENTS) * (4 + 3 * self.dtype.itemsize)
+            return quantized_bytes, 0
+        # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
+        # product and the sum
+        block = min(rows * cols, torch_quant.DEQUANT_ELEMENTS)
+        return rows * cols * self.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * self.dtype.itemsize)
+
+    def _stage_name(self, entry, name):
+        """A checkpoint name as load_stage sees it: a tied head's embedding tensors are the head's."""
+        if entry.kind == "head" and name.startswith(self.arch.embed_prefix):
+            return self.arch.head + "." + name[len(self.arch.embed_prefix):]
+        return name
+
+    def _packable(self, entry, base):
+        """Whether quantised weight `base` runs on the packed int4 kernel (see torch_quant)."""
+        if self.device.type != "cpu" or not self.qconfig:
+            return False
+        group_size, bits = module_params(self.qconfig, base)
+        return torch_quant.packable(self._target_module(self._stage_name(entry, base)), bits, group_size)
+
+    def prepare(self, entry, tensors):
+        """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
+        if not self.qconfig or self.device.type != "cpu":
+            return tensors
+        out = dict(tensors)
+        for name in [n for n in tensors if n.endswith(".scales")]:
+            base = name[: -len(".scales")]
+            if self._packable(entry, base):
+                raw = tensors[base + ".weight"]
+                out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=torch_quant.repack_int4(raw.data).numpy(),
+                                                owner=None, shape=(raw.shape[0], raw.shape[1] * 4))
+        return out
 
     def _target_module(self, base):
         """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
@@ -240,17 +270,22 @@ class TorchBackend:
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        t = source = torch.from_numpy(raw.data)
+        t = torch.from_numpy(raw.data)
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
-        t = t.to(self.device)
-        if not self.zero_copy and t.data_ptr() == source.data_ptr():  # the buffer is reused after loading
-            t = t.clone()
-        return t
+        return t.to(self.device)
 
-    def quantized(self, tensors):
+    def _kept(self, tensor, raw_ranges):
+        """A tensor the loaded stage keeps: its own copy when it still views a read buffer that goes back to
+        the pool right after loading (not zero_copy)."""
+        ptr = tensor.data_ptr()
+        if not self.zero_copy and tensor.device.type == "cpu" and any(a <= ptr < b for a, b in raw_ranges):
+            return tensor.clone()
+        return tensor
+
+    def quantized(self, tensors, raw_ranges=()):
         """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
         dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
         rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
@@ -260,13 +295,14 @@ class TorchBackend:
             scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
             group_size, bits = module_params(self.qconfig, base)
             module = self._target_module(base)
-            if module is not None and self.device.type == "cpu" and torch_quant.packable(module, bits, group_size):
-                check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 32 // bits),
+            if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
+                check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
                                 tuple(module.weight.shape), f"transformers' {type(self.skeleton).__name__}")
-                nbytes += torch_quant.install_int4(module, wq, scales, biases, group_size)
+                nbytes += torch_quant.install_int4(module, self._kept(wq, raw_ranges), scales, biases, group_size)
                 overrides.append(module)
             elif isinstance(module, torch.nn.Embedding):
-                nbytes += torch_quant.install_embedding(module, wq, scales, biases, group_size, bits)
+                kept = [self._kept(t, raw_ranges) for t in (wq, scales, biases)]
+                nbytes += torch_quant.install_embedding(module, *kept, group_size, bits)
                 overrides.append(module)
             else:
                 out[base + ".weight"] = torch_quant.dequantize_affine(wq, scales, biases, group_size, bits)
@@ -290,14 +326,16 @@ class TorchBackend:
 
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
-        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()]
+        # the read buffer's address range: tensors still viewing it are its, not this backend's
+        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()
+                      if r.dtype != "INT4PACK"]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
         if entry.kind == "head":  # tied head reads the embedding
             embed, head = self.arch.embed_prefix, self.arch.head + "."
             tensors = {head + n[len(embed):] if n.startswith(embed) else n: t for n, t in tensors.items()}
         overrides = []
         if self.qconfig:
-            tensors, overrides, nbytes = self.quantized(tensors)
+            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges)
         for path, (name, tensor) in self.convert(tensors).items():
             module_path, _, pname = path.rpartition(".")
             try:
@@ -307,6 +345,7 @@ class TorchBackend:
                 module = placeholder = None
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
+            tensor = self._kept(tensor, raw_ranges)
             setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)

@@ -45,10 +45,12 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
 
 
 def repack_int4(wq):
-    """MLX's 4-bit codes (N, K / 8) uint32 -> torch's CPU int4 layout (N, K / 2) uint8: rows in blocks of 32,
-    each block K-major with 16 bytes per k, rows r and r + 16 of the block sharing a byte (low, high nibble)."""
+    """MLX's 4-bit codes (N, K / 8) uint32 (numpy or torch) -> torch's CPU int4 layout (N, K / 2) uint8: rows in
+    blocks of 32, each block K-major with 16 bytes per k, rows r and r + 16 of a block sharing a byte (low,
+    high nibble). numpy does it (it releases the GIL: this runs on the prefetch thread)."""
+    wq = wq.numpy() if isinstance(wq, torch.Tensor) else wq
     n, k = wq.shape[0], wq.shape[1] * 8
-    by = wq.numpy().view(np.uint8).reshape(n // 32, 2, 16, k // 2)  # byte j of a row: codes 2j (low), 2j+1 (high)
+    by = wq.view(np.uint8).reshape(n // 32, 2, 16, k // 2)  # byte j of a row: codes 2j (low), 2j+1 (high)
     top, bottom = by[:, 0], by[:, 1]
     out = np.empty((n // 32, k // 2, 2, 16), np.uint8)
     view = out.transpose(0, 2, 3, 1)
@@ -85,11 +87,11 @@ def int4_linear(module, packed, scales_and_zeros, group_size, x):
     return y + module.bias if module.bias is not None else y
 
 
-def install_int4(module, wq, scales, biases, group_size):
-    """Run `module` (a Linear) on its packed 4-bit weight: forward is replaced until remove(module)."""
+def install_int4(module, packed, scales, biases, group_size):
+    """Run `module` (a Linear) on its 4-bit weight in torch's layout (repack_int4): forward is replaced until
+    remove(module)."""
     zeros = biases + 8 * scales  # (q - 8) * s + (b + 8 s) = q * s + b
     scales_and_zeros = torch.stack([scales.t(), zeros.t()], -1).contiguous()
-    packed = repack_int4(wq)
     module.forward = functools.partial(int4_linear, module, packed, scales_and_zeros, group_size)
     return packed.numel() + scales_and_zeros.numel() * scales_and_zeros.element_size()
 

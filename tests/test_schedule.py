@@ -62,7 +62,7 @@ def test_the_plan_reading_fewest_bytes_wins():
     for budget in (700, 750, 900, 1200, 1350):  # the model holds 1400
         plan = make_plan(big_ends, budget)
         options = [p for kept in ([], ["head"], ["embed"], ["head", "embed"]) for depth in (0, 1, 2)
-                   if (p := streaming_plan(big_ends, budget, kept, depth, 0)) is not None]
+                   if (p := streaming_plan(big_ends, budget, kept, depth)) is not None]
         cost = lambda p: p.streamed_bytes_per_step * (1 if p.prefetch_depth else 1.25)
         assert cost(plan) == min(cost(p) for p in options) and plan.total_bytes <= budget
     assert make_plan(big_ends, 750).prefetch_depth == 0  # prefetching would cost 1300 bytes a step, not 800
