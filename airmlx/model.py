@@ -24,10 +24,11 @@ from .plan import (
     make_plan,
     minimum_budget,
 )
+from .preflight import load as load_preflight
 from .schedule import Scheduler
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, parse_bytes, per_token
 
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
@@ -67,7 +68,8 @@ class AirModel:
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
         total, largest, largest_read = expert_demand(routed, scale)
-        experts = ExpertDemand(total, largest, self.config.get("num_experts_per_tok", 1) if routed else 0, largest_read)
+        top_k = self.config.get("num_experts_per_tok", 1) if routed else 0
+        experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed))
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         self.plan = make_plan(stages, budget, prefetching, experts)
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
@@ -183,10 +185,16 @@ class AirModel:
         return [self.shard_dir / e.file for e in self.store.manifest.stages
                 if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
 
-    def read_bandwidth(self, cold: bool = True) -> float:
-        """Bytes per second the store reads this model's streamed stages (every stage when none streams);
-        cold: from the disk, warm: from the page cache."""
-        return self.store.read_bandwidth(self.plan.streamed or list(self.plan.stage_bytes), cold)
+    def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:
+        """Bytes per second the store reads this model's streamed stages (every stage when none streams), the
+        first of them up to limit_bytes; cold: from the disk, warm: from the page cache."""
+        names, total = [], 0
+        for name in self.plan.streamed or list(self.plan.stage_bytes):
+            if names and limit_bytes is not None and total + self.plan.stages[name].read > limit_bytes:
+                break
+            names.append(name)
+            total += self.plan.stages[name].read
+        return self.store.read_bandwidth(names, cold)
 
     def reset_peak(self) -> None:
         """Start the peak-memory counts afresh."""
@@ -292,16 +300,26 @@ class AirModel:
                 "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend}
 
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
-        """Prompt tokens/s, generation tokens/s, bytes read per step, peak memory, the plan. `times`: when the
-        prompt and each new token arrived (a streamer's .times); start: when the call began."""
+        """Prompt tokens/s, generation speed (tokens/s, or s/token below one), bytes read per step and the
+        bandwidth that achieved beside the disk's measured one (python -m airmlx.doctor), peak memory, the
+        plan. `times`: when the prompt and each new token arrived (a streamer's .times); start: when the
+        call began."""
         times = [start] + list(times[1:])
         prefill = times[1] - times[0] if len(times) > 1 else 0.0
         gen = len(times) - 2
-        gen_tps = gen / (times[-1] - times[1]) if gen > 0 else 0.0
+        step_s = (times[-1] - times[1]) / gen if gen > 0 else 0.0
         mem = self.memory_stats()
+        per_step = self.plan.streamed_bytes_per_step
+        speed = f"{per_token(step_s)}" if step_s else "one token"
+        disk = ""
+        if step_s and per_step:
+            disk = f", {format_bytes(per_step / step_s)}/s achieved"
+            measured = load_preflight(self.shard_dir)
+            if measured:
+                disk += f" (disk: {format_bytes(measured.cold_bps)}/s cold, {format_bytes(measured.warm_bps)}/s warm)"
         return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
-                f"generation: {gen + 1} tokens, {gen_tps:.1f} tokens/s | "
-                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step | "
+                f"generation: {gen + 1} tokens, {speed} | "
+                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step{disk} | "
                 f"peak memory {format_bytes(mem['peak'])} | {self.plan}")
 
     def close(self) -> None:
@@ -321,6 +339,15 @@ class AirModel:
 
     def __repr__(self):
         return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"
+
+    @property
+    def profiling(self) -> bool:
+        """Whether every stage's read, wait, load and compute time is being recorded (profiling_mode)."""
+        return self.scheduler.profiling
+
+    @profiling.setter
+    def profiling(self, on: bool) -> None:
+        self.scheduler.profiling = on
 
     @property
     def profile_records(self) -> list:

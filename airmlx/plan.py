@@ -99,6 +99,7 @@ class ExpertDemand:
     largest: int = 0  # the largest one, loaded
     top_k: int = 0  # experts a token routes to in a layer
     largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
+    per_step: int = 0  # file bytes of the experts a token reads in all layers
 
     @property
     def minimum(self) -> int:
@@ -117,11 +118,12 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     step, often the largest stages) stay resident, keep prefetch slots for the largest stage that streams and
     fill the rest with layers spread evenly (streamed reads alternate with resident compute); the plan reading
     the fewest bytes per step wins, a plan without prefetch counting NO_PREFETCH_COST times its bytes (its reads
-    wait for compute), then the deeper prefetch. MoE: room for one token's experts (cached,
-    stacked and one being read) is set aside first; whatever the stages leave over caches experts."""
+    wait for compute), then the deeper prefetch. MoE: room for one token's experts (cached, stacked and one
+    being read) is set aside first, and of the rest the expert cache gets the share the experts have of a
+    step's reads (a token reads its experts every step, as it reads the streamed stages)."""
     overhead = max(c.loading - c.held for c in stages.values())
     total = sum(c.held for c in stages.values())
-    if budget >= total + overhead + experts.minimum:
+    if budget >= total + overhead + experts.minimum + experts.total:  # experts.total is 0 for a dense model
         return with_experts(Plan(budget, dict(stages), list(stages), 0), experts)
     if budget < minimum_budget(stages, experts):
         loading = max(c.loading for c in stages.values())
@@ -130,10 +132,17 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
             "one more being read)" if experts.total else "")
         raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
                           f"{what}; raise memory_budget to at least {minimum_budget(stages, experts)}.")
+    room = budget - experts.minimum
+    if experts.total:
+        stage_reads = sum(c.read for c in stages.values())
+        spare = room - max(c.loading for c in stages.values())
+        room -= int(spare * experts.per_step / (experts.per_step + stage_reads))
     ends = [n for n in ("head", "embed") if n in stages]
     choices = [[], *([n] for n in ends), ends] if ends else [[]]
     plans = [p for kept in choices for depth in ((2, 1, 0) if prefetching else (0,))
-             if (p := streaming_plan(stages, budget - experts.minimum, kept, depth)) is not None]
+             if (p := streaming_plan(stages, room, kept, depth)) is not None]
+    if total + overhead <= room:  # every stage fits beside the experts' share
+        plans.append(Plan(room, dict(stages), list(stages), 0))
     best = min(plans, key=lambda p: (p.streamed_bytes_per_step * (1 if p.prefetch_depth else NO_PREFETCH_COST),
                                      -p.prefetch_depth))
     best.budget = budget
