@@ -151,6 +151,7 @@ class TorchBackend:
         self.mask_cache_arg = cache_argument(create_causal_mask)
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
+        self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -263,13 +264,8 @@ class TorchBackend:
         overrides = []
         if self.qconfig:
             tensors, overrides, nbytes = self.quantized(tensors, raw_ranges)
-        for path, (name, tensor) in self.convert(tensors).items():
-            module_path, _, pname = path.rpartition(".")
-            try:
-                module = self.skeleton.get_submodule(module_path)
-                placeholder = getattr(module, pname)
-            except AttributeError:
-                module = placeholder = None
+        for path, (name, tensor) in self._converted(entry, tensors).items():
+            module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
             tensor = self._kept(tensor, raw_ranges)
@@ -281,6 +277,28 @@ class TorchBackend:
         index = entry.layer
         layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
         return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _converted(self, entry, tensors):
+        """convert(), remembered per stage when transformers' mapping only renames (the usual case), so a
+        streamed stage's later loads skip the pattern matching."""
+        renamed = self._renames.get(entry.name)
+        if renamed is not None and renamed.keys() == tensors.keys():
+            return {path: (name, tensors[name]) for name, path in renamed.items()}
+        out = self.convert(tensors)
+        if all(name in tensors and tensors[name] is t for name, t in out.values()):
+            self._renames[entry.name] = {name: path for path, (name, _) in out.items()}
+        return out
+
+    def _slot(self, path):
+        """(module, parameter name, meta placeholder) a parameter path names, or (None, name, None)."""
+        if path not in self._slots:
+            module_path, _, pname = path.rpartition(".")
+            try:
+                module = self.skeleton.get_submodule(module_path)
+                self._slots[path] = (module, pname, getattr(module, pname))
+            except AttributeError:
+                return None, pname, None
+        return self._slots[path]
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
