@@ -23,7 +23,7 @@ from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS
 
-from . import torch_experts, torch_quant
+from . import torch_batching, torch_experts, torch_quant
 from .base import available_ram, check_placement
 from .torch_remote import remote_config, shared_rotary
 
@@ -432,3 +432,10 @@ class TorchBackend:
 
     def logits(self, x):
         return x.float().cpu().numpy()
+
+    # -- requests joining and leaving one batch (the server's engine; backends/torch_batching.py) --------
+    def merge_caches(self, caches, lengths):
+        return torch_batching.merge(caches, lengths, lambda: self.new_cache(1, [0]))
+
+    def extract_cache(self, cache, row, length):
+        return torch_batching.extract(cache, row, length, lambda: self.new_cache(1, [0]))
