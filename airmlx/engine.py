@@ -31,6 +31,7 @@ from .session import common_prefix
 from .textstream import TextStream
 
 log = logging.getLogger("airmlx.server")
+GATHER_S = 0.02  # how long an idle engine waits after a request arrives for others sent with it
 
 
 class RequestError(AirmlxError, ValueError):
@@ -229,6 +230,8 @@ class Engine:
             with self.cond:
                 while not self.stopping and not self.waiting and not self.groups:
                     self.cond.wait()
+                if not self.groups:  # idle until now: requests sent together arrive a few ms apart; batch them
+                    self.cond.wait_for(lambda: self.stopping or len(self.waiting) >= self.max_batch, GATHER_S)
                 if self.stopping:
                     break
                 self._admit()
@@ -344,7 +347,8 @@ class Engine:
     def _logprobs(logits, token, top):
         lp = logits.astype(np.float64)
         lp = lp - (lp.max() + np.log(np.exp(lp - lp.max()).sum()))
-        best = np.argsort(-lp)[:top] if top else []
+        best = np.argpartition(-lp, top - 1)[:top] if top else []
+        best = sorted(best, key=lambda t: -lp[t])
         return token, float(lp[token]), [(int(t), float(lp[t])) for t in best]
 
     def _leave(self, leaving):

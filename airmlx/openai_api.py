@@ -100,7 +100,7 @@ def sampling(generation_config: dict, temperature, top_p, top_k, seed) -> Sampli
     do_sample = temperature > 0 if temperature is not None else bool(generation_config.get("do_sample", False))
     if temperature is None:
         temperature = generation_config.get("temperature", 1.0) or 1.0
-    return Sampling(do_sample=do_sample, temperature=float(temperature),
+    return Sampling(do_sample=do_sample and temperature > 0, temperature=float(temperature),
                     top_p=float(top_p if top_p is not None else generation_config.get("top_p", 1.0) or 1.0),
                     top_k=int(top_k if top_k is not None else generation_config.get("top_k", 0) or 0), seed=seed)
 

@@ -210,9 +210,8 @@ def build_parser() -> ArgumentParser:
 
 def check_server_args(args) -> None:
     for name in ("max_batch", "max_queue", "max_tokens"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise AirmlxError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a whole number >= "
-                              f"{0 if name == 'max_queue' else 1}.")
+        if getattr(args, name) < 1:
+            raise AirmlxError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a whole number >= 1.")
     if args.keep_caches < 0:
         raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
     if args.max_kv_bytes is not None:
@@ -231,7 +230,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     # uvicorn shuts down on SIGTERM, then raises it again: end with exit status 143 after cleaning up, as
     # Ctrl-C ends with 130, rather than being killed on the spot
-    signal.signal(signal.SIGTERM, _terminated)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     with load_model(args) as model:
         kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else default_kv_allowance(model)
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,

@@ -1,9 +1,9 @@
 """New tokens as text pieces safe to send, with stop strings found across token boundaries.
 
 The whole continuation is decoded at every token (a character split over several tokens comes out whole,
-and a stop string split over several tokens is found once its last piece arrives). Text that could still
-become the start of a stop string is held back until it cannot; the stop string itself is never sent, as
-OpenAI's API does.
+and a stop string split over several tokens is found once its last piece arrives). The end of the text
+that could be the start of a stop string is held back until it cannot; the stop string itself is never
+sent, as OpenAI's API does.
 """
 import contextlib
 
@@ -24,12 +24,20 @@ class TextStream:
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
             end = max(min(found), self.sent)
-            piece, self.sent = self.text[self.sent:end], end
-            return piece, True
-        safe = len(self.text) - self.hold
+            self.text = self.text[:end]  # the answer ends before the stop string
+            return self._take(end), True
+        safe = len(self.text) - self._stop_start()
         while safe > self.sent and self.text[safe - 1] == "\ufffd":  # a character whose bytes are still coming
             safe -= 1
         return self._take(safe), False
+
+    def _stop_start(self) -> int:
+        """Characters at the end of the text that a stop string could begin with (held back until they
+        cannot)."""
+        for n in range(min(self.hold, len(self.text) - self.sent), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stops):
+                return n
+        return 0
 
     def flush(self) -> str:
         """The text held back, at the end of the answer."""

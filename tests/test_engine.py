@@ -8,6 +8,7 @@ import pytest
 
 import airmlx
 from airmlx.engine import Delta, Engine, Failed, Finished, Request, Sampling
+from airmlx.textstream import TextStream
 
 from tiny import make_checkpoint
 
@@ -174,3 +175,21 @@ def test_the_engine_and_the_api_layer_import_no_framework():
     for name in ("engine", "textstream", "openai_api", "server"):
         used = {i.split(".")[0] for i in imports(f"airmlx.{name}", mods[f"airmlx.{name}"])}
         assert not used & {"mlx", "mlx_lm", "torch", "transformers"}, (name, used)
+
+
+class Chars:
+    """A tokenizer whose tokens are characters."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_holds_back_only_what_could_start_a_stop_string():
+    text = TextStream(Chars(), ["xyz", "ab"])
+    pieces = [text.add(ord(c)) for c in "hi axbxyq x"]
+    assert "".join(p for p, _ in pieces) + text.flush() == "hi axbxyq x"
+    assert pieces[3] == ("", False) and pieces[4] == ("a", False)  # "a" waited for the "x" that ruled out "ab"
+    assert not any(hit for _, hit in pieces)
+    text = TextStream(Chars(), ["xyz"])
+    assert [text.add(ord(c)) for c in "12xyz"] == [("1", False), ("2", False), ("", False), ("", False), ("", True)]
+    assert text.flush() == ""  # the stop string is never sent
