@@ -82,6 +82,7 @@ def run_clients(url, model, clients, prompt_tokens, max_tokens, rng):
     sweeps = after["steps"] - before["steps"]
     tokens = sum(t for _, _, t in results)
     return dict(clients=clients, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                sweep_s=seconds / max(sweeps, 1), load_average=round(os.getloadavg()[0], 2),
                 ttft_p50_s=statistics.median(firsts),
                 ttft_p95_s=firsts[min(len(firsts) - 1, int(np.ceil(0.95 * len(firsts))) - 1)], sweeps=sweeps,
                 bytes_per_sweep=(after["bytes_read"] - before["bytes_read"]) / max(sweeps, 1))
@@ -126,8 +127,9 @@ def run(args):
 
 def print_row(r):
     print(f"{r['clients']:>3} clients: {r['tokens_per_s']:8.2f} tokens/s ({r['speedup']:5.1f} x one client) | "
-          f"first token p50 {r['ttft_p50_s']:6.2f} s, p95 {r['ttft_p95_s']:6.2f} s | {r['sweeps']} sweeps, "
-          f"{format_bytes(r['bytes_per_sweep'])} read per sweep", flush=True)
+          f"first token p50 {r['ttft_p50_s']:6.2f} s, p95 {r['ttft_p95_s']:6.2f} s | {r['sweeps']} sweeps of "
+          f"{r['sweep_s']:.2f} s, {format_bytes(r['bytes_per_sweep'])} read per sweep | load {r['load_average']}",
+          flush=True)
 
 
 def build_parser():

@@ -10,6 +10,7 @@ extra: pip install 'airmlx[server]'.
 """
 import asyncio
 import hmac
+import json
 import logging
 import signal
 import sys
@@ -72,8 +73,8 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
         try:
             body = api.parse_json(await request.body())
             job = await run_in_threadpool(make_job, chat, body)
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
-            req = Request(job.prompt, job.max_tokens, job.sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+            events = asyncio.Queue()
+            req = Request(job.prompt, job.max_tokens, job.sampling, deliver(asyncio.get_running_loop(), events),
                           stop=job.stop, logprobs=job.logprobs)
             engine.submit(req)
         except RequestError as e:
@@ -89,8 +90,9 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     def logprobs_of(job, entries, offset):
         if job.logprobs is None:
             return None
-        return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
-            api.completion_logprobs(engine.tokenizer, entries, offset)
+        with engine.tokenizer_lock:
+            return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
+                api.completion_logprobs(engine.tokenizer, entries, offset)
 
     async def collect(request, req, events, meta):
         job = meta[0]
@@ -154,8 +156,18 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
+def deliver(loop, events):
+    """An emit callback for the engine's thread: the event goes to this request's queue on the server's loop
+    (dropped once that loop is closed: the server has gone)."""
+    def emit(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass
+    return emit
+
+
 def sse(obj) -> str:
-    import json
     return f"data: {json.dumps(obj)}\n\n"
 
 
