@@ -290,11 +290,13 @@ class Engine:
 
     def _best_kept(self, prompt):
         """(key, tokens) of the kept cache sharing the longest prefix with the prompt, or (None, 0). At least
-        one prompt token is left to feed, for the logits of the first new token."""
+        one prompt token is left to feed, for the logits of the first new token. A cache is taken only for
+        at least half of what it holds (a conversation resent), not trimmed down to a shared system prompt
+        or BOS, which would lose it for the conversation it holds."""
         best, best_len = None, 0
         for key, (ids, _) in self.kept.items():
             n = min(common_prefix(ids, prompt), len(prompt) - 1)
-            if n > best_len:
+            if n > best_len and 2 * n >= len(ids):
                 best, best_len = key, n
         return best, best_len
 

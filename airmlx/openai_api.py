@@ -106,12 +106,12 @@ def sampling(generation_config: dict, temperature, top_p, top_k, seed) -> Sampli
 
 
 def chat_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:
+    options = _common(body, served, generation_config, default_max_tokens, chat=True)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.",
                            param="messages")
     plain = [_message(m) for m in messages]
-    options = _common(body, served, generation_config, default_max_tokens, chat=True)
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt.")
     try:
@@ -140,6 +140,7 @@ def _message(m) -> dict:
 
 
 def completion_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:
+    options = _common(body, served, generation_config, default_max_tokens, chat=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -154,7 +155,6 @@ def completion_job(body: dict, tokenizer, served: list, generation_config: dict,
     else:
         raise RequestError("prompt must be a non-empty string or a list of token ids (one prompt per request).",
                            param="prompt")
-    options = _common(body, served, generation_config, default_max_tokens, chat=False)
     return Job(False, [int(t) for t in ids], **options)
 
 
