@@ -341,9 +341,9 @@ class Engine:
             piece += r.text.flush()
         r.emit(Delta(piece, [token], [self._logprobs(logits, token, r.logprobs)] if r.logprobs is not None else []))
         if reason:
-            r.close(Finished(reason, len(r.prompt), len(r.tokens), r.reused))
             log.info("request %d: %d prompt tokens (%d reused), %d new, %s, %.2f s", r.id, len(r.prompt), r.reused,
                      len(r.tokens), reason, time.perf_counter() - r.submitted)
+            r.close(Finished(reason, len(r.prompt), len(r.tokens), r.reused))
 
     @staticmethod
     def _logprobs(logits, token, top):

@@ -192,3 +192,21 @@ def test_text_holds_back_only_what_could_start_a_stop_string():
     text = TextStream(Chars(), ["xyz"])
     assert [text.add(ord(c)) for c in "12xyz"] == [("1", False), ("2", False), ("", False), ("", False), ("", True)]
     assert text.flush() == ""  # the stop string is never sent
+
+
+def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
+    with load(shards, "torch") as m:
+        free = m.generate(PROMPTS[1], max_new_tokens=8)[len(PROMPTS[1]):]
+        eos = free[3]
+        want = m.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos)[len(PROMPTS[1]):]
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            engine.stop_tokens = {eos}
+            out, = run_engine(engine, PROMPTS[1:2], 8)
+            assert out.tokens == want == free[:free.index(eos) + 1]
+            assert out.events[-1] == Finished("stop", len(PROMPTS[1]), len(want), 0)
+            assert "".join(e.text for e in out.events if isinstance(e, Delta)) == \
+                m.tokenizer.decode(want[:-1], skip_special_tokens=True)  # the stop token's own text is not sent
+        finally:
+            engine.stop()
+            engine.join(30)

@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import airmlx
-from airmlx.engine import Engine
+from airmlx.engine import Engine, Finished, Request, Sampling
 from airmlx.server import build_app, make_server
 
 from tiny import make_chat_checkpoint, make_checkpoint
@@ -348,3 +348,27 @@ def test_bpe_chat_streams_whole_characters_as_generate_decodes_them(tmp_path):
                                                        stream=True)
         assert whole.choices[0].message.content == text
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+
+
+def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(capsys):
+    from airmlx.server import build_parser, main
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    for bad in (["--max-batch", "0"], ["--max-queue", "0"], ["--max-kv-bytes", "lots"], ["--keep-caches", "-1"]):
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("airmlx: ") and err.count("\n") == 1, err
+
+
+def test_prompts_are_logged_only_when_asked(model, caplog):
+    for asked in (False, True):
+        engine = Engine(model, kv_allowance=10**8, log_prompts=asked)
+        try:
+            with caplog.at_level("INFO", logger="airmlx.server"):
+                caplog.clear()
+                done = threading.Event()
+                engine.submit(Request([77, 78, 79], 2, Sampling(), lambda e: isinstance(e, Finished) and done.set()))
+                assert done.wait(30)
+            assert ("w77 w78 w79" in caplog.text) == asked and "prompt tokens" in caplog.text
+        finally:
+            engine.stop()
+            engine.join(30)
