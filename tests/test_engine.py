@@ -122,6 +122,12 @@ def test_engine_batches_requests_and_each_gets_its_solo_tokens(shards, backend):
                 assert [o.tokens for o in outs] == solo
                 assert all(o.events[-1] == Finished("length", len(p), 8, 0) for o, p in zip(outs, PROMPTS))
                 assert engine.merging and not engine.groups and engine.rows_peak == 3  # one batch, then none
+            engine.kept.clear()
+            outs = [Collect() for _ in PROMPTS]  # rows leaving one by one (the batch's padding shrinks)
+            for p, n, out in zip(PROMPTS[::-1], (4, 6, 8), outs):
+                engine.submit(Request(p, n, Sampling(), out))
+            assert all(out.done.wait(60) for out in outs)
+            assert [o.tokens for o in outs] == [s[:n] for s, n in zip(solo[::-1], (4, 6, 8))]
             # the first request's conversation was kept: sending it again with more computes only what is new
             again = PROMPTS[0] + solo[0] + [11, 12]
             out, = run_engine(engine, [again], 4)
@@ -144,6 +150,14 @@ def test_caches_that_cannot_merge_decode_side_by_side(windowed, backend):
             outs = run_engine(engine, prompts, 8, stagger=True)
             assert [o.tokens for o in outs] == solo
             assert not engine.merging
+            # sent together: one batch on its own cache, whose rows leave one by one
+            engine.kept.clear()
+            outs = [Collect() for _ in prompts]
+            for p, n, out in zip(prompts, (4, 6, 8), outs):
+                engine.submit(Request(p, n, Sampling(), out))
+            assert all(out.done.wait(60) for out in outs)
+            assert [o.tokens for o in outs] == [s[:n] for s, n in zip(solo, (4, 6, 8))]
+            assert all(o.events[-1].reused_tokens == 0 for o in outs)
         finally:
             engine.stop()
             engine.join(30)
