@@ -47,13 +47,16 @@ class AutoModel:
     def from_pretrained(cls, path_or_id, backend="auto", device=None, dtype=None, compression=None,
                         layer_shards_saving_path=None, memory_budget=None, prefetching=True,
                         profiling_mode=False, hf_token=None, delete_original=False, allow_pickle=False,
-                        progress=True, trust_remote_code=False):
+                        progress=True, trust_remote_code=False, gguf_file=None):
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
         trust_remote_code: run the checkpoint's own modelling (and tokenizer) code where it ships some
         (config.json auto_map) and transformers has no module for it; read that code first. The torch backend
-        needs it for such families; backend='mlx' runs them with mlx-lm's modules instead."""
+        needs it for such families; backend='mlx' runs them with mlx-lm's modules instead.
+
+        GGUF: `path_or_id` a .gguf file or a folder holding one, or a folder / hub id with gguf_file='NAME.gguf'
+        (only that file is downloaded); see airmlx/gguf.py."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
@@ -64,9 +67,11 @@ class AutoModel:
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")
         else:
-            shard_dir = Path(layer_shards_saving_path or default_shard_dir(path_or_id, compression))
+            name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
+            shard_dir = Path(layer_shards_saving_path or default_shard_dir(name, compression))
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
-                src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress)
+                src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
+                                    gguf_file=gguf_file)
                 shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
                                  compression=compression, progress=progress)
         manifest = Manifest.load(shard_dir)

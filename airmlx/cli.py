@@ -20,7 +20,9 @@ def add_model_options(parser):
     parser.add_argument("--model", default=None, help="model folder, hub id or shard folder (default: the bundled demo model)")
     parser.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"])
     parser.add_argument("--device", default=None, help="torch: cuda/cpu; mlx: gpu/cpu")
-    parser.add_argument("--compression", default=None, choices=["4bit", "8bit"])
+    parser.add_argument("--compression", default=None,
+                        help="4bit or 8bit (group size 64), optionally -g32/-g128 and -gptq, e.g. 4bit-g32-gptq")
+    parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
     parser.add_argument("--memory-budget", default=None, help="bytes of weights kept in memory, e.g. 4GB")
     parser.add_argument("--layer-shards-saving-path", default=None, help="where the shard folder goes")
     parser.add_argument("--hf-token", default=None)
@@ -37,7 +39,8 @@ def load_model(args):
                                      compression=args.compression, memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
                                      profiling_mode=getattr(args, "profile", False),
-                                     trust_remote_code=getattr(args, "trust_remote_code", False))
+                                     trust_remote_code=getattr(args, "trust_remote_code", False),
+                                     gguf_file=getattr(args, "gguf_file", None))
 
 
 class PrintStreamer:

@@ -238,6 +238,10 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
     interrupted one, rebuilds one made from a different source. verify=True checks the checksums of the
     stages it would reuse and rebuilds the damaged ones."""
     src, out = Path(src), Path(out)
+    from .gguf import find_gguf, shard_gguf  # GGUF hook: a .gguf file, or a folder holding one, is another source
+    if (gguf_path := find_gguf(src)) is not None:
+        return shard_gguf(gguf_path, out, compression=compression, progress=progress, verify=verify,
+                          delete_original=delete_original)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
     config = load_config(src)
@@ -364,14 +368,16 @@ def finish_delete(src, out, originals, manifest, delete_original):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m airmlx.shard",
                                      description="Split a Hugging Face checkpoint into one file per layer.")
-    parser.add_argument("src", help="model folder or hub id")
+    parser.add_argument("src", help="model folder, hub id or .gguf file")
     parser.add_argument("out", nargs="?", help="shard folder (default: under the Hugging Face cache)")
     parser.add_argument("--delete-original", action="store_true",
                         help="delete the source weight files once every stage is written and verified")
     parser.add_argument("--allow-pickle", action="store_true", help="convert legacy pickle .bin checkpoints")
     parser.add_argument("--hf-token", default=None, help="token for gated hub models")
-    parser.add_argument("--compression", choices=sorted(quant.COMPRESSIONS), default=None,
-                        help="quantise linear and embedding weights (MLX affine layout, group size 64)")
+    parser.add_argument("--compression", default=None,
+                        help="quantise linear and embedding weights (MLX affine layout): 4bit or 8bit (group size "
+                             "64), optionally -g32/-g128 and -gptq (calibrated), e.g. 4bit-g32-gptq")
+    parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
     parser.add_argument("--verify", action="store_true", help="check every stage's checksum of an existing shard folder (SRC)")
     parser.add_argument("--repair", action="store_true",
                         help="with --verify: rebuild damaged stages from the checkpoint the folder was made from")
@@ -389,8 +395,9 @@ def main(argv=None):
                 print(p, file=sys.stderr)
             print(f"{args.src}: {'OK' if not problems else f'{len(problems)} damaged stage(s)'}")
             return 1 if problems else 0
-        src = resolve_model(args.src, hf_token=args.hf_token)
-        out = args.out or default_shard_dir(args.src, args.compression)
+        src = resolve_model(args.src, hf_token=args.hf_token, gguf_file=args.gguf_file)
+        out = args.out or default_shard_dir(f"{args.src}/{args.gguf_file}" if args.gguf_file else args.src,
+                                            args.compression)
         shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
                          compression=args.compression)
         print(out)

@@ -87,10 +87,14 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
         w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
         w = torch.from_numpy(w)
         return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
-    codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    if bits == 8:  # little-endian words, lowest bits first: the bytes are the codes
+        codes = wq.view(torch.int32).view(torch.uint8)
+    else:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
+        codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     codes = codes.reshape(*scales.shape, group_size).to(scales.dtype)
-    return (codes * scales.unsqueeze(-1) + biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
+    # in place: a large embedding dequantised every step is memory-bound (same two roundings as before)
+    return codes.mul_(scales.unsqueeze(-1)).add_(biases.unsqueeze(-1)).reshape(*scales.shape[:-1], -1)
 
 
 class TorchBackend:
