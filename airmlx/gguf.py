@@ -13,7 +13,8 @@ Tensor types:
   affine layout with group size 32 holds them without loss: code = q (+ 128 for the signed Q8_0), scale = d,
   bias = -offset * d (Q8_0: -128 d, Q4_0: -8 d, Q5_0: -16 d) or m. Scales and biases stay float16 (a bias
   that float16 cannot hold exactly makes that tensor's scales and biases float32); dequantised in float32
-  they give bit for bit what `gguf.quants.dequantize` gives.
+  they give bit for bit what `gguf.quants.dequantize` gives (but for the sign of zero: gguf's d * (q - 8) is
+  -0.0 where scale * q + bias is +0.0).
 - Everything else (K-quants, IQ, ...): dequantised with `gguf.quants.dequantize` to the model's dtype.
 With `compression=`, every quantisable weight is dequantised and quantised again as asked.
 """
@@ -141,6 +142,23 @@ class GGUFTensor:
         return self.process(w) if self.process else w
 
 
+@contextlib.contextmanager
+def reader_shared(path, reader):
+    """transformers' GGUF functions open the file again with gguf.GGUFReader, which parses every metadata field
+    (seconds for a large vocabulary); while this is active, opening `path` gives the reader airmlx already has."""
+    import gguf
+    original, path = gguf.GGUFReader, Path(path).resolve()
+
+    def open_gguf_file(file, mode="r"):
+        return reader if mode == "r" and Path(file).resolve() == path else original(file, mode)
+
+    gguf.GGUFReader = open_gguf_file
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _read_field(reader, key, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -172,7 +190,8 @@ class GGUFModel:
     def _transformers_config(self):
         from transformers import AutoConfig
         try:
-            return AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            with reader_shared(self.path, self.reader):
+                return AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except ValueError as e:
             if "not supported" in str(e):
                 raise UnsupportedArchitectureError(
@@ -323,12 +342,18 @@ class GGUFModel:
                 total += n * 4 + 100
         return total
 
+    @functools.cached_property
+    def tokenizer(self):
+        """transformers' tokenizer built from the GGUF metadata (with its chat template)."""
+        from transformers import AutoTokenizer
+        with reader_shared(self.path, self.reader):
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+
     def save_metadata(self, out, config):
         """config.json, generation_config.json and the tokenizer files (with the chat template), built by
         transformers from the GGUF metadata."""
-        from transformers import AutoTokenizer, GenerationConfig
-        tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        tokenizer.save_pretrained(out)
+        from transformers import GenerationConfig
+        self.tokenizer.save_pretrained(out)
         generation = GenerationConfig.from_model_config(self.hf_config).to_dict()
         generation = {k: v for k, v in generation.items() if k.endswith("token_id") and v is not None}
         write_atomic(Path(out) / "generation_config.json", json.dumps(generation, indent=1).encode())
