@@ -293,19 +293,24 @@ class GGUFModel:
         q.update({m: {"group_size": GROUP_SIZE, "bits": b} for m, b in sorted(bits.items()) if b != default})
         return q
 
-    def stage_items(self, tensor_names, qconfig=None):
+    def stage_items(self, tensor_names, qconfig=None, calibrator=None, stage=None):
         """What a stage file holds: (name, dtype, shape, payload) with payload a byte range of the GGUF file or
-        a numpy array, as shard.write_stage takes them."""
+        a numpy array, as shard.write_stage takes them. calibrator: quantise stage = (name, kind) with it."""
         from .shard import quantized
         from .tensorfile import aligned_order
         items = []
         storage = STORAGE[self.dtype]
+        targets = [n for n in tensor_names if qconfig and
+                   quantized(n, TensorInfo(n, storage, self.tensors[n].shape, 0, 0), qconfig)]
+        done = {}
+        if calibrator is not None:
+            floats = {n: self.tensors[n].float32() for n in tensor_names}
+            done = calibrator.quantize_stage(*stage, floats, targets)
         for name in tensor_names:
             t = self.tensors[name]
-            info = TensorInfo(name, storage, t.shape, 0, 0)
-            if qconfig and quantized(name, info, qconfig):
-                w = to_storage(t.float32(), self.dtype)
-                wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=self.dtype)
+            if name in targets:
+                wq, scales, biases = done.get(name) or quant.quantize(
+                    to_storage(t.float32(), self.dtype), qconfig["group_size"], qconfig["bits"], dtype=self.dtype)
                 base = name[: -len(".weight")]
                 items += [(name, "U32", wq.shape, wq), (base + ".scales", storage, scales.shape, scales),
                           (base + ".biases", storage, biases.shape, biases)]
@@ -453,6 +458,11 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
             raise InsufficientDiskSpaceError(
                 f"{out}: sharding needs {need:,} bytes but only {free:,} are free; free "
                 f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
+        calibrator = None
+        if qconfig and qconfig.get("method"):
+            from .calibrate import Calibrator
+            calibrator = Calibrator(config, qconfig, model.tokenizer, model.dtype)
+            done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
         cleanup.enter_context(disk_full_named(out, lambda: sum(sizes[n] for n, _, _ in layout if n not in done)))
@@ -464,7 +474,7 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
                 if kind == "experts":
                     items, parts = _expert_items(model, arch, tensor_names, qconfig)
                 else:
-                    items, parts = model.stage_items(tensor_names, qconfig), None
+                    items, parts = model.stage_items(tensor_names, qconfig, calibrator, (name, kind)), None
                 done[name] = write_stage(out, name, kind, index, items, fds, parts)
                 write_atomic(progress_path, json.dumps(
                     {"source": fp, "stages": [vars(e) for e in done.values()]}).encode())

@@ -119,7 +119,20 @@ def quantize(w, group_size=64, bits=4, dtype=None):
     lead = w.shape[:-1]
     groups = _to_float32(w, storage).reshape(*lead, -1, group_size)
     n_bins = np.float32((1 << bits) - 1)
+    scale, bias = affine_params(groups, bits)
 
+    # Codes use the float32 scale/bias, before they are rounded to storage.
+    q = groups - bias[..., None]
+    q /= scale[..., None]
+    np.rint(q, out=q)
+    np.clip(q, 0, n_bins, out=q)
+    wq = _pack(q.astype(np.uint8).reshape(*lead, -1), bits)
+    return wq, _from_float32(scale, storage), _from_float32(bias, storage)
+
+
+def affine_params(groups, bits):
+    """MLX's float32 scale and bias of each group (..., groups, group_size), before rounding to storage."""
+    n_bins = np.float32((1 << bits) - 1)
     # MLX anchors the end of the range with the larger magnitude exactly on a
     # code: scale is negative when the max is anchored (it maps to code 0).
     w_max = groups.max(axis=-1)
@@ -134,14 +147,7 @@ def quantize(w, group_size=64, bits=4, dtype=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(q0 != 0, edge / q0, scale)
     bias = np.where(q0 != 0, edge, np.float32(0))
-
-    # Codes use the float32 scale/bias, before they are rounded to storage.
-    q = groups - bias[..., None]
-    q /= scale[..., None]
-    np.rint(q, out=q)
-    np.clip(q, 0, n_bins, out=q)
-    wq = _pack(q.astype(np.uint8).reshape(*lead, -1), bits)
-    return wq, _from_float32(scale, storage), _from_float32(bias, storage)
+    return scale, bias
 
 
 def dequantize(wq, scales, biases, group_size=64, bits=4, dtype=None):

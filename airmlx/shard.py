@@ -301,6 +301,11 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
             raise InsufficientDiskSpaceError(
                 f"{out}: sharding needs {need:,} bytes but only {free:,} are free; free "
                 f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
+        calibrator = None
+        if qconfig and qconfig.get("method"):  # calibration hook: see airmlx/calibrate.py
+            from . import calibrate
+            calibrator = calibrate.for_checkpoint(src, config, qconfig, sources)
+            done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
         # the checkpoint's own modelling / tokenizer code (config.json auto_map) comes along, to run only on request
@@ -315,6 +320,9 @@ def shard_checkpoint(src, out, *, delete_original=False, allow_pickle=False, com
                     continue
                 if kind == "experts":
                     items, parts = expert_items(arch, tensor_names, sources, qconfig)
+                elif calibrator:
+                    items, parts = calibrate.checkpoint_stage_items(calibrator, name, kind, tensor_names, sources,
+                                                                    qconfig), None
                 else:
                     items, parts = stage_items(tensor_names, sources, qconfig), None
                 done[name] = write_stage(out, name, kind, index, items, fds, parts)

@@ -191,6 +191,19 @@ def test_ways_to_name_a_gguf(tiny_ggufs, tmp_path, monkeypatch):
     assert Manifest.load(tmp_path / "cli").extra["gguf_architecture"] == "llama"
 
 
+def test_a_damaged_gguf_shard_is_repaired_from_the_file(tiny_ggufs, tmp_path):
+    from airmlx.repair import repair_stages, verify_folder
+    path, want = tiny_ggufs("qwen3")
+    out = airmlx.shard_checkpoint(path, tmp_path / "s", compression="4bit-g32", progress=False)
+    stage = out / "layer.001.safetensors"
+    data = bytearray(stage.read_bytes())
+    data[-5] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    assert len(verify_folder(out)) == 1
+    assert repair_stages(out, progress=False) == ["layer.001"]
+    assert verify_folder(out) == []
+
+
 def test_unsupported_gguf_architectures_are_named(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
