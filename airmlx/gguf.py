@@ -142,6 +142,18 @@ class GGUFTensor:
         return self.process(w) if self.process else w
 
 
+def row_order(processor, name, rows):
+    """What transformers' processor does to GGUF tensor `name` with `rows` rows, found by running it on the
+    rows' indices: None (nothing), the new row order (e.g. llama's Q/K un-permutation), or False (it changes
+    values, e.g. Gemma's norm - 1, or the shape)."""
+    probe = np.arange(rows, dtype=np.float64)[:, None]
+    fixed = np.asarray(processor.process(weights=probe.copy(), name=name).weights)
+    if fixed.shape != probe.shape or not np.array_equal(np.sort(fixed[:, 0]), probe[:, 0]):
+        return False
+    order = fixed[:, 0].astype(np.int64)
+    return None if np.array_equal(order, np.arange(rows)) else order
+
+
 @contextlib.contextmanager
 def reader_shared(path, reader):
     """transformers' GGUF functions open the file again with gguf.GGUFReader, which parses every metadata field
@@ -203,13 +215,10 @@ class GGUFModel:
         return {k: v for k, v in self.hf_config.to_dict().items() if not k.startswith("_")}
 
     def _model_dtype(self):
-        """The dtype of the file's unquantised matrices; float16 (the blocks' own scale type) when all are
-        quantised."""
-        kinds = Counter(t.tensor_type.name for t in self.reader.tensors if len(t.shape) >= 2)
-        for kind, name in (("BF16", "bfloat16"), ("F16", "float16"), ("F32", "float32")):
-            if kinds and kinds.most_common(1)[0][0] == kind:
-                return name
-        return "float16"
+        """The dtype of most of the file's matrices when they are float; float16 (the blocks' own scale type)
+        when they are quantised."""
+        common = Counter(t.tensor_type.name for t in self.reader.tensors if len(t.shape) >= 2).most_common(1)
+        return {v: k for k, v in STORAGE.items()}.get(common[0][0], "float16") if common else "float16"
 
     def _map_tensors(self):
         import torch
@@ -248,19 +257,14 @@ class GGUFModel:
             return [GGUFTensor(f"{prefix}.{e}.{proj}_proj.weight", t.name, qtype, shape[1:],
                                int(t.data_offset) + e * per, per, t, expert=e) for e in range(shape[0])]
         entry = GGUFTensor(hf, t.name, qtype, shape, int(t.data_offset), int(t.n_bytes), t)
-        # The fix-up run on each row's index tells a pure reordering (kept exact) from a change of values.
-        probe = np.arange(shape[0], dtype=np.float64).reshape(shape[0], *([1] * (len(shape) > 1)))
-        fixed = np.asarray(processor.process(weights=probe.copy(), name=t.name).weights)
-        order = fixed.reshape(-1).astype(np.int64) if fixed.shape == probe.shape else None
-        if order is not None and np.array_equal(np.sort(order), np.arange(shape[0])) and \
-                np.array_equal(order, fixed.reshape(-1)):
-            if not np.array_equal(order, np.arange(shape[0])):
-                entry.rows = order
-        else:
+        order = row_order(processor, t.name, shape[0])
+        if order is False:  # the fix-up changes values: it runs on the dequantised floats
             entry.process = lambda w, name=t.name: np.asarray(processor.process(weights=w, name=name).weights,
                                                              dtype=np.float32)
-            if len(shape) == 1:  # small: run the fix-up to learn the shape it gives (e.g. (n,) -> (1, n))
+            if len(shape) == 1:  # small: run it to learn the shape it gives (e.g. (n,) -> (1, n))
                 entry.stored, entry.shape = shape, tuple(entry.process(np.zeros(shape, np.float32)).shape)
+        else:
+            entry.rows = order
         return [entry]
 
     # -- what the shard folder gets --------------------------------------------------------------
