@@ -10,7 +10,8 @@ from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .plan import DEFAULT_PREFILL_STEP
 from .quant import compression_config
-from .sharder import PROGRESS_NAME, complete_folder, shard_checkpoint
+from .sharder import shard_checkpoint
+from .stagefile import PROGRESS_NAME, complete_folder
 
 BACKENDS = ("auto", "mlx", "torch")
 
@@ -63,7 +64,8 @@ class AutoModel:
                         memory_budget: "int | str | None" = None, prefetching: bool = True,
                         profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
                         allow_pickle: bool = False, progress: bool = True,
-                        trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP) -> AirModel:
+                        trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                        gguf_file: str | None = None) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -72,7 +74,10 @@ class AutoModel:
         needs it for such families; backend='mlx' runs them with mlx-lm's modules instead.
 
         prefill_step_size: tokens (rows x positions) a stage runs at once; a longer prompt runs in chunks
-        inside the same sweep (the model is still read once), which bounds a step's activations."""
+        inside the same sweep (the model is still read once), which bounds a step's activations.
+
+        GGUF: `path_or_id` a .gguf file or a folder holding one, or a folder / hub id with gguf_file='NAME.gguf'
+        (only that file is downloaded); see airmlx/gguf.py."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
@@ -83,9 +88,11 @@ class AutoModel:
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")
         else:
-            shard_dir = Path(layer_shards_saving_path or default_shard_dir(path_or_id, compression))
+            source_name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
+            shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression))
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
-                src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress)
+                src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
+                                    gguf_file=gguf_file)
                 shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
                                  compression=compression, progress=progress)
         manifest = Manifest.load(shard_dir)

@@ -13,7 +13,6 @@ from .hub import DEMO_MODEL
 from .plan import DEFAULT_PREFILL_STEP
 from .preflight import load as load_preflight
 from .preflight import quick as quick_preflight
-from .quant import COMPRESSIONS
 from .units import parse_bytes
 
 
@@ -47,7 +46,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--device", default=None, help="torch: cuda/cpu; mlx: gpu/cpu")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16")
-    parser.add_argument("--compression", default=None, choices=sorted(COMPRESSIONS))
+    parser.add_argument("--compression", default=None,
+                        help="4bit or 8bit (group size 64), optionally -g32/-g128 and -gptq, e.g. 4bit-g32-gptq")
+    parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
     parser.add_argument("--memory-budget", default=None,
                         help="memory for the weights: resident stages, stages in flight, the expert cache (e.g. "
                              "4GB); the KV cache and activations come on top")
@@ -109,7 +110,8 @@ def open_model(args: argparse.Namespace):
                                      memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
                                      profiling_mode=args.profile, trust_remote_code=args.trust_remote_code,
-                                     prefill_step_size=args.prefill_step_size)
+                                     prefill_step_size=args.prefill_step_size,
+                                     gguf_file=getattr(args, "gguf_file", None))
 
 
 class PrintStreamer:

@@ -3,7 +3,6 @@
 The corpus is Python's own documentation (pydoc_data.topics), so it exists wherever Python does.
 """
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -11,23 +10,8 @@ import numpy as np
 
 from .auto import BACKENDS
 from .cli import ArgumentParser, face
+from .corpus import corpus
 from .hub import DEMO_MODEL
-
-HELD_OUT_EVERY = 20
-
-
-def normalise(text):
-    text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").splitlines())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def corpus():
-    """(train texts, held-out texts): every 20th topic, sorted by name, is held out."""
-    import pydoc_data.topics
-    keys = sorted(pydoc_data.topics.topics)
-    held = set(keys[::HELD_OUT_EVERY])
-    texts = {k: normalise(pydoc_data.topics.topics[k]) for k in keys}
-    return [texts[k] for k in keys if k not in held], [texts[k] for k in keys if k in held]
 
 
 def token_stream(tokenizer, texts):

@@ -17,19 +17,22 @@ def is_hub_id(name):
     return not Path(name).expanduser().exists() and bool(HUB_ID.match(str(name))) and not str(name).startswith(".")
 
 
-def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True):
-    """Return a local folder holding the model's config, weights and tokenizer."""
+def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, gguf_file=None):
+    """Return a local folder holding the model's config, weights and tokenizer, or a local .gguf file
+    (a .gguf path; a folder or hub id with gguf_file: only that file is downloaded)."""
     path = Path(path_or_id).expanduser()
     if path.exists():
-        if not path.is_dir():
+        if not path.is_dir() and path.suffix != ".gguf":
             raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights.")
-        return path
+        return path / gguf_file if gguf_file and path.is_dir() else path
     if not is_hub_id(str(path_or_id)):
         raise ModelNotFoundError(f"{path_or_id}: no such folder, and it is not a hub id like 'org/name'; check the path.")
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
+        if gguf_file:  # the config and tokenizer come from the file's own metadata
+            return Path(huggingface_hub.hf_hub_download(str(path_or_id), gguf_file, token=hf_token))
         local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, ignore_patterns=HUB_IGNORE,
                                                    token=hf_token)
     except GatedRepoError:
@@ -57,5 +60,6 @@ def default_shard_dir(path_or_id, compression=None):
     else:
         name = str(path_or_id).replace("/", "--")
     if compression:
-        name += f"-{compression}"
+        from .quant import compression_name
+        name += f"-{compression_name(compression)}"
     return Path(constants.HF_HOME) / "airmlx" / name

@@ -10,6 +10,7 @@ NaN or infinite weights are not supported (MLX's own result is undefined).
 """
 
 import math
+import re
 
 import numpy as np
 
@@ -118,7 +119,20 @@ def quantize(w, group_size=64, bits=4, dtype=None):
     lead = w.shape[:-1]
     groups = _to_float32(w, storage).reshape(*lead, -1, group_size)
     n_bins = np.float32((1 << bits) - 1)
+    scale, bias = affine_params(groups, bits)
 
+    # Codes use the float32 scale/bias, before they are rounded to storage.
+    q = groups - bias[..., None]
+    q /= scale[..., None]
+    np.rint(q, out=q)
+    np.clip(q, 0, n_bins, out=q)
+    wq = _pack(q.astype(np.uint8).reshape(*lead, -1), bits)
+    return wq, _from_float32(scale, storage), _from_float32(bias, storage)
+
+
+def affine_params(groups, bits):
+    """MLX's float32 scale and bias of each group (..., groups, group_size), before rounding to storage."""
+    n_bins = np.float32((1 << bits) - 1)
     # MLX anchors the end of the range with the larger magnitude exactly on a
     # code: scale is negative when the max is anchored (it maps to code 0).
     w_max = groups.max(axis=-1)
@@ -133,14 +147,7 @@ def quantize(w, group_size=64, bits=4, dtype=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(q0 != 0, edge / q0, scale)
     bias = np.where(q0 != 0, edge, np.float32(0))
-
-    # Codes use the float32 scale/bias, before they are rounded to storage.
-    q = groups - bias[..., None]
-    q /= scale[..., None]
-    np.rint(q, out=q)
-    np.clip(q, 0, n_bins, out=q)
-    wq = _pack(q.astype(np.uint8).reshape(*lead, -1), bits)
-    return wq, _from_float32(scale, storage), _from_float32(bias, storage)
+    return scale, bias
 
 
 def dequantize(wq, scales, biases, group_size=64, bits=4, dtype=None):
@@ -177,11 +184,33 @@ DEFAULT_GROUP_SIZE = 64
 FLOAT_VIEWS = {"F32": ("float32", np.float32), "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16)}
 
 
+METHODS = ("gptq",)  # calibrated rounding (airmlx/calibrate.py); None: plain round-to-nearest
+COMPRESSION_SPELLING = re.compile(r"(\d+)bit(?:-g(\d+))?(?:-([a-z]+))?")
+
+
 def compression_config(compression):
-    """"4bit" | "8bit" -> the mlx-lm style {"group_size", "bits", "mode"} recorded in config and manifest."""
-    if compression not in COMPRESSIONS:
-        raise OptionError(f"compression {compression!r} is unknown; use one of {sorted(COMPRESSIONS)} or None.")
-    return {"group_size": DEFAULT_GROUP_SIZE, "bits": COMPRESSIONS[compression], "mode": "affine"}
+    """"4bit" | "8bit" (group size 64), optionally "-g32" / "-g128" and "-gptq" (e.g. "4bit-g32-gptq"), or a
+    dict {"bits": 4, "group_size": 32, "method": "gptq"} -> the mlx-lm style {"group_size", "bits", "mode"}
+    (plus "method" when calibrated) recorded in config and manifest."""
+    spec = compression
+    if isinstance(spec, str) and (m := COMPRESSION_SPELLING.fullmatch(spec)):
+        spec = {"bits": int(m.group(1)), "group_size": int(m.group(2) or DEFAULT_GROUP_SIZE), "method": m.group(3)}
+    ok = isinstance(spec, dict) and set(spec) <= {"bits", "group_size", "method", "mode"} and \
+        spec.get("bits") in COMPRESSIONS.values() and spec.get("group_size", DEFAULT_GROUP_SIZE) in \
+        SUPPORTED_GROUP_SIZES and spec.get("method") in (None, *METHODS) and spec.get("mode", "affine") == "affine"
+    if not ok:
+        raise OptionError(f"compression {compression!r} is unknown; use one of {sorted(COMPRESSIONS)} (optionally "
+                          f"with -g32 or -g128 for the group size and -gptq for calibrated rounding, e.g. "
+                          "'4bit-g32-gptq'), a dict like {'bits': 4, 'group_size': 32}, or None.")
+    q = {"group_size": spec.get("group_size", DEFAULT_GROUP_SIZE), "bits": spec["bits"], "mode": "affine"}
+    return {**q, "method": spec["method"]} if spec.get("method") else q
+
+
+def compression_name(compression):
+    """The short spelling of a compression, for folder names: '4bit', '4bit-g32', '4bit-gptq', ..."""
+    q = compression_config(compression)
+    group = "" if q["group_size"] == DEFAULT_GROUP_SIZE else f"-g{q['group_size']}"
+    return f"{q['bits']}bit{group}" + (f"-{q['method']}" if q.get("method") else "")
 
 
 def quantizable(name, dtype, shape, group_size):

@@ -18,9 +18,13 @@ def repair_stages(folder, progress=True):
     src = manifest.extra.get("source_path")
     qconfig = manifest.source.get("quantization")
     try:
-        # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
-        files = weight_files(src, allow_pickle=True) if src else []
-        same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
+        if src and src.endswith(".gguf"):  # GGUF hook: its own fingerprint (airmlx/gguf.py)
+            from .gguf import fingerprint as gguf_fingerprint
+            same = gguf_fingerprint(src, qconfig) == manifest.source
+        else:
+            # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
+            files = weight_files(src, allow_pickle=True) if src else []
+            same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
     except (CheckpointError, OSError):
         same = False
     if not same:
@@ -28,6 +32,6 @@ def repair_stages(folder, progress=True):
             f"{folder}: stages {bad} are damaged and the checkpoint they were made from ({src or 'not recorded'}) "
             f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
             f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
-    shard_checkpoint(src, folder, allow_pickle=True, compression=qconfig and f"{qconfig['bits']}bit",
-                     progress=progress, verify=True)
+    compression = qconfig and {k: qconfig[k] for k in ("bits", "group_size", "method") if k in qconfig}
+    shard_checkpoint(src, folder, allow_pickle=True, compression=compression, progress=progress, verify=True)
     return bad

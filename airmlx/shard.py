@@ -1,26 +1,28 @@
 """`python -m airmlx.shard`: split a checkpoint into one file per stage, or check and repair a shard folder.
 
-    python -m airmlx.shard SRC [OUT] [--compression 4bit|8bit] [--delete-original] [--allow-pickle]
+    python -m airmlx.shard SRC [OUT] [--compression 4bit|8bit[-gNN][-gptq]] [--delete-original] [--allow-pickle]
+    python -m airmlx.shard model.Q4_1.gguf [OUT]    # a GGUF file (or --gguf-file NAME from a folder or hub repo)
     python -m airmlx.shard --verify SHARD_FOLDER     # every stage's checksum; exit status 1 if any is damaged
     python -m airmlx.shard --repair SHARD_FOLDER     # rebuild damaged stages from the recorded checkpoint
 """
 import sys
 
 from .cli import ArgumentParser, face
-from .quant import COMPRESSIONS
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m airmlx.shard",
                             description="Split a Hugging Face checkpoint into one file per layer.")
-    parser.add_argument("src", nargs="?", help="model folder or hub id")
+    parser.add_argument("src", nargs="?", help="model folder, hub id or .gguf file")
     parser.add_argument("out", nargs="?", help="shard folder (default: under the Hugging Face cache)")
     parser.add_argument("--delete-original", action="store_true",
                         help="delete the source weight files once every stage is written and verified")
     parser.add_argument("--allow-pickle", action="store_true", help="convert legacy pickle .bin checkpoints")
     parser.add_argument("--hf-token", default=None, help="token for gated hub models")
-    parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default=None,
-                        help="quantise linear and embedding weights (MLX affine layout, group size 64)")
+    parser.add_argument("--compression", default=None,
+                        help="quantise linear and embedding weights (MLX affine layout): 4bit or 8bit (group size "
+                             "64), optionally -g32/-g128 and -gptq (calibrated), e.g. 4bit-g32-gptq")
+    parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
     check = parser.add_mutually_exclusive_group()
     check.add_argument("--verify", metavar="SHARD_FOLDER", help="check every stage's checksum of a shard folder")
     check.add_argument("--repair", metavar="SHARD_FOLDER",
@@ -49,9 +51,13 @@ def main(argv=None) -> int:
     if not args.src:
         parser.error("give the model to shard (SRC), or --verify / --repair SHARD_FOLDER")
     from .hub import default_shard_dir, resolve_model
+    from .quant import compression_config
     from .sharder import shard_checkpoint
-    src = resolve_model(args.src, hf_token=args.hf_token, allow_pickle=args.allow_pickle)
-    out = args.out or default_shard_dir(args.src, args.compression)
+    if args.compression is not None:
+        compression_config(args.compression)  # one line for an unknown spelling, before any download
+    src = resolve_model(args.src, hf_token=args.hf_token, allow_pickle=args.allow_pickle, gguf_file=args.gguf_file)
+    out = args.out or default_shard_dir(f"{args.src}/{args.gguf_file}" if args.gguf_file else args.src,
+                                        args.compression)
     shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
                      compression=args.compression)
     print(out)

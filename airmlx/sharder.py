@@ -6,7 +6,6 @@ progress.json records finished stages so an interrupted run resumes; the manifes
 `python -m airmlx.shard` is the command-line face (airmlx/shard.py).
 """
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -17,18 +16,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
 from .archs import arch_for, expert_index, stage_layout
-from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem, write_atomic
-from .tensorfile import DTYPE_SIZES, aligned_order, encode_header, read_header
+from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .stagefile import (
+    PROGRESS_NAME,
+    STAGE_FILE,
+    complete_folder,
+    delete_sources,
+    disk_full_named,
+    folder_lock,
+    quantized,
+    reusable,
+    stage_items,
+    write_stage,
+)
+from .tensorfile import DTYPE_SIZES, read_header
 
-PROGRESS_NAME = "progress.json"
-LOCK_NAME = ".airmlx.lock"
-COPY_CHUNK = 64 << 20
 # files the source carries besides its weights that the shard folder needs: config, tokenizer (whatever its
 # files are called: tokenizer.json, qwen.tiktoken, vocab.txt, ...), chat template, the checkpoint's own code
 AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py", ".vocab")
@@ -38,8 +45,6 @@ NOT_AUX = re.compile(r"^(model\.safetensors\.index\.json|pytorch_model\.bin\.ind
 NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt)$")
 # mistral-inference's copy of the weights (other tensor names), shipped beside the HF files in mistralai repos
 MISTRAL_INFERENCE = re.compile(r"^consolidated.*\.safetensors$")
-STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
-DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def load_config(src):
@@ -120,49 +125,6 @@ def fingerprint(files, config, quantization=None):
     }
 
 
-@contextlib.contextmanager
-def folder_lock(folder):
-    """An exclusive lock on the shard folder: a second process sharding into it waits, then reuses the result."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform
-        yield
-        return
-    with open(Path(folder) / LOCK_NAME, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def quantized(t, info, qconfig):
-    """Whether the sharder quantises tensor t: mlx-lm's rule, less the modules the config keeps unquantised."""
-    return bool(qconfig) and qconfig.get(t.rpartition(".")[0]) is not False and \
-        quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"])
-
-
-def stage_items(tensor_names, sources, qconfig=None):
-    """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
-    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
-    items = []
-    for t in tensor_names:
-        src, data_start, info = sources[t]
-        if quantized(t, info, qconfig):
-            storage, view = quant.FLOAT_VIEWS[info.dtype]
-            with open(src, "rb", buffering=0) as f:
-                f.seek(data_start + info.start)
-                w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
-            wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage)
-            base = t[: -len(".weight")]
-            items += [(t, "U32", wq.shape, wq), (base + ".scales", info.dtype, scales.shape, scales),
-                      (base + ".biases", info.dtype, biases.shape, biases)]
-        else:
-            items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
-    by_name = {i[0]: i for i in items}
-    return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
-
-
 def expert_items(arch, tensor_names, sources, qconfig=None):
     """An experts stage's items, expert by expert, and each expert's [start, end) in the data section."""
     by_expert = {}
@@ -178,41 +140,6 @@ def expert_items(arch, tensor_names, sources, qconfig=None):
     return items, parts
 
 
-def write_stage(out, name, kind, index, items, fds, parts=None):
-    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
-    header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
-    path = Path(out) / f"{name}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    h = hashlib.sha256(header)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for t, _, _, payload in items:
-                if isinstance(payload, np.ndarray):
-                    data = np.ascontiguousarray(payload).data
-                    f.write(data)
-                    h.update(data)
-                    continue
-                src, pos, end = payload
-                fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
-                while pos < end:
-                    chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
-                    if not chunk:
-                        raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
-                    f.write(chunk)
-                    h.update(chunk)
-                    pos += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, which is never read
-        raise
-    os.replace(tmp, path)
-    fsync_dir(out)
-    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
-                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items], parts=parts)
-
-
 def stage_bytes(tensor_names, sources, qconfig=None):
     """Bytes a stage file will take (an estimate that errs high: header room included)."""
     total = 1024
@@ -225,25 +152,6 @@ def stage_bytes(tensor_names, sources, qconfig=None):
         else:
             total += info.nbytes + 100
     return total
-
-
-def reusable(out, entries, verify):
-    """Finished stages whose files are still intact (size always; checksum when verify)."""
-    return {e.name: e for e in entries if stage_file_problem(Path(out) / e.file, e, checksum=verify) is None}
-
-
-@contextlib.contextmanager
-def disk_full_named(out, bytes_left):
-    """Turn a write that fails for lack of space into an error naming the folder and the bytes still needed."""
-    try:
-        yield
-    except OSError as e:
-        if isinstance(e, AirmlxError) or e.errno not in DISK_FULL:
-            raise
-        raise InsufficientDiskSpaceError(
-            f"{out}: a write failed ({os.strerror(e.errno)}): sharding needs {bytes_left():,} more bytes there and "
-            f"{shutil.disk_usage(out).free:,} are free; free space (or raise the file size limit, ulimit -f) or "
-            "pass another layer_shards_saving_path, then run again: finished stages are kept.") from None
 
 
 @dataclass
@@ -319,6 +227,10 @@ def check_disk(job, sizes):
 def write_stages(job, sizes, need, progress):
     """Write every stage not yet done, recording each in progress.json as it lands."""
     arch = arch_for(job.config)
+    calibrator = None
+    if job.qconfig and job.qconfig.get("method"):  # calibrated quantisation: see airmlx/calibrate.py
+        from . import calibrate
+        calibrator = calibrate.for_checkpoint(job.src, job.config, job.qconfig, job.sources)
     fds = {}
     bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {job.src.name}", disable=not progress)
     try:
@@ -328,6 +240,9 @@ def write_stages(job, sizes, need, progress):
                     continue
                 if kind == "experts":
                     items, parts = expert_items(arch, tensor_names, job.sources, job.qconfig)
+                elif calibrator:
+                    items, parts = calibrate.checkpoint_stage_items(calibrator, name, kind, tensor_names, job.sources,
+                                                                    job.qconfig), None
                 else:
                     items, parts = stage_items(tensor_names, job.sources, job.qconfig), None
                 job.done[name] = write_stage(job.out, name, kind, index, items, fds, parts)
@@ -364,6 +279,10 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     interrupted one, rebuilds one made from a different source. verify=True checks the checksums of the
     stages it would reuse and rebuilds the damaged ones."""
     src, out = Path(src), Path(out)
+    from .gguf import find_gguf, shard_gguf  # a .gguf file, or a folder holding one, is another source
+    if (gguf_path := find_gguf(src)) is not None:
+        return shard_gguf(gguf_path, out, compression=compression, progress=progress, verify=verify,
+                          delete_original=delete_original)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
     config = load_config(src)
@@ -386,6 +305,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         job.done, manifest = resume_state(job, verify)
+        if manifest is None and qconfig and qconfig.get("method"):
+            job.done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         if manifest is None:
             sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
             need = check_disk(job, sizes)
@@ -397,28 +318,11 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     return out
 
 
-def complete_folder(out, verify=False):
-    """True when out holds a manifest whose stage files all have their recorded sizes (and checksums)."""
-    try:
-        manifest = Manifest.load(out)
-    except CorruptShardError:
-        return False
-    return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
-
-
 def finish_delete(src, out, originals, manifest, delete_original):
     """delete_original: remove the source weights, but only after every stage reads back intact."""
     if not delete_original:
         return
-    bad = [e.file for e in manifest.stages if file_checksum(Path(out) / e.file) != e.checksum]
-    if bad:
-        raise CorruptShardError(f"{out}: stages {bad} do not match their checksums after writing; "
-                                "the original weights were NOT deleted. Shard again.")
-    for path in originals:
-        target = path.resolve()  # hub cache files are symlinks to blobs: free the blob too
-        path.unlink()
-        if target != path and target.exists():
-            target.unlink()
+    delete_sources(out, manifest, originals, "the original weights were")
     index = Path(src) / "model.safetensors.index.json"
     index.unlink(missing_ok=True)
 

@@ -190,8 +190,8 @@ class TorchBackend:
         """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
         return torch_quant.prepare_stage(self, entry, tensors)
 
-    def quantized(self, tensors, raw_ranges=()):
-        return torch_quant.load_quantized(self, tensors, raw_ranges)
+    def quantized(self, tensors, raw_ranges=(), source=None):
+        return torch_quant.load_quantized(self, tensors, raw_ranges, source)
 
     def set_scratch(self, nbytes):
         pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
@@ -258,12 +258,11 @@ class TorchBackend:
         raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()
                       if r.dtype != "INT4PACK"]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
-        if entry.kind == "head":  # tied head reads the embedding
-            embed, head = self.arch.embed_prefix, self.arch.head + "."
-            tensors = {head + n[len(embed):] if n.startswith(embed) else n: t for n, t in tensors.items()}
+        source = {torch_quant.stage_name(self, entry, n): n for n in tensors}  # a tied head reads the embedding
+        tensors = {name: tensors[n] for name, n in source.items()}
         overrides = []
         if self.qconfig:
-            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges)
+            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges, source)
         for path, (name, tensor) in self._converted(entry, tensors).items():
             module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,

@@ -22,6 +22,7 @@ from .base import check_placement
 
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
+INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
 
 
 def dequantize_affine(wq, scales, biases, group_size, bits):
@@ -85,10 +86,34 @@ def packable(module, bits, group_size):
             and module.out_features % 32 == 0 and module.in_features % group_size == 0 and int4_kernel_ok())
 
 
+def unpack_int4(packed):
+    """repack_int4's inverse: torch's CPU int4 layout (N, K / 2) uint8 -> the codes (N, K) uint8."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    by = packed.reshape(n // 32, k // 2, 2, 16)  # (block of 32 rows, byte column j, k parity, row in the half)
+    halves = torch.stack([by & 15, by >> 4], 1)  # the low nibble is a block's first 16 rows, the high its last
+    return halves.permute(0, 1, 4, 2, 3).reshape(n, k)
+
+
+def int4_dense(x, packed, scales_and_zeros, group_size):
+    """x @ w.T for many rows of x: the weight dequantised a block of rows at a time (the kernel's own formula,
+    (q - 8) * scale + zero) and multiplied densely; torch's int4 kernel slows in proportion to x's rows."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    rows = max(32, DEQUANT_ELEMENTS // k // 32 * 32)
+    for r in range(0, n, rows):
+        codes = unpack_int4(packed[r:r + rows]).reshape(-1, k // group_size, group_size).to(x.dtype)
+        scales, zeros = (scales_and_zeros[:, r:r + rows, i].t().unsqueeze(-1) for i in (0, 1))
+        torch.matmul(x, ((codes - 8) * scales + zeros).flatten(1).t(), out=y[:, r:r + rows])
+    return y
+
+
 def int4_linear(module, packed, scales_and_zeros, group_size, x):
     shape = x.shape
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, group_size,
-                                                  scales_and_zeros)
+    x = x.reshape(-1, shape[-1]).contiguous()
+    if x.shape[0] < INT4_KERNEL_ROWS:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    else:
+        y = int4_dense(x, packed, scales_and_zeros, group_size)
     y = y.reshape(*shape[:-1], y.shape[-1])
     return y + module.bias if module.bias is not None else y
 
@@ -104,8 +129,9 @@ def install_int4(module, packed, scales, biases, group_size):
 
 def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
     rows = ids.reshape(-1)
-    out = dequantize_affine(wq[rows], scales[rows], biases[rows], group_size, bits)
-    return out.reshape(*ids.shape, out.shape[-1])
+    out = dequantize_affine(wq[rows], scales[rows], biases[rows], group_size, bits).reshape(*ids.shape, -1)
+    scale = getattr(module, "embed_scale", None)  # Gemma's scaled embeddings multiply in their own forward
+    return out if scale is None else out * scale.to(out.dtype)
 
 
 def install_embedding(module, wq, scales, biases, group_size, bits):
@@ -173,15 +199,16 @@ def target_module(backend, base):
     except AttributeError:
         return None
 
-def load_quantized(backend, tensors, raw_ranges=()):
+def load_quantized(backend, tensors, raw_ranges=(), source=None):
     """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
     dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
-    rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
+    rest become plain weights in the compute dtype. source: a tensor's checkpoint name where the stage renamed
+    it (a tied head's embedding), whose quantisation it keeps. Returns (plain tensors, replaced modules, bytes)."""
     out, overrides, nbytes = dict(tensors), [], 0
     for name in [n for n in tensors if n.endswith(".scales")]:
         base = name[: -len(".scales")]
         scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
-        group_size, bits = module_params(backend.qconfig, base)
+        group_size, bits = module_params(backend.qconfig, (source or {}).get(name, name)[: -len(".scales")])
         module = target_module(backend, base)
         if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
             check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),

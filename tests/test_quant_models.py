@@ -109,6 +109,26 @@ def test_4bit_runs_on_both_backends_and_agrees(converted, tmp_path, backend):
     assert np.abs(got - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
 
 
+def test_torch_quantised_gemma_and_a_tied_head_of_other_bits_agree_with_mlx(tmp_path):
+    """Regressions: the torch backend's quantised embedding kept Gemma's embed_scale out (its forward is
+    replaced), and a tied head dequantised the embedding with the default bits, not the embedding's own
+    (mlx-lm's mixed recipes and GGUF files give the embedding more bits)."""
+    make_checkpoint(tmp_path / "hf", "gemma3_text", tie_word_embeddings=True, **SIZE)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    theta, scaling = rope_config(config)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": scaling}))
+    eight_bit_embedding = lambda path, module: {"group_size": 64, "bits": 8} if "embed" in path else True
+    convert(str(tmp_path / "hf"), str(tmp_path / "mixed"), quantize=True, q_bits=4, q_group_size=64,
+            dtype="float32", quant_predicate=eight_bit_embedding)
+    out = airmlx.shard_checkpoint(tmp_path / "mixed", tmp_path / "q", progress=False)
+    assert Manifest.load(out).config["quantization"]["model.embed_tokens"]["bits"] == 8
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        want, ref = m.generate(PROMPT, max_new_tokens=12), m.logits([PROMPT])
+    with airmlx.AutoModel.from_pretrained(out, backend="torch") as m:
+        assert m.generate(PROMPT, max_new_tokens=12) == want
+        assert np.abs(m.logits([PROMPT]) - ref).max() / np.abs(ref).max() < 1e-4
+
+
 def test_4bit_shards_are_under_0_3_of_bf16(tmp_path):
     make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16, intermediate_size=256, vocab_size=512)
     plain = Manifest.load(airmlx.shard_checkpoint(tmp_path / "bf16", tmp_path / "p", progress=False)).total_bytes
@@ -151,6 +171,32 @@ def test_int4_repack_matches_torchs_own_layout():
         codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
         wq = (codes.reshape(n, k // 8, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
         assert torch.equal(torch_quant.repack_int4(wq), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+
+
+def test_int4_prefill_dequantises_blocks_and_agrees_with_the_kernel(monkeypatch):
+    """From INT4_KERNEL_ROWS input rows the packed weight is unpacked (unpack_int4 inverts repack_int4) and
+    dequantised a block of rows at a time: the kernel's products, far faster for a prompt."""
+    from airmlx.backends import torch_quant
+    if not torch_quant.int4_kernel_ok():
+        pytest.skip("this torch has no packed int4 CPU kernel (the backend dequantises instead)")
+    gen = torch.Generator().manual_seed(2)
+    n, k, group = 192, 256, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+    wq = (codes.reshape(n, k // 8, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
+    packed = torch_quant.repack_int4(wq)
+    assert torch.equal(torch_quant.unpack_int4(packed).int(), codes)
+    scales, biases = torch.rand(n, k // group, generator=gen), torch.rand(n, k // group, generator=gen)
+    module = torch.nn.Linear(k, n, bias=False, device="meta")
+    torch_quant.install_int4(module, packed, scales, biases, group)
+    monkeypatch.setattr(torch_quant, "DEQUANT_ELEMENTS", 64 * k)  # several blocks of rows
+    x = torch.randn(3, 7, k, generator=gen)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k), packed, group,
+                                                        torch.stack([scales.t(), (biases + 8 * scales).t()], -1))
+    exact = x.reshape(-1, k) @ (codes.reshape(n, -1, group) * scales[..., None] + biases[..., None]).reshape(n, k).t()
+    y = module(x)
+    assert y.shape == (3, 7, n) and x.shape[0] * x.shape[1] >= torch_quant.INT4_KERNEL_ROWS
+    assert torch.allclose(y.reshape(-1, n), kernel, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(y.reshape(-1, n), exact, rtol=1e-5, atol=1e-4)
 
 
 def test_4bit_torch_stages_stay_packed(converted, tmp_path):

@@ -1,0 +1,143 @@
+"""Stage files, whoever writes them (the safetensors sharder, the GGUF sharder, calibrated quantisation):
+a stage's items written atomically with their checksum, the folder lock, which finished stages a folder can
+reuse, and a full disk named in one line."""
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .manifest import Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
+from .tensorfile import aligned_order, encode_header
+
+PROGRESS_NAME = "progress.json"
+LOCK_NAME = ".airmlx.lock"
+COPY_CHUNK = 64 << 20
+STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive lock on the shard folder: a second process sharding into it waits, then reuses the result."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        yield
+        return
+    with open(Path(folder) / LOCK_NAME, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def quantized(t, info, qconfig):
+    """Whether the sharder quantises tensor t: mlx-lm's rule, less the modules the config keeps unquantised."""
+    return bool(qconfig) and qconfig.get(t.rpartition(".")[0]) is not False and \
+        quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"])
+
+
+def stage_items(tensor_names, sources, qconfig=None):
+    """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
+    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
+    items = []
+    for t in tensor_names:
+        src, data_start, info = sources[t]
+        if quantized(t, info, qconfig):
+            storage, view = quant.FLOAT_VIEWS[info.dtype]
+            with open(src, "rb", buffering=0) as f:
+                f.seek(data_start + info.start)
+                w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
+            wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage)
+            base = t[: -len(".weight")]
+            items += [(t, "U32", wq.shape, wq), (base + ".scales", info.dtype, scales.shape, scales),
+                      (base + ".biases", info.dtype, biases.shape, biases)]
+        else:
+            items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
+    by_name = {i[0]: i for i in items}
+    return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
+
+
+def write_stage(out, name, kind, index, items, fds, parts=None):
+    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
+    header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
+    path = Path(out) / f"{name}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    h = hashlib.sha256(header)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for t, _, _, payload in items:
+                if isinstance(payload, np.ndarray):
+                    data = np.ascontiguousarray(payload).data
+                    f.write(data)
+                    h.update(data)
+                    continue
+                src, pos, end = payload
+                fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
+                while pos < end:
+                    chunk = os.pread(fd, min(COPY_CHUNK, end - pos), pos)
+                    if not chunk:
+                        raise CheckpointError(f"{src}: file ends early while reading {t!r}; re-download it.")
+                    f.write(chunk)
+                    h.update(chunk)
+                    pos += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, which is never read
+        raise
+    os.replace(tmp, path)
+    fsync_dir(out)
+    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
+                      checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items], parts=parts)
+
+
+def reusable(out, entries, verify):
+    """Finished stages whose files are still intact (size always; checksum when verify)."""
+    return {e.name: e for e in entries if stage_file_problem(Path(out) / e.file, e, checksum=verify) is None}
+
+
+@contextlib.contextmanager
+def disk_full_named(out, bytes_left):
+    """Turn a write that fails for lack of space into an error naming the folder and the bytes still needed."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, AirmlxError) or e.errno not in DISK_FULL:
+            raise
+        raise InsufficientDiskSpaceError(
+            f"{out}: a write failed ({os.strerror(e.errno)}): sharding needs {bytes_left():,} more bytes there and "
+            f"{shutil.disk_usage(out).free:,} are free; free space (or raise the file size limit, ulimit -f) or "
+            "pass another layer_shards_saving_path, then run again: finished stages are kept.") from None
+
+
+def complete_folder(out, verify=False):
+    """True when out holds a manifest whose stage files all have their recorded sizes (and checksums)."""
+    try:
+        manifest = Manifest.load(out)
+    except CorruptShardError:
+        return False
+    return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
+
+
+def delete_sources(out, manifest, files, what):
+    """Remove the source files a shard folder was made from (and their hub-cache blobs), but only once every
+    stage reads back intact; `what` names them in the error."""
+    bad = [e.file for e in manifest.stages if file_checksum(Path(out) / e.file) != e.checksum]
+    if bad:
+        raise CorruptShardError(f"{out}: stages {bad} do not match their checksums after writing; "
+                                f"{what} NOT deleted. Shard again.")
+    for path in map(Path, files):
+        target = path.resolve()  # hub cache files are symlinks to blobs: free the blob too
+        path.unlink()
+        if target != path and target.exists():
+            target.unlink()
