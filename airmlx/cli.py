@@ -58,6 +58,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "transformers lacks); read that code first")
     parser.add_argument("--profile", action="store_true",
                         help="record read / wait / load / compute time per stage and print the table")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
+                             "4bit / 8bit for a quantised copy of the model; kept resident, inside --memory-budget")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
+                             "tree, 16 in a chain; fewer when that is faster)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +104,8 @@ def load_model(args: argparse.Namespace):
                                      memory_budget=args.memory_budget,
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
                                      profiling_mode=args.profile, trust_remote_code=args.trust_remote_code,
-                                     prefill_step_size=args.prefill_step_size)
+                                     prefill_step_size=args.prefill_step_size, draft_model=args.draft_model,
+                                     num_draft_tokens=args.num_draft_tokens)
 
 
 class PrintStreamer:
