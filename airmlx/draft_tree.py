@@ -111,7 +111,8 @@ def grow(root_probs: np.ndarray, expand, measure, *, cap: int, depth: int, branc
         cutoff = max(measure.node_cutoff(), ranked[cap - 1] if len(ranked) >= cap else 0.0)
         frontier = sorted((i for i in level if tree.values[i] * carry_on > cutoff),
                           key=lambda i: -tree.values[i])[:LEVEL_WIDTH]
-        if not frontier or not measure.level_pays(carry_on * sum(tree.values[i] for i in frontier), len(frontier)):
+        frontier = frontier[:measure.worth_drafting([carry_on * tree.values[i] for i in frontier])]
+        if not frontier:
             break
         dists.update(zip(frontier, expand(tree, frontier)))
     chosen = tree.best(cap, measure.node_cutoff())

@@ -402,20 +402,22 @@ class AirModel:
         return self.backend.tree_attention_problem()
 
     def _draft_for(self, draft_model, batch: int, use_cache: bool):
-        """The draft generate() speculates with, or None."""
-        if draft_model is False or (draft_model is None and (self.draft is None or batch > 1)):
-            return None  # a batch already gets many tokens out of each sweep: it runs without the default draft
-        draft = self.draft if draft_model is None else draft_model
-        if not isinstance(draft, AirModel):
+        """The draft generate() speculates with, or None. The model's own draft sits out a batch (which already
+        gets many tokens out of each sweep) and use_cache=False; a draft asked for explicitly cannot."""
+        if draft_model is False or (draft_model is None and (self.draft is None or batch > 1 or not use_cache)):
+            return None
+        if draft_model is None:
+            return self.draft
+        if not isinstance(draft_model, AirModel):
             raise GenerationError(f"draft_model={draft_model!r}: generate() takes an AirModel (or False); load a "
                                   "draft by path or as '4bit' with AutoModel.from_pretrained(..., draft_model=...).")
         if batch > 1 or not use_cache:
             raise GenerationError(f"speculative decoding runs one prompt with use_cache=True, not {batch} prompts"
                                   f"{'' if use_cache else ' without a cache'}; generate them one at a time, or pass "
                                   "draft_model=False.")
-        if draft is not self.draft:
-            check_same_vocabulary(self, draft)
-        return draft
+        if draft_model is not self.draft:
+            check_same_vocabulary(self, draft_model)
+        return draft_model
 
     def _speculation_stats(self) -> dict:
         if self.draft is None and not self.speculation.total.sweeps:

@@ -3,8 +3,9 @@
 The tree each round drafts is sized from these (airmlx/draft_tree.py): how long a target sweep takes for n
 tokens (its cost grows with n only through compute; the read of the weights is the same), how long a draft
 call takes for w tokens, how often draft tokens are accepted, and the tokens per second achieved so far. A
-node is worth verifying while its chance of being accepted exceeds the tokens/s it would cost; a level is
-worth drafting while its expected gain exceeds what the draft call costs.
+node is worth verifying while its chance of being accepted pays for the time it adds to the sweep at the tokens/s
+reached so far; a level's nodes are worth drafting while what they are expected to add pays for the draft
+call.
 """
 from dataclasses import dataclass, fields
 
@@ -140,12 +141,20 @@ class Measurements:
         """The least acceptance chance that pays for verifying one more token in the sweep."""
         return self.rate * self.verify.slope
 
-    def level_pays(self, gain: float, width: int) -> bool:
-        """Whether drafting one more level of `width` nodes, expected to add `gain` accepted tokens, pays for
-        the draft call and for verifying them."""
+    def worth_drafting(self, gains: list) -> int:
+        """How many of a level's nodes (best first; gains: the accepted tokens each is expected to add a level
+        further down) to run through the draft: the most the expected gain pays for, after the draft call
+        and the sweep's time for the nodes it adds, at the tokens/s reached so far. All, before anything
+        was measured."""
         if not self.seconds_per_round:
-            return True  # nothing measured yet: the first round drafts as far as it may
-        return gain > self.rate * (self.draft(width) + self.verify.slope * width)
+            return len(gains)
+        best, count, total = 0.0, 0, 0.0
+        for width, gain in enumerate(gains, 1):
+            total += gain
+            net = total - self.rate * (self.draft(width) + self.verify.slope * width)
+            if net > best:
+                best, count = net, width
+        return count
 
     # -- recording ---------------------------------------------------------------------------------
     def record_checks(self, checks: list, probs: list, greedy: bool) -> None:

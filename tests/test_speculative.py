@@ -247,6 +247,34 @@ def test_chat_speculates_across_turns_through_its_kept_cache(tmp_path):
         assert state.target_tokens == spec.cached[: len(state.target_tokens)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_ctrl_c_in_a_verify_sweep_leaves_the_chat_consistent(tmp_path, monkeypatch, backend):
+    from airmlx.session import ChatSession
+    make_chat_checkpoint(tmp_path / "src")
+    with airmlx.AutoModel.from_pretrained(shard(tmp_path / "src", tmp_path), backend=backend, draft_model="4bit",
+                                          progress=False) as model:
+        session = ChatSession(model, max_tokens=12, temp=0)
+        session.send("What is a list?")
+        stages, calls, inner = len(model.plan.stage_bytes), {"n": 0}, model.backend.run_stage
+
+        def run_stage(stage, x, ctx):  # the target's third sweep of the turn, half-way through its layers
+            calls["n"] += 1
+            if calls["n"] == 2 * stages + stages // 2:
+                raise KeyboardInterrupt
+            return inner(stage, x, ctx)
+
+        monkeypatch.setattr(model.backend, "run_stage", run_stage)
+        turn = session.send("And a dict?")
+        monkeypatch.undo()
+        assert turn.interrupted and turn.tokens
+        assert session.cache_length() == len(session.cached)
+        want = session.render(session.messages + [{"role": "user", "content": "Go on."}])
+        after = session.send("Go on.")
+        plain = model.generate([want], max_new_tokens=12, draft_model=False,
+                               eos_token_id=model.tokenizer.eos_token_id)[0][len(want):]
+        assert after.tokens == plain and after.reused_tokens > 0
+
+
 def test_generate_cli_takes_a_draft_and_reports_speculation(capsys):
     from airmlx.generate import main
     assert main(["--backend", "torch", "--prompt", "The list", "--max-tokens", "12", "--draft-model", "4bit",
