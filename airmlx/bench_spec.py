@@ -9,7 +9,8 @@ The target's memory budget is a fraction of its bytes (default a quarter), so mo
 resident on top of that (its bytes are added to memory_budget, so the target streams exactly what plain
 decoding streams). Before every target sweep its streamed stage files are evicted from the page cache (the
 cold regime). Each mode generates the same greedy tokens from the same prompts: plain (one token per sweep),
-chain and tree speculation; tokens per sweep, tokens/s and the ratio to plain are reported.
+chain and tree speculation, taking turns prompt by prompt so the load of a shared machine hits them alike;
+tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were identical.
 """
 import json
 import os
@@ -62,23 +63,28 @@ def evicting(model):
     model.scheduler.forward_many = cold_sweep
 
 
-def run_mode(model, prompts, mode, tokens):
-    """Greedy generation of `tokens` new tokens per prompt; (outputs, new tokens, sweeps, seconds)."""
+def run_modes(model, prompts, modes, tokens):
+    """Greedy generation of `tokens` new tokens per prompt in every mode, the modes taking turns prompt by
+    prompt (so a change in the machine's load hits them alike); each mode keeps its own measurements.
+    Returns {mode: (outputs, new tokens, sweeps, seconds, measurements)}."""
     tok = model.tokenizer
-    kwargs = {"draft_model": False} if mode == "plain" else {"speculation": mode}
-    model.speculation = Measurements()
-    model.generate([tok(prompts[0])["input_ids"]], max_new_tokens=16, **kwargs)  # warm up: resident stages, sizes
-    outputs, new, sweeps, seconds = [], 0, 0, 0.0
+    kwargs = {m: {"draft_model": False} if m == "plain" else {"speculation": m} for m in modes}
+    measured = {m: Measurements() for m in modes}
+    results = {m: ([], 0, 0, 0.0) for m in modes}
+    for mode in modes:  # warm up: resident stages loaded, the tree's sizing measured
+        model.speculation = measured[mode]
+        model.generate([tok(prompts[0])["input_ids"]], max_new_tokens=16, **kwargs[mode])
     for prompt in prompts:
         ids = tok(prompt)["input_ids"]
-        before = model.scheduler.steps
-        t0 = time.perf_counter()
-        out = model.generate([ids], max_new_tokens=tokens, **kwargs)[0]
-        seconds += time.perf_counter() - t0
-        sweeps += model.scheduler.steps - before
-        new += len(out) - len(ids)
-        outputs.append(out)
-    return outputs, new, sweeps, seconds
+        for mode in modes:
+            model.speculation = measured[mode]
+            before = model.scheduler.steps
+            t0 = time.perf_counter()
+            out = model.generate([ids], max_new_tokens=tokens, **kwargs[mode])[0]
+            outputs, new, sweeps, seconds = results[mode]
+            results[mode] = (outputs + [out], new + len(out) - len(ids), sweeps + model.scheduler.steps - before,
+                             seconds + time.perf_counter() - t0)
+    return {m: (*results[m], measured[m]) for m in modes}
 
 
 def run_pair(pair, backend, args, work):
@@ -106,9 +112,10 @@ def run_pair(pair, backend, args, work):
     gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
     evicting(model)
     rows, plain = [], None
+    results = run_modes(model, PROMPTS[: args.prompts] * args.repeat, args.modes, args.tokens)
     for mode in args.modes:
-        outputs, new, sweeps, seconds = run_mode(model, PROMPTS[: args.prompts], mode, args.tokens)
-        last = model.speculation.total
+        outputs, new, sweeps, seconds, measured = results[mode]
+        last = measured.total
         row = dict(pair=pair, backend=backend, mode=mode, target=str(target_src), draft=str(draft_spec),
                    target_bytes=target_bytes, draft_bytes=draft.plan.total_bytes, target_budget=target_budget,
                    streamed_bytes_per_sweep=model.plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
@@ -145,6 +152,7 @@ def build_parser():
     add_budget_options(parser, fraction=0.25)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
+    parser.add_argument("--repeat", type=int, default=1, help="times through the prompts")
     parser.add_argument("--sibling", help="a trained sibling folder instead of building one in the work dir")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: tiny models step slower when threads contend)")

@@ -208,13 +208,20 @@ def rope_modules(block):
     return found
 
 
+# rotary embeddings that hand `offset` straight to mx.fast.rope, which takes one offset per batch row
+PER_ROW_OFFSETS = ("RoPE", "Llama3RoPE", "SuScaledRoPE", "YarnRoPE", "ProportionalRoPE")
+
+
 class PositionedRoPE(nn.Module):
-    """A rotary embedding that puts each token at its own position (a tree's nodes share depths), calling
-    mlx-lm's own module once per distinct position with that position as its offset."""
+    """A rotary embedding that puts each token at its own position (a tree's nodes share depths): the tokens
+    move to the batch axis, one query each, and mlx-lm's own module rotates them with one offset per token,
+    or, for modules that compute with their offset, once per distinct position."""
 
     def __init__(self, rope, positions):
         super().__init__()
         self.rope = rope
+        self._offsets = mx.array(positions.astype("int32"))
+        self._per_row = type(rope).__name__ in PER_ROW_OFFSETS and type(rope).__module__.startswith(("mlx.", "mlx_lm."))
         groups = {}
         for i, p in enumerate(positions.tolist()):
             groups.setdefault(p, []).append(i)
@@ -222,7 +229,9 @@ class PositionedRoPE(nn.Module):
         self._inverse = mx.array(np.argsort([i for idx in groups.values() for i in idx]))
 
     def __call__(self, x, offset=0, **kwargs):
-        # x: (B, heads, L, dims); the tokens of one position go to the batch axis, one query each
+        # x: (1, heads, L, dims) -> (L, heads, 1, dims): each token a row of its own
+        if self._per_row:
+            return self.rope(x.transpose(2, 1, 0, 3), offset=self._offsets, **kwargs).transpose(2, 1, 0, 3)
         parts = []
         for p, idx in self._groups:
             part = mx.take(x, idx, axis=2).transpose(2, 1, 0, 3)

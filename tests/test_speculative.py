@@ -281,3 +281,19 @@ def test_generate_cli_takes_a_draft_and_reports_speculation(capsys):
                  "--num-draft-tokens", "8", "--profile"]) == 0
     err = capsys.readouterr().err
     assert "draft model" in err and err.count("speculation:") == 2  # the stats line and the profile
+
+
+def test_positioned_rope_rotates_each_token_at_its_own_position():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from airmlx.backends.mlx_adapters import PositionedRoPE
+    rope, x = nn.RoPE(16, base=10000.0), mx.random.normal((1, 4, 5, 16))
+    positions = np.array([7, 8, 8, 9, 8])
+    one_by_one = mx.concatenate([rope(x[:, :, i:i + 1], offset=int(p)) for i, p in enumerate(positions)], axis=2)
+    per_row = PositionedRoPE(rope, positions)
+    per_group = PositionedRoPE(rope, positions)
+    per_group._per_row = False  # how modules that compute with their offset are called: once per position
+    assert per_row._per_row
+    for positioned in (per_row, per_group):
+        assert mx.abs(positioned(x, offset=123) - one_by_one).max().item() < 1e-5
