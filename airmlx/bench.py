@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .preflight import predict
 from .quant import COMPRESSIONS
 from .store import evict
 from .units import format_bytes
@@ -42,15 +43,19 @@ def build_model(folder, layers, hidden):
     return save_random_model(folder, "Llama", cfg)
 
 
-def save_random_model(folder, family, cfg):
-    """transformers' <family>ForCausalLM with random weights, saved in bf16 with a tokenizer, unless it is there."""
+def save_random_model(folder, family, cfg, adjust=None):
+    """transformers' <family>ForCausalLM with random weights (then `adjust(model)`), saved in bf16 with a
+    tokenizer, unless it is there."""
     import torch
     import transformers
     if (folder / "tokenizer.json").is_file():
         return folder
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(**cfg)
-    getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16).save_pretrained(folder)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    if adjust is not None:
+        adjust(model)
+    model.to(torch.bfloat16).save_pretrained(folder)
     raw = json.loads((folder / "config.json").read_text())
     raw["rope_theta"] = cfg["rope_theta"]  # mlx-lm reads only the top-level key
     (folder / "config.json").write_text(json.dumps(raw, indent=1))
@@ -175,6 +180,7 @@ def run(args):
         # best of two: a busy disk only lowers it; everything resident: the disk is reported anyway
         gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
         floor = plan.streamed_bytes_per_step / (gbps * 1e9)
+        predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False))  # what python -m airmlx.doctor says
         cold, cold_peak, cold_ratio = time_streamed(model, args.steps, cold=True)
         warm, warm_peak, warm_ratio = time_streamed(model, args.steps, cold=False)
         batches = time_batches(model, args.batch, max(2, args.steps // 2)) if args.batch else {}
@@ -188,7 +194,9 @@ def run(args):
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
                    cold_over_floor=cold / floor if floor else None, warm_over_resident=warm / resident,
                    peak_memory_bytes=max(cold_peak, warm_peak), plan=str(plan), steps=args.steps,
-                   peak_over_bound=max(cold_ratio, warm_ratio))
+                   peak_over_bound=max(cold_ratio, warm_ratio), predicted_cold_s=predicted.cold_s_per_token,
+                   predicted_warm_s=predicted.warm_s_per_token,
+                   cold_over_predicted=cold / predicted.cold_s_per_token)
         if batches:
             row["cold_batch_tokens_per_s"] = batches
             row["batch_speedup"] = {b: batches[b] / batches[min(batches)] for b in batches}
@@ -212,6 +220,8 @@ def print_row(r):
     print(f"  {'io floor':<10}{r['io_floor_s']:>10.3f}")
     print(f"  {'cold':<10}{r['cold_step_s']:>10.3f}" + (f"{r['cold_over_floor']:>14.2f} x floor" if r['cold_over_floor'] else ""))
     print(f"  {'warm':<10}{r['warm_step_s']:>10.3f}{r['warm_over_resident']:>14.2f} x resident")
+    print(f"  {'predicted':<10}{r['predicted_cold_s']:>10.3f}{r['cold_over_predicted']:>14.2f} x (cold / doctor's "
+          f"prediction; warm predicted {r['predicted_warm_s']:.3f})")
     print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}")
     if r.get("airllm_step_s"):
         print(f"  {'airllm':<10}{r['airllm_step_s']:>10.3f}{r['speedup_vs_airllm']:>14.1f} x slower than warm")

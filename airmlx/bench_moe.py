@@ -19,6 +19,7 @@ import numpy as np
 from .bench import add_common_options, save_random_model
 from .cli import ArgumentParser, bench_budget, face
 from .errors import AirmlxError
+from .experts import PROFILE_NAME
 from .store import evict
 from .units import format_bytes
 
@@ -27,9 +28,19 @@ MOE_CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_
                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
 
 
-def build_moe_model(folder, layers, experts):
-    """A random bf16 Mixtral (about 330 MB at the defaults), saved once and reused."""
-    return save_random_model(folder, "Mixtral", {**MOE_CONFIG, "num_hidden_layers": layers, "num_local_experts": experts})
+def build_moe_model(folder, layers, experts, skew=0.0):
+    """A random bf16 Mixtral (about 330 MB at the defaults), saved once and reused. skew > 0: each router's
+    row for expert e is scaled by 1 + skew * (E - 1 - e) / (E - 1), so its logits spread wider and top-k picks
+    low-numbered experts more often, as trained routers favour some experts (a uniform random router
+    spreads tokens evenly, which no real one does)."""
+    def skewed(model):
+        import torch
+        with torch.no_grad():
+            for layer in model.model.layers:
+                gate = layer.mlp.gate.weight if hasattr(layer, "mlp") else layer.block_sparse_moe.gate.weight
+                gate.mul_(1 + skew * torch.linspace(1, 0, gate.shape[0])[:, None])
+    return save_random_model(folder, "Mixtral", {**MOE_CONFIG, "num_hidden_layers": layers, "num_local_experts": experts},
+                             skewed if skew else None)
 
 
 def decode_steps(model, steps, cold, seed=0):
@@ -51,13 +62,36 @@ def decode_steps(model, steps, cold, seed=0):
     return rows
 
 
+def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes, routed, top_k,
+               per_expert, non_expert, active, steps):
+    step_bytes = statistics.mean(b for _, b, _ in cold)
+    cold_s = statistics.median(t for t, _, _ in cold)
+    row = dict(backend=backend, run=run_name, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget,
+               layers=len(routed), experts_per_layer=len(routed[0].parts), top_k=top_k, expert_bytes=per_expert,
+               non_expert_bytes=non_expert, active_bytes=active, bytes_per_step=step_bytes,
+               expert_bytes_per_step=statistics.mean(e for _, _, e in cold),
+               over_active=step_bytes / active, over_dense=step_bytes / model_bytes, cold_read_gbps=gbps,
+               cold_step_s=cold_s, cold_over_floor=cold_s / (step_bytes / (gbps * 1e9)),
+               warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=steps, **stats)
+    reads = stats["expert_lookahead_reads"]
+    print(f"\n{backend}, {run_name}: model {format_bytes(model_bytes)} ({row['layers']} MoE layers x "
+          f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")
+    print(f"  read per decode step {format_bytes(step_bytes)} (experts {format_bytes(row['expert_bytes_per_step'])})"
+          f" = {row['over_active']:.2f} x active {format_bytes(active)} = {row['over_dense']:.2f} x dense")
+    print(f"  step: cold {cold_s:.3f} s = {row['cold_over_floor']:.2f} x (bytes read / {gbps:.2f} GB/s cold), warm "
+          f"{row['warm_step_s']:.3f} s; expert cache {stats['expert_hits']} hits / {stats['expert_misses']} misses, "
+          f"look-ahead {stats['expert_lookahead_hits']} of {reads} reads used, "
+          f"{stats['expert_profile_hits']} hits from the usage profile; {plan}")
+    return row
+
+
 def run(args):
     from .auto import AutoModel
     from .manifest import Manifest
     from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
-    src = Path(args.model) if args.model else build_moe_model(
-        work / f"mixtral-{args.layers}x{args.experts}", args.layers, args.experts)
+    name = f"mixtral-{args.layers}x{args.experts}" + (f"-skew{args.skew:g}" if args.skew else "")
+    src = Path(args.model) if args.model else build_moe_model(work / name, args.layers, args.experts, args.skew)
     shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
     manifest = Manifest.load(shards)
     routed = [s for s in manifest.stages if s.kind == "experts"]
@@ -73,26 +107,16 @@ def run(args):
     for backend in args.backend.split(","):
         # MLX's CPU gather_mm (SwitchGLU) runs only float32; on Metal the shards' bf16 runs as it is
         dtype = "float32" if backend == "mlx" and sys.platform != "darwin" else None
-        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget, dtype=dtype) as model:
-            cold = decode_steps(model, args.steps, cold=True)
-            warm = decode_steps(model, args.steps, cold=False, seed=1)
-            stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
-            plan = str(model.plan)
-        step_bytes = statistics.mean(b for _, b, _ in cold)
-        row = dict(backend=backend, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget, layers=len(routed),
-                   experts_per_layer=len(routed[0].parts), top_k=top_k, expert_bytes=per_expert,
-                   non_expert_bytes=non_expert, active_bytes=active, bytes_per_step=step_bytes,
-                   expert_bytes_per_step=statistics.mean(e for _, _, e in cold),
-                   over_active=step_bytes / active, over_dense=step_bytes / model_bytes,
-                   cold_step_s=statistics.median(t for t, _, _ in cold),
-                   warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=args.steps, **stats)
-        rows.append(row)
-        print(f"\n{backend}: model {format_bytes(model_bytes)} ({row['layers']} MoE layers x "
-              f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")
-        print(f"  read per decode step {format_bytes(step_bytes)} (experts {format_bytes(row['expert_bytes_per_step'])})"
-              f" = {row['over_active']:.2f} x active {format_bytes(active)} = {row['over_dense']:.2f} x dense")
-        print(f"  step: cold {row['cold_step_s']:.3f} s, warm {row['warm_step_s']:.3f} s; expert cache "
-              f"{stats['expert_hits']} hits / {stats['expert_misses']} misses; {plan}")
+        (shards / PROFILE_NAME).unlink(missing_ok=True)  # the first run starts without a usage profile
+        for run_name in ("first run", "with profile"):
+            with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget, dtype=dtype) as model:
+                gbps = model.read_bandwidth(cold=True) / 1e9
+                cold = decode_steps(model, args.steps, cold=True)
+                warm = decode_steps(model, args.steps, cold=False, seed=1)
+                stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
+                plan = str(model.plan)
+            rows.append(report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes,
+                                   routed, top_k, per_expert, non_expert, active, args.steps))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
@@ -103,6 +127,8 @@ def main(argv=None):
     parser = ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Mixtral", layers=8)
     parser.add_argument("--experts", type=int, default=8, help="routed experts per layer of the generated model")
+    parser.add_argument("--skew", type=float, default=2.0,
+                        help="router skew of the generated model (0: a uniform random router; default 2)")
     run(parser.parse_args(argv))
     return 0
 

@@ -11,6 +11,8 @@ from .auto import BACKENDS, AutoModel
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .plan import DEFAULT_PREFILL_STEP
+from .preflight import load as load_preflight
+from .preflight import quick as quick_preflight
 from .quant import COMPRESSIONS
 from .units import parse_bytes
 
@@ -98,7 +100,16 @@ def bench_budget(args: argparse.Namespace, model_bytes: int) -> int:
     return int(fraction * model_bytes)
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, preflight: bool = True):
+    """The model the options name; the first time a streamed model is opened, a one-line preflight on stderr
+    (its disk's measured bandwidth and the fastest a token can be read)."""
+    model = open_model(args)
+    if preflight and model.plan.streamed and load_preflight(model.shard_dir) is None:
+        print(quick_preflight(model), file=sys.stderr)
+    return model
+
+
+def open_model(args: argparse.Namespace):
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
                                      dtype=args.dtype, compression=args.compression,
                                      memory_budget=args.memory_budget,

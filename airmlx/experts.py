@@ -1,37 +1,65 @@
 """Routed experts of MoE layers: read after routing, only those the tokens chose, and kept in an LRU
 cache inside the memory budget. Imports neither mlx nor torch: experts reach the backend as raw tensors
 and come back as opaque handles, like stages.
+
+Reads go fast three ways. A layer's missing experts are read concurrently by a few reader threads (each
+expert is one byte range; the buffers are allocated on the calling thread, the readers only fill them).
+While a layer computes, the experts the next layer routed to at the previous step are read ahead (router
+look-ahead by temporal locality: a wrong guess costs bytes, never correctness). And a usage profile, saved in
+the shard folder when the model closes, fills the cache with the hottest experts when the next run starts.
 """
-from collections import OrderedDict
+import json
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .errors import CorruptShardError
-from .manifest import repair_hint
+from .manifest import repair_hint, write_atomic
+
+READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
+PROFILE_NAME = "expert_usage.json"
 
 
 class ExpertCache:
     """(layer, expert) -> the backend's loaded expert, least recently used evicted first, at most
-    `capacity` bytes. The backend asks for a layer's routed experts with chunks(), in groups of at most
-    `group_bytes` (the backend stacks a group's experts into one copy for the framework's MoE module)."""
+    `capacity` bytes (loaded experts plus reads in flight). The backend asks for a layer's routed experts with
+    chunks(), in groups of at most `group_bytes` (the backend stacks a group's experts into one copy)."""
 
-    def __init__(self, store, backend, entries, capacity, group_bytes):
-        self.store, self.backend, self.capacity = store, backend, capacity
+    def __init__(self, store, backend, entries, capacity, group_bytes, top_k=1):
+        self.store, self.backend, self.capacity, self.top_k = store, backend, capacity, top_k
         self.group_bytes = min(group_bytes, capacity)
-        self.allocate = getattr(backend, "allocate", None)
         self.entries = {e.layer: e for e in entries}  # layer -> its "experts" stage
+        self.layers = sorted(self.entries)
         self.sizes = {(e.layer, int(k)): end - start for e in entries for k, (start, end) in e.parts.items()}
         self.cached = OrderedDict()  # (layer, expert) -> (handle, bytes)
         self.cached_bytes = 0
+        self.pending = {}  # (layer, expert) -> Future of StageData, read ahead or concurrently
+        self.pending_bytes = 0
+        self.last_routed = {}  # layer -> the experts it routed to last time
+        self.usage = Counter()  # (layer, expert) -> times routed, this run
+        self.profiled = set()  # experts the usage profile put in the cache at start
+        self.ahead = set()  # experts being read ahead by look_ahead()
+        self.readers = None
+        self.warmed = False
         self.hits = self.misses = self.bytes_read = 0
+        self.lookahead_reads = self.lookahead_hits = self.profile_hits = 0
 
+    # -- what the backend calls ---------------------------------------------------------------------
     def chunks(self, layer, experts):
         """Yield (experts, handles) in groups that fit the cache and the stacking room together: one group
         whenever the layer's routed experts fit (every decode step under a budget that allows top_k of them),
         several for a prefill whose union of experts outgrows them. The backend sums the groups' outputs."""
-        group, size = [], 0
+        if not self.warmed:
+            self.warm()
         for e in experts:
             if (layer, e) not in self.sizes:
                 raise CorruptShardError(f"the router of layer {layer} chose expert {e}, which its shard folder "
                                         f"does not hold; {repair_hint(self.store.folder)}")
+        self.usage.update((layer, e) for e in experts)
+        self.last_routed[layer] = list(experts)
+        self.look_ahead(layer)
+        group, size = [], 0
+        for e in experts:
             n = self.sizes[layer, e]
             if group and size + n > self.group_bytes:
                 yield group, self.get(layer, group)
@@ -42,40 +70,142 @@ class ExpertCache:
             yield group, self.get(layer, group)
 
     def get(self, layer, experts):
-        """The loaded experts, in order, reading those not cached."""
+        """The loaded experts, in order: cached ones at once, the others read concurrently, then loaded."""
         keep = {(layer, e) for e in experts}
+        self._settle(layer, keep)
+        for e in experts:
+            if (layer, e) not in self.cached:
+                self._evict(self.sizes[layer, e], keep)  # room for its read buffer
+                self._start_read(layer, e)
         handles = []
         for e in experts:
             key = (layer, e)
             if key in self.cached:
                 self.cached.move_to_end(key)
                 self.hits += 1
+                self.profile_hits += key in self.profiled
             else:
                 self.misses += 1
-                data = self.store.read_part(self.entries[layer].name, e, *([self.allocate] if self.allocate else []))
-                self.bytes_read += data.nbytes
-                handle, nbytes = self.backend.load_expert(self.entries[layer], e, data.tensors)
-                self._evict(nbytes, keep)
-                self.cached[key] = (handle, nbytes)
-                self.cached_bytes += nbytes
+                self.lookahead_hits += key in self.ahead  # read while the layer before computed
+                self._load(key, keep)
             handles.append(self.cached[key][0])
         return handles
 
+    def _settle(self, layer, keep):
+        """Reads ahead for this layer that its router did not ask for: loaded into the cache all the same."""
+        for key in [k for k in self.pending if k[0] == layer and k not in keep]:
+            self._load(key, keep | {key})
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _start_read(self, layer, e):
+        key = (layer, e)
+        if key in self.pending or key in self.cached:
+            return
+        if self.readers is None:
+            self.readers = ThreadPoolExecutor(READERS, thread_name_prefix="airmlx-experts")
+        name = self.entries[layer].name
+        buffer = self.backend.allocate(self.sizes[key])  # here, on the thread that computes: MLX allocates there
+        self.pending[key] = self.readers.submit(self.store.read_part, name, e, buffer=buffer)
+        self.pending_bytes += self.sizes[key]
+
+    def _load(self, key, keep):
+        data = self.pending.pop(key).result()
+        self.pending_bytes -= self.sizes[key]
+        self.ahead.discard(key)
+        self.bytes_read += data.nbytes
+        handle, nbytes = self.backend.load_expert(self.entries[key[0]], key[1], data.tensors)
+        self._evict(nbytes, keep)
+        self.cached[key] = (handle, nbytes)
+        self.cached_bytes += nbytes
+
+    def look_ahead(self, layer):
+        """While `layer` computes, read the experts the next MoE layer routed to last time. They take the
+        place of the least recently used experts, as long as room stays for this layer's own group."""
+        later = [n for n in self.layers if n > layer]
+        if not later:
+            return
+        nxt = later[0]
+        keep = {(layer, e) for e in self.last_routed.get(layer, [])} | set(self.pending)
+        for e in self.last_routed.get(nxt, [])[: self.top_k]:
+            key = (nxt, e)
+            if key in self.cached or key in self.pending:
+                continue
+            if self.group_bytes + self.pending_bytes + self.sizes[key] > self.capacity:
+                return  # not even evicting every other expert would make room
+            self._evict(self.sizes[key] + self.group_bytes, keep)
+            self._start_read(nxt, e)
+            self.ahead.add(key)
+            self.lookahead_reads += 1
+            keep.add(key)
+
+    def warm(self):
+        """Fill the cache with the hottest experts of the saved usage profile, as many as fit."""
+        self.warmed = True
+        hottest = [key for key, _ in load_profile(self.store.folder).most_common() if key in self.sizes]
+        chosen, used = [], 0
+        for key in hottest:
+            if used + self.sizes[key] > self.capacity - self.group_bytes:
+                break
+            chosen.append(key)
+            used += self.sizes[key]
+        for key in chosen:
+            self._start_read(*key)
+        for key in chosen:
+            self._load(key, set(chosen))
+            self.profiled.add(key)
+
     def _evict(self, need, keep):
         for key in list(self.cached):
-            if self.cached_bytes + need <= self.capacity:
+            if self.cached_bytes + self.pending_bytes + need <= self.capacity:
                 return
             if key not in keep:
                 handle, nbytes = self.cached.pop(key)
                 self.backend.free_expert(handle)
                 self.cached_bytes -= nbytes
+                self.profiled.discard(key)
 
+    # -- reporting and the end ----------------------------------------------------------------------
     def stats(self):
         return {"expert_hits": self.hits, "expert_misses": self.misses, "expert_bytes_read": self.bytes_read,
-                "expert_cache_bytes": self.cached_bytes, "expert_cache_capacity": self.capacity}
+                "expert_cache_bytes": self.cached_bytes, "expert_cache_capacity": self.capacity,
+                "expert_lookahead_reads": self.lookahead_reads, "expert_lookahead_hits": self.lookahead_hits,
+                "expert_profile_hits": self.profile_hits}
 
     def clear(self):
+        """Wait for reads in flight, forget them, empty the cache and save the usage profile."""
+        for key, future in list(self.pending.items()):
+            future.result()
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.ahead.clear()
+        if self.readers is not None:
+            self.readers.shutdown()
+            self.readers = None
         self._evict(self.capacity + 1, keep=set())
+        save_profile(self.store.folder, self.usage)
+
+
+def load_profile(folder):
+    """Counter of (layer, expert) -> times routed, from the shard folder's usage profile (empty if none)."""
+    try:
+        raw = json.loads((Path(folder) / PROFILE_NAME).read_text())
+        return Counter({(int(layer), int(e)): int(n) for layer, row in raw["layers"].items() for e, n in row.items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return Counter()
+
+
+def save_profile(folder, usage):
+    """Add this run's routing counts to the folder's usage profile (a read-only folder keeps none)."""
+    if not usage:
+        return
+    total = load_profile(folder) + usage
+    layers = {}
+    for (layer, e), n in total.items():
+        layers.setdefault(str(layer), {})[str(e)] = n
+    try:
+        write_atomic(Path(folder) / PROFILE_NAME, json.dumps({"layers": layers}).encode())
+    except OSError:
+        pass
 
 
 def expert_demand(entries, scale=1.0):

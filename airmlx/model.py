@@ -22,14 +22,16 @@ from .plan import (
     StageCost,
     activation_bytes,
     default_budget,
+    kv_bytes_per_token,
     make_plan,
     minimum_budget,
 )
+from .preflight import load as load_preflight
 from .schedule import Scheduler
 from .spec_measure import Measurements, check_num_draft_tokens
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
-from .units import format_bytes, parse_bytes
+from .units import format_bytes, parse_bytes, per_token
 
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
@@ -73,7 +75,8 @@ class AirModel:
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
         total, largest, largest_read = expert_demand(routed, scale)
-        experts = ExpertDemand(total, largest, self.config.get("num_experts_per_tok", 1) if routed else 0, largest_read)
+        top_k = self.config.get("num_experts_per_tok", 1) if routed else 0
+        experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed))
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         draft_bytes = draft_share(draft, budget, self.minimum_budget) if draft is not None else 0
         self.plan = make_plan(stages, budget - draft_bytes, prefetching, experts)
@@ -196,10 +199,16 @@ class AirModel:
         return [self.shard_dir / e.file for e in self.store.manifest.stages
                 if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
 
-    def read_bandwidth(self, cold: bool = True) -> float:
-        """Bytes per second the store reads this model's streamed stages (every stage when none streams);
-        cold: from the disk, warm: from the page cache."""
-        return self.store.read_bandwidth(self.plan.streamed or list(self.plan.stage_bytes), cold)
+    def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:
+        """Bytes per second the store reads this model's streamed stages (every stage when none streams), the
+        first of them up to limit_bytes; cold: from the disk, warm: from the page cache."""
+        names, total = [], 0
+        for name in self.plan.streamed or list(self.plan.stage_bytes):
+            if names and limit_bytes is not None and total + self.plan.stages[name].read > limit_bytes:
+                break
+            names.append(name)
+            total += self.plan.stages[name].read
+        return self.store.read_bandwidth(names, cold)
 
     def reset_peak(self) -> None:
         """Start the peak-memory counts afresh."""
@@ -324,16 +333,26 @@ class AirModel:
                 **self._speculation_stats()}
 
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
-        """Prompt tokens/s, generation tokens/s, bytes read per step, peak memory, the plan. `times`: when the
-        prompt and each new token arrived (a streamer's .times); start: when the call began."""
+        """Prompt tokens/s, generation speed (tokens/s, or s/token below one), bytes read per step and the
+        bandwidth that achieved beside the disk's measured one (python -m airmlx.doctor), peak memory, the
+        plan. `times`: when the prompt and each new token arrived (a streamer's .times); start: when the
+        call began."""
         times = [start] + list(times[1:])
         prefill = times[1] - times[0] if len(times) > 1 else 0.0
         gen = len(times) - 2
-        gen_tps = gen / (times[-1] - times[1]) if gen > 0 else 0.0
+        step_s = (times[-1] - times[1]) / gen if gen > 0 else 0.0
         mem = self.memory_stats()
+        per_step = self.plan.streamed_bytes_per_step
+        speed = f"{per_token(step_s)}" if step_s else "one token"
+        disk = ""
+        if step_s and per_step:
+            disk = f", {format_bytes(per_step / step_s)}/s achieved"
+            measured = load_preflight(self.shard_dir)
+            if measured:
+                disk += f" (disk: {format_bytes(measured.cold_bps)}/s cold, {format_bytes(measured.warm_bps)}/s warm)"
         return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
-                f"generation: {gen + 1} tokens, {gen_tps:.1f} tokens/s | "
-                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step | "
+                f"generation: {gen + 1} tokens, {speed} | "
+                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step{disk} | "
                 f"peak memory {format_bytes(mem['peak'])} | {self.plan}" + self.speculation.stats_line())
 
     def close(self) -> None:
@@ -355,6 +374,15 @@ class AirModel:
 
     def __repr__(self):
         return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"
+
+    @property
+    def profiling(self) -> bool:
+        """Whether every stage's read, wait, load and compute time is being recorded (profiling_mode)."""
+        return self.scheduler.profiling
+
+    @profiling.setter
+    def profiling(self, on: bool) -> None:
+        self.scheduler.profiling = on
 
     @property
     def profile_records(self) -> list:
@@ -424,3 +452,62 @@ class AirModel:
             return {}
         draft_kv = sum(self.draft.cache_bytes(c) for c in list(self.draft._caches)) if self.draft else 0
         return {"draft_weights": self.plan.draft_bytes, "draft_kv_cache": draft_kv, **self.speculation.total.as_dict()}
+
+    # -- the server's engine (airmlx/engine.py): requests with caches of their own share each sweep ---------
+    @exclusive
+    def step_many(self, items: list) -> list:
+        """One sweep for several independent steps [(tokens (B, T), attention_mask (B, past + T), cache)]:
+        each stage is read once and runs every item before the next stage is read, each item with its own
+        cache, so requests at different points (a batch decoding, a prompt being prefilled) share one read
+        of the model. Returns each item's last-position logits (B, vocab) as float32 numpy, as step() would
+        for that item alone. A long prompt runs in chunks of prefill_step_size inside the sweep."""
+        ctxs, owner = [], []
+        for i, (tokens, mask, cache) in enumerate(items):
+            made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
+            ctxs += made
+            owner += [i] * len(made)
+        out = [None] * len(items)
+
+        def collect(j, x):
+            if j + 1 == len(ctxs) or owner[j + 1] != owner[j]:  # an item's last chunk: its logits
+                out[owner[j]] = self.backend.logits(x)[:, -1]
+
+        self.scheduler.forward_many(ctxs, collect)
+        # every item's hidden states are held between stages: note them as one step of all their rows
+        self._note_step(sum(t.shape[0] for t, _, _ in items), max(t.shape[1] for t, _, _ in items),
+                        max(m.shape[1] for _, m, _ in items))
+        caches = {id(c): c for _, _, c in items if c is not None}
+        self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in caches.values()))
+        return out
+
+    def merge_caches(self, caches: list, lengths: list):
+        """One batch cache holding every row of `caches` in order, each right-aligned (left-padded to the
+        longest row); lengths[i]: the tokens each row of caches[i] holds. None when these caches cannot be
+        merged (sliding-window layers, convolution states): run them as items of their own then. The caches
+        given are used up; memory_stats() counts the result while it lives."""
+        merged = self.backend.merge_caches(caches, lengths)
+        if merged is not None:
+            self._caches.add(merged)
+        return merged
+
+    def extract_cache(self, cache, row: int, length: int):
+        """One row of a batch cache as a cache of its own holding that row's last `length` tokens (a copy),
+        e.g. to keep a finished request's conversation for the next one that starts with it; None for caches
+        that cannot be merged either."""
+        single = self.backend.extract_cache(cache, row, length)
+        if single is not None:
+            self._caches.add(single)
+        return single
+
+    def select_cache_rows(self, cache, rows: list) -> None:
+        """Keep only these rows of a batch cache (finished requests leave the batch)."""
+        self.backend.select_rows(cache, rows)
+
+    def available_memory(self) -> int:
+        """Bytes the device could still give (free RAM, or free device memory on CUDA), now."""
+        return self.backend.available_memory()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in every layer's cache, at the cache's dtype."""
+        return kv_bytes_per_token(self.config, self.backend.itemsize)

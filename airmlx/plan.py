@@ -14,6 +14,7 @@ from .units import format_bytes
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
 RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
 DEFAULT_PREFILL_STEP = 512  # tokens (rows x positions) a stage runs at once; longer prompts run in chunks
+NO_PREFETCH_COST = 1.25  # a sweep without prefetch waits for its reads: as if it read this much more
 SCORE_LOGITS = 1 << 22  # logits the head computes at once when it scores targets (float32: 16 MB)
 
 
@@ -22,6 +23,11 @@ class StageCost:
     read: int  # bytes read from disk: the stage file
     held: int  # bytes in memory once the backend has loaded it
     loading: int  # bytes in memory while it loads (its read buffer and whatever the backend makes of it)
+    ahead: int = 0  # bytes while it waits, read (and prepared) ahead of its turn; 0: its read bytes
+
+    @property
+    def waiting(self) -> int:
+        return self.ahead or self.read
 
 
 @dataclass
@@ -61,10 +67,11 @@ class Plan:
 
     @property
     def in_flight_bytes(self) -> int:
-        """Streamed stages read ahead (depth buffers) plus the one loading or computing."""
+        """Streamed stages read (and prepared) ahead, plus the one loading or computing."""
         if not self.streamed:
             return 0
-        return self.prefetch_depth * self.slot_bytes + max(self.stages[s].loading for s in self.streamed)
+        ahead = max(self.stages[s].waiting for s in self.streamed)
+        return self.prefetch_depth * ahead + max(self.stages[s].loading for s in self.streamed)
 
     @property
     def load_overhead(self) -> int:
@@ -94,6 +101,7 @@ class ExpertDemand:
     largest: int = 0  # the largest one, loaded
     top_k: int = 0  # experts a token routes to in a layer
     largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
+    per_step: int = 0  # file bytes of the experts a token reads in all layers
 
     @property
     def minimum(self) -> int:
@@ -108,44 +116,66 @@ def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
 
 
 def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: ExpertDemand = ExpertDemand()) -> Plan:
-    """Everything resident when it fits; otherwise keep prefetch slots for the largest stage and fill the rest
-    of the budget with resident stages: head and embedding first (read every step), then layers spread evenly
-    so streamed reads alternate with resident compute. MoE: room for one token's experts (cached and
-    stacked) is set aside first; whatever the stages leave over caches experts."""
+    """Everything resident when it fits. Otherwise, for each choice of which of head and embedding (read every
+    step, often the largest stages) stay resident, keep prefetch slots for the largest stage that streams and
+    fill the rest with layers spread evenly (streamed reads alternate with resident compute); the plan reading
+    the fewest bytes per step wins, a plan without prefetch counting NO_PREFETCH_COST times its bytes (its reads
+    wait for compute), then the deeper prefetch. MoE: room for one token's experts (cached, stacked and one
+    being read) is set aside first, and of the rest the expert cache gets the share the experts have of a
+    step's reads (a token reads its experts every step, as it reads the streamed stages)."""
     overhead = max(c.loading - c.held for c in stages.values())
     total = sum(c.held for c in stages.values())
-    if experts.total and budget >= total + overhead + experts.minimum:
-        rest = budget - total - overhead
-        stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
-        return Plan(budget, dict(stages), list(stages), 0, min(experts.total, rest - stack), stack, experts.total)
-    if not experts.total and budget >= total + overhead:
-        return Plan(budget, dict(stages), list(stages), 0)
-    slot = max(c.read for c in stages.values())
-    loading = max(c.loading for c in stages.values())
+    if budget >= total + overhead + experts.minimum + experts.total:  # experts.total is 0 for a dense model
+        return with_experts(Plan(budget, dict(stages), list(stages), 0), experts)
     if budget < minimum_budget(stages, experts):
+        loading = max(c.loading for c in stages.values())
         what = f"{format_bytes(loading)} (its largest stage, loaded)" + (
-            f" + {format_bytes(experts.minimum)} (one token's routed experts in a layer, cached and stacked)"
-            if experts.total else "")
+            f" + {format_bytes(experts.minimum)} (one token's routed experts in a layer, cached, stacked and "
+            "one more being read)" if experts.total else "")
         raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
                           f"{what}; raise memory_budget to at least {minimum_budget(stages, experts)}.")
-    budget_stages = budget - experts.minimum
-    depth = 0
-    if prefetching:
-        depth = 2 if budget_stages >= 4 * slot + loading else 1 if budget_stages >= slot + loading else 0
-    room = budget_stages - depth * slot - loading - overhead
-    resident = []
-    for name in ("head", "embed"):
-        if name in stages and stages[name].held <= room:
-            resident.append(name)
-            room -= stages[name].held
-    layers = [s for s in stages if s not in ("head", "embed")]
-    if layers:
-        k = min(len(layers), max(room, 0) // max(stages[s].held for s in layers))
-        spread = sorted({int((j + 0.5) * len(layers) / k) for j in range(k)}) if k else []
-        resident += [layers[i] for i in spread]
-    plan = Plan(budget, dict(stages), [s for s in stages if s in resident], depth)
+    room = budget - experts.minimum
     if experts.total:
-        rest = budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
+        stage_reads = sum(c.read for c in stages.values())
+        spare = room - max(c.loading for c in stages.values())
+        room -= int(spare * experts.per_step / (experts.per_step + stage_reads))
+    ends = [n for n in ("head", "embed") if n in stages]
+    choices = [[], *([n] for n in ends), ends] if ends else [[]]
+    plans = [p for kept in choices for depth in ((2, 1, 0) if prefetching else (0,))
+             if (p := streaming_plan(stages, room, kept, depth)) is not None]
+    if total + overhead <= room:  # every stage fits beside the experts' share
+        plans.append(Plan(room, dict(stages), list(stages), 0))
+    best = min(plans, key=lambda p: (p.streamed_bytes_per_step * (1 if p.prefetch_depth else NO_PREFETCH_COST),
+                                     -p.prefetch_depth))
+    best.budget = budget
+    return with_experts(best, experts)
+
+
+def streaming_plan(stages, room, kept, depth):
+    """The plan keeping `kept` resident with `depth` prefetch slots, layers filling what is left, or None when
+    that does not fit `room`. A resident stage's load may briefly need more than it then holds (a
+    conversion's source): the largest such excess is kept free too."""
+    candidates = [s for s in stages if s not in kept]
+    if not candidates:
+        return None
+    slot, loading = max(stages[s].waiting for s in candidates), max(stages[s].loading for s in candidates)
+    excess = lambda names: max((stages[s].loading - stages[s].held for s in names), default=0)
+    room -= depth * slot + loading + sum(stages[s].held for s in kept)
+    if room - excess(kept) < 0 or (depth == 2 and room < 2 * slot):  # a second slot only beside resident layers
+        return None
+    layers = [s for s in candidates if s not in ("head", "embed")]
+    resident = list(kept)
+    if layers:
+        k = min(len(layers), max(room - max(excess(kept), excess(layers)), 0) // max(stages[s].held for s in layers))
+        resident += [layers[i] for i in sorted({int((j + 0.5) * len(layers) / k) for j in range(k)})] if k else []
+    plan = Plan(room, dict(stages), [s for s in stages if s in resident], depth)
+    return plan if plan.streamed else None
+
+
+def with_experts(plan, experts):
+    """Give what the stages leave of the budget to the expert cache and its stacking room."""
+    if experts.total:
+        rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
         plan.expert_stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total

@@ -105,15 +105,24 @@ class Scheduler:
         routed = [s for s in stages if s.kind == "experts"]
         if routed:  # the backend runs routing, then asks for the chosen experts
             self.experts = ExpertCache(self.store, self.backend, routed, self.plan.expert_cache,
-                                       self.plan.expert_stack)
+                                       self.plan.expert_stack, self.store.manifest.config.get("num_experts_per_tok", 1))
             self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}  # name -> (loaded stage, its raw data while the backend views it)
         # a backend computing in place on host memory gets page-cache views of streamed stages; resident
         # stages are read into memory of their own (a file changed under a mapping would kill the process)
-        self.read = self.store.map_stage if self.backend.page_cache_views else self.store.read_stage
+        self._read = self.store.map_stage if self.backend.page_cache_views else self.store.read_stage
+        self.by_name = {e.name: e for e in self.entries}
         slots = self.plan.prefetch_depth + 1 if self.plan.streamed and not self.backend.page_cache_views else 0
         self.store.configure_pool(slots, self.plan.slot_bytes, self.backend.allocate)
         self.prefetcher = None
+
+    def read(self, name):
+        """A streamed stage read and prepared (on the calling thread: the prefetch thread)."""
+        return self._prepared(self._read(name))
+
+    def _prepared(self, data):
+        data.tensors = self.backend.prepare(self.by_name[data.name], data.tensors)
+        return data
 
     def _start_prefetch(self):
         if self.prefetcher is not None and not self.prefetcher.thread.is_alive():
@@ -165,7 +174,7 @@ class Scheduler:
             if streamed:
                 data = self.prefetcher.take(name) if self.prefetcher else self.read(name)
             else:
-                data = self.store.read_stage(name, pooled=False)
+                data = self._prepared(self.store.read_stage(name, pooled=False))
             t1 = time.perf_counter()
             read_bytes, read_s = data.nbytes, data.read_s
             try:

@@ -22,3 +22,8 @@ def format_bytes(n: float) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
+
+
+def per_token(seconds: float) -> str:
+    """A decoding rate the way people read it: tokens per second, or seconds per token below one."""
+    return f"{1 / seconds:.1f} tokens/s" if 0 < seconds < 1 else f"{seconds:.2f} s/token"

@@ -29,8 +29,9 @@ class Backend(Protocol):
         """A read buffer: (the framework's object that owns it, a writable uint8 numpy view of it)."""
 
     def footprint(self, entry: Any, infos: dict) -> tuple:
-        """(bytes a stage holds once loaded, bytes while it loads) from its tensors' dtypes and shapes: what
-        the memory plan budgets, after dtype conversion, dequantising or a copy to the device."""
+        """(bytes a stage holds once loaded, bytes while it loads, bytes while it waits read and prepared)
+        from its tensors' dtypes and shapes: what the memory plan budgets, after dtype conversion,
+        dequantising or a copy to the device."""
 
     def set_scratch(self, nbytes: int) -> None:
         """Memory the framework may keep for reuse between stages (MLX's buffer cache)."""
@@ -44,6 +45,10 @@ class Backend(Protocol):
         """Bytes this device could still give to weights."""
 
     # -- stages
+    def prepare(self, entry: Any, tensors: dict) -> dict:
+        """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside
+        compute): e.g. repacking quantised codes. Returns what load_stage takes."""
+
     def from_raw(self, raw: Any) -> Any:
         """One RawTensor as the framework's array, in the compute dtype, on the device."""
 
@@ -101,6 +106,16 @@ class Backend(Protocol):
 
     def logits(self, x: Any) -> np.ndarray:
         """The head's output as float32 numpy (B, positions, vocab), or (B, positions, 2) when scoring."""
+
+    # requests with caches of their own sharing one batch (the server's engine, airmlx/engine.py)
+    def merge_caches(self, caches: list, lengths: list) -> Any:
+        """One left-padded batch cache holding every row of `caches` in order (lengths[i]: the tokens each
+        row of caches[i] holds), or None when these caches cannot be merged (sliding windows, convolution
+        states). The caches given are used up."""
+
+    def extract_cache(self, cache: Any, row: int, length: int) -> Any:
+        """One row of a batch cache as a single-row cache holding that row's last `length` tokens (a copy), or
+        None for caches that cannot be merged either."""
 
 
 def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str) -> None:

@@ -21,7 +21,7 @@ from airmlx.errors import BackendError
 from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 
-from . import mlx_adapters, mlx_experts
+from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_placement, kept_tail
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -173,9 +173,9 @@ class MLXBackend:
         """(bytes a loaded stage holds, bytes while it loads): its read buffer, which the arrays view, and
         whatever a dtype conversion makes."""
         if self.zero_copy:
-            return entry.nbytes, entry.nbytes
+            return entry.nbytes, entry.nbytes, entry.nbytes
         made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
-        return made, entry.nbytes + made
+        return made, entry.nbytes + made, entry.nbytes
 
     def set_scratch(self, nbytes):
         # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the
@@ -195,6 +195,9 @@ class MLXBackend:
         return available_ram()
 
     # -- stages ------------------------------------------------------------------------------------
+    def prepare(self, entry, tensors):
+        return tensors  # the arrays view the read buffer as it is
+
     def from_raw(self, raw):
         if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
             a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
@@ -398,3 +401,10 @@ class MLXBackend:
         positions, start = kept_tail(positions)
         for c in cache:
             mlx_adapters.keep_positions(c, positions, start)
+
+    # -- requests joining and leaving one batch (the server's engine; backends/mlx_batching.py) ----------
+    def merge_caches(self, caches, lengths):
+        return mlx_batching.merge(caches)
+
+    def extract_cache(self, cache, row, length):
+        return mlx_batching.extract(cache, row, length)

@@ -22,9 +22,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS
-from airmlx.quant import dequantize, module_params
 
-from . import torch_experts
+from . import torch_batching, torch_experts, torch_quant
 from .base import available_ram, check_placement, kept_tail
 from .torch_remote import remote_config, shared_rotary
 
@@ -34,7 +33,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a 4-bit stage's load
 TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
 
 
@@ -62,6 +60,7 @@ class TorchStage:
     nbytes: int
     module: object = None  # the decoder layer, for layer stages
     layer: int = None
+    overrides: list = field(default_factory=list)  # modules running quantised weights (torch_quant)
 
 
 @dataclass
@@ -97,28 +96,6 @@ def resolve_dtype(config, dtype, device):
     if device.type == "cpu" and name == "float16" and dtype is None:
         name = "float32"  # CPU kernels for fp16 are slow or missing
     return DTYPES[name]
-
-
-def dequantize_affine(wq, scales, biases, group_size, bits):
-    """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
-    back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
-    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser."""
-    if 32 % bits:
-        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
-        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
-        w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
-        w = torch.from_numpy(w)
-        return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
-    lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
-    wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
-    out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
-    rows = max(1, DEQUANT_ELEMENTS // cols)
-    for r in range(0, wq.shape[0], rows):
-        codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        codes = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
-        out[r:r + rows] = (codes * scales[r:r + rows].unsqueeze(-1) + biases[r:r + rows].unsqueeze(-1)).flatten(1)
-    return out.reshape(*lead, cols)
 
 
 def cache_argument(function):
@@ -174,6 +151,7 @@ class TorchBackend:
         self.mask_cache_arg = cache_argument(create_causal_mask)
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
+        self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -187,16 +165,17 @@ class TorchBackend:
     def footprint(self, entry, infos):
         """(bytes a loaded stage holds, bytes while it loads): views of its buffer on the CPU, or what
         conversion, dequantising or the copy to the GPU makes (the host buffer is not device memory)."""
-        made, views, dequantised = 0, False, 0
+        made, views, temporaries, prepared = 0, False, 0, 0
         for info in infos.values():
             name = info.name
             if self.qconfig and name.endswith((".scales", ".biases")):
+                made += 0 if f"{name.rpartition('.')[0]}.weight" in infos else info.nbytes
                 continue
-            if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:  # a packed weight, dequantised
-                scales = infos[f"{name.rpartition('.')[0]}.scales"]
-                numel = math.prod(scales.shape) * module_params(self.qconfig, name.rpartition(".")[0])[0]
-                made += numel * self.dtype.itemsize
-                dequantised = max(dequantised, min(numel, DEQUANT_ELEMENTS))
+            if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:
+                held, transient = torch_quant.quantized_footprint(self, entry, name, info, infos)
+                made += held
+                temporaries = max(temporaries, transient)
+                prepared += info.nbytes if torch_quant.packable_weight(self, entry, name.rpartition(".")[0]) else 0
             elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
                 made += math.prod(info.shape) * self.dtype.itemsize
             elif self.device.type == "cuda" or not self.zero_copy:
@@ -204,9 +183,15 @@ class TorchBackend:
             else:
                 views = True
         buffer = entry.nbytes if self.device.type == "cpu" else 0
-        # dequantising a block of rows: int32 codes, their float copy, the product and the sum
-        temporaries = dequantised * (4 + 3 * self.dtype.itemsize)
-        return (buffer if views else 0) + made, buffer + made + temporaries
+        # a stage read ahead holds its buffer and what prepare() made of it (repacked 4-bit codes)
+        return (buffer if views else 0) + made, buffer + made + temporaries, entry.nbytes + prepared // 2
+
+    def prepare(self, entry, tensors):
+        """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
+        return torch_quant.prepare_stage(self, entry, tensors)
+
+    def quantized(self, tensors, raw_ranges=()):
+        return torch_quant.load_quantized(self, tensors, raw_ranges)
 
     def set_scratch(self, nbytes):
         pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
@@ -236,25 +221,20 @@ class TorchBackend:
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        t = source = torch.from_numpy(raw.data)
+        t = torch.from_numpy(raw.data)
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
-        t = t.to(self.device)
-        if not self.zero_copy and t.data_ptr() == source.data_ptr():  # the buffer is reused after loading
-            t = t.clone()
-        return t
+        return t.to(self.device)
 
-    def dequantize(self, tensors):
-        """Quantised weights (MLX affine layout) -> plain weights in the compute dtype, one stage at a time,
-        on the stage's device."""
-        out = dict(tensors)
-        for name in [n for n in tensors if n.endswith(".scales")]:
-            base = name[: -len(".scales")]
-            scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
-            out[base + ".weight"] = dequantize_affine(wq, scales, biases, *module_params(self.qconfig, base))
-        return out
+    def _kept(self, tensor, raw_ranges):
+        """A tensor the loaded stage keeps: its own copy when it still views a read buffer that goes back to
+        the pool right after loading (not zero_copy)."""
+        ptr = tensor.data_ptr()
+        if not self.zero_copy and tensor.device.type == "cpu" and any(a <= ptr < b for a, b in raw_ranges):
+            return tensor.clone()
+        return tensor
 
     def convert(self, tensors):
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
@@ -274,22 +254,21 @@ class TorchBackend:
 
     def load_stage(self, entry, tensors):
         params, nbytes = {}, 0
-        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()]
+        # the read buffer's address range: tensors still viewing it are its, not this backend's
+        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()
+                      if r.dtype != "INT4PACK"]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
-        if self.qconfig:
-            tensors = self.dequantize(tensors)
         if entry.kind == "head":  # tied head reads the embedding
             embed, head = self.arch.embed_prefix, self.arch.head + "."
             tensors = {head + n[len(embed):] if n.startswith(embed) else n: t for n, t in tensors.items()}
-        for path, (name, tensor) in self.convert(tensors).items():
-            module_path, _, pname = path.rpartition(".")
-            try:
-                module = self.skeleton.get_submodule(module_path)
-                placeholder = getattr(module, pname)
-            except AttributeError:
-                module = placeholder = None
+        overrides = []
+        if self.qconfig:
+            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges)
+        for path, (name, tensor) in self._converted(entry, tensors).items():
+            module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
+            tensor = self._kept(tensor, raw_ranges)
             setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)
@@ -297,12 +276,36 @@ class TorchBackend:
         self._peak_live = max(self._peak_live, self._live)
         index = entry.layer
         layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
-        return TorchStage(entry.kind, params, nbytes, layer, index)
+        return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _converted(self, entry, tensors):
+        """convert(), remembered per stage when transformers' mapping only renames (the usual case), so a
+        streamed stage's later loads skip the pattern matching."""
+        renamed = self._renames.get(entry.name)
+        if renamed is not None and renamed.keys() == tensors.keys():
+            return {path: (name, tensors[name]) for name, path in renamed.items()}
+        out = self.convert(tensors)
+        if all(name in tensors and tensors[name] is t for name, t in out.values()):
+            self._renames[entry.name] = {name: path for path, (name, _) in out.items()}
+        return out
+
+    def _slot(self, path):
+        """(module, parameter name, meta placeholder) a parameter path names, or (None, name, None)."""
+        if path not in self._slots:
+            module_path, _, pname = path.rpartition(".")
+            try:
+                module = self.skeleton.get_submodule(module_path)
+                self._slots[path] = (module, pname, getattr(module, pname))
+            except AttributeError:
+                return None, pname, None
+        return self._slots[path]
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
             setattr(module, pname, placeholder)
-        stage.params = {}
+        for module in stage.overrides:
+            torch_quant.remove(module)
+        stage.params, stage.overrides = {}, []
         self._live -= stage.nbytes
 
     # -- routed experts (MoE): backends/torch_experts.py ------------------------------------------
@@ -464,3 +467,10 @@ class TorchBackend:
                 layer.keys[..., start:n, :] = layer.keys[..., tail, :]
                 layer.values[..., start:n, :] = layer.values[..., tail, :]
             layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+
+    # -- requests joining and leaving one batch (the server's engine; backends/torch_batching.py) --------
+    def merge_caches(self, caches, lengths):
+        return torch_batching.merge(caches, lengths, lambda: self.new_cache(1, [0]))
+
+    def extract_cache(self, cache, row, length):
+        return torch_batching.extract(cache, row, length, lambda: self.new_cache(1, [0]))

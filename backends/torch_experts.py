@@ -14,7 +14,7 @@ def load_expert(backend, entry, tensors):
     transformers' own conversion mapping as for a whole layer."""
     tensors = {name: backend.from_raw(raw) for name, raw in tensors.items()}
     if backend.qconfig:
-        tensors = backend.dequantize(tensors)
+        tensors, _, _ = backend.quantized(tensors)  # fused experts: dequantised
     params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
     return params, sum(t.numel() * t.element_size() for t in params.values())
 

@@ -18,7 +18,7 @@ PROMPT = [4, 5, 6, 7]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrency")
-    make_checkpoint(root / "src", "llama")
+    make_checkpoint(root / "src", "llama", num_hidden_layers=8)  # enough layers that streaming prefetches
     return airmlx.shard_checkpoint(root / "src", root / "shards", progress=False)
 
 
@@ -40,7 +40,7 @@ def sigint_after(*delays):
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_a_second_ctrl_c_during_the_prefetch_restart_leaves_a_working_model(shards, backend):
-    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="420KB") as m:
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="380KB") as m:
         assert m.plan.prefetch_depth and m.plan.streamed
         want = m.generate(PROMPT, max_new_tokens=4)
         restore = slow_reads(m, 1.0)
@@ -61,7 +61,7 @@ def test_a_second_ctrl_c_during_the_prefetch_restart_leaves_a_working_model(shar
 
 
 def test_waiting_on_a_stopped_prefetcher_raises_instead_of_hanging(shards):
-    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="420KB") as m:
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="380KB") as m:
         want = m.generate(PROMPT, max_new_tokens=2)
         prefetcher = m.scheduler.prefetcher
         prefetcher.stop.set()
@@ -75,7 +75,7 @@ def test_waiting_on_a_stopped_prefetcher_raises_instead_of_hanging(shards):
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_two_threads_on_one_model_take_turns(shards, backend):
-    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="420KB") as m:
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="380KB") as m:
         want = m.generate(PROMPT, max_new_tokens=12)
         results = {}
 

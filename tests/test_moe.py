@@ -84,7 +84,7 @@ def test_a_decode_step_reads_only_the_routed_experts(checkpoints, tmp_path, back
     size = expert_size(shards)
     with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards, backend)) as model:
         reads, read_part = [], model.store.read_part
-        model.store.read_part = lambda name, e, *a: (reads.append((name, e)), read_part(name, e, *a))[1]
+        model.store.read_part = lambda name, e, *a, **kw: (reads.append((name, e)), read_part(name, e, *a, **kw))[1]
         cache = model.new_cache(1, [0])
         prompt = np.array(PROMPT)
         model.step(prompt, np.ones_like(prompt), cache)
@@ -155,3 +155,31 @@ def test_bf16_experts_on_mlx_cpu_say_how_to_run(checkpoints, tmp_path):
             model.generate(PROMPT, max_new_tokens=2)
     with airmlx.AutoModel.from_pretrained(shards, backend="mlx", dtype="float32") as model:
         assert len(model.generate(PROMPT, max_new_tokens=2)[0]) == len(PROMPT[0]) + 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_run_concurrently_ahead_of_routing_and_from_a_usage_profile(checkpoints, tmp_path, backend):
+    """A layer's missing experts are read by several threads at once; while a layer computes, the experts the
+    next layer chose last time are read ahead (a wrong guess costs bytes, never tokens); the routing counts
+    are saved beside the shards and fill the cache when the model opens again."""
+    import threading
+
+    from airmlx.experts import PROFILE_NAME
+    folder, ref, shards = shard(checkpoints, tmp_path, "mixtral", num_local_experts=8, num_hidden_layers=6)
+    want = reference_generate(ref, PROMPT)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="1GB") as probe:
+        stages = probe.plan.resident_bytes
+    # every stage resident and a cache of about 7 experts: less than a step's 6 layers x 2 experts
+    budget = stages + 10 * expert_size(shards)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget) as model:
+        threads, read_part = set(), model.store.read_part
+        model.store.read_part = lambda *a, **kw: (threads.add(threading.get_ident()), read_part(*a, **kw))[1]
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS) == want
+        stats = model.memory_stats()
+        assert len(threads) >= 2 and threading.get_ident() not in threads  # reader threads, not the caller
+        assert stats["expert_lookahead_reads"] > 0 and 0 < stats["expert_lookahead_hits"] <= stats["expert_lookahead_reads"]
+    profile = json.loads((shards / PROFILE_NAME).read_text())["layers"]
+    assert sum(sum(row.values()) for row in profile.values()) >= 2 * TOP_K * NEW_TOKENS
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget) as model:
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS) == want
+        assert model.memory_stats()["expert_profile_hits"] > 0

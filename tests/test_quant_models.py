@@ -125,7 +125,7 @@ def test_unknown_compression_is_refused(converted):
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype):
-    from airmlx.backends.torch_backend import dequantize_affine
+    from airmlx.backends.torch_quant import dequantize_affine
     mx_dtype, torch_dtype = getattr(mx, dtype), getattr(torch, dtype)
     w = mx.array(np.random.default_rng(bits).normal(size=(32, 256)).astype(np.float32)).astype(mx_dtype)
     q, s, b = mx.quantize(w, group_size=64, bits=bits)
@@ -138,3 +138,33 @@ def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype):
     got = dequantize_affine(torch.from_numpy(np.array(q)), to_torch(s), to_torch(b), 64, bits)
     assert got.dtype == torch_dtype and torch.equal(got.view(torch.int16) if dtype != "float32" else got,
                                                     to_torch(want).view(torch.int16) if dtype != "float32" else to_torch(want))
+
+
+def test_int4_repack_matches_torchs_own_layout():
+    """4-bit Linears on a CPU run on torch's packed int4 kernel; the codes are repacked from MLX's layout
+    with numpy byte operations, which must give what torch's own converter gives from the raw codes."""
+    from airmlx.backends import torch_quant
+    if not torch_quant.int4_kernel_ok():
+        pytest.skip("this torch has no packed int4 CPU kernel (the backend dequantises instead)")
+    gen = torch.Generator().manual_seed(1)
+    for n, k in [(32, 64), (96, 256), (512, 128)]:
+        codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+        wq = (codes.reshape(n, k // 8, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
+        assert torch.equal(torch_quant.repack_int4(wq), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+
+
+def test_4bit_torch_stages_stay_packed(converted, tmp_path):
+    """A streamed 4-bit stage holds its packed codes (about its file size), not a dequantised copy, and
+    computes what the dequantised weights compute."""
+    from airmlx.backends import torch_quant
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="1GB") as m:
+        got = m.logits([PROMPT])
+        layer = m.plan.stages["layer.000"]
+        packed = torch_quant.int4_kernel_ok()
+        assert layer.held < 1.5 * layer.read if packed else layer.held > 3 * layer.read
+        overridden = [mod for mod in m.backend.skeleton.modules() if "forward" in mod.__dict__]
+        assert bool(overridden) == packed
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        want = m.logits([PROMPT])
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4

@@ -48,11 +48,25 @@ def test_a_budget_between_one_and_two_stages_streams_without_prefetch():
 
 
 def test_resident_layers_are_spread_and_budget_kept():
-    plan = make_plan(SIZES, 730)
+    plan = make_plan(SIZES, 530)
     layers = [s for s in plan.resident if s.startswith("layer")]
-    assert plan.prefetch_depth == 2 and len(layers) == 4
-    assert layers == ["layer.001", "layer.003", "layer.005", "layer.007"]
-    assert plan.total_bytes <= 730
+    assert plan.prefetch_depth == 1 and layers == ["layer.001", "layer.004", "layer.006"]
+    assert plan.total_bytes <= 530
+
+
+def test_the_plan_reading_fewest_bytes_wins():
+    """Head and embedding resident or streamed, prefetch or not: whatever reads least per step, a plan without
+    prefetch counting 1.25 times its bytes (its reads wait for compute)."""
+    from airmlx.plan import streaming_plan
+    big_ends = {**SIZES, "embed": StageCost(300, 300, 300), "head": StageCost(300, 300, 300)}
+    for budget in (700, 750, 900, 1200, 1350):  # the model holds 1400
+        plan = make_plan(big_ends, budget)
+        options = [p for kept in ([], ["head"], ["embed"], ["head", "embed"]) for depth in (0, 1, 2)
+                   if (p := streaming_plan(big_ends, budget, kept, depth)) is not None]
+        cost = lambda p: p.streamed_bytes_per_step * (1 if p.prefetch_depth else 1.25)
+        assert cost(plan) == min(cost(p) for p in options) and plan.total_bytes <= budget
+    assert make_plan(big_ends, 750).prefetch_depth == 0  # prefetching would cost 1300 bytes a step, not 800
+    assert make_plan(SIZES, 930).streamed == []  # everything fits: nothing streams
 
 
 def test_the_plan_budgets_loaded_bytes_not_file_bytes():

@@ -1,0 +1,55 @@
+"""`python -m airmlx.doctor MODEL [--memory-budget B]`: what speed to expect, before a long run.
+
+It measures the disk where the shard folder lives (cold and warm), times the compute of a few steps, and
+predicts from the plan the seconds per token cold and warm, the time to prefill a prompt and the hours a
+scoring run takes (airmlx/preflight.py). The bandwidths are saved in the shard folder: the CLIs print a
+one-line preflight the first time they open a model, and the stats line puts what a run achieved beside them.
+"""
+import sys
+
+from .cli import ArgumentParser, add_model_options, face, load_model
+from .preflight import measure_disk, predict, save
+from .units import format_bytes, per_token
+
+
+def report(model, p, prompt_tokens, requests, request_tokens):
+    plan = model.plan
+    prefill = p.prefill_s_per_token * prompt_tokens + plan.streamed_bytes_per_step / p.cold_bps
+    tokens_per_pass = max(model.prefill_step_size * 8, request_tokens)
+    passes = -(-requests * request_tokens // tokens_per_pass)
+    scoring = passes * (plan.streamed_bytes_per_step / p.cold_bps) + requests * request_tokens * p.prefill_s_per_token
+    compute = sum(p.compute_s.values())
+    return "\n".join([
+        f"model    {model.shard_dir} ({format_bytes(model.shard_bytes)} of shards) on {model.backend_name}",
+        f"plan     {plan}",
+        f"disk     {format_bytes(p.cold_bps)}/s cold, {format_bytes(p.warm_bps)}/s warm (from the page cache)",
+        f"compute  {compute:.3f} s per decode step (stages loaded and run, measured warm)",
+        f"decode   {per_token(p.cold_s_per_token)} cold, {per_token(p.warm_s_per_token)} warm "
+        f"(reading {format_bytes(plan.streamed_bytes_per_step)} per token: {p.streamed_per_step / p.cold_bps:.2f} s "
+        "from the disk alone)",
+        f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
+        f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
+    ])
+
+
+@face
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m airmlx.doctor",
+                            description="Measure the disk and predict the speed of a model streamed under a budget.")
+    add_model_options(parser)
+    parser.add_argument("model_path", nargs="?", help="the model (same as --model)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill prediction")
+    parser.add_argument("--requests", type=int, default=1000, help="requests for the scoring prediction")
+    parser.add_argument("--request-tokens", type=int, default=256, help="tokens per scoring request")
+    args = parser.parse_args(argv)
+    args.model = args.model or args.model_path
+    with load_model(args, preflight=False) as model:
+        cold, warm = measure_disk(model)
+        preflight = predict(model, cold, warm)
+        save(model.shard_dir, preflight)
+        print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

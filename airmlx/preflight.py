@@ -1,0 +1,113 @@
+"""What speed to expect from a streamed model: the disk where its shard folder lives, measured with the store's
+own reads (cold: files evicted from the page cache; warm: from it), the compute of a few steps, and the sweep
+simulated from the plan: one reader thread reading streamed stages in order, at most prefetch depth + 1 of
+them ahead, stages computing in order once read. `python -m airmlx.doctor` prints it; the measured bandwidths
+are saved in the shard folder (preflight.json) for the CLIs' one-line preflight and the stats line.
+"""
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import write_atomic
+from .units import format_bytes, per_token
+
+PREFLIGHT_NAME = "preflight.json"
+SAMPLE_BYTES = 512 << 20  # the most stage bytes the bandwidth measurement reads
+QUICK_SAMPLE_BYTES = 128 << 20  # what the CLIs' one-line preflight reads
+
+
+@dataclass
+class Preflight:
+    cold_bps: float  # bytes per second from the disk
+    warm_bps: float  # bytes per second from the page cache
+    streamed_per_step: int = 0
+    compute_s: dict = None  # stage name -> seconds of one decode step's load and compute
+    prefill_s_per_token: float = 0.0  # compute of one prompt token through every stage
+    cold_s_per_token: float = 0.0
+    warm_s_per_token: float = 0.0
+
+
+def measure_disk(model, sample_bytes=SAMPLE_BYTES):
+    """(cold, warm) bytes per second reading up to sample_bytes of the model's streamed stages."""
+    return model.read_bandwidth(cold=True, limit_bytes=sample_bytes), \
+        model.read_bandwidth(cold=False, limit_bytes=sample_bytes)
+
+
+def sweep_seconds(plan, compute_s, bps, steps=3):
+    """A decode step's seconds in the steady state: a reader reads the streamed stages in sweep order, cycling
+    across steps, each once a slot is free (at most depth + 1 stages read, waiting or computing); each stage
+    computes once it is read and the one before it is done; without prefetch a stage's read waits for the
+    sweep to reach it. Simulated over a few steps; the last one is the answer."""
+    streamed = set(plan.streamed)
+    done = []  # compute end of each streamed stage, in read order
+    reader = clock = step_start = 0.0
+    for _ in range(steps):
+        step_start = clock
+        for name in plan.stages:
+            if name in streamed:
+                j = len(done)
+                if plan.prefetch_depth:
+                    start = max(reader, done[j - plan.prefetch_depth - 1] if j > plan.prefetch_depth else 0.0)
+                else:
+                    start = clock
+                reader = start + plan.stages[name].read / bps
+                clock = max(clock, reader)
+            clock += compute_s.get(name, 0.0)
+            if name in streamed:
+                done.append(clock)
+    return clock - step_start
+
+
+def predict(model, cold_bps, warm_bps, steps=3, prompt=64):
+    """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
+    the sweep simulated at the two bandwidths."""
+    profiling, model.profiling = model.profiling, True
+    model.profile_records.clear()
+    cache = model.new_cache()
+    tokens = np.arange(prompt) % (model.config["vocab_size"] - 3) + 3
+    t0 = time.perf_counter()
+    model.step(tokens[None], np.ones((1, prompt), dtype=np.int64), cache)
+    prefill = time.perf_counter() - t0
+    for i in range(steps):
+        model.step(np.array([[5 + i]]), np.ones((1, prompt + i + 1), dtype=np.int64), cache)
+    first = min(r.step for r in model.profile_records)
+    compute = {}
+    for r in model.profile_records:
+        if r.step > first:
+            compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
+    model.profile_records.clear()
+    model.profiling = profiling
+    plan = model.plan
+    prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
+    return Preflight(cold_bps, warm_bps, plan.streamed_bytes_per_step, compute, prefill_compute / prompt,
+                     sweep_seconds(plan, compute, cold_bps), sweep_seconds(plan, compute, warm_bps))
+
+
+def save(folder, preflight):
+    try:
+        write_atomic(Path(folder) / PREFLIGHT_NAME, json.dumps(asdict(preflight)).encode())
+    except OSError:
+        pass  # a read-only shard folder keeps no record
+
+
+def load(folder):
+    try:
+        return Preflight(**json.loads((Path(folder) / PREFLIGHT_NAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def quick(model):
+    """The one-line preflight the CLIs print the first time they open a model (and save for later)."""
+    cold, warm = measure_disk(model, QUICK_SAMPLE_BYTES)
+    record = Preflight(cold, warm, model.plan.streamed_bytes_per_step)
+    save(model.shard_dir, record)
+    floor = record.streamed_per_step / cold
+    return (f"preflight: disk {format_bytes(cold)}/s cold, {format_bytes(warm)}/s warm; "
+            f"{format_bytes(record.streamed_per_step)} read per token: at least {per_token(floor)} cold "
+            "(python -m airmlx.doctor for the full prediction)")
+
+

@@ -1,0 +1,197 @@
+"""torch: running MLX-layout quantised stages (airmlx's 4/8-bit shards, mlx-community checkpoints).
+
+On the CPU a 4-bit Linear runs on torch's packed int4 matrix multiply (`_weight_int4pack_mm_for_cpu`), its
+codes repacked from MLX's layout with a few numpy byte operations (no dequantised copy of the weight ever
+exists); an embedding dequantises only the rows a step looks up. Everything else is dequantised once per
+load: 8-bit codes straight from their bytes, other widths with shifts and masks (`dequantize_affine`).
+MLX computes `w = q * scale + bias`; the int4 kernel computes `(q - 8) * scale + (bias + 8 * scale)`, which
+agrees to the rounding of the compute dtype (exactly in float32 up to float32 rounding).
+"""
+import functools
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from transformers.core_model_loading import rename_source_key
+
+from airmlx.quant import dequantize, module_params
+
+from .base import check_placement
+
+DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
+
+
+def dequantize_affine(wq, scales, biases, group_size, bits):
+    """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
+    back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
+    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser."""
+    if 32 % bits:
+        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
+        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
+        w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
+        w = torch.from_numpy(w)
+        return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
+    lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
+    wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
+    out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
+    rows = max(1, DEQUANT_ELEMENTS // cols)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
+    for r in range(0, wq.shape[0], rows):
+        if bits == 8:  # a code per byte, in order: no shifting
+            codes = wq[r:r + rows].contiguous().view(torch.uint8)
+        else:
+            codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        codes = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
+        # the product, rounded, then the sum: as mx.dequantize rounds (a fused multiply-add would not)
+        out[r:r + rows] = (codes * scales[r:r + rows].unsqueeze(-1) + biases[r:r + rows].unsqueeze(-1)).flatten(1)
+    return out.reshape(*lead, cols)
+
+
+def repack_int4(wq):
+    """MLX's 4-bit codes (N, K / 8) uint32 (numpy or torch) -> torch's CPU int4 layout (N, K / 2) uint8: rows in
+    blocks of 32, each block K-major with 16 bytes per k, rows r and r + 16 of a block sharing a byte (low,
+    high nibble). numpy does it (it releases the GIL: this runs on the prefetch thread)."""
+    wq = wq.numpy() if isinstance(wq, torch.Tensor) else wq
+    n, k = wq.shape[0], wq.shape[1] * 8
+    by = wq.view(np.uint8).reshape(n // 32, 2, 16, k // 2)  # byte j of a row: codes 2j (low), 2j+1 (high)
+    top, bottom = by[:, 0], by[:, 1]
+    out = np.empty((n // 32, k // 2, 2, 16), np.uint8)
+    view = out.transpose(0, 2, 3, 1)
+    np.bitwise_or(top & 15, bottom << 4, out=view[:, 0])  # even k
+    np.bitwise_or(top >> 4, bottom & 0xF0, out=view[:, 1])  # odd k
+    return torch.from_numpy(out.reshape(n, k // 2))
+
+
+@functools.cache
+def int4_kernel_ok():
+    """torch's packed int4 CPU kernel exists and lays codes out as repack_int4 does (checked once)."""
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return False
+    codes = torch.randint(0, 16, (64, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    wq = (codes.reshape(64, 16, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
+    try:
+        return torch.equal(repack_int4(wq), convert(codes, 1))
+    except RuntimeError:
+        return False
+
+
+def packable(module, bits, group_size):
+    """A Linear whose 4-bit weight torch's int4 kernel can run."""
+    return (isinstance(module, torch.nn.Linear) and bits == 4 and group_size in INT4_GROUPS
+            and module.out_features % 32 == 0 and module.in_features % group_size == 0 and int4_kernel_ok())
+
+
+def int4_linear(module, packed, scales_and_zeros, group_size, x):
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), packed, group_size,
+                                                  scales_and_zeros)
+    y = y.reshape(*shape[:-1], y.shape[-1])
+    return y + module.bias if module.bias is not None else y
+
+
+def install_int4(module, packed, scales, biases, group_size):
+    """Run `module` (a Linear) on its 4-bit weight in torch's layout (repack_int4): forward is replaced until
+    remove(module)."""
+    zeros = biases + 8 * scales  # (q - 8) * s + (b + 8 s) = q * s + b
+    scales_and_zeros = torch.stack([scales.t(), zeros.t()], -1).contiguous()
+    module.forward = functools.partial(int4_linear, module, packed, scales_and_zeros, group_size)
+    return packed.numel() + scales_and_zeros.numel() * scales_and_zeros.element_size()
+
+
+def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
+    rows = ids.reshape(-1)
+    out = dequantize_affine(wq[rows], scales[rows], biases[rows], group_size, bits)
+    return out.reshape(*ids.shape, out.shape[-1])
+
+
+def install_embedding(module, wq, scales, biases, group_size, bits):
+    """Look up rows of a quantised embedding, dequantising only those: forward is replaced until remove()."""
+    module.forward = functools.partial(quantized_embedding, module, wq, scales, biases, group_size, bits)
+    return sum(t.numel() * t.element_size() for t in (wq, scales, biases))
+
+
+def remove(module):
+    module.__dict__.pop("forward", None)
+
+
+# -- what the torch backend asks, stage by stage -----------------------------------------------------
+def quantized_footprint(backend, entry, name, info, infos):
+    """(bytes held, bytes of temporaries while loading) of one quantised weight, as quantized() runs it."""
+    base = name.rpartition(".")[0]
+    scales = infos[base + ".scales"]
+    group_size, bits = module_params(backend.qconfig, base)
+    rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
+    module = target_module(backend, stage_name(backend, entry, base))
+    quantized_bytes = info.nbytes + 2 * scales.nbytes
+    if packable_weight(backend, entry, base):
+        # the packed codes and stacked scales and zeros; the repack's temporaries while loading
+        return rows * cols // 2 + math.prod(scales.shape) * 2 * backend.dtype.itemsize, info.nbytes // 2
+    if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
+        return quantized_bytes, 0
+    # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
+    # product and the sum
+    block = min(rows * cols, DEQUANT_ELEMENTS)
+    return rows * cols * backend.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * backend.dtype.itemsize)
+
+def stage_name(backend, entry, name):
+    """A checkpoint name as load_stage sees it: a tied head's embedding tensors are the head's."""
+    if entry.kind == "head" and name.startswith(backend.arch.embed_prefix):
+        return backend.arch.head + "." + name[len(backend.arch.embed_prefix):]
+    return name
+
+def packable_weight(backend, entry, base):
+    """Whether quantised weight `base` runs on the packed int4 kernel (see torch_quant)."""
+    if backend.device.type != "cpu" or not backend.qconfig:
+        return False
+    group_size, bits = module_params(backend.qconfig, base)
+    return packable(target_module(backend, stage_name(backend, entry, base)), bits, group_size)
+
+def prepare_stage(backend, entry, tensors):
+    """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
+    if not backend.qconfig or backend.device.type != "cpu":
+        return tensors
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        if packable_weight(backend, entry, base):
+            raw = tensors[base + ".weight"]
+            out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
+                                            owner=None, shape=(raw.shape[0], raw.shape[1] * 4))
+    return out
+
+def target_module(backend, base):
+    """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
+    target, pattern = rename_source_key(base + ".weight", backend.renamings, backend.converter_list)
+    if pattern is not None:
+        return None
+    try:
+        return backend.skeleton.get_submodule(target.rpartition(".")[0])
+    except AttributeError:
+        return None
+
+def load_quantized(backend, tensors, raw_ranges=()):
+    """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
+    dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
+    rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
+    out, overrides, nbytes = dict(tensors), [], 0
+    for name in [n for n in tensors if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
+        group_size, bits = module_params(backend.qconfig, base)
+        module = target_module(backend, base)
+        if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
+            check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
+                            tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}")
+            nbytes += install_int4(module, backend._kept(wq, raw_ranges), scales, biases, group_size)
+            overrides.append(module)
+        elif isinstance(module, torch.nn.Embedding):
+            kept = [backend._kept(t, raw_ranges) for t in (wq, scales, biases)]
+            nbytes += install_embedding(module, *kept, group_size, bits)
+            overrides.append(module)
+        else:
+            out[base + ".weight"] = dequantize_affine(wq, scales, biases, group_size, bits)
+    return out, overrides, nbytes
