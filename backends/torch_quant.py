@@ -105,6 +105,9 @@ def install_int4(module, packed, scales, biases, group_size):
 def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
     rows = ids.reshape(-1)
     out = dequantize_affine(wq[rows], scales[rows], biases[rows], group_size, bits)
+    scale = getattr(module, "embed_scale", None)  # transformers' scaled embeddings (gemma3) multiply what they look up
+    if scale is not None:
+        out = out * scale.to(out.dtype)
     return out.reshape(*ids.shape, out.shape[-1])
 
 
