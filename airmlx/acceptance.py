@@ -13,25 +13,14 @@ applies them), whatever the draft proposed. Pure numpy; knows nothing of models.
 """
 import numpy as np
 
+from .generation import filtered_logits
+
 ROOT = -1  # the node a tree grows from: the last token the model has not yet run
 
 
 def sampling_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """The distribution generation.sample draws from, per row (float64): temperature, then top-k, then top-p."""
-    logits = np.atleast_2d(logits).astype(np.float64) / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p < 1.0:
-        order = np.argsort(logits, axis=-1)
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        probs = np.exp(sorted_logits - sorted_logits[:, -1:])
-        cum = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
-        drop = cum <= 1 - top_p
-        drop[:, -1] = False  # always keep the most likely token
-        unsorted = np.empty_like(drop)
-        np.put_along_axis(unsorted, order, drop, axis=-1)
-        logits = np.where(unsorted, -np.inf, logits)
+    logits = filtered_logits(np.atleast_2d(logits), temperature, top_k, top_p)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     return probs / probs.sum(-1, keepdims=True)
 

@@ -27,6 +27,7 @@ from .acceptance import sampling_probs, walk_greedy, walk_sampling
 from .draft_tree import TREE_BRANCHING, ancestor_mask, grow
 from .errors import CacheTrimError, GenerationError
 from .generation import StopStrings, check_sampling
+from .session import common_prefix
 from .spec_measure import Totals
 
 DEFAULT_TREE_TOKENS = 64  # most draft tokens a tree sweep verifies, unless num_draft_tokens says
@@ -55,15 +56,6 @@ def choose_mode(target, draft, speculation: "str | None") -> str:
     if speculation == "tree" and problem:
         raise GenerationError(f"tree speculation cannot run: {problem[0]} ({problem[1]}); use speculation='chain'.")
     return speculation or ("chain" if problem else "tree")
-
-
-def common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def fitted(logits: np.ndarray, vocab: int) -> np.ndarray:
