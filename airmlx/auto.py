@@ -4,16 +4,19 @@ import sys
 from pathlib import Path
 
 from .archs import arch_for
-from .errors import BackendError, CorruptShardError
+from .draft import quantised_copy
+from .errors import BackendError, CorruptShardError, DraftModelError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .plan import DEFAULT_PREFILL_STEP
-from .quant import compression_config
+from .quant import COMPRESSIONS, compression_config
 from .sharder import shard_checkpoint
+from .spec_measure import check_num_draft_tokens
 from .stagefile import PROGRESS_NAME, complete_folder
 
 BACKENDS = ("auto", "mlx", "torch")
+UNLIMITED = 1 << 60  # a draft's own budget: everything resident
 
 
 def pick_backend(backend: str = "auto") -> str:
@@ -65,7 +68,8 @@ class AutoModel:
                         profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
                         allow_pickle: bool = False, progress: bool = True,
                         trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
-                        gguf_file: str | None = None) -> AirModel:
+                        gguf_file: str | None = None, draft_model=None,
+                        num_draft_tokens: int | None = None) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -77,7 +81,13 @@ class AutoModel:
         inside the same sweep (the model is still read once), which bounds a step's activations.
 
         GGUF: `path_or_id` a .gguf file or a folder holding one, or a folder / hub id with gguf_file='NAME.gguf'
-        (only that file is downloaded); see airmlx/gguf.py."""
+        (only that file is downloaded); see airmlx/gguf.py.
+
+
+        draft_model: speculative decoding (airmlx.speculative): a smaller model of the same tokenizer (path or
+        hub id), an AirModel, or "4bit" / "8bit" for a quantised copy of this model (sharded once into its own
+        folder). It is kept resident on the same backend, and its bytes come out of memory_budget.
+        num_draft_tokens: the most draft tokens one sweep verifies (default: 64 in a tree, 16 in a chain)."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         name = pick_backend(backend)
@@ -98,6 +108,44 @@ class AutoModel:
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
         backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
-        return AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
-                        profiling_mode=profiling_mode, trust_remote_code=trust_remote_code,
-                        prefill_step_size=prefill_step_size)
+        draft, owned = None, False
+        if draft_model is not None:
+            check_num_draft_tokens(num_draft_tokens)
+            draft, owned = load_draft(draft_model, shard_dir, name, device, dtype, hf_token, allow_pickle, progress,
+                                      trust_remote_code, prefill_step_size)
+        try:
+            model = AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
+                             profiling_mode=profiling_mode, trust_remote_code=trust_remote_code,
+                             prefill_step_size=prefill_step_size, draft=draft, num_draft_tokens=num_draft_tokens)
+        except BaseException:
+            if owned:
+                draft.close()
+            raise
+        model.owns_draft = owned
+        return model
+
+
+def load_draft(spec, shard_dir: Path, backend: str, device=None, dtype=None, hf_token=None,
+               allow_pickle: bool = False, progress: bool = True, trust_remote_code: bool = False,
+               prefill_step_size: int = 512) -> tuple:
+    """(the draft AirModel, whether it was loaded here and so belongs to the model): `spec` is an AirModel,
+    "4bit" / "8bit" (a quantised copy of the model in shard_dir), or a path or hub id."""
+    if isinstance(spec, AirModel):
+        return spec, False
+    if not isinstance(spec, (str, Path)):
+        raise DraftModelError(f"draft_model={spec!r}: pass a path, a hub id, an AirModel, or one of "
+                              f"{sorted(COMPRESSIONS)} for a quantised copy of the model.")
+    source = quantised_copy(Path(shard_dir), spec, progress) if spec in COMPRESSIONS else spec
+
+    def load(budget):
+        return AutoModel.from_pretrained(source, backend=backend, device=device, dtype=dtype, memory_budget=budget,
+                                         hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
+                                         trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size)
+
+    draft = load(UNLIMITED)
+    plan = draft.plan
+    if plan.expert_bytes:  # MoE: the expert cache would take all of an unlimited budget; size it to every expert
+        draft.close()
+        draft = load(plan.resident_bytes + plan.load_overhead + plan.expert_bytes * 4 // 3 + draft.minimum_budget)
+    draft.plan.budget = draft.plan.total_bytes  # everything resident: its budget is what it holds
+    return draft, True

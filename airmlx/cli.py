@@ -61,6 +61,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "transformers lacks); read that code first")
     parser.add_argument("--profile", action="store_true",
                         help="record read / wait / load / compute time per stage and print the table")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
+                             "4bit / 8bit for a quantised copy of the model; kept resident, inside --memory-budget")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
+                             "tree, 16 in a chain; fewer when that is faster)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +117,8 @@ def open_model(args: argparse.Namespace):
                                      layer_shards_saving_path=args.layer_shards_saving_path, hf_token=args.hf_token,
                                      profiling_mode=args.profile, trust_remote_code=args.trust_remote_code,
                                      prefill_step_size=args.prefill_step_size,
-                                     gguf_file=getattr(args, "gguf_file", None))
+                                     gguf_file=getattr(args, "gguf_file", None), draft_model=args.draft_model,
+                                     num_draft_tokens=args.num_draft_tokens)
 
 
 class PrintStreamer:

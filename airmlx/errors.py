@@ -47,3 +47,7 @@ class CacheTrimError(GenerationError):
 
 class ModelClosedError(AirmlxError, RuntimeError):
     """The model was used after (or closed during) close()."""
+
+
+class DraftModelError(AirmlxError, ValueError):
+    """A draft model for speculative decoding does not fit the model it drafts for (another tokenizer)."""

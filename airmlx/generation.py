@@ -54,6 +54,16 @@ def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, rng=Non
     """Next token per row, in transformers' order: temperature, then top-k, then top-p."""
     if not do_sample:
         return logits.argmax(axis=-1)
+    logits = filtered_logits(logits, temperature, top_k, top_p)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+    u = (rng or np.random.default_rng()).random((logits.shape[0], 1))
+    return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
+
+
+def filtered_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Logits (B, vocab) as float64 divided by the temperature, those top-k and then top-p drop set to -inf:
+    what sample() draws from (speculative sampling's acceptance rules use the same distribution)."""
     logits = logits.astype(np.float64) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
@@ -66,10 +76,7 @@ def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, rng=Non
         drop = cum <= 1 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = np.where(_unsort(drop, order), -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
-    u = (rng or np.random.default_rng()).random((logits.shape[0], 1))
-    return np.minimum((cdf < u).sum(-1), logits.shape[-1] - 1)
+    return logits
 
 
 class StopStrings:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
 from .generation import GenerateOutput, generate_tokens, resolve_sampling, to_batch
@@ -27,6 +28,7 @@ from .plan import (
 )
 from .preflight import load as load_preflight
 from .schedule import Scheduler
+from .spec_measure import Measurements, check_num_draft_tokens
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
 from .units import format_bytes, parse_bytes, per_token
@@ -51,7 +53,11 @@ class AirModel:
 
     def __init__(self, shard_dir, backend, memory_budget=None, prefetching: bool = True,
                  profiling_mode: bool = False, trust_remote_code: bool = False,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP):
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP, draft: "AirModel | None" = None,
+                 num_draft_tokens: int | None = None):
+        """draft: a resident AirModel of the same tokenizer that generate() speculates with; its bytes come out of
+        the budget. num_draft_tokens: the most draft tokens one sweep verifies (None: airmlx.speculative's
+        default); speculation adapts below it."""
         self.shard_dir = Path(shard_dir)
         self.trust_remote_code = trust_remote_code
         if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
@@ -72,7 +78,9 @@ class AirModel:
         top_k = self.config.get("num_experts_per_tok", 1) if routed else 0
         experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed))
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
-        self.plan = make_plan(stages, budget, prefetching, experts)
+        draft_bytes = draft_share(draft, budget, self.minimum_budget) if draft is not None else 0
+        self.plan = make_plan(stages, budget - draft_bytes, prefetching, experts)
+        self.plan.budget, self.plan.draft_bytes = budget, draft_bytes
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
         self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
@@ -84,6 +92,11 @@ class AirModel:
         self._caches = weakref.WeakSet()  # caches made by new_cache(), counted while they live
         self._largest_step = (0, 0, 0, 0)  # rows, new tokens, tokens of context, logits of the largest step
         self._kv_peak = 0  # the largest KV cache a step has left
+        # speculative decoding (airmlx/speculative.py): the draft, and what speculating has measured
+        self.draft, self.num_draft_tokens, self.owns_draft = draft, check_num_draft_tokens(num_draft_tokens), False
+        self.speculation = Measurements()
+        if draft is not None:
+            check_same_vocabulary(self, draft)
 
     @property
     def tokenizer(self):
@@ -229,7 +242,8 @@ class AirModel:
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
                  streamer=None, seed: int | None = None, past_key_values=None,
-                 stop_strings: "str | list[str] | None" = None, tokenizer=None, **unused):
+                 stop_strings: "str | list[str] | None" = None, tokenizer=None, draft_model=None,
+                 num_draft_tokens: int | None = None, speculation: str | None = None, **unused):
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
         return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list.
 
@@ -239,7 +253,13 @@ class AirModel:
         contain one of them; the stop string stays in the output, as in transformers.
         past_key_values: a cache from model.new_cache(1, [0]) to continue (one prompt only): input_ids are
         then just the tokens after those already in it, and the cache grows by the prompt and all new
-        tokens but the last. Multi-turn chat keeps one cache this way."""
+        tokens but the last. Multi-turn chat keeps one cache this way.
+        draft_model: an AirModel of the same tokenizer to speculate with (default: the model's own draft, from
+        from_pretrained(draft_model=...); False: none). One prompt at a time; a batch runs without the
+        model's own draft. num_draft_tokens: the most draft tokens one sweep verifies (default: the model's).
+        speculation: "chain" or "tree" (default: a tree where both models can verify one, else a chain).
+        Output is what generating without a draft gives: token for token when greedy, the same distribution
+        when sampling. See airmlx.speculative."""
         if unused:
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
@@ -266,10 +286,21 @@ class AirModel:
                                     top_k=top_k, top_p=top_p)
         if stop_strings is not None and tokenizer is None:
             tokenizer = self.tokenizer
-        seqs = generate_tokens(self.step, self.new_cache, ids, mask, max_new_tokens=max_new_tokens, **sampling,
-                               eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
-                               rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
-                               select_rows=self.backend.select_rows, stop_strings=stop_strings, tokenizer=tokenizer)
+        num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
+        draft = self._draft_for(draft_model, ids.shape[0], use_cache)
+        if draft is not None:
+            from .speculative import speculative_generate
+            seqs = speculative_generate(self, draft, ids, mask, max_new_tokens=max_new_tokens, **sampling,
+                                        eos_token_id=eos, pad_token_id=pad, streamer=streamer,
+                                        rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
+                                        stop_strings=stop_strings, tokenizer=tokenizer, speculation=speculation,
+                                        num_draft_tokens=num_draft_tokens or self.num_draft_tokens)
+        else:
+            seqs = generate_tokens(self.step, self.new_cache, ids, mask, max_new_tokens=max_new_tokens, **sampling,
+                                   eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
+                                   rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
+                                   select_rows=self.backend.select_rows, stop_strings=stop_strings,
+                                   tokenizer=tokenizer)
         out = restore(seqs)
         if return_dict_in_generate:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])
@@ -298,7 +329,8 @@ class AirModel:
                 "kv_cache": sum(self.backend.cache_bytes(c) for c in list(self._caches)),
                 "kv_cache_peak": self._kv_peak,
                 "activation_bound": self._activation_bound(*self._largest_step),
-                "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend}
+                "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend,
+                **self._speculation_stats()}
 
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
         """Prompt tokens/s, generation speed (tokens/s, or s/token below one), bytes read per step and the
@@ -321,7 +353,7 @@ class AirModel:
         return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
                 f"generation: {gen + 1} tokens, {speed} | "
                 f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step{disk} | "
-                f"peak memory {format_bytes(mem['peak'])} | {self.plan}")
+                f"peak memory {format_bytes(mem['peak'])} | {self.plan}" + self.speculation.stats_line())
 
     def close(self) -> None:
         """Free everything the model holds. A call running in another thread is cancelled at its next step
@@ -331,6 +363,8 @@ class AirModel:
             if not self._closed:
                 self._closed = True
                 self.scheduler.close()
+                if self.owns_draft:
+                    self.draft.close()
 
     def __enter__(self):
         return self
@@ -366,6 +400,58 @@ class AirModel:
         matplotlib: pip install 'airmlx[plot]'); see airmlx.profile."""
         from .profile import model_plot
         return model_plot(self, ax=ax)
+
+    # -- speculative decoding (airmlx/speculative.py) ------------------------------------------------
+    @exclusive
+    def step_logits(self, tokens, attention_mask, cache, last: int, attend=None, positions=None) -> np.ndarray:
+        """One sweep over new tokens (B, T) after the cache's past (attention_mask covers past + T): the logits
+        of the last `last` positions, (B, last, vocab) float32. The tokens before them run as a prompt does
+        (in chunks); the last ones run together, with a tree's attention when `attend` (B, last, past + T)
+        bool and `positions` (B, last) are given (see Backend.begin_step)."""
+        head = tokens.shape[1] - last
+        past = attention_mask.shape[1] - tokens.shape[1]
+        ctxs = prompt_contexts(self.backend, tokens[:, :head], attention_mask[:, :past + head], cache,
+                               self.prefill_step_size) if head else []
+        ctxs.append(self.backend.begin_step(tokens[:, head:], attention_mask, cache, True, None, attend, positions))
+        out = []
+        self.scheduler.forward_many(ctxs, lambda i, x: out.append(x) if i == len(ctxs) - 1 else None,
+                                    self._progress(tokens))
+        self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1], tokens.shape[0] * last)
+        self._kv_peak = max(self._kv_peak, self.backend.cache_bytes(cache))
+        return self.backend.logits(out[0])
+
+    def keep_cache_positions(self, cache, positions) -> None:
+        """Keep only these positions of a cache (ascending), in order: the accepted path of a token tree."""
+        self.backend.keep_cache_positions(cache, positions)
+
+    @property
+    def tree_attention_problem(self) -> str | None:
+        """Why this model cannot verify a tree of draft tokens in one sweep (None when it can)."""
+        return self.backend.tree_attention_problem()
+
+    def _draft_for(self, draft_model, batch: int, use_cache: bool):
+        """The draft generate() speculates with, or None. The model's own draft sits out a batch (which already
+        gets many tokens out of each sweep) and use_cache=False; a draft asked for explicitly cannot."""
+        if draft_model is False or (draft_model is None and (self.draft is None or batch > 1 or not use_cache)):
+            return None
+        if draft_model is None:
+            return self.draft
+        if not isinstance(draft_model, AirModel):
+            raise GenerationError(f"draft_model={draft_model!r}: generate() takes an AirModel (or False); load a "
+                                  "draft by path or as '4bit' with AutoModel.from_pretrained(..., draft_model=...).")
+        if batch > 1 or not use_cache:
+            raise GenerationError(f"speculative decoding runs one prompt with use_cache=True, not {batch} prompts"
+                                  f"{'' if use_cache else ' without a cache'}; generate them one at a time, or pass "
+                                  "draft_model=False.")
+        if draft_model is not self.draft:
+            check_same_vocabulary(self, draft_model)
+        return draft_model
+
+    def _speculation_stats(self) -> dict:
+        if self.draft is None and not self.speculation.total.sweeps:
+            return {}
+        draft_kv = sum(self.draft.cache_bytes(c) for c in list(self.draft._caches)) if self.draft else 0
+        return {"draft_weights": self.plan.draft_bytes, "draft_kv_cache": draft_kv, **self.speculation.total.as_dict()}
 
     # -- the server's engine (airmlx/engine.py): requests with caches of their own share each sweep ---------
     @exclusive

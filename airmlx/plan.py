@@ -39,6 +39,7 @@ class Plan:
     expert_cache: int = 0  # MoE: bytes of loaded routed experts kept while they fit
     expert_stack: int = 0  # MoE: room for the copy a group of experts is stacked into
     expert_bytes: int = 0  # MoE: all routed experts, in memory
+    draft_bytes: int = 0  # speculative decoding: the resident draft model, taken out of the budget
 
     @property
     def stage_bytes(self) -> dict:
@@ -81,7 +82,7 @@ class Plan:
     def total_bytes(self) -> int:
         """Everything the plan accounts for: never above the budget."""
         return (self.resident_bytes + self.in_flight_bytes + self.load_overhead + self.expert_cache
-                + self.expert_stack)
+                + self.expert_stack + self.draft_bytes)
 
     def __str__(self):
         experts = (f", expert cache {format_bytes(self.expert_cache)} of {format_bytes(self.expert_bytes)} experts"
@@ -89,7 +90,8 @@ class Plan:
         return (f"budget {format_bytes(self.budget)}: {len(self.resident)}/{len(self.stages)} stages resident "
                 f"({format_bytes(self.resident_bytes)}), {len(self.streamed)} streamed "
                 f"({format_bytes(self.streamed_bytes_per_step)} read per step, "
-                f"{format_bytes(self.in_flight_bytes)} in flight), prefetch depth {self.prefetch_depth}" + experts)
+                f"{format_bytes(self.in_flight_bytes)} in flight), prefetch depth {self.prefetch_depth}" + experts
+                + (f", draft model {format_bytes(self.draft_bytes)} resident" if self.draft_bytes else ""))
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,12 @@ def _records_of(model):
 
 
 def model_report(model, show=True):
-    """model.profile_report(): the table, printed unless show=False."""
+    """model.profile_report(): the table, printed unless show=False (with speculative decoding's draft and
+    verify time after it)."""
     text = report(_records_of(model))
+    speculation = getattr(model, "speculation", None)
+    if speculation is not None and speculation.total.sweeps:
+        text += "\n" + speculation.total.line()
     if show:
         print(text)
     return text

@@ -228,6 +228,10 @@ def check_server_args(args) -> None:
         raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
     if args.max_kv_bytes is not None:
         parse_bytes(args.max_kv_bytes)  # a BudgetError naming the value
+    if args.draft_model is not None or args.num_draft_tokens is not None:
+        # the engine's sweeps serve every request at once (model.step_many): a draft would only take memory
+        raise AirmlxError("--draft-model / --num-draft-tokens: the server does not speculate (its requests share "
+                          "each sweep instead); leave them out.")
 
 
 @face

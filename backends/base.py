@@ -70,12 +70,23 @@ class Backend(Protocol):
         """Empty one layer's part of a cache nobody needs after the sweep (scoring's scratch caches)."""
 
     def begin_step(self, tokens: np.ndarray, attention_mask: np.ndarray, cache: Any,
-                   all_positions: bool = False, targets: np.ndarray | None = None) -> Any:
+                   all_positions: bool = False, targets: np.ndarray | None = None,
+                   attend: np.ndarray | None = None, positions: np.ndarray | None = None) -> Any:
         """Step context for new tokens (B, T) given the mask over past + new tokens (B, past + T);
         all_positions: the head computes logits for every new token, not just the last. cache=None: a
         single sweep that keeps no KV cache. targets (B, T): the head returns (B, T, 2), the log-probability
         of each target and whether it was the argmax, never the whole logits. Nothing here may depend on
-        what the cache holds now: a long prompt's chunks all begin before the first runs."""
+        what the cache holds now: a long prompt's chunks all begin before the first runs.
+        attend (B, T, past + T) bool and positions (B, T): tree attention (speculative decoding): which
+        cached and new tokens each new token sees, and its position, instead of the causal mask and
+        consecutive positions (only where tree_attention_problem() is None)."""
+
+    # tree attention (speculative decoding: airmlx/speculative.py)
+    def tree_attention_problem(self) -> str | None:
+        """Why this model cannot verify a tree of tokens in one step (None when it can)."""
+
+    def keep_cache_positions(self, cache: Any, positions: Any) -> None:
+        """Keep only these cache positions (ascending), in this order: a tree's accepted path."""
 
     def load_stage(self, entry: Any, tensors: dict) -> Any: ...
 
@@ -127,3 +138,11 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kept_tail(positions) -> tuple:
+    """(positions as int64 numpy, how many lead positions are already in place): keep_cache_positions
+    rewrites only what follows them."""
+    positions = np.asarray(positions, dtype=np.int64)
+    moved = np.flatnonzero(positions != np.arange(len(positions)))
+    return positions, int(moved[0]) if moved.size else len(positions)

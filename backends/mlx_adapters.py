@@ -7,7 +7,11 @@ Sliding-window layers keep TRIM_SLACK tokens beyond their window (the attention 
 window), so a cache rolls back up to that many tokens exactly; further is a CacheTrimError, never a silent
 change of the numbers.
 """
+import contextlib
+
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache, CacheList, KVCache, RotatingKVCache
 
 from airmlx.errors import BackendError, CacheTrimError
@@ -175,3 +179,77 @@ def empty_layer(cache):
         cache.offset = 0
         if hasattr(cache, "_idx"):
             cache._idx = 0
+
+
+# -- tree attention (speculative decoding) ---------------------------------------------------------
+def keep_positions(cache, positions, start):
+    """Keep only `positions` of one layer's KVCache, in order; the first `start` are already in place."""
+    if type(cache) is not KVCache:
+        raise BackendError(f"mlx-lm's {type(cache).__name__} cannot keep chosen positions; use chain speculation.")
+    n = len(positions)
+    if start < n and cache.keys is not None:
+        tail = mx.array(positions[start:].astype("int32"))
+        moved = [mx.take(a, tail, axis=2) for a in (cache.keys, cache.values)]
+        cache.keys[..., start:n, :], cache.values[..., start:n, :] = moved
+        mx.eval(cache.keys, cache.values)
+    cache.offset = n
+
+
+def rope_modules(block):
+    """(parent module, attribute name) of every rotary embedding in a decoder block."""
+    found = []
+    for name, module in block.named_modules():
+        path, _, attr = name.rpartition(".")
+        if attr in ("rope", "rotary_emb"):
+            parent = block
+            for part in path.split(".") if path else ():
+                parent = getattr(parent, part)
+            found.append((parent, attr, module))
+    return found
+
+
+# rotary embeddings that hand `offset` straight to mx.fast.rope, which takes one offset per batch row
+PER_ROW_OFFSETS = ("RoPE", "Llama3RoPE", "SuScaledRoPE", "YarnRoPE", "ProportionalRoPE")
+
+
+class PositionedRoPE(nn.Module):
+    """A rotary embedding that puts each token at its own position (a tree's nodes share depths): the tokens
+    move to the batch axis, one query each, and mlx-lm's own module rotates them with one offset per token,
+    or, for modules that compute with their offset, once per distinct position."""
+
+    def __init__(self, rope, positions):
+        super().__init__()
+        self.rope = rope
+        self._offsets = mx.array(positions.astype("int32"))
+        self._per_row = type(rope).__name__ in PER_ROW_OFFSETS and type(rope).__module__.startswith(("mlx.", "mlx_lm."))
+        groups = {}
+        for i, p in enumerate(positions.tolist()):
+            groups.setdefault(p, []).append(i)
+        self._groups = [(p, mx.array(idx)) for p, idx in groups.items()]
+        self._inverse = mx.array(np.argsort([i for idx in groups.values() for i in idx]))
+
+    def __call__(self, x, offset=0, **kwargs):
+        # x: (1, heads, L, dims) -> (L, heads, 1, dims): each token a row of its own
+        if self._per_row:
+            return self.rope(x.transpose(2, 1, 0, 3), offset=self._offsets, **kwargs).transpose(2, 1, 0, 3)
+        parts = []
+        for p, idx in self._groups:
+            part = mx.take(x, idx, axis=2).transpose(2, 1, 0, 3)
+            parts.append(self.rope(part, offset=p, **kwargs).transpose(2, 1, 0, 3))
+        return mx.take(mx.concatenate(parts, axis=2), self._inverse, axis=2)
+
+
+@contextlib.contextmanager
+def explicit_positions(block, positions):
+    """Run a decoder block with every token at its given position (None: the cache's offset, as mlx-lm does)."""
+    if positions is None:
+        yield
+        return
+    swaps = rope_modules(block)
+    for parent, attr, rope in swaps:
+        setattr(parent, attr, PositionedRoPE(rope, positions))
+    try:
+        yield
+    finally:
+        for parent, attr, rope in swaps:
+            setattr(parent, attr, rope)

@@ -22,7 +22,7 @@ from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 
 from . import mlx_adapters, mlx_batching, mlx_experts
-from .base import available_ram, check_placement
+from .base import available_ram, check_placement, kept_tail
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
@@ -86,6 +86,8 @@ class MLXStep:
     targets: mx.array = None  # scoring: (B, T) token ids; the head returns their log-probabilities
     masks: dict = field(default_factory=dict)  # per layer type, made when a layer of that type first runs
     valid: mx.array = None  # (B, L, 1), False at left-padded positions: zeroed before each layer (zero_padding)
+    attend: mx.array = None  # tree attention: (B, 1, L, past + L) bool, for every layer
+    positions: np.ndarray = None  # tree attention: (L,) each token's position
 
 
 def mlx_args(config, module):
@@ -295,10 +297,13 @@ class MLXBackend:
             c.filter(mx.array(rows))
 
     # -- steps -------------------------------------------------------------------------------------
-    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None):
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None, attend=None,
+                   positions=None):
         ids = mx.array(tokens.astype("int32"))
         step = MLXStep(ids, np.asarray(attention_mask), cache, all_positions or targets is not None,
                        None if targets is None else mx.array(np.asarray(targets).astype("int32")))
+        if attend is not None:
+            step.attend, step.positions = mx.array(np.asarray(attend, dtype=bool))[:, None], np.asarray(positions)[0]
         valid = step.attention_mask[:, -ids.shape[1]:] != 0
         if self.mlx_arch.zero_padding and not valid.all():
             step.valid = mx.array(valid)[..., None]
@@ -309,6 +314,8 @@ class MLXBackend:
         from that layer's own cache, which then holds exactly the tokens before this step's (a long prompt
         runs in chunks, each chunk through a layer before the next)."""
         sliding = self.sliding[layer]
+        if step.attend is not None:
+            return step.attend
         if sliding not in step.masks:
             window = self.window if sliding else None
             array = self.mlx_arch.mask_array
@@ -345,7 +352,8 @@ class MLXBackend:
             cache = step.cache[stage.layer] if step.cache is not None else None
             if step.valid is not None:
                 x = mx.where(step.valid, x, 0.0)
-            x = stage.module(x, self._mask(step, stage.layer), cache=cache)
+            with mlx_adapters.explicit_positions(stage.module, step.positions):
+                x = stage.module(x, self._mask(step, stage.layer), cache=cache)
             # nothing lazy may keep weights alive
             mx.eval(x, *(mlx_adapters.arrays(cache) if cache is not None else ()))
         elif step.targets is not None:
@@ -377,6 +385,22 @@ class MLXBackend:
 
     def logits(self, x):
         return np.array(x.astype(mx.float32))
+
+    # -- tree attention (speculative decoding: airmlx/speculative.py) ---------------------------
+    def tree_attention_problem(self):
+        """Why this model cannot verify a tree of tokens in one step (None when it can)."""
+        if any(self.sliding):
+            return "its sliding-window layers cannot drop a tree's other branches from their cache exactly"
+        if self.mlx_arch.zero_padding:
+            return "its attention convolves neighbouring positions, which a tree's branches are not"
+        if not mlx_adapters.rope_modules(self.skeleton.layers[0]):
+            return f"mlx-lm's {self.mlx_arch.module} layers have no rotary embedding airmlx can give positions to"
+        return None
+
+    def keep_cache_positions(self, cache, positions):
+        positions, start = kept_tail(positions)
+        for c in cache:
+            mlx_adapters.keep_positions(c, positions, start)
 
     # -- requests joining and leaving one batch (the server's engine; backends/mlx_batching.py) ----------
     def merge_caches(self, caches, lengths):

@@ -24,7 +24,7 @@ from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS
 
 from . import torch_batching, torch_experts, torch_quant
-from .base import available_ram, check_placement
+from .base import available_ram, check_placement, kept_tail
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -367,10 +367,15 @@ class TorchBackend:
         return total
 
     # -- steps ---------------------------------------------------------------------------------
-    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None):
+    def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None, attend=None,
+                   positions=None):
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
+        if attend is not None:  # tree attention: transformers takes a prepared 4-D mask as it is
+            mask, positions = self._attend_mask(attend), torch.from_numpy(np.asarray(positions, dtype=np.int64))
+            positions = positions.to(self.device)
+        else:
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
         if targets is not None:
             targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
         return TorchStep(ids, mask, positions, cache, all_positions or targets is not None, targets)
@@ -431,6 +436,36 @@ class TorchBackend:
 
     def logits(self, x):
         return x.float().cpu().numpy()
+
+    # -- tree attention (speculative decoding: airmlx/speculative.py) ---------------------------
+    def _attend_mask(self, attend):
+        """A (B, T, past + T) boolean `attend` as the 4-D mask this model's attention takes: boolean for sdpa,
+        additive (0 or the dtype's minimum) for eager attention."""
+        allowed = torch.from_numpy(np.ascontiguousarray(attend, dtype=bool))[:, None].to(self.device)
+        if self.config._attn_implementation == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
+
+    def tree_attention_problem(self):
+        """Why this model cannot verify a tree of tokens in one step (None when it can)."""
+        if "sliding_attention" in self.layer_types:
+            return "its sliding-window layers cannot drop a tree's other branches from their cache exactly"
+        if not type(self.skeleton).__module__.startswith("transformers."):
+            return "it runs the checkpoint's own modelling code, which may not take a tree attention mask"
+        return None
+
+    @torch.inference_mode()
+    def keep_cache_positions(self, cache, positions):
+        positions, start = kept_tail(positions)
+        tail, n = torch.as_tensor(positions[start:], device=self.device), len(positions)
+        for layer in cache.layers:
+            if not layer.is_initialized:
+                continue
+            if start < n:  # advanced indexing copies, so writing over the same positions is safe
+                layer.keys[..., start:n, :] = layer.keys[..., tail, :]
+                layer.values[..., start:n, :] = layer.values[..., tail, :]
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
 
     # -- requests joining and leaving one batch (the server's engine; backends/torch_batching.py) --------
     def merge_caches(self, caches, lengths):

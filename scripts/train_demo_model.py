@@ -48,6 +48,9 @@ p.add_argument("--seq", type=int, default=256)
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--dropout", type=float, default=0.2, help="embedding/residual dropout, training only")
 p.add_argument("--eval-every", type=int, default=100)
+p.add_argument("--init-from", default=None,
+               help="start from a trained model of the same width (e.g. airmlx/demo_model): its embedding, norm "
+                    "and head, and its layers spread over --layers (each repeated), as depth up-scaling does")
 args = p.parse_args()
 
 t_start = time.time()
@@ -119,6 +122,18 @@ config = LlamaConfig(
     tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, dtype="float32",
 )
 model = LlamaForCausalLM(config)
+if args.init_from:  # a deeper sibling: layer i starts as the source's layer i * source layers // layers
+    source = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    assert source.config.hidden_size == args.hidden and source.config.vocab_size == len(tokenizer), \
+        "--init-from needs a model of the same width and vocabulary"
+    own = model.state_dict()
+    for name, tensor in source.state_dict().items():
+        if ".layers." not in name:
+            own[name].copy_(tensor)
+    src_layers = source.config.num_hidden_layers
+    for i, layer in enumerate(model.model.layers):
+        layer.load_state_dict(source.model.layers[i * src_layers // args.layers].state_dict())
+    log(f"initialised from {args.init_from} ({src_layers} layers spread over {args.layers})")
 n_params = sum(p.numel() for p in model.parameters())
 log(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, ffn {config.intermediate_size}, "
     f"heads {config.num_attention_heads}/{config.num_key_value_heads} kv, {n_params:,} params")
@@ -221,7 +236,9 @@ tok_cfg["additional_special_tokens"] = tok_cfg.pop("extra_special_tokens", SPECI
 json.dump(tok_cfg, open(cfg_path, "w"), indent=2)
 special = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
 cmd = (f"python scripts/train_demo_model.py --out {args.out} --minutes {args.minutes:g} --seed {args.seed}"
-       + (f" --steps {args.steps}" if args.steps else ""))
+       + (f" --steps {args.steps}" if args.steps else "")
+       + "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("hidden", "layers", "lr", "init_from")
+                 if getattr(args, k) != p.get_default(k)))
 card = f"""# airmlx demo model
 
 A tiny Llama-architecture language model trained from scratch, on one CPU thread, on Python's own
@@ -241,7 +258,7 @@ on the training split; `tokenizer(text)` prepends `<|bos|>`. Special tokens:
 by key, trailing whitespace stripped), plus one "What is <title>?" chat example per training topic.
 Every 20th topic is held out ({", ".join(val_keys)}). Train {len(train_ids):,} tokens, validation {len(val_ids):,}.
 
-**Training.** AdamW (lr {args.lr:g}, betas 0.9/0.95, weight decay 0.1), {warmup} warm-up steps then cosine
+**Training.** {f"Initialised from `{args.init_from}` (its layers spread over {args.layers}, each repeated). " if args.init_from else ""}AdamW (lr {args.lr:g}, betas 0.9/0.95, weight decay 0.1), {warmup} warm-up steps then cosine
 decay to 10%, batch {args.batch} x {args.seq} tokens, embedding/residual dropout {args.dropout:g}, gradient clip 1.0,
 seed {args.seed}, torch {torch.__version__}, transformers {transformers.__version__}: {step} steps, {tokens_seen:,} tokens,
 {train_seconds / 60:.1f} min (budget {args.minutes:g} min). The checkpoint with the lowest validation loss (checked

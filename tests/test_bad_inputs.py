@@ -16,6 +16,7 @@ from airmlx.errors import (
     CacheTrimError,
     CheckpointError,
     CorruptShardError,
+    DraftModelError,
     GenerationError,
     InsufficientDiskSpaceError,
     ModelClosedError,
@@ -139,6 +140,24 @@ def trim_past_the_window(ctx):
         model.trim_cache(cache, 2)
 
 
+def draft_of_another_vocabulary(ctx):
+    make_checkpoint(ctx.tmp / "other", "llama", vocab_size=50)
+    return airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch", draft_model=ctx.tmp / "other")
+
+
+def speculation_on_a_batch(ctx):
+    with airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch") as draft:
+        return ctx.model.generate([[1, 2], [3, 4]], max_new_tokens=2, draft_model=draft)
+
+
+def tree_on_a_sliding_window(ctx):
+    make_checkpoint(ctx.tmp / "gemma", "gemma3_text", sliding_window=8)
+    with airmlx.AutoModel.from_pretrained(ctx.tmp / "gemma", backend="torch",
+                                          layer_shards_saving_path=ctx.tmp / "gemma-shards") as draft, \
+            airmlx.AutoModel.from_pretrained(ctx.tmp / "gemma-shards", backend="torch", draft_model=draft) as model:
+        return model.generate([5, 6, 7], max_new_tokens=4, speculation="tree")
+
+
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 ROWS = [
@@ -214,6 +233,20 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", prefill_step_size=0),
                  GenerationError, "prefill_step_size=0: use a whole number of tokens >= 1",
                  id="prefill_step_size below 1"),
+    pytest.param(draft_of_another_vocabulary, DraftModelError,
+                 r"draft model .* has another tokenizer .*use a draft of the same family and tokenizer",
+                 id="draft model with another tokenizer"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", draft_model=c.model,
+                                                            memory_budget=c.model.plan.total_bytes + 1000),
+                 BudgetError, r"the draft model holds .* below its minimum .*raise memory_budget to at least \d+",
+                 id="draft model larger than the budget allows"),
+    pytest.param(lambda c: c.model.generate([1, 2], num_draft_tokens=0), GenerationError,
+                 "num_draft_tokens=0: use a whole number >= 1", id="num_draft_tokens below 1"),
+    pytest.param(speculation_on_a_batch, GenerationError, "speculative decoding runs one prompt .*one at a time",
+                 id="speculation on a batch"),
+    pytest.param(tree_on_a_sliding_window, GenerationError,
+                 "tree speculation cannot run: .*sliding-window layers.*use speculation='chain'",
+                 id="tree speculation on a sliding-window model"),
 ]
 
 

@@ -224,3 +224,19 @@ def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
         finally:
             engine.stop()
             engine.join(30)
+
+
+def test_a_models_own_draft_sits_out_the_engine(shards):
+    """The engine's sweeps serve every request at once (model.step_many): a model loaded with a draft for
+    speculative decoding decodes there without it, each request still getting generate's tokens."""
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model="4bit") as m:
+        assert m.draft is not None
+        solo = [m.generate(p, max_new_tokens=6, draft_model=False)[len(p):] for p in PROMPTS]
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            outs = run_engine(engine, PROMPTS, 6)
+            assert [o.tokens for o in outs] == solo
+            assert not m.speculation.total.sweeps and not list(m.draft._caches)
+        finally:
+            engine.stop()
+            engine.join(30)

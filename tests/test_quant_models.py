@@ -214,3 +214,15 @@ def test_4bit_torch_stages_stay_packed(converted, tmp_path):
     with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
         want = m.logits([PROMPT])
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_4bit_scaled_embedding_keeps_its_scale(tmp_path):
+    """gemma3's embedding multiplies what it looks up by sqrt(hidden): torch's quantised lookup, which
+    replaces the module's forward, scales the rows it dequantises as the module would."""
+    make_checkpoint(tmp_path / "hf", "gemma3_text", **SIZE)
+    out = airmlx.shard_checkpoint(tmp_path / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="torch") as m:
+        got = m.logits([PROMPT])
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        want = m.logits([PROMPT])
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4

@@ -1,0 +1,202 @@
+"""`python -m airmlx.bench_spec`: speculative decoding against plain streamed decoding, cold, on trained pairs.
+
+Pairs (trained models, never random weights):
+  self4bit  the bundled demo model as target, its own 4-bit copy as draft
+  sibling   a bigger sibling of the demo model as target (the demo model deepened to 12 layers and trained on
+            the same corpus by scripts/train_demo_model.py; built once into the work dir), the demo model as draft
+
+The target's memory budget is a fraction of its bytes (default a quarter), so most of it streams; the draft is
+resident on top of that (its bytes are added to memory_budget, so the target streams exactly what plain
+decoding streams). Before every target sweep its streamed stage files are evicted from the page cache (the
+cold regime). Each mode generates the same greedy tokens from the same prompts: plain (one token per sweep),
+chain and tree speculation, taking turns prompt by prompt so the load of a shared machine hits them alike;
+tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were identical.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .errors import AirmlxError
+from .hub import DEMO_MODEL
+from .spec_measure import Measurements
+from .store import evict
+from .units import format_bytes
+
+PROMPTS = ["The list", "A function", "   def f(", "The dictionary", "When an exception", "The import statement"]
+# the sibling: the demo model's 6 layers spread over 12, then 52 steps on the same corpus (about 6 minutes on a
+# busy 2-core CPU); held-out perplexity 73.8 against the demo model's 76.1
+SIBLING_ARGS = ["--seed", "0", "--layers", "12", "--lr", "5e-4", "--steps", "52", "--minutes", "60"]
+MODES = ("plain", "chain", "tree")
+
+
+def sibling_model(work: Path, given: "str | None") -> Path:
+    """The trained sibling: `given`, or the one built into the work dir (built once, by the training script)."""
+    if given:
+        return Path(given)
+    out = work / "sibling-192x12"
+    if (out / "model.safetensors").is_file():
+        return out
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
+    if not script.is_file():
+        raise AirmlxError("the sibling model is built by scripts/train_demo_model.py, which an installed package "
+                          "lacks; run from a clone, or pass --sibling FOLDER.")
+    cmd = [sys.executable, str(script), "--out", str(out), "--init-from", str(DEMO_MODEL), *SIBLING_ARGS]
+    print("training the sibling once:", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def evicting(model):
+    """Make every sweep of `model` start with its streamed stage files out of the page cache (the cold regime)."""
+    files = model.stage_files(streamed_only=True)
+    sweep = model.scheduler.forward_many
+
+    def cold_sweep(*args, **kwargs):
+        evict(files)
+        return sweep(*args, **kwargs)
+
+    model.scheduler.forward_many = cold_sweep
+
+
+def run_modes(model, prompts, modes, tokens):
+    """Greedy generation of `tokens` new tokens per prompt in every mode, the modes taking turns prompt by
+    prompt (so a change in the machine's load hits them alike); each mode keeps its own measurements.
+    Returns {mode: (outputs, new tokens, sweeps, seconds, measurements)}."""
+    tok = model.tokenizer
+    kwargs = {m: {"draft_model": False} if m == "plain" else {"speculation": m} for m in modes}
+    measured = {m: Measurements() for m in modes}
+    results = {m: ([], 0, 0, 0.0) for m in modes}
+    for mode in modes:  # warm up: resident stages loaded, the tree's sizing measured
+        model.speculation = measured[mode]
+        model.generate([tok(prompts[0])["input_ids"]], max_new_tokens=16, **kwargs[mode])
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        for mode in modes:
+            model.speculation = measured[mode]
+            before = model.scheduler.steps
+            t0 = time.perf_counter()
+            out = model.generate([ids], max_new_tokens=tokens, **kwargs[mode])[0]
+            outputs, new, sweeps, seconds = results[mode]
+            results[mode] = (outputs + [out], new + len(out) - len(ids), sweeps + model.scheduler.steps - before,
+                             seconds + time.perf_counter() - t0)
+    return {m: (*results[m], measured[m]) for m in modes}
+
+
+def run_pair(pair, backend, args, work):
+    from .auto import UNLIMITED, AutoModel
+    if pair == "self4bit":
+        target_src, draft_spec = DEMO_MODEL, "4bit"
+    else:
+        target_src, draft_spec = sibling_model(work, args.sibling), DEMO_MODEL
+    shards = work / f"{Path(target_src).name}-shards"
+    probe = AutoModel.from_pretrained(target_src, backend=backend, layer_shards_saving_path=shards,
+                                      memory_budget=UNLIMITED)
+    target_bytes = probe.shard_bytes
+    probe.close()
+    target_budget = bench_budget(args, target_bytes)
+    draft_src = draft_spec
+    if draft_spec == "4bit":
+        from .draft import quantised_copy
+        draft_src = quantised_copy(shards, "4bit")
+    draft = AutoModel.from_pretrained(draft_src, backend=backend, memory_budget=UNLIMITED,
+                                      layer_shards_saving_path=work / f"{Path(draft_src).name}-draft-shards"
+                                      if draft_spec != "4bit" else None)
+    draft.plan.budget = draft.plan.total_bytes
+    model = AutoModel.from_pretrained(shards, backend=backend, draft_model=draft,
+                                      memory_budget=target_budget + draft.plan.total_bytes)
+    gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
+    evicting(model)
+    rows, plain = [], None
+    results = run_modes(model, PROMPTS[: args.prompts] * args.repeat, args.modes, args.tokens)
+    for mode in args.modes:
+        outputs, new, sweeps, seconds, measured = results[mode]
+        last = measured.total
+        row = dict(pair=pair, backend=backend, mode=mode, target=str(target_src), draft=str(draft_spec),
+                   target_bytes=target_bytes, draft_bytes=draft.plan.total_bytes, target_budget=target_budget,
+                   streamed_bytes_per_sweep=model.plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
+                   new_tokens=new, sweeps=sweeps, seconds=seconds, tokens_per_sweep=new / sweeps,
+                   tokens_per_s=new / seconds, draft_ms_per_round=1e3 * last.draft_s / max(last.sweeps, 1),
+                   sweep_ms_per_round=1e3 * last.verify_s / max(last.sweeps, 1),
+                   acceptance_rate=last.acceptance_rate, largest_tree=last.largest)
+        if mode == "plain":
+            plain = (outputs, row["tokens_per_s"])
+        elif plain is not None:
+            row["speedup"] = row["tokens_per_s"] / plain[1]
+            row["identical_to_plain"] = all(list(a) == list(b) for a, b in zip(outputs, plain[0]))
+        rows.append(row)
+        print_row(row)
+    model.close()
+    draft.close()
+    return rows
+
+
+def print_row(r):
+    extra = "" if r["mode"] == "plain" else (
+        f"  {r.get('speedup', 0):5.2f} x plain, accepted {r['acceptance_rate']:.0%}, draft "
+        f"{r['draft_ms_per_round']:.1f} ms vs sweep {r['sweep_ms_per_round']:.1f} ms per round, largest "
+        f"{r['largest_tree']}, identical {r.get('identical_to_plain')}")
+    print(f"{r['backend']:<6}{r['pair']:<9}{r['mode']:<6}{r['tokens_per_sweep']:6.2f} tokens/sweep "
+          f"{r['tokens_per_s']:7.1f} tokens/s{extra}", flush=True)
+
+
+def build_parser():
+    parser = ArgumentParser(prog="python -m airmlx.bench_spec", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
+    parser.add_argument("--pairs", default="self4bit,sibling", help="comma-separated: self4bit,sibling")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: plain,chain,tree")
+    add_budget_options(parser, fraction=0.25)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
+    parser.add_argument("--repeat", type=int, default=1, help="times through the prompts")
+    parser.add_argument("--sibling", help="a trained sibling folder instead of building one in the work dir")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: tiny models step slower when threads contend)")
+    parser.add_argument("--work-dir", help="where shards and the sibling live (default: $TMPDIR/airmlx-bench-spec)")
+    parser.add_argument("--json", help="write the results here")
+    return parser
+
+
+@face
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(os, "posix_fadvise"):
+        parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not set(args.modes) <= set(MODES):
+        parser.error(f"--modes {','.join(args.modes)}: use some of {','.join(MODES)}")
+    import torch
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench-spec")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for backend in args.backend.split(","):
+        for pair in args.pairs.split(","):
+            rows += run_pair(pair, backend, args, work)
+    summary(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def summary(rows):
+    print("\n| backend | pair | mode | tokens / sweep | tokens/s | × plain | accepted | draft ms / sweep ms per round |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        spec = r["mode"] != "plain"
+        print(f"| {r['backend']} | {r['pair']} | {r['mode']} | {r['tokens_per_sweep']:.2f} | {r['tokens_per_s']:.1f} | "
+              + (f"{r.get('speedup', 0):.2f} | {r['acceptance_rate']:.0%} | {r['draft_ms_per_round']:.1f} / "
+                 f"{r['sweep_ms_per_round']:.1f} |" if spec else "1.00 | | |"))
+    print()
+    for r in [r for r in rows if r["mode"] == "plain"]:
+        print(f"{r['backend']} {r['pair']}: target {format_bytes(r['target_bytes'])} under a budget of "
+              f"{format_bytes(r['target_budget'])} ({format_bytes(r['streamed_bytes_per_sweep'])} streamed per sweep, "
+              f"cold read {r['cold_read_gbps']:.2f} GB/s) + draft {format_bytes(r['draft_bytes'])} resident")
+
+if __name__ == "__main__":
+    sys.exit(main())

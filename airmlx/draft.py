@@ -1,0 +1,47 @@
+"""Draft models for speculative decoding: the quantised copy of a model, budgeting a draft, checking it
+speaks the same tokens (auto.load_draft loads one).
+
+A draft is an ordinary AirModel kept resident: a smaller model of the same family (a path or hub id), an
+AirModel you already hold, or "4bit" / "8bit": a quantised copy of the model itself, sharded once from the
+checkpoint the model's shard folder was made from, into a folder of its own beside it.
+"""
+from pathlib import Path
+
+from .errors import BudgetError, CheckpointError, DraftModelError
+from .manifest import Manifest
+from .units import format_bytes
+
+
+def quantised_copy(shard_dir: Path, compression: str, progress: bool = True) -> Path:
+    """The shard folder of `compression` made from the checkpoint shard_dir was made from (once)."""
+    from .sharder import shard_checkpoint
+    src = Manifest.load(shard_dir).extra.get("source_path")
+    if not src or not Path(src).is_dir():
+        raise CheckpointError(f"draft_model={compression!r} quantises the checkpoint {shard_dir} was made from "
+                              f"({src or 'not recorded'}), which is gone; shard the model again from its checkpoint, "
+                              "or pass draft_model=PATH of a smaller model.")
+    out = shard_dir.parent / f"{shard_dir.name}-{compression}"
+    return Path(shard_checkpoint(src, out, compression=compression, progress=progress))
+
+
+def draft_share(draft, budget: int, minimum: int) -> int:
+    """The bytes a draft takes out of the target's memory budget; a BudgetError when the rest is too small."""
+    need = draft.plan.total_bytes
+    if budget - need < minimum:
+        raise BudgetError(f"the draft model holds {format_bytes(need)}, which leaves "
+                          f"{format_bytes(max(budget - need, 0))} of memory_budget {format_bytes(budget)} for the "
+                          f"model, below its minimum of {format_bytes(minimum)}; raise memory_budget to at least "
+                          f"{need + minimum} or use a smaller draft.")
+    return need
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """A draft must map text to the same token ids as the model it drafts for."""
+    if draft is target:
+        raise DraftModelError("the draft model is the model itself; use a smaller model or draft_model='4bit'.")
+    ours, theirs = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise DraftModelError(f"the draft model {draft.shard_dir} has another tokenizer than {target.shard_dir} "
+                              f"({len(theirs)} tokens against {len(ours)}, {differ} entries differ); use a draft "
+                              "of the same family and tokenizer, or draft_model='4bit'.")

@@ -1,0 +1,181 @@
+"""What speculative decoding measures as it runs, and the totals it reports.
+
+The tree each round drafts is sized from these (airmlx/draft_tree.py): how long a target sweep takes for n
+tokens (its cost grows with n only through compute; the read of the weights is the same), how long a draft
+call takes for w tokens, how often draft tokens are accepted, and the tokens per second achieved so far. A
+node is worth verifying while its chance of being accepted pays for the time it adds to the sweep at the tokens/s
+reached so far; a level's nodes are worth drafting while what they are expected to add pays for the draft
+call.
+"""
+from dataclasses import dataclass, fields
+
+from .errors import GenerationError
+
+DECAY = 0.95  # per measurement: older sweeps and draft calls weigh less (about the last 20 count)
+PROB_BINS = 10  # greedy acceptance is estimated per tenth of the draft's probability for the token
+RANKS = 8  # sampling acceptance is estimated per child rank (first drawn, second, ...)
+
+
+def check_num_draft_tokens(value) -> "int | None":
+    """None (the default) or a whole number >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise GenerationError(f"num_draft_tokens={value!r}: use a whole number >= 1 (the most draft tokens one "
+                              "sweep verifies), or None for the default.")
+    return value
+
+
+class LinearCost:
+    """t(n) = a + b * n fitted to recent measurements (weighted least squares, b >= 0). With no spread in n
+    yet, b is 0: larger trees look free until a measurement says otherwise."""
+
+    def __init__(self):
+        self.s = [0.0] * 5  # sums of w, w n, w n^2, w t, w n t
+
+    def add(self, n: int, seconds: float) -> None:
+        self.s = [DECAY * v for v in self.s]
+        for i, v in enumerate((1.0, n, n * n, seconds, n * seconds)):
+            self.s[i] += v
+
+    @property
+    def known(self) -> bool:
+        return self.s[0] > 0
+
+    @property
+    def slope(self) -> float:
+        w, wn, wnn, _, _ = self.s
+        det = w * wnn - wn * wn
+        if w <= 0 or det <= 1e-9 * max(w * wnn, 1e-30):
+            return 0.0
+        return max((w * self.s[4] - wn * self.s[3]) / det, 0.0)
+
+    def __call__(self, n: int) -> float:
+        w, wn, _, wt, _ = self.s
+        if w <= 0:
+            return 0.0
+        b = self.slope
+        return max((wt - b * wn) / w, 0.0) + b * n
+
+
+class Rate:
+    """A decayed count of successes over trials with a prior: the estimate of one probability."""
+
+    def __init__(self, prior: float, strength: float = 4.0):
+        self.hits, self.trials = prior * strength, strength
+
+    def add(self, hit: bool) -> None:
+        self.hits = DECAY * self.hits + hit
+        self.trials = DECAY * self.trials + 1
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.trials
+
+
+@dataclass
+class Totals:
+    """Counts and times of speculative rounds (one target sweep each)."""
+    sweeps: int = 0
+    tokens: int = 0  # new tokens those sweeps produced
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # draft tokens accepted
+    draft_s: float = 0.0  # time in the draft model
+    verify_s: float = 0.0  # time in target sweeps
+    largest: int = 0  # most draft tokens one sweep verified
+
+    @property
+    def tokens_per_sweep(self) -> float:
+        return self.tokens / self.sweeps if self.sweeps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def add(self, other: "Totals") -> None:
+        for f in fields(self):
+            if f.name == "largest":
+                self.largest = max(self.largest, other.largest)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return {"spec_sweeps": self.sweeps, "spec_tokens": self.tokens, "tokens_per_sweep": self.tokens_per_sweep,
+                "spec_draft_tokens": self.drafted, "acceptance_rate": self.acceptance_rate,
+                "draft_s": self.draft_s, "verify_s": self.verify_s}
+
+    def line(self) -> str:
+        per = max(self.sweeps, 1)
+        return (f"speculation: {self.tokens_per_sweep:.2f} tokens per sweep, {self.accepted}/{self.drafted} draft "
+                f"tokens accepted ({self.acceptance_rate:.0%}), draft {1e3 * self.draft_s / per:.1f} ms vs sweep "
+                f"{1e3 * self.verify_s / per:.1f} ms per round")
+
+
+class Measurements:
+    """One per target model: the cost and acceptance estimates that size each round's tree, and totals."""
+
+    def __init__(self):
+        self.verify = LinearCost()  # target sweep seconds for n tokens
+        self.draft = LinearCost()  # draft call seconds for w tokens
+        self.by_prob = [Rate((i + 0.5) / PROB_BINS) for i in range(PROB_BINS)]  # greedy
+        self.by_rank = [Rate(0.6 / (r + 1)) for r in range(RANKS)]  # sampling
+        self.continues = Rate(0.5)  # a node reached that has children: one of them is accepted
+        self.tokens_per_round = self.seconds_per_round = 0.0
+        self.total, self.last = Totals(), Totals()
+
+    # -- estimates ---------------------------------------------------------------------------------
+    @property
+    def rate(self) -> float:
+        """Tokens per second of the rounds so far (decayed); 0 before the first."""
+        return self.tokens_per_round / self.seconds_per_round if self.seconds_per_round else 0.0
+
+    def accept_prob(self, q: float) -> float:
+        """Greedy: the chance the model's token is a draft token the draft gave probability q (monotone in q)."""
+        i = min(int(q * PROB_BINS), PROB_BINS - 1)
+        return max(r.value for r in self.by_prob[: i + 1])
+
+    def accept_rank(self, rank: int) -> float:
+        """Sampling: the chance the child drawn `rank`-th (0 first) is accepted when those before were not
+        (non-increasing in rank)."""
+        return min(r.value for r in self.by_rank[: min(rank, RANKS - 1) + 1])
+
+    def node_cutoff(self) -> float:
+        """The least acceptance chance that pays for verifying one more token in the sweep."""
+        return self.rate * self.verify.slope
+
+    def worth_drafting(self, gains: list) -> int:
+        """How many of a level's nodes (best first; gains: the accepted tokens each is expected to add a level
+        further down) to run through the draft: the most the expected gain pays for, after the draft call
+        and the sweep's time for the nodes it adds, at the tokens/s reached so far. All, before anything
+        was measured."""
+        if not self.seconds_per_round:
+            return len(gains)
+        best, count, total = 0.0, 0, 0.0
+        for width, gain in enumerate(gains, 1):
+            total += gain
+            net = total - self.rate * (self.draft(width) + self.verify.slope * width)
+            if net > best:
+                best, count = net, width
+        return count
+
+    # -- recording ---------------------------------------------------------------------------------
+    def record_checks(self, checks: list, probs: list, greedy: bool) -> None:
+        """[(node, child, accepted)] from a walk; probs[child]: the draft's probability of the child's token."""
+        rank, parent = 0, None
+        for node, child, accepted in checks:
+            rank = rank + 1 if node == parent else 0
+            if node != parent:
+                self.continues.add(any(a for n, _, a in checks if n == node))
+            parent = node
+            if greedy:
+                self.by_prob[min(int(probs[child] * PROB_BINS), PROB_BINS - 1)].add(accepted)
+            else:
+                self.by_rank[min(rank, RANKS - 1)].add(accepted)
+
+    def record_round(self, round_: Totals) -> None:
+        self.tokens_per_round = DECAY * self.tokens_per_round + round_.tokens
+        self.seconds_per_round = DECAY * self.seconds_per_round + round_.draft_s + round_.verify_s
+        self.total.add(round_)
+        self.last.add(round_)
+
+    def stats_line(self) -> str:
+        """' | speculation: ...' for the stats line, after a generate() call that speculated; else ''."""
+        return f" | {self.last.line()}" if self.last.sweeps else ""
