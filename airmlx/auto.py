@@ -8,6 +8,8 @@ from .errors import BackendError, CorruptShardError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
+from .pipeline import launched_framework
+from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
 from .quant import compression_config
 from .sharder import PROGRESS_NAME, complete_folder, shard_checkpoint
@@ -63,7 +65,9 @@ class AutoModel:
                         memory_budget: "int | str | None" = None, prefetching: bool = True,
                         profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
                         allow_pickle: bool = False, progress: bool = True,
-                        trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP) -> AirModel:
+                        trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                        pipeline_split: "str | list | None" = None,
+                        pipeline_timeout: float = DEFAULT_TIMEOUT) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -72,10 +76,21 @@ class AutoModel:
         needs it for such families; backend='mlx' runs them with mlx-lm's modules instead.
 
         prefill_step_size: tokens (rows x positions) a stage runs at once; a longer prompt runs in chunks
-        inside the same sweep (the model is still read once), which bounds a step's activations."""
+        inside the same sweep (the model is still read once), which bounds a step's activations.
+
+        Launched by mlx.launch or torchrun on several ranks, the model is a pipeline (airmlx/pipeline.py): each
+        rank streams its own range of stages. memory_budget may then list one budget per rank ("4GB,8GB");
+        pipeline_split gives the stages per rank ("9,9", default: balanced by each rank's budget);
+        pipeline_timeout: seconds a rank waits for a sign of life from the rank before it. On ranks other
+        than 0 this call runs their part until rank 0 closes the model, then exits the process."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
-        name = pick_backend(backend)
+        launched = launched_framework()
+        if launched is not None and backend not in ("auto", launched):
+            raise BackendError(f"this process was started by {'mlx.launch' if launched == 'mlx' else 'torchrun'}, "
+                               f"so its pipeline runs on the {launched} backend; use backend='{launched}' (or the "
+                               "other framework's launcher).")
+        name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
             shard_dir = local  # already a shard folder
@@ -91,6 +106,12 @@ class AutoModel:
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
         backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
+        if launched is not None:
+            from .pipeline_model import open_launched
+            return open_launched(launched, shard_dir, backend_obj, getattr(backend_obj, "device", None),
+                                 memory_budget=memory_budget, split=pipeline_split, timeout=pipeline_timeout,
+                                 prefetching=prefetching, profiling_mode=profiling_mode,
+                                 trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size)
         return AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
                         profiling_mode=profiling_mode, trust_remote_code=trust_remote_code,
                         prefill_step_size=prefill_step_size)

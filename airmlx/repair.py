@@ -12,7 +12,8 @@ def repair_stages(folder, progress=True):
     """Rebuild a shard folder's damaged stages from the checkpoint its manifest records; return their names."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    bad = [e.name for e in manifest.stages if e.name not in reusable(folder, manifest.stages, verify=True)]
+    held = manifest.held_stages()  # a folder sharded for several hosts holds one host's stages
+    bad = [e.name for e in held if e.name not in reusable(folder, held, verify=True)]
     if not bad:
         return []
     src = manifest.extra.get("source_path")
@@ -28,6 +29,8 @@ def repair_stages(folder, progress=True):
             f"{folder}: stages {bad} are damaged and the checkpoint they were made from ({src or 'not recorded'}) "
             f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
             f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
+    hosts = manifest.pipeline or {"stages_per_host": [1], "rank": 0}
     shard_checkpoint(src, folder, allow_pickle=True, compression=qconfig and f"{qconfig['bits']}bit",
-                     progress=progress, verify=True)
+                     progress=progress, verify=True, hosts=len(hosts["stages_per_host"]), rank=hosts["rank"],
+                     pipeline_split=hosts["stages_per_host"] if manifest.pipeline else None)
     return bad

@@ -3,6 +3,7 @@
     python -m airmlx.shard SRC [OUT] [--compression 4bit|8bit] [--delete-original] [--allow-pickle]
     python -m airmlx.shard --verify SHARD_FOLDER     # every stage's checksum; exit status 1 if any is damaged
     python -m airmlx.shard --repair SHARD_FOLDER     # rebuild damaged stages from the recorded checkpoint
+    python -m airmlx.shard SRC OUT --hosts N --rank R [--pipeline-split 9,9]   # only host R's stages of a pipeline
 """
 import sys
 
@@ -21,6 +22,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--hf-token", default=None, help="token for gated hub models")
     parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default=None,
                         help="quantise linear and embedding weights (MLX affine layout, group size 64)")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="a pipeline over this many hosts (mlx.launch / torchrun): OUT gets only the stage files "
+                             "of host --rank, and its manifest says which host holds what")
+    parser.add_argument("--rank", type=int, default=0, help="with --hosts: the host whose stages OUT gets (0 .. N-1)")
+    parser.add_argument("--pipeline-split", default=None,
+                        help="with --hosts: stages per host, e.g. 9,9 (default: balanced by bytes)")
     check = parser.add_mutually_exclusive_group()
     check.add_argument("--verify", metavar="SHARD_FOLDER", help="check every stage's checksum of a shard folder")
     check.add_argument("--repair", metavar="SHARD_FOLDER",
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
     src = resolve_model(args.src, hf_token=args.hf_token, allow_pickle=args.allow_pickle)
     out = args.out or default_shard_dir(args.src, args.compression)
     shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
-                     compression=args.compression)
+                     compression=args.compression, hosts=args.hosts, rank=args.rank, pipeline_split=args.pipeline_split)
     print(out)
     return 0
 
