@@ -220,7 +220,7 @@ class Link:
     def _recv(self, shape, dtype, is_numpy, what, timeout):
         seconds = self.timeout if timeout is None else timeout
         self.watchdog.arm(seconds + (WATCHDOG_GRACE if self.transport.times_out else 0),
-                          f"rank {self.rank}: no message from rank {self.prev} for {seconds:.0f} s while waiting for "
+                          f"rank {self.rank}: no message from rank {self.prev} for {seconds:g} s while waiting for "
                           f"{what}; rank {self.prev} hung or the network dropped: see its output, then launch again "
                           "(--pipeline-timeout sets the wait).")
         try:
@@ -228,7 +228,7 @@ class Link:
         except Exception as e:  # the transport's own errors: a closed connection, a timeout
             why = one_line(e)
             if "time" in why.lower() and "out" in why.lower():
-                error = (f"rank {self.rank}: no message from rank {self.prev} for {seconds:.0f} s while waiting for "
+                error = (f"rank {self.rank}: no message from rank {self.prev} for {seconds:g} s while waiting for "
                          f"{what}; rank {self.prev} hung or the network dropped: see its output, then launch again "
                          "(--pipeline-timeout sets the wait).")
             else:

@@ -47,7 +47,7 @@ def main(argv):
         with model:
             single = model.generate(spec["prompt"], max_new_tokens=spec["new_tokens"])
             batch = model.generate(spec["batch"], max_new_tokens=spec["new_tokens"])
-            scores = model.score([tuple(r) for r in spec["requests"]], batch_size=2, max_tokens=24, progress=False)
+            scores = model.score([tuple(r) for r in spec["requests"]], batch_size=1, max_tokens=6, progress=False)
             logits = model.logits(np.array([spec["prompt"]]))
             results[m["name"]] = {"single": single, "batch": batch, "scores": [list(s) for s in scores],
                                   "passes": scores.passes, "logits_argmax": logits.argmax(-1).tolist(),

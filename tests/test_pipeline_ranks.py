@@ -98,7 +98,7 @@ def run_launcher(framework, ranks, spec):
 def reference(folder, backend):
     """The single-process run the pipeline must equal."""
     with airmlx.AutoModel.from_pretrained(folder, backend=backend) as model:
-        scores = model.score([tuple(r) for r in REQUESTS], batch_size=2, max_tokens=24, progress=False)
+        scores = model.score([tuple(r) for r in REQUESTS], batch_size=1, max_tokens=6, progress=False)
         return {"single": model.generate(PROMPT[0], max_new_tokens=NEW_TOKENS),
                 "batch": model.generate(BATCH, max_new_tokens=NEW_TOKENS),
                 "scores": [list(s) for s in scores],
@@ -109,6 +109,7 @@ def check_against_reference(got, want, ranks, budgets, range_folders):
     assert got["single"] == want["single"] and len(got["single"]) == len(PROMPT[0]) + NEW_TOKENS
     assert got["batch"] == want["batch"]
     assert got["logits_argmax"] == want["logits_argmax"]
+    assert got["passes"] == len(REQUESTS)  # one pass per request: passes overlap across ranks
     for (ll, greedy), (ll_want, greedy_want) in zip(got["scores"], want["scores"]):
         assert abs(ll - ll_want) < 1e-4 * max(1.0, abs(ll_want)) and greedy == greedy_want
     stats = got["ranks"]
