@@ -256,6 +256,10 @@ def build_parser():
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="a pipeline over this many ranks on this machine (mlx.launch / torchrun) against one "
+                             "process: cold tokens/s of --batch (default 8), bytes per rank per sweep, and the "
+                             "prediction for hosts with a disk each (airmlx/bench_hosts.py)")
     return parser
 
 
@@ -265,6 +269,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not hasattr(os, "posix_fadvise"):
         parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
+    if args.hosts > 1:
+        from .bench_hosts import run_hosts
+        run_hosts(args)
+        return 0
     run(args)
     return 0
 
