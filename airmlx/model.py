@@ -21,6 +21,7 @@ from .plan import (
     StageCost,
     activation_bytes,
     default_budget,
+    kv_bytes_per_token,
     make_plan,
     minimum_budget,
 )
@@ -368,3 +369,62 @@ class AirModel:
         matplotlib: pip install 'airmlx[plot]'); see airmlx.profile."""
         from .profile import model_plot
         return model_plot(self, ax=ax)
+
+    # -- the server's engine (airmlx/engine.py): requests with caches of their own share each sweep ---------
+    @exclusive
+    def step_many(self, items: list) -> list:
+        """One sweep for several independent steps [(tokens (B, T), attention_mask (B, past + T), cache)]:
+        each stage is read once and runs every item before the next stage is read, each item with its own
+        cache, so requests at different points (a batch decoding, a prompt being prefilled) share one read
+        of the model. Returns each item's last-position logits (B, vocab) as float32 numpy, as step() would
+        for that item alone. A long prompt runs in chunks of prefill_step_size inside the sweep."""
+        ctxs, owner = [], []
+        for i, (tokens, mask, cache) in enumerate(items):
+            made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
+            ctxs += made
+            owner += [i] * len(made)
+        out = [None] * len(items)
+
+        def collect(j, x):
+            if j + 1 == len(ctxs) or owner[j + 1] != owner[j]:  # an item's last chunk: its logits
+                out[owner[j]] = self.backend.logits(x)[:, -1]
+
+        self.scheduler.forward_many(ctxs, collect)
+        # every item's hidden states are held between stages: note them as one step of all their rows
+        self._note_step(sum(t.shape[0] for t, _, _ in items), max(t.shape[1] for t, _, _ in items),
+                        max(m.shape[1] for _, m, _ in items))
+        caches = {id(c): c for _, _, c in items if c is not None}
+        self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in caches.values()))
+        return out
+
+    def merge_caches(self, caches: list, lengths: list):
+        """One batch cache holding every row of `caches` in order, each right-aligned (left-padded to the
+        longest row); lengths[i]: the tokens each row of caches[i] holds. None when these caches cannot be
+        merged (sliding-window layers, convolution states): run them as items of their own then. The caches
+        given are used up; memory_stats() counts the result while it lives."""
+        merged = self.backend.merge_caches(caches, lengths)
+        if merged is not None:
+            self._caches.add(merged)
+        return merged
+
+    def extract_cache(self, cache, row: int, length: int):
+        """One row of a batch cache as a cache of its own holding that row's last `length` tokens (a copy),
+        e.g. to keep a finished request's conversation for the next one that starts with it; None for caches
+        that cannot be merged either."""
+        single = self.backend.extract_cache(cache, row, length)
+        if single is not None:
+            self._caches.add(single)
+        return single
+
+    def select_cache_rows(self, cache, rows: list) -> None:
+        """Keep only these rows of a batch cache (finished requests leave the batch)."""
+        self.backend.select_rows(cache, rows)
+
+    def available_memory(self) -> int:
+        """Bytes the device could still give (free RAM, or free device memory on CUDA), now."""
+        return self.backend.available_memory()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in every layer's cache, at the cache's dtype."""
+        return kv_bytes_per_token(self.config, self.backend.itemsize)

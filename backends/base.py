@@ -96,6 +96,16 @@ class Backend(Protocol):
     def logits(self, x: Any) -> np.ndarray:
         """The head's output as float32 numpy (B, positions, vocab), or (B, positions, 2) when scoring."""
 
+    # requests with caches of their own sharing one batch (the server's engine, airmlx/engine.py)
+    def merge_caches(self, caches: list, lengths: list) -> Any:
+        """One left-padded batch cache holding every row of `caches` in order (lengths[i]: the tokens each
+        row of caches[i] holds), or None when these caches cannot be merged (sliding windows, convolution
+        states). The caches given are used up."""
+
+    def extract_cache(self, cache: Any, row: int, length: int) -> Any:
+        """One row of a batch cache as a single-row cache holding that row's last `length` tokens (a copy), or
+        None for caches that cannot be merged either."""
+
 
 def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str) -> None:
     """A checkpoint tensor must have a parameter of the same shape in the framework's model."""

@@ -21,7 +21,7 @@ from airmlx.errors import BackendError
 from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 
-from . import mlx_adapters, mlx_experts
+from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_placement
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -377,3 +377,10 @@ class MLXBackend:
 
     def logits(self, x):
         return np.array(x.astype(mx.float32))
+
+    # -- requests joining and leaving one batch (the server's engine; backends/mlx_batching.py) ----------
+    def merge_caches(self, caches, lengths):
+        return mlx_batching.merge(caches)
+
+    def extract_cache(self, cache, row, length):
+        return mlx_batching.extract(cache, row, length)

@@ -8,8 +8,7 @@ import inspect
 import math
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,9 +22,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS
-from airmlx.quant import module_params
 
-from . import torch_experts, torch_quant
+from . import torch_batching, torch_experts, torch_quant
 from .base import available_ram, check_placement
 from .torch_remote import remote_config, shared_rotary
 
@@ -156,6 +154,7 @@ class TorchBackend:
         self.mask_layer_arg = "layer_idx" in inspect.signature(create_causal_mask).parameters
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
+        self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -176,10 +175,10 @@ class TorchBackend:
                 made += 0 if f"{name.rpartition('.')[0]}.weight" in infos else info.nbytes
                 continue
             if self.qconfig and f"{name.rpartition('.')[0]}.scales" in infos:
-                held, transient = self._quantized_footprint(entry, name, info, infos)
+                held, transient = torch_quant.quantized_footprint(self, entry, name, info, infos)
                 made += held
                 temporaries = max(temporaries, transient)
-                prepared += info.nbytes if self._packable(entry, name.rpartition(".")[0]) else 0
+                prepared += info.nbytes if torch_quant.packable_weight(self, entry, name.rpartition(".")[0]) else 0
             elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
                 made += math.prod(info.shape) * self.dtype.itemsize
             elif self.device.type == "cuda" or not self.zero_copy:
@@ -190,60 +189,12 @@ class TorchBackend:
         # a stage read ahead holds its buffer and what prepare() made of it (repacked 4-bit codes)
         return (buffer if views else 0) + made, buffer + made + temporaries, entry.nbytes + prepared // 2
 
-    def _quantized_footprint(self, entry, name, info, infos):
-        """(bytes held, bytes of temporaries while loading) of one quantised weight, as quantized() runs it."""
-        base = name.rpartition(".")[0]
-        scales = infos[base + ".scales"]
-        group_size, bits = module_params(self.qconfig, base)
-        rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
-        module = self._target_module(self._stage_name(entry, base))
-        quantized_bytes = info.nbytes + 2 * scales.nbytes
-        if self._packable(entry, base):
-            # the packed codes and stacked scales and zeros; the repack's temporaries while loading
-            return rows * cols // 2 + scales.nbytes * 2 // STORED[scales.dtype].itemsize * self.dtype.itemsize, \
-                info.nbytes // 2
-        if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
-            return quantized_bytes, 0
-        # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
-        # product and the sum
-        block = min(rows * cols, torch_quant.DEQUANT_ELEMENTS)
-        return rows * cols * self.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * self.dtype.itemsize)
-
-    def _stage_name(self, entry, name):
-        """A checkpoint name as load_stage sees it: a tied head's embedding tensors are the head's."""
-        if entry.kind == "head" and name.startswith(self.arch.embed_prefix):
-            return self.arch.head + "." + name[len(self.arch.embed_prefix):]
-        return name
-
-    def _packable(self, entry, base):
-        """Whether quantised weight `base` runs on the packed int4 kernel (see torch_quant)."""
-        if self.device.type != "cpu" or not self.qconfig:
-            return False
-        group_size, bits = module_params(self.qconfig, base)
-        return torch_quant.packable(self._target_module(self._stage_name(entry, base)), bits, group_size)
-
     def prepare(self, entry, tensors):
         """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
-        if not self.qconfig or self.device.type != "cpu":
-            return tensors
-        out = dict(tensors)
-        for name in [n for n in tensors if n.endswith(".scales")]:
-            base = name[: -len(".scales")]
-            if self._packable(entry, base):
-                raw = tensors[base + ".weight"]
-                out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=torch_quant.repack_int4(raw.data).numpy(),
-                                                owner=None, shape=(raw.shape[0], raw.shape[1] * 4))
-        return out
+        return torch_quant.prepare_stage(self, entry, tensors)
 
-    def _target_module(self, base):
-        """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
-        target, pattern = rename_source_key(base + ".weight", self.renamings, self.converter_list)
-        if pattern is not None:
-            return None
-        try:
-            return self.skeleton.get_submodule(target.rpartition(".")[0])
-        except AttributeError:
-            return None
+    def quantized(self, tensors, raw_ranges=()):
+        return torch_quant.load_quantized(self, tensors, raw_ranges)
 
     def set_scratch(self, nbytes):
         pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
@@ -288,29 +239,6 @@ class TorchBackend:
             return tensor.clone()
         return tensor
 
-    def quantized(self, tensors, raw_ranges=()):
-        """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
-        dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
-        rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
-        out, overrides, nbytes = dict(tensors), [], 0
-        for name in [n for n in tensors if n.endswith(".scales")]:
-            base = name[: -len(".scales")]
-            scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
-            group_size, bits = module_params(self.qconfig, base)
-            module = self._target_module(base)
-            if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
-                check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
-                                tuple(module.weight.shape), f"transformers' {type(self.skeleton).__name__}")
-                nbytes += torch_quant.install_int4(module, self._kept(wq, raw_ranges), scales, biases, group_size)
-                overrides.append(module)
-            elif isinstance(module, torch.nn.Embedding):
-                kept = [self._kept(t, raw_ranges) for t in (wq, scales, biases)]
-                nbytes += torch_quant.install_embedding(module, *kept, group_size, bits)
-                overrides.append(module)
-            else:
-                out[base + ".weight"] = torch_quant.dequantize_affine(wq, scales, biases, group_size, bits)
-        return out, overrides, nbytes
-
     def convert(self, tensors):
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
         (e.g. per-expert MoE weights -> fused experts), one stage at a time: {param path: (name, tensor)}."""
@@ -339,13 +267,8 @@ class TorchBackend:
         overrides = []
         if self.qconfig:
             tensors, overrides, nbytes = self.quantized(tensors, raw_ranges)
-        for path, (name, tensor) in self.convert(tensors).items():
-            module_path, _, pname = path.rpartition(".")
-            try:
-                module = self.skeleton.get_submodule(module_path)
-                placeholder = getattr(module, pname)
-            except AttributeError:
-                module = placeholder = None
+        for path, (name, tensor) in self._converted(entry, tensors).items():
+            module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
             tensor = self._kept(tensor, raw_ranges)
@@ -357,6 +280,28 @@ class TorchBackend:
         index = entry.layer
         layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
         return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _converted(self, entry, tensors):
+        """convert(), remembered per stage when transformers' mapping only renames (the usual case), so a
+        streamed stage's later loads skip the pattern matching."""
+        renamed = self._renames.get(entry.name)
+        if renamed is not None and renamed.keys() == tensors.keys():
+            return {path: (name, tensors[name]) for name, path in renamed.items()}
+        out = self.convert(tensors)
+        if all(name in tensors and tensors[name] is t for name, t in out.values()):
+            self._renames[entry.name] = {name: path for path, (name, _) in out.items()}
+        return out
+
+    def _slot(self, path):
+        """(module, parameter name, meta placeholder) a parameter path names, or (None, name, None)."""
+        if path not in self._slots:
+            module_path, _, pname = path.rpartition(".")
+            try:
+                module = self.skeleton.get_submodule(module_path)
+                self._slots[path] = (module, pname, getattr(module, pname))
+            except AttributeError:
+                return None, pname, None
+        return self._slots[path]
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
@@ -491,3 +436,10 @@ class TorchBackend:
 
     def logits(self, x):
         return x.float().cpu().numpy()
+
+    # -- requests joining and leaving one batch (the server's engine; backends/torch_batching.py) --------
+    def merge_caches(self, caches, lengths):
+        return torch_batching.merge(caches, lengths, lambda: self.new_cache(1, [0]))
+
+    def extract_cache(self, cache, row, length):
+        return torch_batching.extract(cache, row, length, lambda: self.new_cache(1, [0]))

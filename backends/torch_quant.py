@@ -8,11 +8,17 @@ MLX computes `w = q * scale + bias`; the int4 kernel computes `(q - 8) * scale +
 agrees to the rounding of the compute dtype (exactly in float32 up to float32 rounding).
 """
 import functools
+import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from transformers.core_model_loading import rename_source_key
 
-from airmlx.quant import dequantize
+from airmlx.quant import dequantize, module_params
+
+from .base import check_placement
 
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
@@ -110,3 +116,82 @@ def install_embedding(module, wq, scales, biases, group_size, bits):
 
 def remove(module):
     module.__dict__.pop("forward", None)
+
+
+# -- what the torch backend asks, stage by stage -----------------------------------------------------
+def quantized_footprint(backend, entry, name, info, infos):
+    """(bytes held, bytes of temporaries while loading) of one quantised weight, as quantized() runs it."""
+    base = name.rpartition(".")[0]
+    scales = infos[base + ".scales"]
+    group_size, bits = module_params(backend.qconfig, base)
+    rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
+    module = target_module(backend, stage_name(backend, entry, base))
+    quantized_bytes = info.nbytes + 2 * scales.nbytes
+    if packable_weight(backend, entry, base):
+        # the packed codes and stacked scales and zeros; the repack's temporaries while loading
+        return rows * cols // 2 + math.prod(scales.shape) * 2 * backend.dtype.itemsize, info.nbytes // 2
+    if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
+        return quantized_bytes, 0
+    # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
+    # product and the sum
+    block = min(rows * cols, DEQUANT_ELEMENTS)
+    return rows * cols * backend.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * backend.dtype.itemsize)
+
+def stage_name(backend, entry, name):
+    """A checkpoint name as load_stage sees it: a tied head's embedding tensors are the head's."""
+    if entry.kind == "head" and name.startswith(backend.arch.embed_prefix):
+        return backend.arch.head + "." + name[len(backend.arch.embed_prefix):]
+    return name
+
+def packable_weight(backend, entry, base):
+    """Whether quantised weight `base` runs on the packed int4 kernel (see torch_quant)."""
+    if backend.device.type != "cpu" or not backend.qconfig:
+        return False
+    group_size, bits = module_params(backend.qconfig, base)
+    return packable(target_module(backend, stage_name(backend, entry, base)), bits, group_size)
+
+def prepare_stage(backend, entry, tensors):
+    """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
+    if not backend.qconfig or backend.device.type != "cpu":
+        return tensors
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        if packable_weight(backend, entry, base):
+            raw = tensors[base + ".weight"]
+            out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
+                                            owner=None, shape=(raw.shape[0], raw.shape[1] * 4))
+    return out
+
+def target_module(backend, base):
+    """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
+    target, pattern = rename_source_key(base + ".weight", backend.renamings, backend.converter_list)
+    if pattern is not None:
+        return None
+    try:
+        return backend.skeleton.get_submodule(target.rpartition(".")[0])
+    except AttributeError:
+        return None
+
+def load_quantized(backend, tensors, raw_ranges=()):
+    """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
+    dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
+    rest become plain weights in the compute dtype. Returns (plain tensors, replaced modules, bytes)."""
+    out, overrides, nbytes = dict(tensors), [], 0
+    for name in [n for n in tensors if n.endswith(".scales")]:
+        base = name[: -len(".scales")]
+        scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
+        group_size, bits = module_params(backend.qconfig, base)
+        module = target_module(backend, base)
+        if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
+            check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
+                            tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}")
+            nbytes += install_int4(module, backend._kept(wq, raw_ranges), scales, biases, group_size)
+            overrides.append(module)
+        elif isinstance(module, torch.nn.Embedding):
+            kept = [backend._kept(t, raw_ranges) for t in (wq, scales, biases)]
+            nbytes += install_embedding(module, *kept, group_size, bits)
+            overrides.append(module)
+        else:
+            out[base + ".weight"] = dequantize_affine(wq, scales, biases, group_size, bits)
+    return out, overrides, nbytes

@@ -21,6 +21,7 @@ def test_wheel_maps_backends_under_airmlx(tmp_path):
     # a console script per face, named like mlx-lm's, for every module that runs with python -m
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     faces = sorted(p.stem for p in (ROOT / "airmlx").glob("*.py") if '__name__ == "__main__"' in p.read_text())
-    assert faces == ["bench", "bench_moe", "chat", "demo", "doctor", "generate", "harness", "shard"]
+    assert faces == ["bench", "bench_moe", "bench_server", "chat", "demo", "doctor", "generate", "harness", "server",
+                     "shard"]
     for face in faces:
         assert f"airmlx.{face} = airmlx.{face}:main" in entry_points

@@ -1,0 +1,417 @@
+"""The server's engine: one thread owns the model, and every sweep runs every active request's new tokens.
+
+A sweep is one read of the streamed weights, and it costs the same for 1 request or 32, so the engine puts
+all of them in it (model.step_many: each stage is loaded once and runs every step context before the next
+is read). The decoding requests are the rows of one left-padded batch with one cache; the requests admitted
+at this sweep boundary are prefilled in the same sweep, those with fresh prompts together as one left-padded
+batch, those continuing a kept conversation each on that cache. After the sweep they join the decoding
+batch (model.merge_caches). A request leaves when it finishes or its client goes away: its row is taken out
+(model.select_cache_rows) and its conversation, extracted, is kept for a later request that starts with it
+(a chat client resending the conversation feeds only what is new). Models whose caches cannot be merged
+(sliding windows, convolution states) decode each admitted batch on its own cache, still one sweep for all.
+
+Memory: a request may grow to prompt + max_tokens tokens of KV cache, and a batch to rows x its furthest
+reach, padding included. What every request and kept cache can reach must fit `kv_allowance`; requests that
+do not fit wait in a bounded queue, beyond which submit() raises QueueFullError.
+"""
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import AirmlxError, CacheTrimError, ModelClosedError
+from .generation import sample
+from .session import common_prefix
+from .textstream import TextStream
+
+log = logging.getLogger("airmlx.server")
+GATHER_S = 0.02  # how long an idle engine waits after a request arrives for others sent with it
+
+
+class RequestError(AirmlxError, ValueError):
+    """A request the engine cannot take; `status` is the HTTP status that says so."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.param, self.retry_after = status, param, retry_after
+
+
+class QueueFullError(RequestError):
+    """Every place in the waiting queue is taken."""
+
+
+@dataclass
+class Delta:
+    """New text and the tokens behind it (with logprobs: (token, logprob, [(token, logprob)] most likely))."""
+    text: str
+    tokens: list
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens taken from a kept cache, not computed again
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500
+
+
+@dataclass
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+_ids = itertools.count(1)
+
+
+class Request:
+    """One completion: prompt ids in, Delta events out through emit(), then Finished or Failed."""
+
+    def __init__(self, prompt: list, max_tokens: int, sampling: Sampling, emit: Callable, stop: list | None = None,
+                 logprobs: int | None = None):
+        self.id = next(_ids)
+        self.prompt, self.max_tokens, self.sampling, self.emit = list(prompt), max_tokens, sampling, emit
+        self.stop, self.logprobs = list(stop or []), logprobs
+        self.rng = np.random.default_rng(sampling.seed)
+        self.tokens = []  # generated so far (a final stop token included)
+        self.cached = 0  # tokens its cache (its row of the batch's cache) holds, padding not counted
+        self.feed = []  # tokens the next sweep runs: the prompt (or what a kept cache lacks), then the last sampled
+        self.reused = 0
+        self.cancelled = self.closed = False
+        self.text = None  # a TextStream, made by the engine
+        self.submitted = time.perf_counter()
+        self.first_token = None
+
+    @property
+    def reach(self) -> int:
+        """The most tokens its cache can hold."""
+        return len(self.prompt) + self.max_tokens
+
+    def cancel(self) -> None:
+        """The client went away: the request leaves the batch at the next sweep boundary."""
+        self.cancelled = True
+
+    def close(self, event) -> None:
+        """Send the last event, once."""
+        if not self.closed:
+            self.closed = True
+            self.emit(event)
+
+
+@dataclass
+class Group:
+    """Requests sharing one cache, one row each, right-aligned (left-padded). `main`: the decoding batch
+    others join; `fresh`: admitted at this sweep boundary (it joins the main batch after its prefill)."""
+    cache: object
+    rows: list
+    main: bool = False
+    fresh: bool = True
+
+
+def charge(rows: list, length: int) -> int:
+    """Tokens a group of these rows over a cache of `length` can reach: each row's reach plus its padding,
+    for every row (a batch is as long as its furthest row)."""
+    width = length + max(len(r.feed) for r in rows)
+    return len(rows) * max(width - r.cached - len(r.feed) + r.reach for r in rows)
+
+
+class Engine:
+    """Owns `model` on its own thread. submit() requests from any thread; stop() fails every request still
+    open and ends the thread; the caller closes the model."""
+
+    def __init__(self, model, max_batch: int = 32, max_queue: int = 64, kv_allowance: int | None = None,
+                 keep_caches: int = 4, log_prompts: bool = False):
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.keep_caches, self.log_prompts = keep_caches, log_prompts
+        self.tokenizer = model.tokenizer
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+        self.per_token = model.kv_bytes_per_token
+        self.kv_allowance = kv_allowance if kv_allowance is not None else default_kv_allowance(model)
+        self.context = model.config.get("max_position_embeddings")
+        self.pad = model.pad_token_id or 0
+        eos = model.eos_token_id
+        stops = {int(t) for t in np.atleast_1d(eos)} if eos is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(int(self.tokenizer.eos_token_id))
+        self.stop_tokens = stops
+        self.cond = threading.Condition()
+        self.waiting = deque()
+        self.groups = []  # every admitted request, in its group
+        self.kept = OrderedDict()  # id -> (token ids its cache holds, cache), least recently used first
+        self.merging = True  # False once the model's caches turn out not to merge
+        self.stopping = False
+        self.sweeps = 0
+        self.sweep_seconds = 0.0  # a running average
+        self.rows_peak = 0  # the most requests one sweep has run
+        self.disconnected = 0  # requests that left before they finished (their client went away)
+        self.thread = threading.Thread(target=self._run, name="airmlx-engine", daemon=True)
+        self.thread.start()
+
+    # -- any thread -------------------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, max_tokens: int, param: str = "prompt") -> int:
+        """The max_tokens a request of this many prompt tokens gets (capped by the context), or RequestError."""
+        if self.context and prompt_tokens >= self.context:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens, the model's context is {self.context}; "
+                               "shorten it.", param=param)
+        if self.context:
+            max_tokens = min(max_tokens, self.context - prompt_tokens)
+        need = (prompt_tokens + max_tokens) * self.per_token
+        if need > self.kv_allowance:
+            raise RequestError(f"this request may need {need} bytes of KV cache (prompt + max_tokens), more than "
+                               f"the server's allowance of {self.kv_allowance}; lower max_tokens or start the server "
+                               "with a larger --max-kv-bytes.", param="max_tokens")
+        return max_tokens
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full."""
+        request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
+        with self.cond:
+            if self.stopping:
+                raise RequestError("the server is shutting down; retry against a running one.", status=503)
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"all {self.max_batch} batch rows are busy and {self.max_queue} requests are "
+                                     "waiting; retry later.", status=503, retry_after=self._retry_after())
+            self.waiting.append(request)
+            self.cond.notify()
+        if self.log_prompts:
+            with self.tokenizer_lock:
+                log.info("request %d prompt: %r", request.id, self.tokenizer.decode(request.prompt))
+
+    def stop(self, message: str = "the server is shutting down") -> None:
+        """Fail every open request with `message` and end the engine thread at the next sweep boundary."""
+        with self.cond:
+            self.stopping = True
+            for r in list(self.waiting) + self._active():
+                r.close(Failed(message, 503))
+            self.cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"active": len(self._active()), "waiting": len(self.waiting), "sweeps": self.sweeps,
+                    "rows_peak": self.rows_peak, "disconnected": self.disconnected,
+                    "kv_allowance": self.kv_allowance, "kv_reserved": self._reserved(),
+                    "kept_caches": len(self.kept), "sweep_seconds": round(self.sweep_seconds, 4)}
+
+    def _retry_after(self) -> int:
+        """Seconds until the request closest to done finishes, by the recent sweep time."""
+        left = min((r.max_tokens - len(r.tokens) for r in self._active()), default=1)
+        return max(1, math.ceil(left * (self.sweep_seconds or 1.0)))
+
+    def _active(self) -> list:
+        return [r for g in list(self.groups) for r in g.rows]
+
+    def _reserved(self) -> int:
+        """Bytes of KV cache what is admitted and kept can reach."""
+        tokens = sum(charge(g.rows, self.model.cache_length(g.cache)) for g in list(self.groups))
+        return (tokens + sum(len(ids) for ids, _ in self.kept.values())) * self.per_token
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.groups:
+                    self.cond.wait()
+                if not self.groups:  # idle until now: requests sent together arrive a few ms apart; batch them
+                    self.cond.wait_for(lambda: self.stopping or len(self.waiting) >= self.max_batch, GATHER_S)
+                if self.stopping:
+                    break
+                self._admit()
+            self._leave([r for r in self._active() if r.cancelled])
+            if not self.groups:
+                continue
+            try:
+                t0 = time.perf_counter()
+                self._sweep()
+                seconds = time.perf_counter() - t0
+                self.sweep_seconds = seconds if not self.sweeps else 0.8 * self.sweep_seconds + 0.2 * seconds
+                self.sweeps += 1
+            except ModelClosedError:
+                break
+            except Exception as e:  # a broken shard, a backend error: these requests fail, the server goes on
+                log.exception("sweep failed")
+                for r in self._active():
+                    r.close(Failed(f"the model failed: {type(e).__name__}: {e}", 500))
+                self.groups = []
+        self.stop()
+
+    def _admit(self):
+        """Move waiting requests into the next sweep while there are rows and KV room: those continuing a kept
+        conversation on its cache, the others together as one left-padded batch."""
+        fresh = []
+        while self.waiting and len(self._active()) + len(fresh) < self.max_batch:
+            r = self.waiting[0]
+            if r.cancelled or r.closed:
+                self.waiting.popleft()
+                continue
+            key, n = self._best_kept(r.prompt)
+            r.cached, r.feed = n, r.prompt[n:]
+            extra = r.reach if key is not None else charge(fresh + [r], 0) - (charge(fresh, 0) if fresh else 0)
+            reserved = self._reserved() + (charge(fresh, 0) if fresh else 0) * self.per_token
+            while self.kept and reserved + extra * self.per_token > self.kv_allowance:
+                oldest = next(iter(self.kept))
+                if oldest == key:
+                    break
+                reserved -= len(self.kept.pop(oldest)[0]) * self.per_token
+            if reserved + extra * self.per_token > self.kv_allowance:
+                return self._start(fresh)
+            self.waiting.popleft()
+            cache = self._take_kept(key, n) if key is not None else None
+            if cache is None:
+                r.cached, r.feed = 0, r.prompt
+                fresh.append(r)
+            else:
+                r.reused = n
+                self.groups.append(Group(cache, [r]))
+        self._start(fresh)
+
+    def _start(self, fresh):
+        if fresh:
+            width = max(len(r.feed) for r in fresh)
+            self.groups.append(Group(self.model.new_cache(len(fresh), [width - len(r.feed) for r in fresh]), fresh))
+
+    def _best_kept(self, prompt):
+        """(key, tokens) of the kept cache sharing the longest prefix with the prompt, or (None, 0). At least
+        one prompt token is left to feed, for the logits of the first new token. A cache is taken only for
+        at least half of what it holds (a conversation resent), not trimmed down to a shared system prompt
+        or BOS, which would lose it for the conversation it holds."""
+        best, best_len = None, 0
+        for key, (ids, _) in self.kept.items():
+            n = min(common_prefix(ids, prompt), len(prompt) - 1)
+            if n > best_len and 2 * n >= len(ids):
+                best, best_len = key, n
+        return best, best_len
+
+    def _take_kept(self, key, keep):
+        ids, cache = self.kept.pop(key)
+        if len(ids) > keep:
+            try:
+                self.model.trim_cache(cache, keep)
+            except CacheTrimError:
+                return None
+        return cache
+
+    def _sweep(self):
+        items = []
+        for g in self.groups:
+            length, width = self.model.cache_length(g.cache), max(len(r.feed) for r in g.rows)
+            tokens = [[self.pad] * (width - len(r.feed)) + r.feed for r in g.rows]
+            mask = [[0] * (length + width - r.cached - len(r.feed)) + [1] * (r.cached + len(r.feed)) for r in g.rows]
+            items.append((np.array(tokens, dtype=np.int64), np.array(mask, dtype=np.int64), g.cache))
+        self.rows_peak = max(self.rows_peak, len(self._active()))
+        logits = self.model.step_many(items)
+        for g, out in zip(list(self.groups), logits):
+            for r, row in zip(g.rows, out):
+                r.cached += len(r.feed)
+                self._next_token(r, row)
+        self._leave([r for r in self._active() if r.closed or r.cancelled])
+        self._join()
+
+    def _next_token(self, r, logits):
+        if r.closed:  # failed by stop() while the sweep ran
+            return
+        s = r.sampling
+        token = int(sample(logits[None], s.do_sample, s.temperature, s.top_k, s.top_p, r.rng)[0])
+        if r.first_token is None:
+            r.first_token = time.perf_counter()
+        r.tokens.append(token)
+        r.feed = [token]
+        stop = token in self.stop_tokens
+        piece, hit = ("", False) if stop else r.text.add(token)
+        reason = "stop" if stop or hit else "length" if len(r.tokens) >= r.max_tokens else None
+        if reason == "length":
+            piece += r.text.flush()
+        r.emit(Delta(piece, [token], [self._logprobs(logits, token, r.logprobs)] if r.logprobs is not None else []))
+        if reason:
+            log.info("request %d: %d prompt tokens (%d reused), %d new, %s, %.2f s", r.id, len(r.prompt), r.reused,
+                     len(r.tokens), reason, time.perf_counter() - r.submitted)
+            r.close(Finished(reason, len(r.prompt), len(r.tokens), r.reused))
+
+    @staticmethod
+    def _logprobs(logits, token, top):
+        lp = logits.astype(np.float64)
+        lp = lp - (lp.max() + np.log(np.exp(lp - lp.max()).sum()))
+        best = np.argpartition(-lp, top - 1)[:top] if top else []
+        best = sorted(best, key=lambda t: -lp[t])
+        return token, float(lp[token]), [(int(t), float(lp[t])) for t in best]
+
+    def _leave(self, leaving):
+        """Take these requests out of their group, keeping each one's conversation for later requests."""
+        if not leaving:
+            return
+        gone = {id(r) for r in leaving}
+        self.disconnected += sum(1 for r in leaving if r.cancelled and not r.closed)
+        for g in list(self.groups):
+            out = [i for i, r in enumerate(g.rows) if id(r) in gone]
+            if not out:
+                continue
+            single = len(g.rows) == 1 and self.model.cache_length(g.cache) == g.rows[0].cached
+            for i in out:
+                r = g.rows[i]
+                self._keep(r, g.cache if single else self.model.extract_cache(g.cache, i, r.cached))
+            stay = [i for i, r in enumerate(g.rows) if id(r) not in gone]
+            if not stay:
+                self.groups.remove(g)
+                continue
+            self.model.select_cache_rows(g.cache, stay)
+            g.rows = [g.rows[i] for i in stay]
+            if self.merging and self.model.cache_length(g.cache) > max(r.cached for r in g.rows):
+                trimmed = self.model.merge_caches([g.cache], [[r.cached for r in g.rows]])  # drop shared padding
+                self.merging = trimmed is not None
+                g.cache = trimmed or g.cache
+        with self.cond:
+            self.cond.notify_all()
+
+    def _keep(self, r, cache):
+        if cache is None or self.keep_caches <= 0 or not r.cached:
+            return
+        self.kept[r.id] = ((r.prompt + r.tokens)[:r.cached], cache)
+        while len(self.kept) > self.keep_caches:
+            self.kept.popitem(last=False)
+
+    def _join(self):
+        """Groups just prefilled join the main batch (one cache) while the allowance has room for the padding
+        that adds; else, or when the caches cannot merge, they decode on their own cache."""
+        for g in [g for g in self.groups if g.fresh]:
+            g.fresh = False
+            main = next((m for m in self.groups if m.main), None)
+            if not self.merging:
+                continue
+            if main is None:
+                g.main = True
+                continue
+            lengths = [self.model.cache_length(main.cache), self.model.cache_length(g.cache)]
+            before = charge(main.rows, lengths[0]) + charge(g.rows, lengths[1])
+            after = charge(main.rows + g.rows, max(lengths))
+            if self._reserved() + (after - before) * self.per_token > self.kv_allowance:
+                continue
+            merged = self.model.merge_caches([main.cache, g.cache], [[r.cached for r in main.rows],
+                                                                     [r.cached for r in g.rows]])
+            if merged is None:
+                self.merging = False
+                continue
+            main.cache, main.rows = merged, main.rows + g.rows
+            self.groups.remove(g)
+
+
+def default_kv_allowance(model) -> int:
+    """Half the memory the device has free once the model is loaded (what the weights' budget left over)."""
+    return max(model.available_memory() // 2, 1)

@@ -1,0 +1,223 @@
+"""OpenAI's HTTP API without the HTTP: request bodies checked and turned into prompt ids and options (a Job),
+and the engine's events turned into OpenAI's response, chunk and error objects. Used by airmlx/server.py.
+
+Fields outside the API that the server takes: `top_k` (sample among the k most likely tokens). Fields the
+server ignores: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`. Fields it refuses unless
+left at their defaults: `n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, `tools`,
+`response_format` (a 400 that names the field).
+"""
+import json
+import math
+from dataclasses import dataclass, field
+
+from .engine import RequestError, Sampling
+from .generation import is_int, is_number
+
+MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
+               "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "response_format": None}
+
+
+@dataclass
+class Job:
+    chat: bool
+    prompt: list  # token ids
+    max_tokens: int
+    sampling: Sampling
+    stop: list = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {401: "invalid_api_key", 404: "not_found", 503: "overloaded"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object.") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object.")
+    return body
+
+
+def _get(body, name, check, what, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise RequestError(f"{name}={json.dumps(value)[:80]}: use {what}.", param=name)
+    return value
+
+
+def _common(body: dict, served: list, generation_config: dict, default_max_tokens: int, chat: bool) -> dict:
+    model = body.get("model")
+    if model not in served:
+        raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
+                           "(GET /v1/models).", param="model", status=400)
+    for name, default in UNSUPPORTED.items():
+        if body.get(name) not in (default, None) and not (name in ("tools", "functions") and body.get(name) == []):
+            raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
+                               param=name)
+    max_tokens = _get(body, "max_completion_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1")
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1", default_max_tokens)
+    temperature = _get(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2")
+    top_p = _get(body, "top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    top_k = _get(body, "top_k", lambda v: is_int(v) and v >= 0, "a whole number >= 0 (0: off)")
+    seed = _get(body, "seed", lambda v: is_int(v) and v >= 0, "a whole number >= 0")
+    stop = _get(body, "stop", lambda v: isinstance(v, str) or isinstance(v, list) and len(v) <= MAX_STOPS and all(
+        isinstance(s, str) for s in v), f"a string or a list of at most {MAX_STOPS} strings", [])
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
+    options = _get(body, "stream_options", lambda v: isinstance(v, dict), 'an object like {"include_usage": true}', {})
+    include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
+    if chat:
+        wanted = _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
+        top = _get(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+                   f"a whole number from 0 to {MAX_TOP_LOGPROBS}")
+        if top is not None and not wanted:
+            raise RequestError("top_logprobs needs logprobs=true.", param="top_logprobs")
+        logprobs = (top or 0) if wanted else None
+    else:
+        logprobs = _get(body, "logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+                        f"a whole number from 0 to {MAX_TOP_LOGPROBS}")
+    return dict(max_tokens=max_tokens, sampling=sampling(generation_config, temperature, top_p, top_k, seed),
+                stop=stop, stream=stream, include_usage=include_usage, logprobs=logprobs)
+
+
+def sampling(generation_config: dict, temperature, top_p, top_k, seed) -> Sampling:
+    """temperature 0: greedy; > 0: sample at it; left out: the model's generation_config.json decides (greedy
+    when it says nothing), as model.generate does. top_p and top_k left out come from generation_config.json,
+    else no cut (OpenAI's API has no top_k)."""
+    do_sample = temperature > 0 if temperature is not None else bool(generation_config.get("do_sample", False))
+    if temperature is None:
+        temperature = generation_config.get("temperature", 1.0) or 1.0
+    return Sampling(do_sample=do_sample and temperature > 0, temperature=float(temperature),
+                    top_p=float(top_p if top_p is not None else generation_config.get("top_p", 1.0) or 1.0),
+                    top_k=int(top_k if top_k is not None else generation_config.get("top_k", 0) or 0), seed=seed)
+
+
+def chat_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:
+    options = _common(body, served, generation_config, default_max_tokens, chat=True)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.",
+                           param="messages")
+    plain = [_message(m) for m in messages]
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt.")
+    try:
+        ids = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # the template's own checks (roles in order, ...) raise what they like
+        raise RequestError(f"the chat template refused these messages: {' '.join(str(e).split())}",
+                           param="messages") from None
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return Job(True, [int(t) for t in ids], **options)
+
+
+def _message(m) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise RequestError("each message must be an object with a string role and a content.", param="messages")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported.",
+                               param="messages")
+        content = "".join(p["text"] for p in content)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise RequestError("a message's content must be a string or a list of text parts.", param="messages")
+    return {"role": m["role"], "content": content}
+
+
+def completion_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:
+    options = _common(body, served, generation_config, default_max_tokens, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+        ids = prompt
+        vocab = len(tokenizer)
+        if not all(0 <= t < vocab for t in ids):
+            raise RequestError(f"the prompt holds token ids outside this model's vocabulary (0..{vocab - 1}).",
+                               param="prompt")
+    else:
+        raise RequestError("prompt must be a non-empty string or a list of token ids (one prompt per request).",
+                           param="prompt")
+    return Job(False, [int(t) for t in ids], **options)
+
+
+# -- responses ------------------------------------------------------------------------------------------
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def completion_logprobs(tokenizer, entries: list, offset: int) -> dict:
+    """Legacy completions' logprobs for (token, logprob, top) entries; offset: characters sent before them."""
+    tokens = [token_text(tokenizer, t) for t, _, _ in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [_finite(lp) for _, lp, _ in entries],
+            "top_logprobs": [{token_text(tokenizer, t): _finite(lp) for t, lp in top} for _, _, top in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    def one(t, lp):
+        text = token_text(tokenizer, t)
+        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode())}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(u, q) for u, q in top]} for t, lp, top in entries]}
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -inf; OpenAI's own floor
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reused: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": reused}}
+
+
+def response(job: Job, rid: str, model: str, created: int, text: str, finish: str, used: dict, logprobs) -> dict:
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": logprobs}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                "usage": used}
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+            "usage": used}
+
+
+def chunk(job: Job, rid: str, model: str, created: int, text: str | None, finish: str | None = None,
+          logprobs=None, role: bool = False) -> dict:
+    if job.chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        kind = "text_completion"
+    out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+    if job.include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(job: Job, rid: str, model: str, created: int, used: dict) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": used}

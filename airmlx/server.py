@@ -1,0 +1,264 @@
+"""`python -m airmlx.server`: an OpenAI-compatible HTTP server in which every waiting request shares each
+read of the weights.
+
+    python -m airmlx.server [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 8080] [--memory-budget 4GB]
+        [--max-batch 32] [--max-queue 64] [--max-kv-bytes 2GB] [--api-key KEY] [...model options]
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. The engine behind
+them is airmlx/engine.py; request bodies and response objects are airmlx/openai_api.py. Needs the server
+extra: pip install 'airmlx[server]'.
+"""
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+
+from . import openai_api as api
+from .cli import ArgumentParser, add_model_options, face, load_model
+from .engine import Delta, Engine, Failed, Finished, Request, RequestError, default_kv_allowance
+from .errors import AirmlxError
+from .units import format_bytes, parse_bytes
+
+log = logging.getLogger("airmlx.server")
+DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
+
+
+def build_app(engine: Engine, served: list, api_key: str | None = None, default_max_tokens: int = 512):
+    """The Starlette app serving `engine` under the model names `served` (the first is the one listed)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    model = engine.model
+    gen_config = model.generation_config
+    started = int(time.time())
+
+    def error(message, status, param=None, headers=None):
+        return JSONResponse(api.error_body(message, status, param), status_code=status, headers=headers)
+
+    def authorised(request) -> bool:
+        if api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+    async def health(request):
+        stats = engine.stats()
+        return JSONResponse({"status": "stopping" if engine.stopping else "ok", **stats},
+                            status_code=503 if engine.stopping else 200)
+
+    async def models(request):
+        if not authorised(request):
+            return error("a valid API key is needed: send the header 'Authorization: Bearer <key>'.", 401)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "airmlx"} for name in served[:1]]})
+
+    def make_job(chat, body):
+        with engine.tokenizer_lock:
+            make = api.chat_job if chat else api.completion_job
+            job = make(body, engine.tokenizer, served, gen_config, default_max_tokens)
+        job.max_tokens = engine.check(len(job.prompt), job.max_tokens, "messages" if chat else "prompt")
+        return job
+
+    async def complete(request, chat):
+        if not authorised(request):
+            return error("a valid API key is needed: send the header 'Authorization: Bearer <key>'.", 401)
+        try:
+            body = api.parse_json(await request.body())
+            job = await run_in_threadpool(make_job, chat, body)
+            events = asyncio.Queue()
+            req = Request(job.prompt, job.max_tokens, job.sampling, deliver(asyncio.get_running_loop(), events),
+                          stop=job.stop, logprobs=job.logprobs)
+            engine.submit(req)
+        except RequestError as e:
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+            return error(str(e), e.status, e.param, headers)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        meta = (job, rid, served[0], int(time.time()))
+        if job.stream:
+            return StreamingResponse(stream(req, events, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await collect(request, req, events, meta)
+
+    def logprobs_of(job, entries, offset):
+        if job.logprobs is None:
+            return None
+        with engine.tokenizer_lock:
+            return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
+                api.completion_logprobs(engine.tokenizer, entries, offset)
+
+    async def collect(request, req, events, meta):
+        job = meta[0]
+        text, entries = [], []
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    req.cancel()
+                    return error("the client went away.", 499)
+                continue
+            if isinstance(event, Delta):
+                text.append(event.text)
+                entries += event.logprobs
+            elif isinstance(event, Failed):
+                return error(event.message, event.status)
+            elif isinstance(event, Finished):
+                used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
+                return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
+                                                 logprobs_of(job, entries, 0)))
+
+    async def stream(req, events, meta):
+        job = meta[0]
+        sent = 0
+        try:
+            if job.chat:
+                yield sse(api.chunk(*meta, None, role=True))
+            while True:
+                event = await events.get()
+                if isinstance(event, Delta):
+                    if not event.text and not event.logprobs:
+                        continue
+                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, event.logprobs, sent)))
+                    sent += len(event.text)
+                elif isinstance(event, Failed):
+                    yield sse(api.error_body(event.message, event.status))
+                    break
+                elif isinstance(event, Finished):
+                    yield sse(api.chunk(*meta, None if job.chat else "", finish=event.reason))
+                    if job.include_usage:
+                        used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
+                        yield sse(api.usage_chunk(*meta, used))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client goes away mid-stream: the request leaves the batch
+            req.cancel()
+
+    async def chat_completions(request):
+        return await complete(request, chat=True)
+
+    async def completions(request):
+        return await complete(request, chat=False)
+
+    async def http_error(request, exc):
+        return error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
+
+    routes = [Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def deliver(loop, events):
+    """An emit callback for the engine's thread: the event goes to this request's queue on the server's loop
+    (dropped once that loop is closed: the server has gone)."""
+    def emit(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass
+    return emit
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def make_server(app, engine: Engine, host: str, port: int, log_level: str = "info"):
+    """A uvicorn server whose SIGINT / SIGTERM first fail every open request (each stream ends with an error
+    chunk), so the graceful shutdown that follows has nothing to wait for."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # not here: engine.stop() takes the engine's lock, which this (signal-handling) thread may hold
+            threading.Thread(target=engine.stop, name="airmlx-stop", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
+                            access_log=log_level == "debug")
+    return Server(config)
+
+
+def _terminated(sig, frame):
+    raise SystemExit(128 + sig)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m airmlx.server",
+                            description="An OpenAI-compatible server: every waiting request shares each read "
+                                        "of the streamed weights.")
+    add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send and /v1/models lists (default: --model, or 'airmlx-demo')")
+    parser.add_argument("--max-batch", type=int, default=32, help="most requests decoding at once (default 32)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="most requests waiting for a place; beyond it: 503 with Retry-After (default 64)")
+    parser.add_argument("--max-kv-bytes", default=None,
+                        help="KV-cache memory every request and kept cache together may reach, e.g. 2GB (default: "
+                             "half the memory free once the model is loaded); each request counts as "
+                             "(prompt + max_tokens) tokens of keys and values")
+    parser.add_argument("--max-tokens", type=int, default=512,
+                        help="new tokens for a request that does not say (default 512; capped by the context)")
+    parser.add_argument("--keep-caches", type=int, default=4,
+                        help="finished conversations whose KV caches are kept, so a request that starts with one "
+                             "computes only what is new (default 4; they count against --max-kv-bytes)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/ requests (401 otherwise)")
+    parser.add_argument("--log-prompts", action="store_true",
+                        help="log each request's prompt (never logged otherwise)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def check_server_args(args) -> None:
+    for name in ("max_batch", "max_queue", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise AirmlxError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a whole number >= 1.")
+    if args.keep_caches < 0:
+        raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
+    if args.max_kv_bytes is not None:
+        parse_bytes(args.max_kv_bytes)  # a BudgetError naming the value
+
+
+@face
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_server_args(args)
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise AirmlxError("the server needs starlette and uvicorn: pip install 'airmlx[server]'.") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    # uvicorn shuts down on SIGTERM, then raises it again: end with exit status 143 after cleaning up, as
+    # Ctrl-C ends with 130, rather than being killed on the spot
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+    with load_model(args) as model:
+        kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else default_kv_allowance(model)
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,
+                        keep_caches=args.keep_caches, log_prompts=args.log_prompts)
+        name = args.served_model_name or args.model or "airmlx-demo"
+        app = build_app(engine, [name], api_key=args.api_key, default_max_tokens=args.max_tokens)
+        log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,
+                 format_bytes(kv), model.plan)
+        try:
+            make_server(app, engine, args.host, args.port, args.log_level).run()
+        finally:
+            engine.stop()
+            engine.join(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

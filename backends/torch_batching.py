@@ -1,0 +1,50 @@
+"""Requests with caches of their own joined into one left-padded batch and taken apart again, for the
+server's engine (airmlx/engine.py). transformers' cache keeps no padding of its own: the attention mask
+says which positions of a row are padding, so only each row's length is needed here."""
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def mergeable(cache) -> bool:
+    """Plain key/value layers only: sliding-window layers keep window bookkeeping a padded batch would break."""
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer and layer.is_initialized
+                                                   for layer in cache.layers)
+
+
+def _fill(layer, keys, values):
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+
+
+def merge(caches: list, lengths: list, new_cache):
+    """One batch cache holding every row of `caches` in order, right-aligned to the longest row (shorter rows
+    left-padded with zeros); lengths[i]: the tokens each row of caches[i] holds (padding a cache has beyond
+    its longest row is dropped). None when a cache is not mergeable."""
+    if not all(mergeable(c) for c in caches):
+        return None
+    held = [max(rows) for rows in lengths]
+    longest = max(held)
+    merged = new_cache()
+    if not all(type(layer) is DynamicLayer for layer in merged.layers):
+        return None
+    for i, layer in enumerate(merged.layers):
+        keys, values = [], []
+        for cache, n in zip(caches, held):
+            src = cache.layers[i]
+            pad = (0, 0, longest - n, 0)  # left of the sequence axis (-2)
+            keys.append(torch.nn.functional.pad(src.keys[..., src.keys.shape[-2] - n:, :], pad))
+            values.append(torch.nn.functional.pad(src.values[..., src.values.shape[-2] - n:, :], pad))
+        _fill(layer, torch.cat(keys), torch.cat(values))
+    return merged
+
+
+def extract(cache, row: int, length: int, new_cache):
+    """One row of a batch cache as a cache of its own holding the row's last `length` tokens, a copy; None
+    when the cache is not mergeable (its layers' bookkeeping would not survive the cut)."""
+    if not mergeable(cache):
+        return None
+    out = new_cache()
+    for src, dst in zip(cache.layers, out.layers):
+        _fill(dst, src.keys[row:row + 1, :, src.keys.shape[-2] - length:].clone(),
+              src.values[row:row + 1, :, src.values.shape[-2] - length:].clone())
+    return out

@@ -1,0 +1,226 @@
+"""The server's engine without HTTP: model.step_many (one sweep, several caches), merging and extracting
+caches, and the engine's batches against model.generate, on both backends."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import airmlx
+from airmlx.engine import Delta, Engine, Failed, Finished, Request, RequestError, Sampling
+from airmlx.textstream import TextStream
+
+from tiny import make_checkpoint
+
+PROMPTS = [[5, 17, 33, 2, 9, 60, 7], [8, 90, 10, 4], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    make_checkpoint(root / "src", "llama")
+    return airmlx.shard_checkpoint(root / "src", root / "shards", progress=False)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A Mistral with an 8-token sliding window: its caches cannot be merged into one batch."""
+    root = tmp_path_factory.mktemp("engine-sliding")
+    make_checkpoint(root / "src", "mistral", sliding_window=8)
+    return airmlx.shard_checkpoint(root / "src", root / "shards", progress=False)
+
+
+def load(shards, backend, **kw):
+    # no prefetch thread: every streamed byte is read inside the sweep that uses it, so counts are exact
+    return airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="420KB", prefetching=False, **kw)
+
+
+def prefill(prompt):
+    return np.array([prompt]), np.ones((1, len(prompt)), dtype=np.int64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_step_many_is_each_step_alone_for_one_sweep_of_reads(shards, backend):
+    with load(shards, backend) as m:
+        assert m.plan.streamed
+        alone = [m.step(*prefill(p), m.new_cache()) for p in PROMPTS]
+        before = m.memory_stats()
+        together = m.step_many([(*prefill(p), m.new_cache()) for p in PROMPTS])
+        after = m.memory_stats()
+        for a, b in zip(alone, together):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert after["steps"] - before["steps"] == 1
+        assert after["bytes_read"] - before["bytes_read"] == m.plan.streamed_bytes_per_step
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_merged_caches_decode_as_each_prompt_alone(shards, backend):
+    with load(shards, backend) as m:
+        solo = [m.generate(p, max_new_tokens=6)[len(p):] for p in PROMPTS]
+        caches = [m.new_cache() for _ in PROMPTS]
+        tokens = [[int(x.argmax())] for x in m.step_many([(*prefill(p), c) for p, c in zip(PROMPTS, caches)])]
+        lengths = [len(p) for p in PROMPTS]
+        batch = m.merge_caches(caches, [[n] for n in lengths])
+        assert m.memory_stats()["kv_cache"] >= m.cache_bytes(batch) > 0
+        for _ in range(5):
+            width = m.cache_length(batch)
+            mask = np.array([[0] * (width - n) + [1] * (n + 1) for n in lengths])
+            logits = m.step_many([(np.array([[t[-1]] for t in tokens]), mask, batch)])[0]
+            for t, row in zip(tokens, logits):
+                t.append(int(row.argmax()))
+            lengths = [n + 1 for n in lengths]
+        assert tokens == solo
+        one = m.extract_cache(batch, 1, lengths[1])  # the short prompt's row, its padding dropped
+        assert m.cache_length(one) == lengths[1]
+        # the extracted conversation continues exactly as the uninterrupted one
+        nxt = m.generate([tokens[1][-1]], past_key_values=one, max_new_tokens=3)
+        assert nxt[1:] == m.generate(PROMPTS[1], max_new_tokens=9)[len(PROMPTS[1]) + 6:]
+
+
+class Collect:
+    """An emit callback gathering one request's events."""
+
+    def __init__(self):
+        self.events, self.times, self.done = [], [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        if isinstance(event, (Finished, Failed)):
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [t for e in self.events if isinstance(e, Delta) for t in e.tokens]
+
+
+def run_engine(engine, prompts, max_tokens, stagger=False, **kw):
+    """Run requests to their end; stagger: each is sent once the one before has its first token, so it
+    joins a batch already decoding."""
+    outs = [Collect() for _ in prompts]
+    for p, out in zip(prompts, outs):
+        engine.submit(Request(p, max_tokens, Sampling(**kw), out))
+        while stagger and not out.events:
+            time.sleep(0.001)
+    assert all(out.done.wait(60) for out in outs), "a request never finished"
+    deadline = time.monotonic() + 10
+    while engine.stats()["active"] and time.monotonic() < deadline:  # finished rows leave after their sweep
+        time.sleep(0.01)
+    return outs
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_engine_batches_requests_and_each_gets_its_solo_tokens(shards, backend):
+    with load(shards, backend) as m:
+        solo = [m.generate(p, max_new_tokens=8)[len(p):] for p in PROMPTS]
+        sampled = m.generate(PROMPTS[0], max_new_tokens=8, do_sample=True, temperature=0.9, top_k=0, seed=7)
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            for stagger in (False, True):  # prefilled together, or each joining a batch already decoding
+                engine.kept.clear()
+                outs = run_engine(engine, PROMPTS, 8, stagger)
+                assert [o.tokens for o in outs] == solo
+                assert all(o.events[-1] == Finished("length", len(p), 8, 0) for o, p in zip(outs, PROMPTS))
+                assert engine.merging and not engine.groups and engine.rows_peak == 3  # one batch, then none
+            engine.kept.clear()
+            outs = [Collect() for _ in PROMPTS]  # rows leaving one by one (the batch's padding shrinks)
+            for p, n, out in zip(PROMPTS[::-1], (4, 6, 8), outs):
+                engine.submit(Request(p, n, Sampling(), out))
+            assert all(out.done.wait(60) for out in outs)
+            assert [o.tokens for o in outs] == [s[:n] for s, n in zip(solo[::-1], (4, 6, 8))]
+            # the first request's conversation was kept: sending it again with more computes only what is new
+            again = PROMPTS[0] + solo[0] + [11, 12]
+            out, = run_engine(engine, [again], 4)
+            assert out.events[-1].reused_tokens == len(PROMPTS[0]) + 7  # all but the last answer token
+            assert out.tokens == m.generate(again, max_new_tokens=4)[len(again):]
+            out, = run_engine(engine, PROMPTS[:1], 8, do_sample=True, temperature=0.9, seed=7)
+            assert out.tokens == sampled[len(PROMPTS[0]):]  # a seed samples as generate's does
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_caches_that_cannot_merge_decode_side_by_side(windowed, backend):
+    prompts = [p * 2 for p in PROMPTS]  # longer than the window
+    with load(windowed, backend) as m:
+        solo = [m.generate(p, max_new_tokens=8)[len(p):] for p in prompts]
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            outs = run_engine(engine, prompts, 8, stagger=True)
+            assert [o.tokens for o in outs] == solo
+            assert not engine.merging
+            # sent together: one batch on its own cache, whose rows leave one by one
+            engine.kept.clear()
+            outs = [Collect() for _ in prompts]
+            for p, n, out in zip(prompts, (4, 6, 8), outs):
+                engine.submit(Request(p, n, Sampling(), out))
+            assert all(out.done.wait(60) for out in outs)
+            assert [o.tokens for o in outs] == [s[:n] for s, n in zip(solo, (4, 6, 8))]
+            assert all(o.events[-1].reused_tokens == 0 for o in outs)
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
+def test_requests_wait_for_kv_room_and_the_queue_is_bounded(shards):
+    with load(shards, "torch") as m:
+        per_request = (len(PROMPTS[0]) + 8) * m.kv_bytes_per_token
+        engine = Engine(m, kv_allowance=per_request, max_queue=2, keep_caches=0)  # room for one at a time
+        try:
+            outs = run_engine(engine, [PROMPTS[0]] * 2, 8)
+            assert outs[0].tokens == outs[1].tokens
+            assert outs[1].times[0] > outs[0].times[-1]  # the second started once the first had finished
+            with pytest.raises(RequestError, match="max-kv-bytes"):
+                engine.check(len(PROMPTS[0]), 9)
+            engine.stop()
+            with pytest.raises(RequestError, match="shutting down") as refused:
+                engine.submit(Request(PROMPTS[0], 8, Sampling(), Collect()))
+            assert refused.value.status == 503
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
+def test_the_engine_and_the_api_layer_import_no_framework():
+    from test_layout import imports, modules
+    mods = modules()
+    for name in ("engine", "textstream", "openai_api", "server"):
+        used = {i.split(".")[0] for i in imports(f"airmlx.{name}", mods[f"airmlx.{name}"])}
+        assert not used & {"mlx", "mlx_lm", "torch", "transformers"}, (name, used)
+
+
+class Chars:
+    """A tokenizer whose tokens are characters."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_holds_back_only_what_could_start_a_stop_string():
+    text = TextStream(Chars(), ["xyz", "ab"])
+    pieces = [text.add(ord(c)) for c in "hi axbxyq x"]
+    assert "".join(p for p, _ in pieces) + text.flush() == "hi axbxyq x"
+    assert pieces[3] == ("", False) and pieces[4] == ("a", False)  # "a" waited for the "x" that ruled out "ab"
+    assert not any(hit for _, hit in pieces)
+    text = TextStream(Chars(), ["xyz"])
+    assert [text.add(ord(c)) for c in "12xyz"] == [("1", False), ("2", False), ("", False), ("", False), ("", True)]
+    assert text.flush() == ""  # the stop string is never sent
+
+
+def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
+    with load(shards, "torch") as m:
+        free = m.generate(PROMPTS[1], max_new_tokens=8)[len(PROMPTS[1]):]
+        eos = free[3]
+        want = m.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos)[len(PROMPTS[1]):]
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            engine.stop_tokens = {eos}
+            out, = run_engine(engine, PROMPTS[1:2], 8)
+            assert out.tokens == want == free[:free.index(eos) + 1]
+            assert out.events[-1] == Finished("stop", len(PROMPTS[1]), len(want), 0)
+            assert "".join(e.text for e in out.events if isinstance(e, Delta)) == \
+                m.tokenizer.decode(want[:-1], skip_special_tokens=True)  # the stop token's own text is not sent
+        finally:
+            engine.stop()
+            engine.join(30)

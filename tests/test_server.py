@@ -1,0 +1,374 @@
+"""python -m airmlx.server against the official openai client: a live server on a free local port, tiny
+models, greedy output equal to model.generate, many clients sharing each sweep, bad inputs, a flood, a
+client that goes away, and SIGINT / SIGTERM."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+import airmlx
+from airmlx.engine import Engine, Finished, Request, Sampling
+from airmlx.server import build_app, make_server
+
+from tiny import make_chat_checkpoint, make_checkpoint
+
+# the word-level test tokenizer ("w5 w17 ..."), with a chat template of its own words
+WORD_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}w3 {{ m['content'] }} w4 "
+                 "{% else %}{{ m['content'] }} w6 {% endif %}{% endfor %}")
+MESSAGES = [{"role": "user", "content": "w5 w17 w33 w2 w9"}]
+PROMPT = "w8 w90 w10 w4 w61"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    make_checkpoint(root / "src", "llama")
+    tok = AutoTokenizer.from_pretrained(root / "src")
+    tok.chat_template = WORD_TEMPLATE
+    tok.save_pretrained(root / "src")
+    return airmlx.shard_checkpoint(root / "src", root / "shards", progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(shards):
+    # no prefetch thread: every streamed byte is read inside the sweep that uses it, so counts are exact
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="420KB", prefetching=False) as m:
+        yield m
+
+
+class Live:
+    """A server in a thread on a free 127.0.0.1 port, stopped on exit."""
+
+    def __init__(self, model, api_key=None, **engine_options):
+        self.engine = Engine(model, **{"kv_allowance": 10**8, **engine_options})
+        self.server = make_server(build_app(self.engine, ["tiny"], api_key=api_key), self.engine, "127.0.0.1", 0,
+                                  "warning")
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.stop()
+        self.engine.join(30)
+        assert not self.thread.is_alive() and not self.engine.thread.is_alive()
+
+    def settle(self):
+        """Wait until every finished request has left the engine."""
+        deadline = time.monotonic() + 10
+        while self.engine.stats()["active"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    with Live(model) as server:
+        yield server
+
+
+def expected(model, ids, n):
+    new = model.generate(ids, max_new_tokens=n)[len(ids):]
+    return model.tokenizer.decode(new, skip_special_tokens=True), new
+
+
+def chat_ids(tokenizer, messages):
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_chat_and_completions_streamed_or_not_equal_generate(live, model):
+    tok = model.tokenizer
+    c = live.client
+    ids = chat_ids(tok, MESSAGES)
+    text, _ = expected(model, ids, 10)
+    r = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
+    chunks = list(c.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+    ids = tok(PROMPT)["input_ids"]
+    text, _ = expected(model, ids, 12)
+    r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == text and r.usage.prompt_tokens == len(ids)
+    chunks = list(c.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == text and chunks[-1].choices[0].finish_reason == "length"
+    assert all(ch.usage is None for ch in chunks)  # no include_usage: no usage chunk
+    assert c.models.list().data[0].id == "tiny"
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+def test_stop_strings_are_found_across_token_boundaries_and_left_out(live, model):
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    text, _ = expected(model, ids, 12)
+    words = text.split(" ")
+    stop = words[4][-1] + " " + words[5][:2]  # the end of one token, a space and the start of the next
+    cut = text.index(stop)
+    for stream in (False, True):
+        r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                           stop=["never said", stop], stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(ch.choices[0].text for ch in chunks) == text[:cut]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs_are_the_models(live, model):
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    _, new = expected(model, ids, 3)
+    r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    logits = model.logits([ids])[0, -1].astype(np.float64)
+    want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert lp.tokens == [model.tokenizer.decode([t]) for t in new]
+    assert lp.token_logprobs[0] == pytest.approx(want[new[0]], abs=1e-4)
+    assert len(lp.top_logprobs[0]) == 2 and max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0])
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    r = live.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    assert len(r.choices[0].logprobs.content) == 2 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
+
+
+def test_a_seed_samples_as_generate_does(live, model):
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    want = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, seed=5)
+    texts = [live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.95,
+                                            seed=5).choices[0].text for _ in range(2)]
+    assert texts == [model.tokenizer.decode(want[len(ids):])] * 2
+
+
+class Slow:
+    """The model with sweeps of at least 50 ms, as a streamed model's are: clients that a loaded machine
+    starts a little apart still meet in the batch."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def step_many(self, items):
+        time.sleep(0.05)
+        return self._model.step_many(items)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_eight_clients_get_their_solo_tokens_from_shared_sweeps(model):
+    prompts = [" ".join(f"w{5 + (i * 7 + j * 3) % 80}" for j in range(3 + i)) for i in range(8)]
+    solo = [expected(model, model.tokenizer(p)["input_ids"], 16)[0] for p in prompts]
+    with Live(Slow(model)) as live:
+        before = model.memory_stats()
+
+        def stream(p):
+            chunks = live.client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, stream=True)
+            return "".join(ch.choices[0].text for ch in chunks)
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(stream, prompts))
+        live.settle()
+        after = model.memory_stats()
+        assert got == solo
+        ran = after["steps"] - before["steps"]
+        assert ran == live.engine.sweeps
+        assert after["bytes_read"] - before["bytes_read"] == ran * model.plan.streamed_bytes_per_step  # one read each
+        assert ran < 2 * 16 < 8 * 16 and live.engine.rows_peak >= 4  # 128 tokens in about 16 sweeps, not 128
+
+
+def test_a_client_that_goes_away_leaves_the_batch(live, model):
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    text, _ = expected(model, ids, 40)
+    gone_before = live.engine.stats()["disconnected"]
+    other = {}
+
+    def finish():
+        other["text"] = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40,
+                                                       temperature=0).choices[0].text
+    leaver = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0, stream=True)
+    next(iter(leaver))
+    worker = threading.Thread(target=finish)
+    worker.start()
+    leaver.close()  # the client hangs up mid-stream
+    worker.join(60)
+    assert other["text"] == text
+    live.settle()
+    assert live.engine.stats()["disconnected"] == gone_before + 1
+    assert live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
+
+
+def test_a_resent_conversation_computes_only_what_is_new(live, model):
+    first = live.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0)
+    turn = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                       {"role": "user", "content": "w40 w41"}]
+    ids = chat_ids(model.tokenizer, turn)
+    text, _ = expected(model, ids, 6)
+    live.settle()
+    r = live.client.chat.completions.create(model="tiny", messages=turn, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == text
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+LONG = " ".join(["w7"] * 300)  # longer than the tiny model's 256-token context
+BAD = [  # (path, body or raw bytes, status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"model": "gpt-9", "prompt": PROMPT}, 400, "model"),
+    ("/v1/completions", {"prompt": PROMPT}, 400, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", 3]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "logprobs": 99}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 9999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": LONG}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "w5"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/nowhere", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD)
+def test_every_bad_input_gets_its_status_and_an_openai_error_body(live, path, body, status, param):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(live.url + path, timeout=30, **kw)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_the_openai_client_sees_a_bad_request_as_one(live):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        live.client.completions.create(model="tiny", prompt=PROMPT, top_p=2)
+    with pytest.raises(openai.NotFoundError):
+        live.client.get("/nowhere", cast_to=object)
+
+
+def test_an_api_key_is_asked_for_when_set(model):
+    with Live(model, api_key="sesame") as server:
+        for key in ("wrong", None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            server.client.models.list()
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_flood_beyond_the_queue_gets_503_with_retry_after(model):
+    with Live(model, max_batch=1, max_queue=1) as server:
+        def post(_):
+            return httpx.post(server.url + "/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": PROMPT, "max_tokens": 100, "temperature": 0})
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, range(8)))
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 5 and set(statuses) == {200, 503}
+        refused = next(r for r in replies if r.status_code == 503)
+        assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "server_error"
+        assert post(0).status_code == 200  # still serving
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig, backend", [(signal.SIGINT, "mlx"), (signal.SIGTERM, "torch")])
+def test_a_signal_ends_running_streams_with_an_error_and_the_server_exits(shards, sig, backend):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "airmlx.server", "--model", str(shards), "--backend", backend,
+                             "--memory-budget", "420KB", "--port", str(port), "--log-level", "info"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        secret = "w77 w78 w79 w80"
+        stream = client.completions.create(model=str(shards), prompt=secret, max_tokens=250, temperature=0,
+                                           stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(sig)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _ in chunks:
+                pass
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143)
+    assert "Traceback" not in out and secret not in out  # prompts are never logged unless asked
+
+
+def test_bpe_chat_streams_whole_characters_as_generate_decodes_them(tmp_path):
+    shards = airmlx.shard_checkpoint(make_chat_checkpoint(tmp_path / "src"), tmp_path / "shards", progress=False)
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model, Live(model) as server:
+        messages = [{"role": "user", "content": "What is a list?"}]
+        text, _ = expected(model, chat_ids(model.tokenizer, messages), 24)
+        whole = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+        chunks = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                                       stream=True)
+        assert whole.choices[0].message.content == text
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+
+
+def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(capsys):
+    from airmlx.server import build_parser, main
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+    for bad in (["--max-batch", "0"], ["--max-queue", "0"], ["--max-kv-bytes", "lots"], ["--keep-caches", "-1"]):
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("airmlx: ") and err.count("\n") == 1, err
+
+
+def test_prompts_are_logged_only_when_asked(model, caplog):
+    for asked in (False, True):
+        engine = Engine(model, kv_allowance=10**8, log_prompts=asked)
+        try:
+            with caplog.at_level("INFO", logger="airmlx.server"):
+                caplog.clear()
+                done = threading.Event()
+                engine.submit(Request([77, 78, 79], 2, Sampling(), lambda e: isinstance(e, Finished) and done.set()))
+                assert done.wait(30)
+            assert ("w77 w78 w79" in caplog.text) == asked and "prompt tokens" in caplog.text
+        finally:
+            engine.stop()
+            engine.join(30)
