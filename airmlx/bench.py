@@ -163,14 +163,19 @@ def time_airllm(src, steps):
     return (elapsed[1] - elapsed[0]) / steps
 
 
-def run(args):
-    from .auto import AutoModel
-    from .manifest import Manifest
+def bench_shards(args) -> tuple:
+    """(checkpoint, shard folder): --model, or the generated model (made once under --work-dir)."""
     from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
     suffix = f"-{args.compression}" if args.compression else ""
-    shards = shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
+    return src, shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
+
+
+def run(args):
+    from .auto import AutoModel
+    from .manifest import Manifest
+    src, shards = bench_shards(args)
     model_bytes = Manifest.load(shards).total_bytes
     budget = bench_budget(args, model_bytes)
     rows = []
@@ -271,7 +276,7 @@ def main(argv=None):
         parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
     if args.hosts > 1:
         from .bench_hosts import run_hosts
-        run_hosts(args)
+        run_hosts(args, bench_shards(args)[1])
         return 0
     run(args)
     return 0

@@ -140,20 +140,14 @@ def predict(costs: dict, compute: dict, budget: int, bps: float, hosts: int) -> 
             "decode_step_s": sum(sweeps), "pipelined_pass_s": max(sweeps)}
 
 
-def run_hosts(args) -> dict:
+def run_hosts(args, shards) -> dict:
+    """python -m airmlx.bench --hosts N on the shard folder `shards` (python -m airmlx.bench's options)."""
     from .auto import AutoModel
-    from .bench import build_model
     from .cli import bench_budget
     from .manifest import Manifest
-    from .sharder import shard_checkpoint
     from .store import evict
     backend = args.backend.split(",")[0]
     batch = (args.batch or [8])[0]
-    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
-    src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers,
-                                                           args.hidden)
-    suffix = f"-{args.compression}" if args.compression else ""
-    shards = shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
     model_bytes = Manifest.load(shards).total_bytes
     budget = bench_budget(args, model_bytes)
     with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget) as model:

@@ -200,3 +200,36 @@ def check_split(manifest: Manifest, counts: list) -> list:
         raise PipelineError(f"pipeline split {counts}: rank 0 must run the embedding and at least one layer; give it "
                             "at least 2 stages.")
     return [[s.name for s in r] for r in ranges]
+
+
+def agree_on_split(link, manifest: Manifest, folder, backend, budget: int, split, prefetching: bool):
+    """Every rank's stage names, the same on every rank: an explicit split (--pipeline-split), the one the folders
+    were sharded with, or the balanced split of every rank's costs and budgets (exchanged over `link`, an
+    airmlx.pipeline_link.Link; `folder`: this rank's shard folder, a Path)."""
+    rank, size = link.rank, link.size
+    names = [s.name for s in sweep_stages(manifest)]
+    ident = link.gather(np.array([model_fingerprint(manifest), len(names)]), "the model")
+    other = next((r for r in range(size) if tuple(ident[r]) != tuple(ident[0])), None)
+    if other is not None:
+        raise PipelineError(f"rank {rank}: rank {other} opened another model than rank 0 (their manifests differ); "
+                            "give every rank the same model (its shard folder, or the files of its range).")
+    given = parse_split(split, size)
+    sharded = manifest.pipeline
+    if sharded is not None:
+        if sharded["rank"] != rank or len(sharded["stages_per_host"]) != size:
+            raise PipelineError(f"rank {rank}: {folder} holds the stages of rank {sharded['rank']} of "
+                                f"{len(sharded['stages_per_host'])} (python -m airmlx.shard --hosts --rank); launch "
+                                f"{len(sharded['stages_per_host'])} ranks with this folder on rank {sharded['rank']}.")
+        given = given or list(sharded["stages_per_host"])
+    table = link.gather(np.concatenate([[budget], given or [0] * size,
+                                        local_costs(manifest, folder, backend).ravel()]), "the pipeline split")
+    splits = {tuple(int(v) for v in row[1:1 + size]) for row in table if row[1:1 + size].any()}
+    if len(splits) > 1:
+        raise PipelineError(f"rank {rank}: the ranks were given different pipeline splits {sorted(splits)}; give all "
+                            "of them the same --pipeline-split (or shard them with the same one).")
+    if splits:
+        counts = list(next(iter(splits)))
+    else:
+        costs = [stage_costs(names, row[1 + size:].reshape(len(names), -1)) for row in table]
+        counts = balanced_split(names, costs, [int(b) for b in table[:, 0]], prefetching)
+    return check_split(manifest, counts)

@@ -2,9 +2,10 @@
 
 Rank 0 holds a PipelineModel: an AirModel over its own range whose every sweep goes on to the other ranks. Its
 backend records what the other ranks must repeat: each step context's arguments (tokens, mask, which cache)
-and what happens to the KV caches (made, rows selected, trimmed, dropped), so the token loop, scoring and the
-chat run on it unchanged. The other ranks follow: they build the same contexts over their own caches, run
-their range and send the hidden states on; the last rank sends the head's output back to rank 0.
+and what happens to the KV caches (made, rows selected, trimmed, merged and split by the server's engine,
+dropped), so the token loop, scoring, the chat and the server's engine run on it unchanged. The other ranks
+follow: they build the same contexts over their own caches, run their range and send the hidden states on;
+the last rank sends the head's output back to rank 0.
 
 A sweep on rank 0 runs its range, then sends the hidden states of every context; the next sweep may start
 before the results come back (score() does, up to one sweep in flight per other rank), so rank r works on
@@ -21,17 +22,7 @@ import numpy as np
 from .errors import AirmlxError
 from .manifest import Manifest
 from .model import AirModel, exclusive
-from .pipeline import (
-    PipelineError,
-    balanced_split,
-    check_split,
-    local_costs,
-    model_fingerprint,
-    parse_split,
-    rank_budget,
-    stage_costs,
-    sweep_stages,
-)
+from .pipeline import PipelineError, agree_on_split, rank_budget
 from .pipeline_link import DEFAULT_TIMEOUT, RESULT, STATS, STEP, STOP, Link, deferred_interrupt
 from .plan import DEFAULT_PREFILL_STEP, default_budget
 from .schedule import Scheduler
@@ -60,13 +51,32 @@ class RecordingBackend:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def new_cache(self, batch_size, left_padding):
-        cache = self._inner.new_cache(batch_size, left_padding)
+    def _made(self, cache, op: list):
+        """Number a cache made here and record how the other ranks make theirs (op, after its number)."""
         n, self._count = self._count, self._count + 1
         self._ids[cache] = n
-        self._ops.append(["new", n, int(batch_size), [int(p) for p in left_padding]])
+        self._ops.append([op[0], n, *op[1:]])
         weakref.finalize(cache, self._dropped, n)
         return cache
+
+    def new_cache(self, batch_size, left_padding):
+        return self._made(self._inner.new_cache(batch_size, left_padding),
+                          ["new", int(batch_size), [int(p) for p in left_padding]])
+
+    def merge_caches(self, caches, lengths):
+        """The server's engine joins requests into one batch: the other ranks merge their caches alike."""
+        ids = [self.cache_id(c) for c in caches]
+        merged = self._inner.merge_caches(caches, lengths)
+        if merged is None:
+            return None
+        return self._made(merged, ["merge", ids, [[int(n) for n in rows] for rows in lengths]])
+
+    def extract_cache(self, cache, row, length):
+        ids = self.cache_id(cache)
+        single = self._inner.extract_cache(cache, row, length)
+        if single is None:
+            return None
+        return self._made(single, ["extract", ids, int(row), int(length)])
 
     def _dropped(self, n):
         self._ops.append(["drop", n])
@@ -306,6 +316,13 @@ def run_step(model: RankModel, caches: dict, msg) -> list:
             caches[op[1]] = model.new_cache(op[2], op[3])
         elif kind == "drop":
             caches.pop(op[1], None)
+        elif kind in ("merge", "extract"):
+            made = (model.merge_caches([caches[i] for i in op[2]], op[3]) if kind == "merge"
+                    else model.extract_cache(caches[op[2]], op[3], op[4]))
+            if made is None:  # follow() ends every rank with this, naming this one
+                raise RuntimeError(f"rank 0 could {kind} its KV caches and this rank could not; launch the ranks "
+                                   "again with the same model and version of airmlx.")
+            caches[op[1]] = made
         elif kind == "select":
             model.backend.select_rows(caches[op[1]], op[2])
         elif kind == "trim":
@@ -327,38 +344,6 @@ def make_transport(framework: str, device=None):
         return MLXTransport()
     from .backends.torch_transport import TorchTransport
     return TorchTransport(device)
-
-
-def agree_on_split(link: Link, manifest: Manifest, folder: Path, backend, budget: int, split, prefetching: bool):
-    """Every rank's stage names, the same on every rank: an explicit split (--pipeline-split), the one the folders
-    were sharded with, or the balanced split of every rank's costs and budgets."""
-    rank, size = link.rank, link.size
-    names = [s.name for s in sweep_stages(manifest)]
-    ident = link.gather(np.array([model_fingerprint(manifest), len(names)]), "the model")
-    other = next((r for r in range(size) if tuple(ident[r]) != tuple(ident[0])), None)
-    if other is not None:
-        raise PipelineError(f"rank {rank}: rank {other} opened another model than rank 0 (their manifests differ); "
-                            "give every rank the same model (its shard folder, or the files of its range).")
-    given = parse_split(split, size)
-    sharded = manifest.pipeline
-    if sharded is not None:
-        if sharded["rank"] != rank or len(sharded["stages_per_host"]) != size:
-            raise PipelineError(f"rank {rank}: {folder} holds the stages of rank {sharded['rank']} of "
-                                f"{len(sharded['stages_per_host'])} (python -m airmlx.shard --hosts --rank); launch "
-                                f"{len(sharded['stages_per_host'])} ranks with this folder on rank {sharded['rank']}.")
-        given = given or list(sharded["stages_per_host"])
-    table = link.gather(np.concatenate([[budget], given or [0] * size,
-                                        local_costs(manifest, folder, backend).ravel()]), "the pipeline split")
-    splits = {tuple(int(v) for v in row[1:1 + size]) for row in table if row[1:1 + size].any()}
-    if len(splits) > 1:
-        raise PipelineError(f"rank {rank}: the ranks were given different pipeline splits {sorted(splits)}; give all "
-                            "of them the same --pipeline-split (or shard them with the same one).")
-    if splits:
-        counts = list(next(iter(splits)))
-    else:
-        costs = [stage_costs(names, row[1 + size:].reshape(len(names), -1)) for row in table]
-        counts = balanced_split(names, costs, [int(b) for b in table[:, 0]], prefetching)
-    return check_split(manifest, counts)
 
 
 def open_pipeline(shard_dir, backend, transport, memory_budget=None, split=None, timeout: float = DEFAULT_TIMEOUT,

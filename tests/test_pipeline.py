@@ -257,6 +257,12 @@ class FakeBackend:
     def trim_cache(self, cache, keep):
         pass
 
+    def merge_caches(self, caches, lengths):
+        return None if len(caches) > 2 else self.new_cache(1, [0])  # more than two "cannot merge"
+
+    def extract_cache(self, cache, row, length):
+        return self.new_cache(1, [0])
+
     def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None):
         return ("local", tokens.shape)
 
@@ -277,6 +283,13 @@ def test_rank_0_records_what_the_others_must_repeat():
     import gc
     gc.collect()
     assert rec.take_ops() == [["drop", 0]]
+    a, b = rec.new_cache(1, [0]), rec.new_cache(1, [0])  # the server's engine joins requests and parts them
+    assert rec.merge_caches([a, b, a], [[1], [2], [1]]) is None
+    both = rec.merge_caches([a, b], [[3], [2]])
+    one = rec.extract_cache(both, 1, 2)
+    assert rec.cache_id(both) == 3 and rec.cache_id(one) == 4
+    assert rec.take_ops() == [["new", 1, 1, [0]], ["new", 2, 1, [0]], ["merge", 3, [1, 2], [[3], [2]]],
+                              ["extract", 4, 3, 1, 2]]
     assert rec.logits(np.zeros(2)).shape == (2,) and rec.logits(object()) == "framework" and rec.name == "fake"
     with pytest.raises(PipelineError, match="made outside this model"):
         rec.begin_step(np.ones((1, 1)), np.ones((1, 1)), FakeBackend().new_cache(1, [0]))

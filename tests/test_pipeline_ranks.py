@@ -5,7 +5,6 @@ naming them, within the timeout. Each launch runs tests/pipeline_rank.py on ever
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 import airmlx
 import airmlx.manifest
+from airmlx.bench_hosts import free_port, launcher
 
 from tiny import BATCH, PROMPT, make_checkpoint
 
@@ -49,25 +49,6 @@ def models(tmp_path_factory):
     return made
 
 
-def free_port(span):
-    """A loopback port p with p .. p + span - 1 free."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span < 65535 and all(_free(port + i) for i in range(span)):
-            return port
-
-
-def _free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def spec_file(tmp_path, models_spec, **extra):
     spec = {"models": models_spec, "timeout": LINK_TIMEOUT, "out": str(tmp_path / "out.json"), "prompt": PROMPT[0],
             "batch": BATCH, "new_tokens": NEW_TOKENS, "requests": REQUESTS, **extra}
@@ -77,18 +58,17 @@ def spec_file(tmp_path, models_spec, **extra):
 
 
 def launcher_command(framework, ranks, spec):
-    bindir = Path(sys.executable).parent
-    script = [str(HERE / "pipeline_rank.py"), str(spec)]
-    if framework == "mlx":
-        return [str(bindir / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--starting-port",
-                str(free_port(ranks)), sys.executable, *script]
-    return [str(bindir / "torchrun"), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port(1)), *script]
+    return launcher(framework, ranks) + [str(HERE / "pipeline_rank.py"), str(spec)]
+
+
+def rank_env():
+    """The ranks' environment: one thread each, tests/ importable, the caller's PYTHONPATH kept."""
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def run_launcher(framework, ranks, spec):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    done = subprocess.run(launcher_command(framework, ranks, spec), env=env, capture_output=True, text=True,
+    done = subprocess.run(launcher_command(framework, ranks, spec), env=rank_env(), capture_output=True, text=True,
                           timeout=LAUNCH_LIMIT)
     out = Path(json.loads(Path(spec).read_text())["out"])
     assert done.returncode == 0 and out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
@@ -102,13 +82,15 @@ def reference(folder, backend):
         return {"single": model.generate(PROMPT[0], max_new_tokens=NEW_TOKENS),
                 "batch": model.generate(BATCH, max_new_tokens=NEW_TOKENS),
                 "scores": [list(s) for s in scores],
-                "logits_argmax": model.logits(np.array(PROMPT)).argmax(-1).tolist()}
+                "logits_argmax": model.logits(np.array(PROMPT)).argmax(-1).tolist(),
+                "served": [model.generate(p, max_new_tokens=NEW_TOKENS)[len(p):] for p in PROMPT + BATCH]}
 
 
 def check_against_reference(got, want, ranks, budgets, range_folders):
     assert got["single"] == want["single"] and len(got["single"]) == len(PROMPT[0]) + NEW_TOKENS
     assert got["batch"] == want["batch"]
     assert got["logits_argmax"] == want["logits_argmax"]
+    assert got["served"] == want["served"] and got["merged"]  # the server's engine: one batch over the ranks
     assert got["passes"] == len(REQUESTS)  # one pass per request: passes overlap across ranks
     for (ll, greedy), (ll_want, greedy_want) in zip(got["scores"], want["scores"]):
         assert abs(ll - ll_want) < 1e-4 * max(1.0, abs(ll_want)) and greedy == greedy_want
@@ -128,10 +110,16 @@ def check_against_reference(got, want, ranks, budgets, range_folders):
             assert files == {f"{n}.safetensors" for n in r["stages"]}
 
 
+# Every launch starts 2 or 3 interpreters that each import torch and transformers or mlx-lm (about 10 s apiece
+# on a loaded 2-core machine), so one costs 20-35 s. The default run keeps one launch per framework (2 and 3
+# ranks, from --hosts/--rank folders) and one per way to fail (a killed rank, a hung one); the variants (the
+# full folder, an explicit split, the other framework for each failure) are marked slow: python -m pytest -m slow.
+SLOW = pytest.mark.slow
+
 LAUNCHES = [  # framework, ranks, folders (per-rank from --hosts/--rank, or the full one), explicit split
     ("mlx", 2, "hosts", None),
-    ("mlx", 3, "full", None),
-    ("torch", 2, "full", "explicit"),  # the split only fits two ranks
+    pytest.param("mlx", 3, "full", None, marks=SLOW),
+    pytest.param("torch", 2, "full", "explicit", marks=SLOW),  # the split only fits two ranks
     ("torch", 3, "hosts", None),
 ]
 
@@ -163,7 +151,7 @@ def start_ranks(framework, ranks, spec, tmp_path):
     """The ranks as plain processes with the environment the launcher would give them (the launchers end every
     rank as soon as one exits, which would hide what airmlx does)."""
     port = free_port(ranks)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = rank_env()
     if framework == "mlx":
         hostfile = tmp_path / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(ranks)]))
@@ -175,8 +163,8 @@ def start_ranks(framework, ranks, spec, tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for e in envs]
 
 
-@pytest.mark.parametrize("framework,ranks,how", [("mlx", 3, "KILL"), ("torch", 3, "KILL"), ("mlx", 2, "STOP"),
-                                                 ("torch", 2, "STOP")])
+@pytest.mark.parametrize("framework,ranks,how", [("mlx", 3, "KILL"), pytest.param("torch", 3, "KILL", marks=SLOW),
+                                                 pytest.param("mlx", 2, "STOP", marks=SLOW), ("torch", 2, "STOP")])
 def test_a_rank_that_dies_or_hangs_ends_the_others(models, tmp_path, framework, ranks, how):
     """Rank 1 is killed (its sockets close) or stopped (it hangs: silence until the timeout) at its third step."""
     full, _, least = models["dense"]
@@ -191,7 +179,8 @@ def test_a_rank_that_dies_or_hangs_ends_the_others(models, tmp_path, framework, 
             time.sleep(0.1)
         stopped_at = time.monotonic()
         if how == "STOP":  # the victim stops itself: wait until it has
-            while time.monotonic() < deadline and open(f"/proc/{victim.pid}/stat").read().split()[2] != "T":
+            while (time.monotonic() < deadline and victim.poll() is None
+                   and open(f"/proc/{victim.pid}/stat").read().split()[2] != "T"):
                 time.sleep(0.1)
             stopped_at = time.monotonic()
         outputs = [p.communicate(timeout=max(deadline - time.monotonic(), 1)) for p in others]
