@@ -9,6 +9,8 @@ from .errors import BackendError, CorruptShardError, DraftModelError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
+from .pipeline import launched_framework
+from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
 from .quant import COMPRESSIONS, compression_config
 from .sharder import shard_checkpoint
@@ -68,8 +70,9 @@ class AutoModel:
                         profiling_mode: bool = False, hf_token: str | None = None, delete_original: bool = False,
                         allow_pickle: bool = False, progress: bool = True,
                         trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
-                        gguf_file: str | None = None, draft_model=None,
-                        num_draft_tokens: int | None = None) -> AirModel:
+                        gguf_file: str | None = None, draft_model=None, num_draft_tokens: int | None = None,
+                        pipeline_split: "str | list | None" = None,
+                        pipeline_timeout: float = DEFAULT_TIMEOUT) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -83,14 +86,25 @@ class AutoModel:
         GGUF: `path_or_id` a .gguf file or a folder holding one, or a folder / hub id with gguf_file='NAME.gguf'
         (only that file is downloaded); see airmlx/gguf.py.
 
-
         draft_model: speculative decoding (airmlx.speculative): a smaller model of the same tokenizer (path or
         hub id), an AirModel, or "4bit" / "8bit" for a quantised copy of this model (sharded once into its own
         folder). It is kept resident on the same backend, and its bytes come out of memory_budget.
-        num_draft_tokens: the most draft tokens one sweep verifies (default: 64 in a tree, 16 in a chain)."""
+        num_draft_tokens: the most draft tokens one sweep verifies (default: 64 in a tree, 16 in a chain).
+
+
+        Launched by mlx.launch or torchrun on several ranks, the model is a pipeline (airmlx/pipeline.py): each
+        rank streams its own range of stages. memory_budget may then list one budget per rank ("4GB,8GB");
+        pipeline_split gives the stages per rank ("9,9", default: balanced by each rank's budget);
+        pipeline_timeout: seconds a rank waits for a sign of life from the rank before it. On ranks other
+        than 0 this call runs their part until rank 0 closes the model, then exits the process."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
-        name = pick_backend(backend)
+        launched = launched_framework()
+        if launched is not None and backend not in ("auto", launched):
+            raise BackendError(f"this process was started by {'mlx.launch' if launched == 'mlx' else 'torchrun'}, "
+                               f"so its pipeline runs on the {launched} backend; use backend='{launched}' (or the "
+                               "other framework's launcher).")
+        name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
             shard_dir = local  # already a shard folder
@@ -108,6 +122,14 @@ class AutoModel:
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
         backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
+        if launched is not None:
+            if draft_model is not None:
+                raise DraftModelError("a pipeline over several ranks does not speculate; leave out draft_model.")
+            from .pipeline_model import open_launched
+            return open_launched(launched, shard_dir, backend_obj, getattr(backend_obj, "device", None),
+                                 memory_budget=memory_budget, split=pipeline_split, timeout=pipeline_timeout,
+                                 prefetching=prefetching, profiling_mode=profiling_mode,
+                                 trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size)
         draft, owned = None, False
         if draft_model is not None:
             check_num_draft_tokens(num_draft_tokens)

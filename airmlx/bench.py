@@ -163,14 +163,19 @@ def time_airllm(src, steps):
     return (elapsed[1] - elapsed[0]) / steps
 
 
-def run(args):
-    from .auto import AutoModel
-    from .manifest import Manifest
+def bench_shards(args) -> tuple:
+    """(checkpoint, shard folder): --model, or the generated model (made once under --work-dir)."""
     from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
     suffix = f"-{args.compression}" if args.compression else ""
-    shards = shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
+    return src, shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
+
+
+def run(args):
+    from .auto import AutoModel
+    from .manifest import Manifest
+    src, shards = bench_shards(args)
     model_bytes = Manifest.load(shards).total_bytes
     budget = bench_budget(args, model_bytes)
     rows = []
@@ -256,6 +261,10 @@ def build_parser():
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="a pipeline over this many ranks on this machine (mlx.launch / torchrun) against one "
+                             "process: cold tokens/s of --batch (default 8), bytes per rank per sweep, and the "
+                             "prediction for hosts with a disk each (airmlx/bench_hosts.py)")
     return parser
 
 
@@ -265,6 +274,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not hasattr(os, "posix_fadvise"):
         parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
+    if args.hosts > 1:
+        from .bench_hosts import run_hosts
+        run_hosts(args, bench_shards(args)[1])
+        return 0
     run(args)
     return 0
 

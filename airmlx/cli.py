@@ -10,6 +10,7 @@ from typing import Callable
 from .auto import BACKENDS, AutoModel
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
+from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
 from .preflight import load as load_preflight
 from .preflight import quick as quick_preflight
@@ -67,6 +68,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
                              "tree, 16 in a chain; fewer when that is faster)")
+    # launched by mlx.launch or torchrun on several ranks: a pipeline (airmlx/pipeline.py)
+    parser.add_argument("--pipeline-split", default=None,
+                        help="launched on several ranks: stages per rank, e.g. 9,9 (default: balanced by each "
+                             "rank's budget; --memory-budget may list one budget per rank, e.g. 4GB,8GB)")
+    parser.add_argument("--pipeline-timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"launched on several ranks: seconds a rank waits for a sign of life from the rank "
+                             f"before it, then ends every rank with an error (default {DEFAULT_TIMEOUT:.0f})")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +126,8 @@ def open_model(args: argparse.Namespace):
                                      profiling_mode=args.profile, trust_remote_code=args.trust_remote_code,
                                      prefill_step_size=args.prefill_step_size,
                                      gguf_file=getattr(args, "gguf_file", None), draft_model=args.draft_model,
-                                     num_draft_tokens=args.num_draft_tokens)
+                                     num_draft_tokens=args.num_draft_tokens,
+                                     pipeline_split=args.pipeline_split, pipeline_timeout=args.pipeline_timeout)
 
 
 class PrintStreamer:

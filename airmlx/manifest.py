@@ -44,6 +44,19 @@ class Manifest:
     def total_bytes(self):
         return sum(s.nbytes for s in self.stages)
 
+    @property
+    def pipeline(self) -> "dict | None":
+        """Which host holds what, in a folder sharded for several hosts (python -m airmlx.shard --hosts N
+        --rank R): {"stages_per_host": [n0, n1, ...], "rank": R}. Host r runs n_r consecutive stages of the
+        sweep (a layer's experts go with the layer); this folder holds host R's files. None: every stage."""
+        return self.extra.get("pipeline")
+
+    def held_stages(self) -> list:
+        """The stages whose files this folder holds: every stage, or its host's range."""
+        if not self.pipeline:
+            return list(self.stages)
+        return host_ranges(self.stages, self.pipeline["stages_per_host"])[self.pipeline["rank"]]
+
     def to_json(self):
         return json.dumps(asdict(self), indent=1)
 
@@ -79,6 +92,22 @@ class Manifest:
         return cls.from_json(path.read_bytes(), where=str(path))
 
 
+def host_ranges(stages: list, per_host: list) -> list:
+    """The stage entries of each host: per_host[r] consecutive sweep stages each (embed, layers, head), with
+    the experts stage of each of its layers."""
+    sweep = [s for s in stages if s.kind != "experts"]
+    if sum(per_host) != len(sweep) or any(n < 1 for n in per_host):
+        raise CorruptShardError(f"a pipeline split of {list(per_host)} stages per host does not cover the "
+                                f"model's {len(sweep)} stages; give every host at least one and {len(sweep)} in all.")
+    experts = {s.layer: s for s in stages if s.kind == "experts"}
+    ranges, start = [], 0
+    for n in per_host:
+        ranges.append([e for s in sweep[start:start + n] for e in ([s, experts[s.layer]] if s.layer in experts
+                                                                    and s.kind == "layer" else [s])])
+        start += n
+    return ranges
+
+
 def well_formed(m):
     """Every field has its type, and stage files are plain names inside the folder (no paths)."""
     stages_ok = isinstance(m.stages, list) and bool(m.stages) and all(
@@ -89,7 +118,12 @@ def well_formed(m):
         and (s.parts is None or isinstance(s.parts, dict) and all(
             isinstance(k, str) and isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
             and 0 <= r[0] <= r[1] for k, r in s.parts.items())) for s in m.stages)
-    return (stages_ok and len({s.name for s in m.stages}) == len(m.stages)
+    pipeline = m.extra.get("pipeline") if isinstance(m.extra, dict) else None
+    pipeline_ok = pipeline is None or (
+        isinstance(pipeline, dict) and isinstance(pipeline.get("stages_per_host"), list)
+        and all(type(n) is int for n in pipeline["stages_per_host"]) and type(pipeline.get("rank")) is int
+        and 0 <= pipeline["rank"] < len(pipeline["stages_per_host"]))
+    return (stages_ok and pipeline_ok and len({s.name for s in m.stages}) == len(m.stages)
             and isinstance(m.architecture, str) and isinstance(m.config, dict) and isinstance(m.source, dict)
             and isinstance(m.quantization, (dict, type(None))) and isinstance(m.extra, dict)
             and type(m.format_version) is int)
@@ -124,7 +158,7 @@ def verify_folder(folder) -> list:
     """One line per damaged stage (file missing, wrong size, failing its checksum), naming the file and the fix."""
     folder = Path(folder)
     problems = []
-    for e in Manifest.load(folder).stages:
+    for e in Manifest.load(folder).held_stages():
         what = stage_file_problem(folder / e.file, e, checksum=True)
         if what:
             problems.append(f"stage {e.name}: file {folder / e.file} {what}; {repair_hint(folder)}")

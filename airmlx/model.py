@@ -50,27 +50,29 @@ class AirModel:
     """A sharded model streamed through a backend. Build it with airmlx.AutoModel.from_pretrained.
 
     trust_remote_code: the tokenizer may run the checkpoint's own tokenizer code."""
+    scheduler_type = Scheduler  # a pipeline rank sweeps with a subclass (airmlx/pipeline_model.py)
 
     def __init__(self, shard_dir, backend, memory_budget=None, prefetching: bool = True,
                  profiling_mode: bool = False, trust_remote_code: bool = False,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, draft: "AirModel | None" = None,
-                 num_draft_tokens: int | None = None):
+                 num_draft_tokens: int | None = None, stages: "list | None" = None):
         """draft: a resident AirModel of the same tokenizer that generate() speculates with; its bytes come out of
         the budget. num_draft_tokens: the most draft tokens one sweep verifies (None: airmlx.speculative's
-        default); speculation adapts below it."""
+        default); speculation adapts below it. stages: the names of the stages this model streams (a pipeline
+        rank's range, airmlx/pipeline.py); default: every stage."""
         self.shard_dir = Path(shard_dir)
         self.trust_remote_code = trust_remote_code
         if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
             raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
         self.prefill_step_size = prefill_step_size
-        self.store = ShardStore(shard_dir)
+        self.store = ShardStore(shard_dir, stages)
         self.config = self.store.manifest.config
         self.backend = backend
         budget = (parse_bytes(memory_budget) if memory_budget is not None
                   else default_budget(backend.available_memory(), self.config, backend.itemsize, prefill_step_size))
         costs = {s.name: StageCost(s.nbytes, *backend.footprint(s, self.store.tensor_infos(s.name)))
-                 for s in self.store.manifest.stages}
-        routed = [s for s in self.store.manifest.stages if s.kind == "experts"]
+                 for s in self.store.stages.values()}
+        routed = [s for s in self.store.stages.values() if s.kind == "experts"]
         # experts are held as the backend loads them: as many bytes as their files, or more if it dequantises
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
@@ -83,7 +85,7 @@ class AirModel:
         self.plan.budget, self.plan.draft_bytes = budget, draft_bytes
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
-        self.scheduler = Scheduler(self.store, backend, self.plan, profiling=profiling_mode)
+        self.scheduler = self.scheduler_type(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self._tokenizer = None
@@ -196,7 +198,7 @@ class AirModel:
 
     def stage_files(self, streamed_only: bool = False) -> list:
         """The shard folder's stage files (only those streamed every step, with streamed_only=True)."""
-        return [self.shard_dir / e.file for e in self.store.manifest.stages
+        return [self.shard_dir / e.file for e in self.store.stages.values()
                 if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
 
     def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:

@@ -12,7 +12,8 @@ def repair_stages(folder, progress=True):
     """Rebuild a shard folder's damaged stages from the checkpoint its manifest records; return their names."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    bad = [e.name for e in manifest.stages if e.name not in reusable(folder, manifest.stages, verify=True)]
+    held = manifest.held_stages()  # a folder sharded for several hosts holds one host's stages
+    bad = [e.name for e in held if e.name not in reusable(folder, held, verify=True)]
     if not bad:
         return []
     src = manifest.extra.get("source_path")
@@ -33,5 +34,8 @@ def repair_stages(folder, progress=True):
             f"is gone or has changed, so they cannot be rebuilt; shard the model again: "
             f"python -m airmlx.shard MODEL {shlex.quote(str(folder))}")
     compression = qconfig and {k: qconfig[k] for k in ("bits", "group_size", "method") if k in qconfig}
-    shard_checkpoint(src, folder, allow_pickle=True, compression=compression, progress=progress, verify=True)
+    hosts = manifest.pipeline or {"stages_per_host": [1], "rank": 0}
+    shard_checkpoint(src, folder, allow_pickle=True, compression=compression, progress=progress, verify=True,
+                     hosts=len(hosts["stages_per_host"]), rank=hosts["rank"],
+                     pipeline_split=hosts["stages_per_host"] if manifest.pipeline else None)
     return bad

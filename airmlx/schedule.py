@@ -99,7 +99,7 @@ class Scheduler:
     records: list = field(default_factory=list)
 
     def __post_init__(self):
-        stages = self.store.manifest.stages
+        stages = list(self.store.stages.values())  # the stages the store reads: all, or a pipeline rank's range
         self.entries = [s for s in stages if s.kind != "experts"]
         self.experts = None
         routed = [s for s in stages if s.kind == "experts"]
@@ -142,13 +142,15 @@ class Scheduler:
         self.forward_many([ctx], lambda i, x: out.append(x), progress)
         return out[0]
 
-    def forward_many(self, ctxs, on_output, progress=None, scratch=()):
+    def forward_many(self, ctxs, on_output, progress=None, scratch=(), inputs=None):
         """Layer-major sweep: each stage is loaded once and runs every context before the next stage is
         read, so a whole set of batches (or a long prompt's chunks) costs one read of the model. The head's
         output for context i goes to on_output(i, x) and is dropped. `scratch`: caches nobody needs after
-        this sweep; each layer's part is emptied once that layer has run every context."""
+        this sweep; each layer's part is emptied once that layer has run every context. `inputs`: each
+        context's hidden states when the stages start past the embedding (a pipeline rank's range); the
+        last stage's output then goes to on_output, whatever its kind."""
         self._start_prefetch()
-        xs = [None] * len(ctxs)
+        xs = [None] * len(ctxs) if inputs is None else list(inputs)
         entries = self.entries
         if progress:
             entries = tqdm(entries, desc=progress, unit="stage", leave=False)

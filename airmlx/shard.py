@@ -4,6 +4,7 @@
     python -m airmlx.shard model.Q4_1.gguf [OUT]    # a GGUF file (or --gguf-file NAME from a folder or hub repo)
     python -m airmlx.shard --verify SHARD_FOLDER     # every stage's checksum; exit status 1 if any is damaged
     python -m airmlx.shard --repair SHARD_FOLDER     # rebuild damaged stages from the recorded checkpoint
+    python -m airmlx.shard SRC OUT --hosts N --rank R [--pipeline-split 9,9]   # only host R's stages of a pipeline
 """
 import sys
 
@@ -23,6 +24,12 @@ def build_parser() -> ArgumentParser:
                         help="quantise linear and embedding weights (MLX affine layout): 4bit or 8bit (group size "
                              "64), optionally -g32/-g128 and -gptq (calibrated), e.g. 4bit-g32-gptq")
     parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="a pipeline over this many hosts (mlx.launch / torchrun): OUT gets only the stage files "
+                             "of host --rank, and its manifest says which host holds what")
+    parser.add_argument("--rank", type=int, default=0, help="with --hosts: the host whose stages OUT gets (0 .. N-1)")
+    parser.add_argument("--pipeline-split", default=None,
+                        help="with --hosts: stages per host, e.g. 9,9 (default: balanced by bytes)")
     check = parser.add_mutually_exclusive_group()
     check.add_argument("--verify", metavar="SHARD_FOLDER", help="check every stage's checksum of a shard folder")
     check.add_argument("--repair", metavar="SHARD_FOLDER",
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
     out = args.out or default_shard_dir(f"{args.src}/{args.gguf_file}" if args.gguf_file else args.src,
                                         args.compression)
     shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
-                     compression=args.compression)
+                     compression=args.compression, hosts=args.hosts, rank=args.rank, pipeline_split=args.pipeline_split)
     print(out)
     return 0
 

@@ -166,6 +166,8 @@ class Job:
     layout: list = None  # [(stage name, kind, tensor names)] in sweep order
     fingerprint: dict = None
     done: dict = None  # stage name -> StageEntry already written and intact
+    pipeline: dict = None  # --hosts N --rank R: {"stages_per_host": [...], "rank": R} (Manifest.pipeline)
+    held: set = None  # the stages whose files this folder gets (all but with --hosts)
 
     @property
     def progress_path(self):
@@ -191,8 +193,9 @@ def resume_state(job, verify):
     except CorruptShardError:
         existing = None
     done = {}
-    if existing is not None and existing.source == job.fingerprint:
-        done = reusable(job.out, existing.stages, verify=verify)
+    if existing is not None and existing.source == job.fingerprint and existing.pipeline == job.pipeline:
+        done = reusable(job.out, existing.held_stages(), verify=verify)
+        done.update({e.name: e for e in existing.stages if e.name not in job.held})  # other hosts': no files
         if len(done) == len(job.layout):
             job.progress_path.unlink(missing_ok=True)  # left behind when a run was killed right after the manifest
             return done, existing
@@ -245,7 +248,7 @@ def write_stages(job, sizes, need, progress):
                                                                     job.qconfig), None
                 else:
                     items, parts = stage_items(tensor_names, job.sources, job.qconfig), None
-                job.done[name] = write_stage(job.out, name, kind, index, items, fds, parts)
+                job.done[name] = write_stage(job.out, name, kind, index, items, fds, parts, keep=name in job.held)
                 write_atomic(job.progress_path, json.dumps(
                     {"source": job.fingerprint, "stages": [vars(e) for e in job.done.values()]}).encode())
                 bar.update(sizes[name])
@@ -265,8 +268,11 @@ def finalise(job):
     config = job.config
     if job.qconfig:  # the mlx-lm convention: the config says how its weights are quantised
         config = {**config, "quantization": job.qconfig}
+    extra = {"source_path": str(job.src.resolve())}
+    if job.pipeline:
+        extra["pipeline"] = job.pipeline
     manifest = Manifest(architecture=config["model_type"], config=config, source=job.fingerprint, stages=stages,
-                        quantization=config.get("quantization"), extra={"source_path": str(job.src.resolve())})
+                        quantization=config.get("quantization"), extra=extra)
     manifest.save(job.out)
     job.progress_path.unlink(missing_ok=True)
     return manifest
@@ -274,13 +280,20 @@ def finalise(job):
 
 def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: bool = False,
                      allow_pickle: bool = False, compression: "str | None" = None, progress: bool = True,
-                     verify: bool = False) -> Path:
+                     verify: bool = False, hosts: int = 1, rank: int = 0,
+                     pipeline_split: "str | list | None" = None) -> Path:
     """Shard the checkpoint folder `src` into `out`; return `out`. Reuses a matching folder, resumes an
     interrupted one, rebuilds one made from a different source. verify=True checks the checksums of the
-    stages it would reuse and rebuilds the damaged ones."""
+    stages it would reuse and rebuilds the damaged ones. hosts > 1: a pipeline (airmlx/pipeline.py) over
+    that many hosts; `out` gets only the stage files of host `rank` (pipeline_split: stages per host, default
+    balanced by bytes), and its manifest lists every stage and says which host holds what."""
     src, out = Path(src), Path(out)
     from .gguf import find_gguf, shard_gguf  # a .gguf file, or a folder holding one, is another source
     if (gguf_path := find_gguf(src)) is not None:
+        if hosts != 1 or pipeline_split is not None:
+            raise CheckpointError(f"{gguf_path}: --hosts/--rank split only Hugging Face checkpoints; shard the whole "
+                                  "GGUF on each host (python -m airmlx.shard FILE.gguf OUT): each rank still streams "
+                                  "only its own range.")
         return shard_gguf(gguf_path, out, compression=compression, progress=progress, verify=verify,
                           delete_original=delete_original)
     if not src.is_dir():
@@ -304,11 +317,13 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         job.sources = source_tensors(files)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
+        sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
+        job.pipeline, job.held = host_share(job.layout, sizes, hosts, rank, pipeline_split)
         job.done, manifest = resume_state(job, verify)
         if manifest is None and qconfig and qconfig.get("method"):
             job.done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         if manifest is None:
-            sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
+            sizes = {name: size if name in job.held else 0 for name, size in sizes.items()}  # files written here
             need = check_disk(job, sizes)
             small = sum((src / a).stat().st_size for a in aux_files(src)) + (1 << 20)  # + the manifest
             with disk_full_named(out, lambda: small + sum(v for k, v in sizes.items() if k not in job.done)):
@@ -316,6 +331,21 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
                 manifest = finalise(job)
         finish_delete(src, out, originals, manifest, delete_original)
     return out
+
+
+def host_share(layout, sizes, hosts, rank, split=None):
+    """(Manifest.pipeline record or None, names of the stages whose files this folder gets)."""
+    if hosts == 1 and split is None:
+        return None, {name for name, _, _ in layout}
+    from .pipeline import check_split, even_split, parse_split
+    if not isinstance(hosts, int) or hosts < 2 or not isinstance(rank, int) or not 0 <= rank < hosts:
+        raise CheckpointError(f"--hosts {hosts} --rank {rank}: give 2 or more hosts and a rank from 0 to hosts - 1.")
+    experts = {name.rsplit(".", 1)[0]: sizes[name] for name, kind, _ in layout if kind == "experts"}
+    sweep = [(name, sizes[name] + experts.get(name, 0)) for name, kind, _ in layout if kind != "experts"]
+    counts = parse_split(split, hosts) or even_split([size for _, size in sweep], hosts)
+    entries = [StageEntry(name, kind, i, "", 0, "", []) for i, (name, kind, _) in enumerate(layout)]
+    names = check_split(Manifest("", {}, {}, entries), counts)[rank]
+    return {"stages_per_host": counts, "rank": rank}, set(names)
 
 
 def finish_delete(src, out, originals, manifest, delete_original):

@@ -66,12 +66,14 @@ def stage_items(tensor_names, sources, qconfig=None):
     return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
 
 
-def write_stage(out, name, kind, index, items, fds, parts=None):
-    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry."""
+def write_stage(out, name, kind, index, items, fds, parts=None, keep=True):
+    """Write one stage's items into out/NAME.safetensors (atomically) and return its manifest entry.
+    keep=False: another host's stage (--hosts): only its size and checksum, no file."""
     header, _ = encode_header([i[:3] for i in items], {"format": "pt", "airmlx_stage": name})
     path = Path(out) / f"{name}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp") if keep else Path(os.devnull)
     h = hashlib.sha256(header)
+    size = len(header)
     try:
         with open(tmp, "wb") as f:
             f.write(header)
@@ -80,6 +82,7 @@ def write_stage(out, name, kind, index, items, fds, parts=None):
                     data = np.ascontiguousarray(payload).data
                     f.write(data)
                     h.update(data)
+                    size += data.nbytes
                     continue
                 src, pos, end = payload
                 fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))
@@ -90,14 +93,18 @@ def write_stage(out, name, kind, index, items, fds, parts=None):
                     f.write(chunk)
                     h.update(chunk)
                     pos += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+                    size += len(chunk)
+            if keep:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
-        tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, which is never read
+        if keep:
+            tmp.unlink(missing_ok=True)  # give a full disk its space back; a kill leaves the .tmp, never read
         raise
-    os.replace(tmp, path)
-    fsync_dir(out)
-    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=path.stat().st_size,
+    if keep:
+        os.replace(tmp, path)
+        fsync_dir(out)
+    return StageEntry(name=name, kind=kind, index=index, file=path.name, nbytes=size,
                       checksum="sha256:" + h.hexdigest(), tensors=[i[0] for i in items], parts=parts)
 
 
@@ -126,13 +133,14 @@ def complete_folder(out, verify=False):
         manifest = Manifest.load(out)
     except CorruptShardError:
         return False
-    return len(reusable(out, manifest.stages, verify)) == len(manifest.stages)
+    held = manifest.held_stages()
+    return len(reusable(out, held, verify)) == len(held)
 
 
 def delete_sources(out, manifest, files, what):
     """Remove the source files a shard folder was made from (and their hub-cache blobs), but only once every
     stage reads back intact; `what` names them in the error."""
-    bad = [e.file for e in manifest.stages if file_checksum(Path(out) / e.file) != e.checksum]
+    bad = [e.file for e in manifest.held_stages() if file_checksum(Path(out) / e.file) != e.checksum]
     if bad:
         raise CorruptShardError(f"{out}: stages {bad} do not match their checksums after writing; "
                                 f"{what} NOT deleted. Shard again.")

@@ -129,10 +129,13 @@ class BufferPool:
 
 
 class ShardStore:
-    def __init__(self, folder):
+    def __init__(self, folder, stages: "list | None" = None):
+        """stages: the names of the stages this store reads (a pipeline rank's range), in the manifest's
+        order; only their files need to be in the folder. Default: every stage."""
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
-        self.stages = {s.name: s for s in self.manifest.stages}
+        wanted = None if stages is None else set(stages)
+        self.stages = {s.name: s for s in self.manifest.stages if wanted is None or s.name in wanted}
         self.pool = BufferPool()
         self.bytes_read = 0
         self.held_bytes = 0  # bytes handed out outside the pool and not yet given back (buffers, live mappings)
@@ -140,7 +143,7 @@ class ShardStore:
         self._lock = threading.Lock()
         self._layout = {}
         self._identity = {}  # stage name -> (size, device, inode, mtime) of the file checked at open
-        for entry in self.manifest.stages:
+        for entry in self.stages.values():
             path = self.folder / entry.file
             problem = stage_file_problem(path, entry)
             if problem:

@@ -35,6 +35,9 @@ def extract(cache, row: int, length: int):
         return None
     out = []
     for c in cache:
+        if c.keys is None and not mlx_adapters.length(c):  # a layer this process never runs (another pipeline rank's)
+            out.append(KVCache())
+            continue
         single = c.extract(row) if isinstance(c, BatchKVCache) else c
         if single.offset != length:  # the engine's count and the cache's must agree
             raise ValueError(f"row {row} holds {single.offset} tokens, not {length}")

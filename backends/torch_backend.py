@@ -149,6 +149,9 @@ class TorchBackend:
         # transformers >= 5.2x names the cache argument `cache` (past_key_values= is deprecated there)
         self.layer_cache_arg = cache_argument(type(self.skeleton.get_submodule(f"{arch.layers}.0")).forward)
         self.mask_cache_arg = cache_argument(create_causal_mask)
+        # the mask is sized from the cache of the layer that first runs it (a pipeline rank's first layer of a
+        # type need not be the model's); transformers without layer_idx reads the model's first
+        self.mask_layer_arg = "layer_idx" in inspect.signature(create_causal_mask).parameters
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
@@ -380,14 +383,15 @@ class TorchBackend:
             targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)).to(self.device)
         return TorchStep(ids, mask, positions, cache, all_positions or targets is not None, targets)
 
-    def _prepare(self, step, kind, x):
+    def _prepare(self, step, kind, x, layer):
         """The mask and rotary embedding of this step for a layer type, made when a layer of that type first
         runs: transformers reads the cache of the first layer of that type, which then holds exactly the
         tokens before this step's (a long prompt runs in chunks, each through a layer before the next)."""
         if kind not in step.causal_mask:
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             step.causal_mask[kind] = make(config=self.config, inputs_embeds=x, attention_mask=step.mask,
-                                          position_ids=step.positions, **{self.mask_cache_arg: step.cache})
+                                          position_ids=step.positions, **{self.mask_cache_arg: step.cache},
+                                          **({"layer_idx": layer} if self.mask_layer_arg else {}))
             step.rotary[kind] = self.rotary(x, step.positions, *([kind] if self.rotary_per_type else []))
         return step.causal_mask[kind], step.rotary[kind]
 
@@ -398,7 +402,7 @@ class TorchBackend:
             x = model.get_input_embeddings()(step.tokens)
         elif stage.kind == "layer":
             kind = self.layer_types[stage.layer]
-            mask, rotary = self._prepare(step, kind, x)
+            mask, rotary = self._prepare(step, kind, x, stage.layer)
             x = stage.module(x, attention_mask=mask, position_ids=step.positions, use_cache=step.cache is not None,
                              position_embeddings=rotary, **{self.layer_cache_arg: step.cache})
             if kind == "sliding_attention" and step.cache is not None:

@@ -7,8 +7,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 def mergeable(cache) -> bool:
     """Plain key/value layers only: sliding-window layers keep window bookkeeping a padded batch would break."""
-    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer and layer.is_initialized
-                                                   for layer in cache.layers)
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def holds(layers) -> "bool | None":
+    """Whether these caches' layer holds keys: True in every one, False in none (a layer this process never
+    runs: another pipeline rank's, airmlx/pipeline_model.py), None when some do and some do not."""
+    states = {layer.is_initialized for layer in layers}
+    return states.pop() if len(states) == 1 else None
 
 
 def _fill(layer, keys, values):
@@ -28,6 +34,11 @@ def merge(caches: list, lengths: list, new_cache):
     if not all(type(layer) is DynamicLayer for layer in merged.layers):
         return None
     for i, layer in enumerate(merged.layers):
+        state = holds([c.layers[i] for c in caches])
+        if state is None:
+            return None
+        if not state:
+            continue  # empty in every cache: stays empty
         keys, values = [], []
         for cache, n in zip(caches, held):
             src = cache.layers[i]
@@ -45,6 +56,8 @@ def extract(cache, row: int, length: int, new_cache):
         return None
     out = new_cache()
     for src, dst in zip(cache.layers, out.layers):
+        if not src.is_initialized:
+            continue  # a layer this process never runs stays empty
         _fill(dst, src.keys[row:row + 1, :, src.keys.shape[-2] - length:].clone(),
               src.values[row:row + 1, :, src.values.shape[-2] - length:].clone())
     return out

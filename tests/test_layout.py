@@ -17,9 +17,9 @@ from tiny import make_checkpoint
 ROOT = Path(airmlx.__file__).parent.parent
 PACKAGES = {"airmlx": ROOT / "airmlx", "airmlx.backends": ROOT / "backends"}
 # the core: none of these may import mlx or torch, not even inside a function
-CORE = ["archs", "corpus", "errors", "experts", "generation", "hub", "manifest", "model", "plan",
-        "preflight", "quant", "schedule", "score", "session", "sharder", "stagefile", "store", "sweeps",
-        "tensorfile", "units"]
+CORE = ["archs", "corpus", "errors", "experts", "generation", "hub", "manifest", "model", "pipeline",
+        "pipeline_link", "pipeline_model", "plan", "preflight", "quant", "schedule", "score", "session", "sharder",
+        "stagefile", "store", "sweeps", "tensorfile", "units"]
 
 
 def modules():
