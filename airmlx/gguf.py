@@ -100,7 +100,8 @@ def blocks_to_affine(raw: np.ndarray, qtype: str):
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
         codes = _nibbles(blocks[..., start + 4:]) | (high << 4)
         bias = -16 * d if qtype == "Q5_0" else f16(blocks[..., 2:4])
-    storage = np.float16 if np.array_equal(bias.astype(np.float16).astype(np.float32), bias) else np.float32
+    with np.errstate(over="ignore"):  # a bias beyond float16's range becomes inf, so the tensor keeps float32
+        storage = np.float16 if np.array_equal(bias.astype(np.float16).astype(np.float32), bias) else np.float32
     wq = quant._pack(codes.reshape(*raw.shape[:-1], -1), bits)
     return wq, d.astype(storage), bias.astype(storage)
 
