@@ -180,7 +180,11 @@ def run(args):
     budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
-        model = AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget)
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=max(budget, model_bytes)) as probe:
+            minimum = probe.minimum_budget
+        if budget < minimum:  # e.g. a quarter of a 4-bit model: less than its largest stage takes loaded
+            print(f"{backend}: the budget is raised to this model's minimum, {format_bytes(minimum)}", file=sys.stderr)
+        model = AutoModel.from_pretrained(shards, backend=backend, memory_budget=max(budget, minimum))
         plan = model.plan
         # best of two: a busy disk only lowers it; everything resident: the disk is reported anyway
         gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
@@ -194,7 +198,7 @@ def run(args):
         resident = time_resident(backend, src, args.steps)
         # the resident reference is the framework's own load of the checkpoint: unquantised
         row = dict(backend=backend, compression=args.compression, resident_is_unquantised=bool(args.compression),
-                   model_bytes=model_bytes, budget_bytes=budget,
+                   model_bytes=model_bytes, budget_bytes=plan.budget,
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
                    cold_over_floor=cold / floor if floor else None, warm_over_resident=warm / resident,

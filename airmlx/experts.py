@@ -37,6 +37,7 @@ class ExpertCache:
         self.pending_bytes = 0
         self.last_routed = {}  # layer -> the experts it routed to last time
         self.usage = Counter()  # (layer, expert) -> times routed, this run
+        self.prior = Counter()  # (layer, expert) -> times routed in the saved usage profile
         self.profiled = set()  # experts the usage profile put in the cache at start
         self.ahead = set()  # experts being read ahead by look_ahead()
         self.readers = None
@@ -132,7 +133,9 @@ class ExpertCache:
                 continue
             if self.group_bytes + self.pending_bytes + self.sizes[key] > self.capacity:
                 return  # not even evicting every other expert would make room
-            self._evict(self.sizes[key] + self.group_bytes, keep)
+            # a guess may displace only experts routed no more often than itself: never a hotter one
+            if not self._evict(self.sizes[key] + self.group_bytes, keep, below=self.score(key)):
+                continue
             self._start_read(nxt, e)
             self.ahead.add(key)
             self.lookahead_reads += 1
@@ -141,7 +144,8 @@ class ExpertCache:
     def warm(self):
         """Fill the cache with the hottest experts of the saved usage profile, as many as fit."""
         self.warmed = True
-        hottest = [key for key, _ in load_profile(self.store.folder).most_common() if key in self.sizes]
+        self.prior = Counter({key: n for key, n in load_profile(self.store.folder).items() if key in self.sizes})
+        hottest = [key for key, _ in self.prior.most_common()]
         chosen, used = [], 0
         for key in hottest:
             if used + self.sizes[key] > self.capacity - self.group_bytes:
@@ -154,15 +158,25 @@ class ExpertCache:
             self._load(key, set(chosen))
             self.profiled.add(key)
 
-    def _evict(self, need, keep):
-        for key in list(self.cached):
-            if self.cached_bytes + self.pending_bytes + need <= self.capacity:
-                return
-            if key not in keep:
-                handle, nbytes = self.cached.pop(key)
-                self.backend.free_expert(handle)
-                self.cached_bytes -= nbytes
-                self.profiled.discard(key)
+    def score(self, key):
+        """How often an expert is routed to: this run's count plus the saved profile's."""
+        return self.usage[key] + self.prior[key]
+
+    def _evict(self, need, keep, below=None):
+        """Make room for `need` more bytes, evicting the least often routed experts first (the least recently
+        used among equals: layers come in a fixed cycle, where plain LRU would evict exactly the expert needed
+        next); with `below`, only experts scored at most that. Returns whether the room was made."""
+        fits = lambda: self.cached_bytes + self.pending_bytes + need <= self.capacity
+        for key in sorted(self.cached, key=self.score):  # a stable sort: LRU order among equal scores
+            if fits():
+                return True
+            if key in keep or (below is not None and self.score(key) > below):
+                continue
+            handle, nbytes = self.cached.pop(key)
+            self.backend.free_expert(handle)
+            self.cached_bytes -= nbytes
+            self.profiled.discard(key)
+        return fits()
 
     # -- reporting and the end ----------------------------------------------------------------------
     def stats(self):
