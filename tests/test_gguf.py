@@ -153,6 +153,13 @@ def test_tiny_gguf_compression_requantises(tiny_ggufs, tmp_path):
     assert np.abs(logits[1] - logits[0]).max() < 0.05 * np.abs(logits[0]).max()
 
 
+def test_a_gguf_is_not_split_across_hosts(tiny_ggufs, tmp_path):
+    path, _ = tiny_ggufs("llama")
+    with pytest.raises(CheckpointError, match="--hosts/--rank split only Hugging Face checkpoints"):
+        airmlx.shard_checkpoint(path, tmp_path / "s", hosts=2, rank=0, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_ways_to_name_a_gguf(tiny_ggufs, tmp_path, monkeypatch):
     """A .gguf path, a folder holding one, a folder plus gguf_file=, a hub id plus gguf_file= (only that file
     is fetched; offline from the cache here), and python -m airmlx.shard FILE OUT."""
