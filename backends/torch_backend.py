@@ -224,7 +224,12 @@ class TorchBackend:
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        t = torch.from_numpy(raw.data)
+        if raw.data.flags.writeable:
+            t = torch.from_numpy(raw.data)
+        else:  # a read-only page-cache mapping: stage weights are never written, so torch's warning is noise
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                t = torch.from_numpy(raw.data)
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
