@@ -8,7 +8,6 @@ read bandwidth of the shard files, then times decode steps per backend:
 """
 import inspect
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .preflight import predict
 from .quant import COMPRESSIONS
 from .store import evict
@@ -275,9 +274,7 @@ def build_parser():
 @face
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(os, "posix_fadvise"):
-        parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
+    args = parse_bench_args(parser, argv)
     if args.hosts > 1:
         from .bench_hosts import run_hosts
         run_hosts(args, bench_shards(args)[1])

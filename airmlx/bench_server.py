@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import build_model
-from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .store import evict
 from .units import format_bytes
 
@@ -152,9 +152,7 @@ def build_parser():
 @face
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.warm and not hasattr(os, "posix_fadvise"):
-        parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured; use --warm")
+    args = parse_bench_args(parser, argv)
     if min(args.clients) < 1 or args.max_tokens < 1 or args.prompt_tokens < 1:
         parser.error("--clients, --max-tokens and --prompt-tokens take whole numbers >= 1")
     run(args)

@@ -13,14 +13,13 @@ chain and tree speculation, taking turns prompt by prompt so the load of a share
 tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were identical.
 """
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser, add_budget_options, bench_budget, face
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .spec_measure import Measurements
@@ -164,9 +163,7 @@ def build_parser():
 @face
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(os, "posix_fadvise"):
-        parser.error("this platform has no posix_fadvise, so the cold regime cannot be measured")
+    args = parse_bench_args(parser, argv)
     args.modes = [m for m in args.modes.split(",") if m]
     if not set(args.modes) <= set(MODES):
         parser.error(f"--modes {','.join(args.modes)}: use some of {','.join(MODES)}")

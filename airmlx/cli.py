@@ -3,6 +3,7 @@ registries), one error wrapper (an AirmlxError is one line on stderr and exit st
 loading the model, and printing tokens as they arrive."""
 import argparse
 import functools
+import os
 import sys
 import time
 from typing import Callable
@@ -98,6 +99,16 @@ def add_budget_options(parser: argparse.ArgumentParser, fraction: float) -> None
                        help=f"memory budget as a fraction of the model's bytes (default {fraction})")
     group.add_argument("--memory-budget", default=None, help="memory budget as a size, e.g. 200MB")
     parser.set_defaults(default_fraction=fraction)
+
+
+def parse_bench_args(parser: ArgumentParser, argv=None) -> argparse.Namespace:
+    """A bench's options; its cold regime (stage files evicted with posix_fadvise) needs a platform that has it,
+    unless the bench takes --warm and was given it."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "warm", False) and not hasattr(os, "posix_fadvise"):
+        hint = "; use --warm" if hasattr(args, "warm") else ""
+        parser.error(f"this platform has no posix_fadvise, so the cold regime cannot be measured{hint}")
+    return args
 
 
 def bench_budget(args: argparse.Namespace, model_bytes: int) -> int:
