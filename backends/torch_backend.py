@@ -266,8 +266,10 @@ class TorchBackend:
         raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()
                       if r.dtype != "INT4PACK"]
         tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
-        source = {torch_quant.stage_name(self, entry, n): n for n in tensors}  # a tied head reads the embedding
-        tensors = {name: tensors[n] for name, n in source.items()}
+        source = None
+        if entry.kind == "head":  # a tied head reads the embedding: its tensors take the head's names
+            source = {torch_quant.stage_name(self, entry, n): n for n in tensors}
+            tensors = {name: tensors[n] for name, n in source.items()}
         overrides = []
         if self.qconfig:
             tensors, overrides, nbytes = self.quantized(tensors, raw_ranges, source)
