@@ -15,6 +15,7 @@ from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
 from .preflight import load as load_preflight
 from .preflight import quick as quick_preflight
+from .spec_measure import check_num_draft_tokens
 from .units import parse_bytes
 
 
@@ -130,6 +131,7 @@ def load_model(args: argparse.Namespace, preflight: bool = True):
 
 
 def open_model(args: argparse.Namespace):
+    check_num_draft_tokens(args.num_draft_tokens)  # before a long load
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
                                      dtype=args.dtype, compression=args.compression,
                                      memory_budget=args.memory_budget,

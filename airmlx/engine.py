@@ -10,125 +10,33 @@ batch (model.merge_caches). A request leaves when it finishes or its client goes
 (a chat client resending the conversation feeds only what is new). Models whose caches cannot be merged
 (sliding windows, convolution states) decode each admitted batch on its own cache, still one sweep for all.
 
+With a draft model (the model's own, from --draft-model), a request alone in the engine, decoding and with
+nobody waiting, decodes speculatively instead (airmlx/speculative.py): the draft proposes, one sweep verifies,
+several tokens come out of it. The next sweep after another request arrives is a shared one again.
+
 Memory: a request may grow to prompt + max_tokens tokens of KV cache, and a batch to rows x its furthest
 reach, padding included. What every request and kept cache can reach must fit `kv_allowance`; requests that
 do not fit wait in a bounded queue, beyond which submit() raises QueueFullError.
 """
-import itertools
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from .errors import AirmlxError, CacheTrimError, ModelClosedError
+from .errors import CacheTrimError, ModelClosedError
 from .generation import sample
+from .requests import Delta, Failed, Finished, Group, QueueFullError, Request, RequestError, Sampling, charge
 from .session import common_prefix
+from .speculative import speculation_cap, speculative_generate
 from .textstream import TextStream
 
+__all__ = ["Delta", "Engine", "Failed", "Finished", "QueueFullError", "Request", "RequestError", "Sampling",
+           "default_kv_allowance"]
 log = logging.getLogger("airmlx.server")
 GATHER_S = 0.02  # how long an idle engine waits after a request arrives for others sent with it
-
-
-class RequestError(AirmlxError, ValueError):
-    """A request the engine cannot take; `status` is the HTTP status that says so."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.param, self.retry_after = status, param, retry_after
-
-
-class QueueFullError(RequestError):
-    """Every place in the waiting queue is taken."""
-
-
-@dataclass
-class Delta:
-    """New text and the tokens behind it (with logprobs: (token, logprob, [(token, logprob)] most likely))."""
-    text: str
-    tokens: list
-    logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    reused_tokens: int  # prompt tokens taken from a kept cache, not computed again
-
-
-@dataclass
-class Failed:
-    message: str
-    status: int = 500
-
-
-@dataclass
-class Sampling:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-
-_ids = itertools.count(1)
-
-
-class Request:
-    """One completion: prompt ids in, Delta events out through emit(), then Finished or Failed."""
-
-    def __init__(self, prompt: list, max_tokens: int, sampling: Sampling, emit: Callable, stop: list | None = None,
-                 logprobs: int | None = None):
-        self.id = next(_ids)
-        self.prompt, self.max_tokens, self.sampling, self.emit = list(prompt), max_tokens, sampling, emit
-        self.stop, self.logprobs = list(stop or []), logprobs
-        self.rng = np.random.default_rng(sampling.seed)
-        self.tokens = []  # generated so far (a final stop token included)
-        self.cached = 0  # tokens its cache (its row of the batch's cache) holds, padding not counted
-        self.feed = []  # tokens the next sweep runs: the prompt (or what a kept cache lacks), then the last sampled
-        self.reused = 0
-        self.cancelled = self.closed = False
-        self.text = None  # a TextStream, made by the engine
-        self.submitted = time.perf_counter()
-        self.first_token = None
-
-    @property
-    def reach(self) -> int:
-        """The most tokens its cache can hold."""
-        return len(self.prompt) + self.max_tokens
-
-    def cancel(self) -> None:
-        """The client went away: the request leaves the batch at the next sweep boundary."""
-        self.cancelled = True
-
-    def close(self, event) -> None:
-        """Send the last event, once."""
-        if not self.closed:
-            self.closed = True
-            self.emit(event)
-
-
-@dataclass
-class Group:
-    """Requests sharing one cache, one row each, right-aligned (left-padded). `main`: the decoding batch
-    others join; `fresh`: admitted at this sweep boundary (it joins the main batch after its prefill)."""
-    cache: object
-    rows: list
-    main: bool = False
-    fresh: bool = True
-
-
-def charge(rows: list, length: int) -> int:
-    """Tokens a group of these rows over a cache of `length` can reach: each row's reach plus its padding,
-    for every row (a batch is as long as its furthest row)."""
-    width = length + max(len(r.feed) for r in rows)
-    return len(rows) * max(width - r.cached - len(r.feed) + r.reach for r in rows)
 
 
 class Engine:
@@ -142,6 +50,10 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.per_token = model.kv_bytes_per_token
+        self.draft, self.headroom = getattr(model, "draft", None), 0
+        if self.draft is not None:  # every cache may get a draft cache beside it, and a verify sweep's proposals
+            self.per_token += self.draft.kv_bytes_per_token
+            self.headroom = speculation_cap(model, self.draft, model.num_draft_tokens)[1]
         self.kv_allowance = kv_allowance if kv_allowance is not None else default_kv_allowance(model)
         self.context = model.config.get("max_position_embeddings")
         self.pad = model.pad_token_id or 0
@@ -160,6 +72,7 @@ class Engine:
         self.sweep_seconds = 0.0  # a running average
         self.rows_peak = 0  # the most requests one sweep has run
         self.disconnected = 0  # requests that left before they finished (their client went away)
+        self.speculative_sweeps = self.speculative_tokens = 0
         self.thread = threading.Thread(target=self._run, name="airmlx-engine", daemon=True)
         self.thread.start()
 
@@ -171,7 +84,7 @@ class Engine:
                                "shorten it.", param=param)
         if self.context:
             max_tokens = min(max_tokens, self.context - prompt_tokens)
-        need = (prompt_tokens + max_tokens) * self.per_token
+        need = (prompt_tokens + max_tokens + self.headroom) * self.per_token
         if need > self.kv_allowance:
             raise RequestError(f"this request may need {need} bytes of KV cache (prompt + max_tokens), more than "
                                f"the server's allowance of {self.kv_allowance}; lower max_tokens or start the server "
@@ -181,6 +94,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full."""
         request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
+        request.headroom = self.headroom
         with self.cond:
             if self.stopping:
                 raise RequestError("the server is shutting down; retry against a running one.", status=503)
@@ -209,7 +123,8 @@ class Engine:
             return {"active": len(self._active()), "waiting": len(self.waiting), "sweeps": self.sweeps,
                     "rows_peak": self.rows_peak, "disconnected": self.disconnected,
                     "kv_allowance": self.kv_allowance, "kv_reserved": self._reserved(),
-                    "kept_caches": len(self.kept), "sweep_seconds": round(self.sweep_seconds, 4)}
+                    "kept_caches": len(self.kept), "sweep_seconds": round(self.sweep_seconds, 4),
+                    "speculative_sweeps": self.speculative_sweeps, "speculative_tokens": self.speculative_tokens}
 
     def _retry_after(self) -> int:
         """Seconds until the request closest to done finishes, by the recent sweep time."""
@@ -240,7 +155,8 @@ class Engine:
                 continue
             try:
                 t0 = time.perf_counter()
-                self._sweep()
+                lone = self._lone()
+                self._speculate(lone) if lone else self._sweep()
                 seconds = time.perf_counter() - t0
                 self.sweep_seconds = seconds if not self.sweeps else 0.8 * self.sweep_seconds + 0.2 * seconds
                 self.sweeps += 1
@@ -325,11 +241,53 @@ class Engine:
         self._leave([r for r in self._active() if r.closed or r.cancelled])
         self._join()
 
+    def _lone(self):
+        """The request to decode speculatively: alone in the engine, nobody waiting, decoding on a cache that
+        holds just its tokens (no padding), no logprobs asked for. None otherwise, or without a draft."""
+        if self.draft is None or self.waiting or len(self.groups) != 1 or len(self.groups[0].rows) != 1:
+            return None
+        g = self.groups[0]
+        r = g.rows[0]
+        if g.fresh or r.logprobs is not None or len(r.feed) != 1 or self.model.cache_length(g.cache) != r.cached:
+            return None
+        return r
+
+    def _speculate(self, r):
+        """One speculative round for the lone request: one target sweep, the tokens it accepted given out."""
+        g, s, past = self.groups[0], r.sampling, r.cached
+        out = speculative_generate(self.model, self.draft, np.array([r.feed]), np.ones((1, 1), dtype=np.int64),
+                                   max_new_tokens=r.max_tokens - len(r.tokens), do_sample=s.do_sample,
+                                   temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                   eos_token_id=sorted(self.stop_tokens) or None, rng=r.rng, cache=g.cache,
+                                   past_length=past, history=(r.prompt + r.tokens)[:past], rounds=1,
+                                   num_draft_tokens=self.model.num_draft_tokens)
+        new = out[0, 1:].tolist()
+        self.rows_peak = max(self.rows_peak, 1)
+        self.speculative_sweeps += 1
+        self.speculative_tokens += len(new)
+        r.cached = past + len(new)  # its feed and every new token but the last
+        given = 0
+        while given < len(new) and not r.closed:
+            self._take_token(r, new[given], None)
+            given += 1
+        if given < len(new):  # a stop string ended it early: the cache keeps only what was given out
+            try:
+                self.model.trim_cache(g.cache, past + given)
+                r.cached = past + given
+            except CacheTrimError:  # it holds tokens past the stop: not kept for a later request
+                self.groups.remove(g)
+                return
+        self._leave([r] if r.closed or r.cancelled else [])
+
     def _next_token(self, r, logits):
         if r.closed:  # failed by stop() while the sweep ran
             return
         s = r.sampling
         token = int(sample(logits[None], s.do_sample, s.temperature, s.top_k, s.top_p, r.rng)[0])
+        self._take_token(r, token, self._logprobs(logits, token, r.logprobs) if r.logprobs is not None else None)
+
+    def _take_token(self, r, token: int, logprobs):
+        """Give a new token out: its text (stop strings held back), and Finished when it ends the request."""
         if r.first_token is None:
             r.first_token = time.perf_counter()
         r.tokens.append(token)
@@ -339,7 +297,7 @@ class Engine:
         reason = "stop" if stop or hit else "length" if len(r.tokens) >= r.max_tokens else None
         if reason == "length":
             piece += r.text.flush()
-        r.emit(Delta(piece, [token], [self._logprobs(logits, token, r.logprobs)] if r.logprobs is not None else []))
+        r.emit(Delta(piece, [token], [logprobs] if logprobs is not None else []))
         if reason:
             log.info("request %d: %d prompt tokens (%d reused), %d new, %s, %.2f s", r.id, len(r.prompt), r.reused,
                      len(r.tokens), reason, time.perf_counter() - r.submitted)

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .engine import RequestError, Sampling
+from .requests import RequestError, Sampling
 from .generation import is_int, is_number
 
 MAX_STOPS = 4

@@ -2,10 +2,11 @@
 read of the weights.
 
     python -m airmlx.server [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 8080] [--memory-budget 4GB]
-        [--max-batch 32] [--max-queue 64] [--max-kv-bytes 2GB] [--api-key KEY] [...model options]
+        [--max-batch 32] [--max-queue 64] [--max-kv-bytes 2GB] [--api-key KEY] [--draft-model D] [...model options]
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health. The engine behind
-them is airmlx/engine.py; request bodies and response objects are airmlx/openai_api.py. Needs the server
+them is airmlx/engine.py (with --draft-model, a request alone in it decodes speculatively; requests
+together share sweeps); request bodies and response objects are airmlx/openai_api.py. Needs the server
 extra: pip install 'airmlx[server]'.
 """
 import asyncio
@@ -228,10 +229,6 @@ def check_server_args(args) -> None:
         raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
     if args.max_kv_bytes is not None:
         parse_bytes(args.max_kv_bytes)  # a BudgetError naming the value
-    if args.draft_model is not None or args.num_draft_tokens is not None:
-        # the engine's sweeps serve every request at once (model.step_many): a draft would only take memory
-        raise AirmlxError("--draft-model / --num-draft-tokens: the server does not speculate (its requests share "
-                          "each sweep instead); leave them out.")
 
 
 @face

@@ -58,6 +58,13 @@ def choose_mode(target, draft, speculation: "str | None") -> str:
     return speculation or ("chain" if problem else "tree")
 
 
+def speculation_cap(target, draft, num_draft_tokens: "int | None" = None, speculation: "str | None" = None) -> tuple:
+    """(mode, the most draft tokens one verifying sweep runs): what a round may add to the target's cache."""
+    mode = choose_mode(target, draft, speculation)
+    cap = num_draft_tokens or (DEFAULT_TREE_TOKENS if mode == "tree" else DEFAULT_CHAIN_TOKENS)
+    return mode, max(1, min(cap, target.prefill_step_size - 1))
+
+
 def fitted(logits: np.ndarray, vocab: int) -> np.ndarray:
     """Draft logits over the target's vocabulary (a padded embedding may make them differ in width)."""
     if not vocab or logits.shape[-1] >= vocab:
@@ -145,18 +152,19 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                          eos_token_id=None, pad_token_id=None, streamer=None, rng=None, cache=None,
                          past_length: int = 0, stop_strings=None, tokenizer=None, speculation: "str | None" = None,
-                         num_draft_tokens: "int | None" = None) -> np.ndarray:
+                         num_draft_tokens: "int | None" = None, history: "list | None" = None,
+                         rounds: "int | None" = None) -> np.ndarray:
     """One prompt (1, T) -> (1, T + n), as generation.generate_tokens returns it, with the draft proposing and
     one target sweep per round verifying. With `cache` holding `past_length` tokens, ids are only the new
-    ones and the cache grows by them and every new token but the last."""
+    ones and the cache grows by them and every new token but the last. history: the tokens that cache holds,
+    when the caller knows them (the draft then sees them; else only a chat's own earlier calls are known).
+    rounds: stop after this many sweeps (the server speculates a round at a time)."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
     if ids.shape[0] != 1:
         raise GenerationError(f"speculative decoding runs one prompt at a time, not {ids.shape[0]}; generate them "
                               "one at a time, or pass draft_model=False.")
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
-    mode = choose_mode(target, draft, speculation)
-    cap = num_draft_tokens or (DEFAULT_TREE_TOKENS if mode == "tree" else DEFAULT_CHAIN_TOKENS)
-    cap = max(1, min(cap, target.prefill_step_size - 1))
+    mode, cap = speculation_cap(target, draft, num_draft_tokens, speculation)
     eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
     greedy, rng = not do_sample, rng or np.random.default_rng()
     target_probs = (lambda x: sampling_probs(x, temperature, top_k, top_p)[0])
@@ -168,6 +176,8 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
     prompt = ids[0][mask[0] != 0].tolist()
     target_cache = cache if cache is not None else target.new_cache(1, [0])
     state, known = draft_state(draft, cache, past_length)
+    if history is not None and len(history) == past_length:
+        known = list(history)
     seq = (known or []) + prompt  # what the draft sees: the target's tokens as far as they are known
     runner = DraftRunner(draft, state, measure, draft_probs, target.config.get("vocab_size") or 0, mode == "tree")
     limit = target.config.get("max_position_embeddings") or 1 << 62
@@ -205,7 +215,7 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                     break
             measure.verify.add(len(pending) + len(tree), verify_s)
             measure.record_round(Totals(1, emitted, len(tree), len(path), runner.seconds, verify_s, len(tree)))
-            if stop:
+            if stop or (rounds is not None and measure.last.sweeps >= rounds):
                 break
         # the cache holds the prompt and every new token but the last, as plain decoding leaves it
         if new:

@@ -196,6 +196,39 @@ def test_eight_clients_get_their_solo_tokens_from_shared_sweeps(model):
         assert ran < 2 * 16 < 8 * 16 and live.engine.rows_peak >= 4  # 128 tokens in about 16 sweeps, not 128
 
 
+def test_a_lone_request_speculates_and_requests_together_share_sweeps(shards, model):
+    prompts = [PROMPT, "w9 w31 w4", "w70 w2 w11 w5"]
+    solo = [expected(model, model.tokenizer(p)["input_ids"], 16)[0] for p in prompts]
+    stopped = expected(model, model.tokenizer(PROMPT)["input_ids"], 16)[0].split(" ")[3]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as draft, \
+            airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model=draft, num_draft_tokens=5) as m:
+        with Live(m) as live:
+            engine = live.engine
+            assert engine.per_token == model.kv_bytes_per_token + draft.kv_bytes_per_token and engine.headroom == 5
+            sweeps = engine.sweeps
+            r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0)
+            assert r.choices[0].text == solo[0] and r.usage.completion_tokens == 16
+            live.settle()
+            # the prefill's sweep gives the first token, speculative sweeps the other 15, several at a time
+            assert engine.speculative_tokens == 15 and engine.speculative_sweeps < 15
+            assert engine.sweeps - sweeps == 1 + engine.speculative_sweeps
+            # a stop string inside an accepted run: the text ends before it, and the cache kept holds only that
+            r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stopped])
+            assert r.choices[0].text == solo[0][:solo[0].index(stopped)] and r.choices[0].finish_reason == "stop"
+            live.settle()
+            assert all(m.cache_length(c) == len(ids) for ids, c in engine.kept.values())
+            r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0.9, seed=3)
+            assert r.usage.completion_tokens == 16 or r.choices[0].finish_reason == "stop"
+
+            def stream(p):
+                chunks = live.client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0,
+                                                        stream=True)
+                return "".join(ch.choices[0].text for ch in chunks)
+
+            with ThreadPoolExecutor(3) as pool:
+                assert list(pool.map(stream, prompts)) == solo
+
+
 def test_a_client_that_goes_away_leaves_the_batch(live, model):
     ids = model.tokenizer(PROMPT)["input_ids"]
     text, _ = expected(model, ids, 40)
@@ -354,7 +387,7 @@ def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(caps
     from airmlx.server import build_parser, main
     assert build_parser().parse_args([]).host == "127.0.0.1"
     for bad in (["--max-batch", "0"], ["--max-queue", "0"], ["--max-kv-bytes", "lots"], ["--keep-caches", "-1"],
-                ["--draft-model", "4bit"], ["--num-draft-tokens", "8"]):
+                ["--num-draft-tokens", "0"]):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("airmlx: ") and err.count("\n") == 1, err
