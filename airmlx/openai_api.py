@@ -10,8 +10,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .requests import RequestError, Sampling
 from .generation import is_int, is_number
+from .requests import RequestError, Sampling
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20

@@ -9,8 +9,11 @@ Buffers come from the backend (`allocate`): MLX gets its own arrays, so a stage 
 memory it computes from; torch gets numpy (pinned on CUDA). Streamed stages share a few slot-sized pooled
 buffers; resident stages get buffers of their own size that are never pooled.
 """
+import ctypes
+import errno
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -25,8 +28,28 @@ from .manifest import Manifest, repair_hint, stage_file_problem, verify_folder
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
-POPULATE = hasattr(mmap, "MAP_POPULATE")  # Linux: the kernel maps every page inside mmap()
 PAGE = mmap.PAGESIZE
+MADV_POPULATE_READ = 22  # Linux >= 5.14: map (and read, when cold) every page of a range, in one call
+# CPython's mmap.mmap() holds the GIL for the whole mmap() call, so MAP_POPULATE on the prefetch thread stalled
+# the compute thread for as long as a cold stage took to read. madvise through ctypes runs without the GIL.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def populate(buf: np.ndarray, mapped: mmap.mmap) -> None:
+    """Map every page of a fresh read-only mapping (reading it from disk if cold) without holding the GIL:
+    madvise(MADV_POPULATE_READ) where the kernel has it, else read-ahead and one touch per page (numpy
+    releases the GIL in that loop)."""
+    if _LIBC is not None and buf.size:
+        if _LIBC.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:  # EINVAL: a kernel before 5.14; anything else: the file cannot be read
+            raise OSError(err, os.strerror(err))
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_WILLNEED)
+    int(buf[::PAGE].sum())
 
 
 def evict(paths) -> None:
@@ -205,26 +228,21 @@ class ShardStore:
     def map_stage(self, name: str) -> StageData:
         """Map a stage file instead of reading it: the tensors are read-only views of the page cache, so a
         backend that computes on host memory in place (torch on CPU) never copies them. Every page is mapped
-        here, on the calling (prefetch) thread, so compute later runs without page faults: on Linux the
-        kernel populates the mapping inside mmap() (read-ahead when cold, GIL released); elsewhere
-        MADV_WILLNEED starts the read-ahead and one touch per page waits for it. A file truncated while
-        mapped would kill the process (SIGBUS), so the file is checked against the one opened first."""
+        here, on the calling (prefetch) thread and without the GIL (populate()), so compute later runs
+        without page faults and is not held up meanwhile. A file truncated while mapped would kill the
+        process (SIGBUS), so the file is checked against the one opened first."""
         entry = self.stages[name]
         t0 = time.perf_counter()
         with self._open(name) as f:
             try:
-                if POPULATE:
-                    mapped = mmap.mmap(f.fileno(), entry.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                                       prot=mmap.PROT_READ)
-                else:
-                    mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_READ)
+                mapped = mmap.mmap(f.fileno(), entry.nbytes, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise self._unreadable(name, e) from None
         buf = np.frombuffer(mapped, dtype=np.uint8)
-        if not POPULATE:
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_WILLNEED)
-            int(buf[::PAGE].sum())  # fault every page in (numpy releases the GIL in this loop)
+        try:
+            populate(buf, mapped)
+        except OSError as e:
+            raise self._unreadable(name, e) from None
         tensors = self._views(name, buf)
         self._count(entry.nbytes, entry.nbytes)
         weakref.finalize(mapped, self._count, 0, -entry.nbytes)  # unmapped once the last view is gone

@@ -163,3 +163,44 @@ except airmlx.AirmlxError as e:
     assert result.startswith("RESULT CorruptShardError stage layer.001") and "layer.001.safetensors" in result, result
     assert "python -m airmlx.shard --repair" in result or "reload the model" in result
     shutil.rmtree(tmp_path / "shards")
+
+
+def test_populating_a_mapping_leaves_the_compute_thread_running(tmp_path, store, monkeypatch):
+    """Regression: mmap(MAP_POPULATE) ran inside CPython's mmap(), which holds the GIL, so the compute thread
+    stood still for as long as the prefetch thread took to read a cold stage (no overlap of I/O and compute)."""
+    import mmap
+    import threading
+    import time
+
+    import airmlx.store as store_module
+    from airmlx.store import evict, populate
+    path = tmp_path / "stage"
+    path.write_bytes(bytes(96 << 20))
+    ratios = []
+    for _ in range(3):
+        evict([path])
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
+        took = []
+
+        def run(buf=buf, mapped=mapped):
+            t0 = time.perf_counter()
+            populate(buf, mapped)
+            took.append(time.perf_counter() - t0)
+
+        thread = threading.Thread(target=run)
+        longest, last = 0.0, time.perf_counter()
+        thread.start()
+        while thread.is_alive():  # the compute thread: how long did it ever wait for the GIL?
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        thread.join()
+        ratios.append(longest / took[0])
+        del buf, mapped, run  # unmapped with the last reference
+    assert min(ratios) < 0.5, ratios
+    called = []
+    monkeypatch.setattr(store_module, "populate", lambda buf, mapped: called.append(buf.size))
+    entry = store.manifest.stages[0]
+    store.map_stage(entry.name).tensors = None
+    assert called == [entry.nbytes]
