@@ -210,7 +210,7 @@ class AirModel:
                 break
             names.append(name)
             total += self.plan.stages[name].read
-        return self.store.read_bandwidth(names, cold)
+        return self.store.read_bandwidth(names, cold, mapped=self.backend.page_cache_views)
 
     def reset_peak(self) -> None:
         """Start the peak-memory counts afresh."""

@@ -314,16 +314,18 @@ class ShardStore:
             self.peak_held_bytes = self.held_bytes
 
     # -- tools -------------------------------------------------------------------------------------
-    def read_bandwidth(self, names: list, cold: bool = True) -> float:
-        """Bytes per second reading these stages in order with the store's own reads; cold: from the disk
-        (their files evicted from the page cache first)."""
+    def read_bandwidth(self, names: list, cold: bool = True, mapped: bool = False) -> float:
+        """Bytes per second reading these stages in order with the store's own reads (mapped: the mappings a
+        backend computing on the page cache streams through); cold: from the disk (their files evicted from
+        the page cache first)."""
         if cold:
             evict([self.folder / self.stages[n].file for n in names])
         t0, total = time.perf_counter(), 0
         for n in names:
-            data = self.read_stage(n, pooled=False)
+            data = self.map_stage(n) if mapped else self.read_stage(n, pooled=False)
             total += data.nbytes
             self.release(data)
+            data.tensors = None
         return total / (time.perf_counter() - t0)
 
     def verify(self) -> list:
