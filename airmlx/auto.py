@@ -39,6 +39,12 @@ def pick_backend(backend: str = "auto") -> str:
 def make_backend(name: str, manifest: Manifest, device=None, dtype=None, trust_remote_code: bool = False,
                  code_dir=None):
     """The backend `name` ("mlx" | "torch") for a shard folder's manifest; both are built the same way."""
+    return backend_class(name)(manifest, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               code_dir=code_dir)
+
+
+def backend_class(name: str):
+    """The class of backend `name` ("mlx" | "torch"), or a BackendError saying what to install."""
     try:
         import airmlx.backends  # noqa: F401
     except ModuleNotFoundError as e:
@@ -58,7 +64,7 @@ def make_backend(name: str, manifest: Manifest, device=None, dtype=None, trust_r
         except ImportError as e:
             raise BackendError(f"the torch backend needs torch and transformers ({e}); pip install torch "
                                "transformers, or use backend='mlx'.") from None
-    return Backend(manifest, device=device, dtype=dtype, trust_remote_code=trust_remote_code, code_dir=code_dir)
+    return Backend
 
 
 class AutoModel:
@@ -158,6 +164,9 @@ def load_draft(spec, shard_dir: Path, backend: str, device=None, dtype=None, hf_
         raise DraftModelError(f"draft_model={spec!r}: pass a path, a hub id, an AirModel, or one of "
                               f"{sorted(COMPRESSIONS)} for a quantised copy of the model.")
     source = quantised_copy(Path(shard_dir), spec, progress) if spec in COMPRESSIONS else spec
+    # the draft's precision changes only how many proposals are accepted, never the output: it may compute in
+    # whatever its backend runs fastest (bf16 on torch's CPU, where its int4 kernel is 7 x faster than in fp32)
+    dtype = dtype or backend_class(backend).draft_dtype(device)
 
     def load(budget):
         return AutoModel.from_pretrained(source, backend=backend, device=device, dtype=dtype, memory_budget=budget,

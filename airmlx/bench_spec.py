@@ -87,7 +87,7 @@ def run_modes(model, prompts, modes, tokens):
 
 
 def run_pair(pair, backend, args, work):
-    from .auto import UNLIMITED, AutoModel
+    from .auto import UNLIMITED, AutoModel, backend_class
     if pair == "self4bit":
         target_src, draft_spec = DEMO_MODEL, "4bit"
     else:
@@ -103,6 +103,7 @@ def run_pair(pair, backend, args, work):
         from .draft import quantised_copy
         draft_src = quantised_copy(shards, "4bit")
     draft = AutoModel.from_pretrained(draft_src, backend=backend, memory_budget=UNLIMITED,
+                                      dtype=backend_class(backend).draft_dtype(),  # as load_draft's default
                                       layer_shards_saving_path=work / f"{Path(draft_src).name}-draft-shards"
                                       if draft_spec != "4bit" else None)
     draft.plan.budget = draft.plan.total_bytes

@@ -44,6 +44,10 @@ class Backend(Protocol):
     def available_memory(self) -> int:
         """Bytes this device could still give to weights."""
 
+    @staticmethod
+    def draft_dtype(device: Any = None) -> "str | None":
+        """The dtype a draft model computes in when none is asked for (None: its checkpoint's)."""
+
     # -- stages
     def prepare(self, entry: Any, tensors: dict) -> dict:
         """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside

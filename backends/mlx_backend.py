@@ -182,6 +182,11 @@ class MLXBackend:
         # CPU's come from malloc, which the cache would only hide from the count
         mx.set_cache_limit(int(nbytes) if mx.default_device().type == mx.gpu else 0)
 
+    @staticmethod
+    def draft_dtype(device=None) -> "str | None":
+        """The dtype a draft model computes in unless told: the checkpoint's."""
+        return None
+
     def memory(self):
         return {"active": mx.get_active_memory() + mx.get_cache_memory(),
                 "peak": mx.get_peak_memory() + mx.get_cache_memory()}
