@@ -7,6 +7,7 @@ layers are transformers'; this file only wires them in sweep order.
 import inspect
 import math
 import warnings
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -416,8 +417,10 @@ class TorchBackend:
         elif stage.kind == "layer":
             kind = self.layer_types[stage.layer]
             mask, rotary = self._prepare(step, kind, x, stage.layer)
-            x = stage.module(x, attention_mask=mask, position_ids=step.positions, use_cache=step.cache is not None,
-                             position_embeddings=rotary, **{self.layer_cache_arg: step.cache})
+            with torch_batching.WideLinears() if torch_batching.wide(self, x) else nullcontext():
+                x = stage.module(x, attention_mask=mask, position_ids=step.positions,
+                                 use_cache=step.cache is not None, position_embeddings=rotary,
+                                 **{self.layer_cache_arg: step.cache})
             if kind == "sliding_attention" and step.cache is not None:
                 layer = step.cache.layers[stage.layer]
                 keep = layer.sliding_window - 1 + TRIM_SLACK
@@ -426,7 +429,9 @@ class TorchBackend:
         elif step.targets is not None:
             x = self._score(x, step.targets)
         else:
-            x = self._head(x if step.all_positions else x[:, -1:, :])
+            x = x if step.all_positions else x[:, -1:, :]
+            with torch_batching.WideLinears() if torch_batching.wide(self, x) else nullcontext():
+                x = self._head(x)
         if stage.kind != "layer":
             # once per step, not per stage: the cache is largest at the step's end (an upper bound)
             cache = self.cache_bytes(step.cache) if step.cache is not None else 0

@@ -1,7 +1,10 @@
 """Requests with caches of their own joined into one left-padded batch and taken apart again, for the
 server's engine (airmlx/engine.py). transformers' cache keeps no padding of its own: the attention mask
-says which positions of a row are padding, so only each row's length is needed here."""
+says which positions of a row are padding, so only each row's length is needed here. And a batch's
+half-precision Linears on the CPU, computed in float32 (WideLinears)."""
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
@@ -61,3 +64,42 @@ def extract(cache, row: int, length: int, new_cache):
         _fill(dst, src.keys[row:row + 1, :, src.keys.shape[-2] - length:].clone(),
               src.values[row:row + 1, :, src.values.shape[-2] - length:].clone())
     return out
+
+
+WIDE_BATCH = 2  # a batch of this many sequences or more ...
+WIDE_ROWS = 8  # ... and this many rows (sequences x new tokens) multiply half-precision weights in float32
+WIDE_ELEMENTS = 1 << 22  # weights converted at once: bounds the temporaries
+
+
+class WideLinears(TorchFunctionMode):
+    """Half-precision Linears of a batch computed in float32, a block of weight rows at a time: torch's bf16
+    CPU matmul without AVX-512 BF16 costs in proportion to the rows (16 rows: 2.4 x the float32 matmul of the
+    same shapes). Each product is the float32 accumulation torch's bf16 kernel makes too, rounded once to the
+    weights' dtype; the order of the sum differs, so a rare element differs by one unit in the last place."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype:
+                return wide_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def wide_linear(x, weight, bias=None):
+    n, k = weight.shape
+    rows = x.reshape(-1, k).float()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    step = max(1, WIDE_ELEMENTS // k)
+    for r in range(0, n, step):
+        torch.matmul(rows, weight[r:r + step].float().t(), out=y[:, r:r + step])
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def wide(backend, x) -> bool:
+    """Whether a stage on this input runs its Linears through WideLinears."""
+    return (backend.device.type == "cpu" and backend.dtype in (torch.bfloat16, torch.float16) and x is not None
+            and x.dim() == 3 and x.shape[0] >= WIDE_BATCH and x.shape[0] * x.shape[1] >= WIDE_ROWS)

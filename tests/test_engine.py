@@ -240,3 +240,37 @@ def test_a_models_own_draft_sits_out_the_engine(shards):
         finally:
             engine.stop()
             engine.join(30)
+
+
+def test_a_half_precision_batch_multiplies_in_float32_blocks(shards, monkeypatch):
+    """torch on the CPU: a batch's bf16 Linears run as float32 products rounded once (torch's own bf16 kernel
+    accumulates in float32 too, row by row at 2.4 x the cost), a block of weight rows at a time."""
+    import torch
+
+    from airmlx.backends import torch_batching
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=gen).bfloat16()
+    bias = torch.randn(96, generator=gen).bfloat16()
+    x = torch.randn(2, 4, 64, generator=gen).bfloat16()
+    monkeypatch.setattr(torch_batching, "WIDE_ELEMENTS", 40 * 64)  # three blocks of weight rows
+    with torch_batching.WideLinears():
+        y = torch.nn.functional.linear(x, weight, bias)
+        plain32 = torch.nn.functional.linear(x.float(), weight.float())  # float32 passes through untouched
+    want = (x.float().reshape(-1, 64) @ weight.float().t() + bias.float()).bfloat16().reshape(2, 4, 96)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert torch.equal(plain32, x.float() @ weight.float().t())
+    ulp = torch.nn.functional.linear(x, weight, bias).float().abs() * 2 ** -7
+    assert ((y.float() - torch.nn.functional.linear(x, weight, bias).float()).abs() <= ulp).all()
+    with load(shards, "torch", dtype="bfloat16") as m:
+        b = m.backend
+        assert torch_batching.wide(b, torch.zeros(2, 4, 8, dtype=torch.bfloat16))
+        assert not torch_batching.wide(b, torch.zeros(1, 16, 8, dtype=torch.bfloat16))  # one prompt: bf16 as is
+        assert not torch_batching.wide(b, torch.zeros(4, 1, 8, dtype=torch.bfloat16))  # under 8 rows
+        calls = []
+        real = torch_batching.wide_linear
+        monkeypatch.setattr(torch_batching, "wide_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+        m.step_many([(*prefill(p), m.new_cache()) for p in PROMPTS[:2]])
+        assert not calls  # two caches: each its own batch of one
+        ids = np.array([PROMPTS[0][:4], PROMPTS[1][:4]])
+        m.step(ids, np.ones_like(ids), m.new_cache(2, [0, 0]))
+        assert calls and all(s[0] == 2 for s in calls)
