@@ -190,6 +190,19 @@ def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
     return config.get("num_hidden_layers", 0) * 2 * kv_heads * head_dim * itemsize
 
 
+def inner_size(config: dict) -> int:
+    """The widest MLP of a layer: dense, or a token's routed experts side by side plus a shared one."""
+    return max(config.get("intermediate_size", 0),
+               config.get("moe_intermediate_size", 0) * config.get("num_experts_per_tok", 1)
+               + config.get("shared_expert_intermediate_size", 0))
+
+
+def workspace_elements(config: dict) -> int:
+    """Elements of the weight workspace the activation bound allows a matrix multiply (a layer's largest
+    matrix): a backend that converts a weight to multiply it does so in blocks no larger."""
+    return config.get("hidden_size", 0) * inner_size(config)
+
+
 def activation_bytes(config: dict, tokens: int, batch: int = 1, context: int = 0, itemsize: int = 4,
                      prompt: int = 0, logits: int = 0) -> int:
     """An upper bound on a step's activations: one stage run on `tokens` (rows x positions, a prefill chunk)
@@ -200,15 +213,14 @@ def activation_bytes(config: dict, tokens: int, batch: int = 1, context: int = 0
     hidden = config.get("hidden_size", 0)
     heads = config.get("num_attention_heads", 1)
     vocab = config.get("vocab_size", 0)
-    inner = max(config.get("intermediate_size", 0),
-                config.get("moe_intermediate_size", 0) * config.get("num_experts_per_tok", 1)
-                + config.get("shared_expert_intermediate_size", 0))
+    inner = inner_size(config)
     per_token = itemsize * (10 * hidden + 5 * inner) + 4 * heads * max(context, 1) * 2
     # a stage's input and output for every position of the prompt, and a scoring sweep's scratch keys and
     # values of one layer
     kept = 4 * batch * max(prompt, tokens // max(batch, 1)) * hidden * itemsize
-    # a matrix multiply may pack its weight into a workspace (torch's CPU GEMM does for several rows)
-    workspace = itemsize * hidden * inner
+    # a matrix multiply may pack its weight into a workspace (torch's CPU GEMM does for several rows; a
+    # dequantised or float32 block of a weight is at most workspace_elements)
+    workspace = itemsize * workspace_elements(config)
     # the logits in the compute dtype and float32, and a log-softmax's temporaries
     head = 3 * 4 * max(logits or batch, 1) * vocab
     return tokens * per_token + kept + workspace + head

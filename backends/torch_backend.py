@@ -22,7 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
-from airmlx.plan import SCORE_LOGITS
+from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
 from .base import available_ram, check_placement, kept_tail
@@ -133,6 +133,7 @@ class TorchBackend:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw)
         self.config = self.skeleton.config
+        self.wide_block = workspace_elements(config)  # a batch's float32 weight blocks (torch_batching)
         self.layer_types = layer_types(config)
         embed = self.skeleton.get_input_embeddings()
         if self.arch.embed_scale:  # transformers' scaled embedding keeps sqrt(hidden) in a buffer, meta here
@@ -417,7 +418,7 @@ class TorchBackend:
         elif stage.kind == "layer":
             kind = self.layer_types[stage.layer]
             mask, rotary = self._prepare(step, kind, x, stage.layer)
-            with torch_batching.WideLinears() if torch_batching.wide(self, x) else nullcontext():
+            with torch_batching.WideLinears(self.wide_block) if torch_batching.wide(self, x) else nullcontext():
                 x = stage.module(x, attention_mask=mask, position_ids=step.positions,
                                  use_cache=step.cache is not None, position_embeddings=rotary,
                                  **{self.layer_cache_arg: step.cache})
@@ -430,7 +431,7 @@ class TorchBackend:
             x = self._score(x, step.targets)
         else:
             x = x if step.all_positions else x[:, -1:, :]
-            with torch_batching.WideLinears() if torch_batching.wide(self, x) else nullcontext():
+            with torch_batching.WideLinears(self.wide_block) if torch_batching.wide(self, x) else nullcontext():
                 x = self._head(x)
         if stage.kind != "layer":
             # once per step, not per stage: the cache is largest at the step's end (an upper bound)

@@ -68,7 +68,7 @@ def extract(cache, row: int, length: int, new_cache):
 
 WIDE_BATCH = 2  # a batch of this many sequences or more ...
 WIDE_ROWS = 8  # ... and this many rows (sequences x new tokens) multiply half-precision weights in float32
-WIDE_ELEMENTS = 1 << 22  # weights converted at once: bounds the temporaries
+WIDE_ELEMENTS = 1 << 22  # weight elements converted at once, at most (and at most the activation bound's workspace)
 
 
 class WideLinears(TorchFunctionMode):
@@ -77,21 +77,25 @@ class WideLinears(TorchFunctionMode):
     same shapes). Each product is the float32 accumulation torch's bf16 kernel makes too, rounded once to the
     weights' dtype; the order of the sum differs, so a rare element differs by one unit in the last place."""
 
+    def __init__(self, block_elements: int = WIDE_ELEMENTS):
+        super().__init__()
+        self.block = max(1, min(block_elements, WIDE_ELEMENTS))  # float32 weight elements converted at once
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype:
-                return wide_linear(x, weight, bias)
+                return wide_linear(x, weight, bias, self.block)
         return func(*args, **kwargs)
 
 
-def wide_linear(x, weight, bias=None):
+def wide_linear(x, weight, bias=None, block: int = WIDE_ELEMENTS):
     n, k = weight.shape
     rows = x.reshape(-1, k).float()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    step = max(1, WIDE_ELEMENTS // k)
+    step = max(1, min(block, WIDE_ELEMENTS) // k)
     for r in range(0, n, step):
         torch.matmul(rows, weight[r:r + step].float().t(), out=y[:, r:r + step])
     if bias is not None:
