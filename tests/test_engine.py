@@ -226,9 +226,9 @@ def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
             engine.join(30)
 
 
-def test_a_models_own_draft_sits_out_the_engine(shards):
-    """The engine's sweeps serve every request at once (model.step_many): a model loaded with a draft for
-    speculative decoding decodes there without it, each request still getting generate's tokens."""
+def test_a_models_own_draft_waits_while_requests_share_sweeps(shards):
+    """Requests together share the engine's sweeps (model.step_many) and the draft waits: it speculates only
+    for a request alone (tests/test_server.py). These three arrive together and finish together."""
     with airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model="4bit") as m:
         assert m.draft is not None
         solo = [m.generate(p, max_new_tokens=6, draft_model=False)[len(p):] for p in PROMPTS]
