@@ -29,7 +29,7 @@ import numpy as np
 from .errors import CacheTrimError, ModelClosedError
 from .generation import sample
 from .requests import Delta, Failed, Finished, Group, QueueFullError, Request, RequestError, Sampling, charge
-from .session import common_prefix
+from .session import common_prefix, stop_token_ids
 from .speculative import speculation_cap, speculative_generate
 from .textstream import TextStream
 
@@ -57,11 +57,7 @@ class Engine:
         self.kv_allowance = kv_allowance if kv_allowance is not None else default_kv_allowance(model)
         self.context = model.config.get("max_position_embeddings")
         self.pad = model.pad_token_id or 0
-        eos = model.eos_token_id
-        stops = {int(t) for t in np.atleast_1d(eos)} if eos is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            stops.add(int(self.tokenizer.eos_token_id))
-        self.stop_tokens = stops
+        self.stop_tokens = stop_token_ids(model)  # sorted; a few ids, so a list is as quick as a set
         self.cond = threading.Condition()
         self.waiting = deque()
         self.groups = []  # every admitted request, in its group
@@ -258,7 +254,7 @@ class Engine:
         out = speculative_generate(self.model, self.draft, np.array([r.feed]), np.ones((1, 1), dtype=np.int64),
                                    max_new_tokens=r.max_tokens - len(r.tokens), do_sample=s.do_sample,
                                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                   eos_token_id=sorted(self.stop_tokens) or None, rng=r.rng, cache=g.cache,
+                                   eos_token_id=self.stop_tokens or None, rng=r.rng, cache=g.cache,
                                    past_length=past, history=(r.prompt + r.tokens)[:past], rounds=1,
                                    num_draft_tokens=self.model.num_draft_tokens)
         new = out[0, 1:].tolist()
@@ -288,14 +284,12 @@ class Engine:
 
     def _take_token(self, r, token: int, logprobs):
         """Give a new token out: its text (stop strings held back), and Finished when it ends the request."""
-        if r.first_token is None:
-            r.first_token = time.perf_counter()
         r.tokens.append(token)
         r.feed = [token]
         stop = token in self.stop_tokens
         piece, hit = ("", False) if stop else r.text.add(token)
         reason = "stop" if stop or hit else "length" if len(r.tokens) >= r.max_tokens else None
-        if reason == "length":
+        if reason and not hit:  # text held back for a stop string that never came (or half a character)
             piece += r.text.flush()
         r.emit(Delta(piece, [token], [logprobs] if logprobs is not None else []))
         if reason:

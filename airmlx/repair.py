@@ -13,7 +13,8 @@ def repair_stages(folder, progress=True):
     folder = Path(folder)
     manifest = Manifest.load(folder)
     held = manifest.held_stages()  # a folder sharded for several hosts holds one host's stages
-    bad = [e.name for e in held if e.name not in reusable(folder, held, verify=True)]
+    intact = reusable(folder, held, verify=True)  # every held stage's checksum, once
+    bad = [e.name for e in held if e.name not in intact]
     if not bad:
         return []
     src = manifest.extra.get("source_path")

@@ -74,7 +74,6 @@ class Request:
         self.cancelled = self.closed = False
         self.text = None  # a TextStream, made by the engine
         self.submitted = time.perf_counter()
-        self.first_token = None
 
     @property
     def reach(self) -> int:

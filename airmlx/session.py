@@ -18,6 +18,23 @@ from .units import format_bytes
 DEFAULT_MAX_TOKENS = 256
 
 
+def stop_token_ids(model) -> list:
+    """The ids that end an answer: the model's EOS ids (its generation config) and the tokenizer's."""
+    eos = model.eos_token_id
+    stops = {int(t) for t in np.atleast_1d(eos)} if eos is not None else set()
+    if model.tokenizer.eos_token_id is not None:
+        stops.add(int(model.tokenizer.eos_token_id))
+    return sorted(stops)
+
+
+def render_chat(tokenizer, messages: list) -> list:
+    """Messages as token ids through the tokenizer's chat template, ending with the prompt for the answer."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
 @dataclass
 class Turn:
     """One answer: its text and tokens, what it cost, and whether Ctrl-C cut it short."""
@@ -89,10 +106,7 @@ class ChatSession:
         self.system_prompt, self.max_tokens = system_prompt, max_tokens
         self.temp, self.top_p, self.top_k = temp, top_p, top_k
         self.rng = np.random.default_rng(seed)
-        stops = {int(t) for t in np.atleast_1d(model.eos_token_id)} if model.eos_token_id is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            stops.add(int(self.tokenizer.eos_token_id))
-        self.stop_tokens = sorted(stops)
+        self.stop_tokens = stop_token_ids(model)
         self.last = None  # the last Turn
         self.reset()
 
@@ -107,11 +121,7 @@ class ChatSession:
 
     def render(self, messages=None):
         """The conversation as token ids, ending with the template's prompt for the assistant's answer."""
-        ids = self.tokenizer.apply_chat_template(self.messages if messages is None else messages,
-                                                 add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return render_chat(self.tokenizer, self.messages if messages is None else messages)
 
     def send(self, text: str, streamer=None) -> Turn:
         """Add a user message, stream the answer into `streamer` (put/end), add the answer; return the Turn.

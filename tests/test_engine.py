@@ -215,12 +215,20 @@ def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
         want = m.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos)[len(PROMPTS[1]):]
         engine = Engine(m, kv_allowance=10**8)
         try:
-            engine.stop_tokens = {eos}
+            engine.stop_tokens = [eos]
             out, = run_engine(engine, PROMPTS[1:2], 8)
             assert out.tokens == want == free[:free.index(eos) + 1]
             assert out.events[-1] == Finished("stop", len(PROMPTS[1]), len(want), 0)
-            assert "".join(e.text for e in out.events if isinstance(e, Delta)) == \
-                m.tokenizer.decode(want[:-1], skip_special_tokens=True)  # the stop token's own text is not sent
+            before = m.tokenizer.decode(want[:-1], skip_special_tokens=True)
+            assert "".join(e.text for e in out.events if isinstance(e, Delta)) == before  # the stop token's text: no
+            # regression: text held back because it could start a stop string was lost when the stop token came
+            last = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+            engine.stop_tokens = [free[last]]
+            before = m.tokenizer.decode(free[:last], skip_special_tokens=True)
+            held = Collect()
+            engine.submit(Request(PROMPTS[1], 8, Sampling(), held, stop=[before[-2:] + "\u2603"]))
+            assert held.done.wait(60) and held.events[-1].reason == "stop" and len(before) >= 2
+            assert "".join(e.text for e in held.events if isinstance(e, Delta)) == before
         finally:
             engine.stop()
             engine.join(30)

@@ -377,3 +377,20 @@ def test_fuzz_safetensors_header(fuzz_dir, content):
 @given(headers, st.integers(0, 400))
 def test_fuzz_parse_header(header, data_size):
     parses_or_raises_own_error(lambda: parse_header(json.dumps(header).encode(), data_size, "x.safetensors"))
+
+
+def test_repair_checksums_each_stage_once_to_find_the_damage(tmp_path, monkeypatch):
+    """Regression: finding the damaged stages checksummed every held stage once per stage (n² reads)."""
+    from airmlx import stagefile
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_checkpoint(src, "llama")
+    airmlx.shard_checkpoint(src, out, progress=False)
+    flip(out / "layer.001.safetensors", -1)
+    checked = []
+    real = stagefile.stage_file_problem
+    monkeypatch.setattr(stagefile, "stage_file_problem",
+                        lambda path, entry, checksum=False: checked.append(checksum) or real(path, entry, checksum))
+    stages = len(Manifest.load(out).stages)
+    assert repair.repair_stages(out, progress=False) == ["layer.001"]
+    # once to find the damage, once more when shard_checkpoint(verify=True) decides what to keep
+    assert 0 < checked.count(True) <= 2 * stages
