@@ -83,20 +83,9 @@ def time_streamed(model, steps, cold):
 
 def time_batches(model, batch_sizes, steps):
     """Cold-regime aggregate decode tokens/s per batch size: each step serves every row with one read."""
+    from .bench_hosts import cold_decode
     files = model.stage_files(streamed_only=True)
-    rates = {}
-    for batch in batch_sizes:
-        cache = model.new_cache(batch, [0] * batch)
-        prompt = np.arange(1, 4 * batch + 1).reshape(batch, 4) % 1000 + 1
-        model.step(prompt, np.ones_like(prompt), cache)
-        times = []
-        for i in range(steps + 1):
-            evict(files)
-            t0 = time.perf_counter()
-            model.step(np.full((batch, 1), 5 + i), np.ones((batch, 5 + i)), cache)
-            times.append(time.perf_counter() - t0)
-        rates[batch] = batch / statistics.median(times[1:])
-    return rates
+    return {batch: batch / cold_decode(model, batch, steps, lambda: evict(files))[0] for batch in batch_sizes}
 
 
 def time_scoring(model, requests, length):
@@ -162,19 +151,22 @@ def time_airllm(src, steps):
     return (elapsed[1] - elapsed[0]) / steps
 
 
-def bench_shards(args) -> tuple:
-    """(checkpoint, shard folder): --model, or the generated model (made once under --work-dir)."""
+def bench_shards(args, compression: "str | None" = None, generated: "tuple | None" = None) -> tuple:
+    """(checkpoint, shard folder): --model, or a generated model made once under --work-dir, by default the
+    dense Llama of --layers and --hidden; generated: (folder name, build(folder) -> checkpoint) instead."""
     from .sharder import shard_checkpoint
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
-    src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
-    suffix = f"-{args.compression}" if args.compression else ""
-    return src, shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=args.compression, progress=True)
+    name, build = generated or (f"llama-{args.layers}x{args.hidden}",
+                                lambda folder: build_model(folder, args.layers, args.hidden))
+    src = Path(args.model) if args.model else build(work / name)
+    suffix = f"-{compression}" if compression else ""
+    return src, shard_checkpoint(src, work / f"{src.name}-shards{suffix}", compression=compression, progress=True)
 
 
 def run(args):
     from .auto import AutoModel
     from .manifest import Manifest
-    src, shards = bench_shards(args)
+    src, shards = bench_shards(args, args.compression)
     model_bytes = Manifest.load(shards).total_bytes
     budget = bench_budget(args, model_bytes)
     rows = []
@@ -244,15 +236,20 @@ def print_row(r):
               f"{s['tokens_per_s']:.0f} tokens/s")
 
 
-def add_common_options(parser, generated, layers):
-    """The options python -m airmlx.bench and python -m airmlx.bench_moe share."""
+def add_source_options(parser, generated, layers):
+    """The model options every bench over the generated model shares (bench_shards reads them)."""
     parser.add_argument("--model", help=f"HF model folder to use instead of {generated}")
-    parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
-    add_budget_options(parser, fraction=0.25)
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
     parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the generated model")
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")
+
+
+def add_common_options(parser, generated, layers):
+    """The options python -m airmlx.bench and python -m airmlx.bench_moe share."""
+    add_source_options(parser, generated, layers)
+    parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
+    add_budget_options(parser, fraction=0.25)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
 
 
 def build_parser():
@@ -277,7 +274,7 @@ def main(argv=None):
     args = parse_bench_args(parser, argv)
     if args.hosts > 1:
         from .bench_hosts import run_hosts
-        run_hosts(args, bench_shards(args)[1])
+        run_hosts(args, bench_shards(args, args.compression)[1])
         return 0
     run(args)
     return 0

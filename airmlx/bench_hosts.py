@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .plan import make_plan
-from .preflight import sweep_seconds
+from .preflight import stage_compute, sweep_seconds
 from .units import format_bytes
 
 LAUNCH_LIMIT_S = 1800
@@ -106,23 +106,6 @@ def rank_main(spec_path: str) -> int:
     return 0
 
 
-def stage_compute(model, batch: int, steps: int = 2) -> dict:
-    """Stage name -> seconds to load and run it in a warm decode step of `batch` rows (profiled)."""
-    cache = model.new_cache(batch, [0] * batch)
-    prompt = np.arange(1, 4 * batch + 1).reshape(batch, 4) % 1000 + 1
-    model.step(prompt, np.ones_like(prompt), cache)
-    model.profiling = True
-    model.profile_records.clear()
-    for i in range(steps):
-        model.step(np.full((batch, 1), 5 + i), np.ones((batch, 5 + i), dtype=np.int64), cache)
-    compute = {}
-    for r in model.profile_records:
-        compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
-    model.profiling = False
-    model.profile_records.clear()
-    return compute
-
-
 def predict(costs: dict, compute: dict, budget: int, bps: float, hosts: int) -> dict:
     """The pipeline on `hosts` machines with a disk of `bps` each and `budget` each: the balanced split, each
     rank's plan, the seconds of its sweep; a decode step (ranks in turn) and a pipelined pass (the slowest)."""
@@ -156,7 +139,7 @@ def run_hosts(args, shards) -> dict:
         one_step, _ = cold_decode(model, batch, args.steps, lambda: evict(files))
         one_score = cold_scoring(model, args.score, 64, lambda: evict(model.stage_files())) if args.score else None
         one_bytes = model.plan.streamed_bytes_per_step
-        compute = stage_compute(model, batch)
+        compute = stage_compute(model, batch)[0]
         costs = dict(model.plan.stages)
         largest = max(c.read for c in costs.values())
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,13 +10,12 @@ before each step; warm: in the page cache) come with them.
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .bench import add_common_options, save_random_model
+from .bench import add_common_options, bench_shards, save_random_model
 from .cli import ArgumentParser, bench_budget, face
 from .errors import AirmlxError
 from .experts import PROFILE_NAME
@@ -88,11 +87,9 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
 def run(args):
     from .auto import AutoModel
     from .manifest import Manifest
-    from .sharder import shard_checkpoint
-    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
     name = f"mixtral-{args.layers}x{args.experts}" + (f"-skew{args.skew:g}" if args.skew else "")
-    src = Path(args.model) if args.model else build_moe_model(work / name, args.layers, args.experts, args.skew)
-    shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
+    src, shards = bench_shards(args, generated=(name, lambda f: build_moe_model(f, args.layers, args.experts,
+                                                                                 args.skew)))
     manifest = Manifest.load(shards)
     routed = [s for s in manifest.stages if s.kind == "experts"]
     if not routed:

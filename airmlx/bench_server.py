@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import build_model
+from .bench import add_source_options, bench_shards
 from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .store import evict
 from .units import format_bytes
@@ -91,10 +90,7 @@ def run_clients(url, model, clients, prompt_tokens, max_tokens, rng):
 def run(args):
     from .auto import AutoModel
     from .manifest import Manifest
-    from .sharder import shard_checkpoint
-    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench")
-    src = Path(args.model) if args.model else build_model(work / f"llama-{args.layers}x{args.hidden}", args.layers, args.hidden)
-    shards = shard_checkpoint(src, work / f"{src.name}-shards", progress=True)
+    _, shards = bench_shards(args)
     model_bytes = Manifest.load(shards).total_bytes
     budget = bench_budget(args, model_bytes)
     model = AutoModel.from_pretrained(shards, backend=args.backend, memory_budget=budget)
@@ -134,18 +130,15 @@ def print_row(r):
 
 def build_parser():
     parser = ArgumentParser(prog="python -m airmlx.bench_server", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="HF model folder to use instead of the generated random Llama")
+    add_source_options(parser, "the generated random Llama", layers=16)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the generated model")
     parser.add_argument("--backend", default="torch", choices=["torch", "mlx"])
     add_budget_options(parser, fraction=0.25)
     parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")], default=[1, 4, 16, 32],
                         help="numbers of concurrent streaming clients, e.g. 1,4,16,32 (the first is the baseline)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per client")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per client")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the generated model")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the generated model")
     parser.add_argument("--warm", action="store_true", help="leave the shard files in the page cache")
-    parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
-    parser.add_argument("--json", help="write the results here")
     return parser
 
 

@@ -31,18 +31,12 @@ def group_params(w, bits, storage):
     mx.quantize) and the same rounded to `storage` (what the shard holds, so what the error is measured with)."""
     groups = rounded(w, storage)[:, None, :]
     scale, bias = (a[:, 0] for a in quant.affine_params(groups, bits))
-    return scale, bias, quant._to_float32(quant._from_float32(scale, storage), storage), \
-        quant._to_float32(quant._from_float32(bias, storage), storage)
-
-
-def quant_input(w32, storage):
-    """float32 -> the array quant.quantize takes for `storage` (bfloat16 as raw bits)."""
-    return quant._from_float32(w32, storage) if storage == "bfloat16" else w32.astype(storage)
+    return scale, bias, rounded(scale, storage), rounded(bias, storage)
 
 
 def rounded(w32, storage):
     """float32 values rounded to `storage` (what MLX quantises when the weights are stored that way)."""
-    return quant._to_float32(quant_input(w32, storage), storage)
+    return quant.to_float32(quant.from_float32(w32, storage), storage)
 
 
 def inverse_factor(h):
@@ -53,12 +47,9 @@ def inverse_factor(h):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(t)), upper=True).float().numpy()
 
 
-def gptq(w, hessian, group_size=64, bits=4, storage="float16", damp=DAMP, act_order=False):
+def gptq(w, hessian, group_size=64, bits=4, storage="float16", damp=DAMP):
     """Quantise w (rows, cols) with GPTQ given H (cols, cols) = sum of x x^T of its inputs. Returns
-    (wq uint32, scales, biases) in MLX's affine layout, scales and biases in `storage`.
-
-    act_order: quantise the columns with the largest inputs first, each group keeping the scale and bias of
-    its original weights (a column's error then never lands on an input far larger than its own)."""
+    (wq uint32, scales, biases) in MLX's affine layout, scales and biases in `storage`."""
     w = np.array(w, dtype=np.float32)
     rows, cols = w.shape
     h = np.array(hessian, dtype=np.float64)
@@ -71,30 +62,23 @@ def gptq(w, hessian, group_size=64, bits=4, storage="float16", damp=DAMP, act_or
     scales = np.zeros((rows, n_groups), np.float32)
     biases = np.zeros_like(scales)
     exact = np.zeros((2, rows, n_groups), np.float32)  # MLX's unrounded scale and bias: they pick the codes
-    order = np.arange(cols)
-    if act_order:
-        for g in range(n_groups):
-            exact[0][:, g], exact[1][:, g], scales[:, g], biases[:, g] = group_params(
-                w[:, g * group_size:(g + 1) * group_size], bits, storage)
-        order = np.argsort(-np.diag(h), kind="stable")
-        w, h = w[:, order], h[order][:, order]
     u = inverse_factor(h)
     for b0 in range(0, cols, BLOCK):
         b1 = min(b0 + BLOCK, cols)
         block, errors = w[:, b0:b1], np.zeros((rows, b1 - b0), np.float32)
         for j in range(b1 - b0):
             c = b0 + j
-            g = order[c] // group_size
-            if not act_order and c % group_size == 0:  # the group's columns hold every earlier error by now
+            g = c // group_size
+            if c % group_size == 0:  # the group's columns hold every earlier error by now
                 exact[0][:, g], exact[1][:, g], scales[:, g], biases[:, g] = group_params(
                     w[:, c:c + group_size], bits, storage)
             q = np.clip(np.rint((rounded(block[:, j], storage) - exact[1][:, g]) / exact[0][:, g]), 0, n_bins)
-            codes[:, order[c]] = q
+            codes[:, c] = q
             errors[:, j] = (block[:, j] - (scales[:, g] * q + biases[:, g])) / u[c, c]
             block[:, j + 1:] -= np.outer(errors[:, j], u[c, c + 1:b1])
         w[:, b1:] -= errors @ u[b0:b1, b1:]
     wq = quant._pack(codes, bits)
-    return wq, quant._from_float32(scales, storage), quant._from_float32(biases, storage)
+    return wq, quant.from_float32(scales, storage), quant.from_float32(biases, storage)
 
 
 def calibration_ids(tokenizer, seq_len=512, max_rows=8, extra_texts=()):
@@ -140,7 +124,6 @@ class Calibrator:
         self.qconfig, self.storage = qconfig, storage
         from .corpus import corpus  # Python's documentation: more tokens than the shipped text alone
         ids = calibration_ids(tokenizer, seq_len=seq_len, max_rows=rows, extra_texts=corpus()[0])
-        self.rows = ids.shape[0]
         self.step = self.backend.begin_step(ids, np.ones_like(ids), None, all_positions=True)
         self.x = None
 
@@ -171,11 +154,11 @@ class Calibrator:
             if name in hessians:
                 results[name] = gptq(w, hessians[name], gs, bits, self.storage)
             else:
-                results[name] = quant.quantize(quant_input(w, self.storage), gs, bits, dtype=self.storage)
+                results[name] = quant.quantize(quant.from_float32(w, self.storage), gs, bits, dtype=self.storage)
         if entry.kind in ("embed", "layer"):  # the next stage sees this one's output with quantised weights
             quantised = dict(tensors)
             for name, (wq, s, b) in results.items():
-                quantised[name] = quant._to_float32(quant.dequantize(wq, s, b, gs, bits, dtype=self.storage),
+                quantised[name] = quant.to_float32(quant.dequantize(wq, s, b, gs, bits, dtype=self.storage),
                                                     self.storage)
             stage = self._load(entry, quantised)
             self.x = self.backend.run_stage(stage, self.x, self.step)
@@ -227,21 +210,17 @@ def read_float32(source):
     with open(path, "rb", buffering=0) as f:
         f.seek(data_start + info.start)
         data = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
-    return quant._to_float32(data, storage)
+    return quant.to_float32(data, storage)
 
 
 def checkpoint_stage_items(calibrator, name, kind, tensor_names, sources, qconfig):
     """A calibrated stage of a safetensors checkpoint, in stagefile.write_stage's item format."""
-    from .stagefile import quantized, stage_items
-    from .tensorfile import aligned_order
+    from .stagefile import in_file_order, quantized, quantized_items, stage_items
     floats = {t: read_float32(sources[t]) for t in tensor_names if sources[t][2].dtype in quant.FLOAT_VIEWS}
     targets = [t for t in tensor_names if quantized(t, sources[t][2], qconfig)]
     results = calibrator.quantize_stage(name, kind, floats, targets)
     items = stage_items([t for t in tensor_names if t not in results], sources)
     dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[calibrator.storage]
     for t, (wq, scales, biases) in results.items():
-        base = t[: -len(".weight")]
-        items += [(t, "U32", wq.shape, wq), (base + ".scales", dtype, scales.shape, scales),
-                  (base + ".biases", dtype, biases.shape, biases)]
-    by_name = {i[0]: i for i in items}
-    return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
+        items += quantized_items(t, wq, scales, biases, dtype)
+    return in_file_order(items)

@@ -29,7 +29,8 @@ class ExpertCache:
         self.store, self.backend, self.capacity, self.top_k = store, backend, capacity, top_k
         self.group_bytes = min(group_bytes, capacity)
         self.entries = {e.layer: e for e in entries}  # layer -> its "experts" stage
-        self.layers = sorted(self.entries)
+        layers = sorted(self.entries)
+        self.next_layer = dict(zip(layers, layers[1:]))  # the MoE layer after each (look-ahead reads its experts)
         self.sizes = {(e.layer, int(k)): end - start for e in entries for k, (start, end) in e.parts.items()}
         self.cached = OrderedDict()  # (layer, expert) -> (handle, bytes)
         self.cached_bytes = 0
@@ -122,10 +123,9 @@ class ExpertCache:
     def look_ahead(self, layer):
         """While `layer` computes, read the experts the next MoE layer routed to last time. They take the
         place of the least recently used experts, as long as room stays for this layer's own group."""
-        later = [n for n in self.layers if n > layer]
-        if not later:
+        nxt = self.next_layer.get(layer)
+        if nxt is None:
             return
-        nxt = later[0]
         keep = {(layer, e) for e in self.last_routed.get(layer, [])} | set(self.pending)
         for e in self.last_routed.get(nxt, [])[: self.top_k]:
             key = (nxt, e)
@@ -167,6 +167,8 @@ class ExpertCache:
         used among equals: layers come in a fixed cycle, where plain LRU would evict exactly the expert needed
         next); with `below`, only experts scored at most that. Returns whether the room was made."""
         fits = lambda: self.cached_bytes + self.pending_bytes + need <= self.capacity
+        if fits():
+            return True
         for key in sorted(self.cached, key=self.score):  # a stable sort: LRU order among equal scores
             if fits():
                 return True

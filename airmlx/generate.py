@@ -6,6 +6,7 @@ import sys
 import time
 
 from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
+from .session import render_chat
 
 
 def build_parser() -> ArgumentParser:
@@ -26,8 +27,7 @@ def main(argv=None) -> int:
     with load_model(args) as model:
         tok = model.tokenizer
         if args.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            ids = render_chat(tok, [{"role": "user", "content": args.prompt}])
         else:
             ids = tok(args.prompt)["input_ids"]
         streamer = PrintStreamer(tok)

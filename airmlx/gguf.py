@@ -112,11 +112,6 @@ def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
 
 
-def to_storage(w32: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 -> the numpy payload of `dtype` (bfloat16 as raw uint16 bits, nearest-even)."""
-    return quant._from_float32(w32, dtype) if dtype == "bfloat16" else w32.astype(dtype)
-
-
 # --- the file, as transformers sees it ----------------------------------------------------------------
 @dataclass
 class GGUFTensor:
@@ -301,8 +296,7 @@ class GGUFModel:
     def stage_items(self, tensor_names, qconfig=None, calibrator=None, stage=None):
         """What a stage file holds: (name, dtype, shape, payload) with payload a byte range of the GGUF file or
         a numpy array, as stagefile.write_stage takes them. calibrator: quantise stage = (name, kind) with it."""
-        from .stagefile import quantized
-        from .tensorfile import aligned_order
+        from .stagefile import in_file_order, quantized, quantized_items
         items = []
         storage = STORAGE[self.dtype]
         targets = [n for n in tensor_names if qconfig and
@@ -315,16 +309,11 @@ class GGUFModel:
             t = self.tensors[name]
             if name in targets:
                 wq, scales, biases = done.get(name) or quant.quantize(
-                    to_storage(t.float32(), self.dtype), qconfig["group_size"], qconfig["bits"], dtype=self.dtype)
-                base = name[: -len(".weight")]
-                items += [(name, "U32", wq.shape, wq), (base + ".scales", storage, scales.shape, scales),
-                          (base + ".biases", storage, biases.shape, biases)]
+                    quant.from_float32(t.float32(), self.dtype), qconfig["group_size"], qconfig["bits"], dtype=self.dtype)
+                items += quantized_items(name, wq, scales, biases, storage)
             elif self.kept_bits(t, qconfig):
                 wq, scales, biases = blocks_to_affine(np.asarray(t.raw()), t.qtype)
-                kind = STORAGE[scales.dtype.name]
-                base = name[: -len(".weight")]
-                items += [(name, "U32", wq.shape, wq), (base + ".scales", kind, scales.shape, scales),
-                          (base + ".biases", kind, biases.shape, biases)]
+                items += quantized_items(name, wq, scales, biases, STORAGE[scales.dtype.name])
             elif t.qtype in FLOAT_TYPES and t.process is None:
                 if t.rows is None:
                     items.append((name, t.qtype, t.shape, (self.path, t.offset, t.offset + t.nbytes)))
@@ -333,10 +322,9 @@ class GGUFModel:
             else:  # another block type, or a fix-up that changes values: float, in the model's dtype
                 w = t.float32()
                 kind = "F32" if t.qtype == "F32" or w.ndim == 1 else storage
-                payload = w if kind == "F32" else to_storage(w, self.dtype)
+                payload = w if kind == "F32" else quant.from_float32(w, self.dtype)
                 items.append((name, kind, w.shape, payload))
-        by_name = {i[0]: i for i in items}
-        return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
+        return in_file_order(items)
 
     def stage_bytes(self, tensor_names, qconfig=None):
         """Bytes a stage file will take (errs high)."""
@@ -456,6 +444,9 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
             qconfig = {**qconfig, **dict.fromkeys(arch.unquantized, False)}
         layout = stage_layout(config, list(model.tensors))
         sizes = {name: model.stage_bytes(ts, qconfig) for name, _, ts in layout}
+        calibrated = bool(qconfig and qconfig.get("method"))
+        if calibrated:
+            done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         need = sum(sizes[name] for name, _, _ in layout if name not in done) + (64 << 20)  # + tokenizer files
         free = shutil.disk_usage(out).free
         if need > free:
@@ -463,10 +454,9 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
                 f"{out}: sharding needs {need:,} bytes but only {free:,} are free; free "
                 f"{need - free:,} bytes there or pass another layer_shards_saving_path.")
         calibrator = None
-        if qconfig and qconfig.get("method"):
+        if calibrated:
             from .calibrate import Calibrator
             calibrator = Calibrator(config, qconfig, model.tokenizer, model.dtype)
-            done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
         cleanup.enter_context(disk_full_named(out, lambda: sum(sizes[n] for n, _, _ in layout if n not in done)))

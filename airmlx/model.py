@@ -21,17 +21,17 @@ from .plan import (
     ExpertDemand,
     StageCost,
     activation_bytes,
-    default_budget,
     kv_bytes_per_token,
     make_plan,
     minimum_budget,
+    resolve_budget,
 )
 from .preflight import load as load_preflight
 from .schedule import Scheduler
 from .spec_measure import Measurements, check_num_draft_tokens
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
-from .units import format_bytes, parse_bytes, per_token
+from .units import format_bytes, per_token
 
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
 
@@ -68,8 +68,7 @@ class AirModel:
         self.store = ShardStore(shard_dir, stages)
         self.config = self.store.manifest.config
         self.backend = backend
-        budget = (parse_bytes(memory_budget) if memory_budget is not None
-                  else default_budget(backend.available_memory(), self.config, backend.itemsize, prefill_step_size))
+        budget = resolve_budget(memory_budget, backend, self.config, prefill_step_size)
         costs = {s.name: StageCost(s.nbytes, *backend.footprint(s, self.store.tensor_infos(s.name)))
                  for s in self.store.stages.values()}
         routed = [s for s in self.store.stages.values() if s.kind == "experts"]

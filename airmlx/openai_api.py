@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .generation import is_int, is_number
 from .requests import RequestError, Sampling
+from .session import render_chat
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
@@ -115,12 +116,11 @@ def chat_job(body: dict, tokenizer, served: list, generation_config: dict, defau
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt.")
     try:
-        ids = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+        ids = render_chat(tokenizer, plain)
     except Exception as e:  # the template's own checks (roles in order, ...) raise what they like
         raise RequestError(f"the chat template refused these messages: {' '.join(str(e).split())}",
                            param="messages") from None
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    return Job(True, [int(t) for t in ids], **options)
+    return Job(True, ids, **options)
 
 
 def _message(m) -> dict:

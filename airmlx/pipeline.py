@@ -17,12 +17,11 @@ rank's plan is predicted from the stage sizes in the manifest and what its own b
 import hashlib
 import math
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import AirmlxError, BudgetError
-from .manifest import Manifest, host_ranges
+from .manifest import Manifest, host_ranges, stage_file_problem
 from .plan import StageCost, make_plan
 from .tensorfile import read_header
 
@@ -32,13 +31,6 @@ COST_FIELDS = 4  # read, held, loading, ahead (airmlx.plan.StageCost)
 
 class PipelineError(AirmlxError, RuntimeError):
     """A pipeline rank died, hung or lost its link, or the ranks do not agree on the model or the split."""
-
-
-@dataclass(frozen=True)
-class World:
-    framework: str  # "mlx" (mx.distributed) | "torch" (torch.distributed)
-    rank: int
-    size: int
 
 
 def launched_framework(env=None) -> "str | None":
@@ -95,7 +87,7 @@ def local_costs(manifest: Manifest, folder, backend) -> np.ndarray:
     measured = {}
     for entry in manifest.stages:
         path = folder / entry.file
-        if path.is_file() and path.stat().st_size == entry.nbytes:
+        if stage_file_problem(path, entry) is None:
             try:
                 infos = read_header(path, fix="")[1]
             except AirmlxError:

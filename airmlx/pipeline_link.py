@@ -219,18 +219,16 @@ class Link:
 
     def _recv(self, shape, dtype, is_numpy, what, timeout):
         seconds = self.timeout if timeout is None else timeout
-        self.watchdog.arm(seconds + (WATCHDOG_GRACE if self.transport.times_out else 0),
-                          f"rank {self.rank}: no message from rank {self.prev} for {seconds:g} s while waiting for "
-                          f"{what}; rank {self.prev} hung or the network dropped: see its output, then launch again "
-                          "(--pipeline-timeout sets the wait).")
+        silent = (f"rank {self.rank}: no message from rank {self.prev} for {seconds:g} s while waiting for {what}; "
+                  f"rank {self.prev} hung or the network dropped: see its output, then launch again "
+                  "(--pipeline-timeout sets the wait).")
+        self.watchdog.arm(seconds + (WATCHDOG_GRACE if self.transport.times_out else 0), silent)
         try:
             return self.transport.recv(shape, dtype, self.prev, seconds, is_numpy)
         except Exception as e:  # the transport's own errors: a closed connection, a timeout
             why = one_line(e)
             if "time" in why.lower() and "out" in why.lower():
-                error = (f"rank {self.rank}: no message from rank {self.prev} for {seconds:g} s while waiting for "
-                         f"{what}; rank {self.prev} hung or the network dropped: see its output, then launch again "
-                         "(--pipeline-timeout sets the wait).")
+                error = silent
             else:
                 error = (f"rank {self.rank}: lost the link to rank {self.prev} while waiting for {what} ({why}); "
                          f"rank {self.prev} ended or the network dropped: see its output, then launch again.")

@@ -14,6 +14,7 @@ pass i while rank r + 1 works on pass i - 1, and every rank still reads its rang
 import collections
 import contextlib
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -24,10 +25,10 @@ from .manifest import Manifest
 from .model import AirModel, exclusive
 from .pipeline import PipelineError, agree_on_split, rank_budget
 from .pipeline_link import DEFAULT_TIMEOUT, RESULT, STATS, STEP, STOP, Link, deferred_interrupt
-from .plan import DEFAULT_PREFILL_STEP, default_budget
+from .plan import DEFAULT_PREFILL_STEP, resolve_budget
 from .schedule import Scheduler
 from .store import evict
-from .units import format_bytes, parse_bytes
+from .units import format_bytes
 
 
 class PipelineStep:
@@ -153,11 +154,12 @@ class PipelineModel(RankModel):
     """Rank 0 of a pipeline: the object users hold, as AirModel. memory_stats(), bytes_read and the plan are this
     rank's; rank_stats() asks every rank."""
 
-    def __init__(self, shard_dir, backend, link: Link, ranks: list, **kwargs):
-        self.link, self.ranks = link, ranks  # ranks: the stage names of every rank
+    def __init__(self, shard_dir, backend, link: Link, **kwargs):
+        self.link = link
         self._broken = None  # the PipelineError that stopped the pipeline
         self._inflight = collections.deque()  # (on_output, contexts) of sweeps sent, results not yet back
         self._overlap = 0
+        self.sweeps_overlapped = 0  # sweeps this rank started while an earlier one was still on the other ranks
         super().__init__(shard_dir, RecordingBackend(backend), **kwargs)
         self.scheduler.link, self.scheduler.driver = link, self
         self._pinger = threading.Thread(target=self._ping_while_idle, name="airmlx-pipeline-ping", daemon=True)
@@ -166,8 +168,8 @@ class PipelineModel(RankModel):
     def _ping_while_idle(self):
         """The other ranks wait for rank 0 with a deadline: while no call runs (a chat waiting for its user),
         tell them it is alive."""
-        stop = threading.Event()
-        while not stop.wait(self.link.ping_every / 2) and not (self._closing or self._closed):
+        while not (self._closing or self._closed):
+            time.sleep(self.link.ping_every / 2)
             if self._lock.acquire(blocking=False):
                 try:
                     if not (self._closing or self._closed or self._broken):
@@ -194,6 +196,7 @@ class PipelineModel(RankModel):
         """This rank's range on every context, then on to the other ranks; on_output(i, result) as the last
         rank's results come back (before this returns, unless inside overlapped())."""
         outs = [None] * len(ctxs)
+        self.sweeps_overlapped += bool(self._inflight)
         self.scheduler.forward_local(ctxs, outs.__setitem__, progress, scratch)
         payload = {"ctxs": [c.spec for c in ctxs], "ops": self.backend.take_ops(),
                    "scratch": [self.backend.cache_id(c) for c in scratch]}
@@ -299,7 +302,7 @@ def follow(model: RankModel, link: Link) -> None:
             if last:
                 link.send(RESULT, arrays=[model.backend.logits(x) for x in outs])
             else:
-                link.send(STEP, {k: msg.payload[k] for k in ("ctxs", "ops", "scratch")}, outs)
+                link.send(STEP, msg.payload, outs)  # recv took the arrays out of it
         except PipelineError:
             raise
         except Exception as e:  # this rank's own failure (a damaged stage file, memory): every rank ends with it
@@ -356,14 +359,13 @@ def open_pipeline(shard_dir, backend, transport, memory_budget=None, split=None,
     rank = link.rank
     try:
         manifest = Manifest.load(shard_dir)
-        value = rank_budget(memory_budget, rank, link.size)
-        budget = parse_bytes(value) if value is not None else default_budget(
-            backend.available_memory(), manifest.config, backend.itemsize, prefill_step_size)
+        budget = resolve_budget(rank_budget(memory_budget, rank, link.size), backend, manifest.config,
+                                prefill_step_size)
         ranks = agree_on_split(link, manifest, Path(shard_dir), backend, budget, split, prefetching)
         kwargs = dict(memory_budget=budget, stages=ranks[rank], prefill_step_size=prefill_step_size,
                       prefetching=prefetching, **model_kwargs)
         if rank == 0:
-            return PipelineModel(shard_dir, backend, link, ranks, **kwargs)
+            return PipelineModel(shard_dir, backend, link, **kwargs)
         model = RankModel(shard_dir, backend, **kwargs)
     except AirmlxError as e:
         if not isinstance(e, PipelineError):

@@ -9,7 +9,7 @@ counted in model.memory_stats(), and the default budget leaves room for them.
 from dataclasses import dataclass
 
 from .errors import BudgetError
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
 RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
@@ -233,6 +233,13 @@ def reserve_bytes(config: dict, itemsize: int = 2, prefill_step: int = DEFAULT_P
     context = min(context, config.get("max_position_embeddings") or context)
     return (kv_bytes_per_token(config, itemsize) * context * batch
             + activation_bytes(config, prefill_step, batch, context, max(itemsize, 4), context))
+
+
+def resolve_budget(memory_budget, backend, config: dict, prefill_step: int = DEFAULT_PREFILL_STEP) -> int:
+    """memory_budget in bytes ("4GB", a number), or the default from what `backend` has free."""
+    if memory_budget is not None:
+        return parse_bytes(memory_budget)
+    return default_budget(backend.available_memory(), config, backend.itemsize, prefill_step)
 
 
 def default_budget(available: int, config: dict, itemsize: int = 2, prefill_step: int = DEFAULT_PREFILL_STEP) -> int:

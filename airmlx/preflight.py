@@ -61,25 +61,33 @@ def sweep_seconds(plan, compute_s, bps, steps=3):
     return clock - step_start
 
 
-def predict(model, cold_bps, warm_bps, steps=3, prompt=64):
-    """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
-    the sweep simulated at the two bandwidths."""
-    profiling, model.profiling = model.profiling, True
+def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tuple:
+    """({stage name: seconds to load and run it in a decode step of `batch` rows}, seconds of the prefill of
+    `prompt` tokens before those steps): the stages profiled, the model's own profiling left as it was."""
+    profiling, records = model.profiling, list(model.profile_records)
+    model.profiling = True
     model.profile_records.clear()
-    cache = model.new_cache()
-    tokens = np.arange(prompt) % (model.config["vocab_size"] - 3) + 3
+    cache = model.new_cache(batch, [0] * batch)
+    tokens = (np.arange(batch * prompt).reshape(batch, prompt) % (model.config["vocab_size"] - 3) + 3)
     t0 = time.perf_counter()
-    model.step(tokens[None], np.ones((1, prompt), dtype=np.int64), cache)
+    model.step(tokens, np.ones_like(tokens), cache)
     prefill = time.perf_counter() - t0
     for i in range(steps):
-        model.step(np.array([[5 + i]]), np.ones((1, prompt + i + 1), dtype=np.int64), cache)
+        model.step(np.full((batch, 1), 5 + i), np.ones((batch, prompt + i + 1), dtype=np.int64), cache)
     first = min(r.step for r in model.profile_records)
     compute = {}
     for r in model.profile_records:
         if r.step > first:
             compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
-    model.profile_records.clear()
     model.profiling = profiling
+    model.profile_records[:] = records
+    return compute, prefill
+
+
+def predict(model, cold_bps, warm_bps, steps=3, prompt=64):
+    """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
+    the sweep simulated at the two bandwidths."""
+    compute, prefill = stage_compute(model, 1, steps, prompt)
     plan = model.plan
     prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
     return Preflight(cold_bps, warm_bps, plan.streamed_bytes_per_step, compute, prefill_compute / prompt,

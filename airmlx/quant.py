@@ -51,13 +51,13 @@ def _storage_dtype(arr, dtype):
     return name
 
 
-def _to_float32(arr, storage):
+def to_float32(arr, storage):
     if storage == "bfloat16":
         return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr.astype(np.float32, copy=False)
 
 
-def _from_float32(x, storage):
+def from_float32(x, storage):
     """Round float32 values to `storage`, nearest-even, as MLX's converters do."""
     if storage == "bfloat16":
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -117,7 +117,7 @@ def quantize(w, group_size=64, bits=4, dtype=None):
             f"last dimension of w (shape {w.shape}) must be divisible by group_size={group_size}"
         )
     lead = w.shape[:-1]
-    groups = _to_float32(w, storage).reshape(*lead, -1, group_size)
+    groups = to_float32(w, storage).reshape(*lead, -1, group_size)
     n_bins = np.float32((1 << bits) - 1)
     scale, bias = affine_params(groups, bits)
 
@@ -127,7 +127,7 @@ def quantize(w, group_size=64, bits=4, dtype=None):
     np.rint(q, out=q)
     np.clip(q, 0, n_bins, out=q)
     wq = _pack(q.astype(np.uint8).reshape(*lead, -1), bits)
-    return wq, _from_float32(scale, storage), _from_float32(bias, storage)
+    return wq, from_float32(scale, storage), from_float32(bias, storage)
 
 
 def affine_params(groups, bits):
@@ -172,9 +172,9 @@ def dequantize(wq, scales, biases, group_size=64, bits=4, dtype=None):
             f"for group_size={group_size}, bits={bits}; expected {expected}"
         )
     codes = _unpack(wq, bits).reshape(*expected, group_size).astype(np.float32)
-    scaled = codes * _to_float32(scales, storage)[..., None]
-    scaled = _to_float32(_from_float32(scaled, storage), storage)
-    out = _from_float32(scaled + _to_float32(biases, storage)[..., None], storage)
+    scaled = codes * to_float32(scales, storage)[..., None]
+    scaled = to_float32(from_float32(scaled, storage), storage)
+    out = from_float32(scaled + to_float32(biases, storage)[..., None], storage)
     return out.reshape(*wq.shape[:-1], cols)
 
 

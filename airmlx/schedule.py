@@ -111,7 +111,6 @@ class Scheduler:
         # a backend computing in place on host memory gets page-cache views of streamed stages; resident
         # stages are read into memory of their own (a file changed under a mapping would kill the process)
         self._read = self.store.map_stage if self.backend.page_cache_views else self.store.read_stage
-        self.by_name = {e.name: e for e in self.entries}
         slots = self.plan.prefetch_depth + 1 if self.plan.streamed and not self.backend.page_cache_views else 0
         self.store.configure_pool(slots, self.plan.slot_bytes, self.backend.allocate)
         self.prefetcher = None
@@ -121,7 +120,7 @@ class Scheduler:
         return self._prepared(self._read(name))
 
     def _prepared(self, data):
-        data.tensors = self.backend.prepare(self.by_name[data.name], data.tensors)
+        data.tensors = self.backend.prepare(self.store.stages[data.name], data.tensors)
         return data
 
     def _start_prefetch(self):

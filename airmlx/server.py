@@ -21,7 +21,7 @@ import uuid
 
 from . import openai_api as api
 from .cli import ArgumentParser, add_model_options, face, load_model
-from .engine import Delta, Engine, Failed, Finished, Request, RequestError, default_kv_allowance
+from .engine import Delta, Engine, Failed, Finished, Request, RequestError
 from .errors import AirmlxError
 from .units import format_bytes, parse_bytes
 
@@ -246,13 +246,13 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
     with load_model(args) as model:
-        kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else default_kv_allowance(model)
+        kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else None
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,
                         keep_caches=args.keep_caches, log_prompts=args.log_prompts)
         name = args.served_model_name or args.model or "airmlx-demo"
         app = build_app(engine, [name], api_key=args.api_key, default_max_tokens=args.max_tokens)
         log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,
-                 format_bytes(kv), model.plan)
+                 format_bytes(engine.kv_allowance), model.plan)
         try:
             make_server(app, engine, args.host, args.port, args.log_level).run()
         finally:

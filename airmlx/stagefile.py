@@ -56,12 +56,22 @@ def stage_items(tensor_names, sources, qconfig=None):
             with open(src, "rb", buffering=0) as f:
                 f.seek(data_start + info.start)
                 w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
-            wq, scales, biases = quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage)
-            base = t[: -len(".weight")]
-            items += [(t, "U32", wq.shape, wq), (base + ".scales", info.dtype, scales.shape, scales),
-                      (base + ".biases", info.dtype, biases.shape, biases)]
+            items += quantized_items(t, *quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage),
+                                     info.dtype)
         else:
             items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
+    return in_file_order(items)
+
+
+def quantized_items(name: str, wq, scales, biases, dtype: str) -> list:
+    """A weight quantised to MLX's affine layout as stage items: its codes, scales and biases (in `dtype`)."""
+    base = name[: -len(".weight")]
+    return [(name, "U32", wq.shape, wq), (base + ".scales", dtype, scales.shape, scales),
+            (base + ".biases", dtype, biases.shape, biases)]
+
+
+def in_file_order(items: list) -> list:
+    """Stage items (name, dtype, shape, payload) in the order a stage file holds them (aligned_order)."""
     by_name = {i[0]: i for i in items}
     return [by_name[n] for n, _, _ in aligned_order([i[:3] for i in items])]
 

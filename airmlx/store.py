@@ -208,7 +208,7 @@ class ShardStore:
         self._count(entry.nbytes, held)
         return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0, held)
 
-    def read_part(self, name: str, part: int, allocate: Callable = numpy_buffer, buffer: tuple = None) -> StageData:
+    def read_part(self, name: str, part: int, buffer: tuple = None) -> StageData:
         """Read one part of a stage (a routed expert: its tensors are one byte range) into a fresh buffer (or
         `buffer`, an (owner, uint8 view) of the part's size), which the returned tensors view; the caller keeps
         or drops it (no release). Safe to call from several threads at once."""
@@ -216,7 +216,7 @@ class ShardStore:
         start, end = entry.parts[str(part)]
         data_start, infos = self._layout[name]
         t0 = time.perf_counter()
-        owner, view = buffer or allocate(end - start)
+        owner, view = buffer or numpy_buffer(end - start)
         self._read_into(name, data_start + start, view, f", expert {part}")
         tensors = {info.name: RawTensor(info.dtype, info.shape, view[info.start - start: info.end - start]
                                         .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape), owner,

@@ -157,6 +157,7 @@ class TorchBackend:
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
+        self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -223,21 +224,19 @@ class TorchBackend:
             return torch.cuda.mem_get_info(self.device)[0]
         return available_ram()
 
+    @staticmethod
+    def _views_buffer(tensor, raw_ranges) -> bool:
+        """Whether a tensor is a view of one of a stage's read buffers (not memory of its own)."""
+        ptr = tensor.data_ptr()
+        return tensor.device.type == "cpu" and any(start <= ptr < end for start, end in raw_ranges)
+
     def _made(self, tensor, raw_ranges):
         """Bytes of a tensor this backend allocated (0 for a view of a raw buffer)."""
-        ptr = tensor.data_ptr()
-        if tensor.device.type == "cpu" and any(start <= ptr < end for start, end in raw_ranges):
-            return 0
-        return tensor.numel() * tensor.element_size()
+        return 0 if self._views_buffer(tensor, raw_ranges) else tensor.numel() * tensor.element_size()
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        if raw.data.flags.writeable:
-            t = torch.from_numpy(raw.data)
-        else:  # a read-only page-cache mapping: stage weights are never written, so torch's warning is noise
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-                t = torch.from_numpy(raw.data)
+        t = torch.from_numpy(raw.data)  # read-only page-cache mappings too: see the warning filter above
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
@@ -247,10 +246,7 @@ class TorchBackend:
     def _kept(self, tensor, raw_ranges):
         """A tensor the loaded stage keeps: its own copy when it still views a read buffer that goes back to
         the pool right after loading (not zero_copy)."""
-        ptr = tensor.data_ptr()
-        if not self.zero_copy and tensor.device.type == "cpu" and any(a <= ptr < b for a, b in raw_ranges):
-            return tensor.clone()
-        return tensor
+        return tensor.clone() if not self.zero_copy and self._views_buffer(tensor, raw_ranges) else tensor
 
     def convert(self, tensors):
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping

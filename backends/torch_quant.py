@@ -190,7 +190,14 @@ def prepare_stage(backend, entry, tensors):
     return out
 
 def target_module(backend, base):
-    """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters)."""
+    """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters);
+    found once per name (a streamed stage asks at every load)."""
+    if base not in backend.quantized_targets:
+        backend.quantized_targets[base] = _find_target(backend, base)
+    return backend.quantized_targets[base]
+
+
+def _find_target(backend, base):
     target, pattern = rename_source_key(base + ".weight", backend.renamings, backend.converter_list)
     if pattern is not None:
         return None

@@ -72,11 +72,13 @@ def main(argv):
         with model:
             single = model.generate(spec["prompt"], max_new_tokens=spec["new_tokens"])
             batch = model.generate(spec["batch"], max_new_tokens=spec["new_tokens"])
+            before = model.sweeps_overlapped
             scores = model.score([tuple(r) for r in spec["requests"]], batch_size=1, max_tokens=6, progress=False)
+            overlapped = model.sweeps_overlapped - before
             logits = model.logits(np.array([spec["prompt"]]))
             served, merged = serve(model, [spec["prompt"], *spec["batch"]], spec["new_tokens"])
             results[m["name"]] = {"single": single, "batch": batch, "scores": [list(s) for s in scores],
-                                  "passes": scores.passes, "logits_argmax": logits.argmax(-1).tolist(),
+                                  "passes": scores.passes, "overlapped": overlapped, "logits_argmax": logits.argmax(-1).tolist(),
                                   "served": served, "merged": merged, "ranks": model.rank_stats()}
     if rank:
         return

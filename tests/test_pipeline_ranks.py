@@ -91,7 +91,8 @@ def check_against_reference(got, want, ranks, budgets, range_folders):
     assert got["batch"] == want["batch"]
     assert got["logits_argmax"] == want["logits_argmax"]
     assert got["served"] == want["served"] and got["merged"]  # the server's engine: one batch over the ranks
-    assert got["passes"] == len(REQUESTS)  # one pass per request: passes overlap across ranks
+    assert got["passes"] == len(REQUESTS)  # one pass per request ...
+    assert got["overlapped"] == len(REQUESTS) - 1  # ... each after the first started while the one before was out
     for (ll, greedy), (ll_want, greedy_want) in zip(got["scores"], want["scores"]):
         assert abs(ll - ll_want) < 1e-4 * max(1.0, abs(ll_want)) and greedy == greedy_want
     stats = got["ranks"]
