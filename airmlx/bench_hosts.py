@@ -75,6 +75,30 @@ def cold_decode(model, batch: int, steps: int, drop) -> tuple:
     return statistics.median(times[1:]), steps + 1
 
 
+def generation_rate(model, batch: int, steps: int, parts: int, drop=None) -> float:
+    """Decode tokens/s of model.generate on `batch` prompts split into `parts` micro-batches: `steps` tokens more
+    in one run than in another (the prefill cancels out); drop() evicts before every sweep when given."""
+    prompts = (np.arange(1, 4 * batch + 1).reshape(batch, 4) % 1000 + 1).tolist()
+    if drop is not None:
+        start = model.start_step
+        model.start_step = lambda *args, **kwargs: (drop(), start(*args, **kwargs))[1]
+    try:
+        seconds = []
+        for n in (1, steps + 1):
+            t0 = time.perf_counter()
+            model.generate(prompts, max_new_tokens=n, micro_batches=parts, eos_token_id=[], pad_token_id=0)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        if drop is not None:
+            del model.start_step
+    return batch * steps / (seconds[1] - seconds[0])
+
+
+def generation_rates(model, batch: int, steps: int, parts: int, drop) -> dict:
+    return {"parts": parts, "warm": generation_rate(model, batch, steps, parts),
+            "cold": generation_rate(model, batch, steps, parts, drop)}
+
+
 def cold_scoring(model, requests: int, length: int, drop) -> float:
     """Seconds to score `requests` random sequences layer-major, cold."""
     rng = np.random.default_rng(0)
@@ -97,30 +121,39 @@ def rank_main(spec_path: str) -> int:
         step_s, steps = cold_decode(model, spec["batch"], spec["steps"], model.drop_page_cache)
         after = model.rank_stats()
         score_s = cold_scoring(model, spec["score"], 64, model.drop_page_cache) if spec["score"] else None
+        hosts = model.link.size
+        generation = [generation_rates(model, spec["batch"], spec["steps"], parts, model.drop_page_cache)
+                      for parts in (1, hosts)]
         ranks = [{"rank": a["rank"], "stages": a["stages"], "range_bytes": a["range_bytes"], "plan": a["plan"],
                   "streamed_per_step": a["streamed_per_step"],
                   "bytes_per_sweep": (a["bytes_read"] - b["bytes_read"]) / (a["steps"] - b["steps"])}
                  for a, b in zip(after, before)]
         Path(spec["out"]).write_text(json.dumps({"step_s": step_s, "steps": steps, "score_s": score_s,
-                                                 "ranks": ranks}))
+                                                 "ranks": ranks, "generation": generation}))
     return 0
 
 
-def predict(costs: dict, compute: dict, budget: int, bps: float, hosts: int) -> dict:
-    """The pipeline on `hosts` machines with a disk of `bps` each and `budget` each: the balanced split, each
-    rank's plan, the seconds of its sweep; a decode step (ranks in turn) and a pipelined pass (the slowest)."""
+def predict(costs: dict, compute: dict, part_compute: dict, budget: int, bps: float, hosts: int) -> dict:
+    """The pipeline on `hosts` machines with a disk of `bps` each and `budget` each (None: each holds its range
+    resident): the balanced split, each rank's plan, the seconds of its sweep; a decode step of the batch (ranks
+    in turn), a pipelined pass (the slowest rank), and a decode step of the batch in a micro-batch per host
+    (each rank sweeps once per micro-batch, at the pace of the slowest; part_compute: a stage's seconds for
+    one micro-batch's rows)."""
     from .pipeline import balanced_split
     names = list(costs)
-    counts = [len(names)] if hosts == 1 else balanced_split(names, [costs] * hosts, [budget] * hosts)
-    sweeps, streamed, start = [], [], 0
+    everything = 2 * sum(c.loading for c in costs.values())  # a budget that holds any range resident
+    counts = [len(names)] if hosts == 1 else balanced_split(names, [costs] * hosts, [budget or everything] * hosts)
+    sweeps, part_sweeps, streamed, start = [], [], [], 0
     for n in counts:
         part = {name: costs[name] for name in names[start:start + n]}
-        plan = make_plan(part, budget)
+        plan = make_plan(part, budget or everything)
         sweeps.append(sweep_seconds(plan, compute, bps))
+        part_sweeps.append(sweep_seconds(plan, part_compute, bps))
         streamed.append(plan.streamed_bytes_per_step)
         start += n
     return {"hosts": hosts, "split": counts, "streamed_per_rank": streamed, "sweep_s": sweeps,
-            "decode_step_s": sum(sweeps), "pipelined_pass_s": max(sweeps)}
+            "decode_step_s": sum(sweeps), "pipelined_pass_s": max(sweeps),
+            "micro_step_s": sum(part_sweeps) if hosts == 1 else hosts * max(part_sweeps)}
 
 
 def run_hosts(args, shards) -> dict:
@@ -139,7 +172,10 @@ def run_hosts(args, shards) -> dict:
         one_step, _ = cold_decode(model, batch, args.steps, lambda: evict(files))
         one_score = cold_scoring(model, args.score, 64, lambda: evict(model.stage_files())) if args.score else None
         one_bytes = model.plan.streamed_bytes_per_step
+        one_generation = generation_rates(model, batch, args.steps, 1, lambda: evict(files))
         compute = stage_compute(model, batch)[0]
+        predicted_hosts = sorted({1, 2, args.hosts, 4})
+        part_compute = {h: compute if h == 1 else stage_compute(model, -(-batch // h))[0] for h in predicted_hosts}
         costs = dict(model.plan.stages)
         largest = max(c.read for c in costs.values())
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,10 +193,11 @@ def run_hosts(args, shards) -> dict:
     result = {"backend": backend, "hosts": args.hosts, "batch": batch, "model_bytes": model_bytes, "budget_per_rank": budget,
               "largest_stage": largest, "cold_read_bps": bps, "command": " ".join(command[:-1] + ["SPEC"]),
               "one_rank": {"step_s": one_step, "tokens_per_s": batch / one_step, "bytes_per_sweep": one_bytes,
-                           "score_s": one_score},
+                           "score_s": one_score, "generation": one_generation},
               "ranks": many["ranks"], "many_step_s": many["step_s"], "many_tokens_per_s": batch / many["step_s"],
-              "many_score_s": many["score_s"], "score_requests": args.score,
-              "predicted": [predict(costs, compute, budget, bps, h) for h in sorted({1, 2, args.hosts, 4})]}
+              "many_score_s": many["score_s"], "score_requests": args.score, "generation": many["generation"],
+              "predicted": [predict(costs, compute, part_compute[h], budget, bps, h) for h in predicted_hosts],
+              "predicted_resident": [predict(costs, compute, part_compute[h], None, bps, h) for h in predicted_hosts]}
     print_hosts(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -177,6 +214,10 @@ def print_hosts(r):
     if r["many_score_s"]:
         print(f"  scoring {r['score_requests']} x 64 tokens cold: 1 rank {r['one_rank']['score_s']:.1f} s, {n} ranks "
               f"{r['many_score_s']:.1f} s ({r['one_rank']['score_s'] / r['many_score_s']:.2f} x)")
+    one = r["one_rank"]["generation"]
+    print(f"  generate(), {r['batch']} prompts, decode tokens/s (warm / cold): 1 rank {one['warm']:.2f} / "
+          f"{one['cold']:.2f}; " + "; ".join(f"{n} ranks, {g['parts']} micro-batch{'es' if g['parts'] > 1 else ''} "
+                                            f"{g['warm']:.2f} / {g['cold']:.2f}" for g in r["generation"]))
     goal = r["model_bytes"] / n
     for rank in r["ranks"]:
         print(f"  rank {rank['rank']}: {len(rank['stages'])} stages ({format_bytes(rank['range_bytes'])}), read "
@@ -184,10 +225,13 @@ def print_hosts(r):
               f"{format_bytes(r['largest_stage'])}); {rank['plan']}")
     print(f"  predicted, each host with its own disk at {format_bytes(r['cold_read_bps'])}/s and "
           f"{format_bytes(r['budget_per_rank'])}:")
-    print(f"  {'hosts':>6}{'split':>16}{'decode tok/s':>14}{'pipelined tok/s':>17}  streamed per rank")
-    for p in r["predicted"]:
-        print(f"  {p['hosts']:>6}{','.join(map(str, p['split'])):>16}{r['batch'] / p['decode_step_s']:>14.2f}"
-              f"{r['batch'] / p['pipelined_pass_s']:>17.2f}  {', '.join(format_bytes(b) for b in p['streamed_per_rank'])}")
+    for title, rows in (("under that budget", r["predicted"]), ("every range resident", r["predicted_resident"])):
+        print(f"  {title}:\n  {'hosts':>6}{'split':>16}{'decode tok/s':>14}{'micro-batched':>15}{'pipelined tok/s':>17}"
+              "  streamed per rank")
+        for p in rows:
+            print(f"  {p['hosts']:>6}{','.join(map(str, p['split'])):>16}{r['batch'] / p['decode_step_s']:>14.2f}"
+                  f"{r['batch'] / p['micro_step_s']:>15.2f}{r['batch'] / p['pipelined_pass_s']:>17.2f}  "
+                  f"{', '.join(format_bytes(b) for b in p['streamed_per_rank'])}")
 
 
 if __name__ == "__main__":

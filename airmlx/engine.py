@@ -14,6 +14,10 @@ With a draft model (the model's own, from --draft-model), a request alone in the
 nobody waiting, decodes speculatively instead (airmlx/speculative.py): the draft proposes, one sweep verifies,
 several tokens come out of it. The next sweep after another request arrives is a shared one again.
 
+On a pipeline over several hosts that splits its work into micro-batches (model.micro_batch_count), the
+requests are spread over that many lanes, each with its own groups: a lane's sweep starts while the other
+ranks work on the lanes before it, and once its tokens are back the requests that arrived meanwhile join it.
+
 Memory: a request may grow to prompt + max_tokens tokens of KV cache, and a batch to rows x its furthest
 reach, padding included. What every request and kept cache can reach must fit `kv_allowance`; requests that
 do not fit wait in a bounded queue, beyond which submit() raises QueueFullError.
@@ -44,8 +48,9 @@ class Engine:
     open and ends the thread; the caller closes the model."""
 
     def __init__(self, model, max_batch: int = 32, max_queue: int = 64, kv_allowance: int | None = None,
-                 keep_caches: int = 4, log_prompts: bool = False):
+                 keep_caches: int = 4, log_prompts: bool = False, micro_batches: int | None = None):
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.lanes = model.micro_batch_count(max_batch, micro_batches)
         self.keep_caches, self.log_prompts = keep_caches, log_prompts
         self.tokenizer = model.tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
@@ -145,17 +150,20 @@ class Engine:
                     self.cond.wait_for(lambda: self.stopping or len(self.waiting) >= self.max_batch, GATHER_S)
                 if self.stopping:
                     break
-                self._admit()
+                if self.lanes == 1:  # else each lane admits at its turn
+                    self._admit()
             self._leave([r for r in self._active() if r.cancelled])
-            if not self.groups:
+            if not self.groups and (self.lanes == 1 or not self.waiting):
                 continue
             try:
-                t0 = time.perf_counter()
                 lone = self._lone()
-                self._speculate(lone) if lone else self._sweep()
-                seconds = time.perf_counter() - t0
-                self.sweep_seconds = seconds if not self.sweeps else 0.8 * self.sweep_seconds + 0.2 * seconds
-                self.sweeps += 1
+                if lone:
+                    self._timed(self._speculate, lone)
+                elif self.lanes > 1:
+                    self._pipelined()
+                else:
+                    groups = list(self.groups)
+                    self._timed(lambda: self._took(groups, self.model.step_many(self._items(groups))))
             except ModelClosedError:
                 break
             except Exception as e:  # a broken shard, a backend error: these requests fail, the server goes on
@@ -165,11 +173,22 @@ class Engine:
                 self.groups = []
         self.stop()
 
-    def _admit(self):
-        """Move waiting requests into the next sweep while there are rows and KV room: those continuing a kept
-        conversation on its cache, the others together as one left-padded batch."""
+    def _timed(self, sweep, *args):
+        t0 = time.perf_counter()
+        sweep(*args)
+        self._count_sweep(time.perf_counter() - t0)
+
+    def _count_sweep(self, seconds):
+        self.sweep_seconds = seconds if not self.sweeps else 0.8 * self.sweep_seconds + 0.2 * seconds
+        self.sweeps += 1
+
+    def _admit(self, lane: int = 0, rows: int | None = None):
+        """Move waiting requests into the next sweep (of `lane`, up to `rows` rows in it) while there are rows
+        and KV room: those continuing a kept conversation on its cache, the others together as one left-padded
+        batch."""
         fresh = []
-        while self.waiting and len(self._active()) + len(fresh) < self.max_batch:
+        room = self.max_batch if rows is None else rows - sum(len(g.rows) for g in self.groups if g.lane == lane)
+        while self.waiting and len(self._active()) + len(fresh) < self.max_batch and room > 0:
             r = self.waiting[0]
             if r.cancelled or r.closed:
                 self.waiting.popleft()
@@ -184,21 +203,23 @@ class Engine:
                     break
                 reserved -= len(self.kept.pop(oldest)[0]) * self.per_token
             if reserved + extra * self.per_token > self.kv_allowance:
-                return self._start(fresh)
+                return self._start(fresh, lane)
             self.waiting.popleft()
+            room -= 1
             cache = self._take_kept(key, n) if key is not None else None
             if cache is None:
                 r.cached, r.feed = 0, r.prompt
                 fresh.append(r)
             else:
                 r.reused = n
-                self.groups.append(Group(cache, [r]))
-        self._start(fresh)
+                self.groups.append(Group(cache, [r], lane=lane))
+        self._start(fresh, lane)
 
-    def _start(self, fresh):
+    def _start(self, fresh, lane):
         if fresh:
             width = max(len(r.feed) for r in fresh)
-            self.groups.append(Group(self.model.new_cache(len(fresh), [width - len(r.feed) for r in fresh]), fresh))
+            cache = self.model.new_cache(len(fresh), [width - len(r.feed) for r in fresh])
+            self.groups.append(Group(cache, fresh, lane=lane))
 
     def _best_kept(self, prompt):
         """(key, tokens) of the kept cache sharing the longest prefix with the prompt, or (None, 0). At least
@@ -221,21 +242,53 @@ class Engine:
                 return None
         return cache
 
-    def _sweep(self):
+    def _items(self, groups) -> list:
+        """A sweep's step for each group: its rows' new tokens (left-padded), their masks, its cache."""
         items = []
-        for g in self.groups:
+        for g in groups:
             length, width = self.model.cache_length(g.cache), max(len(r.feed) for r in g.rows)
             tokens = [[self.pad] * (width - len(r.feed)) + r.feed for r in g.rows]
             mask = [[0] * (length + width - r.cached - len(r.feed)) + [1] * (r.cached + len(r.feed)) for r in g.rows]
             items.append((np.array(tokens, dtype=np.int64), np.array(mask, dtype=np.int64), g.cache))
-        self.rows_peak = max(self.rows_peak, len(self._active()))
-        logits = self.model.step_many(items)
-        for g, out in zip(list(self.groups), logits):
+        self.rows_peak = max(self.rows_peak, sum(len(g.rows) for g in groups))
+        return items
+
+    def _took(self, groups, logits) -> None:
+        """The sweep of these groups is back: a token for every row; those done leave, those prefilled join."""
+        for g, out in zip(groups, logits):
             for r, row in zip(g.rows, out):
                 r.cached += len(r.feed)
                 self._next_token(r, row)
-        self._leave([r for r in self._active() if r.closed or r.cancelled])
-        self._join()
+        self._leave([r for g in groups for r in g.rows if r.closed or r.cancelled])
+        self._join({g.lane for g in groups})
+
+    def _pipelined(self):
+        """Sweeps of the requests split into lanes (micro-batches) on a pipeline: lane i's sweep starts while
+        the other ranks work on the lanes before it, and once its tokens are back, with the requests admitted
+        meanwhile (spread so the lanes stay even). Returns when no request is left, or one alone could
+        speculate."""
+        out = {}  # lane -> its groups, when its sweep started, and (once back) their logits
+        lane = 0
+        with self.model.overlapped():
+            while not self.stopping:
+                if lane in out:
+                    groups, started, got = out.pop(lane)
+                    self.model.wait_for(lambda: bool(got))
+                    self._count_sweep(time.perf_counter() - started)
+                    self._took(groups, got[0])
+                with self.cond:
+                    if not self.stopping:
+                        self._admit(lane, -(-(len(self._active()) + len(self.waiting)) // self.lanes))
+                self._leave([r for g in self.groups if g.lane == lane for r in g.rows if r.cancelled])
+                if not out and (not self.groups or self._lone()):
+                    return
+                groups = [g for g in self.groups if g.lane == lane]
+                if groups:
+                    got = []
+                    self.model.start_step_many(self._items(groups), got.append,
+                                                held=[g.cache for g in self.groups])
+                    out[lane] = groups, time.perf_counter(), got
+                lane = (lane + 1) % self.lanes
 
     def _lone(self):
         """The request to decode speculatively: alone in the engine, nobody waiting, decoding on a cache that
@@ -339,12 +392,12 @@ class Engine:
         while len(self.kept) > self.keep_caches:
             self.kept.popitem(last=False)
 
-    def _join(self):
-        """Groups just prefilled join the main batch (one cache) while the allowance has room for the padding
-        that adds; else, or when the caches cannot merge, they decode on their own cache."""
-        for g in [g for g in self.groups if g.fresh]:
+    def _join(self, lanes):
+        """Groups of these lanes just prefilled join their lane's main batch (one cache) while the allowance has
+        room for the padding that adds; else, or when the caches cannot merge, they decode on their own cache."""
+        for g in [g for g in self.groups if g.fresh and g.lane in lanes]:
             g.fresh = False
-            main = next((m for m in self.groups if m.main), None)
+            main = next((m for m in self.groups if m.main and m.lane == g.lane), None)
             if not self.merging:
                 continue
             if main is None:

@@ -162,15 +162,33 @@ def left_padding(attention_mask):
     return pads.tolist()
 
 
-def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=False,
-                    temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
-                    use_cache=True, streamer=None, rng=None, cache=None, past_length=0, select_rows=None,
-                    stop_strings=None, tokenizer=None):
-    """Prompt ids (B, T) -> ids (B, T + n). Each step runs the model once for every row still generating;
-    a row that reaches EOS, or whose new tokens decoded with `tokenizer` contain one of `stop_strings`,
-    leaves the batch (select_rows(cache, kept rows)) and is filled with pad_token_id from then on, as
-    transformers does. With `cache` holding `past_length` earlier tokens, ids are only the new ones and the
-    cache is extended."""
+def generate_tokens(step, new_cache, ids, mask, **options):
+    """Prompt ids (B, T) -> ids (B, T + n), calling step(tokens, attention_mask, cache) -> logits for each
+    step of token_steps(new_cache, ids, mask, **options)."""
+    return run_steps(token_steps(new_cache, ids, mask, **options), step)
+
+
+def run_steps(steps, step):
+    """Drive a token_steps generator with step(); what it returns."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(step(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def token_steps(new_cache, ids, mask, *, max_new_tokens=20, do_sample=False,
+                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=None,
+                use_cache=True, streamer=None, rng=None, cache=None, past_length=0, select_rows=None,
+                stop_strings=None, tokenizer=None):
+    """The token loop as a generator: it yields each step's (tokens, attention_mask, cache), is sent that
+    step's last-position logits (B, vocab), and returns prompt + new ids (B, T + n). Each step runs the model
+    once for every row still generating; a row that reaches EOS, or whose new tokens decoded with `tokenizer`
+    contain one of `stop_strings`, leaves the batch (select_rows(cache, kept rows)) and is filled with
+    pad_token_id from then on, as transformers does. With `cache` holding `past_length` earlier tokens, ids
+    are only the new ones and the cache is extended. A caller may keep several loops' steps in flight at once
+    (a pipeline's micro-batches)."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     eos = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
@@ -185,9 +203,9 @@ def generate_tokens(step, new_cache, ids, mask, *, max_new_tokens=20, do_sample=
         streamer.put(ids)
     for _ in range(max_new_tokens):
         if use_cache:
-            logits = step(tokens, mask, cache)
+            logits = yield tokens, mask, cache
         else:
-            logits = step(seqs[active], mask, new_cache(len(active), left_padding(mask)))
+            logits = yield seqs[active], mask, new_cache(len(active), left_padding(mask))
         picked = sample(logits, do_sample, temperature, top_k, top_p, rng).astype(np.int64)
         nxt = np.full(batch, pad, dtype=np.int64)
         nxt[active] = picked

@@ -14,7 +14,7 @@ import numpy as np
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, generate_tokens, resolve_sampling, to_batch
+from .generation import GenerateOutput, generate_tokens, is_int, resolve_sampling, to_batch
 from .plan import (
     DEFAULT_PREFILL_STEP,
     SCORE_LOGITS,
@@ -130,14 +130,24 @@ class AirModel:
         """Run new tokens (B, T) through every stage; return last-position logits (B, vocab) as float32 numpy.
         attention_mask covers the cache's past tokens and the new ones (B, past + T). A prompt longer than
         prefill_step_size runs in chunks inside the one sweep."""
-        ctxs = prompt_contexts(self.backend, tokens, attention_mask, cache, self.prefill_step_size)
         out = []
-        self.scheduler.forward_many(ctxs, lambda i, x: out.append(x) if i == len(ctxs) - 1 else None,
+        self.start_step(tokens, attention_mask, cache, out.append)
+        return out[0]
+
+    def start_step(self, tokens, attention_mask, cache, on_logits, held=()) -> None:
+        """step(), handing the logits to on_logits: on a pipeline's rank 0 inside overlapped(), once the last
+        rank sends them back, which may be after this returns. held: other caches alive beside this one (other
+        micro-batches'), counted in kv_cache_peak with it."""
+        ctxs = prompt_contexts(self.backend, tokens, attention_mask, cache, self.prefill_step_size)
+        last = len(ctxs) - 1
+        self.scheduler.forward_many(ctxs, lambda i, x: on_logits(self.backend.logits(x)[:, -1]) if i == last else None,
                                     self._progress(tokens))
         self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1])
-        if cache is not None:
-            self._kv_peak = max(self._kv_peak, self.backend.cache_bytes(cache))
-        return self.backend.logits(out[0])[:, -1]
+        self._count_kv([cache, *held])
+
+    def _count_kv(self, caches) -> None:
+        alive = {id(c): c for c in caches if c is not None}
+        self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in alive.values()))
 
     def _progress(self, tokens):
         return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
@@ -244,7 +254,8 @@ class AirModel:
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
                  streamer=None, seed: int | None = None, past_key_values=None,
                  stop_strings: "str | list[str] | None" = None, tokenizer=None, draft_model=None,
-                 num_draft_tokens: int | None = None, speculation: str | None = None, **unused):
+                 num_draft_tokens: int | None = None, speculation: str | None = None,
+                 micro_batches: int | None = None, **unused):
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
         return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list.
 
@@ -260,9 +271,14 @@ class AirModel:
         model's own draft. num_draft_tokens: the most draft tokens one sweep verifies (default: the model's).
         speculation: "chain" or "tree" (default: a tree where both models can verify one, else a chain).
         Output is what generating without a draft gives: token for token when greedy, the same distribution
-        when sampling. See airmlx.speculative."""
+        when sampling. See airmlx.speculative.
+        micro_batches: on a pipeline over several hosts, how many parts a batch's rows are split into so that
+        the hosts work on different parts at once (default: as many as hosts when every host holds its range
+        resident, else 1); one process runs a batch whole."""
         if unused:
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
+        if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
+            raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
         if pad is None:
@@ -297,15 +313,27 @@ class AirModel:
                                         stop_strings=stop_strings, tokenizer=tokenizer, speculation=speculation,
                                         num_draft_tokens=num_draft_tokens or self.num_draft_tokens)
         else:
-            seqs = generate_tokens(self.step, self.new_cache, ids, mask, max_new_tokens=max_new_tokens, **sampling,
-                                   eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
-                                   rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
-                                   select_rows=self.backend.select_rows, stop_strings=stop_strings,
-                                   tokenizer=tokenizer)
+            seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
+                                    eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
+                                    rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
+                                    select_rows=self.backend.select_rows, stop_strings=stop_strings,
+                                    tokenizer=tokenizer)
         out = restore(seqs)
         if return_dict_in_generate:
             return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])
         return out
+
+    def _token_loop(self, ids, mask, micro_batches, **options):
+        self.micro_batch_count(ids.shape[0], micro_batches)
+        return generate_tokens(self.step, self.new_cache, ids, mask, **options)
+
+    def micro_batch_count(self, rows: int, asked: int | None = None) -> int:
+        """How many micro-batches `rows` rows run in: 1 in one process (asked: None or 1); on a pipeline, see
+        PipelineModel."""
+        if asked not in (None, 1):
+            raise GenerationError(f"micro_batches={asked}: a batch is split into micro-batches only on a "
+                                  "pipeline over several hosts; this model runs in one process: leave it out.")
+        return 1
 
     def memory_stats(self) -> dict:
         """What the model holds, in bytes, and what it has read:
@@ -462,6 +490,14 @@ class AirModel:
         cache, so requests at different points (a batch decoding, a prompt being prefilled) share one read
         of the model. Returns each item's last-position logits (B, vocab) as float32 numpy, as step() would
         for that item alone. A long prompt runs in chunks of prefill_step_size inside the sweep."""
+        out = []
+        self.start_step_many(items, out.append)
+        return out[0]
+
+    def start_step_many(self, items: list, on_logits, held=()) -> None:
+        """step_many(), handing the list of logits to on_logits (on a pipeline's rank 0 inside overlapped(),
+        once the last rank sends them back, which may be after this returns). held: other caches alive beside
+        the items' (the server's other lanes), counted in kv_cache_peak with them."""
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
@@ -472,14 +508,14 @@ class AirModel:
         def collect(j, x):
             if j + 1 == len(ctxs) or owner[j + 1] != owner[j]:  # an item's last chunk: its logits
                 out[owner[j]] = self.backend.logits(x)[:, -1]
+            if j + 1 == len(ctxs):
+                on_logits(out)
 
         self.scheduler.forward_many(ctxs, collect)
         # every item's hidden states are held between stages: note them as one step of all their rows
         self._note_step(sum(t.shape[0] for t, _, _ in items), max(t.shape[1] for t, _, _ in items),
                         max(m.shape[1] for _, m, _ in items))
-        caches = {id(c): c for _, _, c in items if c is not None}
-        self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in caches.values()))
-        return out
+        self._count_kv([c for _, _, c in items] + list(held))
 
     def merge_caches(self, caches: list, lengths: list):
         """One batch cache holding every row of `caches` in order, each right-aligned (left-padded to the

@@ -9,7 +9,8 @@ the last rank sends the head's output back to rank 0.
 
 A sweep on rank 0 runs its range, then sends the hidden states of every context; the next sweep may start
 before the results come back (score() does, up to one sweep in flight per other rank), so rank r works on
-pass i while rank r + 1 works on pass i - 1, and every rank still reads its range once per sweep.
+pass i while rank r + 1 works on pass i - 1, and every rank still reads its range once per sweep. generate()
+and the server's engine do the same with a batch split into micro-batches (micro_batch_count).
 """
 import collections
 import contextlib
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AirmlxError
+from .errors import AirmlxError, GenerationError
 from .manifest import Manifest
+from .micro_batches import generate_in_parts
 from .model import AirModel, exclusive
 from .pipeline import PipelineError, agree_on_split, rank_budget
 from .pipeline_link import DEFAULT_TIMEOUT, RESULT, STATS, STEP, STOP, Link, deferred_interrupt
@@ -160,6 +162,7 @@ class PipelineModel(RankModel):
         self._inflight = collections.deque()  # (on_output, contexts) of sweeps sent, results not yet back
         self._overlap = 0
         self.sweeps_overlapped = 0  # sweeps this rank started while an earlier one was still on the other ranks
+        self._ranks_resident = None  # whether every rank holds its whole range (asked once, when needed)
         super().__init__(shard_dir, RecordingBackend(backend), **kwargs)
         self.scheduler.link, self.scheduler.driver = link, self
         self._pinger = threading.Thread(target=self._ping_while_idle, name="airmlx-pipeline-ping", daemon=True)
@@ -240,6 +243,40 @@ class PipelineModel(RankModel):
         with self.overlapped():
             results = super().score(requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
         return results
+
+    def _token_loop(self, ids, mask, micro_batches, **options):
+        """generate()'s token loop. A batch split into micro-batches runs them in a pipeline: rank 0 starts
+        micro-batch i's step while the other ranks work on those before it, and each micro-batch's next step
+        starts once its logits are back; every rank reads its range once per micro-batch step."""
+        if micro_batches not in (None, 1) and options.get("streamer") is not None:
+            raise GenerationError(f"micro_batches={micro_batches} with a streamer: a streamer follows one batch; "
+                                  "leave micro_batches out, or the streamer.")
+        parts = 1 if options.get("streamer") is not None else self.micro_batch_count(ids.shape[0], micro_batches)
+        if parts == 1:
+            return super()._token_loop(ids, mask, None, **options)
+        return generate_in_parts(self, ids, mask, parts, **options)
+
+    def micro_batch_count(self, rows: int, asked: int | None = None) -> int:
+        """How many micro-batches `rows` rows run in: `asked` (at most one per row), else one per rank when
+        every rank holds its range resident (a sweep then costs compute, which the ranks share out), else 1 (a
+        rank that streams would read its range once per micro-batch for the same tokens per second)."""
+        if rows < 2:
+            return 1
+        if asked is None:
+            if self._ranks_resident is None:
+                self._ranks_resident = not any(r["streamed_per_step"] for r in self.rank_stats())
+            asked = self.link.size if self._ranks_resident else 1
+        return max(1, min(asked, rows))
+
+    @exclusive
+    def wait_for(self, ready) -> None:
+        """Deliver the sweeps in flight, oldest first, until ready() (an overlapped() caller's results)."""
+        with self._exchange():
+            while not ready():
+                if not self._inflight:
+                    raise PipelineError("rank 0: waiting for results no sweep in flight will bring; this is a bug "
+                                        "in airmlx.")
+                self._deliver()
 
     @exclusive
     def rank_stats(self) -> list:

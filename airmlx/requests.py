@@ -94,11 +94,13 @@ class Request:
 @dataclass
 class Group:
     """Requests sharing one cache, one row each, right-aligned (left-padded). `main`: the decoding batch
-    others join; `fresh`: admitted at this sweep boundary (it joins the main batch after its prefill)."""
+    others join; `fresh`: admitted at this sweep boundary (it joins the main batch after its prefill);
+    `lane`: the micro-batch it sweeps in, on a pipeline that splits the requests (else 0)."""
     cache: object
     rows: list
     main: bool = False
     fresh: bool = True
+    lane: int = 0
 
 
 def charge(rows: list, length: int) -> int:

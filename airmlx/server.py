@@ -215,6 +215,10 @@ def build_parser() -> ArgumentParser:
                              "computes only what is new (default 4; they count against --max-kv-bytes)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/ requests (401 otherwise)")
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="launched on several ranks: split the active requests into this many micro-batches "
+                             "whose sweeps overlap across the ranks (default: one per rank when every rank holds "
+                             "its range resident, else 1)")
     parser.add_argument("--log-prompts", action="store_true",
                         help="log each request's prompt (never logged otherwise)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -225,6 +229,8 @@ def check_server_args(args) -> None:
     for name in ("max_batch", "max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise AirmlxError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a whole number >= 1.")
+    if args.micro_batches is not None and args.micro_batches < 1:
+        raise AirmlxError(f"--micro-batches {args.micro_batches}: use a whole number >= 1.")
     if args.keep_caches < 0:
         raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
     if args.max_kv_bytes is not None:
@@ -248,7 +254,8 @@ def main(argv=None) -> int:
     with load_model(args) as model:
         kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else None
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,
-                        keep_caches=args.keep_caches, log_prompts=args.log_prompts)
+                        keep_caches=args.keep_caches, log_prompts=args.log_prompts,
+                        micro_batches=args.micro_batches)
         name = args.served_model_name or args.model or "airmlx-demo"
         app = build_app(engine, [name], api_key=args.api_key, default_max_tokens=args.max_tokens)
         log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,

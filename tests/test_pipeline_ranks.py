@@ -22,6 +22,8 @@ from tiny import BATCH, PROMPT, make_checkpoint
 HERE = Path(__file__).parent
 NEW_TOKENS = 8
 REQUESTS = [[[5, 17, 33], [2, 9]], [[8, 90], [10, 4, 11]], [[3, 4, 5, 6], [7]]]
+MICRO_BATCH = BATCH + [[3, 4, 5, 6, 7]]  # split into one micro-batch per row
+MICRO_WIDTH = max(map(len, MICRO_BATCH))  # the left-padded prompts' width
 LINK_TIMEOUT = 8  # seconds a rank waits for a sign of life from the rank before it
 LAUNCH_LIMIT = 150  # seconds a whole launch may take before the test fails (nothing may hang)
 EXIT_SLACK = 15  # seconds for a process to print its error and exit once it knows
@@ -51,7 +53,7 @@ def models(tmp_path_factory):
 
 def spec_file(tmp_path, models_spec, **extra):
     spec = {"models": models_spec, "timeout": LINK_TIMEOUT, "out": str(tmp_path / "out.json"), "prompt": PROMPT[0],
-            "batch": BATCH, "new_tokens": NEW_TOKENS, "requests": REQUESTS, **extra}
+            "batch": BATCH, "micro_batch": MICRO_BATCH, "new_tokens": NEW_TOKENS, "requests": REQUESTS, **extra}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     return path
@@ -76,21 +78,47 @@ def run_launcher(framework, ranks, spec):
 
 
 def reference(folder, backend):
-    """The single-process run the pipeline must equal."""
+    """The single-process run the pipeline must equal. Its micro_eos (the third new token of the micro-batch
+    batch's second row, given as EOS) ends that row early, so the micro-batches stop at different steps."""
     with airmlx.AutoModel.from_pretrained(folder, backend=backend) as model:
         scores = model.score([tuple(r) for r in REQUESTS], batch_size=1, max_tokens=6, progress=False)
+        free = model.generate(MICRO_BATCH, max_new_tokens=NEW_TOKENS)
+        eos = free[1][MICRO_WIDTH + 2]
         return {"single": model.generate(PROMPT[0], max_new_tokens=NEW_TOKENS),
                 "batch": model.generate(BATCH, max_new_tokens=NEW_TOKENS),
+                "micro_free": free, "micro_eos": eos,
+                "micro": model.generate(MICRO_BATCH, max_new_tokens=NEW_TOKENS, eos_token_id=eos),
                 "scores": [list(s) for s in scores],
                 "logits_argmax": model.logits(np.array(PROMPT)).argmax(-1).tolist(),
                 "served": [model.generate(p, max_new_tokens=NEW_TOKENS)[len(p):] for p in PROMPT + BATCH]}
+
+
+def micro_sweeps(seqs, eos):
+    """(every micro-batch's steps, the steps that start while another micro-batch's sweep is out) for a
+    micro-batch per row: a row steps until it yields EOS or NEW_TOKENS; once one row is left, it steps alone."""
+    steps = []
+    for row in seqs:
+        new = row[MICRO_WIDTH:]
+        ends = [k + 1 for k, t in enumerate(new) if t in np.atleast_1d(eos)]
+        steps.append(ends[0] if ends else NEW_TOKENS)
+    longest, second = sorted(steps)[-1], sorted(steps)[-2]
+    return sum(steps), sum(steps) - 1 - (longest - second)
 
 
 def check_against_reference(got, want, ranks, budgets, range_folders):
     assert got["single"] == want["single"] and len(got["single"]) == len(PROMPT[0]) + NEW_TOKENS
     assert got["batch"] == want["batch"]
     assert got["logits_argmax"] == want["logits_argmax"]
+    # micro-batches: the same tokens; every step of one started while another's was on the other ranks (until
+    # one was left), and each rank read its range once per micro-batch step
+    assert got["micro"] == want["micro"]
+    sweeps, overlapped = micro_sweeps(want["micro"], want["micro_eos"])
+    assert got["micro_overlapped"] == overlapped
+    for read, r in zip(got["micro_read"], got["ranks"]):
+        assert sweeps * r["streamed_per_step"] <= read <= sweeps * (r["streamed_per_step"] + r["expert_bytes"])
     assert got["served"] == want["served"] and got["merged"]  # the server's engine: one batch over the ranks
+    served, merged, overlapped = got["served_lanes"]  # ... and in two lanes, one's sweep out while the other's runs
+    assert served == want["served"] and merged and overlapped > 0
     assert got["passes"] == len(REQUESTS)  # one pass per request ...
     assert got["overlapped"] == len(REQUESTS) - 1  # ... each after the first started while the one before was out
     for (ll, greedy), (ll_want, greedy_want) in zip(got["scores"], want["scores"]):
@@ -135,13 +163,26 @@ def test_pipeline_matches_one_process(models, tmp_path, framework, ranks, folder
                             "budget": ",".join(str(b) for b in per_rank),
                             # rank 0: embed and a layer; the last rank all the rest
                             "split": f"2,{len(stage_names(full)) - 2}" if split else None})
+    want = {name: reference(full, framework) for name, (full, _, _) in models.items()}
+    for spec in spec_models:
+        spec["micro_eos"] = want[spec["name"]]["micro_eos"]
+    # every range resident: a batch splits into a micro-batch per rank by itself
+    full, hosts, _ = models["dense"]
+    spec_models.append({"name": "resident", "folder": hosts[ranks] if folders == "hosts" else str(full),
+                        "budget": "1GB", "resident": True, "split": spec_models[0]["split"]})
     got = run_launcher(framework, ranks, spec_file(tmp_path, spec_models))
     for (name, (full, hosts, _)), spec in zip(models.items(), spec_models):
-        check_against_reference(got[name], reference(full, framework), ranks, budgets[name],
+        check_against_reference(got[name], want[name], ranks, budgets[name],
                                 hosts[ranks] if folders == "hosts" else None)
         if split:
             assert [len([s for s in r["stages"] if not s.endswith("experts")]) for r in got[name]["ranks"]] == \
                 [int(n) for n in spec["split"].split(",")]
+    resident = got["resident"]
+    assert not any(r["streamed_per_step"] for r in resident["ranks"])
+    assert resident["micro"] == want["dense"]["micro_free"]
+    assert resident["micro_overlapped"] > 0  # split into a part per rank (3 rows: 2 + 1, or 1 each)
+    served, merged, overlapped = resident["served_lanes"]  # the server's engine splits its requests alike
+    assert served == want["dense"]["served"] and overlapped > 0
 
 
 def stage_names(folder):

@@ -387,7 +387,7 @@ def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(caps
     from airmlx.server import build_parser, main
     assert build_parser().parse_args([]).host == "127.0.0.1"
     for bad in (["--max-batch", "0"], ["--max-queue", "0"], ["--max-kv-bytes", "lots"], ["--keep-caches", "-1"],
-                ["--num-draft-tokens", "0"]):
+                ["--num-draft-tokens", "0"], ["--micro-batches", "0"]):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("airmlx: ") and err.count("\n") == 1, err
