@@ -134,6 +134,7 @@ class AirModel:
         self.start_step(tokens, attention_mask, cache, out.append)
         return out[0]
 
+    @exclusive
     def start_step(self, tokens, attention_mask, cache, on_logits, held=()) -> None:
         """step(), handing the logits to on_logits: on a pipeline's rank 0 inside overlapped(), once the last
         rank sends them back, which may be after this returns. held: other caches alive beside this one (other
@@ -494,6 +495,7 @@ class AirModel:
         self.start_step_many(items, out.append)
         return out[0]
 
+    @exclusive
     def start_step_many(self, items: list, on_logits, held=()) -> None:
         """step_many(), handing the list of logits to on_logits (on a pipeline's rank 0 inside overlapped(),
         once the last rank sends them back, which may be after this returns). held: other caches alive beside
