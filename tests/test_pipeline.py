@@ -1,6 +1,8 @@
 """The pipeline's parts in one process: the range split, the wire format, the link's timeouts and aborts (over an
-in-process transport), rank 0's record of cache operations, a store and a sharder that hold one host's range.
+in-process transport), rank 0's record of cache operations, a store and a sharder that hold one host's range, a
+batch's token loop in micro-batches.
 Several processes: tests/test_pipeline_ranks.py."""
+import contextlib
 import queue
 import threading
 import time
@@ -10,7 +12,9 @@ import pytest
 
 import airmlx
 from airmlx.errors import BackendError, BudgetError, CorruptShardError
+from airmlx.generation import generate_tokens, to_batch
 from airmlx.manifest import Manifest, verify_folder
+from airmlx.micro_batches import generate_in_parts
 from airmlx.pipeline import (
     PipelineError,
     balanced_split,
@@ -293,3 +297,56 @@ def test_rank_0_records_what_the_others_must_repeat():
     assert rec.logits(np.zeros(2)).shape == (2,) and rec.logits(object()) == "framework" and rec.name == "fake"
     with pytest.raises(PipelineError, match="made outside this model"):
         rec.begin_step(np.ones((1, 1)), np.ones((1, 1)), FakeBackend().new_cache(1, [0]))
+
+
+class LaterSteps:
+    """A model whose steps come back later, as on a pipeline's rank 0: start_step computes at once and queues
+    the logits; wait_for() and leaving overlapped() hand them out, oldest first."""
+
+    def __init__(self, model):
+        self.model, self.queue, self.most_in_flight = model, [], 0
+
+    def new_cache(self, *args):
+        return self.model.new_cache(*args)
+
+    def start_step(self, tokens, mask, cache, on_logits, held=()):
+        self.queue.append((on_logits, self.model.step(tokens, mask, cache)))
+        self.most_in_flight = max(self.most_in_flight, len(self.queue))
+
+    def wait_for(self, ready):
+        while not ready():
+            on_logits, logits = self.queue.pop(0)
+            on_logits(logits)
+
+    @contextlib.contextmanager
+    def overlapped(self):
+        yield
+        self.wait_for(lambda: not self.queue)
+
+
+def test_micro_batches_give_what_the_whole_batch_gives(tmp_path):
+    """generate_in_parts keeps every micro-batch's step in flight until that micro-batch needs its logits, and
+    puts the parts back together: rows ending early (an EOS) are filled with padding as in the whole batch."""
+    make_checkpoint(tmp_path / "src", "llama")
+    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    prompts = [[5, 17, 33, 2, 9], [8, 90], [3, 4, 5, 6], [7, 7, 1]]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model:
+        free = model.generate(prompts, max_new_tokens=8)
+        eos = free[1][5 + 2]  # the third new token of the second row ends it early
+        ids, mask, _ = to_batch(prompts, None, 0)
+        for parts in (2, 4):
+            for sampling in ({"do_sample": False}, {"do_sample": True, "temperature": 0.7, "top_k": 5}):
+                options = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, top_p=1.0, **sampling)
+                options.setdefault("temperature", 1.0)
+                options.setdefault("top_k", 0)
+                whole = generate_tokens(model.step, model.new_cache, ids, mask, rng=np.random.default_rng(0),
+                                        select_rows=model.backend.select_rows, **options)
+                later = LaterSteps(model)
+                got = generate_in_parts(later, ids, mask, parts, rng=np.random.default_rng(0),
+                                        select_rows=model.backend.select_rows, **options)
+                assert later.most_in_flight == parts and got.shape[0] == len(prompts)
+                if not sampling["do_sample"]:
+                    assert got.tolist() == whole.tolist()
+                    assert (got[1, 5 + 3:] == 0).all() and got.shape == whole.shape
+                else:  # the parts take turns drawing: other draws, the same prompts and padding
+                    assert (got[:, :5] == ids).all() and got.shape[1] <= 5 + 8
