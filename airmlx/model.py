@@ -84,6 +84,8 @@ class AirModel:
         self.plan.budget, self.plan.draft_bytes = budget, draft_bytes
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
+        if hasattr(backend, "stream_from"):  # torch on the CPU: 4-bit stages from a copy in its kernel's layout
+            backend.stream_from(self.store, self.plan.streamed)
         self.scheduler = self.scheduler_type(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -208,7 +210,7 @@ class AirModel:
 
     def stage_files(self, streamed_only: bool = False) -> list:
         """The shard folder's stage files (only those streamed every step, with streamed_only=True)."""
-        return [self.shard_dir / e.file for e in self.store.stages.values()
+        return [self.store.path(e.name) for e in self.store.stages.values()
                 if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
 
     def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:

@@ -166,8 +166,9 @@ class ShardStore:
         self._lock = threading.Lock()
         self._layout = {}
         self._identity = {}  # stage name -> (size, device, inode, mtime) of the file checked at open
+        self._paths = {}  # stage name -> the file read for it: its own, or a backend's copy (use_copy)
         for entry in self.stages.values():
-            path = self.folder / entry.file
+            path = self._paths[entry.name] = self.folder / entry.file
             problem = stage_file_problem(path, entry)
             if problem:
                 raise CorruptShardError(f"stage {entry.name}: file {path} {problem}; {repair_hint(self.folder)}")
@@ -181,6 +182,25 @@ class ShardStore:
                                         f"{path}; {repair_hint(self.folder)}")
             self._layout[entry.name] = (data_start, infos)
             self._identity[entry.name] = identity(st)
+
+    def path(self, name: str) -> Path:
+        """The file read for a stage."""
+        return self._paths[name]
+
+    def use_copy(self, name: str, path) -> None:
+        """Read a stage from `path` from now on: a backend's copy of its file with the same header (names,
+        dtypes, shapes, offsets) and other bytes in some tensors (backends/torch_int4_copy.py)."""
+        path = Path(path)
+        data_start, infos, _ = read_header(path, fix="delete it; it is written again")
+        if (data_start, infos) != self._layout[name] or path.stat().st_size != self.stages[name].nbytes:
+            raise CorruptShardError(f"stage {name}: its copy {path} does not match the stage's file; delete it "
+                                    "and it is written again.")
+        self._paths[name] = path
+        self._identity[name] = identity(path.stat())
+
+    def data_start(self, name: str) -> int:
+        """Where a stage file's tensor data starts (after its header)."""
+        return self._layout[name][0]
 
     def tensor_infos(self, name: str) -> dict:
         """{tensor name: TensorInfo(dtype, shape, start, end)} of a stage, from its header."""
@@ -262,7 +282,7 @@ class ShardStore:
 
     def _open(self, name):
         """Open a stage file, checking it is still the file checked when the folder was opened."""
-        path = self.folder / self.stages[name].file
+        path = self._paths[name]
         try:
             f = open(path, "rb", buffering=0)
         except OSError as e:
@@ -276,7 +296,7 @@ class ShardStore:
 
     def _read_into(self, name, offset, view, what=""):
         """Fill view with the file's bytes from offset on, in large reads; a file that ends early is damaged."""
-        path = self.folder / self.stages[name].file
+        path = self._paths[name]
         with self._open(name) as f:
             try:
                 f.seek(offset)
@@ -291,7 +311,7 @@ class ShardStore:
                 raise self._unreadable(name, e) from None
 
     def _unreadable(self, name, error):
-        path = self.folder / self.stages[name].file
+        path = self._paths[name]
         return CorruptShardError(f"stage {name}: reading {path} failed ({type(error).__name__}: "
                                  f"{getattr(error, 'strerror', None) or error}); {repair_hint(self.folder)}")
 
@@ -319,7 +339,7 @@ class ShardStore:
         backend computing on the page cache streams through); cold: from the disk (their files evicted from
         the page cache first)."""
         if cold:
-            evict([self.folder / self.stages[n].file for n in names])
+            evict([self._paths[n] for n in names])
         t0, total = time.perf_counter(), 0
         for n in names:
             data = self.map_stage(n) if mapped else self.read_stage(n, pooled=False)

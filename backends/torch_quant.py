@@ -177,16 +177,23 @@ def packable_weight(backend, entry, base):
     return packable(target_module(backend, stage_name(backend, entry, base)), bits, group_size)
 
 def prepare_stage(backend, entry, tensors):
-    """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
+    """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout (INT4PACK: an
+    array of its own), or, read from a torch-layout copy (torch_int4_copy), viewed as that layout already
+    (INT4PACK_VIEW: a view of the stage's buffer or mapping, which loading copies out)."""
     if not backend.qconfig or backend.device.type != "cpu":
         return tensors
     out = dict(tensors)
+    copied = entry.name in backend.int4_copies
     for name in [n for n in tensors if n.endswith(".scales")]:
         base = name[: -len(".scales")]
         if packable_weight(backend, entry, base):
             raw = tensors[base + ".weight"]
-            out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
-                                            owner=None, shape=(raw.shape[0], raw.shape[1] * 4))
+            shape = (raw.shape[0], raw.shape[1] * 4)
+            if copied:
+                out[base + ".weight"] = replace(raw, dtype="INT4PACK_VIEW", data=raw.data.view(np.uint8), shape=shape)
+            else:
+                out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
+                                                owner=None, shape=shape)
     return out
 
 def target_module(backend, base):
@@ -217,7 +224,7 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None):
         scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
         group_size, bits = module_params(backend.qconfig, (source or {}).get(name, name)[: -len(".scales")])
         module = target_module(backend, base)
-        if wq.dtype == torch.uint8 and module is not None:  # repacked by prepare() for the int4 kernel
+        if wq.dtype == torch.uint8 and module is not None:  # in the int4 kernel's layout (prepare_stage)
             check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
                             tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}")
             nbytes += install_int4(module, backend._kept(wq, raw_ranges), scales, biases, group_size)

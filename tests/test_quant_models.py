@@ -226,3 +226,46 @@ def test_4bit_scaled_embedding_keeps_its_scale(tmp_path):
     with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
         want = m.logits([PROMPT])
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_torch_streams_4bit_stages_from_a_copy_in_its_kernels_layout(converted, tmp_path, monkeypatch, caplog):
+    """torch on the CPU writes the streamed 4-bit stages once in its int4 kernel's layout (FOLDER/torch-int4) and
+    maps them: the same logits, bit for bit, as repacking at every load; a copy is reused, written again once its
+    stage file changes, and without room for the copies the stages are repacked as before."""
+    from airmlx.backends import torch_int4_copy, torch_quant
+    if not torch_quant.int4_kernel_ok():
+        pytest.skip("this torch has no packed int4 CPU kernel")
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    budget = int(1.5 * minimum_budget(out, "torch"))
+    copies = out / torch_int4_copy.COPY_DIR
+
+    def run(memory_budget):
+        with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=memory_budget) as m:
+            return m.logits([PROMPT]), m.generate(PROMPT, max_new_tokens=8), set(m.plan.streamed), \
+                set(m.backend.int4_copies), {n: m.store.path(n) for n in m.backend.int4_copies}
+
+    logits, tokens, streamed, used, paths = run(budget)
+    assert used and used <= streamed
+    assert {p.name for p in copies.glob("*.safetensors")} == {f"{n}.safetensors" for n in used}
+    assert all(p.parent == copies for p in paths.values())
+    stamps = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.safetensors")}
+    resident = run("1GB")  # nothing streams: nothing copied, every stage repacked once at load
+    assert not resident[3] and (resident[0] == logits).all() and resident[1] == tokens
+    layer = sorted(n for n in used if n.startswith("layer"))[0]
+    source = out / f"{layer}.safetensors"
+    source.write_bytes(source.read_bytes())  # the same bytes written again: a new modification time
+    again = run(budget)
+    assert (again[0] == logits).all() and again[3] == used
+    stamps_after = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.safetensors")}
+    assert {n for n in stamps if stamps_after[n] != stamps[n]} == {f"{layer}.safetensors"}
+    source.write_bytes(source.read_bytes())
+    monkeypatch.setattr(torch_int4_copy.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    with caplog.at_level("WARNING", logger="airmlx"):
+        short = run(budget)
+    assert not short[3] and (short[0] == logits).all() and short[1] == tokens
+    assert "no torch int4 layout copy" in caplog.text and "repacked at every load" in caplog.text
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(free, 0, free)
