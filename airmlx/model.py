@@ -84,8 +84,7 @@ class AirModel:
         self.plan.budget, self.plan.draft_bytes = budget, draft_bytes
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
-        if hasattr(backend, "stream_from"):  # torch on the CPU: 4-bit stages from a copy in its kernel's layout
-            backend.stream_from(self.store, self.plan.streamed)
+        backend.stream_from(self.store, self.plan.streamed)  # torch on a CPU: 4-bit stages in its kernel's layout
         self.scheduler = self.scheduler_type(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

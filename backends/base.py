@@ -49,6 +49,10 @@ class Backend(Protocol):
         """The dtype a draft model computes in when none is asked for (None: its checkpoint's)."""
 
     # -- stages
+    def stream_from(self, store: Any, streamed: list) -> None:
+        """Once the plan is made, before the first sweep: the stages it streams. A backend may point the store
+        at files of its own for them (store.use_copy; torch's int4 layout copy)."""
+
     def prepare(self, entry: Any, tensors: dict) -> dict:
         """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside
         compute): e.g. repacking quantised codes. Returns what load_stage takes."""

@@ -177,6 +177,9 @@ class MLXBackend:
         made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
         return made, entry.nbytes + made, entry.nbytes
 
+    def stream_from(self, store, streamed) -> None:
+        pass  # MLX streams the stage files as they are
+
     def set_scratch(self, nbytes):
         # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the
         # CPU's come from malloc, which the cache would only hide from the count
