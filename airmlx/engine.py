@@ -285,8 +285,7 @@ class Engine:
                 groups = [g for g in self.groups if g.lane == lane]
                 if groups:
                     got = []
-                    self.model.start_step_many(self._items(groups), got.append,
-                                                held=[g.cache for g in self.groups])
+                    self.model.start_step_many(self._items(groups), got.append)
                     out[lane] = groups, time.perf_counter(), got
                 lane = (lane + 1) % self.lanes
 

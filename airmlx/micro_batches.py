@@ -4,7 +4,6 @@ ranks work on the ones before it, and starts each micro-batch's next step once i
 reads its range once per micro-batch step."""
 import collections
 import contextlib
-import weakref
 
 import numpy as np
 
@@ -15,19 +14,12 @@ def generate_in_parts(model, ids: np.ndarray, mask: np.ndarray, parts: int, **op
     """model.generate's token loop over `parts` micro-batches of the rows of ids (B, T): prompt + new ids
     (B, T + n), as one batch would give them (a part that ends early is filled with pad_token_id)."""
     rows = np.array_split(np.arange(ids.shape[0]), parts)
-    caches = weakref.WeakSet()  # every micro-batch's, for kv_cache_peak
-
-    def new_cache(*args):
-        cache = model.new_cache(*args)
-        caches.add(cache)
-        return cache
-
-    loops = [token_steps(new_cache, ids[r], mask[r], **options) for r in rows]
+    loops = [token_steps(model.new_cache, ids[r], mask[r], **options) for r in rows]
     pending, logits, seqs = set(), {}, {}
 
     def start(i, request):
         pending.add(i)
-        model.start_step(*request, lambda x: (pending.discard(i), logits.__setitem__(i, x)), held=list(caches))
+        model.start_step(*request, lambda x: (pending.discard(i), logits.__setitem__(i, x)))
 
     turn = collections.deque()
     with model.overlapped():

@@ -136,19 +136,20 @@ class AirModel:
         return out[0]
 
     @exclusive
-    def start_step(self, tokens, attention_mask, cache, on_logits, held=()) -> None:
+    def start_step(self, tokens, attention_mask, cache, on_logits) -> None:
         """step(), handing the logits to on_logits: on a pipeline's rank 0 inside overlapped(), once the last
-        rank sends them back, which may be after this returns. held: other caches alive beside this one (other
-        micro-batches'), counted in kv_cache_peak with it."""
+        rank sends them back, which may be after this returns."""
         ctxs = prompt_contexts(self.backend, tokens, attention_mask, cache, self.prefill_step_size)
         last = len(ctxs) - 1
         self.scheduler.forward_many(ctxs, lambda i, x: on_logits(self.backend.logits(x)[:, -1]) if i == last else None,
                                     self._progress(tokens))
         self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1])
-        self._count_kv([cache, *held])
+        self._count_kv(cache)
 
-    def _count_kv(self, caches) -> None:
-        alive = {id(c): c for c in caches if c is not None}
+    def _count_kv(self, *caches) -> None:
+        """kv_cache_peak: every cache alive after a step (new_cache()'s, merged and extracted ones, and the
+        step's own), at its largest so far."""
+        alive = {id(c): c for c in [*self._caches, *caches] if c is not None}
         self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in alive.values()))
 
     def _progress(self, tokens):
@@ -344,9 +345,10 @@ class AirModel:
         never exceeds the budget); held now (stage buffers and mappings handed out, in_flight_now, and their
         peak, in_flight_peak); kv_cache (the caches of new_cache() still alive); activation_bound (the bound
         on a step's activations for the largest step so far, see airmlx.plan.activation_bytes); active and
-        kv_cache_peak (the largest cache a step left); peak (the backend's own count: everything MLX holds; on
-        torch its own tensors and KV caches plus the stage buffers it computes from), never above budget +
-        kv_cache_peak + activation_bound; bytes_read and steps; for MoE the expert cache's counters."""
+        kv_cache_peak (the KV caches alive after a step, at their largest); peak (the backend's own count:
+        everything MLX holds; on torch its own tensors and KV caches plus the stage buffers it computes from),
+        never above budget + kv_cache_peak + activation_bound; bytes_read and steps; for MoE the expert cache's
+        counters."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         backend = self.backend.memory()
         if not self.backend.counts_buffers:  # torch: the store's buffers and mappings are not its own
@@ -448,7 +450,7 @@ class AirModel:
         self.scheduler.forward_many(ctxs, lambda i, x: out.append(x) if i == len(ctxs) - 1 else None,
                                     self._progress(tokens))
         self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1], tokens.shape[0] * last)
-        self._kv_peak = max(self._kv_peak, self.backend.cache_bytes(cache))
+        self._count_kv(cache)
         return self.backend.logits(out[0])
 
     def keep_cache_positions(self, cache, positions) -> None:
@@ -497,10 +499,9 @@ class AirModel:
         return out[0]
 
     @exclusive
-    def start_step_many(self, items: list, on_logits, held=()) -> None:
+    def start_step_many(self, items: list, on_logits) -> None:
         """step_many(), handing the list of logits to on_logits (on a pipeline's rank 0 inside overlapped(),
-        once the last rank sends them back, which may be after this returns). held: other caches alive beside
-        the items' (the server's other lanes), counted in kv_cache_peak with them."""
+        once the last rank sends them back, which may be after this returns)."""
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
@@ -518,7 +519,7 @@ class AirModel:
         # every item's hidden states are held between stages: note them as one step of all their rows
         self._note_step(sum(t.shape[0] for t, _, _ in items), max(t.shape[1] for t, _, _ in items),
                         max(m.shape[1] for _, m, _ in items))
-        self._count_kv([c for _, _, c in items] + list(held))
+        self._count_kv(*(c for _, _, c in items))
 
     def merge_caches(self, caches: list, lengths: list):
         """One batch cache holding every row of `caches` in order, each right-aligned (left-padded to the

@@ -160,13 +160,15 @@ class PipelineModel(RankModel):
         self.link = link
         self._broken = None  # the PipelineError that stopped the pipeline
         self._inflight = collections.deque()  # (on_output, contexts) of sweeps sent, results not yet back
-        self._overlap = 0
+        self._overlap, self._overlap_thread = 0, None  # overlapped() depth, and the thread inside it
         self.sweeps_overlapped = 0  # sweeps this rank started while an earlier one was still on the other ranks
         self._ranks_resident = None  # whether every rank holds its whole range (asked once, when needed)
         super().__init__(shard_dir, RecordingBackend(backend), **kwargs)
         self.scheduler.link, self.scheduler.driver = link, self
-        self._pinger = threading.Thread(target=self._ping_while_idle, name="airmlx-pipeline-ping", daemon=True)
-        self._pinger.start()
+
+    def start_pinging(self) -> None:
+        """Once every rank has its model (models_opened): from now on the idle rank 0 pings the others."""
+        threading.Thread(target=self._ping_while_idle, name="airmlx-pipeline-ping", daemon=True).start()
 
     def _ping_while_idle(self):
         """The other ranks wait for rank 0 with a deadline: while no call runs (a chat waiting for its user),
@@ -208,7 +210,7 @@ class PipelineModel(RankModel):
                 self._deliver()
             self.link.send(STEP, payload, outs)
             self._inflight.append((on_output, len(ctxs)))
-            if not self._overlap:
+            if not (self._overlap and self._overlap_thread == threading.get_ident()):
                 self._drain()
 
     def _deliver(self):
@@ -229,14 +231,24 @@ class PipelineModel(RankModel):
     def overlapped(self):
         """Sweeps inside may return before their results: each is delivered once the ranks' pipeline is full
         or on leaving (results must not be read before then)."""
-        self._overlap += 1
+        with self._lock:
+            if self._overlap and self._overlap_thread != threading.get_ident():
+                raise PipelineError("rank 0: two threads ran overlapped sweeps on one pipeline model at once; "
+                                    "this is a bug in airmlx.")
+            self._overlap += 1
+            self._overlap_thread = threading.get_ident()
         try:
             yield
         finally:
-            self._overlap -= 1
-            if not self._overlap and self._inflight:
-                with self._lock, self._exchange():
-                    self._drain()
+            with self._lock:
+                self._overlap -= 1
+                if not self._overlap:
+                    self._overlap_thread = None
+                    if self._broken is not None:  # nothing more comes back: forget what was in flight
+                        self._inflight.clear()
+                    elif self._inflight:
+                        with self._exchange():
+                            self._drain()
 
     def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
         """As AirModel.score, with the passes in a pipeline: rank r runs pass i while rank r + 1 runs pass i - 1."""
@@ -377,6 +389,18 @@ def run_step(model: RankModel, caches: dict, msg) -> list:
     return outs
 
 
+def models_opened(link: Link, failed: bool = False) -> None:
+    """Wait, under the startup deadline, until every rank has opened its model (or failed to: `failed`), and end
+    every rank naming the ones that failed. Opening may take minutes (torch on a CPU writes its int4 layout copy
+    of streamed 4-bit stages the first time), longer than a rank waits for the next step; rank 0 starts pinging
+    only after this, as a ping must not cross a collective."""
+    rows = link.gather(np.array([int(failed)]), "every rank's model opened")
+    bad = [r for r in range(link.size) if rows[r][0]]
+    if bad and not failed:
+        raise PipelineError(f"rank {link.rank}: rank {bad[0]} could not open its model (its output says why); fix "
+                            "that, then launch again.")
+
+
 def make_transport(framework: str, device=None):
     """The framework's distributed layer as a transport (the backends/ folder holds the framework code)."""
     if framework == "mlx":
@@ -399,16 +423,31 @@ def open_pipeline(shard_dir, backend, transport, memory_budget=None, split=None,
         budget = resolve_budget(rank_budget(memory_budget, rank, link.size), backend, manifest.config,
                                 prefill_step_size)
         ranks = agree_on_split(link, manifest, Path(shard_dir), backend, budget, split, prefetching)
-        kwargs = dict(memory_budget=budget, stages=ranks[rank], prefill_step_size=prefill_step_size,
-                      prefetching=prefetching, **model_kwargs)
-        if rank == 0:
-            return PipelineModel(shard_dir, backend, link, **kwargs)
-        model = RankModel(shard_dir, backend, **kwargs)
     except AirmlxError as e:
         if not isinstance(e, PipelineError):
             link.abort(f"rank {rank}: {e}", rank)
         link.close()
         raise
+    kwargs = dict(memory_budget=budget, stages=ranks[rank], prefill_step_size=prefill_step_size,
+                  prefetching=prefetching, **model_kwargs)
+    try:
+        model = PipelineModel(shard_dir, backend, link, **kwargs) if rank == 0 else RankModel(shard_dir, backend,
+                                                                                                **kwargs)
+    except AirmlxError:
+        with contextlib.suppress(PipelineError):
+            models_opened(link, failed=True)
+        link.close()
+        raise
+    try:
+        models_opened(link)
+    except PipelineError as e:
+        model._broken = e  # nothing more to say to the other ranks
+        model.close()
+        link.close()
+        raise
+    if rank == 0:
+        model.start_pinging()
+        return model
     model.scheduler.link = link
     try:
         follow(model, link)

@@ -23,6 +23,7 @@ from . import openai_api as api
 from .cli import ArgumentParser, add_model_options, face, load_model
 from .engine import Delta, Engine, Failed, Finished, Request, RequestError
 from .errors import AirmlxError
+from .pipeline_model import PipelineModel
 from .units import format_bytes, parse_bytes
 
 log = logging.getLogger("airmlx.server")
@@ -253,6 +254,9 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     with load_model(args) as model:
         kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else None
+        if args.micro_batches not in (None, 1) and not isinstance(model, PipelineModel):
+            raise AirmlxError(f"--micro-batches {args.micro_batches}: requests split into micro-batches only on a "
+                              "pipeline over several hosts (mlx.launch, torchrun); leave it out here.")
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,
                         keep_caches=args.keep_caches, log_prompts=args.log_prompts,
                         micro_batches=args.micro_batches)

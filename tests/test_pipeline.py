@@ -309,7 +309,7 @@ class LaterSteps:
     def new_cache(self, *args):
         return self.model.new_cache(*args)
 
-    def start_step(self, tokens, mask, cache, on_logits, held=()):
+    def start_step(self, tokens, mask, cache, on_logits):
         self.queue.append((on_logits, self.model.step(tokens, mask, cache)))
         self.most_in_flight = max(self.most_in_flight, len(self.queue))
 

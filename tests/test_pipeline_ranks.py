@@ -241,3 +241,26 @@ def test_a_rank_that_dies_or_hangs_ends_the_others(models, tmp_path, framework, 
     # seconds on a busy machine)
     limit = LINK_TIMEOUT + EXIT_SLACK if how == "STOP" else EXIT_SLACK
     assert took < limit, f"the other ranks took {took:.1f} s to end"
+
+
+@pytest.mark.parametrize("framework", ["mlx", pytest.param("torch", marks=SLOW)])
+def test_a_rank_that_cannot_open_its_model_ends_every_rank_naming_it(models, tmp_path, framework):
+    """The ranks wait for each other to open their models under the startup deadline (torch on a CPU may write
+    its int4 layout copy first); rank 1's budget is below what its range of the split needs, so it fails to open
+    its model, says why, and rank 0 ends naming it, within a launch."""
+    full, _, least = models["dense"]
+    stages = len(stage_names(full))
+    spec = spec_file(tmp_path, [{"name": "dense", "folder": str(full), "budget": f"{10 * least},{least // 4}",
+                                 "split": f"2,{stages - 2}"}])
+    procs = start_ranks(framework, 2, spec, tmp_path)
+    try:
+        outputs = [p.communicate(timeout=LAUNCH_LIMIT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = [[line for line in err.splitlines() if line.startswith("airmlx: ")] for _, err in outputs]
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outputs]
+    assert "memory_budget" in lines[1][-1] and "raise memory_budget" in lines[1][-1], lines[1]
+    assert "rank 1 could not open its model" in lines[0][-1], lines[0]
