@@ -30,6 +30,15 @@ def slow_reads(model, seconds):
     return lambda: setattr(model.scheduler, "read", real)
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt here even where the suite was started with SIGINT ignored (a shell's
+    background job: `nohup ... &`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def sigint_after(*delays):
     def run():
         for d in delays:
