@@ -6,6 +6,7 @@ read bandwidth of the shard files, then times decode steps per backend:
   warm      shard files in the page cache
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
+import contextlib
 import inspect
 import json
 import statistics
@@ -26,6 +27,25 @@ BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, 
                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
 
+
+
+@contextlib.contextmanager
+def cold_sweeps(model, drop=None):
+    """Inside, every sweep of `model` starts with its streamed stage files out of the page cache (the cold
+    regime): drop() (a pipeline's model.drop_page_cache), or evicting this model's streamed files."""
+    files = model.stage_files(streamed_only=True)
+    drop = drop or (lambda: evict(files))
+    sweep = model.scheduler.forward_many
+
+    def cold_sweep(*args, **kwargs):
+        drop()
+        return sweep(*args, **kwargs)
+
+    model.scheduler.forward_many = cold_sweep
+    try:
+        yield
+    finally:
+        del model.scheduler.forward_many  # the scheduler's own method again
 
 def save_tokenizer(folder, vocab_size):
     """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), for tools that insist on one."""
@@ -263,7 +283,8 @@ def build_parser():
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
     parser.add_argument("--hosts", type=int, default=1,
                         help="a pipeline over this many ranks on this machine (mlx.launch / torchrun) against one "
-                             "process: cold tokens/s of --batch (default 8), bytes per rank per sweep, and the "
+                             "process: cold tokens/s of --batch (default 8), generate()'s tokens/s warm and cold "
+                             "with the batch whole and in a micro-batch per rank, bytes per rank per sweep, and the "
                              "prediction for hosts with a disk each (airmlx/bench_hosts.py)")
     return parser
 

@@ -4,12 +4,15 @@ model's prediction for N hosts that each have their own disk.
 The same generated model and per-rank budget as python -m airmlx.bench. Measured, in the cold regime (every
 rank's streamed stage files evicted from the page cache before each step): decode tokens/s of a batch with
 one process and with N ranks (launched by mlx.launch for --backend mlx, torchrun for torch, on 127.0.0.1), and
-the bytes each rank reads per sweep (goal: model bytes / N, give or take a stage). Ranks on one machine share
+the bytes each rank reads per sweep (goal: model bytes / N, give or take a stage); and model.generate's decode
+tokens/s, warm and cold, with the batch whole and split into a micro-batch per rank. Ranks on one machine share
 its disk and cores, so the measured speed-up is not what N machines would see; the prediction puts each rank
 on a disk of its own at the bandwidth measured here: a decode step is the ranks' sweeps one after another
-(each reading its streamed stages and computing, as airmlx.preflight simulates it), and independent work in a
-pipeline (scoring passes) goes at the pace of the slowest rank.
+(each reading its streamed stages and computing, as airmlx.preflight simulates it), independent work in a
+pipeline (scoring passes) goes at the pace of the slowest rank, and a batch in micro-batches takes one sweep
+of the slowest rank per micro-batch (under the budget, and with every range resident).
 """
+import contextlib
 import json
 import os
 import shutil
@@ -78,19 +81,14 @@ def cold_decode(model, batch: int, steps: int, drop) -> tuple:
 def generation_rate(model, batch: int, steps: int, parts: int, drop=None) -> float:
     """Decode tokens/s of model.generate on `batch` prompts split into `parts` micro-batches: `steps` tokens more
     in one run than in another (the prefill cancels out); drop() evicts before every sweep when given."""
+    from .bench import cold_sweeps
     prompts = (np.arange(1, 4 * batch + 1).reshape(batch, 4) % 1000 + 1).tolist()
-    if drop is not None:
-        start = model.start_step
-        model.start_step = lambda *args, **kwargs: (drop(), start(*args, **kwargs))[1]
-    try:
-        seconds = []
+    seconds = []
+    with cold_sweeps(model, drop) if drop is not None else contextlib.nullcontext():
         for n in (1, steps + 1):
             t0 = time.perf_counter()
             model.generate(prompts, max_new_tokens=n, micro_batches=parts, eos_token_id=[], pad_token_id=0)
             seconds.append(time.perf_counter() - t0)
-    finally:
-        if drop is not None:
-            del model.start_step
     return batch * steps / (seconds[1] - seconds[0])
 
 

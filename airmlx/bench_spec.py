@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .bench import cold_sweeps
 from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .spec_measure import Measurements
-from .store import evict
 from .units import format_bytes
 
 PROMPTS = ["The list", "A function", "   def f(", "The dictionary", "When an exception", "The import statement"]
@@ -48,18 +48,6 @@ def sibling_model(work: Path, given: "str | None") -> Path:
     print("training the sibling once:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
     return out
-
-
-def evicting(model):
-    """Make every sweep of `model` start with its streamed stage files out of the page cache (the cold regime)."""
-    files = model.stage_files(streamed_only=True)
-    sweep = model.scheduler.forward_many
-
-    def cold_sweep(*args, **kwargs):
-        evict(files)
-        return sweep(*args, **kwargs)
-
-    model.scheduler.forward_many = cold_sweep
 
 
 def run_modes(model, prompts, modes, tokens):
@@ -110,9 +98,9 @@ def run_pair(pair, backend, args, work):
     model = AutoModel.from_pretrained(shards, backend=backend, draft_model=draft,
                                       memory_budget=target_budget + draft.plan.total_bytes)
     gbps = max(model.read_bandwidth(cold=True) for _ in range(2)) / 1e9
-    evicting(model)
     rows, plain = [], None
-    results = run_modes(model, PROMPTS[: args.prompts] * args.repeat, args.modes, args.tokens)
+    with cold_sweeps(model):
+        results = run_modes(model, PROMPTS[: args.prompts] * args.repeat, args.modes, args.tokens)
     for mode in args.modes:
         outputs, new, sweeps, seconds, measured = results[mode]
         last = measured.total

@@ -139,12 +139,7 @@ class AirModel:
     def start_step(self, tokens, attention_mask, cache, on_logits) -> None:
         """step(), handing the logits to on_logits: on a pipeline's rank 0 inside overlapped(), once the last
         rank sends them back, which may be after this returns."""
-        ctxs = prompt_contexts(self.backend, tokens, attention_mask, cache, self.prefill_step_size)
-        last = len(ctxs) - 1
-        self.scheduler.forward_many(ctxs, lambda i, x: on_logits(self.backend.logits(x)[:, -1]) if i == last else None,
-                                    self._progress(tokens))
-        self._note_step(tokens.shape[0], tokens.shape[1], attention_mask.shape[1])
-        self._count_kv(cache)
+        self.start_step_many([(tokens, attention_mask, cache)], lambda out: on_logits(out[0]), self._progress(tokens))
 
     def _count_kv(self, *caches) -> None:
         """kv_cache_peak: every cache alive after a step (new_cache()'s, merged and extracted ones, and the
@@ -499,9 +494,9 @@ class AirModel:
         return out[0]
 
     @exclusive
-    def start_step_many(self, items: list, on_logits) -> None:
+    def start_step_many(self, items: list, on_logits, progress: str | None = None) -> None:
         """step_many(), handing the list of logits to on_logits (on a pipeline's rank 0 inside overlapped(),
-        once the last rank sends them back, which may be after this returns)."""
+        once the last rank sends them back, which may be after this returns). progress: a progress bar's label."""
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
@@ -515,7 +510,7 @@ class AirModel:
             if j + 1 == len(ctxs):
                 on_logits(out)
 
-        self.scheduler.forward_many(ctxs, collect)
+        self.scheduler.forward_many(ctxs, collect, progress)
         # every item's hidden states are held between stages: note them as one step of all their rows
         self._note_step(sum(t.shape[0] for t, _, _ in items), max(t.shape[1] for t, _, _ in items),
                         max(m.shape[1] for _, m, _ in items))
