@@ -6,7 +6,6 @@ read bandwidth of the shard files, then times decode steps per backend:
   warm      shard files in the page cache
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
-import contextlib
 import inspect
 import json
 import statistics
@@ -28,24 +27,6 @@ BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, 
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
 
 
-
-@contextlib.contextmanager
-def cold_sweeps(model, drop=None):
-    """Inside, every sweep of `model` starts with its streamed stage files out of the page cache (the cold
-    regime): drop() (a pipeline's model.drop_page_cache), or evicting this model's streamed files."""
-    files = model.stage_files(streamed_only=True)
-    drop = drop or (lambda: evict(files))
-    sweep = model.scheduler.forward_many
-
-    def cold_sweep(*args, **kwargs):
-        drop()
-        return sweep(*args, **kwargs)
-
-    model.scheduler.forward_many = cold_sweep
-    try:
-        yield
-    finally:
-        del model.scheduler.forward_many  # the scheduler's own method again
 
 def save_tokenizer(folder, vocab_size):
     """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), for tools that insist on one."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from .plan import make_plan
 from .preflight import stage_compute, sweep_seconds
+from .store import evict
 from .units import format_bytes
 
 LAUNCH_LIMIT_S = 1800
@@ -63,6 +64,25 @@ def launcher(backend: str, hosts: int) -> list:
     return [str(exe), "--nproc-per-node", str(hosts), "--master-addr", "127.0.0.1", "--master-port", str(free_port(1))]
 
 
+@contextlib.contextmanager
+def cold_sweeps(model, drop=None):
+    """Inside, every sweep of `model` starts with its streamed stage files out of the page cache (the cold
+    regime): drop() (a pipeline's model.drop_page_cache), or evicting this model's streamed files."""
+    files = model.stage_files(streamed_only=True)
+    drop = drop or (lambda: evict(files))
+    sweep = model.scheduler.forward_many
+
+    def cold_sweep(*args, **kwargs):
+        drop()
+        return sweep(*args, **kwargs)
+
+    model.scheduler.forward_many = cold_sweep
+    try:
+        yield
+    finally:
+        del model.scheduler.forward_many  # the scheduler's own method again
+
+
 def cold_decode(model, batch: int, steps: int, drop) -> tuple:
     """(median seconds of a cold decode step for `batch` rows, steps run): a short prefill, then one token per
     step, drop() evicting the streamed stage files before each."""
@@ -81,7 +101,6 @@ def cold_decode(model, batch: int, steps: int, drop) -> tuple:
 def generation_rate(model, batch: int, steps: int, parts: int, drop=None) -> float:
     """Decode tokens/s of model.generate on `batch` prompts split into `parts` micro-batches: `steps` tokens more
     in one run than in another (the prefill cancels out); drop() evicts before every sweep when given."""
-    from .bench import cold_sweeps
     prompts = (np.arange(1, 4 * batch + 1).reshape(batch, 4) % 1000 + 1).tolist()
     seconds = []
     with cold_sweeps(model, drop) if drop is not None else contextlib.nullcontext():
@@ -159,7 +178,6 @@ def run_hosts(args, shards) -> dict:
     from .auto import AutoModel
     from .cli import bench_budget
     from .manifest import Manifest
-    from .store import evict
     backend = args.backend.split(",")[0]
     batch = (args.batch or [8])[0]
     model_bytes = Manifest.load(shards).total_bytes

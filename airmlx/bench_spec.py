@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import cold_sweeps
+from .bench_hosts import cold_sweeps
 from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
 from .errors import AirmlxError
 from .hub import DEMO_MODEL

@@ -29,6 +29,7 @@ from .plan import (
 from .preflight import load as load_preflight
 from .schedule import Scheduler
 from .spec_measure import Measurements, check_num_draft_tokens
+from .stage_copies import use_copies
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
 from .units import format_bytes, per_token
@@ -84,7 +85,9 @@ class AirModel:
         self.plan.budget, self.plan.draft_bytes = budget, draft_bytes
         # scratch the framework may keep between stages (MLX's buffer cache) is part of the activations
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
-        backend.stream_from(self.store, self.plan.streamed)  # torch on a CPU: 4-bit stages in its kernel's layout
+        layout = backend.copy_layout(self.store, self.plan.streamed)  # torch on a CPU: 4-bit codes as its kernel's
+        if layout:
+            backend.use_copies(use_copies(self.store, *layout))
         self.scheduler = self.scheduler_type(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

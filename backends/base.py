@@ -49,9 +49,13 @@ class Backend(Protocol):
         """The dtype a draft model computes in when none is asked for (None: its checkpoint's)."""
 
     # -- stages
-    def stream_from(self, store: Any, streamed: list) -> None:
-        """Once the plan is made, before the first sweep: the stages it streams. A backend may point the store
-        at files of its own for them (store.use_copy; torch's int4 layout copy)."""
+    def copy_layout(self, store: Any, streamed: list) -> "tuple | None":
+        """Once the plan is made: (folder name, {stage: tensor names}, transform(array) -> new bytes, version)
+        when streamed stages are better read from a copy with those tensors in the backend's own layout (written
+        once by airmlx.stage_copies, which does the files); None to read the stage files as they are."""
+
+    def use_copies(self, stages: set) -> None:
+        """These stages are read from the copy copy_layout asked for, from now on."""
 
     def prepare(self, entry: Any, tensors: dict) -> dict:
         """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside

@@ -177,8 +177,11 @@ class MLXBackend:
         made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
         return made, entry.nbytes + made, entry.nbytes
 
-    def stream_from(self, store, streamed) -> None:
-        pass  # MLX streams the stage files as they are
+    def copy_layout(self, store, streamed):
+        return None  # MLX reads the stage files as they are
+
+    def use_copies(self, stages) -> None:
+        pass
 
     def set_scratch(self, nbytes):
         # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the

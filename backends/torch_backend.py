@@ -24,7 +24,7 @@ from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
-from . import torch_batching, torch_experts, torch_int4_copy, torch_quant
+from . import torch_batching, torch_experts, torch_quant
 from .base import available_ram, check_placement, kept_tail
 from .torch_remote import remote_config, shared_rotary
 
@@ -158,7 +158,7 @@ class TorchBackend:
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
-        self.int4_copies = set()  # stages read from a copy in torch's int4 layout (torch_int4_copy)
+        self.int4_copies = set()  # stages read from a copy in torch's int4 layout (torch_quant.INT4_COPY)
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -193,12 +193,18 @@ class TorchBackend:
         # a stage read ahead holds its buffer and what prepare() made of it (repacked 4-bit codes)
         return (buffer if views else 0) + made, buffer + made + temporaries, entry.nbytes + prepared // 2
 
-    def stream_from(self, store, streamed) -> None:
-        """Before the first sweep: on the CPU, streamed stages with 4-bit Linears are read from a copy in the
-        int4 kernel's layout (written once, torch_int4_copy), mapped like bf16 stages, so no load repacks."""
-        if self.device.type == "cpu" and self.qconfig and torch_quant.int4_kernel_ok():
-            self.int4_copies = torch_int4_copy.use_copies(self, store, list(streamed))
-            self.page_cache_views = self.page_cache_views or bool(self.int4_copies)
+    def copy_layout(self, store, streamed):
+        """On the CPU, streamed stages with 4-bit Linears are best read from a copy with their codes in the
+        int4 kernel's layout (repacked once), so no load repacks: what that copy transforms, and how."""
+        if self.device.type != "cpu" or not self.qconfig or not torch_quant.int4_kernel_ok():
+            return None
+        return (torch_quant.INT4_COPY, torch_quant.int4_copy_tensors(self, store, list(streamed)),
+                lambda codes: torch_quant.repack_int4(codes).numpy(), torch_quant.INT4_COPY_VERSION)
+
+    def use_copies(self, stages) -> None:
+        """These stages come from the int4 layout copy: mapped like bf16 stage files, their codes used as read."""
+        self.int4_copies = set(stages)
+        self.page_cache_views = self.page_cache_views or bool(self.int4_copies)
 
     def prepare(self, entry, tensors):
         """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""

@@ -178,7 +178,7 @@ def packable_weight(backend, entry, base):
 
 def prepare_stage(backend, entry, tensors):
     """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout (INT4PACK: an
-    array of its own), or, read from a torch-layout copy (torch_int4_copy), viewed as that layout already
+    array of its own), or, read from a copy in that layout (INT4_COPY), viewed as that layout already
     (INT4PACK_VIEW: a view of the stage's buffer or mapping, which loading copies out)."""
     if not backend.qconfig or backend.device.type != "cpu":
         return tensors
@@ -195,6 +195,23 @@ def prepare_stage(backend, entry, tensors):
                 out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
                                                 owner=None, shape=shape)
     return out
+
+INT4_COPY = "torch-int4"  # the folder of streamed 4-bit stages in the int4 kernel's layout (airmlx.stage_copies)
+INT4_COPY_VERSION = 1  # of that layout (repack_int4's); copies of another version are written again
+
+
+def int4_copy_tensors(backend, store, names: list) -> dict:
+    """{stage: its 4-bit weights the int4 kernel runs} for the stages of `names` with any: what the copy in
+    the kernel's layout repacks (repack_int4, once)."""
+    wanted = {}
+    for name in names:
+        entry = store.stages[name]
+        bases = [t[: -len(".scales")] for t in store.tensor_infos(name) if t.endswith(".scales")]
+        packed = [b + ".weight" for b in bases if packable_weight(backend, entry, b)]
+        if packed:
+            wanted[name] = packed
+    return wanted
+
 
 def target_module(backend, base):
     """The module a checkpoint weight `base`.weight lands in, or None (renamed into another's parameters);

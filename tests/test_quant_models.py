@@ -232,12 +232,13 @@ def test_torch_streams_4bit_stages_from_a_copy_in_its_kernels_layout(converted, 
     """torch on the CPU writes the streamed 4-bit stages once in its int4 kernel's layout (FOLDER/torch-int4) and
     maps them: the same logits, bit for bit, as repacking at every load; a copy is reused, written again once its
     stage file changes, and without room for a copy that stage is repacked as before (the others keep theirs)."""
-    from airmlx.backends import torch_int4_copy, torch_quant
+    from airmlx import stage_copies
+    from airmlx.backends import torch_quant
     if not torch_quant.int4_kernel_ok():
         pytest.skip("this torch has no packed int4 CPU kernel")
     out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q4", compression="4bit", progress=False)
     budget = int(1.5 * minimum_budget(out, "torch"))
-    copies = out / torch_int4_copy.COPY_DIR
+    copies = out / torch_quant.INT4_COPY
 
     def run(memory_budget):
         with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=memory_budget) as m:
@@ -259,11 +260,11 @@ def test_torch_streams_4bit_stages_from_a_copy_in_its_kernels_layout(converted, 
     stamps_after = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.safetensors")}
     assert {n for n in stamps if stamps_after[n] != stamps[n]} == {f"{layer}.safetensors"}
     source.write_bytes(source.read_bytes())
-    monkeypatch.setattr(torch_int4_copy.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    monkeypatch.setattr(stage_copies.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
     with caplog.at_level("WARNING", logger="airmlx"):
         short = run(budget)
     assert short[3] == used - {layer} and (short[0] == logits).all() and short[1] == tokens  # the others still used
-    assert "no torch int4 layout copy" in caplog.text and "repacked at every load" in caplog.text
+    assert "no torch-int4 copy" in caplog.text and "converts them at every load" in caplog.text
 
 
 def shutil_usage(free):
