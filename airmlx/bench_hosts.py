@@ -66,21 +66,33 @@ def launcher(backend: str, hosts: int) -> list:
 
 @contextlib.contextmanager
 def cold_sweeps(model, drop=None):
-    """Inside, every sweep of `model` starts with its streamed stage files out of the page cache (the cold
-    regime): drop() (a pipeline's model.drop_page_cache), or evicting this model's streamed files."""
+    """Inside, every sweep of `model` starts its reads with its streamed stage files out of the page cache (the
+    cold regime): drop() (a pipeline's model.drop_page_cache), or evicting this model's streamed files, runs
+    before the sweep, or before the read-ahead hint that precedes it (a speculative round's, given before its
+    drafting: the disk's work during the draft counts as the sweep's)."""
     files = model.stage_files(streamed_only=True)
     drop = drop or (lambda: evict(files))
-    sweep = model.scheduler.forward_many
+    sweep, read_ahead = model.scheduler.forward_many, model.read_ahead
+    hinted = False
+
+    def cold_read_ahead():
+        nonlocal hinted
+        drop()
+        hinted = True
+        return read_ahead()
 
     def cold_sweep(*args, **kwargs):
-        drop()
+        nonlocal hinted
+        if not hinted:
+            drop()
+        hinted = False
         return sweep(*args, **kwargs)
 
-    model.scheduler.forward_many = cold_sweep
+    model.scheduler.forward_many, model.read_ahead = cold_sweep, cold_read_ahead
     try:
         yield
     finally:
-        del model.scheduler.forward_many  # the scheduler's own method again
+        del model.scheduler.forward_many, model.read_ahead  # the scheduler's and the model's own methods again
 
 
 def cold_decode(model, batch: int, steps: int, drop) -> tuple:

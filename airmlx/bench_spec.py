@@ -4,13 +4,18 @@ Pairs (trained models, never random weights):
   self4bit  the bundled demo model as target, its own 4-bit copy as draft
   sibling   a bigger sibling of the demo model as target (the demo model deepened to 12 layers and trained on
             the same corpus by scripts/train_demo_model.py; built once into the work dir), the demo model as draft
+  smollm2   a real pretrained model as target: SmolLM2-135M-Instruct in bf16 (read by transformers from its
+            Q4_1 GGUF, --gguf or the one scripts/fetch_smollm2.py fetches; built once into the work dir), its own
+            4-bit copy as draft
 
 The target's memory budget is a fraction of its bytes (default a quarter), so most of it streams; the draft is
-resident on top of that (its bytes are added to memory_budget, so the target streams exactly what plain
-decoding streams). Before every target sweep its streamed stage files are evicted from the page cache (the
-cold regime). Each mode generates the same greedy tokens from the same prompts: plain (one token per sweep),
-chain and tree speculation, taking turns prompt by prompt so the load of a shared machine hits them alike;
-tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were identical.
+resident on top of that (its bytes are added to memory_budget, so the target streams exactly what plain decoding
+streams). Before every target sweep its streamed stage files are evicted from the page cache (the cold regime); a
+speculative round evicts them before its read-ahead, which it gives before drafting, so what the disk reads during
+the draft counts as the sweep's reads. Each mode generates the same greedy tokens from the same prompts: plain (one
+token per sweep), chain and tree speculation, taking turns prompt by prompt so the load of a shared machine hits
+them alike; tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were
+identical.
 """
 import json
 import subprocess
@@ -31,6 +36,7 @@ PROMPTS = ["The list", "A function", "   def f(", "The dictionary", "When an exc
 # busy 2-core CPU); held-out perplexity 73.8 against the demo model's 76.1
 SIBLING_ARGS = ["--seed", "0", "--layers", "12", "--lr", "5e-4", "--steps", "52", "--minutes", "60"]
 MODES = ("plain", "chain", "tree")
+PAIRS = ("self4bit", "sibling", "smollm2")
 
 
 def sibling_model(work: Path, given: "str | None") -> Path:
@@ -47,6 +53,35 @@ def sibling_model(work: Path, given: "str | None") -> Path:
     cmd = [sys.executable, str(script), "--out", str(out), "--init-from", str(DEMO_MODEL), *SIBLING_ARGS]
     print("training the sibling once:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
+    return out
+
+
+def smollm2_model(work: Path, given: "str | None") -> Path:
+    """SmolLM2-135M-Instruct as a bf16 checkpoint in the work dir, made once from its Q4_1 GGUF by transformers'
+    own GGUF reader (dequantised): a trained target whose 4-bit copy is not the file it came from."""
+    out = work / "smollm2-135m-bf16"
+    if (out / "config.json").is_file():
+        return out
+    gguf = Path(given) if given else None
+    if gguf is None:
+        script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py"
+        if not script.is_file():
+            raise AirmlxError("the SmolLM2 GGUF is fetched by scripts/fetch_smollm2.py, which an installed package "
+                              "lacks; run from a clone, or pass --gguf FILE.")
+        got = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        if got.returncode:
+            raise AirmlxError(f"could not fetch the SmolLM2 GGUF ({got.stderr.strip()[-200:]}); pass --gguf FILE.")
+        gguf = Path(got.stdout.strip().splitlines()[-1])
+    if not gguf.is_file():
+        raise AirmlxError(f"--gguf {gguf}: no such file.")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"making a bf16 checkpoint of {gguf.name} once: {out}", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None  # the weights are dequantised: plain bf16 tensors from here on
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     return out
 
 
@@ -77,7 +112,9 @@ def run_modes(model, prompts, modes, tokens):
 def run_pair(pair, backend, args, work):
     from .auto import UNLIMITED, AutoModel, backend_class
     if pair == "self4bit":
-        target_src, draft_spec = DEMO_MODEL, "4bit"
+        target_src, draft_spec = DEMO_MODEL, args.draft_compression
+    elif pair == "smollm2":
+        target_src, draft_spec = smollm2_model(work, args.gguf), args.draft_compression
     else:
         target_src, draft_spec = sibling_model(work, args.sibling), DEMO_MODEL
     shards = work / f"{Path(target_src).name}-shards"
@@ -87,13 +124,14 @@ def run_pair(pair, backend, args, work):
     probe.close()
     target_budget = bench_budget(args, target_bytes)
     draft_src = draft_spec
-    if draft_spec == "4bit":
+    own_copy = pair != "sibling"
+    if own_copy:
         from .draft import quantised_copy
-        draft_src = quantised_copy(shards, "4bit")
+        draft_src = quantised_copy(shards, draft_spec)
     draft = AutoModel.from_pretrained(draft_src, backend=backend, memory_budget=UNLIMITED,
                                       dtype=backend_class(backend).draft_dtype(),  # as load_draft's default
                                       layer_shards_saving_path=work / f"{Path(draft_src).name}-draft-shards"
-                                      if draft_spec != "4bit" else None)
+                                      if not own_copy else None)
     draft.plan.budget = draft.plan.total_bytes
     model = AutoModel.from_pretrained(shards, backend=backend, draft_model=draft,
                                       memory_budget=target_budget + draft.plan.total_bytes)
@@ -135,13 +173,17 @@ def print_row(r):
 def build_parser():
     parser = ArgumentParser(prog="python -m airmlx.bench_spec", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
-    parser.add_argument("--pairs", default="self4bit,sibling", help="comma-separated: self4bit,sibling")
+    parser.add_argument("--pairs", default="self4bit,sibling", help="comma-separated: self4bit,sibling,smollm2")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: plain,chain,tree")
     add_budget_options(parser, fraction=0.25)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts (at most {len(PROMPTS)})")
     parser.add_argument("--repeat", type=int, default=1, help="times through the prompts")
     parser.add_argument("--sibling", help="a trained sibling folder instead of building one in the work dir")
+    parser.add_argument("--draft-compression", default="4bit",
+                        help="the self-drafting pairs' copy of the target (default 4bit; e.g. 4bit-g32, 8bit)")
+    parser.add_argument("--gguf", help="the SmolLM2-135M-Instruct Q4_1 GGUF for the smollm2 pair (default: fetched "
+                        "by scripts/fetch_smollm2.py)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: tiny models step slower when threads contend)")
     parser.add_argument("--work-dir", help="where shards and the sibling live (default: $TMPDIR/airmlx-bench-spec)")
@@ -156,13 +198,16 @@ def main(argv=None):
     args.modes = [m for m in args.modes.split(",") if m]
     if not set(args.modes) <= set(MODES):
         parser.error(f"--modes {','.join(args.modes)}: use some of {','.join(MODES)}")
+    args.pairs = [p for p in args.pairs.split(",") if p]
+    if not set(args.pairs) <= set(PAIRS):
+        parser.error(f"--pairs {','.join(args.pairs)}: use some of {','.join(PAIRS)}")
     import torch
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "airmlx-bench-spec")
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for backend in args.backend.split(","):
-        for pair in args.pairs.split(","):
+        for pair in args.pairs:
             rows += run_pair(pair, backend, args, work)
     summary(rows)
     if args.json:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import available_ram
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
@@ -210,6 +211,14 @@ class AirModel:
         """The shard folder's stage files (only those streamed every step, with streamed_only=True)."""
         return [self.store.path(e.name) for e in self.store.stages.values()
                 if not streamed_only or e.name in self.plan.streamed or e.kind == "experts"]
+
+    def read_ahead(self) -> int:
+        """Ask the OS to start reading the next sweep's streamed stages into its page cache (at most half the
+        RAM available now), so the disk works while something else runs first (a speculative round's draft).
+        Returns the bytes asked for; holds no memory of the process (airmlx/readahead.py)."""
+        if not self.plan.streamed:
+            return 0
+        return self.scheduler.read_ahead(min(self.plan.streamed_bytes_per_step, available_ram() // 2))
 
     def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:
         """Bytes per second the store reads this model's streamed stages (every stage when none streams), the

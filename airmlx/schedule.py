@@ -18,7 +18,8 @@ TAKE_POLL_S = 0.1  # how often a wait for the prefetcher checks that its thread 
 
 class Prefetcher:
     """Reads streamed stages in sweep order, cycling across steps, at most `depth + 1` stages in flight
-    (read, queued or computing). take() hands them out; done() frees a slot."""
+    (read, queued or computing); once a stage is read, the OS is asked to read the next one ahead. take() hands
+    them out; done() frees a slot."""
 
     def __init__(self, store, names, depth, read):
         self.store, self.names, self.read = store, list(names), read
@@ -35,7 +36,9 @@ class Prefetcher:
                 continue
             name = self.names[i % len(self.names)]
             try:
-                self.ready.put((name, self.read(name)))
+                data = self.read(name)
+                self.store.read_ahead([self.names[(i + 1) % len(self.names)]])  # queued while this one waits
+                self.ready.put((name, data))
             except BaseException as e:  # handed to the consumer, which raises it
                 self.ready.put((name, e))
                 return
@@ -114,6 +117,20 @@ class Scheduler:
         slots = self.plan.prefetch_depth + 1 if self.plan.streamed and not self.backend.page_cache_views else 0
         self.store.configure_pool(slots, self.plan.slot_bytes, self.backend.allocate)
         self.prefetcher = None
+        streamed = self.plan.streamed
+        self.next_streamed = {n: streamed[(i + 1) % len(streamed)] for i, n in enumerate(streamed)}
+
+    def read_ahead(self, max_bytes: int) -> int:
+        """Hint the next sweep's first streamed stages, up to max_bytes of them (at least one); returns the
+        bytes hinted. A speculative round gives this before drafting: the disk reads while the draft runs."""
+        names, total = [], 0
+        for name in self.plan.streamed:
+            if names and total + self.store.stages[name].nbytes > max_bytes:
+                break
+            names.append(name)
+            total += self.store.stages[name].nbytes
+        self.store.read_ahead(names)
+        return total
 
     def read(self, name):
         """A streamed stage read and prepared (on the calling thread: the prefetch thread)."""
@@ -172,8 +189,11 @@ class Scheduler:
         read_bytes, read_s, wait_s, load_s = 0, 0.0, 0.0, 0.0
         if loaded is None:
             t0 = time.perf_counter()
-            if streamed:
-                data = self.prefetcher.take(name) if self.prefetcher else self.read(name)
+            if streamed and self.prefetcher:
+                data = self.prefetcher.take(name)
+            elif streamed:  # read here; then the disk reads the next stage into the page cache while this computes
+                data = self.read(name)
+                self.store.read_ahead([self.next_streamed[name]] if name in self.next_streamed else [])
             else:
                 data = self._prepared(self.store.read_stage(name, pooled=False))
             t1 = time.perf_counter()

@@ -4,7 +4,8 @@ A resident draft model proposes tokens; the streamed target runs all of them in 
 reads are the same for 1 or 64 positions) and keeps those its own decoding would have produced, plus its
 own next token. Each round:
 
-1. the draft catches up with the tokens it has not seen, then grows a chain or a tree of proposals
+1. the OS is asked to start reading the target's first streamed stages (model.read_ahead), so the disk works
+   while the draft catches up with the tokens it has not seen and grows a chain or a tree of proposals
    (airmlx/draft_tree.py), one draft call per level;
 2. the target runs the pending tokens and every proposal in one sweep: a chain causally, a tree with a tree
    attention mask and each node at its depth's position (Backend.begin_step's attend / positions);
@@ -186,6 +187,7 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
         while len(new) < max_new_tokens:
             pending, start = after[held - past_length:], held  # pending: never empty (the last token given out)
             runner.seconds = 0.0
+            target.read_ahead()
             root = runner.catch_up(seq)
             depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending))  # more is never used
             tree, dists = grow(root, runner.expand, measure, cap=cap, depth=depth,

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import CorruptShardError
 from .manifest import Manifest, repair_hint, stage_file_problem, verify_folder
+from .readahead import ReadAhead
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
@@ -167,6 +168,7 @@ class ShardStore:
         self._layout = {}
         self._identity = {}  # stage name -> (size, device, inode, mtime) of the file checked at open
         self._paths = {}  # stage name -> the file read for it: its own, or a backend's copy (use_copy)
+        self.readahead = ReadAhead()
         for entry in self.stages.values():
             path = self._paths[entry.name] = self.folder / entry.file
             problem = stage_file_problem(path, entry)
@@ -186,6 +188,10 @@ class ShardStore:
     def path(self, name: str) -> Path:
         """The file read for a stage."""
         return self._paths[name]
+
+    def read_ahead(self, names: list) -> None:
+        """Ask the OS to start reading these stages' files into its page cache (airmlx/readahead.py)."""
+        self.readahead.hint([(self._paths[n], self.stages[n].nbytes) for n in names])
 
     def use_copy(self, name: str, path) -> None:
         """Read a stage from `path` from now on: a backend's copy of its file with the same header (names,
@@ -354,6 +360,7 @@ class ShardStore:
 
     def close(self) -> None:
         self.pool.clear()
+        self.readahead.close()
 
 
 def identity(st):

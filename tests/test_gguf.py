@@ -153,6 +153,18 @@ def test_tiny_gguf_compression_requantises(tiny_ggufs, tmp_path):
     assert np.abs(logits[1] - logits[0]).max() < 0.05 * np.abs(logits[0]).max()
 
 
+def test_a_gguf_models_4bit_draft_is_made_from_the_file(tiny_ggufs, tmp_path):
+    """draft_model="4bit" quantises the source the folder was made from: here a .gguf file, not a folder."""
+    path, want = tiny_ggufs("llama")
+    out = airmlx.shard_checkpoint(path, tmp_path / "s", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", dtype="float32", draft_model="4bit",
+                                          progress=False) as m:
+        assert Manifest.load(m.draft.shard_dir).config["quantization"]["bits"] == 4
+        assert Manifest.load(m.draft.shard_dir).extra["source_path"] == str(path.resolve())
+        assert m.generate(PROMPT, max_new_tokens=12, eos_token_id=-1) == want
+        assert m.speculation.total.sweeps > 0
+
+
 def test_a_gguf_is_not_split_across_hosts(tiny_ggufs, tmp_path):
     path, _ = tiny_ggufs("llama")
     with pytest.raises(CheckpointError, match="--hosts/--rank split only Hugging Face checkpoints"):

@@ -88,11 +88,14 @@ def test_no_prefetch_uses_budget_for_residents():
 
 class FakeStore:
     def __init__(self):
-        self.reads, self.released = [], []
+        self.reads, self.released, self.hints = [], [], []
 
     def read_stage(self, name):
         self.reads.append(name)
         return name
+
+    def read_ahead(self, names):
+        self.hints.append((len(self.reads), names))
 
     def release(self, data):
         self.released.append(data)
@@ -107,6 +110,77 @@ def test_prefetcher_cycles_across_steps_within_its_slots():
     pf.close()
     assert store.reads[:7] == ["a", "b", "c", "a", "b", "c", "a"]
     assert len(store.reads) <= 7 + 2  # never more than depth + 1 ahead
+    # after each read, the OS is asked for the stage after it: the disk has the next read queued meanwhile
+    assert store.hints[:7] == [(i + 1, [["b", "c", "a"][i % 3]]) for i in range(7)]
+
+
+def test_a_sweep_without_prefetch_hints_the_stage_after_the_one_it_reads(checkpoints, tmp_path, monkeypatch):
+    """With no room for a prefetch slot, the OS reads stage i + 1 into its page cache while stage i runs: the
+    hints hold nothing of the process's, and the output is the same."""
+    folder, _ = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as whole:
+        want = whole.generate([4, 5, 6], max_new_tokens=4)
+        budget = whole.minimum_budget  # one stage in flight, nothing ahead
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=budget) as model:
+        assert model.plan.prefetch_depth == 0 and len(model.plan.streamed) > 2
+        events = []
+        read, read_ahead = model.scheduler.read, model.store.read_ahead
+        monkeypatch.setattr(model.scheduler, "read", lambda name: events.append(("read", name)) or read(name))
+        monkeypatch.setattr(model.store, "read_ahead", lambda names: events.append(("hint", *names)) or
+                            read_ahead(names))
+        assert model.generate([4, 5, 6], max_new_tokens=4) == want
+        streamed = model.plan.streamed
+        one_sweep = [e for name, after in zip(streamed, streamed[1:] + streamed[:1])
+                     for e in (("read", name), ("hint", after))]
+        assert events == one_sweep * 4
+        assert model.store.readahead.hinted_bytes == model.plan.streamed_bytes_per_step * 4
+        stats = model.memory_stats()
+        assert stats["peak"] <= budget + stats["kv_cache_peak"] + stats["activation_bound"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="hints need posix_fadvise here")
+def test_a_hint_brings_a_file_into_the_page_cache(tmp_path):
+    import os
+    import time
+
+    from airmlx.readahead import ReadAhead
+    from airmlx.store import evict
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * (4 << 12))  # 4 MiB
+        f.flush()
+        os.fsync(f.fileno())  # only clean pages leave the page cache
+    evict([path])
+    before = cached_fraction(path)
+    hints = ReadAhead()
+    hints.hint([(path, path.stat().st_size)])
+    deadline = time.monotonic() + 10
+    while cached_fraction(path) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    hints.close()
+    assert before < 0.5 and cached_fraction(path) == 1 and hints.hinted_bytes == path.stat().st_size
+
+
+def cached_fraction(path) -> float:
+    """The share of a file's pages in the page cache (mincore over a mapping of it, which reads nothing)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    vec = (ctypes.c_ubyte * pages)()
+    try:
+        assert libc.mincore(addr, size, vec) == 0
+    finally:
+        libc.munmap(addr, size)
+    return sum(v & 1 for v in vec) / pages
 
 
 def test_interrupted_sweep_restarts_prefetch(checkpoints, tmp_path):

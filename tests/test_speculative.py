@@ -204,14 +204,47 @@ def test_streamed_target_speculates_with_its_draft_inside_the_budget(tmp_path):
             assert model.plan.total_bytes <= budget and "draft model" in str(model.plan)
             plain = model.generate(PROMPT, max_new_tokens=20, draft_model=False)
             read = model.bytes_read
+            # each round asks the OS for the sweep's first stages before its draft runs: the disk reads meanwhile
+            events = []
+            draft_step, hint = draft.step_logits, model.store.read_ahead
+            draft.step_logits = lambda *a: events.append("draft") or draft_step(*a)
+            model.store.read_ahead = lambda names: events.append(tuple(names)) or hint(names)
             assert model.generate(PROMPT, max_new_tokens=20, speculation="chain") == plain
+            del draft.step_logits, model.store.read_ahead
             last = model.speculation.last
+            first = tuple(model.plan.streamed)  # the whole sweep: it is far below half the RAM available
+            rounds = [i for i, e in enumerate(events) if e == first]
+            assert len(rounds) == last.sweeps and all(events[i + 1] == "draft" for i in rounds)
             # the same model as its own draft: every proposal is accepted, and each sweep reads the model once
             assert last.accepted == last.drafted > 0 and last.tokens == 20 and last.sweeps < 20
             assert model.bytes_read - read == last.sweeps * model.plan.streamed_bytes_per_step
             stats = model.memory_stats()
             assert stats["tokens_per_sweep"] > 1 and stats["draft_weights"] == draft.plan.total_bytes
             assert "speculation:" in model.stats_line(len(PROMPT[0]), [0.0, 0.1, 0.2], 0.0)
+
+
+def test_the_cold_regime_evicts_before_a_rounds_read_ahead_or_else_before_the_sweep(tmp_path):
+    """bench_spec's cold regime: a speculative round's disk reads start at its read-ahead, before drafting;
+    plain decoding's at its sweep. Either way each sweep's stages are evicted exactly once."""
+    from airmlx.bench_hosts import cold_sweeps
+
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama", budget="600KB") as model:
+        assert model.plan.streamed
+        events = []
+        hint = model.read_ahead
+        model.read_ahead = lambda: events.append("hint") or hint()
+        with cold_sweeps(model, drop=lambda: events.append("drop")):
+            sweeps = model.scheduler.steps
+            model.generate(PROMPT, max_new_tokens=6, draft_model=False)
+            assert events == ["drop"] * (model.scheduler.steps - sweeps)
+            events.clear()
+            sweeps = model.scheduler.steps
+            model.generate(PROMPT, max_new_tokens=12, speculation="chain")
+            rounds = model.speculation.last.sweeps
+            assert events[:2 * rounds] == ["drop", "hint"] * rounds
+            assert events.count("drop") == model.scheduler.steps - sweeps  # a settling sweep after: its own drop
+        assert "forward_many" not in vars(model.scheduler)  # the scheduler's own sweep again
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
