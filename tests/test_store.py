@@ -1,4 +1,6 @@
 """The store's buffer pool and reads."""
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +206,51 @@ def test_populating_a_mapping_leaves_the_compute_thread_running(tmp_path, store,
     entry = store.manifest.stages[0]
     store.map_stage(entry.name).tensors = None
     assert called == [entry.nbytes]
+
+
+def pmd_mapped_kib(addr: int) -> int:
+    """FilePmdMapped of the mapping starting at addr (/proc/self/smaps), in KiB."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(format(addr, "x") + "-"))
+    for line in lines[start + 1:]:
+        if line.startswith("FilePmdMapped:"):
+            return int(line.split()[1])
+        if "-" in line.split()[0]:
+            break
+    return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge page mappings of files: Linux")
+def test_a_cold_mapping_is_read_into_huge_pages_where_the_system_can(tmp_path):
+    """A warm streamed sweep maps, computes on and unmaps every stage again: with 2 MB folios mapped whole that
+    costs a 512th of the page-table work. Where a mapping asked for huge pages by hand gets them (transparent
+    huge pages on, a file system with large folios), populate() gets them too; without the request, not."""
+    import ctypes
+    import mmap
+
+    from airmlx.store import MADV_HUGEPAGE, MADV_POPULATE_READ, evict, populate
+    path = tmp_path / "stage"
+    with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def cold_mapping(fill):
+        evict([path])
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
+        fill(buf, mapped)
+        got = pmd_mapped_kib(buf.ctypes.data)
+        del buf
+        mapped.close()
+        return got
+
+    by_hand = cold_mapping(lambda buf, m: (libc.madvise(buf.ctypes.data, buf.size, MADV_HUGEPAGE),
+                                           libc.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ)))
+    if by_hand == 0:
+        pytest.skip("this system maps files with small pages only (transparent huge pages off, or small folios)")
+    assert cold_mapping(populate) >= by_hand // 2
+    assert cold_mapping(lambda buf, m: libc.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ)) == 0
