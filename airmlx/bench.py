@@ -27,7 +27,6 @@ BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, 
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
 
 
-
 def save_tokenizer(folder, vocab_size):
     """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), for tools that insist on one."""
     from tokenizers import Tokenizer, models, pre_tokenizers

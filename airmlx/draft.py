@@ -13,18 +13,15 @@ from .units import format_bytes
 
 
 def quantised_copy(shard_dir: Path, compression: str, progress: bool = True) -> Path:
-    """The shard folder of `compression` made from the checkpoint shard_dir was made from (once)."""
+    """The shard folder of `compression` made from the checkpoint (or GGUF file) shard_dir was made from (once)."""
     from .sharder import shard_checkpoint
     src = Manifest.load(shard_dir).extra.get("source_path")
-    out = shard_dir.parent / f"{shard_dir.name}-{compression}"
-    if src and Path(src).is_file() and Path(src).suffix == ".gguf":
-        from .gguf import shard_gguf
-        return Path(shard_gguf(src, out, compression=compression, progress=progress))
-    if not src or not Path(src).is_dir():
+    if not src or not (Path(src).is_dir() or Path(src).suffix == ".gguf" and Path(src).is_file()):
         raise CheckpointError(f"draft_model={compression!r} quantises the checkpoint {shard_dir} was made from "
                               f"({src or 'not recorded'}), which is gone; shard the model again from its checkpoint, "
                               "or pass draft_model=PATH of a smaller model.")
-    return Path(shard_checkpoint(src, out, compression=compression, progress=progress))
+    out = shard_dir.parent / f"{shard_dir.name}-{compression}"
+    return Path(shard_checkpoint(src, out, compression=compression, progress=progress))  # a GGUF file too
 
 
 def draft_share(draft, budget: int, minimum: int) -> int:

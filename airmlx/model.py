@@ -216,7 +216,7 @@ class AirModel:
         """Ask the OS to start reading the next sweep's streamed stages into its page cache (at most half the
         RAM available now), so the disk works while something else runs first (a speculative round's draft).
         Returns the bytes asked for; holds no memory of the process (airmlx/readahead.py)."""
-        if not self.plan.streamed:
+        if not self.scheduler.hinted:  # nothing streams, or nothing worth a hint: no need to look at the RAM
             return 0
         return self.scheduler.read_ahead(min(self.plan.streamed_bytes_per_step, available_ram() // 2))
 

@@ -1,11 +1,11 @@
 """Read-ahead hints: the OS starts reading a stage file into its page cache before the sweep needs it.
 
 Where the budget leaves no room for a prefetch slot, the disk reads stage i + 1 while stage i computes; before a
-speculative round's drafting it reads the first stages of the sweep that will verify it. The scheduler chooses
-the stages (schedule.hinted_stages: on Linux not those mapped in huge pages). A hint holds no memory of the
-process: the pages are the page cache's, which the OS gives back under pressure, and the stage is still mapped
-or read (and counted) only when its turn comes. The calls run on a daemon thread of their own, as a large hint may take a while to
-queue. Linux: posix_fadvise(WILLNEED); macOS: fcntl(F_RDADVISE); elsewhere hints do nothing.
+speculative round's drafting it reads the first stages of the sweep that will verify it. The scheduler chooses the
+stages (schedule.hinted_stages: on Linux not those mapped in huge pages). A hint holds no memory of the process:
+the pages are the page cache's, which the OS gives back under pressure, and the stage is still mapped or read (and
+counted) only when its turn comes. The calls run on a daemon thread of their own, as a large hint may take a while
+to queue. Linux: posix_fadvise(WILLNEED); macOS: fcntl(F_RDADVISE); elsewhere hints do nothing.
 """
 import os
 import queue

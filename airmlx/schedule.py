@@ -204,7 +204,8 @@ class Scheduler:
                 data = self.prefetcher.take(name)
             elif streamed:  # read here; then the disk reads the next stage into the page cache while this computes
                 data = self.read(name)
-                self.store.read_ahead([self.next_streamed[name]] if name in self.next_streamed else [])
+                if name in self.next_streamed:
+                    self.store.read_ahead([self.next_streamed[name]])
             else:
                 data = self._prepared(self.store.read_stage(name, pooled=False))
             t1 = time.perf_counter()

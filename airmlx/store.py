@@ -202,7 +202,7 @@ class ShardStore:
 
     def use_copy(self, name: str, path) -> None:
         """Read a stage from `path` from now on: a backend's copy of its file with the same header (names,
-        dtypes, shapes, offsets) and other bytes in some tensors (backends/torch_int4_copy.py)."""
+        dtypes, shapes, offsets) and other bytes in some tensors (airmlx/stage_copies.py writes them)."""
         path = Path(path)
         data_start, infos, _ = read_header(path, fix="delete it; it is written again")
         if (data_start, infos) != self._layout[name] or path.stat().st_size != self.stages[name].nbytes:
