@@ -217,7 +217,7 @@ class Scheduler:
                 if streamed and self.prefetcher:
                     self.prefetcher.done()
                 raise
-            if not self.backend.zero_copy:  # the backend made its own copy: the buffer can go now
+            if not self.backend.keeps_views(entry):  # the backend made its own copy: the buffer can go now
                 data = self._give_back(data)
             wait_s, load_s = t1 - t0, time.perf_counter() - t1
             if not streamed:

@@ -3,10 +3,12 @@ its int4 kernel's layout of 4-bit codes; backends/torch_quant.py).
 
 A copy is written once, the first time the backend streams the stage, and then read instead of the stage file
 (store.use_copy): nothing is transformed per load. It is the stage file byte for byte except the tensors the
-backend transforms, whose bytes keep their size and place, so its header (names, dtypes, shapes, offsets) and
-size are the stage file's, and the plan, the checks and the memory accounting stay as they are. LAYOUT/
-index.json records what each copy was made from (the stage file's checksum, size and modification time, the
-tensors transformed, the layout's version); a copy made from anything else is written again. Where the folder
+backend transforms, whose bytes keep their size and place (a group of tensors that lie back to back in the file
+is transformed as one span: torch writes a weight's scales and biases as its kernel's stacked scales and zeros),
+so its header (names, dtypes, shapes, offsets) and size are the stage file's, and the plan, the checks and the
+memory accounting stay as they are. LAYOUT/index.json records what each copy was made from (the stage file's
+checksum, size and modification time, the tensors transformed, the layout's version); a copy made from anything
+else is written again. Where the folder
 cannot be written or lacks the room, that stage is read as it is (a warning says why). The backend says which
 tensors and how; this module does the files, so a backend never opens one.
 """
@@ -28,9 +30,10 @@ log = logging.getLogger("airmlx")
 
 
 def use_copies(store, layout: str, wanted: dict, transform, version: int) -> set:
-    """Point `store` at a copy in `layout` of each stage in `wanted` ({stage: names of the tensors to
-    transform}), writing the copies missing or out of date (under the folder's lock). transform(array): a
-    tensor's new bytes (uint8, as many as it had). Returns the stages now read from a copy."""
+    """Point `store` at a copy in `layout` of each stage in `wanted` ({stage: groups of tensor names to
+    transform, each a tuple of tensors back to back in the file}), writing the copies missing or out of date
+    (under the folder's lock). transform(names, arrays): the group's new bytes (as many as its span has).
+    Returns the stages now read from a copy."""
     if not wanted:
         return set()
     folder = store.folder / layout
@@ -90,7 +93,7 @@ def _stamp(store, name: str, tensors: list, version: int) -> dict:
     and the layout's version."""
     st = (store.folder / store.stages[name].file).stat()
     return {"version": version, "checksum": store.stages[name].checksum, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "transformed": sorted(tensors)}
+            "mtime_ns": st.st_mtime_ns, "transformed": sorted("+".join(group) for group in tensors)}
 
 
 def _read_index(folder: Path) -> dict:
@@ -106,18 +109,27 @@ def _write_index(folder: Path, index: dict) -> None:
     os.replace(tmp, folder / INDEX)
 
 
-def _write_copy(store, name: str, tensors: list, transform, out: Path) -> None:
-    """The stage file with `tensors` transformed in place, written atomically; one stage in memory."""
+def span(infos: dict, group: tuple) -> "tuple[int, int] | None":
+    """(start, end) of a group of tensors that lie back to back in this order in a stage file, else None."""
+    for a, b in zip(group, group[1:]):
+        if infos[a].end != infos[b].start:
+            return None
+    return infos[group[0]].start, infos[group[-1]].end
+
+
+def _write_copy(store, name: str, groups: list, transform, out: Path) -> None:
+    """The stage file with `groups` of tensors transformed in place, written atomically; one stage in memory."""
     src = store.folder / store.stages[name].file
     blob = np.empty(src.stat().st_size, dtype=np.uint8)
     with open(src, "rb", buffering=0) as f:
         if f.readinto(blob) != len(blob):
             raise OSError(f"{src} ended early")
     start, infos = store.data_start(name), store.tensor_infos(name)
-    for tensor in tensors:
-        info = infos[tensor]
-        view = blob[start + info.start: start + info.end].view(NUMPY_VIEWS[info.dtype]).reshape(info.shape)
-        blob[start + info.start: start + info.end] = np.asarray(transform(view)).reshape(-1).view(np.uint8)
+    for group in groups:
+        first, end = span(infos, group)
+        views = [blob[start + infos[t].start: start + infos[t].end].view(NUMPY_VIEWS[infos[t].dtype])
+                 .reshape(infos[t].shape) for t in group]
+        blob[start + first: start + end] = np.asarray(transform(group, views)).reshape(-1).view(np.uint8)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

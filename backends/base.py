@@ -57,6 +57,10 @@ class Backend(Protocol):
     def use_copies(self, stages: set) -> None:
         """These stages are read from the copy copy_layout asked for, from now on."""
 
+    def keeps_views(self, entry: Any) -> bool:
+        """Whether this stage, once loaded, still views its raw buffers (they live until free_stage): zero_copy,
+        or a stage read from a copy in the backend's own layout that it uses as read."""
+
     def prepare(self, entry: Any, tensors: dict) -> dict:
         """Work on a stage's raw tensors that can run on the thread that read them (the prefetch thread, beside
         compute): e.g. repacking quantised codes. Returns what load_stage takes."""

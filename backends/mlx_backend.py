@@ -183,6 +183,9 @@ class MLXBackend:
     def use_copies(self, stages) -> None:
         pass
 
+    def keeps_views(self, entry) -> bool:
+        return self.zero_copy
+
     def set_scratch(self, nbytes):
         # Metal allocations are slow, so freed buffers up to the activation bound stay cached for reuse; the
         # CPU's come from malloc, which the cache would only hide from the count

@@ -33,7 +33,7 @@ from .torch_remote import remote_config, shared_rotary
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+STORED = torch_quant.STORED
 TRIM_SLACK = 64  # tokens a sliding-window layer keeps beyond its window, so trims up to this are exact
 
 
@@ -158,7 +158,7 @@ class TorchBackend:
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
-        self.int4_copies = set()  # stages read from a copy in torch's int4 layout (torch_quant.INT4_COPY)
+        self.int4_copies = {}  # stage -> its tensor groups in the copy in torch's int4 layout (torch_quant.INT4_COPY)
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
@@ -198,20 +198,25 @@ class TorchBackend:
         int4 kernel's layout (repacked once), so no load repacks: what that copy transforms, and how."""
         if self.device.type != "cpu" or not self.qconfig or not torch_quant.int4_kernel_ok():
             return None
-        return (torch_quant.INT4_COPY, torch_quant.int4_copy_tensors(self, store, list(streamed)),
-                lambda codes: torch_quant.repack_int4(codes).numpy(), torch_quant.INT4_COPY_VERSION)
+        self._copy_groups = torch_quant.int4_copy_groups(self, store, list(streamed))
+        return (torch_quant.INT4_COPY, self._copy_groups, torch_quant.int4_copy_transform,
+                torch_quant.INT4_COPY_VERSION)
 
     def use_copies(self, stages) -> None:
-        """These stages come from the int4 layout copy: mapped like bf16 stage files, their codes used as read."""
-        self.int4_copies = set(stages)
+        """These stages come from the int4 layout copy: mapped like bf16 stage files, their codes (and stacked
+        scales) used as read, so the loaded stage views the mapping until free_stage."""
+        self.int4_copies = {name: self._copy_groups[name] for name in stages}
         self.page_cache_views = self.page_cache_views or bool(self.int4_copies)
+
+    def keeps_views(self, entry) -> bool:
+        return self.zero_copy or entry.name in self.int4_copies
 
     def prepare(self, entry, tensors):
         """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout."""
         return torch_quant.prepare_stage(self, entry, tensors)
 
-    def quantized(self, tensors, raw_ranges=(), source=None):
-        return torch_quant.load_quantized(self, tensors, raw_ranges, source)
+    def quantized(self, tensors, raw_ranges=(), source=None, keep=False):
+        return torch_quant.load_quantized(self, tensors, raw_ranges, source, keep)
 
     def set_scratch(self, nbytes):
         pass  # torch's CPU allocator returns freed memory; the CUDA caching allocator is counted by memory()
@@ -257,10 +262,10 @@ class TorchBackend:
             t = t.to(self.dtype)
         return t.to(self.device)
 
-    def _kept(self, tensor, raw_ranges):
+    def _kept(self, tensor, raw_ranges, keep=False):
         """A tensor the loaded stage keeps: its own copy when it still views a read buffer that goes back to
-        the pool right after loading (not zero_copy)."""
-        return tensor.clone() if not self.zero_copy and self._views_buffer(tensor, raw_ranges) else tensor
+        the pool right after loading (keep: the stage keeps its buffers, keeps_views)."""
+        return tensor.clone() if not keep and self._views_buffer(tensor, raw_ranges) else tensor
 
     def convert(self, tensors):
         """Checkpoint tensors -> the skeleton's parameters, through transformers' own conversion mapping
@@ -288,14 +293,14 @@ class TorchBackend:
         if entry.kind == "head":  # a tied head reads the embedding: its tensors take the head's names
             source = {torch_quant.stage_name(self, entry, n): n for n in tensors}
             tensors = {name: tensors[n] for name, n in source.items()}
-        overrides = []
+        overrides, keep = [], self.keeps_views(entry)
         if self.qconfig:
-            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges, source)
+            tensors, overrides, nbytes = self.quantized(tensors, raw_ranges, source, keep)
         for path, (name, tensor) in self._converted(entry, tensors).items():
             module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
-            tensor = self._kept(tensor, raw_ranges)
+            tensor = self._kept(tensor, raw_ranges, keep)
             setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)

@@ -17,6 +17,7 @@ import torch
 from transformers.core_model_loading import rename_source_key
 
 from airmlx.quant import dequantize, module_params
+from airmlx.stage_copies import span
 
 from .base import check_placement
 
@@ -118,13 +119,16 @@ def int4_linear(module, packed, scales_and_zeros, group_size, x):
     return y + module.bias if module.bias is not None else y
 
 
-def install_int4(module, packed, scales, biases, group_size):
-    """Run `module` (a Linear) on its 4-bit weight in torch's layout (repack_int4): forward is replaced until
-    remove(module)."""
+def scales_and_zeros(scales, biases):
+    """MLX's (N, K / group) scales and biases -> the int4 kernel's (K / group, N, 2) scales and zeros."""
     zeros = biases + 8 * scales  # (q - 8) * s + (b + 8 s) = q * s + b
-    scales_and_zeros = torch.stack([scales.t(), zeros.t()], -1).contiguous()
-    module.forward = functools.partial(int4_linear, module, packed, scales_and_zeros, group_size)
-    return packed.numel() + scales_and_zeros.numel() * scales_and_zeros.element_size()
+    return torch.stack([scales.t(), zeros.t()], -1).contiguous()
+
+
+def install_int4(module, packed, stacked, group_size):
+    """Run `module` (a Linear) on its 4-bit weight in torch's layout (repack_int4) and its scales_and_zeros:
+    forward is replaced until remove(module)."""
+    module.forward = functools.partial(int4_linear, module, packed, stacked, group_size)
 
 
 def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
@@ -137,7 +141,6 @@ def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
 def install_embedding(module, wq, scales, biases, group_size, bits):
     """Look up rows of a quantised embedding, dequantising only those: forward is replaced until remove()."""
     module.forward = functools.partial(quantized_embedding, module, wq, scales, biases, group_size, bits)
-    return sum(t.numel() * t.element_size() for t in (wq, scales, biases))
 
 
 def remove(module):
@@ -179,38 +182,72 @@ def packable_weight(backend, entry, base):
 def prepare_stage(backend, entry, tensors):
     """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout (INT4PACK: an
     array of its own), or, read from a copy in that layout (INT4_COPY), viewed as that layout already
-    (INT4PACK_VIEW: a view of the stage's buffer or mapping, which loading copies out)."""
+    (INT4PACK_VIEW: a view of the stage's mapping, kept until the stage is freed), their scales and biases too
+    where the copy stacked them (one (K / group, N, 2) view under the scales' name)."""
     if not backend.qconfig or backend.device.type != "cpu":
         return tensors
     out = dict(tensors)
-    copied = entry.name in backend.int4_copies
+    copied = backend.int4_copies.get(entry.name)
     for name in [n for n in tensors if n.endswith(".scales")]:
         base = name[: -len(".scales")]
         if packable_weight(backend, entry, base):
             raw = tensors[base + ".weight"]
             shape = (raw.shape[0], raw.shape[1] * 4)
-            if copied:
-                out[base + ".weight"] = replace(raw, dtype="INT4PACK_VIEW", data=raw.data.view(np.uint8), shape=shape)
-            else:
+            if copied is None:
                 out[base + ".weight"] = replace(raw, dtype="INT4PACK", data=repack_int4(raw.data).numpy(),
                                                 owner=None, shape=shape)
+                continue
+            out[base + ".weight"] = replace(raw, dtype="INT4PACK_VIEW", data=raw.data.view(np.uint8), shape=shape)
+            if (name, base + ".biases") in copied:
+                scales, biases = tensors[name], out.pop(base + ".biases")
+                stacked = (scales.shape[1], scales.shape[0], 2)
+                out[name] = replace(scales, data=joined(scales.data, biases.data).reshape(stacked), shape=stacked)
     return out
 
+
+def joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One flat view of two arrays of a dtype that lie back to back in memory."""
+    if second.ctypes.data != first.ctypes.data + first.nbytes or second.dtype != first.dtype:
+        raise ValueError("the stacked scales and zeros are not back to back in the int4 layout copy")
+    return np.lib.stride_tricks.as_strided(first, shape=(first.size + second.size,), strides=(first.itemsize,),
+                                           writeable=False)
+
+
 INT4_COPY = "torch-int4"  # the folder of streamed 4-bit stages in the int4 kernel's layout (airmlx.stage_copies)
-INT4_COPY_VERSION = 1  # of that layout (repack_int4's); copies of another version are written again
+INT4_COPY_VERSION = 2  # of that layout (1: codes repacked; 2: and scales stacked); others are written again
+STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def int4_copy_tensors(backend, store, names: list) -> dict:
-    """{stage: its 4-bit weights the int4 kernel runs} for the stages of `names` with any: what the copy in
-    the kernel's layout repacks (repack_int4, once)."""
+def int4_copy_groups(backend, store, names: list) -> dict:
+    """{stage: tensor groups} for the stages of `names` with 4-bit weights the int4 kernel runs: what the copy
+    in the kernel's layout transforms once (int4_copy_transform): each weight's codes, and its scales and
+    biases where they lie back to back and are stored in the compute dtype (so the stacked scales and zeros
+    are the very bits install_int4 would compute)."""
     wanted = {}
     for name in names:
-        entry = store.stages[name]
-        bases = [t[: -len(".scales")] for t in store.tensor_infos(name) if t.endswith(".scales")]
-        packed = [b + ".weight" for b in bases if packable_weight(backend, entry, b)]
-        if packed:
-            wanted[name] = packed
+        entry, infos = store.stages[name], store.tensor_infos(name)
+        groups = []
+        for base in [t[: -len(".scales")] for t in infos if t.endswith(".scales")]:
+            if not packable_weight(backend, entry, base):
+                continue
+            groups.append((base + ".weight",))
+            pair = (base + ".scales", base + ".biases")
+            if span(infos, pair) and all(STORED.get(infos[t].dtype) == backend.dtype for t in pair):
+                groups.append(pair)
+        if groups:
+            wanted[name] = groups
     return wanted
+
+
+def int4_copy_transform(names: tuple, arrays: list) -> np.ndarray:
+    """A group's bytes in the int4 layout copy: codes repacked, or scales and biases as scales_and_zeros."""
+    if len(names) == 1:
+        return repack_int4(arrays[0]).numpy()
+    dtype = {np.uint16: torch.bfloat16}.get(arrays[0].dtype.type)
+    scales, biases = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    if dtype is not None:
+        scales, biases = scales.view(torch.int16).view(dtype), biases.view(torch.int16).view(dtype)
+    return scales_and_zeros(scales, biases).view(torch.uint8).numpy()
 
 
 def target_module(backend, base):
@@ -230,25 +267,31 @@ def _find_target(backend, base):
     except AttributeError:
         return None
 
-def load_quantized(backend, tensors, raw_ranges=(), source=None):
+def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
     """Quantised weights (MLX affine layout) of a stage: 4-bit Linears on the CPU run packed, embeddings
     dequantise the rows they look up (both through torch_quant, their modules' forward replaced), the
     rest become plain weights in the compute dtype. source: a tensor's checkpoint name where the stage renamed
-    it (a tied head's embedding), whose quantisation it keeps. Returns (plain tensors, replaced modules, bytes)."""
+    it (a tied head's embedding), whose quantisation it keeps. keep: the stage keeps its raw buffers (views of
+    them need no copy). Returns (plain tensors, replaced modules, bytes made)."""
     out, overrides, nbytes = dict(tensors), [], 0
     for name in [n for n in tensors if n.endswith(".scales")]:
         base = name[: -len(".scales")]
-        scales, biases, wq = out.pop(name), out.pop(base + ".biases"), out.pop(base + ".weight")
+        scales, biases, wq = out.pop(name), out.pop(base + ".biases", None), out.pop(base + ".weight")
         group_size, bits = module_params(backend.qconfig, (source or {}).get(name, name)[: -len(".scales")])
         module = target_module(backend, base)
         if wq.dtype == torch.uint8 and module is not None:  # in the int4 kernel's layout (prepare_stage)
             check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
                             tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}")
-            nbytes += install_int4(module, backend._kept(wq, raw_ranges), scales, biases, group_size)
+            # biases None: the copy in the kernel's layout holds the stacked scales and zeros already
+            kept = [backend._kept(t, raw_ranges, keep)
+                    for t in (wq, scales if biases is None else scales_and_zeros(scales, biases))]
+            install_int4(module, *kept, group_size)
+            nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
         elif isinstance(module, torch.nn.Embedding):
-            kept = [backend._kept(t, raw_ranges) for t in (wq, scales, biases)]
-            nbytes += install_embedding(module, *kept, group_size, bits)
+            kept = [backend._kept(t, raw_ranges, keep) for t in (wq, scales, biases)]
+            install_embedding(module, *kept, group_size, bits)
+            nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
         else:
             out[base + ".weight"] = dequantize_affine(wq, scales, biases, group_size, bits)

@@ -187,7 +187,7 @@ def test_int4_prefill_dequantises_blocks_and_agrees_with_the_kernel(monkeypatch)
     assert torch.equal(torch_quant.unpack_int4(packed).int(), codes)
     scales, biases = torch.rand(n, k // group, generator=gen), torch.rand(n, k // group, generator=gen)
     module = torch.nn.Linear(k, n, bias=False, device="meta")
-    torch_quant.install_int4(module, packed, scales, biases, group)
+    torch_quant.install_int4(module, packed, torch_quant.scales_and_zeros(scales, biases), group)
     monkeypatch.setattr(torch_quant, "DEQUANT_ELEMENTS", 64 * k)  # several blocks of rows
     x = torch.randn(3, 7, k, generator=gen)
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k), packed, group,
@@ -270,3 +270,43 @@ def test_torch_streams_4bit_stages_from_a_copy_in_its_kernels_layout(converted, 
 def shutil_usage(free):
     import collections
     return collections.namedtuple("usage", "total used free")(free, 0, free)
+
+
+@pytest.mark.parametrize("other_dtype", [False, True], ids=["compute-dtype-as-stored", "another-compute-dtype"])
+def test_a_copied_4bit_stage_computes_on_its_mapping(converted, tmp_path, other_dtype):
+    """A stage read from the int4 layout copy is used as read: its packed codes, and its stacked scales and zeros
+    where the copy holds them (scales stored in the compute dtype), are views of the mapping, kept until the
+    stage is freed, so loading it makes nothing (it used to copy the codes out of the mapping and stack the
+    scales at every load). In another compute dtype the scales are stacked at load, as before. The logits are
+    the repacking path's, bit for bit."""
+    from airmlx.backends import torch_quant
+    if not torch_quant.int4_kernel_ok():
+        pytest.skip("this torch has no packed int4 CPU kernel")
+    out = airmlx.shard_checkpoint(converted / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    infos = airmlx.store.ShardStore(out).tensor_infos("layer.000")
+    scales_dtype = next(info.dtype for name, info in infos.items() if name.endswith(".scales"))
+    dtype = ("bfloat16" if scales_dtype == "F32" else "float32") if other_dtype else None
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="1GB", dtype=dtype) as m:
+        want = m.logits([PROMPT])
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=int(1.5 * minimum_budget(out, "torch")),
+                                          dtype=dtype) as m:
+        assert m.backend.int4_copies
+        made, load = {}, m.backend.load_stage
+
+        def recording(entry, tensors):
+            stage = load(entry, tensors)
+            made[entry.name] = (stage.nbytes, [mod.forward.args for mod in stage.overrides])
+            return stage
+        m.backend.load_stage = recording
+        got = m.logits([PROMPT])
+    assert (got == want).all()
+    for name, groups in m.backend.int4_copies.items():
+        nbytes, installed = made[name]
+        pairs = [g for g in groups if len(g) == 2]
+        assert bool(pairs) == (not other_dtype) and len(installed) == len(groups) - len(pairs)
+        stacked_bytes = sum(s.numel() * s.element_size() for _, _, s, _ in installed)
+        # in another dtype the norms are converted too; nothing else is made
+        plain = [i for n, i in m.store.tensor_infos(name).items()
+                 if not n.endswith((".scales", ".biases")) and n.rpartition(".")[0] + ".scales" not in m.store.tensor_infos(name)]
+        converted_bytes = sum(np.prod(i.shape) * m.backend.dtype.itemsize for i in plain)
+        assert nbytes == (stacked_bytes + converted_bytes if other_dtype else 0), (name, nbytes, stacked_bytes)
