@@ -108,6 +108,7 @@ class Scheduler:
     profiling: bool = False
     steps: int = 0
     records: list = field(default_factory=list)
+    owed_slot: bool = False  # a streamed stage was freed and its prefetch slot is not yet given back (_pay_slot)
 
     def __post_init__(self):
         stages = list(self.store.stages.values())  # the stages the store reads: all, or a pipeline rank's range
@@ -158,7 +159,7 @@ class Scheduler:
             self.prefetcher = Prefetcher(self.store, self.plan.streamed, self.plan.prefetch_depth, self.read)
 
     def _stop_prefetch(self):
-        old, self.prefetcher = self.prefetcher, None
+        old, self.prefetcher, self.owed_slot = self.prefetcher, None, False
         if old is not None:
             old.close()
 
@@ -191,7 +192,19 @@ class Scheduler:
             # an interrupted sweep leaves the prefetcher mid-cycle: the next sweep starts a new one
             self._stop_prefetch()
             raise
+        self._pay_slot()
         self.steps += 1
+
+    def _pay_slot(self):
+        """Give back the prefetch slot of the streamed stage freed last. A stage frees its slot once the next
+        stage is loaded, not when it is freed: the prefetch thread's Python work (mapping a stage, its views)
+        then runs while compute is in the framework's kernels without the GIL, instead of holding up the next
+        stage's load (about 5 ms a step on the 617.7 MB bench model). It reads nothing sooner either way: the
+        next stage was read ahead already."""
+        if self.owed_slot:
+            self.owed_slot = False
+            if self.prefetcher:
+                self.prefetcher.done()
 
     def _run(self, entry, xs, ctxs, on_output):
         name = entry.name
@@ -222,6 +235,7 @@ class Scheduler:
             wait_s, load_s = t1 - t0, time.perf_counter() - t1
             if not streamed:
                 self.resident[name] = (loaded, data)
+        self._pay_slot()
         t2 = time.perf_counter()
         try:
             for i, ctx in enumerate(ctxs):
@@ -233,8 +247,7 @@ class Scheduler:
             if streamed:
                 self.backend.free_stage(loaded)
                 self._give_back(data)
-                if self.prefetcher:
-                    self.prefetcher.done()  # only then may the next read start
+                self.owed_slot = True  # only then may the next read start (_pay_slot)
         if self.profiling:
             self.records.append(StageRecord(self.steps, name, read_bytes, read_s, wait_s, load_s,
                                             time.perf_counter() - t2))

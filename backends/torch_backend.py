@@ -76,6 +76,26 @@ class TorchStep:
     rotary: dict = field(default_factory=dict)  # per layer type
 
 
+def set_parameter(module, name, param):
+    """setattr(module, name, param) for a parameter the module already has, without nn.Module.__setattr__'s
+    checks (a stage load sets every parameter of its layer, and frees them again)."""
+    if name in module._parameters:
+        module._parameters[name] = param
+    else:
+        setattr(module, name, param)
+
+
+def merged_ranges(ranges: list) -> list:
+    """Address ranges with the ones that touch or overlap joined (a mapped stage's tensors: usually one)."""
+    out = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [tuple(r) for r in out]
+
+
 def resolve_device(device):
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -255,7 +275,10 @@ class TorchBackend:
 
     # -- stages --------------------------------------------------------------------------------
     def from_raw(self, raw):
-        t = torch.from_numpy(raw.data)  # read-only page-cache mappings too: see the warning filter above
+        return self._typed(raw, torch.from_numpy(raw.data))  # read-only mappings too: see the warning filter
+
+    def _typed(self, raw, t):
+        """from_raw, given the raw tensor's bytes as a torch tensor."""
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
         if t.is_floating_point() and t.dtype != self.dtype:
@@ -284,11 +307,12 @@ class TorchBackend:
         return out
 
     def load_stage(self, entry, tensors):
-        params, nbytes = {}, 0
-        # the read buffer's address range: tensors still viewing it are its, not this backend's
-        raw_ranges = [(r.data.ctypes.data, r.data.ctypes.data + r.nbytes) for r in tensors.values()
-                      if r.dtype != "INT4PACK"]
-        tensors = {name: self.from_raw(raw) for name, raw in tensors.items()}
+        params, nbytes, raw = {}, 0, tensors
+        tensors = {name: torch.from_numpy(r.data) for name, r in raw.items()}
+        # the read buffer's address ranges: tensors still viewing them are its, not this backend's
+        raw_ranges = merged_ranges([(t.data_ptr(), t.data_ptr() + t.nbytes) for name, t in tensors.items()
+                                    if raw[name].dtype != "INT4PACK"])
+        tensors = {name: self._typed(raw[name], t) for name, t in tensors.items()}
         source = None
         if entry.kind == "head":  # a tied head reads the embedding: its tensors take the head's names
             source = {torch_quant.stage_name(self, entry, n): n for n in tensors}
@@ -301,7 +325,7 @@ class TorchBackend:
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
                             f"transformers' {type(self.skeleton).__name__}")
             tensor = self._kept(tensor, raw_ranges, keep)
-            setattr(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
+            set_parameter(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)
         self._live += nbytes
@@ -334,7 +358,7 @@ class TorchBackend:
 
     def free_stage(self, stage):
         for module, pname, placeholder in stage.params.values():
-            setattr(module, pname, placeholder)
+            set_parameter(module, pname, placeholder)
         for module in stage.overrides:
             torch_quant.remove(module)
         stage.params, stage.overrides = {}, []

@@ -148,6 +148,37 @@ def test_a_sweep_without_prefetch_hints_the_stage_after_the_one_it_reads(checkpo
         assert stats["peak"] <= budget + stats["kv_cache_peak"] + stats["activation_bound"]
 
 
+def test_a_streamed_stage_gives_its_prefetch_slot_back_once_the_next_is_loaded(checkpoints, tmp_path, monkeypatch):
+    """The prefetch thread's next read (its Python: mapping a stage, making views) runs while the next stage
+    computes in the framework's kernels, not while it loads (where the two threads took turns at the GIL): a
+    streamed stage's slot goes back after the next stage's load and before its compute, and the sweep's last
+    one when the sweep ends, never earlier, so no more stages are ever in flight; the output is the same."""
+    folder, _ = checkpoints("llama", num_hidden_layers=8)  # enough layers that streaming prefetches
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as whole:
+        want = whole.generate([4, 5, 6], max_new_tokens=4)
+    budget = "380KB"
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=budget) as model:
+        assert model.plan.prefetch_depth >= 1 and len(model.plan.streamed) > 2
+        model.generate([4, 5, 6], max_new_tokens=1)  # the resident stages are loaded once, here
+        events = []
+        load, run, done = model.backend.load_stage, model.backend.run_stage, Prefetcher.done
+        monkeypatch.setattr(model.backend, "load_stage", lambda entry, t: events.append(("load", entry.name)) or
+                            load(entry, t))
+        monkeypatch.setattr(model.backend, "run_stage", lambda *a: events.append(("run",)) or run(*a))
+        monkeypatch.setattr(Prefetcher, "done", lambda self: events.append(("slot",)) or done(self))
+        assert model.generate([4, 5, 6], max_new_tokens=4) == want
+        one_sweep, owed = [], False
+        for entry in model.scheduler.entries:
+            streamed = entry.name in model.plan.streamed
+            one_sweep += [("load", entry.name)] * streamed + [("slot",)] * owed + [("run",)]
+            owed = streamed
+        one_sweep += [("slot",)] * owed
+        assert events == one_sweep * 4
+        stats = model.memory_stats()
+        assert stats["peak"] <= stats["budget"] + stats["kv_cache_peak"] + stats["activation_bound"]
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="hints need posix_fadvise here")
 def test_a_hint_brings_a_file_into_the_page_cache(tmp_path):
     import os
