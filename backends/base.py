@@ -50,9 +50,10 @@ class Backend(Protocol):
 
     # -- stages
     def copy_layout(self, store: Any, streamed: list) -> "tuple | None":
-        """Once the plan is made: (folder name, {stage: tensor names}, transform(array) -> new bytes, version)
-        when streamed stages are better read from a copy with those tensors in the backend's own layout (written
-        once by airmlx.stage_copies, which does the files); None to read the stage files as they are."""
+        """Once the plan is made: (folder name, {stage: groups of tensor names}, transform(names, arrays) -> new
+        bytes, version) when streamed stages are better read from a copy with those tensors in the backend's own
+        layout (written once by airmlx.stage_copies, which does the files); None to read the stage files as they
+        are."""
 
     def use_copies(self, stages: set) -> None:
         """These stages are read from the copy copy_layout asked for, from now on."""

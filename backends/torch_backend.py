@@ -179,6 +179,7 @@ class TorchBackend:
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
         self.int4_copies = {}  # stage -> its tensor groups in the copy in torch's int4 layout (torch_quant.INT4_COPY)
+        self._copy_groups = {}  # what copy_layout asked stage_copies for
 
     # -- memory ------------------------------------------------------------------------------------
     def allocate(self, nbytes):
