@@ -8,9 +8,9 @@ is transformed as one span: torch writes a weight's scales and biases as its ker
 so its header (names, dtypes, shapes, offsets) and size are the stage file's, and the plan, the checks and the
 memory accounting stay as they are. LAYOUT/index.json records what each copy was made from (the stage file's
 checksum, size and modification time, the tensors transformed, the layout's version); a copy made from anything
-else is written again. Where the folder
-cannot be written or lacks the room, that stage is read as it is (a warning says why). The backend says which
-tensors and how; this module does the files, so a backend never opens one.
+else is written again. Where the folder cannot be written or lacks the room, that stage is read as it is (a
+warning says why). The backend says which tensors and how; this module does the files, so a backend never
+opens one.
 """
 import json
 import logging
