@@ -4,6 +4,7 @@ It builds (or takes) a model several times larger than the budget, shards it, me
 read bandwidth of the shard files, then times decode steps per backend:
   cold      every shard file evicted from the page cache (posix_fadvise DONTNEED) before each step
   warm      shard files in the page cache
+  read-warm (--warm-after-read) warm, in a model opened after the files came into the page cache by read()
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
 import inspect
@@ -79,6 +80,16 @@ def time_streamed(model, steps, cold):
     stats = model.memory_stats()
     bound = stats["budget"] + stats["kv_cache_peak"] + stats["activation_bound"]
     return statistics.median(times[1:]), stats["peak"], stats["peak"] / bound
+
+
+def read_into_page_cache(files, chunk: int = 1 << 20) -> None:
+    """Evict files, then bring them back into the page cache as another reader would (read(), 1 MB at a time):
+    in small folios, which a mapping cannot map as huge pages until the store reads them again."""
+    evict(files)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(chunk):
+                pass
 
 
 def time_batches(model, batch_sizes, steps):
@@ -183,6 +194,11 @@ def run(args):
         predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False))  # what python -m airmlx.doctor says
         cold, cold_peak, cold_ratio = time_streamed(model, args.steps, cold=True)
         warm, warm_peak, warm_ratio = time_streamed(model, args.steps, cold=False)
+        read_warm = None
+        if args.warm_after_read:
+            read_into_page_cache(model.stage_files(streamed_only=True))
+            with AutoModel.from_pretrained(shards, backend=backend, memory_budget=max(budget, minimum)) as fresh:
+                read_warm = time_streamed(fresh, args.steps, cold=False)[0]
         batches = time_batches(model, args.batch, max(2, args.steps // 2)) if args.batch else {}
         scoring = time_scoring(model, args.score, 64) if args.score else None
         model.close()
@@ -197,6 +213,8 @@ def run(args):
                    peak_over_bound=max(cold_ratio, warm_ratio), predicted_cold_s=predicted.cold_s_per_token,
                    predicted_warm_s=predicted.warm_s_per_token,
                    cold_over_predicted=cold / predicted.cold_s_per_token)
+        if read_warm is not None:
+            row["warm_after_read_step_s"] = read_warm
         if batches:
             row["cold_batch_tokens_per_s"] = batches
             row["batch_speedup"] = {b: batches[b] / batches[min(batches)] for b in batches}
@@ -220,6 +238,9 @@ def print_row(r):
     print(f"  {'io floor':<10}{r['io_floor_s']:>10.3f}")
     print(f"  {'cold':<10}{r['cold_step_s']:>10.3f}" + (f"{r['cold_over_floor']:>14.2f} x floor" if r['cold_over_floor'] else ""))
     print(f"  {'warm':<10}{r['warm_step_s']:>10.3f}{r['warm_over_resident']:>14.2f} x resident")
+    if r.get("warm_after_read_step_s"):
+        print(f"  {'read-warm':<10}{r['warm_after_read_step_s']:>10.3f}"
+              f"{r['warm_after_read_step_s'] / r['resident_step_s']:>14.2f} x resident (files cached by read())")
     print(f"  {'predicted':<10}{r['predicted_cold_s']:>10.3f}{r['cold_over_predicted']:>14.2f} x (cold / doctor's "
           f"prediction; warm predicted {r['predicted_warm_s']:.3f})")
     print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}")
@@ -261,6 +282,9 @@ def build_parser():
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
+    parser.add_argument("--warm-after-read", action="store_true",
+                        help="also time warm steps of a model opened after its files came into the page cache by "
+                             "read() (small folios: the store reads each stage once more into huge pages)")
     parser.add_argument("--hosts", type=int, default=1,
                         help="a pipeline over this many ranks on this machine (mlx.launch / torchrun) against one "
                              "process: cold tokens/s of --batch (default 8), generate()'s tokens/s warm and cold "

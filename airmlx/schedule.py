@@ -199,8 +199,7 @@ class Scheduler:
         """Give back the prefetch slot of the streamed stage freed last. A stage frees its slot once the next
         stage is loaded, not when it is freed: the prefetch thread's Python work (mapping a stage, its views)
         then runs while compute is in the framework's kernels without the GIL, instead of holding up the next
-        stage's load (about 5 ms a step on the 617.7 MB bench model). The next read starts later only by that
-        load: the next stage was read ahead already."""
+        stage's load. The next read starts later only by that load: the next stage was read ahead already."""
         if self.owed_slot:
             self.owed_slot = False
             if self.prefetcher:

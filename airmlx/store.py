@@ -314,10 +314,10 @@ class ShardStore:
     def _small_folios(fresh: np.ndarray, mapped: mmap.mmap, populate_s: float) -> bool:
         """Whether a stage file sits in the page cache in small folios, which a mapping cannot map as huge pages:
         read there by read() (another backend, a checksum, the sharder's small writes) rather than by a mapping
-        that asked for huge pages. Every warm sweep then costs about 1.6-2 x more (the 617.7 MB bench model).
-        A populate that was fast mapped 2 MB folios; a slow one read the file (cold: into huge pages) or
-        mapped small folios, which a second, warm populate tells apart. map_stage then drops the file from the
-        page cache, once, so the next populate reads it into huge pages."""
+        that asked for huge pages. Every warm sweep then costs 1.4-2.1 x more (python -m airmlx.bench
+        --warm-after-read). A populate that was fast mapped 2 MB folios; a slow one read the file (cold: into
+        huge pages) or mapped small folios, which a second, warm populate tells apart. map_stage then drops the
+        file from the page cache, once, so the next populate reads it into huge pages."""
         limit = fresh.size * SMALL_FOLIO_S_PER_BYTE
         if fresh.size < HUGE_PAGE or populate_s <= limit:
             return False

@@ -226,7 +226,7 @@ class TorchBackend:
     def use_copies(self, stages) -> None:
         """These stages come from the int4 layout copy: mapped like bf16 stage files, their codes (and stacked
         scales) used as read, so the loaded stage views the mapping until free_stage."""
-        self.int4_copies = {name: self._copy_groups[name] for name in stages}
+        self.int4_copies = {name: set(self._copy_groups[name]) for name in stages}
         self.page_cache_views = self.page_cache_views or bool(self.int4_copies)
 
     def keeps_views(self, entry) -> bool:

@@ -220,40 +220,48 @@ def pmd_mapped_kib(addr: int) -> int:
     return 0
 
 
+def mapping_pmd_kib(path, fill) -> int:
+    """FilePmdMapped (KiB) of a fresh read-only mapping of `path` once fill(buf, mapping) has populated it."""
+    import mmap
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = np.frombuffer(mapped, dtype=np.uint8)
+    fill(buf, mapped)
+    got = pmd_mapped_kib(buf.ctypes.data)
+    del buf
+    mapped.close()
+    return got
+
+
+def madvise(*advice):
+    """fill for mapping_pmd_kib: madvise the whole mapping with each advice in turn (as asked by hand)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lambda buf, mapped: [libc.madvise(buf.ctypes.data, buf.size, a) for a in advice]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge page mappings of files: Linux")
 def test_a_cold_mapping_is_read_into_huge_pages_where_the_system_can(tmp_path):
     """A warm streamed sweep maps, computes on and unmaps every stage again: with 2 MB folios mapped whole that
     costs a 512th of the page-table work. Where a mapping asked for huge pages by hand gets them (transparent
     huge pages on, a file system with large folios), populate() gets them too; without the request, not."""
-    import ctypes
-    import mmap
-
     from airmlx.store import MADV_HUGEPAGE, MADV_POPULATE_READ, evict, populate
     path = tmp_path / "stage"
     with open(path, "wb") as f:
         f.write(np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes())
         f.flush()
         os.fsync(f.fileno())
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
     def cold_mapping(fill):
         evict([path])
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = np.frombuffer(mapped, dtype=np.uint8)
-        fill(buf, mapped)
-        got = pmd_mapped_kib(buf.ctypes.data)
-        del buf
-        mapped.close()
-        return got
+        return mapping_pmd_kib(path, fill)
 
-    by_hand = cold_mapping(lambda buf, m: (libc.madvise(buf.ctypes.data, buf.size, MADV_HUGEPAGE),
-                                           libc.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ)))
+    by_hand = cold_mapping(madvise(MADV_HUGEPAGE, MADV_POPULATE_READ))
     if by_hand == 0:
         pytest.skip("this system maps files with small pages only (transparent huge pages off, or small folios)")
     assert cold_mapping(populate) >= by_hand // 2
-    assert cold_mapping(lambda buf, m: libc.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ)) == 0
+    assert cold_mapping(madvise(MADV_POPULATE_READ)) == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge page mappings of files: Linux")
@@ -262,9 +270,6 @@ def test_a_stage_read_into_small_folios_is_read_again_into_huge_pages_once(tmp_p
     huge pages, and every warm sweep pays for it (1.6-2 x on the 617.7 MB bench model). The store's first
     mapping of the stage tells (a warm populate about 30 x slower), drops the file from the page cache once and
     reads it again into huge pages; later mappings keep them and drop nothing."""
-    import ctypes
-    import mmap
-
     import airmlx
     from airmlx import store as store_module
     from airmlx.store import MADV_HUGEPAGE, MADV_POPULATE_READ, evict
@@ -276,19 +281,7 @@ def test_a_stage_read_into_small_folios_is_read_again_into_huge_pages_once(tmp_p
     store = ShardStore(folder)
     path = store.path("embed")
     assert path.stat().st_size >= 4 << 20
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-    def by_hand():  # what a mapping that asks for huge pages maps, the file's folios as they are
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = np.frombuffer(mapped, dtype=np.uint8)
-        libc.madvise(buf.ctypes.data, buf.size, MADV_HUGEPAGE)
-        libc.madvise(buf.ctypes.data, buf.size, MADV_POPULATE_READ)
-        got = pmd_mapped_kib(buf.ctypes.data)
-        del buf
-        mapped.close()
-        return got
+    by_hand = lambda: mapping_pmd_kib(path, madvise(MADV_HUGEPAGE, MADV_POPULATE_READ))  # the folios as they are
 
     def read_in_small_pieces():
         evict([path])
