@@ -23,11 +23,13 @@ PROFILE_NAME = "expert_usage.json"
 class ExpertCache:
     """(layer, expert) -> the backend's loaded expert, least recently used evicted first, at most
     `capacity` bytes (loaded experts plus reads in flight). The backend asks for a layer's routed experts with
-    chunks(), in groups of at most `group_bytes` (the backend stacks a group's experts into one copy)."""
+    chunks(), in groups whose stacked copy takes at most `stack_bytes`: an expert holds `held_per_byte` bytes per
+    byte of its file once loaded, and `stacking` times that in the copy its group is stacked into."""
 
-    def __init__(self, store, backend, entries, capacity, group_bytes, top_k=1):
+    def __init__(self, store, backend, entries, capacity, stack_bytes, top_k=1, held_per_byte=1.0, stacking=1.0):
         self.store, self.backend, self.capacity, self.top_k = store, backend, capacity, top_k
-        self.group_bytes = min(group_bytes, capacity)
+        self.held_per_byte = held_per_byte
+        self.group_bytes = min(stack_bytes / stacking, capacity)  # the largest group, as the cache holds it
         self.entries = {e.layer: e for e in entries}  # layer -> its "experts" stage
         layers = sorted(self.entries)
         self.next_layer = dict(zip(layers, layers[1:]))  # the MoE layer after each (look-ahead reads its experts)
@@ -62,7 +64,7 @@ class ExpertCache:
         self.look_ahead(layer)
         group, size = [], 0
         for e in experts:
-            n = self.sizes[layer, e]
+            n = self.sizes[layer, e] * self.held_per_byte
             if group and size + n > self.group_bytes:
                 yield group, self.get(layer, group)
                 group, size = [], 0

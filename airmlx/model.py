@@ -79,7 +79,8 @@ class AirModel:
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
         total, largest, largest_read = expert_demand(routed, scale)
         top_k = self.config.get("num_experts_per_tok", 1) if routed else 0
-        experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed))
+        stacking = max((backend.expert_stacking(self.store.tensor_infos(s.name)) for s in routed), default=1.0)
+        experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed), stacking)
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         draft_bytes = draft_share(draft, budget, self.minimum_budget) if draft is not None else 0
         self.plan = make_plan(stages, budget - draft_bytes, prefetching, experts)

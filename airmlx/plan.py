@@ -39,6 +39,8 @@ class Plan:
     expert_cache: int = 0  # MoE: bytes of loaded routed experts kept while they fit
     expert_stack: int = 0  # MoE: room for the copy a group of experts is stacked into
     expert_bytes: int = 0  # MoE: all routed experts, in memory
+    expert_held_per_byte: float = 1.0  # MoE: bytes a routed expert holds loaded, per byte of its file
+    expert_stacking: float = 1.0  # MoE: bytes a loaded expert takes in its group's stacked copy, per byte it holds
     draft_bytes: int = 0  # speculative decoding: the resident draft model, taken out of the budget
 
     @property
@@ -102,11 +104,12 @@ class ExpertDemand:
     top_k: int = 0  # experts a token routes to in a layer
     largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
     per_step: int = 0  # file bytes of the experts a token reads in all layers
+    stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held
 
     @property
     def minimum(self) -> int:
         """One token's experts in the cache and once more stacked, and one more being read."""
-        return 2 * self.top_k * self.largest + self.largest_read if self.total else 0
+        return int(self.top_k * self.largest * (1 + self.stacking)) + self.largest_read if self.total else 0
 
 
 def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
@@ -179,6 +182,7 @@ def with_experts(plan, experts):
         plan.expert_stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total
+        plan.expert_held_per_byte, plan.expert_stacking = experts.largest / experts.largest_read, experts.stacking
     return plan
 
 

@@ -117,7 +117,8 @@ class Scheduler:
         routed = [s for s in stages if s.kind == "experts"]
         if routed:  # the backend runs routing, then asks for the chosen experts
             self.experts = ExpertCache(self.store, self.backend, routed, self.plan.expert_cache,
-                                       self.plan.expert_stack, self.store.manifest.config.get("num_experts_per_tok", 1))
+                                       self.plan.expert_stack, self.store.manifest.config.get("num_experts_per_tok", 1),
+                                       self.plan.expert_held_per_byte, self.plan.expert_stacking)
             self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}  # name -> (loaded stage, its raw data while the backend views it)
         # a backend computing in place on host memory gets page-cache views of streamed stages; resident

@@ -121,6 +121,11 @@ class Backend(Protocol):
 
     def free_expert(self, loaded: Any) -> None: ...
 
+    def expert_stacking(self, infos: dict) -> float:
+        """Bytes a loaded routed expert takes in its group's stacked copy, with any conversion on the way there,
+        per byte it holds: 1 where the copy is as the cache holds it."""
+        return 1.0
+
     def logits(self, x: Any) -> np.ndarray:
         """The head's output as float32 numpy (B, positions, vocab), or (B, positions, 2) when scoring."""
 

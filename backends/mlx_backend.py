@@ -172,7 +172,7 @@ class MLXBackend:
     def footprint(self, entry, infos):
         """(bytes a loaded stage holds, bytes while it loads): its read buffer, which the arrays view, and
         whatever a dtype conversion makes."""
-        if self.zero_copy:
+        if self.zero_copy or entry.kind == "experts" and mlx_experts.widened_when_stacked(self, infos):
             return entry.nbytes, entry.nbytes, entry.nbytes
         made = sum(math.prod(i.shape) * self.dtype.size if i.dtype in FLOATS else i.nbytes for i in infos.values())
         return made, entry.nbytes + made, entry.nbytes
@@ -212,10 +212,10 @@ class MLXBackend:
     def prepare(self, entry, tensors):
         return tensors  # the arrays view the read buffer as it is
 
-    def from_raw(self, raw):
+    def from_raw(self, raw, as_stored=False):
         if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
             a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
-            if self.zero_copy:
+            if self.zero_copy or as_stored:
                 return a
             if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
                 return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
@@ -223,7 +223,7 @@ class MLXBackend:
         a = mx.array(raw.data)
         if raw.dtype == "BF16":
             a = a.view(mx.bfloat16)
-        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
+        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating) and not as_stored:
             a = a.astype(self.dtype)
         return a
 
@@ -274,6 +274,9 @@ class MLXBackend:
 
     def load_expert(self, entry, expert, tensors):
         return mlx_experts.load_expert(self, entry, tensors)
+
+    def expert_stacking(self, infos):
+        return mlx_experts.stacking(self, infos)
 
     def free_expert(self, loaded):
         pass  # the arrays go with the cache's last reference

@@ -5,12 +5,13 @@ router's choices, fetches the chosen experts (airmlx.experts.ExpertCache), stack
 SwitchGLU's (num_experts, ...) weights and renumbers the tokens' expert indices to match.
 """
 import functools
+from collections import Counter
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from airmlx.archs import expert_pattern
+from airmlx.archs import expert_index, expert_pattern
 from airmlx.errors import BackendError
 
 
@@ -23,6 +24,24 @@ def switch_name(backend, tensor_name):
     return f"{arch.layer_prefix}{m.group(1)}.{table.experts}.{dict(table.expert_names).get(proj, proj)}.{kind}"
 
 
+def widened_when_stacked(backend, infos):
+    """Half-precision experts computed in float32 stay in the cache as stored and are widened only in their
+    group's stacked copy: the cache holds twice as many, and the values are the same (widening is exact)."""
+    return (not backend.zero_copy and backend.dtype == mx.float32 and not backend.qconfig
+            and any(i.dtype in ("BF16", "F16") for i in infos.values()))
+
+
+def stacking(backend, infos):
+    """Bytes a loaded expert takes while its group is stacked, per byte it holds: as held, or, widened, its
+    float32 copy and the as-stored stack of one weight at a time (StreamedSwitch evaluates them in turn)."""
+    if not widened_when_stacked(backend, infos):
+        return 1.0
+    per_expert = Counter()
+    for name, info in infos.items():
+        per_expert[expert_index(backend.arch, name)] += info.nbytes
+    return mx.float32.size / 2 + max(i.nbytes for i in infos.values()) / min(per_expert.values())
+
+
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
     prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.mlx_arch.experts}."
@@ -33,7 +52,8 @@ def load_expert(backend, entry, tensors):
         raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
                            f"{backend.arch.model_type} checkpoint's experts are {half.pop()}; pass dtype='float32', "
                            "shard with compression='8bit' or '4bit', or use backend='torch'.")
-    params = {switch_name(backend, name)[len(prefix):]: backend.from_raw(raw) for name, raw in tensors.items()}
+    as_stored = widened_when_stacked(backend, tensors)
+    params = {switch_name(backend, name)[len(prefix):]: backend.from_raw(raw, as_stored) for name, raw in tensors.items()}
     mx.eval(list(params.values()))
     return params, sum(a.nbytes for a in params.values())
 
@@ -45,12 +65,14 @@ def stream_experts(backend, layers, chunks):
         prefix = f"{backend.arch.layer_prefix}{layer}.{backend.mlx_arch.experts}."
         placeholders = {k[len(prefix):]: a for k, a in backend.placeholders.items() if k.startswith(prefix)}
         # an instance attribute, so the SwitchGLU stays in the parameter tree
-        object.__setattr__(block, attr, StreamedSwitch(getattr(block, attr), layer, chunks, placeholders))
+        object.__setattr__(block, attr, StreamedSwitch(getattr(block, attr), layer, chunks, placeholders,
+                                                       backend.dtype))
 
 
 class StreamedSwitch:
-    def __init__(self, switch, layer, chunks, placeholders):
+    def __init__(self, switch, layer, chunks, placeholders, dtype=None):
         self.switch, self.layer, self.chunks, self.placeholders = switch, layer, chunks, placeholders
+        self.dtype = dtype  # the compute dtype: experts kept as stored are widened to it once stacked
         self.num_experts = next(iter(placeholders.values())).shape[0]
 
     def __call__(self, x, indices):
@@ -59,7 +81,11 @@ class StreamedSwitch:
         for experts, handles in self.chunks(self.layer, routed):
             index = np.zeros(self.num_experts, dtype=np.int32)
             index[experts] = np.arange(len(experts))
-            stacked = {k: mx.stack([h[k] for h in handles]) for k in handles[0]}
+            stacked = {}
+            for k in handles[0]:
+                stacked[k] = self._widened(mx.stack([h[k] for h in handles]))
+                if stacked[k].dtype != handles[0][k].dtype:
+                    mx.eval(stacked[k])  # widened now: one weight's as-stored stack at a time (stacking())
             self.switch.update(tree_unflatten(list(stacked.items())))
             try:
                 y = self.switch(x, mx.array(index)[indices])
@@ -74,3 +100,8 @@ class StreamedSwitch:
             mx.eval(out)
             del stacked, handles, y
         return out
+
+    def _widened(self, a):
+        if self.dtype is None or a.dtype == self.dtype or not mx.issubdtype(a.dtype, mx.floating):
+            return a
+        return a.astype(self.dtype)

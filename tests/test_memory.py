@@ -2,7 +2,7 @@
 the bound on a step's activations, measured two ways: the model's own count (memory_stats) and the process's
 peak resident set above its baseline, in a fresh process per case (tests/memory_probe.py). Both backends;
 bf16, fp16 (upcast to fp32 by torch on a CPU), 4-bit and 8-bit shards; a dense and a MoE model; MLX asked
-for float32 on bf16 shards (a conversion on load)."""
+for float32 on bf16 shards (a conversion on load; for routed experts, when their group is stacked)."""
 import json
 import os
 import subprocess
@@ -49,7 +49,7 @@ def probe(shards, backend, fraction=0.3, dtype=None):
 
 CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", None), ("torch", "4bit", None),
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
-         ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None)]
+         ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32")]
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])
