@@ -49,7 +49,8 @@ def probe(shards, backend, fraction=0.3, dtype=None):
 
 CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", None), ("torch", "4bit", None),
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
-         ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32")]
+         ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32"),
+         ("torch", "moe-8bit", None)]
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])

@@ -233,3 +233,28 @@ def test_the_expert_cache_keeps_hot_experts_through_the_layer_cycle(tmp_path):
     assert cache.hits >= 0.4 * (cache.hits + cache.misses)  # the hot experts: about half of all routed
     assert all((n, 0) in cache.cached for n in range(layers))
     cache.clear()
+
+
+@pytest.mark.parametrize("held_per_byte, stacking", [(2.0, 1.0), (1.0, 2.0)])
+def test_expert_groups_fit_the_stacking_room_as_held_and_stacked(tmp_path, held_per_byte, stacking):
+    """A group's stacked copy must fit the room the plan set aside for it. Groups were measured in file bytes,
+    so experts held larger than their files (torch dequantising 8-bit experts) stacked up to that factor
+    beyond the room; and MLX's widened copy takes more than the cache holds. Now both count."""
+    from types import SimpleNamespace
+
+    from airmlx.experts import ExpertCache
+    size = 100
+    entries = [SimpleNamespace(layer=0, name="layer.000.experts", parts={str(e): [e * size, (e + 1) * size]
+                                                                        for e in range(8)})]
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None: SimpleNamespace(nbytes=size,
+                                                                                                   tensors={}))
+    backend = SimpleNamespace(allocate=lambda n: None, free_expert=lambda handle: None,
+                              load_expert=lambda entry, e, tensors: (e, int(size * held_per_byte)))
+    room = 4 * size  # the stacked copy of two experts, either way
+    cache = ExpertCache(store, backend, entries, capacity=16 * size, stack_bytes=room, top_k=2,
+                        held_per_byte=held_per_byte, stacking=stacking)
+    groups = [experts for experts, _ in cache.chunks(0, list(range(8)))]
+    assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(len(g) * size * held_per_byte * stacking <= room for g in groups)
+    cache.clear()
+
