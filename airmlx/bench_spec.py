@@ -153,7 +153,8 @@ def run_pair(pair, backend, args, work):
             plain = (outputs, row["tokens_per_s"])
         elif plain is not None:
             row["speedup"] = row["tokens_per_s"] / plain[1]
-            row["identical_to_plain"] = all(list(a) == list(b) for a, b in zip(outputs, plain[0]))
+            same = [list(a) == list(b) for a, b in zip(outputs, plain[0])]
+            row["identical_to_plain"], row["identical_prompts"] = all(same), f"{sum(same)} of {len(same)}"
         rows.append(row)
         print_row(row)
     model.close()
@@ -165,7 +166,7 @@ def print_row(r):
     extra = "" if r["mode"] == "plain" else (
         f"  {r.get('speedup', 0):5.2f} x plain, accepted {r['acceptance_rate']:.0%}, draft "
         f"{r['draft_ms_per_round']:.1f} ms vs sweep {r['sweep_ms_per_round']:.1f} ms per round, largest "
-        f"{r['largest_tree']}, identical {r.get('identical_to_plain')}")
+        f"{r['largest_tree']}, identical to plain in {r.get('identical_prompts')} prompts")
     print(f"{r['backend']:<6}{r['pair']:<9}{r['mode']:<6}{r['tokens_per_sweep']:6.2f} tokens/sweep "
           f"{r['tokens_per_s']:7.1f} tokens/s{extra}", flush=True)
 
