@@ -212,10 +212,10 @@ class MLXBackend:
     def prepare(self, entry, tensors):
         return tensors  # the arrays view the read buffer as it is
 
-    def from_raw(self, raw, as_stored=False):
+    def from_raw(self, raw):
         if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
-            a = raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
-            if self.zero_copy or as_stored:
+            a = self.as_stored(raw)
+            if self.zero_copy:
                 return a
             if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
                 return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
@@ -223,9 +223,16 @@ class MLXBackend:
         a = mx.array(raw.data)
         if raw.dtype == "BF16":
             a = a.view(mx.bfloat16)
-        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating) and not as_stored:
+        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(self.dtype)
         return a
+
+    def as_stored(self, raw):
+        """A raw tensor in its stored dtype: a view of the read buffer (which it keeps), or a copy."""
+        if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:
+            return raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
+        a = mx.array(raw.data)
+        return a.view(mx.bfloat16) if raw.dtype == "BF16" else a
 
     def sanitize(self, arrays, layer):
         """mlx-lm's own sanitize on one stage (e.g. per-expert MoE weights -> stacked SwitchGLU weights).

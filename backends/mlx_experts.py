@@ -52,8 +52,8 @@ def load_expert(backend, entry, tensors):
         raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
                            f"{backend.arch.model_type} checkpoint's experts are {half.pop()}; pass dtype='float32', "
                            "shard with compression='8bit' or '4bit', or use backend='torch'.")
-    as_stored = widened_when_stacked(backend, tensors)
-    params = {switch_name(backend, name)[len(prefix):]: backend.from_raw(raw, as_stored) for name, raw in tensors.items()}
+    convert = backend.as_stored if widened_when_stacked(backend, tensors) else backend.from_raw
+    params = {switch_name(backend, name)[len(prefix):]: convert(raw) for name, raw in tensors.items()}
     mx.eval(list(params.values()))
     return params, sum(a.nbytes for a in params.values())
 

@@ -157,14 +157,15 @@ def test_bf16_experts_on_mlx_cpu_say_how_to_run(checkpoints, tmp_path):
         assert len(model.generate(PROMPT, max_new_tokens=2)[0]) == len(PROMPT[0]) + 2
 
 
-def test_bf16_experts_computed_in_float32_on_mlx_stay_bf16_in_the_cache(checkpoints, tmp_path):
+@pytest.mark.parametrize("arch", MOE)
+def test_bf16_experts_computed_in_float32_on_mlx_stay_bf16_in_the_cache(checkpoints, tmp_path, arch):
     """MLX computes routed experts in float32 on a CPU (dtype='float32' on bf16 shards). The cache used to hold
     them converted, twice their file bytes, so it held half as many (bench_moe: 0.99 x the active bytes read
     per step on MLX against 0.56 x on torch). They now stay as stored and only their group's stacked copy is
     widened, one weight at a time: the same tokens, and the plan counts the cache in file bytes and the stacking
     room at 2 1/3 x (float32, and one of an expert's three weights stacked as stored)."""
     import mlx.core as mx
-    folder, ref, shards = shard(checkpoints, tmp_path, "mixtral", dtype=torch.bfloat16, num_hidden_layers=4)
+    folder, ref, shards = shard(checkpoints, tmp_path, arch, dtype=torch.bfloat16, num_hidden_layers=4)
     want = reference_generate(ref, PROMPT)  # transformers in float32 on the bf16 weights
     size = expert_size(shards)
     routed = sum(len(s.parts) for s in ShardStore(shards).manifest.stages if s.parts)
