@@ -213,26 +213,25 @@ class MLXBackend:
         return tensors  # the arrays view the read buffer as it is
 
     def from_raw(self, raw):
-        if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:  # a view of the read buffer
-            a = self.as_stored(raw)
-            if self.zero_copy:
-                return a
-            if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
-                return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
-        # a copy: the read buffer goes back to the pool right after loading
-        a = mx.array(raw.data)
-        if raw.dtype == "BF16":
-            a = a.view(mx.bfloat16)
+        a = self.as_stored(raw)
+        if self.zero_copy:
+            return a
         if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(self.dtype)
+            return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
+        if self._viewed(raw):  # a copy: the read buffer goes back to the pool right after loading
+            a = mx.array(raw.data).view(a.dtype)
         return a
 
     def as_stored(self, raw):
         """A raw tensor in its stored dtype: a view of the read buffer (which it keeps), or a copy."""
-        if isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES:
+        if self._viewed(raw):
             return raw.owner[raw.offset: raw.offset + raw.nbytes].view(RAW_DTYPES[raw.dtype]).reshape(raw.shape)
         a = mx.array(raw.data)
         return a.view(mx.bfloat16) if raw.dtype == "BF16" else a
+
+    @staticmethod
+    def _viewed(raw):
+        return isinstance(raw.owner, mx.array) and raw.dtype in RAW_DTYPES
 
     def sanitize(self, arrays, layer):
         """mlx-lm's own sanitize on one stage (e.g. per-expert MoE weights -> stacked SwitchGLU weights).
