@@ -102,7 +102,8 @@ def run(args):
     budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
-        # MLX's CPU gather_mm (SwitchGLU) runs only float32; on Metal the shards' bf16 runs as it is
+        # MLX's CPU gather_mm (SwitchGLU) runs only float32 (the experts stay bf16 in the cache and are widened
+        # when stacked: backends/mlx_experts.py); on Metal the shards' bf16 runs as it is
         dtype = "float32" if backend == "mlx" and sys.platform != "darwin" else None
         (shards / PROFILE_NAME).unlink(missing_ok=True)  # the first run starts without a usage profile
         for run_name in ("first run", "with profile"):

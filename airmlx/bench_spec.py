@@ -14,8 +14,8 @@ streams). Before every target sweep its streamed stage files are evicted from th
 speculative round evicts them before its read-ahead, which it gives before drafting, so what the disk reads during
 the draft counts as the sweep's reads. Each mode generates the same greedy tokens from the same prompts: plain (one
 token per sweep), chain and tree speculation, taking turns prompt by prompt so the load of a shared machine hits
-them alike; tokens per sweep, tokens/s and the ratio to plain are reported, with whether the outputs were
-identical.
+them alike; tokens per sweep, tokens/s and the ratio to plain are reported, with in how many prompts the
+outputs were identical to plain decoding's (in bf16 they may differ at near-ties: README, "Precision").
 """
 import json
 import subprocess
