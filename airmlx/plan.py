@@ -105,11 +105,18 @@ class ExpertDemand:
     largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
     per_step: int = 0  # file bytes of the experts a token reads in all layers
     stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held
+    load_excess: int = 0  # bytes an expert briefly takes beyond what the cache counts: a converting load's buffer
+
+    @property
+    def stacked_one(self) -> int:
+        """The stacking room for a group of one expert, and what one more takes while it loads."""
+        return int(self.largest * self.stacking) + self.load_excess
 
     @property
     def minimum(self) -> int:
-        """One token's experts in the cache and once more stacked, and one more being read."""
-        return int(self.top_k * self.largest * (1 + self.stacking)) + self.largest_read if self.total else 0
+        """One token's experts in the cache, one of them stacked at a time (the backend then computes the
+        token's experts in groups of one), and what one more takes while it loads."""
+        return self.top_k * self.largest + self.stacked_one if self.total else 0
 
 
 def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
@@ -123,8 +130,8 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     step, often the largest stages) stay resident, keep prefetch slots for the largest stage that streams and
     fill the rest with layers spread evenly (streamed reads alternate with resident compute); the plan reading
     the fewest bytes per step wins, a plan without prefetch counting NO_PREFETCH_COST times its bytes (its reads
-    wait for compute), then the deeper prefetch. MoE: room for one token's experts (cached, stacked and one
-    being read) is set aside first, and of the rest the expert cache gets the share the experts have of a
+    wait for compute), then the deeper prefetch. MoE: room for one token's experts (cached, one of them
+    stacked at a time) is set aside first, and of the rest the expert cache gets the share the experts have of a
     step's reads (a token reads its experts every step, as it reads the streamed stages)."""
     overhead = max(c.loading - c.held for c in stages.values())
     total = sum(c.held for c in stages.values())
@@ -133,8 +140,8 @@ def make_plan(stages: dict, budget: int, prefetching: bool = True, experts: Expe
     if budget < minimum_budget(stages, experts):
         loading = max(c.loading for c in stages.values())
         what = f"{format_bytes(loading)} (its largest stage, loaded)" + (
-            f" + {format_bytes(experts.minimum)} (one token's routed experts in a layer, cached, stacked and "
-            "one more being read)" if experts.total else "")
+            f" + {format_bytes(experts.minimum)} (one token's routed experts in a layer cached, one of them "
+            "stacked at a time)" if experts.total else "")
         raise BudgetError(f"memory_budget {format_bytes(budget)} is below the minimum for this model, "
                           f"{what}; raise memory_budget to at least {minimum_budget(stages, experts)}.")
     room = budget - experts.minimum
@@ -176,10 +183,11 @@ def streaming_plan(stages, room, kept, depth):
 
 
 def with_experts(plan, experts):
-    """Give what the stages leave of the budget to the expert cache and its stacking room."""
+    """Give what the stages leave of the budget to the expert cache and its stacking room: a quarter of it, or
+    room for one expert if that is more (a decode step then stacks its token's experts one at a time)."""
     if experts.total:
         rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
-        plan.expert_stack = max(experts.minimum - experts.top_k * experts.largest, rest // 4)
+        plan.expert_stack = max(experts.stacked_one, rest // 4)
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total
         plan.expert_held_per_byte, plan.expert_stacking = experts.largest / experts.largest_read, experts.stacking
