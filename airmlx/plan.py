@@ -6,6 +6,7 @@ page-cache mappings, the one loading and computing), and the MoE expert cache wi
 caches (at their real dtype) and a step's activations (bounded by prefill_step_size) come on top; both are
 counted in model.memory_stats(), and the default budget leaves room for them.
 """
+import math
 from dataclasses import dataclass
 
 from .errors import BudgetError
@@ -106,11 +107,15 @@ class ExpertDemand:
     per_step: int = 0  # file bytes of the experts a token reads in all layers
     stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held
     load_excess: int = 0  # bytes an expert briefly takes beyond what the cache counts: a converting load's buffer
+    per_layer: int = 0  # routed experts in the largest MoE layer: the most a group stacks (0: unknown)
+
+    def stacking_room(self, experts: int) -> int:
+        """Room to stack a group of this many experts, and for what one more takes while it loads."""
+        return math.ceil(experts * self.largest * self.stacking) + self.load_excess
 
     @property
     def stacked_one(self) -> int:
-        """The stacking room for a group of one expert, and what one more takes while it loads."""
-        return int(self.largest * self.stacking) + self.load_excess
+        return self.stacking_room(1)
 
     @property
     def minimum(self) -> int:
@@ -183,11 +188,13 @@ def streaming_plan(stages, room, kept, depth):
 
 
 def with_experts(plan, experts):
-    """Give what the stages leave of the budget to the expert cache and its stacking room: a quarter of it, or
-    room for one expert if that is more (a decode step then stacks its token's experts one at a time)."""
+    """Give what the stages leave of the budget to the expert cache and its stacking room: as many whole
+    experts stacked as a quarter of it holds, at least one (a decode step then stacks its token's experts one
+    at a time); a part of an expert would stack nothing, so the cache gets it."""
     if experts.total:
         rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
-        plan.expert_stack = max(experts.stacked_one, rest // 4)
+        whole = (rest // 4 - experts.stacked_one) // math.ceil(experts.largest * experts.stacking) + 1
+        plan.expert_stack = experts.stacking_room(max(1, min(whole, experts.per_layer or whole)))
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total
         plan.expert_held_per_byte, plan.expert_stacking = experts.largest / experts.largest_read, experts.stacking

@@ -1,6 +1,8 @@
 """MoE expert streaming: a layer stage holds attention, norms and router; each routed expert is a byte range
 of its layer's experts file, read only when the router picks it, and kept in a cache inside the budget."""
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -264,20 +266,27 @@ def test_expert_groups_fit_the_stacking_room_as_held_and_stacked(tmp_path, held_
 
 def test_a_tight_budget_stacks_one_expert_at_a_time_and_caches_the_rest():
     """The stacking room used to hold a whole token's experts (top_k of them) and a read buffer beside the cache,
-    which already counts its reads. On MLX's CPU build, where a stacked expert is widened to float32 (2 1/3 x),
-    that room took as much as the cache (bench_moe: 27 MB each under an 82 MB budget). Now a decode step may
-    stack its token's experts one at a time, and a read buffer is counted only where a load converts it and
-    holds both. The minimum budget falls and, under a tight budget, the cache gets what the room gave up."""
+    which already counts its reads, or a quarter of what the stages leave, whichever was more. On MLX's CPU
+    build, where a stacked expert is widened to float32 (2 1/3 x), that room took as much as the cache (bench_moe:
+    27 MB each under an 82 MB budget). Now a decode step may stack its token's experts one at a time; a read
+    buffer is counted only where a load converts it and holds both; and the room holds whole stacked experts (a
+    part of one stacks nothing), no more than a layer has. The cache gets the rest."""
     from airmlx.plan import ExpertDemand, StageCost, make_plan
     mb = 1 << 20
     widened = ExpertDemand(total=64 * 4 * mb, largest=4 * mb, top_k=2, largest_read=4 * mb, per_step=64 * mb,
-                           stacking=7 / 3)
-    assert widened.minimum == 2 * 4 * mb + int(4 * mb * 7 / 3)  # two cached, one stacked, no read buffer
+                           stacking=7 / 3, per_layer=8)
+    assert widened.minimum == 2 * 4 * mb + math.ceil(4 * mb * 7 / 3)  # two cached, one stacked, no read buffer
     dequantised = ExpertDemand(total=64 * 8 * mb, largest=8 * mb, top_k=2, largest_read=4 * mb, per_step=64 * mb,
                                load_excess=4 * mb)
     assert dequantised.minimum == 2 * 8 * mb + 8 * mb + 4 * mb  # and its read buffer beside the dequantised copy
     stages = {f"layer.{i:03d}": StageCost(8 * mb, 8 * mb, 8 * mb) for i in range(8)}
-    plan = make_plan(stages, 60 * mb, experts=widened)
-    rest = plan.expert_cache + plan.expert_stack
-    assert plan.expert_stack == max(widened.stacked_one, rest // 4) < 2 * 4 * mb * 7 / 3
-    assert plan.expert_cache == rest - plan.expert_stack and plan.total_bytes <= 60 * mb
+    tight = make_plan(stages, 80 * mb, experts=widened)
+    rest = tight.expert_cache + tight.expert_stack
+    # a quarter of the rest is more than one stacked expert and less than two: one, and the cache gets the rest
+    assert widened.stacking_room(1) < rest // 4 < widened.stacking_room(2)
+    assert tight.expert_stack == widened.stacking_room(1) and tight.expert_cache == rest - tight.expert_stack
+    assert tight.total_bytes <= 80 * mb
+    roomy = make_plan(stages, 2000 * mb, experts=widened)  # a quarter of the rest holds eight, not nine
+    assert roomy.expert_stack == widened.stacking_room(8) and roomy.expert_cache == widened.total
+    four = dataclasses.replace(widened, per_layer=4)  # layers of four experts: never more than four stacked
+    assert make_plan(stages, 2000 * mb, experts=four).expert_stack == four.stacking_room(4)
