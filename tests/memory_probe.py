@@ -59,8 +59,13 @@ def main():
     out = model.generate(prompt, max_new_tokens=args.new)
     rss_peak = status("VmHWM") - baseline
     stats = model.memory_stats()
+    experts = model.scheduler.experts
+    if experts is not None:  # MoE: the largest group the cache stacks, and its largest expert, as held
+        stats["expert_group_bytes"] = experts.group_bytes
+        stats["largest_expert_held"] = max(experts.sizes.values()) * experts.held_per_byte
     model.close()
     print(json.dumps({"budget": budget, "held_model": held, "rss_peak": rss_peak, "tokens": len(out),
+                      "minimum_budget": model.minimum_budget,
                       "plan": str(model.plan), **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}))
 
 

@@ -65,6 +65,24 @@ def test_peak_memory_stays_within_budget_kv_and_activations(shard_sets, backend,
     assert got["rss_peak"] > 0.25 * got["budget"]  # it did load and run a good part of the budget's weights
 
 
+TIGHT_MOE = [("torch", "moe", None), ("torch", "moe-8bit", None), ("mlx", "moe", "float32"), ("mlx", "moe-8bit", None)]
+
+
+@pytest.mark.parametrize("backend, shards, dtype", TIGHT_MOE,
+                         ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in TIGHT_MOE])
+def test_moe_near_the_minimum_budget_stacks_one_expert_at_a_time_within_it(shard_sets, backend, shards, dtype):
+    """At 1.2 x the minimum budget the stacking room holds one expert (widened to float32 on MLX's CPU build,
+    dequantised from 8-bit on torch), so each token's experts are stacked one at a time: the process still
+    holds no more than the budget, the KV cache and the activations."""
+    got = probe(shard_sets[shards], backend, fraction=0.01, dtype=dtype)
+    bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
+    assert got["tokens"] == 48 + 4 and got["budget"] <= 1.2 * got["minimum_budget"] + 1
+    assert got["expert_group_bytes"] < 2 * got["largest_expert_held"]  # a group of one expert, not two
+    assert got["plan_total"] <= got["budget"]
+    assert got["peak"] <= bound, (got["peak"] / bound, got)
+    assert got["rss_peak"] <= bound, (got["rss_peak"] / bound, got)
+
+
 def test_prefill_in_chunks_gives_the_same_logits_and_reads_the_model_once(tmp_path):
     """A prompt 16 x the chunk size runs in 16 chunks inside one sweep: same logits as unchunked, the
     streamed stages read once, and the activation bound follows the chunk, not the prompt."""
