@@ -188,12 +188,15 @@ def streaming_plan(stages, room, kept, depth):
 
 
 def with_experts(plan, experts):
-    """Give what the stages leave of the budget to the expert cache and its stacking room: as many whole
-    experts stacked as a quarter of it holds, at least one (a decode step then stacks its token's experts one
-    at a time); a part of an expert would stack nothing, so the cache gets it."""
+    """Give what the stages leave of the budget to the expert cache and its stacking room. Every expert is
+    cached when that leaves room to stack one, and the stacking room gets what is left; otherwise it gets a
+    quarter. Either way the room holds whole experts, at least one (a decode step then stacks its token's
+    experts one at a time) and at most a layer's; a part of an expert would stack nothing, so the cache gets
+    it."""
     if experts.total:
         rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
-        whole = (rest // 4 - experts.stacked_one) // math.ceil(experts.largest * experts.stacking) + 1
+        room = rest - experts.total if rest - experts.total >= experts.stacked_one else rest // 4
+        whole = (room - experts.stacked_one) // math.ceil(experts.largest * experts.stacking) + 1
         plan.expert_stack = experts.stacking_room(max(1, min(whole, experts.per_layer or whole)))
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total

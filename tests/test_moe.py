@@ -286,7 +286,10 @@ def test_a_tight_budget_stacks_one_expert_at_a_time_and_caches_the_rest():
     assert widened.stacking_room(1) < rest // 4 < widened.stacking_room(2)
     assert tight.expert_stack == widened.stacking_room(1) and tight.expert_cache == rest - tight.expert_stack
     assert tight.total_bytes <= 80 * mb
-    roomy = make_plan(stages, 2000 * mb, experts=widened)  # a quarter of the rest holds eight, not nine
+    roomy = make_plan(stages, 2000 * mb, experts=widened)  # what every expert leaves holds more than eight
     assert roomy.expert_stack == widened.stacking_room(8) and roomy.expert_cache == widened.total
+    # every stage and expert, and room for two stacked: a quarter for stacking would have evicted experts
+    kept = make_plan(stages, 64 * mb + widened.total + widened.stacking_room(2) + mb, experts=widened)
+    assert kept.expert_cache == widened.total and kept.expert_stack == widened.stacking_room(2)
     four = dataclasses.replace(widened, per_layer=4)  # layers of four experts: never more than four stacked
     assert make_plan(stages, 2000 * mb, experts=four).expert_stack == four.stacking_room(4)
