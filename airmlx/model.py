@@ -83,7 +83,8 @@ class AirModel:
         # the cache counts a read buffer while it fills; a load that converts holds it beside what it makes
         converts = any(costs[s.name].loading > costs[s.name].held for s in routed)
         experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed), stacking,
-                               largest_read if converts else 0, max((len(s.parts) for s in routed), default=0))
+                               load_excess=largest_read if converts else 0,
+                               per_layer=max((len(s.parts) for s in routed), default=0))
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         draft_bytes = draft_share(draft, budget, self.minimum_budget) if draft is not None else 0
         self.plan = make_plan(stages, budget - draft_bytes, prefetching, experts)

@@ -113,15 +113,16 @@ class ExpertDemand:
         """Room to stack a group of this many experts, and for what one more takes while it loads."""
         return math.ceil(experts * self.largest * self.stacking) + self.load_excess
 
-    @property
-    def stacked_one(self) -> int:
-        return self.stacking_room(1)
+    def stackable(self, room: int) -> int:
+        """The most whole experts `room` stacks: at least one, at most a layer's."""
+        n = max(1, (room - self.load_excess) // math.ceil(self.largest * self.stacking))
+        return min(n, self.per_layer) if self.per_layer else n
 
     @property
     def minimum(self) -> int:
         """One token's experts in the cache, one of them stacked at a time (the backend then computes the
         token's experts in groups of one), and what one more takes while it loads."""
-        return self.top_k * self.largest + self.stacked_one if self.total else 0
+        return self.top_k * self.largest + self.stacking_room(1) if self.total else 0
 
 
 def minimum_budget(stages: dict, experts: ExpertDemand = ExpertDemand()) -> int:
@@ -195,9 +196,9 @@ def with_experts(plan, experts):
     it."""
     if experts.total:
         rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
-        room = rest - experts.total if rest - experts.total >= experts.stacked_one else rest // 4
-        whole = (room - experts.stacked_one) // math.ceil(experts.largest * experts.stacking) + 1
-        plan.expert_stack = experts.stacking_room(max(1, min(whole, experts.per_layer or whole)))
+        beside_all = rest - experts.total  # what caching every expert leaves
+        room = beside_all if beside_all >= experts.stacking_room(1) else rest // 4
+        plan.expert_stack = experts.stacking_room(experts.stackable(room))
         plan.expert_cache = min(experts.total, rest - plan.expert_stack)
         plan.expert_bytes = experts.total
         plan.expert_held_per_byte, plan.expert_stacking = experts.largest / experts.largest_read, experts.stacking
