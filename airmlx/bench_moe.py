@@ -4,8 +4,10 @@ It builds (or takes) a Mixtral-style checkpoint, shards it (routed experts store
 decode steps under a memory budget, counting what the store reads:
   active  the bytes one token touches: every non-expert stage plus top_k experts in each MoE layer
   dense   the whole model: what a step streams when experts are part of their layer
-The target is bytes per step <= 1.2 x active. Step times (cold: shard files evicted from the page cache
-before each step; warm: in the page cache) come with them.
+Each backend runs twice: a first run, and one that starts from the usage profile the first saved in the shard
+folder. The goal is bytes per step <= 0.7 x active with the profile. Step times (cold: shard files evicted from
+the page cache before each step, also as a ratio to bytes read / cold bandwidth, goal <= 1.3; warm: in the page
+cache) come with them.
 """
 import json
 import statistics
