@@ -105,7 +105,8 @@ class ExpertDemand:
     top_k: int = 0  # experts a token routes to in a layer
     largest_read: int = 0  # the largest one's file bytes: its read buffer while it loads
     per_step: int = 0  # file bytes of the experts a token reads in all layers
-    stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held
+    stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held;
+    # 0: the backend computes each expert as the cache holds it, one at a time, and stacks nothing
     load_excess: int = 0  # bytes an expert briefly takes beyond what the cache counts: a converting load's buffer
     per_layer: int = 0  # routed experts in the largest MoE layer: the most a group stacks (0: unknown)
 
@@ -115,6 +116,8 @@ class ExpertDemand:
 
     def stackable(self, room: int) -> int:
         """The most whole experts `room` stacks: at least one, at most a layer's."""
+        if not self.stacking:
+            return 1
         n = max(1, (room - self.load_excess) // math.ceil(self.largest * self.stacking))
         return min(n, self.per_layer) if self.per_layer else n
 

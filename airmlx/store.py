@@ -255,20 +255,32 @@ class ShardStore:
         self._count(entry.nbytes, held)
         return StageData(name, tensors, buf, entry.nbytes, time.perf_counter() - t0, held)
 
-    def read_part(self, name: str, part: int, buffer: tuple = None) -> StageData:
+    def read_part(self, name: str, part: int, buffer: tuple = None, order: list = None) -> StageData:
         """Read one part of a stage (a routed expert: its tensors are one byte range) into a fresh buffer (or
         `buffer`, an (owner, uint8 view) of the part's size), which the returned tensors view; the caller keeps
-        or drops it (no release). Safe to call from several threads at once."""
+        or drops it (no release). With `order` (the part's tensor names), the tensors lie in the buffer one
+        after another in that order, not the file's: a backend gets them laid out as it computes on them, with
+        no copy. Safe to call from several threads at once."""
         entry = self.stages[name]
         start, end = entry.parts[str(part)]
         data_start, infos = self._layout[name]
         t0 = time.perf_counter()
         owner, view = buffer or numpy_buffer(end - start)
-        self._read_into(name, data_start + start, view, f", expert {part}")
-        tensors = {info.name: RawTensor(info.dtype, info.shape, view[info.start - start: info.end - start]
-                                        .view(NUMPY_VIEWS[info.dtype]).reshape(info.shape), owner,
-                                        info.start - start)
-                   for info in infos.values() if start <= info.start and info.end <= end}
+        mine = sorted((i for i in infos.values() if start <= i.start and i.end <= end), key=lambda i: i.start)
+        if order is None:
+            self._read_into(name, data_start + start, view, f", expert {part}")
+            placed = {i.name: i.start - start for i in mine}
+        else:
+            if sorted(order) != sorted(i.name for i in mine):
+                raise ValueError(f"{name}[{part}]: order {order} names other tensors than the part's")
+            placed, at = {}, 0
+            for n in order:
+                placed[n], at = at, at + infos[n].nbytes
+            pieces = [view[placed[i.name]: placed[i.name] + i.nbytes] for i in mine]  # file order (safetensors: no holes)
+            self._read_into(name, data_start + start, pieces[0], f", expert {part}", pieces[1:])
+        tensors = {i.name: RawTensor(i.dtype, i.shape, view[placed[i.name]: placed[i.name] + i.nbytes]
+                                     .view(NUMPY_VIEWS[i.dtype]).reshape(i.shape), owner, placed[i.name])
+                   for i in mine}
         self._count(end - start, 0)
         return StageData(f"{name}[{part}]", tensors, None, end - start, time.perf_counter() - t0)
 
@@ -352,19 +364,29 @@ class ShardStore:
                                     f"{repair_hint(self.folder)}")
         return f
 
-    def _read_into(self, name, offset, view, what=""):
-        """Fill view with the file's bytes from offset on, in large reads; a file that ends early is damaged."""
+    def _read_into(self, name, offset, view, what="", then=()):
+        """Fill view with the file's bytes from offset on, then each of `then` with the bytes that follow, in
+        large reads: several views in one call (preadv), so the kernel reads their whole range at once, not
+        one view after another; a file that ends early is damaged."""
         path = self._paths[name]
+        views = [memoryview(v).cast("B") for v in (view, *then) if len(v)]
         with self._open(name) as f:
             try:
-                f.seek(offset)
-                pos = 0
-                while pos < len(view):
-                    n = f.readinto(view[pos: pos + READ_CHUNK])
+                while views:
+                    if hasattr(os, "preadv"):
+                        n = os.preadv(f.fileno(), views[:64] if len(views) > 1 else [views[0][:READ_CHUNK]], offset)
+                    else:
+                        f.seek(offset)
+                        n = f.readinto(views[0][:READ_CHUNK])
                     if not n:
-                        raise CorruptShardError(f"stage {name}{what}: file {path} ended {len(view) - pos} bytes "
-                                                f"early; {repair_hint(self.folder)}")
-                    pos += n
+                        raise CorruptShardError(f"stage {name}{what}: file {path} ended "
+                                                f"{sum(len(v) for v in views)} bytes early; {repair_hint(self.folder)}")
+                    offset += n
+                    while n:  # past what was filled
+                        k = min(n, len(views[0]))
+                        views[0], n = views[0][k:], n - k
+                        if not len(views[0]):
+                            views.pop(0)
             except OSError as e:
                 raise self._unreadable(name, e) from None
 

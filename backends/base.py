@@ -121,9 +121,15 @@ class Backend(Protocol):
 
     def free_expert(self, loaded: Any) -> None: ...
 
+    def expert_order(self, entry: Any, expert: int) -> "list | None":
+        """The order to lay an expert's tensors out in when it is read (ShardStore.read_part), or None for the
+        file's."""
+        return None
+
     def expert_stacking(self, infos: dict) -> float:
         """Bytes a loaded routed expert takes in its group's stacked copy, with any conversion on the way there,
-        per byte it holds: 1 where the copy is as the cache holds it."""
+        per byte it holds: 1 where the copy is as the cache holds it, 0 where each expert is computed as held
+        (one at a time, nothing stacked)."""
         return 1.0
 
     def logits(self, x: Any) -> np.ndarray:

@@ -281,6 +281,9 @@ class MLXBackend:
     def load_expert(self, entry, expert, tensors):
         return mlx_experts.load_expert(self, entry, tensors)
 
+    def expert_order(self, entry, expert):
+        return None  # as the file lays them out: the stacked copy is made at compute time (mlx_experts.py)
+
     def expert_stacking(self, infos):
         return mlx_experts.stacking(self, infos)
 

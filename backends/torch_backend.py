@@ -141,6 +141,7 @@ class TorchBackend:
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.itemsize = self.dtype.itemsize  # of activations and KV caches
         self.qconfig = config.get("quantization")
+        self.expert_layouts = {}  # MoE: experts stage -> how its fused parameters lie in an expert's read (or None)
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
         # tensors stay views of the raw buffers: on the CPU, when nothing needs converting
         self.zero_copy = self.device.type == "cpu" and not self.qconfig and DTYPES.get(stored) == self.dtype
@@ -370,13 +371,17 @@ class TorchBackend:
         torch_experts.stream_experts(self, layers, chunks)
 
     def load_expert(self, entry, expert, tensors):
-        params, nbytes = torch_experts.load_expert(self, entry, tensors)
+        params, nbytes = torch_experts.load_expert(self, entry, expert, tensors, self.expert_layouts)
         self._live += nbytes
         self._peak_live = max(self._peak_live, self._live)
         return params, nbytes
 
+    def expert_order(self, entry, expert):
+        layout = self.expert_layouts.get(entry.name)
+        return layout.order(expert) if layout else None
+
     def expert_stacking(self, infos):
-        return 1.0  # stacked as the cache holds them
+        return 0.0  # each expert computed as the cache holds it: nothing stacked (backends/torch_experts.py)
 
     def free_expert(self, loaded):
         self._live -= sum(t.numel() * t.element_size() for t in loaded.values())

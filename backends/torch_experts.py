@@ -1,22 +1,94 @@
 """torch: routed experts streamed into transformers' own fused experts module.
 
 Each layer's experts module keeps its class and math; its forward is wrapped so that, once the router has
-chosen, the chosen experts are fetched (airmlx.experts.ExpertCache), stacked in place of the module's
-(num_experts, ...) parameters, and the tokens' expert numbers are renumbered to match.
+chosen, the chosen experts are fetched (airmlx.experts.ExpertCache) and each is put in place of the module's
+(num_experts, ...) parameters as a module of one expert, the tokens' expert numbers renumbered to match. No
+stacked copy is made: a decode step computes on the cached tensors themselves.
 """
 import functools
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def load_expert(backend, entry, tensors):
-    """One expert's checkpoint tensors -> ({fused parameter name: (1, ...) tensor}, bytes), converted by
-    transformers' own conversion mapping as for a whole layer."""
-    tensors = {name: backend.from_raw(raw) for name, raw in tensors.items()}
+def load_expert(backend, entry, expert, tensors, layouts):
+    """One expert's checkpoint tensors -> ({fused parameter name: (1, ...) tensor}, bytes). Read as its layer's
+    layout in `layouts` orders them, each fused parameter is a view of the read buffer; otherwise (the first
+    expert of a layer, or a conversion that is not a plain concatenation) transformers' own conversion mapping
+    makes them, as for a whole layer, and the first conversion of a layer is learnt as its layout."""
+    layout = layouts.get(entry.name)
+    if layout and laid_out(layout, expert, tensors):
+        params = {}
+        for pname, names, shape, dtype in layout.params:
+            first = tensors[layout.name(expert, names[0])]
+            host = first.owner if isinstance(first.owner, torch.Tensor) else torch.from_numpy(first.owner)
+            size = sum(tensors[layout.name(expert, n)].nbytes for n in names)
+            params[pname] = host[first.offset: first.offset + size].view(dtype).reshape(shape).to(backend.device)
+        return params, sum(t.numel() * t.element_size() for t in params.values())
+    raw = tensors
+    tensors = {name: backend.from_raw(r) for name, r in raw.items()}
     if backend.qconfig:
         tensors, _, _ = backend.quantized(tensors)  # fused experts: dequantised
     params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
+    if entry.name not in layouts:
+        layouts[entry.name] = Layout.learnt(backend.arch.experts, expert, raw, params)
     return params, sum(t.numel() * t.element_size() for t in params.values())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's fused expert parameters are made of an expert's checkpoint tensors: each the bytes of some
+    of them one after another (gate_up_proj = w1 then w3), named by what follows ".<experts>.<e>."."""
+    head: str  # the tensor names' start, up to and including ".<experts>."
+    params: tuple  # ((parameter name, (tensor name ends, in order), shape, dtype), ...)
+
+    def name(self, expert, end):
+        return f"{self.head}{expert}.{end}"
+
+    def order(self, expert):
+        """The expert's tensor names in the order its read lays them out."""
+        return [self.name(expert, n) for _, names, _, _ in self.params for n in names]
+
+    @staticmethod
+    def learnt(experts_path, expert, raw, params):
+        """The layout `params` show, given the raw tensors they were converted from, or None when some
+        parameter is not whole raw tensors' bytes one after another (a cast, a transpose, a dequantisation)
+        or two tensors' bytes are alike (which is which could not be told)."""
+        mark = f".{experts_path}.{expert}."
+        head = next(iter(raw)).split(mark, 1)[0] + f".{experts_path}."
+        if not all(n.startswith(head + f"{expert}.") for n in raw):
+            return None
+        left = {n[len(head + f"{expert}."):]: r.data.reshape(-1).view(np.uint8) for n, r in raw.items()}
+        out = []
+        for pname in sorted(params):
+            t = params[pname]
+            got = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            pos, names = 0, []
+            while pos < len(got):
+                hits = [n for n, b in left.items() if len(b) <= len(got) - pos and np.array_equal(got[pos: pos + len(b)], b)]
+                if len(hits) != 1:
+                    return None
+                names.append(hits[0])
+                pos += len(left.pop(hits[0]))
+            out.append((pname, tuple(names), tuple(t.shape), t.dtype))
+        layout = Layout(head, tuple(out))
+        at = 0
+        for pname, names, _, dtype in out:  # each parameter must start where its dtype can view it
+            if at % dtype.itemsize:
+                return None
+            at += sum(raw[layout.name(expert, n)].nbytes for n in names)
+        return layout if not left else None
+
+
+def laid_out(layout, expert, tensors):
+    """Whether the read laid the expert's tensors out as `layout` orders them."""
+    at = 0
+    for name in layout.order(expert):
+        if name not in tensors or tensors[name].offset != at:
+            return False
+        at += tensors[name].nbytes
+    return len(tensors) == len(layout.order(expert))
 
 
 def stream_experts(backend, layers, chunks):
@@ -26,23 +98,21 @@ def stream_experts(backend, layers, chunks):
 
 
 def streamed_forward(module, layer, chunks, num_experts, hidden_states, top_k_index, top_k_weights):
+    """The module's own forward once per routed expert, on the expert as the cache holds it (nothing is
+    stacked: the cache gives groups of one, ExpertCache with stacking 0); the other experts' slots are
+    renumbered to the module's sentinel (num_experts), which its forward skips."""
     routed = torch.unique(top_k_index).tolist()
     out = None
     for experts, handles in chunks(layer, routed):
-        index = torch.zeros(num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
-        index[experts] = torch.arange(len(experts), dtype=top_k_index.dtype, device=index.device)
-        weights = top_k_weights
-        if len(experts) < len(routed):  # a group of a large prefill: other experts' slots count zero here
-            chosen = torch.zeros(num_experts, dtype=torch.bool, device=index.device)
-            chosen[experts] = True
-            weights = top_k_weights * chosen[top_k_index]
-        saved = {name: getattr(module, name) for name in handles[0]}
+        (expert,), (held,) = experts, handles
+        other = top_k_index != expert  # renumbered: the expert is 0 of the module of one, the others its sentinel
+        weights = top_k_weights if len(routed) == 1 else top_k_weights * ~other
+        saved = {name: getattr(module, name) for name in held}
         try:
             for name in saved:
-                stacked = torch.cat([h[name] for h in handles]) if len(handles) > 1 else handles[0][name]
-                setattr(module, name, torch.nn.Parameter(stacked, requires_grad=False))
-            module.num_experts = len(experts)
-            y = type(module).forward(module, hidden_states, index[top_k_index], weights)
+                setattr(module, name, torch.nn.Parameter(held[name], requires_grad=False))
+            module.num_experts = 1
+            y = type(module).forward(module, hidden_states, other.to(top_k_index.dtype), weights)
         finally:
             for name, placeholder in saved.items():
                 setattr(module, name, placeholder)

@@ -34,9 +34,10 @@ def min_budget(shards, backend="torch"):
     budget = minimum_budget(shards, backend)
     stages = ShardStore(shards).manifest.stages
     if backend == "mlx" or not ShardStore(shards).manifest.quantization:  # experts held as their bytes
-        # the largest stage, one token's experts cached and one of them stacked at a time (loads are views of
-        # their read buffers, which the cache counts: nothing more)
-        assert budget == max(s.nbytes for s in stages if s.kind != "experts") + (TOP_K + 1) * expert_size(shards)
+        # the largest stage and one token's experts cached; MLX stacks one of them at a time, torch computes each
+        # as cached (loads are views of their read buffers, which the cache counts: nothing more)
+        stacked = 1 if backend == "mlx" else 0
+        assert budget == max(s.nbytes for s in stages if s.kind != "experts") + (TOP_K + stacked) * expert_size(shards)
     return budget
 
 
@@ -76,9 +77,54 @@ def test_streamed_experts_match_transformers(checkpoints, tmp_path, arch, backen
             assert cache.capacity == TOP_K * expert_size(shards) and cache.group_bytes < 2 * expert_size(shards)
         else:  # every expert read once, then kept
             assert cache.misses == 8 and cache.hits > 0
+        if backend == "torch":  # each expert computed as cached, whatever the budget: groups of one
+            assert cache.group_bytes == 0
         assert_last_logits_match(model, ref, want)
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_reads_experts_laid_out_as_fused_and_loads_them_as_views(checkpoints, tmp_path, dtype):
+    """transformers fuses an expert's w1 and w3 into gate_up_proj, which its conversion made by stacking and
+    concatenating: two copies of every expert read. The first expert of each layer is converted so, and that
+    is learnt as the layer's layout; every later read lays the expert out so (w1, w3, w2), and its parameters
+    are views of the read buffer. A float32 checkpoint computed in bf16 is cast: no layout, converted as before."""
+    folder, ref, shards = shard(checkpoints, tmp_path, "mixtral")
+    budget = min_budget(shards) if dtype == "float32" else "1GB"  # experts read again and again
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", dtype=dtype, memory_budget=budget) as model:
+        tokens = model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist()
+        if dtype == "float32":
+            assert tokens == reference_generate(ref, PROMPT)
+        layouts, cache = model.backend.expert_layouts, model.scheduler.experts
+        assert sorted(layouts) == ["layer.000.experts", "layer.001.experts"]
+        if dtype == "bfloat16":
+            assert all(layout is None for layout in layouts.values())
+            return
+        for layer, layout in enumerate(layouts.values()):
+            assert layout.head == f"model.layers.{layer}.block_sparse_moe.experts."
+            assert {p: names for p, names, _, _ in layout.params} == {"gate_up_proj": ("w1.weight", "w3.weight"),
+                                                                     "down_proj": ("w2.weight",)}
+        views = 0
+        for (layer, e), (params, nbytes) in cache.cached.items():
+            storages = {t.untyped_storage().data_ptr() for t in params.values()}
+            assert nbytes == expert_size(shards)
+            views += len(storages) == 1 and params["down_proj"].untyped_storage().nbytes() == nbytes
+        assert views == len(cache.cached) > 0  # read after the first of their layers: laid out, no copy
+
+
+def test_a_layout_is_learnt_only_from_whole_distinguishable_tensors():
+    from types import SimpleNamespace
+
+    from backends.torch_experts import Layout
+    a, b = np.arange(6, dtype=np.float32), np.arange(6, 12, dtype=np.float32)
+    raw = lambda **ts: {f"m.l.0.experts.3.{n}": SimpleNamespace(data=t, nbytes=t.nbytes) for n, t in ts.items()}
+    fused = {"up": torch.from_numpy(np.concatenate([b, a]))[None]}
+    layout = Layout.learnt("experts", 3, raw(a=a, b=b), fused)
+    assert layout.head == "m.l.0.experts." and layout.order(5) == ["m.l.0.experts.5.b", "m.l.0.experts.5.a"]
+    assert Layout.learnt("experts", 3, raw(a=a, b=a.copy()), {"up": torch.from_numpy(np.concatenate([a, a]))}) is None
+    assert Layout.learnt("experts", 3, raw(a=a, b=b), {"up": torch.from_numpy(np.concatenate([b, a])).to(torch.float64)}) is None
+    assert Layout.learnt("experts", 3, raw(a=a, b=b), {"up": torch.from_numpy(b)}) is None  # a left over
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -224,10 +270,10 @@ def test_the_expert_cache_keeps_hot_experts_through_the_layer_cycle(tmp_path):
     entries = [SimpleNamespace(layer=n, name=f"layer.{n:03d}.experts", parts={str(e): [e * size, (e + 1) * size]
                                                                             for e in range(8)}) for n in range(layers)]
     reads = []
-    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None: (
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: (
         reads.append((name, e)), SimpleNamespace(nbytes=size, tensors={}))[1])
     backend = SimpleNamespace(allocate=lambda n: None, load_expert=lambda entry, e, tensors: ((entry.layer, e), size),
-                              free_expert=lambda handle: None)
+                              free_expert=lambda handle: None, expert_order=lambda entry, e: None)
     # room for 6 experts (a step routes 8): each layer's expert 0 is hot, its second choice rotates
     cache = ExpertCache(store, backend, entries, capacity=6 * size, stack_bytes=2 * size, top_k=2)
     for step in range(12):
@@ -236,6 +282,39 @@ def test_the_expert_cache_keeps_hot_experts_through_the_layer_cycle(tmp_path):
                 pass
     assert cache.hits >= 0.4 * (cache.hits + cache.misses)  # the hot experts: about half of all routed
     assert all((n, 0) in cache.cached for n in range(layers))
+    cache.clear()
+
+
+def test_a_decode_steps_experts_are_read_at_once_but_never_in_place_of_hotter_ones(tmp_path):
+    """Groups of one (torch computes each expert as cached) used to read one expert, compute it, then read the
+    next: no read overlapped compute. Now a step's routed experts are all being read before the first group
+    computes, where that evicts no expert routed more often than they are."""
+    from types import SimpleNamespace
+
+    from airmlx.experts import ExpertCache
+    size = 100
+    entries = [SimpleNamespace(layer=n, name=f"layer.{n:03d}.experts", parts={str(e): [e * size, (e + 1) * size]
+                                                                            for e in range(4)}) for n in range(2)]
+    reads = []
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: (
+        reads.append((name, e)), SimpleNamespace(nbytes=size, tensors={}))[1])
+    backend = SimpleNamespace(allocate=lambda n: None, load_expert=lambda entry, e, tensors: ((entry.layer, e), size),
+                              free_expert=lambda handle: None, expert_order=lambda entry, e: None)
+    cache = ExpertCache(store, backend, entries, capacity=4 * size, stack_bytes=0, top_k=2, stacking=0)
+    chunks = cache.chunks(0, [1, 2])
+    first = next(chunks)
+    assert first[0] == [1] and cache.pending.keys() | cache.cached.keys() >= {(0, 1), (0, 2)}  # both on their way
+    assert [g for g, _ in chunks] == [[2]]
+    for layer, times in [(0, 1), (1, 5)]:  # routed more often than layer 0's experts 0 and 3 will be
+        for _ in range(times):
+            for _ in cache.chunks(layer, [1, 2] if layer == 0 else [0, 1]):
+                pass
+    assert set(cache.cached) == {(0, 1), (0, 2), (1, 0), (1, 1)}
+    chunks = cache.chunks(0, [0, 3])
+    next(chunks)  # room for (0, 0) and (0, 3) would have to come from hotter experts: (0, 0) read in its turn
+    assert (0, 0) in cache.cached and (0, 3) not in cache.pending and (0, 3) not in cache.cached
+    assert [g for g, _ in chunks] == [[3]]
+    assert {(1, 0), (1, 1)} <= set(cache.cached) and len(cache.cached) == 4  # (0, 0) made room for (0, 3)
     cache.clear()
 
 
@@ -250,9 +329,9 @@ def test_expert_groups_fit_the_stacking_room_as_held_and_stacked(tmp_path, held_
     size = 100
     entries = [SimpleNamespace(layer=0, name="layer.000.experts", parts={str(e): [e * size, (e + 1) * size]
                                                                         for e in range(8)})]
-    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None: SimpleNamespace(nbytes=size,
-                                                                                                   tensors={}))
-    backend = SimpleNamespace(allocate=lambda n: None, free_expert=lambda handle: None,
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: SimpleNamespace(
+        nbytes=size, tensors={}))
+    backend = SimpleNamespace(allocate=lambda n: None, free_expert=lambda handle: None, expert_order=lambda entry, e: None,
                               load_expert=lambda entry, e, tensors: (e, int(size * held_per_byte)))
     room = 4 * size  # the stacked copy of two experts, either way
     cache = ExpertCache(store, backend, entries, capacity=16 * size, stack_bytes=room, top_k=2,

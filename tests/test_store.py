@@ -101,6 +101,28 @@ def test_expert_parts_read_only_their_bytes(store):
             assert torch.equal(as_torch(raw), want[name])
 
 
+
+def test_an_expert_read_lays_its_tensors_out_in_the_order_asked(store):
+    """A backend may ask for an expert's tensors in another order than the file's (torch: w1 then w3, so
+    gate_up_proj is a view): each tensor is then packed at the next offset of the buffer, its bytes unchanged."""
+    entry = next(e for e in store.manifest.stages if e.kind == "experts")
+    want = file_tensors(store.folder / entry.file)
+    as_filed = store.read_part(entry.name, 1)
+    order = sorted(as_filed.tensors, key=lambda n: as_filed.tensors[n].offset, reverse=True)
+    assert len(order) == 3 and order != sorted(order, key=lambda n: as_filed.tensors[n].offset)
+    before = store.bytes_read
+    data = store.read_part(entry.name, 1, order=order)
+    assert store.bytes_read - before == as_filed.nbytes == data.nbytes
+    at = 0
+    for name in order:
+        raw = data.tensors[name]
+        assert raw.offset == at and torch.equal(as_torch(raw), want[name])
+        assert np.shares_memory(raw.data, raw.owner) and raw.owner.nbytes == data.nbytes
+        at += raw.nbytes
+    with pytest.raises(ValueError, match="other tensors"):
+        store.read_part(entry.name, 1, order=order[:2])
+
+
 CHANGES = ["truncate", "replace_other", "replace_shorter", "rewrite_in_place", "delete"]
 
 
