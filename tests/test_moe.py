@@ -113,6 +113,26 @@ def test_torch_reads_experts_laid_out_as_fused_and_loads_them_as_views(checkpoin
         assert views == len(cache.cached) > 0  # read after the first of their layers: laid out, no copy
 
 
+def test_bf16_experts_laid_out_compute_exactly_as_converted(checkpoints, tmp_path):
+    """bf16 shards computed in bf16 (the common case): the same logits, to the bit, from experts converted by
+    transformers' mapping (a model whose layouts are kept from being learnt) and from experts laid out."""
+    _, _, shards = shard(checkpoints, tmp_path, "mixtral", dtype=torch.bfloat16)
+    seq = np.array(PROMPT)
+    logits = []
+    for learn in (False, True):
+        with airmlx.AutoModel.from_pretrained(shards, backend="torch", dtype="bfloat16",
+                                              memory_budget=min_budget(shards)) as model:
+            layouts = model.backend.expert_layouts
+            if not learn:
+                layouts.update({s.name: None for s in ShardStore(shards).manifest.stages if s.kind == "experts"})
+            model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))  # the first experts of each layer
+            logits.append(model.step(seq, np.ones_like(seq), model.new_cache(1, [0])))
+            cached = model.scheduler.experts.cached.values()
+            views = sum(len({t.untyped_storage().data_ptr() for t in params.values()}) == 1 for params, _ in cached)
+            assert (views == len(cached) > 0) if learn else views == 0
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 def test_a_layout_is_learnt_only_from_whole_distinguishable_tensors():
     from types import SimpleNamespace
 
