@@ -7,7 +7,7 @@ decode steps under a memory budget, counting what the store reads:
 Each backend runs twice: a first run, and one that starts from the usage profile the first saved in the shard
 folder. The goal is bytes per step <= 0.7 x active with the profile. Step times (cold: shard files evicted from
 the page cache before each step, also as a ratio to bytes read / cold bandwidth, goal <= 1.3; warm: in the page
-cache) come with them.
+cache) come with them, and after the second run the doctor's predicted cold step (airmlx/preflight.py).
 """
 import json
 import statistics
@@ -21,6 +21,7 @@ from .bench import add_common_options, bench_shards, save_random_model
 from .cli import ArgumentParser, bench_budget, face
 from .errors import AirmlxError
 from .experts import PROFILE_NAME
+from .preflight import predict
 from .store import evict
 from .units import format_bytes
 
@@ -64,7 +65,7 @@ def decode_steps(model, steps, cold, seed=0):
 
 
 def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes, routed, top_k,
-               per_expert, non_expert, active, steps):
+               per_expert, non_expert, active, steps, predicted=None):
     step_bytes = statistics.mean(b for _, b, _ in cold)
     cold_s = statistics.median(t for t, _, _ in cold)
     row = dict(backend=backend, run=run_name, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget,
@@ -83,6 +84,11 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
           f"{row['warm_step_s']:.3f} s; expert cache {stats['expert_hits']} hits / {stats['expert_misses']} misses, "
           f"look-ahead {stats['expert_lookahead_hits']} of {reads} reads used, "
           f"{stats['expert_profile_hits']} hits from the usage profile; {plan}")
+    if predicted:
+        row.update(predicted_cold_s=predicted.cold_s_per_token, cold_over_predicted=cold_s / predicted.cold_s_per_token)
+        print(f"  the doctor predicts {predicted.cold_s_per_token:.3f} s cold (reading "
+              f"{format_bytes(predicted.experts_per_step)} of experts a step): measured / predicted = "
+              f"{row['cold_over_predicted']:.2f}")
     return row
 
 
@@ -115,8 +121,11 @@ def run(args):
                 warm = decode_steps(model, args.steps, cold=False, seed=1)
                 stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
                 plan = str(model.plan)
+                # the doctor's prediction, last: its steps add to the usage profile the next run starts from
+                predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False)) \
+                    if run_name == "with profile" else None
             rows.append(report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes,
-                                   routed, top_k, per_expert, non_expert, active, args.steps))
+                                   routed, top_k, per_expert, non_expert, active, args.steps, predicted))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

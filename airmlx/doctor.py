@@ -25,8 +25,9 @@ def report(model, p, prompt_tokens, requests, request_tokens):
         f"disk     {format_bytes(p.cold_bps)}/s cold, {format_bytes(p.warm_bps)}/s warm (from the page cache)",
         f"compute  {compute:.3f} s per decode step (stages loaded and run, measured warm)",
         f"decode   {per_token(p.cold_s_per_token)} cold, {per_token(p.warm_s_per_token)} warm "
-        f"(reading {format_bytes(plan.streamed_bytes_per_step)} per token: {p.streamed_per_step / p.cold_bps:.2f} s "
-        "from the disk alone)",
+        f"(reading {format_bytes(plan.streamed_bytes_per_step)}"
+        + (f" and about {format_bytes(p.experts_per_step)} of routed experts" if plan.expert_bytes else "")
+        + f" per token: {(p.streamed_per_step + p.experts_per_step) / p.cold_bps:.2f} s from the disk alone)",
         f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
         f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
     ])

@@ -10,6 +10,7 @@ look-ahead by temporal locality: a wrong guess costs bytes, never correctness). 
 the shard folder when the model closes, fills the cache with the hottest experts when the next run starts.
 """
 import json
+import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +49,7 @@ class ExpertCache:
         self.readers = None
         self.warmed = False
         self.hits = self.misses = self.bytes_read = 0
+        self.wait_s = 0.0  # the computing thread waiting for expert reads
         self.lookahead_reads = self.lookahead_hits = self.profile_hits = 0
 
     # -- what the backend calls ---------------------------------------------------------------------
@@ -134,7 +136,9 @@ class ExpertCache:
         self.pending_bytes += self.sizes[key]
 
     def _load(self, key, keep):
+        t0 = time.perf_counter()
         data = self.pending.pop(key).result()
+        self.wait_s += time.perf_counter() - t0
         self.pending_bytes -= self.sizes[key]
         self.ahead.discard(key)
         self.bytes_read += data.nbytes
@@ -208,7 +212,7 @@ class ExpertCache:
         return {"expert_hits": self.hits, "expert_misses": self.misses, "expert_bytes_read": self.bytes_read,
                 "expert_cache_bytes": self.cached_bytes, "expert_cache_capacity": self.capacity,
                 "expert_lookahead_reads": self.lookahead_reads, "expert_lookahead_hits": self.lookahead_hits,
-                "expert_profile_hits": self.profile_hits}
+                "expert_profile_hits": self.profile_hits, "expert_wait_s": round(self.wait_s, 6)}
 
     def clear(self):
         """Wait for reads in flight, forget them, empty the cache and save the usage profile."""

@@ -28,6 +28,7 @@ class Preflight:
     prefill_s_per_token: float = 0.0  # compute of one prompt token through every stage
     cold_s_per_token: float = 0.0
     warm_s_per_token: float = 0.0
+    experts_per_step: int = 0  # MoE: routed experts' bytes a decode step read, as measured
 
 
 def measure_disk(model, sample_bytes=SAMPLE_BYTES):
@@ -63,7 +64,8 @@ def sweep_seconds(plan, compute_s, bps, steps=3):
 
 def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tuple:
     """({stage name: seconds to load and run it in a decode step of `batch` rows}, seconds of the prefill of
-    `prompt` tokens before those steps): the stages profiled, the model's own profiling left as it was."""
+    `prompt` tokens before those steps, MoE: (expert bytes read, seconds waited for them) per decode step):
+    the stages profiled, the model's own profiling left as it was."""
     profiling, records = model.profiling, list(model.profile_records)
     model.profiling = True
     model.profile_records.clear()
@@ -72,8 +74,11 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tup
     t0 = time.perf_counter()
     model.step(tokens, np.ones_like(tokens), cache)
     prefill = time.perf_counter() - t0
+    experts = model.memory_stats()
     for i in range(steps):
         model.step(np.full((batch, 1), 5 + i), np.ones((batch, prompt + i + 1), dtype=np.int64), cache)
+    after = model.memory_stats()
+    expert_reads = tuple((after.get(k, 0) - experts.get(k, 0)) / steps for k in ("expert_bytes_read", "expert_wait_s"))
     first = min(r.step for r in model.profile_records)
     compute = {}
     for r in model.profile_records:
@@ -81,17 +86,20 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tup
             compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
     model.profiling = profiling
     model.profile_records[:] = records
-    return compute, prefill
+    return compute, prefill, expert_reads
 
 
 def predict(model, cold_bps, warm_bps, steps=3, prompt=64):
     """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
-    the sweep simulated at the two bandwidths."""
-    compute, prefill = stage_compute(model, 1, steps, prompt)
+    the sweep simulated at the two bandwidths. A MoE step also reads the experts its tokens route to that the
+    cache lacks, once its router has run, so with nothing to compute meanwhile: those bytes, as the decode
+    steps read them, are added at each bandwidth in place of the time the steps waited for them."""
+    compute, prefill, (expert_bytes, expert_wait) = stage_compute(model, 1, steps, prompt)
     plan = model.plan
     prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
+    cold, warm = (sweep_seconds(plan, compute, bps) - expert_wait + expert_bytes / bps for bps in (cold_bps, warm_bps))
     return Preflight(cold_bps, warm_bps, plan.streamed_bytes_per_step, compute, prefill_compute / prompt,
-                     sweep_seconds(plan, compute, cold_bps), sweep_seconds(plan, compute, warm_bps))
+                     cold, warm, int(expert_bytes))
 
 
 def save(folder, preflight):
