@@ -123,8 +123,8 @@ class ExpertDemand:
 
     @property
     def minimum(self) -> int:
-        """One token's experts in the cache, one of them stacked at a time (the backend then computes the
-        token's experts in groups of one), and what one more takes while it loads."""
+        """One token's experts in the cache, one of them stacked at a time where the backend stacks (it then
+        computes the token's experts in groups of one), and what one more takes while it loads."""
         return self.top_k * self.largest + self.stacking_room(1) if self.total else 0
 
 
@@ -196,7 +196,7 @@ def with_experts(plan, experts):
     cached when that leaves room to stack one, and the stacking room gets what is left; otherwise it gets a
     quarter. Either way the room holds whole experts, at least one (a decode step then stacks its token's
     experts one at a time) and at most a layer's; a part of an expert would stack nothing, so the cache gets
-    it."""
+    it. A backend that stacks nothing (stacking 0) gets no room but a converting load's excess."""
     if experts.total:
         rest = plan.budget - plan.resident_bytes - plan.in_flight_bytes - plan.load_overhead
         beside_all = rest - experts.total  # what caching every expert leaves

@@ -29,6 +29,7 @@ from .readahead import ReadAhead
 from .tensorfile import NUMPY_VIEWS, read_header
 
 READ_CHUNK = 16 << 20
+PREADV = hasattr(os, "preadv")  # several buffers filled by one read call (not on Windows)
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = 22  # Linux >= 5.14: map (and read, when cold) every page of a range, in one call
 MADV_HUGEPAGE = 14
@@ -373,7 +374,7 @@ class ShardStore:
         with self._open(name) as f:
             try:
                 while views:
-                    if hasattr(os, "preadv"):
+                    if PREADV:
                         n = os.preadv(f.fileno(), views[:64] if len(views) > 1 else [views[0][:READ_CHUNK]], offset)
                     else:
                         f.seek(offset)

@@ -55,11 +55,11 @@ class Layout:
         """The layout `params` show, given the raw tensors they were converted from, or None when some
         parameter is not whole raw tensors' bytes one after another (a cast, a transpose, a dequantisation)
         or two tensors' bytes are alike (which is which could not be told)."""
-        mark = f".{experts_path}.{expert}."
-        head = next(iter(raw)).split(mark, 1)[0] + f".{experts_path}."
-        if not all(n.startswith(head + f"{expert}.") for n in raw):
+        head = next(iter(raw)).split(f".{experts_path}.{expert}.", 1)[0] + f".{experts_path}."
+        prefix = f"{head}{expert}."
+        if not all(n.startswith(prefix) for n in raw):
             return None
-        left = {n[len(head + f"{expert}."):]: r.data.reshape(-1).view(np.uint8) for n, r in raw.items()}
+        left = {n[len(prefix):]: r.data.reshape(-1).view(np.uint8) for n, r in raw.items()}
         out = []
         for pname in sorted(params):
             t = params[pname]
@@ -83,12 +83,12 @@ class Layout:
 
 def laid_out(layout, expert, tensors):
     """Whether the read laid the expert's tensors out as `layout` orders them."""
-    at = 0
-    for name in layout.order(expert):
+    order, at = layout.order(expert), 0
+    for name in order:
         if name not in tensors or tensors[name].offset != at:
             return False
         at += tensors[name].nbytes
-    return len(tensors) == len(layout.order(expert))
+    return len(tensors) == len(order)
 
 
 def stream_experts(backend, layers, chunks):
