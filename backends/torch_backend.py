@@ -7,6 +7,7 @@ layers are transformers'; this file only wires them in sweep order.
 import inspect
 import math
 import warnings
+import weakref
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class TorchBackend:
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
+        self._bound = {}  # per stage loaded as views under its own names: ((name, bf16, slot, path), ...)
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
         self.int4_copies = {}  # stage -> its tensor groups in the copy in torch's int4 layout (torch_quant.INT4_COPY)
         self._copy_groups = {}  # what copy_layout asked stage_copies for
@@ -309,6 +311,9 @@ class TorchBackend:
         return out
 
     def load_stage(self, entry, tensors):
+        bound = self._bound.get(entry.name)
+        if bound is not None and len(bound[1]) == len(tensors):
+            return self._load_bound(entry, bound, tensors)
         params, nbytes, raw = {}, 0, tensors
         tensors = {name: torch.from_numpy(r.data) for name, r in raw.items()}
         # the read buffer's address ranges: tensors still viewing them are its, not this backend's
@@ -334,7 +339,38 @@ class TorchBackend:
         self._peak_live = max(self._peak_live, self._live)
         index = entry.layer
         layer = self.skeleton.get_submodule(f"{self.arch.layers}.{index}") if index is not None else None
+        if (keep and not nbytes and not self.qconfig and source is None and entry.name in self._renames
+                and all(pname in module._parameters for module, pname, _ in params.values())):
+            # every parameter is a view of its tensor's bytes, under a plain rename: the next load of this
+            # stage (each sweep's, when it streams) only makes the views again (_load_bound)
+            renamed = self._renames[entry.name]
+            self._bound[entry.name] = (layer, tuple((name, raw[name].dtype == "BF16", params[path], path)
+                                                    for name, path in renamed.items()), {})
         return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _load_bound(self, entry, bound, tensors):
+        """load_stage for a stage loaded before as views of its read buffer: the same parameters made as
+        views of this read's (the store checked the file is the one opened, so names, dtypes and shapes are
+        those checked at the first load), or, where the store hands the same views again (a mapping it keeps
+        between sweeps), the parameters made last time."""
+        layer, slots, made = bound
+        params = {}
+        for name, bf16, slot, path in slots:
+            raw = tensors[name]
+            seen, param = made.get(name, (None, None))
+            same = seen is not None and seen() is raw
+            if param is None or not same:
+                t = torch.from_numpy(raw.data)
+                param = torch.nn.Parameter(t.view(torch.bfloat16) if bf16 else t, requires_grad=False)
+                # held only for views the store keeps anyway (else it would keep the last read's memory alive),
+                # and dropped with them (store.close(): the mapping goes with this last view)
+                made[name] = (weakref.ref(raw), param if same else None)
+                if same:
+                    weakref.finalize(raw, made.pop, name, None)
+            module, pname, _ = slot
+            module._parameters[pname] = param
+            params[path] = slot
+        return TorchStage(entry.kind, params, 0, layer, entry.layer)
 
     def _converted(self, entry, tensors):
         """convert(), remembered per stage when transformers' mapping only renames (the usual case), so a

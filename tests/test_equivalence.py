@@ -1,4 +1,7 @@
 """Streamed output is token-identical to transformers' own generate on the same fp32 weights."""
+import gc
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +70,32 @@ def test_bf16_checkpoint_streams(tmp_path, backend):
     # bf16 arithmetic differs between frameworks in accumulation order; compare loosely but meaningfully
     assert np.abs(got - want).max() / np.abs(want).max() < 0.05
     assert got.argmax() == want.argmax()
+
+
+def test_torch_loads_a_streamed_stage_again_as_views_only(checkpoints, tmp_path):
+    """From its second load on, a stage whose parameters are views of its mapping under plain renames is bound
+    again without transformers' conversion or the shape checks: the same logits as the first, full load."""
+    folder, _ = checkpoints("llama")
+    seq = np.array(PROMPT)
+    with load(folder, tmp_path, "torch", "tight") as model:
+        backend = model.scheduler.backend
+        first = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+        assert model.plan.streamed and set(model.plan.streamed) <= set(backend._bound)
+
+        def no_conversion(tensors):
+            raise AssertionError("a bound stage was converted again")
+        backend.convert = no_conversion
+        live = backend._live
+        again = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+        assert backend._live == live  # views: nothing made
+        if sys.platform.startswith("linux"):  # the store keeps its mappings: the parameters are made once too
+            made = lambda: {id(p) for _, _, m in backend._bound.values() for _, p in m.values() if p is not None}
+            model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))  # the same views seen again: kept
+            kept = made()
+            model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+            assert kept and made() == kept
+            assert str(model.shard_dir) in open("/proc/self/maps").read()
+    assert np.array_equal(first, again)
+    if sys.platform.startswith("linux"):  # closed: no mapping of a shard file outlives the model
+        gc.collect()
+        assert str(model.shard_dir) not in open("/proc/self/maps").read()
