@@ -3,11 +3,12 @@
 It builds (or takes) a model several times larger than the budget, shards it, measures the cold sequential
 read bandwidth of the shard files, then times decode steps per backend:
   cold      every shard file evicted from the page cache (posix_fadvise DONTNEED) before each step
-  warm      shard files in the page cache
+  warm      shard files in the page cache, each step taking turns with a resident one (the ratio: of each pair)
   read-warm (--warm-after-read) warm, in a model opened after the files came into the page cache by read()
   resident  the reference framework (transformers / mlx-lm) with the whole model in memory
 """
 import inspect
+import itertools
 import json
 import statistics
 import sys
@@ -114,34 +115,61 @@ def time_scoring(model, requests, length):
                 score_s=seconds, tokens_per_s=requests * length / seconds)
 
 
-def time_resident(backend, src, steps):
+def resident_stepper(backend, src):
+    """The reference framework's own model of the whole checkpoint, in memory and prefilled: a function that
+    runs its next decode step and returns the seconds it took."""
+    tokens = itertools.count(5)
     if backend == "torch":
         import torch
         from transformers import AutoModelForCausalLM, DynamicCache
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
         cache = DynamicCache(config=ref.config)
+        # transformers >= 5.2x takes the cache as `cache=` (past_key_values= is deprecated there)
+        kw = {"cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values": cache}
         with torch.inference_mode():
-            # transformers >= 5.2x takes the cache as `cache=` (past_key_values= is deprecated there)
-            kw = {"cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values": cache}
             ref(torch.tensor([[1, 2, 3, 4]]), use_cache=True, **kw)
-            times = []
-            for i in range(steps + 1):
-                t0 = time.perf_counter()
-                ref(torch.tensor([[5 + i]]), use_cache=True, **kw)
-                times.append(time.perf_counter() - t0)
-    else:
-        import mlx.core as mx
-        from mlx_lm import load
-        from mlx_lm.models.cache import make_prompt_cache
-        ref, _ = load(str(src))
-        cache = make_prompt_cache(ref)
-        mx.eval(ref(mx.array([[1, 2, 3, 4]]), cache=cache))
-        times = []
-        for i in range(steps + 1):
+
+        def step():
             t0 = time.perf_counter()
-            mx.eval(ref(mx.array([[5 + i]]), cache=cache))
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+            with torch.inference_mode():
+                ref(torch.tensor([[next(tokens)]]), use_cache=True, **kw)
+            return time.perf_counter() - t0
+        return step
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+    ref, _ = load(str(src))
+    cache = make_prompt_cache(ref)
+    mx.eval(ref(mx.array([[1, 2, 3, 4]]), cache=cache))
+
+    def step():
+        t0 = time.perf_counter()
+        mx.eval(ref(mx.array([[next(tokens)]]), cache=cache))
+        return time.perf_counter() - t0
+    return step
+
+
+def streamed_stepper(model):
+    """The same for a streamed model (its files left where they are: warm once read)."""
+    cache, past = model.new_cache(), itertools.count(5)
+    model.step(np.array([[1, 2, 3, 4]]), np.ones((1, 4), dtype=np.int64), cache)
+
+    def step():
+        n = next(past)
+        t0 = time.perf_counter()
+        model.step(np.array([[n]]), np.ones((1, n), dtype=np.int64), cache)
+        return time.perf_counter() - t0
+    return step
+
+
+def time_warm_and_resident(model, backend, src, steps):
+    """(median warm streamed step, median resident step, median of their ratios), the two taking turns step by
+    step, so that a machine busier at one moment slows both alike (run one after the other, they were often
+    measured minutes apart on a shared machine, and the ratio moved with its load)."""
+    streamed, resident = streamed_stepper(model), resident_stepper(backend, src)
+    pairs = [(streamed(), resident()) for _ in range(steps + 1)][1:]
+    return (statistics.median(s for s, _ in pairs), statistics.median(r for _, r in pairs),
+            statistics.median(s / r for s, r in pairs))
 
 
 def time_airllm(src, steps):
@@ -193,7 +221,7 @@ def run(args):
         floor = plan.streamed_bytes_per_step / (gbps * 1e9)
         predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False))  # what python -m airmlx.doctor says
         cold, cold_peak, cold_ratio = time_streamed(model, args.steps, cold=True)
-        warm, warm_peak, warm_ratio = time_streamed(model, args.steps, cold=False)
+        _, warm_peak, warm_ratio = time_streamed(model, args.steps, cold=False)
         read_warm = None
         if args.warm_after_read:
             read_into_page_cache(model.stage_files(streamed_only=True))
@@ -201,14 +229,15 @@ def run(args):
                 read_warm = time_streamed(fresh, args.steps, cold=False)[0]
         batches = time_batches(model, args.batch, max(2, args.steps // 2)) if args.batch else {}
         scoring = time_scoring(model, args.score, 64) if args.score else None
+        # the warm run above gave the peak; the warm step is measured again taking turns with the reference
+        warm, resident, warm_over_resident = time_warm_and_resident(model, backend, src, args.steps)
         model.close()
-        resident = time_resident(backend, src, args.steps)
         # the resident reference is the framework's own load of the checkpoint: unquantised
         row = dict(backend=backend, compression=args.compression, resident_is_unquantised=bool(args.compression),
                    model_bytes=model_bytes, budget_bytes=plan.budget,
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
-                   cold_over_floor=cold / floor if floor else None, warm_over_resident=warm / resident,
+                   cold_over_floor=cold / floor if floor else None, warm_over_resident=warm_over_resident,
                    peak_memory_bytes=max(cold_peak, warm_peak), plan=str(plan), steps=args.steps,
                    peak_over_bound=max(cold_ratio, warm_ratio), predicted_cold_s=predicted.cold_s_per_token,
                    predicted_warm_s=predicted.warm_s_per_token,

@@ -7,7 +7,8 @@ decode steps under a memory budget, counting what the store reads:
 Each backend runs twice: a first run, and one that starts from the usage profile the first saved in the shard
 folder. The goal is bytes per step <= 0.7 x active with the profile. Step times (cold: shard files evicted from
 the page cache before each step, also as a ratio to bytes read / cold bandwidth, goal <= 1.3; warm: in the page
-cache) come with them, and after the second run the doctor's predicted cold step (airmlx/preflight.py).
+cache) come with them, and after the second run the doctor's predicted cold step (airmlx/preflight.py). A cold
+step can beat neither its reads nor a warm step's compute, so it is also given as a ratio to the slower.
 """
 import json
 import statistics
@@ -75,6 +76,9 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
                over_active=step_bytes / active, over_dense=step_bytes / model_bytes, cold_read_gbps=gbps,
                cold_step_s=cold_s, cold_over_floor=cold_s / (step_bytes / (gbps * 1e9)),
                warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=steps, **stats)
+    # a cold step reads its bytes and computes what a warm step computes: it can beat neither
+    io_s = step_bytes / (gbps * 1e9)
+    row.update(io_s=io_s, cold_over_bound=cold_s / max(io_s, row["warm_step_s"]))
     reads = stats["expert_lookahead_reads"]
     print(f"\n{backend}, {run_name}: model {format_bytes(model_bytes)} ({row['layers']} MoE layers x "
           f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")
@@ -84,6 +88,8 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
           f"{row['warm_step_s']:.3f} s; expert cache {stats['expert_hits']} hits / {stats['expert_misses']} misses, "
           f"look-ahead {stats['expert_lookahead_hits']} of {reads} reads used, "
           f"{stats['expert_profile_hits']} hits from the usage profile; {plan}")
+    print(f"  a cold step can be no faster than its reads ({io_s:.3f} s) or a warm step ({row['warm_step_s']:.3f} s):"
+          f" cold / the slower = {row['cold_over_bound']:.2f}")
     if predicted:
         row.update(predicted_cold_s=predicted.cold_s_per_token, cold_over_predicted=cold_s / predicted.cold_s_per_token)
         print(f"  the doctor predicts {predicted.cold_s_per_token:.3f} s cold (reading "
