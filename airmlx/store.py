@@ -126,6 +126,7 @@ class StageData:
     nbytes: int  # bytes read
     read_s: float
     held: int = 0  # bytes counted as handed out (a buffer outside the pool, a mapping) until release()
+    done: object = None  # a kept mapping's use: drops its pages and its count, once (release(), or when dropped)
 
 
 class BufferPool:
@@ -306,14 +307,11 @@ class ShardStore:
             try:
                 if identity(os.stat(self._paths[name])) != self._identity[name]:
                     raise self._changed(name)
-            except OSError as e:
-                raise self._unreadable(name, e) from None
-            try:
                 populate(buf, mapped)
             except OSError as e:
                 raise self._unreadable(name, e) from None
             self._count(entry.nbytes, entry.nbytes)
-            return StageData(name, dict(tensors), None, entry.nbytes, time.perf_counter() - t0, entry.nbytes)
+            return self._kept_use(name, tensors, time.perf_counter() - t0)
         mapped, buf, populate_s = self._mapped(name)
         if self._check_folios and name not in self._folios_checked:
             self._folios_checked.add(name)
@@ -328,9 +326,21 @@ class ShardStore:
         self._count(entry.nbytes, entry.nbytes)
         if KEEP_MAPPINGS:
             self._kept_maps[name] = (mapped, buf, tensors)
-        else:
-            weakref.finalize(mapped, self._count, 0, -entry.nbytes)  # unmapped once the last view is gone
-        return StageData(name, dict(tensors), None, entry.nbytes, time.perf_counter() - t0, entry.nbytes)
+            return self._kept_use(name, tensors, time.perf_counter() - t0)
+        weakref.finalize(mapped, self._count, 0, -entry.nbytes)  # unmapped once the last view is gone
+        return StageData(name, tensors, None, entry.nbytes, time.perf_counter() - t0, entry.nbytes)
+
+    def _kept_use(self, name, tensors, seconds):
+        nbytes = self.stages[name].nbytes
+        data = StageData(name, dict(tensors), None, nbytes, seconds, nbytes)
+        data.done = weakref.finalize(data, self._drop_pages, name, nbytes)  # a use never released: dropped with it
+        return data
+
+    def _drop_pages(self, name, nbytes):
+        kept = self._kept_maps.get(name)
+        if kept is not None:
+            _LIBC.madvise(kept[1].ctypes.data, kept[1].size, MADV_DONTNEED)  # the page cache keeps them; we do not
+        self._count(0, -nbytes)
 
     def _mapped(self, name: str) -> tuple:
         """(mapping, its uint8 view, seconds to populate it) of a stage file, every page mapped (populate)."""
@@ -370,11 +380,8 @@ class ShardStore:
             self.pool.release(data.buffer)
             data.buffer = None
             self._count(0, -data.held)
-        elif data.held and data.name in self._kept_maps:
-            buf = self._kept_maps[data.name][1]
-            _LIBC.madvise(buf.ctypes.data, buf.size, MADV_DONTNEED)  # the page cache keeps them; we do not
-            self._count(0, -data.held)
-            data.held = 0
+        elif data.done is not None:
+            data.done()
 
     @property
     def buffer_bytes(self) -> int:

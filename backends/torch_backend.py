@@ -179,7 +179,9 @@ class TorchBackend:
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
-        self._bound = {}  # per stage loaded as views under its own names: ((name, bf16, slot, path), ...)
+        # per stage loaded as views under plain renames: (layer, ((name, bf16, slot, path), ...),
+        # {name: (weakref to the raw tensor viewed last, its parameter while the store keeps that view)})
+        self._bound = {}
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
         self.int4_copies = {}  # stage -> its tensor groups in the copy in torch's int4 layout (torch_quant.INT4_COPY)
         self._copy_groups = {}  # what copy_layout asked stage_copies for
