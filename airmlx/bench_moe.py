@@ -69,16 +69,16 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
                per_expert, non_expert, active, steps, predicted=None):
     step_bytes = statistics.mean(b for _, b, _ in cold)
     cold_s = statistics.median(t for t, _, _ in cold)
+    io_s = step_bytes / (gbps * 1e9)  # the step's reads at the measured cold bandwidth
     row = dict(backend=backend, run=run_name, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget,
                layers=len(routed), experts_per_layer=len(routed[0].parts), top_k=top_k, expert_bytes=per_expert,
                non_expert_bytes=non_expert, active_bytes=active, bytes_per_step=step_bytes,
                expert_bytes_per_step=statistics.mean(e for _, _, e in cold),
                over_active=step_bytes / active, over_dense=step_bytes / model_bytes, cold_read_gbps=gbps,
-               cold_step_s=cold_s, cold_over_floor=cold_s / (step_bytes / (gbps * 1e9)),
+               cold_step_s=cold_s, cold_over_floor=cold_s / io_s, io_s=io_s,
                warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=steps, **stats)
     # a cold step reads its bytes and computes what a warm step computes: it can beat neither
-    io_s = step_bytes / (gbps * 1e9)
-    row.update(io_s=io_s, cold_over_bound=cold_s / max(io_s, row["warm_step_s"]))
+    row["cold_over_bound"] = cold_s / max(io_s, row["warm_step_s"])
     reads = stats["expert_lookahead_reads"]
     print(f"\n{backend}, {run_name}: model {format_bytes(model_bytes)} ({row['layers']} MoE layers x "
           f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")

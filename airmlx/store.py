@@ -305,8 +305,7 @@ class ShardStore:
         if kept is not None:  # mapped at an earlier sweep, its pages dropped since (release): map them again
             mapped, buf, tensors = kept
             try:
-                if identity(os.stat(self._paths[name])) != self._identity[name]:
-                    raise self._changed(name)
+                self._check_unchanged(name, os.stat(self._paths[name]))
                 populate(buf, mapped)
             except OSError as e:
                 raise self._unreadable(name, e) from None
@@ -395,15 +394,19 @@ class ShardStore:
             f = open(path, "rb", buffering=0)
         except OSError as e:
             raise self._unreadable(name, e) from None
-        if identity(os.fstat(f.fileno())) != self._identity[name]:
+        try:
+            self._check_unchanged(name, os.fstat(f.fileno()))
+        except CorruptShardError:
             f.close()
-            raise self._changed(name)
+            raise
         return f
 
-    def _changed(self, name):
-        return CorruptShardError(f"stage {name}: file {self._paths[name]} changed while the model was open "
-                                 f"(replaced, truncated or rewritten); reload the model, and if the folder is "
-                                 f"damaged {repair_hint(self.folder)}")
+    def _check_unchanged(self, name, st):
+        """A stage file, by its stat, must be the file checked when the folder was opened."""
+        if identity(st) != self._identity[name]:
+            raise CorruptShardError(f"stage {name}: file {self._paths[name]} changed while the model was open "
+                                    f"(replaced, truncated or rewritten); reload the model, and if the folder is "
+                                    f"damaged {repair_hint(self.folder)}")
 
     def _read_into(self, name, offset, view, what="", then=()):
         """Fill view with the file's bytes from offset on, then each of `then` with the bytes that follow, in
