@@ -175,10 +175,11 @@ class ExpertCache:
         hottest = [key for key, _ in self.prior.most_common()]
         chosen, used = [], 0
         for key in hottest:
-            if used + self.sizes[key] > self.capacity - self.group_bytes:
+            held = self.sizes[key] * self.held_per_byte  # as loaded: a dequantised expert holds more than its file
+            if used + held > self.capacity - self.group_bytes:
                 break
             chosen.append(key)
-            used += self.sizes[key]
+            used += held
         for key in chosen:
             self._start_read(*key)
         for key in chosen:

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
         else:
             ids = tok(args.prompt)["input_ids"]
         streamer = PrintStreamer(tok)
-        sys.stdout.write(args.prompt)
+        if not args.chat_template:  # a completion reads on from its prompt; a chat's reply stands alone
+            sys.stdout.write(args.prompt)
         start = time.perf_counter()
         model.generate([ids], max_new_tokens=args.max_tokens, do_sample=bool(args.temp), temperature=args.temp or None,
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, streamer=streamer)

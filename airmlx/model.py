@@ -83,7 +83,9 @@ class AirModel:
         # the cache counts a read buffer while it fills; a load that converts holds it beside what it makes
         converts = any(costs[s.name].loading > costs[s.name].held for s in routed)
         experts = ExpertDemand(total, largest, top_k, largest_read, top_k * largest_read * len(routed), stacking,
-                               load_excess=largest_read if converts else 0,
+                               # a converting load holds its read buffer and, on torch, the converted tensors
+                               # beside their concatenation (transformers' mapping): about one more expert
+                               load_excess=largest_read + largest if converts else 0,
                                per_layer=max((len(s.parts) for s in routed), default=0))
         self.minimum_budget = minimum_budget(stages, experts)  # the smallest memory_budget this model runs under
         draft_bytes = draft_share(draft, budget, self.minimum_budget) if draft is not None else 0

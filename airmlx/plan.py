@@ -108,6 +108,7 @@ class ExpertDemand:
     stacking: float = 1.0  # bytes a loaded expert takes stacked (with any conversion on the way), per byte held;
     # 0: the backend computes each expert as the cache holds it, one at a time, and stacks nothing
     load_excess: int = 0  # bytes an expert briefly takes beyond what the cache counts: a converting load's buffer
+    # and the copies its conversion makes
     per_layer: int = 0  # routed experts in the largest MoE layer: the most a group stacks (0: unknown)
 
     def stacking_room(self, experts: int) -> int:

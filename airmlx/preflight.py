@@ -123,7 +123,7 @@ def quick(model):
     save(model.shard_dir, record)
     floor = record.streamed_per_step / cold
     return (f"preflight: disk {format_bytes(cold)}/s cold, {format_bytes(warm)}/s warm; "
-            f"{format_bytes(record.streamed_per_step)} read per token: at least {per_token(floor)} cold "
+            f"{format_bytes(record.streamed_per_step)} read per token: at best {per_token(floor)} cold "
             "(python -m airmlx.doctor for the full prediction)")
 
 

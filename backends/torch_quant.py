@@ -2,8 +2,10 @@
 
 On the CPU a 4-bit Linear runs on torch's packed int4 matrix multiply (`_weight_int4pack_mm_for_cpu`), its
 codes repacked from MLX's layout with a few numpy byte operations (no dequantised copy of the weight ever
-exists); an embedding dequantises only the rows a step looks up. Everything else is dequantised once per
-load: 8-bit codes straight from their bytes, other widths with shifts and masks (`dequantize_affine`).
+exists); an embedding dequantises only the rows a step looks up, and a head the kernel cannot run (a tied
+head's 8-bit embedding) a block of its rows at a time as it computes, so neither is ever held dequantised.
+Everything else is dequantised once per load: 8-bit codes straight from their bytes, other widths with shifts
+and masks (`dequantize_affine`).
 MLX computes `w = q * scale + bias`; the int4 kernel computes `(q - 8) * scale + (bias + 8 * scale)`, which
 agrees to the rounding of the compute dtype (exactly in float32 up to float32 rounding).
 """
@@ -23,6 +25,7 @@ from .base import check_placement
 
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
+HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes (1 MB in float32)
 INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
 
 
@@ -39,17 +42,22 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
     lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
     wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
     out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
-    rows = max(1, DEQUANT_ELEMENTS // cols)
+    for r, w in dequantized_blocks(wq, scales, biases, group_size, bits, max(1, DEQUANT_ELEMENTS // cols)):
+        out[r:r + w.shape[0]] = w
+    return out.reshape(*lead, cols)
+
+
+def dequantized_blocks(wq, scales, biases, group_size, bits, rows):
+    """(first row, weights) of (N, K / (32 / bits)) codes whose width divides 32, `rows` rows at a time."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
     for r in range(0, wq.shape[0], rows):
         if bits == 8:  # a code per byte, in order: no shifting
             codes = wq[r:r + rows].contiguous().view(torch.uint8)
         else:
             codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        codes = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
+        w = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
         # the product, rounded, then the sum: as mx.dequantize rounds (a fused multiply-add would not)
-        out[r:r + rows] = (codes * scales[r:r + rows].unsqueeze(-1) + biases[r:r + rows].unsqueeze(-1)).flatten(1)
-    return out.reshape(*lead, cols)
+        yield r, w.mul_(scales[r:r + rows].unsqueeze(-1)).add_(biases[r:r + rows].unsqueeze(-1)).flatten(1)
 
 
 def repack_int4(wq):
@@ -143,6 +151,22 @@ def install_embedding(module, wq, scales, biases, group_size, bits):
     module.forward = functools.partial(quantized_embedding, module, wq, scales, biases, group_size, bits)
 
 
+def quantized_linear(module, wq, scales, biases, group_size, bits, x):
+    """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
+    if 32 % bits:
+        return torch.nn.functional.linear(x, dequantize_affine(wq, scales, biases, group_size, bits), module.bias)
+    rows = max(1, HEAD_BLOCK_ELEMENTS // (scales.shape[-1] * group_size))
+    y = torch.empty(*x.shape[:-1], scales.shape[0], dtype=x.dtype, device=x.device)
+    for r, w in dequantized_blocks(wq, scales, biases, group_size, bits, rows):
+        y[..., r:r + w.shape[0]] = torch.nn.functional.linear(x, w)  # F.linear: a wide batch's WideLinears applies
+    return y + module.bias if module.bias is not None else y
+
+
+def install_linear(module, wq, scales, biases, group_size, bits):
+    """Run a Linear on its quantised weight (quantized_linear): forward is replaced until remove()."""
+    module.forward = functools.partial(quantized_linear, module, wq, scales, biases, group_size, bits)
+
+
 def remove(module):
     module.__dict__.pop("forward", None)
 
@@ -164,12 +188,16 @@ def quantized_footprint(backend, entry, name, info, infos):
     # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
     # product and the sum
     block = min(rows * cols, DEQUANT_ELEMENTS)
+    if stage_name(backend, entry, base) == backend.arch.head:  # kept quantised: dequantised a block per forward
+        block = min(rows * cols, HEAD_BLOCK_ELEMENTS) if 32 % bits == 0 else rows * cols  # else dequantised whole
+        return quantized_bytes, block * ((1 if bits == 8 else 4) + 4 * backend.dtype.itemsize)
     return rows * cols * backend.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * backend.dtype.itemsize)
 
 def stage_name(backend, entry, name):
-    """A checkpoint name as load_stage sees it: a tied head's embedding tensors are the head's."""
-    if entry.kind == "head" and name.startswith(backend.arch.embed_prefix):
-        return backend.arch.head + "." + name[len(backend.arch.embed_prefix):]
+    """A checkpoint name (a tensor's, or a module's: "model.embed_tokens") as load_stage sees it: a tied head's
+    embedding tensors are the head's."""
+    if entry.kind == "head" and (name + ".").startswith(backend.arch.embed_prefix):
+        return (backend.arch.head + "." + name[len(backend.arch.embed_prefix):]).rstrip(".")
     return name
 
 def packable_weight(backend, entry, base):
@@ -288,9 +316,10 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
             install_int4(module, *kept, group_size)
             nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
-        elif isinstance(module, torch.nn.Embedding):
+        elif isinstance(module, torch.nn.Embedding) or base == backend.arch.head:
             kept = [backend._kept(t, raw_ranges, keep) for t in (wq, scales, biases)]
-            install_embedding(module, *kept, group_size, bits)
+            (install_embedding if isinstance(module, torch.nn.Embedding) else install_linear)(module, *kept, group_size,
+                                                                                              bits)
             nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
         else:

@@ -363,3 +363,16 @@ def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
     assert run("--seed", "1") == run("--seed", "2") == f"w5 w17 w33{greedy}\n"
     assert len({run("--temp", "1.0", "--seed", str(s)) for s in range(3)}) > 1
     assert run("--temp", "1.0", "--top-k", "1", "--seed", "3") == f"w5 w17 w33{greedy}\n"
+
+
+def test_generate_cli_prints_a_chat_reply_without_the_prompt(capsys):
+    """Regression: with --chat-template the CLI echoed the user's message glued to the reply
+    ("What is the capital of France?The capital of France is Paris."). A reply stands alone."""
+    from airmlx.generate import main
+    from airmlx.hub import DEMO_MODEL
+    from airmlx.session import render_chat
+    assert main(["--backend", "torch", "--prompt", "The list", "--chat-template", "--max-tokens", "6"]) == 0
+    with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as m:
+        ids = render_chat(m.tokenizer, [{"role": "user", "content": "The list"}])
+        reply = m.tokenizer.decode(m.generate([ids], max_new_tokens=6)[0][len(ids):])
+    assert capsys.readouterr().out == reply + "\n"

@@ -306,6 +306,30 @@ def test_the_expert_cache_keeps_hot_experts_through_the_layer_cycle(tmp_path):
     cache.clear()
 
 
+def test_the_usage_profile_fills_the_cache_with_experts_as_held_not_as_read(tmp_path):
+    """Regression: the profile's hottest experts were chosen by their file bytes, so experts that load
+    dequantised (8-bit on torch: 1.9 x their bytes) filled the cache to 1.7 x its capacity, and a MoE model
+    under a budget near its minimum held more than the budget (found by tests/test_memory.py's torch-moe-8bit
+    once a quantised head left less slack)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from airmlx.experts import ExpertCache, save_profile
+    size, held = 100, 190
+    entries = [SimpleNamespace(layer=n, name=f"layer.{n:03d}.experts", parts={str(e): [e * size, (e + 1) * size]
+                                                                            for e in range(8)}) for n in range(4)]
+    save_profile(tmp_path, Counter({(n, e): 10 - e for n in range(4) for e in range(8)}))
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: SimpleNamespace(
+        nbytes=size, tensors={}))
+    backend = SimpleNamespace(allocate=lambda n: None, load_expert=lambda entry, e, tensors: ((entry.layer, e), held),
+                              free_expert=lambda handle: None, expert_order=lambda entry, e: None)
+    cache = ExpertCache(store, backend, entries, capacity=10 * size, stack_bytes=0, top_k=2,
+                        held_per_byte=held / size, stacking=0)
+    cache.warm()
+    assert len(cache.cached) == 5 and cache.cached_bytes == 5 * held <= cache.capacity  # not 10 experts, 1.9 x
+    cache.clear()
+
+
 def test_a_decode_steps_experts_are_read_at_once_but_never_in_place_of_hotter_ones(tmp_path):
     """Groups of one (torch computes each expert as cached) used to read one expert, compute it, then read the
     next: no read overlapped compute. Now a step's routed experts are all being read before the first group
