@@ -25,7 +25,8 @@ from .base import check_placement
 
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
-HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes (1 MB in float32)
+HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes on a CPU (1 MB
+# in float32); on a GPU DEQUANT_ELEMENTS, where each block costs a few kernel launches
 INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
 
 
@@ -155,11 +156,15 @@ def quantized_linear(module, wq, scales, biases, group_size, bits, x):
     """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
     if 32 % bits:
         return torch.nn.functional.linear(x, dequantize_affine(wq, scales, biases, group_size, bits), module.bias)
-    rows = max(1, HEAD_BLOCK_ELEMENTS // (scales.shape[-1] * group_size))
+    rows = max(1, head_block(x.device) // (scales.shape[-1] * group_size))
     y = torch.empty(*x.shape[:-1], scales.shape[0], dtype=x.dtype, device=x.device)
     for r, w in dequantized_blocks(wq, scales, biases, group_size, bits, rows):
         y[..., r:r + w.shape[0]] = torch.nn.functional.linear(x, w)  # F.linear: a wide batch's WideLinears applies
     return y + module.bias if module.bias is not None else y
+
+
+def head_block(device) -> int:
+    return HEAD_BLOCK_ELEMENTS if device.type == "cpu" else DEQUANT_ELEMENTS
 
 
 def install_linear(module, wq, scales, biases, group_size, bits):
@@ -189,7 +194,7 @@ def quantized_footprint(backend, entry, name, info, infos):
     # product and the sum
     block = min(rows * cols, DEQUANT_ELEMENTS)
     if stage_name(backend, entry, base) == backend.arch.head:  # kept quantised: dequantised a block per forward
-        block = min(rows * cols, HEAD_BLOCK_ELEMENTS) if 32 % bits == 0 else rows * cols  # else dequantised whole
+        block = min(rows * cols, head_block(backend.device)) if 32 % bits == 0 else rows * cols  # else whole
         return quantized_bytes, block * ((1 if bits == 8 else 4) + 4 * backend.dtype.itemsize)
     return rows * cols * backend.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * backend.dtype.itemsize)
 
