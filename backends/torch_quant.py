@@ -321,10 +321,10 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
             install_int4(module, *kept, group_size)
             nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
-        elif isinstance(module, torch.nn.Embedding) or base == backend.arch.head:
+        elif isinstance(module, torch.nn.Embedding) or base == backend.arch.head:  # kept quantised
+            install = install_embedding if isinstance(module, torch.nn.Embedding) else install_linear
             kept = [backend._kept(t, raw_ranges, keep) for t in (wq, scales, biases)]
-            (install_embedding if isinstance(module, torch.nn.Embedding) else install_linear)(module, *kept, group_size,
-                                                                                              bits)
+            install(module, *kept, group_size, bits)
             nbytes += sum(backend._made(t, raw_ranges) for t in kept)
             overrides.append(module)
         else:
