@@ -17,7 +17,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=64, help="most new tokens")
     add_sampling_options(parser)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--chat-template", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="wrap the prompt in the tokenizer's chat template (the reply prints alone)")
     return parser
 
 
