@@ -6,9 +6,10 @@ decode steps under a memory budget, counting what the store reads:
   dense   the whole model: what a step streams when experts are part of their layer
 Each backend runs twice: a first run, and one that starts from the usage profile the first saved in the shard
 folder. The goal is bytes per step <= 0.7 x active with the profile. Step times (cold: shard files evicted from
-the page cache before each step, also as a ratio to bytes read / cold bandwidth, goal <= 1.3; warm: in the page
-cache) come with them, and after the second run the doctor's predicted cold step (airmlx/preflight.py). A cold
-step can beat neither its reads nor a warm step's compute, so it is also given as a ratio to the slower.
+the page cache before each step, also as a ratio to its reads at the cold bandwidths measured for stage files
+read whole and for experts read as steps read them, goal <= 1.3; warm: in the page cache) come with them, and
+after the second run the doctor's predicted cold step (airmlx/preflight.py). A cold step can beat neither its
+reads nor a warm step's compute, so it is also given as a ratio to the slower.
 """
 import json
 import statistics
@@ -22,7 +23,7 @@ from .bench import add_common_options, bench_shards, save_random_model
 from .cli import ArgumentParser, bench_budget, face
 from .errors import AirmlxError
 from .experts import PROFILE_NAME
-from .preflight import predict
+from .preflight import measure_experts, predict
 from .store import evict
 from .units import format_bytes
 
@@ -65,17 +66,20 @@ def decode_steps(model, steps, cold, seed=0):
     return rows
 
 
-def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes, routed, top_k,
-               per_expert, non_expert, active, steps, predicted=None):
+def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, expert_gbps, budget, model_bytes, routed,
+               top_k, per_expert, non_expert, active, steps, predicted=None):
     step_bytes = statistics.mean(b for _, b, _ in cold)
+    expert_step_bytes = statistics.mean(e for _, _, e in cold)
     cold_s = statistics.median(t for t, _, _ in cold)
-    io_s = step_bytes / (gbps * 1e9)  # the step's reads at the measured cold bandwidth
+    # the step's reads at the measured cold bandwidths: stage files read whole, experts as byte ranges
+    io_s = (step_bytes - expert_step_bytes) / (gbps * 1e9) + expert_step_bytes / (expert_gbps * 1e9)
     row = dict(backend=backend, run=run_name, dtype=dtype, model_bytes=model_bytes, budget_bytes=budget,
                layers=len(routed), experts_per_layer=len(routed[0].parts), top_k=top_k, expert_bytes=per_expert,
                non_expert_bytes=non_expert, active_bytes=active, bytes_per_step=step_bytes,
-               expert_bytes_per_step=statistics.mean(e for _, _, e in cold),
-               over_active=step_bytes / active, over_dense=step_bytes / model_bytes, cold_read_gbps=gbps,
+               expert_bytes_per_step=expert_step_bytes, over_active=step_bytes / active,
+               over_dense=step_bytes / model_bytes, cold_read_gbps=gbps, cold_expert_read_gbps=expert_gbps,
                cold_step_s=cold_s, cold_over_floor=cold_s / io_s, io_s=io_s,
+               cold_over_sequential_floor=cold_s * gbps * 1e9 / step_bytes,
                warm_step_s=statistics.median(t for t, _, _ in warm), plan=plan, steps=steps, **stats)
     # a cold step reads its bytes and computes what a warm step computes: it can beat neither
     row["cold_over_bound"] = cold_s / max(io_s, row["warm_step_s"])
@@ -84,7 +88,9 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, 
           f"{row['experts_per_layer']} experts, top {top_k}), budget {format_bytes(budget)}")
     print(f"  read per decode step {format_bytes(step_bytes)} (experts {format_bytes(row['expert_bytes_per_step'])})"
           f" = {row['over_active']:.2f} x active {format_bytes(active)} = {row['over_dense']:.2f} x dense")
-    print(f"  step: cold {cold_s:.3f} s = {row['cold_over_floor']:.2f} x (bytes read / {gbps:.2f} GB/s cold), warm "
+    print(f"  step: cold {cold_s:.3f} s = {row['cold_over_floor']:.2f} x its reads ({io_s:.3f} s: stages at {gbps:.2f} "
+          f"GB/s, experts at {expert_gbps:.2f} GB/s cold; {row['cold_over_sequential_floor']:.2f} x with every byte at "
+          f"{gbps:.2f}), warm "
           f"{row['warm_step_s']:.3f} s; expert cache {stats['expert_hits']} hits / {stats['expert_misses']} misses, "
           f"look-ahead {stats['expert_lookahead_hits']} of {reads} reads used, "
           f"{stats['expert_profile_hits']} hits from the usage profile; {plan}")
@@ -123,15 +129,16 @@ def run(args):
         for run_name in ("first run", "with profile"):
             with AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget, dtype=dtype) as model:
                 gbps = model.read_bandwidth(cold=True) / 1e9
+                expert_bps = measure_experts(model)
                 cold = decode_steps(model, args.steps, cold=True)
                 warm = decode_steps(model, args.steps, cold=False, seed=1)
                 stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
                 plan = str(model.plan)
                 # the doctor's prediction, last: its steps add to the usage profile the next run starts from
-                predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False)) \
+                predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False), expert_bps=expert_bps) \
                     if run_name == "with profile" else None
-            rows.append(report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, budget, model_bytes,
-                                   routed, top_k, per_expert, non_expert, active, args.steps, predicted))
+            rows.append(report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, expert_bps[0] / 1e9, budget,
+                                   model_bytes, routed, top_k, per_expert, non_expert, active, args.steps, predicted))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

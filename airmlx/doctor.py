@@ -8,8 +8,13 @@ one-line preflight the first time they open a model, and the stats line puts wha
 import sys
 
 from .cli import ArgumentParser, add_model_options, face, load_model
-from .preflight import measure_disk, predict, save
+from .preflight import measure_disk, measure_experts, predict, save
 from .units import format_bytes, per_token
+
+
+def disk_alone(p) -> float:
+    """Seconds a decode step spends reading from the disk, with nothing else to do."""
+    return p.streamed_per_step / p.cold_bps + p.experts_per_step / (p.expert_cold_bps or p.cold_bps)
 
 
 def report(model, p, prompt_tokens, requests, request_tokens):
@@ -23,11 +28,13 @@ def report(model, p, prompt_tokens, requests, request_tokens):
         f"model    {model.shard_dir} ({format_bytes(model.shard_bytes)} of shards) on {model.backend_name}",
         f"plan     {plan}",
         f"disk     {format_bytes(p.cold_bps)}/s cold, {format_bytes(p.warm_bps)}/s warm (from the page cache)",
+        *([f"experts  {format_bytes(p.expert_cold_bps)}/s cold, {format_bytes(p.expert_warm_bps)}/s warm (routed "
+           "experts read as decode steps read them)"] if p.expert_cold_bps else []),
         f"compute  {compute:.3f} s per decode step (stages loaded and run, measured warm)",
         f"decode   {per_token(p.cold_s_per_token)} cold, {per_token(p.warm_s_per_token)} warm "
         f"(reading {format_bytes(plan.streamed_bytes_per_step)}"
         + (f" and about {format_bytes(p.experts_per_step)} of routed experts" if plan.expert_bytes else "")
-        + f" per token: {(p.streamed_per_step + p.experts_per_step) / p.cold_bps:.2f} s from the disk alone)",
+        + f" per token: {disk_alone(p):.2f} s from the disk alone)",
         f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
         f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
     ])
@@ -46,7 +53,7 @@ def main(argv=None) -> int:
     args.model = args.model or args.model_path
     with load_model(args, preflight=False) as model:
         cold, warm = measure_disk(model)
-        preflight = predict(model, cold, warm)
+        preflight = predict(model, cold, warm, expert_bps=measure_experts(model))
         save(model.shard_dir, preflight)
         print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens))
     return 0

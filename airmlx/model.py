@@ -238,6 +238,28 @@ class AirModel:
             total += self.plan.stages[name].read
         return self.store.read_bandwidth(names, cold, mapped=self.backend.page_cache_views)
 
+    def expert_read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float | None:
+        """Bytes per second the store reads routed experts as decode steps do (top_k of a layer at once, the
+        layers in turn, each layer's experts in a shuffled order), up to limit_bytes; None for a model without
+        routed experts. They are byte ranges here and there within their layers' files, which a disk may read
+        slower than whole stage files (read_bandwidth)."""
+        routed = [s for s in self.store.stages.values() if s.kind == "experts"]
+        if not routed:
+            return None
+        top_k = self.config.get("num_experts_per_tok", 1)
+        rng = np.random.default_rng(0)
+        keys = {s.name: list(rng.permutation(sorted(s.parts, key=int))) for s in routed}
+        rounds = -(-max(map(len, keys.values())) // top_k)
+        parts, total = [], 0
+        for name, key in ((s.name, k) for r in range(rounds) for s in routed
+                          for k in keys[s.name][r * top_k: (r + 1) * top_k]):
+            start, end = self.store.stages[name].parts[key]
+            if parts and limit_bytes is not None and total + end - start > limit_bytes:
+                break
+            parts.append((name, int(key)))
+            total += end - start
+        return self.store.part_read_bandwidth(parts, cold, top_k)
+
     def reset_peak(self) -> None:
         """Start the peak-memory counts afresh."""
         self.backend.reset_peak()

@@ -17,6 +17,7 @@ from .units import format_bytes, per_token
 PREFLIGHT_NAME = "preflight.json"
 SAMPLE_BYTES = 512 << 20  # the most stage bytes the bandwidth measurement reads
 QUICK_SAMPLE_BYTES = 128 << 20  # what the CLIs' one-line preflight reads
+EXPERT_SAMPLE_BYTES = 128 << 20  # the most routed-expert bytes the bandwidth measurement reads
 
 
 @dataclass
@@ -29,12 +30,23 @@ class Preflight:
     cold_s_per_token: float = 0.0
     warm_s_per_token: float = 0.0
     experts_per_step: int = 0  # MoE: routed experts' bytes a decode step read, as measured
+    expert_cold_bps: float = 0.0  # MoE: bytes per second reading routed experts as steps do (0: not measured)
+    expert_warm_bps: float = 0.0
 
 
 def measure_disk(model, sample_bytes=SAMPLE_BYTES):
     """(cold, warm) bytes per second reading up to sample_bytes of the model's streamed stages."""
     return model.read_bandwidth(cold=True, limit_bytes=sample_bytes), \
         model.read_bandwidth(cold=False, limit_bytes=sample_bytes)
+
+
+def measure_experts(model, sample_bytes=EXPERT_SAMPLE_BYTES):
+    """(cold, warm) bytes per second reading up to sample_bytes of the model's routed experts as its decode
+    steps read them, or (0.0, 0.0) for a model without routed experts."""
+    if not model.plan.expert_bytes:
+        return 0.0, 0.0
+    return model.expert_read_bandwidth(cold=True, limit_bytes=sample_bytes), \
+        model.expert_read_bandwidth(cold=False, limit_bytes=sample_bytes)
 
 
 def sweep_seconds(plan, compute_s, bps, steps=3):
@@ -89,17 +101,19 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tup
     return compute, prefill, expert_reads
 
 
-def predict(model, cold_bps, warm_bps, steps=3, prompt=64):
+def predict(model, cold_bps, warm_bps, steps=3, prompt=64, expert_bps=(0.0, 0.0)):
     """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
     the sweep simulated at the two bandwidths. A MoE step also reads the experts its tokens route to that the
     cache lacks, once its router has run, so with nothing to compute meanwhile: those bytes, as the decode
-    steps read them, are added at each bandwidth in place of the time the steps waited for them."""
+    steps read them, are added in place of the time the steps waited for them, at expert_bps (cold, warm:
+    measure_experts()) where measured, else at the stages' bandwidths."""
     compute, prefill, (expert_bytes, expert_wait) = stage_compute(model, 1, steps, prompt)
     plan = model.plan
     prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
-    cold, warm = (sweep_seconds(plan, compute, bps) - expert_wait + expert_bytes / bps for bps in (cold_bps, warm_bps))
+    cold, warm = (sweep_seconds(plan, compute, bps) - expert_wait + expert_bytes / (experts or bps)
+                  for bps, experts in zip((cold_bps, warm_bps), expert_bps))
     return Preflight(cold_bps, warm_bps, plan.streamed_bytes_per_step, compute, prefill_compute / prompt,
-                     cold, warm, int(expert_bytes))
+                     cold, warm, int(expert_bytes), *expert_bps)
 
 
 def save(folder, preflight):

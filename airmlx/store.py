@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -470,6 +471,18 @@ class ShardStore:
             total += data.nbytes
             self.release(data)
             data.tensors = None
+        return total / (time.perf_counter() - t0)
+
+    def part_read_bandwidth(self, parts: list, cold: bool = True, together: int = 1) -> float:
+        """Bytes per second reading these parts ((stage name, part) pairs: routed experts) with read_part,
+        `together` at a time on as many threads, as a MoE layer reads the experts it routed to; cold: their
+        files evicted from the page cache first."""
+        if cold:
+            evict(sorted({self._paths[name] for name, _ in parts}))
+        t0, total = time.perf_counter(), 0
+        with ThreadPoolExecutor(together, thread_name_prefix="airmlx-bandwidth") as pool:
+            for i in range(0, len(parts), together):
+                total += sum(d.nbytes for d in pool.map(lambda p: self.read_part(*p), parts[i: i + together]))
         return total / (time.perf_counter() - t0)
 
     def verify(self) -> list:
