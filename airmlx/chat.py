@@ -8,7 +8,7 @@ The conversation itself (one KV cache across turns) is airmlx.session.ChatSessio
 """
 import sys
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
+from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model, whole_number
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .session import DEFAULT_MAX_TOKENS, ChatSession, check_chat_options
@@ -104,10 +104,11 @@ def build_parser():
     parser = ArgumentParser(prog="python -m airmlx.chat",
                             description="Chat with a model streamed layer by layer; one KV cache across turns.")
     add_model_options(parser)
-    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+    parser.add_argument("--max-tokens", "-m", type=whole_number(1), default=DEFAULT_MAX_TOKENS,
                         help=f"most tokens per answer (default {DEFAULT_MAX_TOKENS})")
     add_sampling_options(parser)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (answers repeat with the same seed)")
+    parser.add_argument("--seed", type=whole_number(0), default=None,
+                        help="seed for sampling (answers repeat with the same seed)")
     parser.add_argument("--system-prompt", default=None, help="system message at the start of every conversation")
     return parser
 

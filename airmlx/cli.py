@@ -27,7 +27,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def face(body: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130."""
+    """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130, and
+    output cut off by its reader (`| head`) ends quietly with 141, as a command killed by SIGPIPE does."""
 
     @functools.wraps(body)
     def main(argv=None, **kwargs):
@@ -40,7 +41,24 @@ def face(body: Callable[..., int]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print(file=err)
             return 130
+        except BrokenPipeError:
+            # nothing more can be written, not even at exit's flush: stdout goes nowhere from here
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     return main
+
+
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -149,14 +167,17 @@ class PrintStreamer:
     """Prints text as tokens arrive (decoding the whole answer so far, so multi-token characters come out
     whole) and times the prompt and each new token."""
 
-    def __init__(self, tokenizer, out=None):
-        self.tokenizer, self.out = tokenizer, out or sys.stdout
+    def __init__(self, tokenizer, out=None, prefix: str = ""):
+        self.tokenizer, self.out, self.prefix = tokenizer, out or sys.stdout, prefix
         self.tokens, self.printed, self.times = [], "", []
 
     def put(self, value):
         self.times.append(time.perf_counter())
-        if len(self.times) == 1:
-            return  # the prompt
+        if len(self.times) == 1:  # the prompt: `prefix` goes out now that generation has started
+            if self.prefix:
+                self.out.write(self.prefix)
+                self.out.flush()
+            return
         self.tokens.extend(int(t) for t in value.reshape(-1))
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if not text.endswith("\ufffd"):

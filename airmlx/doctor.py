@@ -7,7 +7,7 @@ one-line preflight the first time they open a model, and the stats line puts wha
 """
 import sys
 
-from .cli import ArgumentParser, add_model_options, face, load_model
+from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
 from .preflight import measure_disk, measure_experts, predict, save
 from .units import format_bytes, per_token
 
@@ -46,10 +46,12 @@ def main(argv=None) -> int:
                             description="Measure the disk and predict the speed of a model streamed under a budget.")
     add_model_options(parser)
     parser.add_argument("model_path", nargs="?", help="the model (same as --model)")
-    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill prediction")
-    parser.add_argument("--requests", type=int, default=1000, help="requests for the scoring prediction")
-    parser.add_argument("--request-tokens", type=int, default=256, help="tokens per scoring request")
+    parser.add_argument("--prompt-tokens", type=whole_number(1), default=512, help="prompt length for the prefill prediction")
+    parser.add_argument("--requests", type=whole_number(1), default=1000, help="requests for the scoring prediction")
+    parser.add_argument("--request-tokens", type=whole_number(1), default=256, help="tokens per scoring request")
     args = parser.parse_args(argv)
+    if args.model and args.model_path and args.model != args.model_path:
+        parser.error(f"two models given: {args.model_path} and --model {args.model}; give one")
     args.model = args.model or args.model_path
     with load_model(args, preflight=False) as model:
         cold, warm = measure_disk(model)

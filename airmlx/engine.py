@@ -308,7 +308,7 @@ class Engine:
                                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                    eos_token_id=self.stop_tokens or None, rng=r.rng, cache=g.cache,
                                    past_length=past, history=(r.prompt + r.tokens)[:past], rounds=1,
-                                   num_draft_tokens=self.model.num_draft_tokens)
+                                   num_draft_tokens=self.model.num_draft_tokens, repeatable=s.seed is not None)
         new = out[0, 1:].tolist()
         self.rows_peak = max(self.rows_peak, 1)
         self.speculative_sweeps += 1

@@ -5,7 +5,8 @@
 import sys
 import time
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model
+from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model, whole_number
+from .errors import GenerationError
 from .session import render_chat
 
 
@@ -14,9 +15,9 @@ def build_parser() -> ArgumentParser:
                             description="Generate text with a model streamed layer by layer.")
     add_model_options(parser)
     parser.add_argument("--prompt", default="The ", help="prompt text")
-    parser.add_argument("--max-tokens", type=int, default=64, help="most new tokens")
+    parser.add_argument("--max-tokens", type=whole_number(1), default=64, help="most new tokens")
     add_sampling_options(parser)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=whole_number(0), default=None, help="seed for sampling")
     parser.add_argument("--chat-template", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template (the reply prints alone)")
     return parser
@@ -28,12 +29,19 @@ def main(argv=None) -> int:
     with load_model(args) as model:
         tok = model.tokenizer
         if args.chat_template:
+            if not getattr(tok, "chat_template", None):
+                raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template; leave out "
+                                      "--chat-template to continue the prompt as plain text.")
             ids = render_chat(tok, [{"role": "user", "content": args.prompt}])
         else:
             ids = tok(args.prompt)["input_ids"]
-        streamer = PrintStreamer(tok)
-        if not args.chat_template:  # a completion reads on from its prompt; a chat's reply stands alone
-            sys.stdout.write(args.prompt)
+        context = model.config.get("max_position_embeddings")
+        if context and len(ids) + args.max_tokens > context:
+            raise GenerationError(f"the prompt's {len(ids)} tokens and --max-tokens {args.max_tokens} go past the "
+                                  f"model's context of {context} tokens; use --max-tokens "
+                                  f"{max(context - len(ids), 1)} or a shorter prompt.")
+        # a completion reads on from its prompt, printed once generation starts; a chat's reply stands alone
+        streamer = PrintStreamer(tok, prefix="" if args.chat_template else args.prompt)
         start = time.perf_counter()
         model.generate([ids], max_new_tokens=args.max_tokens, do_sample=bool(args.temp), temperature=args.temp or None,
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, streamer=streamer)

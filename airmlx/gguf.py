@@ -404,7 +404,16 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
     made from the same file with the same compression, resumes an interrupted one."""
     from tqdm import tqdm
 
-    from .stagefile import PROGRESS_NAME, STAGE_FILE, complete_folder, disk_full_named, folder_lock, reusable, write_stage
+    from .stagefile import (
+        PROGRESS_NAME,
+        STAGE_FILE,
+        complete_folder,
+        disk_full_named,
+        folder_lock,
+        make_folder,
+        reusable,
+        write_stage,
+    )
     path, out = Path(path), Path(out)
     if not path.is_file():
         if complete_folder(out, verify):  # the GGUF was deleted after an earlier sharding
@@ -412,7 +421,7 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         raise GGUFError(f"{path}: no such GGUF file; check the path.")
     qconfig = quant.compression_config(compression) if compression else None
     fp = fingerprint(path, qconfig)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         done = {}
         try:

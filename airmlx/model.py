@@ -29,7 +29,7 @@ from .plan import (
 )
 from .preflight import load as load_preflight
 from .schedule import Scheduler
-from .spec_measure import Measurements, check_num_draft_tokens
+from .spec_measure import Measurements, Totals, check_num_draft_tokens
 from .stage_copies import use_copies
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
@@ -242,7 +242,8 @@ class AirModel:
         """Bytes per second the store reads routed experts as decode steps do (top_k of a layer at once, the
         layers in turn, each layer's experts in a shuffled order), up to limit_bytes; None for a model without
         routed experts. They are byte ranges here and there within their layers' files, which a disk may read
-        slower than whole stage files (read_bandwidth)."""
+        slower than whole stage files (read_bandwidth). The top_k buffers in flight take room the expert cache
+        has not filled yet: measure before the first step, as the doctor does."""
         routed = [s for s in self.store.stages.values() if s.kind == "experts"]
         if not routed:
             return None
@@ -318,6 +319,8 @@ class AirModel:
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
         if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
             raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise GenerationError(f"seed={seed!r}: use a whole number >= 0, or None for a fresh one.")
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
         if pad is None:
@@ -344,13 +347,15 @@ class AirModel:
             tokenizer = self.tokenizer
         num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
         draft = self._draft_for(draft_model, ids.shape[0], use_cache)
+        self.speculation.last = Totals()  # this call's rounds, if it speculates
         if draft is not None:
             from .speculative import speculative_generate
             seqs = speculative_generate(self, draft, ids, mask, max_new_tokens=max_new_tokens, **sampling,
                                         eos_token_id=eos, pad_token_id=pad, streamer=streamer,
                                         rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
                                         stop_strings=stop_strings, tokenizer=tokenizer, speculation=speculation,
-                                        num_draft_tokens=num_draft_tokens or self.num_draft_tokens)
+                                        num_draft_tokens=num_draft_tokens or self.num_draft_tokens,
+                                        repeatable=seed is not None)
         else:
             seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
                                     eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
@@ -407,20 +412,29 @@ class AirModel:
         plan. `times`: when the prompt and each new token arrived (a streamer's .times); start: when the
         call began."""
         times = [start] + list(times[1:])
-        prefill = times[1] - times[0] if len(times) > 1 else 0.0
-        gen = len(times) - 2
-        step_s = (times[-1] - times[1]) / gen if gen > 0 else 0.0
+        new = len(times) - 1
+        sweeps = self.speculation.last.sweeps
+        if sweeps:
+            # the prompt ran in the first verifying sweep and tokens come out a round at a time: the speeds are
+            # the whole call's
+            step_s = (times[-1] - times[0]) / new if new else 0.0
+            sweep_s = (times[-1] - times[0]) / sweeps
+            prompt = f"prompt: {prompt_tokens} tokens (in the first sweep)"
+        else:
+            prefill = times[1] - times[0] if new else 0.0
+            step_s = sweep_s = (times[-1] - times[1]) / (new - 1) if new > 1 else 0.0
+            prompt = f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s"
         mem = self.memory_stats()
         per_step = self.plan.streamed_bytes_per_step
         speed = f"{per_token(step_s)}" if step_s else "one token"
         disk = ""
-        if step_s and per_step:
-            disk = f", {format_bytes(per_step / step_s)}/s achieved"
+        if sweep_s and per_step:
+            disk = f", {format_bytes(per_step / sweep_s)}/s achieved"
             measured = load_preflight(self.shard_dir)
             if measured:
                 disk += f" (disk: {format_bytes(measured.cold_bps)}/s cold, {format_bytes(measured.warm_bps)}/s warm)"
-        return (f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s | "
-                f"generation: {gen + 1} tokens, {speed} | "
+        return (f"{prompt} | "
+                f"generation: {new} token{'s' if new != 1 else ''}, {speed} | "
                 f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step{disk} | "
                 f"peak memory {format_bytes(mem['peak'])} | {self.plan}" + self.speculation.stats_line())
 

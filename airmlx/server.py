@@ -14,13 +14,14 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
 
 from . import openai_api as api
-from .cli import ArgumentParser, add_model_options, face, load_model
+from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
 from .engine import Delta, Engine, Failed, Finished, Request, RequestError
 from .errors import AirmlxError
 from .pipeline_model import PipelineModel
@@ -199,7 +200,7 @@ def build_parser() -> ArgumentParser:
                                         "of the streamed weights.")
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=whole_number(0), default=8080)
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send and /v1/models lists (default: --model, or 'airmlx-demo')")
     parser.add_argument("--max-batch", type=int, default=32, help="most requests decoding at once (default 32)")
@@ -227,6 +228,8 @@ def build_parser() -> ArgumentParser:
 
 
 def check_server_args(args) -> None:
+    if args.port > 65535:
+        raise AirmlxError(f"--port {args.port}: use a port from 0 to 65535 (0: any free one).")
     for name in ("max_batch", "max_queue", "max_tokens"):
         if getattr(args, name) < 1:
             raise AirmlxError(f"--{name.replace('_', '-')} {getattr(args, name)}: use a whole number >= 1.")
@@ -235,7 +238,22 @@ def check_server_args(args) -> None:
     if args.keep_caches < 0:
         raise AirmlxError(f"--keep-caches {args.keep_caches}: use a whole number >= 0.")
     if args.max_kv_bytes is not None:
-        parse_bytes(args.max_kv_bytes)  # a BudgetError naming the value
+        parse_bytes(args.max_kv_bytes, "--max-kv-bytes")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: an address in use or unknown is a one-line error at
+    once, not uvicorn's log after minutes of loading."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except (OSError, OverflowError) as e:
+        raise AirmlxError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); choose another "
+                          "--host or --port.") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @face
@@ -247,12 +265,13 @@ def main(argv=None) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise AirmlxError("the server needs starlette and uvicorn: pip install 'airmlx[server]'.") from None
+    sock = listen_socket(args.host, args.port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     # uvicorn shuts down on SIGTERM, then raises it again: end with exit status 143 after cleaning up, as
     # Ctrl-C ends with 130, rather than being killed on the spot
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
-    with load_model(args) as model:
+    with sock, load_model(args) as model:
         kv = parse_bytes(args.max_kv_bytes) if args.max_kv_bytes is not None else None
         if args.micro_batches not in (None, 1) and not isinstance(model, PipelineModel):
             raise AirmlxError(f"--micro-batches {args.micro_batches}: requests split into micro-batches only on a "
@@ -265,7 +284,7 @@ def main(argv=None) -> int:
         log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,
                  format_bytes(engine.kv_allowance), model.plan)
         try:
-            make_server(app, engine, args.host, args.port, args.log_level).run()
+            make_server(app, engine, args.host, args.port, args.log_level).run(sockets=[sock])
         finally:
             engine.stop()
             engine.join(60)

@@ -105,7 +105,7 @@ class ChatSession:
                                   "use a chat/instruct model, or python -m airmlx.generate for plain completion.")
         self.system_prompt, self.max_tokens = system_prompt, max_tokens
         self.temp, self.top_p, self.top_k = temp, top_p, top_k
-        self.rng = np.random.default_rng(seed)
+        self.rng, self.seeded = np.random.default_rng(seed), seed is not None
         self.stop_tokens = stop_token_ids(model)
         self.last = None  # the last Turn
         self.reset()
@@ -144,8 +144,8 @@ class ChatSession:
             self.model.generate([new], past_key_values=self.cache, max_new_tokens=max_new,
                                 do_sample=None if self.temp is None else self.temp > 0,
                                 temperature=self.temp or None, top_p=self.top_p, top_k=self.top_k,
-                                eos_token_id=self.stop_tokens or None, seed=int(self.rng.integers(2**63)),
-                                streamer=tap)
+                                eos_token_id=self.stop_tokens or None, streamer=tap,
+                                seed=int(self.rng.integers(2**63)) if self.seeded else None)
             consistent = self.cache_length()
         except KeyboardInterrupt:
             # Each new token was sampled from a sweep that finished: the cache certainly holds the prompt

@@ -29,6 +29,7 @@ from .stagefile import (
     delete_sources,
     disk_full_named,
     folder_lock,
+    make_folder,
     quantized,
     reusable,
     stage_items,
@@ -307,7 +308,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             return out
         raise
     job = Job(src, out, config, qconfig, originals)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         files = originals
         if files[0].suffix == ".bin":

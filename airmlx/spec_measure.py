@@ -112,7 +112,8 @@ class Totals:
 class Measurements:
     """One per target model: the cost and acceptance estimates that size each round's tree, and totals."""
 
-    def __init__(self):
+    def __init__(self, timed: bool = True):
+        self.timed = timed  # False: rounds sized by acceptance alone (untimed())
         self.verify = LinearCost()  # target sweep seconds for n tokens
         self.draft = LinearCost()  # draft call seconds for w tokens
         self.by_prob = [Rate((i + 0.5) / PROB_BINS) for i in range(PROB_BINS)]  # greedy
@@ -137,16 +138,23 @@ class Measurements:
         (non-increasing in rank)."""
         return min(r.value for r in self.by_rank[: min(rank, RANKS - 1) + 1])
 
+    def untimed(self) -> "Measurements":
+        """Fresh estimates that size rounds by acceptance alone, never by the times measured (which differ from
+        run to run), sharing this one's totals: seeded sampling with a draft then repeats."""
+        fixed = Measurements(timed=False)
+        fixed.total, fixed.last = self.total, self.last
+        return fixed
+
     def node_cutoff(self) -> float:
         """The least acceptance chance that pays for verifying one more token in the sweep."""
-        return self.rate * self.verify.slope
+        return self.rate * self.verify.slope if self.timed else 0.0
 
     def worth_drafting(self, gains: list) -> int:
         """How many of a level's nodes (best first; gains: the accepted tokens each is expected to add a level
         further down) to run through the draft: the most the expected gain pays for, after the draft call
         and the sweep's time for the nodes it adds, at the tokens/s reached so far. All, before anything
         was measured."""
-        if not self.seconds_per_round:
+        if not self.seconds_per_round or not self.timed:
             return len(gains)
         best, count, total = 0.0, 0, 0.0
         for width, gain in enumerate(gains, 1):

@@ -154,12 +154,13 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                          eos_token_id=None, pad_token_id=None, streamer=None, rng=None, cache=None,
                          past_length: int = 0, stop_strings=None, tokenizer=None, speculation: "str | None" = None,
                          num_draft_tokens: "int | None" = None, history: "list | None" = None,
-                         rounds: "int | None" = None) -> np.ndarray:
+                         rounds: "int | None" = None, repeatable: bool = False) -> np.ndarray:
     """One prompt (1, T) -> (1, T + n), as generation.generate_tokens returns it, with the draft proposing and
     one target sweep per round verifying. With `cache` holding `past_length` tokens, ids are only the new
     ones and the cache grows by them and every new token but the last. history: the tokens that cache holds,
     when the caller knows them (the draft then sees them; else only a chat's own earlier calls are known).
-    rounds: stop after this many sweeps (the server speculates a round at a time)."""
+    rounds: stop after this many sweeps (the server speculates a round at a time). repeatable: sampling with a
+    seeded rng gives the same tokens each time (rounds sized by acceptance alone, not by measured times)."""
     check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k)
     if ids.shape[0] != 1:
         raise GenerationError(f"speculative decoding runs one prompt at a time, not {ids.shape[0]}; generate them "
@@ -170,8 +171,8 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
     greedy, rng = not do_sample, rng or np.random.default_rng()
     target_probs = (lambda x: sampling_probs(x, temperature, top_k, top_p)[0])
     draft_probs = softmax if greedy else (lambda x: sampling_probs(x, temperature, top_k, top_p))
-    measure = target.speculation
-    measure.last = Totals()
+    target.speculation.last = Totals()
+    measure = target.speculation.untimed() if repeatable and not greedy else target.speculation
     if streamer is not None:
         streamer.put(ids)
     prompt = ids[0][mask[0] != 0].tolist()

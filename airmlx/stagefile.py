@@ -23,6 +23,15 @@ STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tm
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+def make_folder(folder: Path) -> None:
+    """Create the shard folder (and its parents), or say in one line why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot make the shard folder there ({e.strerror or e}); choose another "
+                              "place for it (--layer-shards-saving-path, or shard's OUT).") from None
+
+
 @contextlib.contextmanager
 def folder_lock(folder):
     """An exclusive lock on the shard folder: a second process sharding into it waits, then reuses the result."""

@@ -11,9 +11,11 @@ def parse_bytes(value: "int | float | str", what: str = "memory_budget") -> int:
     """4_000_000_000, "4GB", "4 GiB", "512MB" -> bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in UNITS:
         raise BudgetError(f"{what} {value!r} is not a size; use bytes or a string like '4GB' or '512MiB'.")
+    if float(m.group(1)) <= 0:
+        raise BudgetError(f"{what} {value!r}: a size must be more than 0 bytes; use one like '4GB' or '512MiB'.")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 

@@ -145,6 +145,11 @@ def draft_of_another_vocabulary(ctx):
     return airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch", draft_model=ctx.tmp / "other")
 
 
+def file_at(path):
+    path.write_text("")
+    return path
+
+
 def speculation_on_a_batch(ctx):
     with airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch") as draft:
         return ctx.model.generate([[1, 2], [3, 4]], max_new_tokens=2, draft_model=draft)
@@ -252,6 +257,15 @@ ROWS = [
     pytest.param(tree_on_a_sliding_window, GenerationError,
                  "tree speculation cannot run: .*sliding-window layers.*use speculation='chain'",
                  id="tree speculation on a sliding-window model"),
+    pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, seed=-1), GenerationError,
+                 "seed=-1: use a whole number >= 0", id="negative seed"),
+    pytest.param(lambda c: c.model.generate([1, 2], seed=1.5), GenerationError,
+                 r"seed=1\.5: use a whole number >= 0", id="seed not a whole number"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(c.src, file_at(c.tmp / "a-file"), progress=False),
+                 CheckpointError, "cannot make the shard folder there .*choose another place",
+                 id="shard folder where a file is"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="0"),
+                 BudgetError, "a size must be more than 0 bytes", id="memory_budget of 0 or less"),
 ]
 
 
@@ -269,6 +283,15 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("bench", ["--model", "/no/such/model"]),
     ("bench_moe", ["--model", "/no/such/model"]),
     ("bench", ["--budget-fraction", "0.5", "--memory-budget", "1GB"]),  # an option error: argparse's exit 2
+    # each of these printed a traceback (exit 1) or went on with the value
+    ("generate", ["--seed", "-1"]),
+    ("chat", ["--seed", "-1"]),
+    ("generate", ["--max-tokens", "0"]),
+    ("doctor", ["--prompt-tokens", "-5"]),
+    ("doctor", ["--requests", "-1"]),
+    ("doctor", ["/a/model", "--model", "/another/model"]),
+    ("server", ["--port", "99999"]),
+    ("server", ["--max-kv-bytes", "abc"]),
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib

@@ -376,3 +376,53 @@ def test_generate_cli_prints_a_chat_reply_without_the_prompt(capsys):
         ids = render_chat(m.tokenizer, [{"role": "user", "content": "The list"}])
         reply = m.tokenizer.decode(m.generate([ids], max_new_tokens=6)[0][len(ids):])
     assert capsys.readouterr().out == reply + "\n"
+
+
+def test_generate_cli_refuses_what_it_cannot_do_in_one_line_before_printing(tmp_path, capsys):
+    """Regressions: --chat-template on a model without one was transformers' traceback; a prompt and
+    --max-tokens past the context went on into garbage; the prompt was printed before a bad option failed."""
+    import json
+    import shutil
+
+    from airmlx.generate import main
+    from airmlx.hub import DEMO_MODEL
+    plain = tmp_path / "no-chat"
+    shutil.copytree(DEMO_MODEL, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cases = [(["--model", str(plain), "--chat-template"], "has no chat template; leave out --chat-template"),
+             (["--prompt", "a " * 505, "--max-tokens", "20"], "go past the model's context of 512 tokens"),
+             (["--prompt", "The list", "--temp", "-1"], "temperature=-1.0")]
+    for argv, phrase in cases:
+        assert main(["--backend", "torch", *argv]) == 2
+        out, err = capsys.readouterr()
+        last = err.split("\r")[-1].split("\n", 1)[-1] if "\r" in err else err  # after a progress bar
+        assert out == "" and last.startswith("airmlx: ") and last.count("\n") == 1 and phrase in last, (argv, err)
+
+
+def test_generate_cli_cut_off_by_its_reader_ends_quietly():
+    """Regression: `python -m airmlx.generate | head -c 5` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "airmlx.generate", "--backend", "torch", "--max-tokens", "24"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():
+    """Regression: a speculative call gives its tokens out a round at a time; timed from the first token, 8
+    tokens of one round printed '12409.9 tokens/s' (and the prompt's speed took the whole round)."""
+    from airmlx.hub import DEMO_MODEL
+    from airmlx.spec_measure import Totals
+    with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as model:
+        model.speculation.last = Totals(sweeps=2, tokens=8)
+        line = model.stats_line(3, [10.0] + [14.0] * 8, start=10.0)  # 8 tokens at once, 4 s after the start
+        assert "prompt: 3 tokens (in the first sweep)" in line and "generation: 8 tokens, 2.0 tokens/s" in line
+        model.speculation.last = Totals()
+        line = model.stats_line(3, [10.0, 11.0, 11.5], start=10.0)
+        assert "prompt: 3 tokens, 3.0 tokens/s" in line and "generation: 2 tokens, 2.0 tokens/s" in line
+        assert "generation: 1 token, one token" in model.stats_line(3, [10.0, 11.0], start=10.0)

@@ -391,6 +391,16 @@ def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(caps
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("airmlx: ") and err.count("\n") == 1, err
+    assert "--max-kv-bytes 'lots' is not a size" in (main(["--max-kv-bytes", "lots"]), capsys.readouterr().err)[1]
+    # an address in use or unknown: one line before the model loads (it was uvicorn's log and exit status 3,
+    # after "serving ... on" had been logged)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for bad in (["--port", str(taken.getsockname()[1])], ["--host", "999.1.1.1"]):
+            assert main(bad) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("airmlx: cannot listen on ") and err.count("\n") == 1, err
 
 
 def test_prompts_are_logged_only_when_asked(model, caplog):

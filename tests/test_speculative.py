@@ -310,6 +310,28 @@ def test_ctrl_c_in_a_verify_sweep_leaves_the_chat_consistent(tmp_path, monkeypat
         assert after.tokens == plain and after.reused_tokens > 0
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_seeded_sampling_with_a_draft_repeats_whatever_was_measured_before(tmp_path, mode):
+    """Regression: rounds were sized by the times measured so far and the acceptance learnt in earlier calls,
+    so a seed did not repeat a sampled answer with a draft (`generate --draft-model 4bit --temp 0.7 --seed 1`
+    three times gave three texts). A seeded call now sizes its rounds by its own acceptance alone."""
+    from airmlx.spec_measure import Totals
+
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama") as model:
+        def run():
+            return model.generate(PROMPT, max_new_tokens=16, do_sample=True, temperature=0.8, top_k=0, seed=5,
+                                  speculation=mode)
+        first = run()
+        assert model.speculation.last.sweeps < 16  # it speculated
+        for n, seconds in ((1, 0.5), (9, 4.0)):  # sweeps measured far slower than they were
+            model.speculation.verify.add(n, seconds)
+        model.speculation.record_round(Totals(1, 1, 8, 0, 0.01, 4.0, 8))
+        assert run() == first
+        assert model.generate(PROMPT, max_new_tokens=16, do_sample=True, temperature=0.8, top_k=0, seed=6,
+                              speculation=mode) != first  # the seed matters
+
+
 def test_generate_cli_takes_a_draft_and_reports_speculation(capsys):
     from airmlx.generate import main
     assert main(["--backend", "torch", "--prompt", "The list", "--max-tokens", "12", "--draft-model", "4bit",
