@@ -73,6 +73,8 @@ class AirModel:
         budget = resolve_budget(memory_budget, backend, self.config, prefill_step_size)
         costs = {s.name: StageCost(s.nbytes, *backend.footprint(s, self.store.tensor_infos(s.name)))
                  for s in self.store.stages.values()}
+        self._widening = max((backend.quantized_widening(self.store.tensor_infos(s.name), self._activation_itemsize)
+                              for s in self.store.stages.values()), default=0)
         routed = [s for s in self.store.stages.values() if s.kind == "experts"]
         # experts are held as the backend loads them: as many bytes as their files, or more if it dequantises
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
@@ -167,9 +169,13 @@ class AirModel:
         self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context),
                               max(largest[3], logits))
 
+    @property
+    def _activation_itemsize(self) -> int:
+        return max(self.backend.itemsize, 4)
+
     def _activation_bound(self, rows, tokens, context, logits=0):
         return activation_bytes(self.config, min(rows * tokens, self.prefill_step_size), rows, context,
-                                max(self.backend.itemsize, 4), tokens, logits)
+                                self._activation_itemsize, tokens, logits) + self._widening
 
     @exclusive
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:

@@ -126,6 +126,10 @@ class Backend(Protocol):
         file's."""
         return None
 
+    def quantized_widening(self, infos: dict, itemsize: int) -> int:
+        """Bytes a quantised matrix multiply of this stage makes at each call beyond what the activation bound
+        counts (the largest, of one matrix): its scales and biases widened to activations of `itemsize`."""
+
     def expert_stacking(self, infos: dict) -> float:
         """Bytes a loaded routed expert takes in its group's stacked copy, with any conversion on the way there,
         per byte it holds: 1 where the copy is as the cache holds it, 0 where each expert is computed as held

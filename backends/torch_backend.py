@@ -418,6 +418,9 @@ class TorchBackend:
         layout = self.expert_layouts.get(entry.name)
         return layout.order(expert) if layout else None
 
+    def quantized_widening(self, infos, itemsize):
+        return 0  # a quantised weight is dequantised in blocks the activation bound's workspace counts
+
     def expert_stacking(self, infos):
         return 0.0  # each expert computed as the cache holds it: nothing stacked (backends/torch_experts.py)
 

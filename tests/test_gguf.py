@@ -368,3 +368,16 @@ def test_smollm2_8bit_perplexity_within_1_percent(smol, smol_resident, tmp_path)
     with airmlx.AutoModel.from_pretrained(out, backend="torch") as eight:
         q8 = perplexity_of(eight, ids)
     assert abs(q8 / base - 1) < 0.01, (base, q8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations(smol_shard, backend):
+    """A fresh process streams SmolLM2 under about 100 MB (tests/memory_probe.py). Regression on MLX:
+    mx.quantized_matmul widens the 8-bit tied head's float16 scales and biases to float32 at every call (7.1 MB),
+    which the activation bound did not count: the process held 1.02 x budget + KV cache + activations."""
+    from test_memory import probe
+    got = probe(smol_shard, backend, fraction=0.77)
+    bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
+    assert got["plan_total"] <= got["budget"] < got["held_model"]
+    assert got["peak"] <= bound, (got["peak"] / bound, got)
+    assert got["rss_peak"] <= bound, (got["rss_peak"] / bound, got)
