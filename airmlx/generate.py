@@ -34,12 +34,13 @@ def main(argv=None) -> int:
                                       "--chat-template to continue the prompt as plain text.")
             ids = render_chat(tok, [{"role": "user", "content": args.prompt}])
         else:
-            ids = tok(args.prompt)["input_ids"]
+            ids = tok(args.prompt, verbose=False)["input_ids"]  # past the context: our one line, not its warning
         context = model.config.get("max_position_embeddings")
         if context and len(ids) + args.max_tokens > context:
+            room = (f"use --max-tokens {context - len(ids)} or a shorter prompt" if len(ids) < context
+                    else "shorten the prompt")
             raise GenerationError(f"the prompt's {len(ids)} tokens and --max-tokens {args.max_tokens} go past the "
-                                  f"model's context of {context} tokens; use --max-tokens "
-                                  f"{max(context - len(ids), 1)} or a shorter prompt.")
+                                  f"model's context of {context} tokens; {room}.")
         # a completion reads on from its prompt, printed once generation starts; a chat's reply stands alone
         streamer = PrintStreamer(tok, prefix="" if args.chat_template else args.prompt)
         start = time.perf_counter()

@@ -169,6 +169,13 @@ class AirModel:
         self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context),
                               max(largest[3], logits))
 
+    def _check_vocabulary(self, ids: np.ndarray) -> None:
+        vocab = self.config.get("vocab_size")
+        if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.max() if ids.max() >= vocab else ids.min())
+            raise GenerationError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); "
+                                  "use this model's tokenizer (model.tokenizer).")
+
     @property
     def _activation_itemsize(self) -> int:
         return max(self.backend.itemsize, 4)
@@ -182,6 +189,7 @@ class AirModel:
         """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache
         kept. The result itself is B x T x vocab x 4 bytes; score() returns log-likelihoods without it."""
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
+        self._check_vocabulary(ids)
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
         self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
@@ -289,6 +297,8 @@ class AirModel:
         """Roll a cache back to its first `keep` tokens (every layer, also after a sweep cut short). Exact, or
         a CacheTrimError when sliding-window layers no longer hold what the roll-back needs (start a new
         cache then)."""
+        if not is_int(keep) or keep < 0:
+            raise GenerationError(f"keep={keep!r}: use a whole number of tokens >= 0.")
         self.backend.trim_cache(cache, keep)
 
     def cache_bytes(self, cache) -> int:
@@ -332,11 +342,7 @@ class AirModel:
         if pad is None:
             pad = int(np.atleast_1d(eos)[0]) if eos is not None else 0
         ids, mask, restore = to_batch(input_ids, attention_mask, pad)
-        vocab = self.config.get("vocab_size")
-        if vocab and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids.max() if ids.max() >= vocab else ids.min())
-            raise GenerationError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}); "
-                                  "use this model's tokenizer (model.tokenizer).")
+        self._check_vocabulary(ids)
         past = 0
         if past_key_values is not None:
             if ids.shape[0] != 1 or not use_cache:

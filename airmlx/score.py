@@ -26,7 +26,11 @@ def encode(request, tokenizer):
     def ids(part, first):
         if isinstance(part, str):
             return tokenizer()(part, add_special_tokens=first)["input_ids"]
-        return [int(t) for t in part]
+        try:
+            return [int(t) for t in part]
+        except (TypeError, ValueError):
+            raise GenerationError(f"request {str(request)[:60]!r}: score() takes texts, lists of token ids, or "
+                                  "(context, continuation) pairs of either.") from None
 
     tokens = ids(context, True)
     start = 1 if continuation is None else len(tokens)

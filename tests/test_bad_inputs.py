@@ -266,6 +266,12 @@ ROWS = [
                  id="shard folder where a file is"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="0"),
                  BudgetError, "a size must be more than 0 bytes", id="memory_budget of 0 or less"),
+    pytest.param(lambda c: c.model.logits([[1, 99999]]), GenerationError,
+                 r"token id 99999 is outside the model's vocabulary", id="logits of a token id outside the vocabulary"),
+    pytest.param(lambda c: c.model.score([123]), GenerationError, "score.. takes texts, lists of token ids",
+                 id="score of something that is not a request"),
+    pytest.param(lambda c: c.model.trim_cache(c.model.new_cache(), -1), GenerationError,
+                 "keep=-1: use a whole number of tokens >= 0", id="cache rolled back to a negative length"),
 ]
 
 
