@@ -60,7 +60,7 @@ class ChatUI:
             try:
                 line = self.read()
             except KeyboardInterrupt:  # at the prompt: a fresh line, not an exit
-                self.say("\n(/quit or Ctrl-D to exit)")
+                self.say("\n(/quit or Ctrl-D to exit)", self.err)
                 continue
             if line is None:
                 break
@@ -78,6 +78,8 @@ class ChatUI:
                 self.say(s.stats())
                 if self.profile:
                     self.say(s.model.profile_report(show=False))
+            elif query.split()[0] in ("/reset", "/help", "/stats", *QUIT):
+                self.say(f"{query.split()[0]} takes nothing after it; /help lists the commands", self.err)
             elif query.startswith("/") and " " not in query:
                 self.say(f"unknown command {query}; /help lists the commands", self.err)
             else:

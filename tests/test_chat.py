@@ -162,7 +162,7 @@ def test_same_seed_same_sampled_answer_and_too_long_is_refused(model):
 def test_ui_commands_on_a_stream(model):
     session = ChatSession(model, max_tokens=3)
     out, err = io.StringIO(), io.StringIO()
-    lines = "hello\n\n/stats\n/help\n/nope\n/reset\n/stats\nq\nnever read\n"
+    lines = "hello\n\n/stats\n/help\n/nope\n/stats please\n/reset\n/stats\nq\nnever read\n"
     ChatUI(session, stdin=io.StringIO(lines), stdout=out, stderr=err, interactive=False).run()
     text = out.getvalue()
     assert ">>" not in text  # no prompt when piped
@@ -170,6 +170,7 @@ def test_ui_commands_on_a_stream(model):
     assert "/reset" in text and "/quit" in text  # the help
     assert "no answer yet" not in text.split("/reset")[0]
     assert "unknown command /nope" in err.getvalue() and "new conversation" in err.getvalue()
+    assert "/stats takes nothing after it" in err.getvalue()  # it was sent to the model as a message
     assert session.cache_length() == 0 and session.messages == []  # reset, and "never read" was not
 
 
