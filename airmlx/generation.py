@@ -42,8 +42,8 @@ def check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k):
         raise GenerationError(f"temperature={temperature!r}, top_p={top_p!r}: both must be numbers.")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens={max_new_tokens!r}: use a whole number >= 0.")
-    if do_sample and not temperature > 0:
-        raise GenerationError(f"temperature={temperature!r}: use a value > 0 (or do_sample=False for greedy).")
+    if do_sample and not 0 < temperature < float("inf"):
+        raise GenerationError(f"temperature={temperature!r}: use a finite value > 0 (or do_sample=False for greedy).")
     if not 0 < top_p <= 1:
         raise GenerationError(f"top_p={top_p!r}: use a value in (0, 1].")
     if not is_int(top_k) or top_k < 0:
