@@ -152,6 +152,9 @@ def load_model(args: argparse.Namespace, preflight: bool = True):
 
 def open_model(args: argparse.Namespace):
     check_num_draft_tokens(args.num_draft_tokens)  # before a long load
+    if args.num_draft_tokens is not None and not args.draft_model:
+        raise AirmlxError(f"--num-draft-tokens {args.num_draft_tokens} sizes the rounds of a draft model; give "
+                          "--draft-model too (e.g. --draft-model 4bit), or leave it out.")
     return AutoModel.from_pretrained(args.model or DEMO_MODEL, backend=args.backend, device=args.device,
                                      dtype=args.dtype, compression=args.compression,
                                      memory_budget=args.memory_budget,

@@ -300,6 +300,7 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("doctor", ["/a/model", "--model", "/another/model"]),
     ("server", ["--port", "99999"]),
     ("server", ["--max-kv-bytes", "abc"]),
+    ("generate", ["--num-draft-tokens", "5"]),  # without --draft-model: it was ignored
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib
