@@ -469,7 +469,8 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         fds = {}
         cleanup.callback(lambda: [os.close(fd) for fd in fds.values()])
         cleanup.enter_context(disk_full_named(out, lambda: sum(sizes[n] for n, _, _ in layout if n not in done)))
-        bar = tqdm(total=need, unit="B", unit_scale=True, desc=f"sharding {path.name}", disable=not progress)
+        bar = tqdm(total=sum(sizes[n] for n, _, _ in layout if n not in done), unit="B", unit_scale=True,
+                   desc=f"sharding {path.name}", disable=not progress)  # what is written, not the disk's margin
         with bar:
             for index, (name, kind, tensor_names) in enumerate(layout):
                 if name in done:
