@@ -19,9 +19,10 @@ def test_parse_bytes(text, want):
     assert parse_bytes(text) == want
 
 
-@pytest.mark.parametrize("bad", ["lots", "-1GB", "4XB", 0, -5, True])
-def test_parse_bytes_rejects(bad):
-    with pytest.raises(BudgetError, match="not a size"):
+@pytest.mark.parametrize("bad, says", [("lots", "not a size"), ("4XB", "not a size"), (True, "not a size"),
+                                       ("-1GB", "more than 0 bytes"), (0, "more than 0 bytes"), (-5, "more than 0 bytes")])
+def test_parse_bytes_rejects(bad, says):
+    with pytest.raises(BudgetError, match=says):
         parse_bytes(bad)
 
 
