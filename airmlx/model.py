@@ -75,7 +75,7 @@ class AirModel:
                  for s in self.store.stages.values()}
         self._widening = max((backend.quantized_widening(self.store.tensor_infos(s.name), self._activation_itemsize)
                               for s in self.store.stages.values()), default=0)
-        routed = [s for s in self.store.stages.values() if s.kind == "experts"]
+        self.routed = routed = [s for s in self.store.stages.values() if s.kind == "experts"]
         # experts are held as the backend loads them: as many bytes as their files, or more if it dequantises
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
@@ -258,7 +258,7 @@ class AirModel:
         routed experts. They are byte ranges here and there within their layers' files, which a disk may read
         slower than whole stage files (read_bandwidth). The top_k buffers in flight take room the expert cache
         has not filled yet: measure before the first step, as the doctor does."""
-        routed = [s for s in self.store.stages.values() if s.kind == "experts"]
+        routed = self.routed
         if not routed:
             return None
         top_k = self.config.get("num_experts_per_tok", 1)
@@ -359,8 +359,7 @@ class AirModel:
             tokenizer = self.tokenizer
         num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
         draft = self._draft_for(draft_model, ids.shape[0], use_cache)
-        self.speculation.last = Totals()  # this call's rounds, if it speculates
-        if draft is not None:
+        if draft is not None:  # speculative_generate counts its rounds in speculation.last
             from .speculative import speculative_generate
             seqs = speculative_generate(self, draft, ids, mask, max_new_tokens=max_new_tokens, **sampling,
                                         eos_token_id=eos, pad_token_id=pad, streamer=streamer,
@@ -369,6 +368,7 @@ class AirModel:
                                         num_draft_tokens=num_draft_tokens or self.num_draft_tokens,
                                         repeatable=seed is not None)
         else:
+            self.speculation.last = Totals()  # no rounds: the stats line shows none from an earlier call
             seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
                                     eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
                                     rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,

@@ -20,6 +20,7 @@ from airmlx.archs import arch_for, expert_index, layer_types, rope_config
 from airmlx.errors import BackendError
 from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
+from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_placement, kept_tail
@@ -29,7 +30,6 @@ RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": 
               "U16": mx.uint16, "U8": mx.uint8, "I64": mx.int64, "I32": mx.int32, "I16": mx.int16, "I8": mx.int8,
               "U64": mx.uint64, "BOOL": mx.bool_}
 FLOATS = ("F32", "F16", "BF16", "F64")
-FLOAT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class MLXBackend:
         # mx.quantized_matmul casts scales and biases stored narrower than its input to the input's dtype, anew
         # at each call: 7.1 MB for SmolLM2's 8-bit head (49152 x 18 float16 scales and biases) in float32
         return max((2 * math.prod(i.shape) * itemsize for n, i in infos.items()
-                    if n.endswith(".scales") and i.dtype in FLOATS and FLOAT_SIZES[i.dtype] < itemsize), default=0)
+                    if n.endswith(".scales") and i.dtype in FLOATS and DTYPE_SIZES[i.dtype] < itemsize), default=0)
 
     def copy_layout(self, store, streamed):
         return None  # MLX reads the stage files as they are
