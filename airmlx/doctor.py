@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m airmlx.doctor",
                             description="Measure the disk and predict the speed of a model streamed under a budget.")
     add_model_options(parser)
-    parser.add_argument("model_path", nargs="?", help="the model (same as --model)")
+    parser.add_argument("model_path", nargs="?", help="the model (same as --model; give one of the two)")
     parser.add_argument("--prompt-tokens", type=whole_number(1), default=512, help="prompt length for the prefill prediction")
     parser.add_argument("--requests", type=whole_number(1), default=1000, help="requests for the scoring prediction")
     parser.add_argument("--request-tokens", type=whole_number(1), default=256, help="tokens per scoring request")

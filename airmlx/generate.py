@@ -15,9 +15,11 @@ def build_parser() -> ArgumentParser:
                             description="Generate text with a model streamed layer by layer.")
     add_model_options(parser)
     parser.add_argument("--prompt", default="The ", help="prompt text")
-    parser.add_argument("--max-tokens", type=whole_number(1), default=64, help="most new tokens")
+    parser.add_argument("--max-tokens", type=whole_number(1), default=64,
+                        help="most new tokens (with the prompt, within the model's context)")
     add_sampling_options(parser)
-    parser.add_argument("--seed", type=whole_number(0), default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=whole_number(0), default=None,
+                        help="seed for sampling, a whole number >= 0 (the same seed repeats, with a draft model too)")
     parser.add_argument("--chat-template", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template (the reply prints alone)")
     return parser
