@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .archs import arch_for
 from .draft import quantised_copy
-from .errors import BackendError, CorruptShardError, DraftModelError
+from .errors import BackendError, CorruptShardError, DraftModelError, OptionError
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
@@ -78,7 +78,7 @@ class AutoModel:
                         trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
                         gguf_file: str | None = None, draft_model=None, num_draft_tokens: int | None = None,
                         pipeline_split: "str | list | None" = None,
-                        pipeline_timeout: float = DEFAULT_TIMEOUT) -> AirModel:
+                        pipeline_timeout: float | None = None) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -101,7 +101,8 @@ class AutoModel:
         Launched by mlx.launch or torchrun on several ranks, the model is a pipeline (airmlx/pipeline.py): each
         rank streams its own range of stages. memory_budget may then list one budget per rank ("4GB,8GB");
         pipeline_split gives the stages per rank ("9,9", default: balanced by each rank's budget);
-        pipeline_timeout: seconds a rank waits for a sign of life from the rank before it. On ranks other
+        pipeline_timeout: seconds a rank waits for a sign of life from the rank before it (default
+        120). Outside such a launch both are refused: one process has no ranks. On ranks other
         than 0 this call runs their part until rank 0 closes the model, then exits the process."""
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
@@ -110,6 +111,11 @@ class AutoModel:
             raise BackendError(f"this process was started by {'mlx.launch' if launched == 'mlx' else 'torchrun'}, "
                                f"so its pipeline runs on the {launched} backend; use backend='{launched}' (or the "
                                "other framework's launcher).")
+        if launched is None and (pipeline_split is not None or pipeline_timeout is not None):
+            option = "pipeline_split" if pipeline_split is not None else "pipeline_timeout"
+            raise OptionError(f"{option} is for a pipeline over ranks launched by mlx.launch or torchrun, and this "
+                              "process was not launched so; leave it out, or launch the ranks (README, \"Several "
+                              "hosts\").")
         name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
@@ -133,7 +139,8 @@ class AutoModel:
                 raise DraftModelError("a pipeline over several ranks does not speculate; leave out draft_model.")
             from .pipeline_model import open_launched
             return open_launched(launched, shard_dir, backend_obj, getattr(backend_obj, "device", None),
-                                 memory_budget=memory_budget, split=pipeline_split, timeout=pipeline_timeout,
+                                 memory_budget=memory_budget, split=pipeline_split,
+                                 timeout=DEFAULT_TIMEOUT if pipeline_timeout is None else pipeline_timeout,
                                  prefetching=prefetching, profiling_mode=profiling_mode,
                                  trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size)
         draft, owned = None, False

@@ -94,7 +94,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-split", default=None,
                         help="launched on several ranks: stages per rank, e.g. 9,9 (default: balanced by each "
                              "rank's budget; --memory-budget may list one budget per rank, e.g. 4GB,8GB)")
-    parser.add_argument("--pipeline-timeout", type=float, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--pipeline-timeout", type=float, default=None,
                         help=f"launched on several ranks: seconds a rank waits for a sign of life from the rank "
                              f"before it, then ends every rank with an error (default {DEFAULT_TIMEOUT:.0f})")
 

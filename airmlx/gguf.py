@@ -412,6 +412,7 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         folder_lock,
         make_folder,
         reusable,
+        say_ungrouped,
         write_stage,
     )
     path, out = Path(path), Path(out)
@@ -452,6 +453,9 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         if qconfig and arch.unquantized:
             qconfig = {**qconfig, **dict.fromkeys(arch.unquantized, False)}
         layout = stage_layout(config, list(model.tensors))
+        if qconfig:
+            storage = STORAGE[model.dtype]
+            say_ungrouped([TensorInfo(n, storage, t.shape, 0, 0) for n, t in model.tensors.items()], qconfig)
         sizes = {name: model.stage_bytes(ts, qconfig) for name, _, ts in layout}
         calibrated = bool(qconfig and qconfig.get("method"))
         if calibrated:

@@ -16,6 +16,8 @@ from .session import render_chat
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+# OpenAI's roles, as the chat template gets them: "developer" is OpenAI's newer name for "system".
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "response_format": None}
@@ -76,7 +78,9 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     seed = _get(body, "seed", lambda v: is_int(v) and v >= 0, "a whole number >= 0")
     stop = _get(body, "stop", lambda v: isinstance(v, str) or isinstance(v, list) and len(v) <= MAX_STOPS and all(
         isinstance(s, str) for s in v), f"a string or a list of at most {MAX_STOPS} strings", [])
-    stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    stop = [stop] if isinstance(stop, str) else stop
+    if "" in stop:
+        raise RequestError("stop strings must not be empty; leave stop out to stop only at EOS.", param="stop")
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
     options = _get(body, "stream_options", lambda v: isinstance(v, dict), 'an object like {"include_usage": true}', {})
     include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
@@ -126,6 +130,9 @@ def chat_job(body: dict, tokenizer, served: list, generation_config: dict, defau
 def _message(m) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise RequestError("each message must be an object with a string role and a content.", param="messages")
+    if m["role"] not in ROLES:
+        raise RequestError(f"unknown role {json.dumps(m['role'])[:40]}; use one of {', '.join(ROLES)}.",
+                           param="messages")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text ones
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -136,7 +143,7 @@ def _message(m) -> dict:
         content = ""
     elif not isinstance(content, str):
         raise RequestError("a message's content must be a string or a list of text parts.", param="messages")
-    return {"role": m["role"], "content": content}
+    return {"role": ROLES[m["role"]], "content": content}
 
 
 def completion_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:

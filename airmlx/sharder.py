@@ -23,6 +23,7 @@ from .archs import arch_for, expert_index, stage_layout
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .stagefile import (
+    LEGACY_DIR,
     PROGRESS_NAME,
     STAGE_FILE,
     complete_folder,
@@ -32,6 +33,7 @@ from .stagefile import (
     make_folder,
     quantized,
     reusable,
+    say_ungrouped,
     stage_items,
     write_stage,
 )
@@ -313,8 +315,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         files = originals
         if files[0].suffix == ".bin":
             from .legacy import convert_pickle_checkpoint
-            files = convert_pickle_checkpoint(files, out / "_converted")
-            cleanup.callback(shutil.rmtree, out / "_converted", True)
+            files = convert_pickle_checkpoint(files, out / LEGACY_DIR)
+            cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
         job.sources = source_tensors(files)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
@@ -324,6 +326,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         if manifest is None and qconfig and qconfig.get("method"):
             job.done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
         if manifest is None:
+            if qconfig:
+                say_ungrouped([info for _, _, info in job.sources.values()], qconfig)
             sizes = {name: size if name in job.held else 0 for name, size in sizes.items()}  # files written here
             need = check_disk(job, sizes)
             small = sum((src / a).stat().st_size for a in aux_files(src)) + (1 << 20)  # + the manifest

@@ -7,16 +7,18 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import quant
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .manifest import Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
 from .tensorfile import aligned_order, encode_header
 
 PROGRESS_NAME = "progress.json"
+LEGACY_DIR = "_converted"  # a pickle checkpoint's safetensors copy, made inside the shard folder
 LOCK_NAME = ".airmlx.lock"
 COPY_CHUNK = 64 << 20
 STAGE_FILE = re.compile(r"^(embed|head|layer\.\d+(\.experts)?)\.safetensors(\.tmp)?$")
@@ -27,9 +29,16 @@ def make_folder(folder: Path) -> None:
     """Create the shard folder (and its parents), or say in one line why it cannot be."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        names = {p.name for p in folder.iterdir()}
     except OSError as e:
         raise CheckpointError(f"{folder}: cannot make the shard folder there ({e.strerror or e}); choose another "
                               "place for it (--layer-shards-saving-path, or shard's OUT).") from None
+    ours = {MANIFEST_NAME, PROGRESS_NAME} | {n for n in names if STAGE_FILE.match(n)}
+    others = sorted(names - ours - {LOCK_NAME, LEGACY_DIR})
+    if others and not names & ours:  # a shard folder, or one an interrupted run left, has one of ours
+        raise CheckpointError(f"{folder}: holds files of its own ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}) and is not a shard folder; sharding would "
+                              "overwrite its config.json. Choose a new or empty folder.")
 
 
 @contextlib.contextmanager
@@ -52,6 +61,19 @@ def quantized(t, info, qconfig):
     """Whether the sharder quantises tensor t: mlx-lm's rule, less the modules the config keeps unquantised."""
     return bool(qconfig) and qconfig.get(t.rpartition(".")[0]) is not False and \
         quant.quantizable(t, info.dtype, info.shape, qconfig["group_size"])
+
+
+def say_ungrouped(infos, qconfig) -> None:
+    """One line on stderr when the group size leaves some of the matrices the quantiser takes in full precision
+    (rows that do not split into whole groups: mlx-lm's rule), so the folder's size is no surprise."""
+    g = qconfig["group_size"]
+    takes = [i for i in infos if qconfig.get(i.name.rpartition(".")[0]) is not False and
+             quant.quantizable(i.name, i.dtype, (*i.shape[:-1], g), g)]
+    left = [i for i in takes if i.shape[-1] % g]
+    if left:
+        print(f"airmlx: {len(left)} of {len(takes)} matrices stay unquantised: their rows do not split into groups "
+              f"of {g} (e.g. {left[0].name}, {left[0].shape[-1]} wide); a smaller group size (e.g. -g32) quantises "
+              "them.", file=sys.stderr)
 
 
 def stage_items(tensor_names, sources, qconfig=None):

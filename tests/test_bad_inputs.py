@@ -264,6 +264,9 @@ ROWS = [
     pytest.param(lambda c: airmlx.shard_checkpoint(c.src, file_at(c.tmp / "a-file"), progress=False),
                  CheckpointError, "cannot make the shard folder there .*choose another place",
                  id="shard folder where a file is"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(c.src, c.src, progress=False), CheckpointError,
+                 "holds files of its own .*config.json.* and is not a shard folder.*Choose a new or empty folder",
+                 id="shard folder that is not one"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="0"),
                  BudgetError, "a size must be more than 0 bytes", id="memory_budget of 0 or less"),
     pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, temperature=float("inf")), GenerationError,
@@ -274,6 +277,9 @@ ROWS = [
                  id="score of something that is not a request"),
     pytest.param(lambda c: c.model.trim_cache(c.model.new_cache(), -1), GenerationError,
                  "keep=-1: use a whole number of tokens >= 0", id="cache rolled back to a negative length"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", pipeline_split="1,1"),
+                 OptionError, "pipeline_split is for a pipeline over ranks launched by mlx.launch or torchrun",
+                 id="a pipeline option in one process"),
 ]
 
 
@@ -301,6 +307,7 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("server", ["--port", "99999"]),
     ("server", ["--max-kv-bytes", "abc"]),
     ("generate", ["--num-draft-tokens", "5"]),  # without --draft-model: it was ignored
+    ("generate", ["--pipeline-timeout", "5"]),  # in one process: it was ignored
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib

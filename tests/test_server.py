@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 import airmlx
 from airmlx.engine import Engine, Finished, Request, Sampling
+from airmlx.openai_api import chat_job
 from airmlx.server import build_app, make_server
 
 from tiny import make_chat_checkpoint, make_checkpoint
@@ -274,6 +275,8 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 1.5}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", 3]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ""}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", ""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "n": 2}, 400, "n"),
@@ -282,6 +285,7 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": LONG}, 400, "prompt"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "w5"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "w5"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/nowhere", {}, 404, None),
@@ -295,6 +299,15 @@ def test_every_bad_input_gets_its_status_and_an_openai_error_body(live, path, bo
     assert r.status_code == status
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_a_developer_message_is_rendered_as_a_system_message(model):
+    def prompt(role):
+        body = {"model": "tiny", "messages": [{"role": role, "content": "w3 w4"}] + MESSAGES}
+        return chat_job(body, model.tokenizer, ["tiny"], {}, 8).prompt
+
+    assert prompt("developer") == prompt("system") == chat_ids(model.tokenizer, [
+        {"role": "system", "content": "w3 w4"}] + MESSAGES)
 
 
 def test_the_openai_client_sees_a_bad_request_as_one(live):

@@ -133,6 +133,19 @@ def test_changed_source_is_rebuilt_not_reused(tmp_path, capsys):
         assert torch.equal(tensors_of(out)[name][0], t)
 
 
+def test_a_group_size_that_leaves_matrices_unquantised_says_so(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama")  # hidden 64, intermediate 160: down_proj's rows split into groups of 32, not 64
+    out = airmlx.shard_checkpoint(src, tmp_path / "g64", compression="4bit", progress=False)
+    err = capsys.readouterr().err
+    left = [n for n in tensors_of(out) if n.endswith(".weight") and n.replace(".weight", ".scales") not in tensors_of(out)
+            and len(tensors_of(src)[n][0].shape) == 2]
+    assert left and all("down_proj" in n for n in left)
+    assert f"airmlx: {len(left)} of " in err and "groups of 64 (e.g. model.layers.0.mlp.down_proj.weight, 160 wide)" in err
+    airmlx.shard_checkpoint(src, tmp_path / "g32", compression="4bit-g32", progress=False)
+    assert "unquantised" not in capsys.readouterr().err
+
+
 def test_not_enough_disk_space(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "src", "llama")
     monkeypatch.setattr(shard_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
