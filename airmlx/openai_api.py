@@ -152,7 +152,7 @@ def completion_job(body: dict, tokenizer, served: list, generation_config: dict,
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt, verbose=False)["input_ids"]  # past the context: a 400 says so, not its warning
     elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         ids = prompt
         vocab = len(tokenizer)

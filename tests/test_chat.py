@@ -1,4 +1,5 @@
 """python -m airmlx.chat: one KV cache across turns, /reset, Ctrl-C mid-answer, piped stdin, one-line errors."""
+import contextlib
 import io
 import os
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 
 import airmlx
 from airmlx.chat import ChatUI, main
-from airmlx.session import ChatSession, common_prefix
+from airmlx.demo import DEMO_MODEL
+from airmlx.session import ChatSession, common_prefix, render_chat
 
 from tiny import make_chat_checkpoint
 
@@ -157,6 +159,29 @@ def test_same_seed_same_sampled_answer_and_too_long_is_refused(model):
     with pytest.raises(airmlx.AirmlxError, match="/reset"):
         a.send("list " * model.config["max_position_embeddings"])
     assert a.messages == before and a.cache_length() == len(a.cached)
+
+
+def test_a_message_past_the_context_gets_our_refusal_not_the_tokenizers_warning():
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from airmlx.openai_api import RequestError, completion_job
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        tok = AutoTokenizer.from_pretrained(DEMO_MODEL)  # a fresh one: it warns once per instance
+        long = "list " * tok.model_max_length
+        assert len(render_chat(tok, [{"role": "user", "content": long}])) > tok.model_max_length
+        with contextlib.suppress(RequestError):
+            completion_job({"model": "m", "prompt": long}, tok, ["m"], {}, 8)
+        ours = list(records)
+        tok(long)  # the warning, as a tokenizer asked plainly gives it: so this hook would have seen ours
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert ours == [] and ["sequence length is longer" in r.getMessage() for r in records] == [True]
 
 
 def test_ui_commands_on_a_stream(model):
