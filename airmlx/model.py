@@ -400,8 +400,8 @@ class AirModel:
         on a step's activations for the largest step so far, see airmlx.plan.activation_bytes); active and
         kv_cache_peak (the KV caches alive after a step, at their largest); peak (the backend's own count:
         everything MLX holds; on torch its own tensors and KV caches plus the stage buffers it computes from),
-        never above budget + kv_cache_peak + activation_bound; bytes_read and steps; for MoE the expert cache's
-        counters."""
+        never above budget + kv_cache_peak + activation_bound; bytes_read and steps, and resident_bytes_read: the
+        part of bytes_read that loaded the resident stages, once; for MoE the expert cache's counters."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         backend = self.backend.memory()
         if not self.backend.counts_buffers:  # torch: the store's buffers and mappings are not its own
@@ -415,7 +415,8 @@ class AirModel:
                 "kv_cache": sum(self.backend.cache_bytes(c) for c in list(self._caches)),
                 "kv_cache_peak": self._kv_peak,
                 "activation_bound": self._activation_bound(*self._largest_step),
-                "bytes_read": self.store.bytes_read, "steps": self.scheduler.steps, **experts, **backend,
+                "bytes_read": self.store.bytes_read, "resident_bytes_read": self.scheduler.resident_bytes_read,
+                "steps": self.scheduler.steps, **experts, **backend,
                 **self._speculation_stats()}
 
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
@@ -437,6 +438,7 @@ class AirModel:
             step_s = sweep_s = (times[-1] - times[1]) / (new - 1) if new > 1 else 0.0
             prompt = f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s"
         mem = self.memory_stats()
+        per_step_read = (mem["bytes_read"] - mem["resident_bytes_read"]) / max(mem["steps"], 1)
         per_step = self.plan.streamed_bytes_per_step
         speed = f"{per_token(step_s)}" if step_s else "one token"
         disk = ""
@@ -447,7 +449,7 @@ class AirModel:
                 disk += f" (disk: {format_bytes(measured.cold_bps)}/s cold, {format_bytes(measured.warm_bps)}/s warm)"
         return (f"{prompt} | "
                 f"generation: {new} token{'s' if new != 1 else ''}, {speed} | "
-                f"read {format_bytes(mem['bytes_read'] / max(mem['steps'], 1))} per step{disk} | "
+                f"read {format_bytes(per_step_read)} per step{disk} | "
                 f"peak memory {format_bytes(mem['peak'])} | {self.plan}" + self.speculation.stats_line())
 
     def close(self) -> None:

@@ -107,6 +107,7 @@ class Scheduler:
     plan: Plan
     profiling: bool = False
     steps: int = 0
+    resident_bytes_read: int = 0  # the resident stages' loads: once, not per step
     records: list = field(default_factory=list)
     owed_slot: bool = False  # a streamed stage was freed and its prefetch slot is not yet given back (_pay_slot)
 
@@ -235,6 +236,7 @@ class Scheduler:
             wait_s, load_s = t1 - t0, time.perf_counter() - t1
             if not streamed:
                 self.resident[name] = (loaded, data)
+                self.resident_bytes_read += read_bytes
         self._pay_slot()
         t2 = time.perf_counter()
         try:

@@ -8,6 +8,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import airmlx
 from airmlx.errors import GenerationError
 from airmlx.generation import sample, to_batch
+from airmlx.units import format_bytes
 
 from tiny import interrupt_at
 
@@ -426,3 +427,19 @@ def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():
         line = model.stats_line(3, [10.0, 11.0, 11.5], start=10.0)
         assert "prompt: 3 tokens, 3.0 tokens/s" in line and "generation: 2 tokens, 2.0 tokens/s" in line
         assert "generation: 1 token, one token" in model.stats_line(3, [10.0, 11.0], start=10.0)
+
+
+def test_the_stats_line_reads_per_step_what_the_sweeps_read_not_the_resident_stages_first_loads():
+    """Regression: an all-resident model showed its whole size (12.89 MB) read per step for its first token."""
+    from airmlx.hub import DEMO_MODEL
+    with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as model:
+        model.generate([[1, 2, 3]], max_new_tokens=1)
+        stats = model.memory_stats()
+        assert stats["resident_bytes_read"] == stats["bytes_read"] == model.plan.resident_bytes > 0
+        assert "| read 0 B per step |" in model.stats_line(3, [10.0, 11.0], start=10.0)
+    with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch", memory_budget="4MB") as model:
+        model.generate([[1, 2, 3]], max_new_tokens=4)
+        per_step = model.plan.streamed_bytes_per_step  # and at most a stage read ahead for the next step
+        read = (model.memory_stats()["bytes_read"] - model.plan.resident_bytes) / model.scheduler.steps
+        assert per_step <= read <= per_step + max(model.plan.stage_bytes.values()) / model.scheduler.steps
+        assert f"| read {format_bytes(read)} per step" in model.stats_line(3, [10.0, 11.0], start=10.0)
