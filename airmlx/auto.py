@@ -120,6 +120,12 @@ class AutoModel:
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():
             shard_dir = local  # already a shard folder
+            if gguf_file:
+                raise OptionError(f"gguf_file={gguf_file!r}: {local} is a shard folder, of one model already; "
+                                  "gguf_file picks a .gguf from a hub repo or a folder of them.")
+            if compression is not None and not same_compression(Manifest.load(local).quantization, compression):
+                # quantised at shard time, as for a checkpoint: from the one this folder was made from
+                shard_dir = quantised_copy(local, compression, progress, out=layer_shards_saving_path)
         elif (local / PROGRESS_NAME).is_file() or (local / "embed.safetensors").is_file():
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")
@@ -133,6 +139,12 @@ class AutoModel:
                                  compression=compression, progress=progress)
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
+        if launched is None and manifest.pipeline:
+            hosts = len(manifest.pipeline["stages_per_host"])
+            raise OptionError(f"{shard_dir} holds only host {manifest.pipeline['rank']}'s stages of a pipeline over "
+                              f"{hosts} hosts (shard --hosts {hosts}); run it in that pipeline, launched by mlx.launch "
+                              "or torchrun (README, \"Several hosts\"), or shard the model without --hosts for one "
+                              "process.")
         backend_obj = make_backend(name, manifest, device, dtype, trust_remote_code, shard_dir)
         if launched is not None:
             if draft_model is not None:
@@ -158,6 +170,12 @@ class AutoModel:
             raise
         model.owns_draft = owned
         return model
+
+
+def same_compression(quantization: "dict | None", compression) -> bool:
+    """Whether a shard folder quantised as `quantization` (its manifest's) is what `compression` asks for."""
+    want = compression_config(compression)
+    return bool(quantization) and all(quantization.get(k) == want.get(k) for k in ("bits", "group_size", "method"))
 
 
 def load_draft(spec, shard_dir: Path, backend: str, device=None, dtype=None, hf_token=None,

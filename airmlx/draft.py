@@ -12,15 +12,19 @@ from .manifest import Manifest
 from .units import format_bytes
 
 
-def quantised_copy(shard_dir: Path, compression: str, progress: bool = True) -> Path:
-    """The shard folder of `compression` made from the checkpoint (or GGUF file) shard_dir was made from (once)."""
+def quantised_copy(shard_dir: Path, compression, progress: bool = True, out=None) -> Path:
+    """The shard folder of `compression` made from the checkpoint (or GGUF file) shard_dir was made from (once):
+    `out`, or a folder beside shard_dir named after the compression."""
+    from .quant import compression_name
     from .sharder import shard_checkpoint
     src = Manifest.load(shard_dir).extra.get("source_path")
+    name = compression_name(compression)
     if not src or not (Path(src).is_dir() or Path(src).suffix == ".gguf" and Path(src).is_file()):
-        raise CheckpointError(f"draft_model={compression!r} quantises the checkpoint {shard_dir} was made from "
-                              f"({src or 'not recorded'}), which is gone; shard the model again from its checkpoint, "
-                              "or pass draft_model=PATH of a smaller model.")
-    out = shard_dir.parent / f"{shard_dir.name}-{compression}"
+        raise CheckpointError(f"{name} is quantised from the checkpoint {shard_dir} was made from "
+                              f"({src or 'not recorded'}), which is gone; shard the model again from its checkpoint "
+                              f"(with compression {name!r}), or, for a draft, pass draft_model=PATH of a smaller "
+                              "model.")
+    out = Path(out) if out else shard_dir.parent / f"{shard_dir.name}-{name}"
     return Path(shard_checkpoint(src, out, compression=compression, progress=progress))  # a GGUF file too
 
 

@@ -137,6 +137,19 @@ def test_4bit_shards_are_under_0_3_of_bf16(tmp_path):
     assert four <= 0.3 * plain, four / plain
 
 
+def test_compression_of_a_shard_folder_quantises_the_checkpoint_it_was_made_from(converted, tmp_path):
+    """Regression: compression= with a shard folder was ignored, and the model ran unquantised."""
+    plain = airmlx.shard_checkpoint(converted / "hf", tmp_path / "plain", progress=False)
+    with airmlx.AutoModel.from_pretrained(plain, backend="torch", compression="4bit", progress=False) as model:
+        assert model.shard_dir == tmp_path / "plain-4bit" and model.store.manifest.quantization["bits"] == 4
+        assert model.shard_bytes < 0.3 * Manifest.load(plain).total_bytes
+    with airmlx.AutoModel.from_pretrained(tmp_path / "plain-4bit", backend="torch", compression="4bit") as model:
+        assert model.shard_dir == tmp_path / "plain-4bit"  # already what was asked for
+    with airmlx.AutoModel.from_pretrained(plain, backend="torch", compression="8bit",
+                                          layer_shards_saving_path=tmp_path / "eight", progress=False) as model:
+        assert model.shard_dir == tmp_path / "eight" and model.store.manifest.quantization["bits"] == 8
+
+
 def test_unknown_compression_is_refused(converted):
     with pytest.raises(OptionError, match="'3bit'.*4bit"):
         airmlx.AutoModel.from_pretrained(converted / "hf", compression="3bit")
