@@ -54,6 +54,7 @@ class Engine:
         self.keep_caches, self.log_prompts = keep_caches, log_prompts
         self.tokenizer = model.tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+        self.vocab = len(self.tokenizer)
         self.per_token = model.kv_bytes_per_token
         self.draft, self.headroom = getattr(model, "draft", None), 0
         if self.draft is not None:  # every cache may get a draft cache beside it, and a verify sweep's proposals
@@ -87,13 +88,22 @@ class Engine:
             max_tokens = min(max_tokens, self.context - prompt_tokens)
         need = (prompt_tokens + max_tokens + self.headroom) * self.per_token
         if need > self.kv_allowance:
-            raise RequestError(f"this request may need {need} bytes of KV cache (prompt + max_tokens), more than "
-                               f"the server's allowance of {self.kv_allowance}; lower max_tokens or start the server "
-                               "with a larger --max-kv-bytes.", param="max_tokens")
+            least = (prompt_tokens + 1 + self.headroom) * self.per_token  # with max_tokens 1
+            what = "prompt + max_tokens" + (f" + the {self.headroom} draft tokens a sweep may verify, in the "
+                                            "model's and the draft's caches" if self.headroom else "")
+            fix = ("lower max_tokens or start" if least <= self.kv_allowance else "start") + \
+                " the server with a larger --max-kv-bytes" + (" or a smaller --num-draft-tokens" if self.headroom else "")
+            raise RequestError(f"this request may need {need} bytes of KV cache ({what}), more than the server's "
+                               f"allowance of {self.kv_allowance}; {fix}.", param="max_tokens")
         return max_tokens
 
     def submit(self, request: Request) -> None:
-        """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full."""
+        """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full, and
+        RequestError for a prompt this model cannot take (its max_tokens capped by the context, as check())."""
+        if max(request.prompt) >= self.vocab:
+            raise RequestError(f"the prompt holds token ids outside this model's vocabulary (0..{self.vocab - 1}).",
+                               param="prompt")
+        request.max_tokens = self.check(len(request.prompt), request.max_tokens)
         request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
         request.headroom = self.headroom
         with self.cond:

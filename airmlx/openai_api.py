@@ -21,6 +21,9 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "response_format": None}
+# what clients send for "none of that" besides leaving a field out (LangChain sends logit_bias {})
+ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_choice": ("none",),
+                "response_format": ({"type": "text"},)}
 
 
 @dataclass
@@ -66,7 +69,7 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
         raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
                            "(GET /v1/models).", param="model", status=400)
     for name, default in UNSUPPORTED.items():
-        if body.get(name) not in (default, None) and not (name in ("tools", "functions") and body.get(name) == []):
+        if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
                                param=name)
     max_tokens = _get(body, "max_completion_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1")

@@ -182,6 +182,51 @@ def test_requests_wait_for_kv_room_and_the_queue_is_bounded(shards):
             engine.join(30)
 
 
+def test_the_engine_refuses_from_python_what_the_server_refuses(shards):
+    """Regression: Engine.submit took any Request: 1000 tokens ran past a 256-token context, an id outside the
+    vocabulary failed with a traceback, max_tokens=0 gave a token, temperature 0 with sampling gave garbage."""
+    bad = [(lambda e: Request([], 5, Sampling(), Collect()), "prompt"),
+           (lambda e: Request([1, 2.5], 5, Sampling(), Collect()), "prompt"),
+           (lambda e: Request([1, 2], 0, Sampling(), Collect()), "max_tokens"),
+           (lambda e: Sampling(do_sample=True, temperature=0), "temperature"),
+           (lambda e: Sampling(top_p=0), "top_p"),
+           (lambda e: Sampling(top_k=-1), "top_k"),
+           (lambda e: Sampling(seed=-1), "seed"),
+           (lambda e: e.submit(Request([5, 99999], 5, Sampling(), Collect())), "prompt"),
+           (lambda e: e.submit(Request([5] * e.context, 5, Sampling(), Collect())), "prompt")]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as m:
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            for make, param in bad:
+                with pytest.raises(RequestError) as refused:
+                    make(engine)
+                assert refused.value.param == param and "\n" not in str(refused.value)
+            request = Request(PROMPTS[0], 10**4, Sampling(), Collect())
+            engine.submit(request)
+            assert request.max_tokens == engine.context - len(PROMPTS[0])  # capped by the context, as check() does
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
+def test_a_draft_headroom_that_no_max_tokens_can_fit_says_what_does(shards):
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model="4bit", num_draft_tokens=8) as m:
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            assert engine.headroom == 8
+            per = engine.per_token
+            engine.kv_allowance = (5 + 1 + 8) * per - 1  # not even max_tokens 1 fits beside the headroom
+            with pytest.raises(RequestError, match="the 8 draft tokens a sweep may verify.*; start the server with a "
+                                                   "larger --max-kv-bytes or a smaller --num-draft-tokens"):
+                engine.check(5, 2)
+            engine.kv_allowance = (5 + 1 + 8) * per  # max_tokens 1 fits
+            with pytest.raises(RequestError, match="; lower max_tokens or start the server"):
+                engine.check(5, 2)
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
 def test_the_engine_and_the_api_layer_import_no_framework():
     from test_layout import imports, modules
     mods = modules()

@@ -310,6 +310,17 @@ def test_a_developer_message_is_rendered_as_a_system_message(model):
         {"role": "system", "content": "w3 w4"}] + MESSAGES)
 
 
+def test_unsupported_fields_at_their_defaults_are_accepted(live):
+    """Regression: logit_bias {} (LangChain's default), tool_choice "none" and response_format text were 400s."""
+    for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []}):
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **field})
+        assert r.status_code == 200, (field, r.text)
+    r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "tiny", "messages": MESSAGES, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
 def test_the_openai_client_sees_a_bad_request_as_one(live):
     with pytest.raises(openai.BadRequestError, match="top_p"):
         live.client.completions.create(model="tiny", prompt=PROMPT, top_p=2)
