@@ -37,6 +37,11 @@ def resolve_sampling(generation_config: dict, do_sample=None, temperature=None, 
             for name, default in SAMPLING_DEFAULTS.items()}
 
 
+def check_seed(seed) -> None:
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise GenerationError(f"seed={seed!r}: use a whole number >= 0, or None for a fresh one.")
+
+
 def check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k):
     if not is_number(temperature) or not is_number(top_p):
         raise GenerationError(f"temperature={temperature!r}, top_p={top_p!r}: both must be numbers.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CacheTrimError, GenerationError
-from .generation import check_sampling
+from .generation import check_sampling, check_seed
 from .units import format_bytes
 
 DEFAULT_MAX_TOKENS = 256
@@ -100,19 +100,21 @@ class ChatSession:
         """temp: 0 is greedy, > 0 samples at that temperature; temp, top_p, top_k left at None follow the
         model's generation_config.json, then transformers' defaults, as model.generate() does."""
         check_chat_options(max_tokens, temp, top_p, top_k)
+        check_seed(seed)
         self.model, self.tokenizer = model, model.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template, so it cannot chat; "
                                   "use a chat/instruct model, or python -m airmlx.generate for plain completion.")
         self.system_prompt, self.max_tokens = system_prompt, max_tokens
         self.temp, self.top_p, self.top_k = temp, top_p, top_k
-        self.rng, self.seeded = np.random.default_rng(seed), seed is not None
+        self.seed = seed
         self.stop_tokens = stop_token_ids(model)
         self.last = None  # the last Turn
         self.reset()
 
     def reset(self):
-        """A new conversation: only the system prompt, an empty cache."""
+        """A new conversation: only the system prompt, an empty cache, and the seed's sampling from its start."""
+        self.rng = np.random.default_rng(self.seed)
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self.cache = self.model.new_cache()
         self.cached = []  # the token ids whose keys and values the cache holds, in order
@@ -146,7 +148,7 @@ class ChatSession:
                                 do_sample=None if self.temp is None else self.temp > 0,
                                 temperature=self.temp or None, top_p=self.top_p, top_k=self.top_k,
                                 eos_token_id=self.stop_tokens or None, streamer=tap,
-                                seed=int(self.rng.integers(2**63)) if self.seeded else None)
+                                seed=int(self.rng.integers(2**63)) if self.seed is not None else None)
             consistent = self.cache_length()
         except KeyboardInterrupt:
             # Each new token was sampled from a sweep that finished: the cache certainly holds the prompt

@@ -154,7 +154,10 @@ def test_ctrl_c_mid_sweep_keeps_the_partial_answer_and_the_next_turn_is_right(re
 def test_same_seed_same_sampled_answer_and_too_long_is_refused(model):
     a = ChatSession(model, max_tokens=MAX_TOKENS, temp=1.5, top_p=0.95, seed=7)
     b = ChatSession(model, max_tokens=MAX_TOKENS, temp=1.5, top_p=0.95, seed=7)
-    assert [a.send("hi").tokens, a.send("more").tokens] == [b.send("hi").tokens, b.send("more").tokens]
+    first = a.send("hi").tokens
+    assert [first, a.send("more").tokens] == [b.send("hi").tokens, b.send("more").tokens]
+    a.reset()  # a new conversation samples from the seed's start again (it went on from where it was)
+    assert a.send("hi").tokens == first
     before = list(a.messages)
     with pytest.raises(airmlx.AirmlxError, match="/reset"):
         a.send("list " * model.config["max_position_embeddings"])
