@@ -7,6 +7,7 @@
     python -m airmlx.shard SRC OUT --hosts N --rank R [--pipeline-split 9,9]   # only host R's stages of a pipeline
 """
 import sys
+from pathlib import Path
 
 from .cli import ArgumentParser, face
 
@@ -27,7 +28,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--hosts", type=int, default=1,
                         help="a pipeline over this many hosts (mlx.launch / torchrun): OUT gets only the stage files "
                              "of host --rank, and its manifest says which host holds what")
-    parser.add_argument("--rank", type=int, default=0, help="with --hosts: the host whose stages OUT gets (0 .. N-1)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="with --hosts: the host whose stages OUT gets (0 .. N-1)")
     parser.add_argument("--pipeline-split", default=None,
                         help="with --hosts: stages per host, e.g. 9,9 (default: balanced by bytes)")
     check = parser.add_mutually_exclusive_group()
@@ -44,6 +46,15 @@ def main(argv=None) -> int:
     if args.repair or args.verify:
         if args.src:
             parser.error("--verify and --repair take the shard folder; give no SRC")
+        sharding = [o for o, v in (("--compression", args.compression), ("--gguf-file", args.gguf_file),
+                                   ("--hosts", args.hosts != 1), ("--rank", args.rank is not None),
+                                   ("--pipeline-split", args.pipeline_split), ("--delete-original", args.delete_original),
+                                   ("--allow-pickle", args.allow_pickle)) if v]
+        if sharding:
+            parser.error(f"{sharding[0]} is for sharding; --verify and --repair take only the shard folder")
+        folder = args.repair or args.verify
+        if not Path(folder).is_dir():
+            parser.error(f"{folder}: no such folder; give the shard folder to check")
         from .manifest import verify_folder
         from .repair import repair_stages
         if args.repair:
@@ -57,6 +68,8 @@ def main(argv=None) -> int:
         return 1 if problems else 0
     if not args.src:
         parser.error("give the model to shard (SRC), or --verify / --repair SHARD_FOLDER")
+    if (args.hosts != 1) != (args.rank is not None):
+        parser.error("--hosts N and --rank R go together: OUT gets host R's stages of a pipeline over N hosts")
     from .hub import default_shard_dir, resolve_model
     from .quant import compression_config
     from .sharder import shard_checkpoint
@@ -66,7 +79,8 @@ def main(argv=None) -> int:
     out = args.out or default_shard_dir(f"{args.src}/{args.gguf_file}" if args.gguf_file else args.src,
                                         args.compression)
     shard_checkpoint(src, out, delete_original=args.delete_original, allow_pickle=args.allow_pickle,
-                     compression=args.compression, hosts=args.hosts, rank=args.rank, pipeline_split=args.pipeline_split)
+                     compression=args.compression, hosts=args.hosts, rank=args.rank or 0,
+                     pipeline_split=args.pipeline_split)
     print(out)
     return 0
 
