@@ -14,9 +14,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m airmlx.generate",
                             description="Generate text with a model streamed layer by layer.")
     add_model_options(parser)
-    parser.add_argument("--prompt", default="The ", help="prompt text")
+    parser.add_argument("--prompt", default="The ", help="prompt text (default: %(default)r)")
     parser.add_argument("--max-tokens", type=whole_number(1), default=64,
-                        help="most new tokens (with the prompt, within the model's context)")
+                        help="most new tokens (with the prompt, within the model's context; default %(default)s)")
     add_sampling_options(parser)
     parser.add_argument("--seed", type=whole_number(0), default=None,
                         help="seed for sampling, a whole number >= 0 (the same seed repeats, with a draft model too)")

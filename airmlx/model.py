@@ -15,7 +15,7 @@ from .backends.base import available_ram
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, generate_tokens, is_int, resolve_sampling, to_batch
+from .generation import GenerateOutput, check_seed, generate_tokens, is_int, resolve_sampling, to_batch
 from .plan import (
     DEFAULT_PREFILL_STEP,
     SCORE_LOGITS,
@@ -161,7 +161,7 @@ class AirModel:
         self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in alive.values()))
 
     def _progress(self, tokens):
-        return f"prefill {tokens.size} tokens" if tokens.size >= PROGRESS_TOKENS else None
+        return f"prefill {np.size(tokens)} tokens" if np.size(tokens) >= PROGRESS_TOKENS else None
 
     def _note_step(self, rows, tokens, context, logits=0):
         """Remember the largest step so far: rows, new tokens, context and positions of logits."""
@@ -243,7 +243,8 @@ class AirModel:
 
     def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:
         """Bytes per second the store reads this model's streamed stages (every stage when none streams), the
-        first of them up to limit_bytes; cold: from the disk, warm: from the page cache."""
+        first of them up to limit_bytes; cold: from the disk, warm: from the page cache. A measurement: while
+        it runs it holds one stage beyond the plan, which memory_stats()'s peaks then show."""
         names, total = [], 0
         for name in self.plan.streamed or list(self.plan.stage_bytes):
             if names and limit_bytes is not None and total + self.plan.stages[name].read > limit_bytes:
@@ -335,8 +336,7 @@ class AirModel:
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}.")
         if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
             raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")
-        if seed is not None and (not is_int(seed) or seed < 0):
-            raise GenerationError(f"seed={seed!r}: use a whole number >= 0, or None for a fresh one.")
+        check_seed(seed)
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
         if pad is None:
@@ -396,8 +396,9 @@ class AirModel:
 
         budget; plan (weights as planned: resident_weights, in_flight, expert_cache, expert_stack; plan_total
         never exceeds the budget); held now (stage buffers and mappings handed out, in_flight_now, and their
-        peak, in_flight_peak); kv_cache (the caches of new_cache() still alive); activation_bound (the bound
-        on a step's activations for the largest step so far, see airmlx.plan.activation_bytes); active and
+        peak, in_flight_peak: streamed stages in flight and resident stages the backend computes on in place);
+        kv_cache (the caches of new_cache() still alive); activation_bound (the bound on a step's activations
+        for the largest step so far, see airmlx.plan.activation_bytes); active and
         kv_cache_peak (the KV caches alive after a step, at their largest); peak (the backend's own count:
         everything MLX holds; on torch its own tensors and KV caches plus the stage buffers it computes from),
         never above budget + kv_cache_peak + activation_bound; bytes_read and steps, and resident_bytes_read: the
@@ -566,6 +567,14 @@ class AirModel:
     def start_step_many(self, items: list, on_logits, progress: str | None = None) -> None:
         """step_many(), handing the list of logits to on_logits (on a pipeline's rank 0 inside overlapped(),
         once the last rank sends them back, which may be after this returns). progress: a progress bar's label."""
+        items = [(np.asarray(t, dtype=np.int64), np.asarray(m, dtype=np.int64), c) for t, m, c in items]
+        if not items:
+            raise GenerationError("step_many takes a non-empty list of (tokens, attention_mask, cache) items.")
+        for t, m, _ in items:
+            if t.ndim != 2 or not t.size or m.ndim != 2 or m.shape[0] != t.shape[0] or m.shape[1] < t.shape[1]:
+                raise GenerationError(f"tokens {t.shape} and attention_mask {m.shape}: pass tokens (B, T) and a "
+                                      "mask (B, past + T) covering the cache's tokens and the new ones.")
+            self._check_vocabulary(t)
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
@@ -587,9 +596,13 @@ class AirModel:
 
     def merge_caches(self, caches: list, lengths: list):
         """One batch cache holding every row of `caches` in order, each right-aligned (left-padded to the
-        longest row); lengths[i]: the tokens each row of caches[i] holds. None when these caches cannot be
+        longest row); lengths[i]: a list, the tokens each row of caches[i] holds. None when these caches cannot be
         merged (sliding-window layers, convolution states): run them as items of their own then. The caches
         given are used up; memory_stats() counts the result while it lives."""
+        if len(lengths) != len(caches) or not all(isinstance(n, (list, tuple)) and all(is_int(k) for k in n)
+                                                  for n in lengths):
+            raise GenerationError(f"merge_caches takes one list of row lengths per cache ({len(caches)} caches, "
+                                  f"lengths {lengths!r:.80}), e.g. [[5], [3, 4]] for a cache of one row and one of two.")
         merged = self.backend.merge_caches(caches, lengths)
         if merged is not None:
             self._caches.add(merged)

@@ -71,7 +71,7 @@ def verdict(totals):
         return "compute-bound", (f"compute took {compute / busy:.0%} of the sweep's time; every stage was read "
                                  "once and stayed resident")
     return "compute-bound", (f"compute took {compute / busy:.0%} of the sweep's time (waiting for reads "
-                             f"{wait / busy:.0%}): prefetching hides the reads behind compute")
+                             f"{wait / busy:.0%}): the reads keep up with compute")
 
 
 def _ms(seconds):

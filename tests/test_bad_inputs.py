@@ -24,6 +24,7 @@ from airmlx.errors import (
     OptionError,
     UnsupportedArchitectureError,
 )
+from airmlx.session import ChatSession
 from airmlx.store import ShardStore
 
 from tiny import make_checkpoint
@@ -261,6 +262,8 @@ ROWS = [
                  "seed=-1: use a whole number >= 0", id="negative seed"),
     pytest.param(lambda c: c.model.generate([1, 2], seed=1.5), GenerationError,
                  r"seed=1\.5: use a whole number >= 0", id="seed not a whole number"),
+    pytest.param(lambda c: ChatSession(c.model, seed=-1), GenerationError,
+                 "seed=-1: use a whole number >= 0", id="negative seed for a chat"),
     pytest.param(lambda c: airmlx.shard_checkpoint(c.src, file_at(c.tmp / "a-file"), progress=False),
                  CheckpointError, "cannot make the shard folder there .*choose another place",
                  id="shard folder where a file is"),
@@ -280,6 +283,19 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", pipeline_split="1,1"),
                  OptionError, "pipeline_split is for a pipeline over ranks launched by mlx.launch or torchrun",
                  id="a pipeline option in one process"),
+    pytest.param(lambda c: c.model.step_many([]), GenerationError, "step_many takes a non-empty list",
+                 id="step_many of nothing"),
+    pytest.param(lambda c: c.model.step([[1, 2]], [[1]], c.model.new_cache()), GenerationError,
+                 r"tokens \(1, 2\) and attention_mask \(1, 1\): pass tokens \(B, T\) and a mask \(B, past \+ T\)",
+                 id="a step's mask shorter than its tokens"),
+    pytest.param(lambda c: c.model.merge_caches([c.model.new_cache(), c.model.new_cache()], [3, 2]), GenerationError,
+                 "merge_caches takes one list of row lengths per cache", id="merge_caches with a length per cache"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(
+        airmlx.shard_checkpoint(c.src, c.tmp / "host1", hosts=2, rank=1, progress=False), backend="torch"),
+        OptionError, r"holds only host 1's stages of a pipeline over 2 hosts .*without --hosts for one process",
+        id="a pipeline host's shard folder in one process"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", gguf_file="other.gguf"),
+                 OptionError, "is a shard folder, of one model already; gguf_file picks", id="gguf_file with a shard folder"),
 ]
 
 
@@ -308,6 +324,10 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("server", ["--max-kv-bytes", "abc"]),
     ("generate", ["--num-draft-tokens", "5"]),  # without --draft-model: it was ignored
     ("generate", ["--pipeline-timeout", "5"]),  # in one process: it was ignored
+    ("shard", ["/no/such/model", "/tmp/out-never-made", "--hosts", "2"]),  # no --rank: a whole folder was made
+    ("shard", ["/no/such/model", "/tmp/out-never-made", "--rank", "1"]),  # no --hosts: the same
+    ("shard", ["--verify", "/tmp", "--compression", "4bit"]),  # --compression was ignored
+    ("shard", ["--verify", "/no/such/folder"]),  # was "this shard folder is unfinished"
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib
