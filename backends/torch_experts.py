@@ -94,12 +94,21 @@ def laid_out(layout, expert, tensors):
 def stream_experts(backend, layers, chunks):
     for layer in layers:
         module = backend.skeleton.get_submodule(f"{backend.arch.layers}.{layer}.{backend.torch_arch.experts}")
-        module.forward = functools.partial(streamed_forward, module, layer, chunks, module.num_experts)
+        module.forward = functools.partial(streamed_forward, module, layer, chunks, module.num_experts,
+                                           eager_forward(type(module)))
 
 
-def streamed_forward(module, layer, chunks, num_experts, hidden_states, top_k_index, top_k_weights):
-    """The module's own forward once per routed expert, on the expert as the cache holds it (nothing is
-    stacked: the cache gives groups of one, ExpertCache with stacking 0); the other experts' slots are
+def eager_forward(cls):
+    """The experts class's own eager forward: transformers' experts_implementation="eager", under the
+    decorator that dispatches to grouped_mm. For a module of one expert it is one pair of matmuls on that
+    expert's tokens, without the grouped path's sorting and counting (0.7 ms less a call on a CPU, bit for bit
+    the same in bf16)."""
+    return getattr(cls.forward, "__wrapped__", cls.forward)
+
+
+def streamed_forward(module, layer, chunks, num_experts, forward, hidden_states, top_k_index, top_k_weights):
+    """The module's own (eager) forward once per routed expert, on the expert as the cache holds it (nothing
+    is stacked: the cache gives groups of one, ExpertCache with stacking 0); the other experts' slots are
     renumbered to the module's sentinel (num_experts), which its forward skips."""
     routed = torch.unique(top_k_index).tolist()
     out = None
@@ -112,7 +121,7 @@ def streamed_forward(module, layer, chunks, num_experts, hidden_states, top_k_in
             for name in saved:
                 setattr(module, name, torch.nn.Parameter(held[name], requires_grad=False))
             module.num_experts = 1
-            y = type(module).forward(module, hidden_states, other.to(top_k_index.dtype), weights)
+            y = forward(module, hidden_states, other.to(top_k_index.dtype), weights)
         finally:
             for name, placeholder in saved.items():
                 setattr(module, name, placeholder)
