@@ -14,6 +14,8 @@ from .errors import GenerationError
 DECAY = 0.95  # per measurement: older sweeps and draft calls weigh less (about the last 20 count)
 PROB_BINS = 10  # greedy acceptance is estimated per tenth of the draft's probability for the token
 RANKS = 8  # sampling acceptance is estimated per child rank (first drawn, second, ...)
+PROBE_EVERY = 16  # plain steps taken before a round measures again whether speculating pays; doubled after
+PROBE_MOST = 256  # each round that found it did not, up to this
 
 
 def check_num_draft_tokens(value) -> "int | None":
@@ -120,6 +122,8 @@ class Measurements:
         self.by_rank = [Rate(0.6 / (r + 1)) for r in range(RANKS)]  # sampling
         self.continues = Rate(0.5)  # a node reached that has children: one of them is accepted
         self.tokens_per_round = self.seconds_per_round = 0.0
+        self.plain_steps = 0  # plain steps taken in a row because speculating did not pay
+        self.probe_every = PROBE_EVERY
         self.total, self.last = Totals(), Totals()
 
     # -- estimates ---------------------------------------------------------------------------------
@@ -149,6 +153,22 @@ class Measurements:
         """The least acceptance chance that pays for verifying one more token in the sweep."""
         return self.rate * self.verify.slope if self.timed else 0.0
 
+    def worth_a_round(self) -> bool:
+        """Whether to speculate now. While the rounds so far give fewer tokens/s than plain steps would (a sweep
+        of one token, as the sweeps measured so far cost), a plain step is taken instead (a tree of no nodes);
+        after PROBE_EVERY such steps a round is drafted again to see whether that has changed, after twice as
+        many the next time it had not. Where the sweep is cheap (a small model in the page cache) drafting
+        costs more than it gives."""
+        plain = self.verify(1) if self.timed and self.seconds_per_round else 0.0
+        if plain <= 0 or self.rate * plain >= 1:
+            self.plain_steps, self.probe_every = 0, PROBE_EVERY
+            return True
+        if self.plain_steps >= self.probe_every:
+            self.plain_steps, self.probe_every = 0, min(2 * self.probe_every, PROBE_MOST)
+            return True
+        self.plain_steps += 1
+        return False
+
     def worth_drafting(self, gains: list) -> int:
         """How many of a level's nodes (best first; gains: the accepted tokens each is expected to add a level
         further down) to run through the draft: the most the expected gain pays for, after the draft call
@@ -177,6 +197,12 @@ class Measurements:
                 self.by_prob[min(int(probs[child] * PROB_BINS), PROB_BINS - 1)].add(accepted)
             else:
                 self.by_rank[min(rank, RANKS - 1)].add(accepted)
+
+    def record_plain(self, positions: int, seconds: float) -> None:
+        """A plain step (worth_a_round said no): one token from a sweep of the positions pending."""
+        self.verify.add(positions, seconds)
+        for totals in (self.total, self.last):
+            totals.add(Totals(sweeps=1, tokens=1, verify_s=seconds))
 
     def record_round(self, round_: Totals) -> None:
         self.tokens_per_round = DECAY * self.tokens_per_round + round_.tokens

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .acceptance import sampling_probs, walk_greedy, walk_sampling
-from .draft_tree import TREE_BRANCHING, ancestor_mask, grow
+from .draft_tree import TREE_BRANCHING, Tree, ancestor_mask, grow
 from .errors import CacheTrimError, GenerationError
 from .generation import StopStrings, check_sampling
 from .session import common_prefix
@@ -188,11 +188,15 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
         while len(new) < max_new_tokens:
             pending, start = after[held - past_length:], held  # pending: never empty (the last token given out)
             runner.seconds = 0.0
-            target.read_ahead()
-            root = runner.catch_up(seq)
-            depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending))  # more is never used
-            tree, dists = grow(root, runner.expand, measure, cap=cap, depth=depth,
-                               branching=TREE_BRANCHING if mode == "tree" else 1, greedy=greedy, rng=rng)
+            drafting = measure.worth_a_round()
+            if drafting:
+                target.read_ahead()
+                root = runner.catch_up(seq)
+                depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending))  # more is never used
+                tree, dists = grow(root, runner.expand, measure, cap=cap, depth=depth,
+                                   branching=TREE_BRANCHING if mode == "tree" else 1, greedy=greedy, rng=rng)
+            else:  # a plain step: the draft catches up at the next round
+                tree, dists = Tree(), {}
             verify_s = time.perf_counter()
             logits = verify(target, target_cache, held, pending, tree)
             verify_s = time.perf_counter() - verify_s
@@ -204,7 +208,8 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                                                   lambda n: dists[n], rng)
             measure.record_checks(checks, tree.probs, greedy)
             held = keep_path(target, target_cache, held, len(pending), path)
-            runner.keep([tree.origin[i] for i in path], [tree.tokens[i] for i in path])
+            if drafting:
+                runner.keep([tree.origin[i] for i in path], [tree.tokens[i] for i in path])
             out, stop = [tree.tokens[i] for i in path] + [int(nxt)], False
             for emitted, token in enumerate(out, 1):
                 new.append(token)
@@ -216,8 +221,11 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                         stops is not None and stops.rows_hit(np.array([new]))[0]):
                     stop = True
                     break
-            measure.verify.add(len(pending) + len(tree), verify_s)
-            measure.record_round(Totals(1, emitted, len(tree), len(path), runner.seconds, verify_s, len(tree)))
+            if drafting:
+                measure.verify.add(len(pending) + len(tree), verify_s)
+                measure.record_round(Totals(1, emitted, len(tree), len(path), runner.seconds, verify_s, len(tree)))
+            else:
+                measure.record_plain(len(pending), verify_s)
             if stop or (rounds is not None and measure.last.sweeps >= rounds):
                 break
         # the cache holds the prompt and every new token but the last, as plain decoding leaves it

@@ -26,6 +26,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def always_draft(request, monkeypatch):
+    """These tests check what drafting does, on tiny models in memory where a plain step costs less than a round:
+    every round drafts (Measurements.worth_a_round would take plain steps instead; its own test is below)."""
+    if "plain_steps" not in request.node.name:
+        monkeypatch.setattr(Measurements, "worth_a_round", lambda self: True)
+
+
 # -- the acceptance rules, on synthetic distributions --------------------------------------------------
 def toy_model(seed, sharp=1.0):
     """p(next | context) over VOCAB tokens, a fixed random function of the context."""
@@ -354,3 +362,27 @@ def test_positioned_rope_rotates_each_token_at_its_own_position():
     assert per_row._per_row
     for positioned in (per_row, per_group):
         assert mx.abs(positioned(x, offset=123) - one_by_one).max().item() < 1e-5
+
+
+def test_where_drafting_does_not_pay_plain_steps_are_taken_and_measured_again_now_and_then(tmp_path):
+    """Regression: on a small model in the page cache a round (draft calls, then a sweep of several positions)
+    cost more than the plain steps it replaced, and the draft ran anyway: 22 against 41-54 tokens/s (MLX)."""
+    from airmlx.spec_measure import PROBE_EVERY
+
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama") as model:
+        plain = model.generate(PROMPT, max_new_tokens=40, draft_model=False)
+        measure = model.speculation
+        measure.tokens_per_round, measure.seconds_per_round = 2.0, 1.0  # 2 tokens/s drafting ...
+        for _ in range(20):
+            measure.verify.add(1, 0.01)  # ... against 100 tokens/s plain
+        drafted = []
+        real = Measurements.worth_a_round
+        measure.worth_a_round = lambda: drafted.append(real(measure)) or drafted[-1]
+        assert model.generate(PROMPT, max_new_tokens=40) == plain
+        assert drafted[:PROBE_EVERY + 2] == [False] * PROBE_EVERY + [True, False]  # one probe after 16 steps
+        last = model.speculation.last
+        assert last.tokens == 40 and last.sweeps == len(drafted) and drafted.count(True) == 1  # then 32 steps
+        measure.tokens_per_round, measure.seconds_per_round = 1000.0, 1.0  # drafting pays: every round drafts
+        drafted.clear()
+        assert model.generate(PROMPT, max_new_tokens=8)[0] == plain[0][:len(PROMPT[0]) + 8] and all(drafted)
