@@ -32,10 +32,8 @@ class AirmlxLM(LM):
                  compression=None, batch_size=8, max_length=None, max_gen_toks=256, layer_shards_saving_path=None,
                  trust_remote_code=False, **unused):
         super().__init__()
-        if str(device).startswith("cuda") and not cuda_available():
-            # lm-eval's command line sends device=cuda:0 unless told otherwise, CUDA or not
-            warnings.warn(f"device {device!r} has no CUDA here; airmlx picks the device itself.")
-            device = None
+        if str(device).startswith("cuda") and (backend == "mlx" or not cuda_available()):
+            device = None  # lm-eval's command line sends device=cuda unless told otherwise, CUDA or not
         self.model = AutoModel.from_pretrained(pretrained or DEMO_MODEL, backend=backend, device=device,
                                                dtype=dtype, memory_budget=memory_budget, compression=compression,
                                                layer_shards_saving_path=layer_shards_saving_path,
@@ -47,6 +45,14 @@ class AirmlxLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.prefix_token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
             else self.tokenizer.eos_token_id
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "AirmlxLM":
+        """--model_args, then lm-eval's own options (--batch_size, --device, which its command line always
+        sends) for what --model_args leaves out: batch_size=8 in --model_args collided with them."""
+        from lm_eval import utils
+        options = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**options, **utils.simple_parse_args_string(arg_string)})
 
     def encode_pair(self, context, continuation):
         """Token ids of context and continuation, split where the joint encoding splits (trailing spaces of

@@ -78,13 +78,18 @@ metric_list:
 """)
     out = tmp_path / "results"
     run = subprocess.run([sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--model_args",
-                          f"pretrained={folder},backend=torch,layer_shards_saving_path={tmp_path / 's'}",
+                          # batch_size as the README gives it: it collided with lm-eval's own --batch_size
+                          f"pretrained={folder},backend=torch,layer_shards_saving_path={tmp_path / 's'},batch_size=2",
                           "--tasks", "airmlx_local", "--include_path", str(tmp_path), "--output_path", str(out)],
                          capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = out.rglob("results*.json")
     acc = json.loads(result.read_text())["results"]["airmlx_local"]["acc,none"]
-    assert 0.0 <= acc <= 1.0 and "airmlx_local" in run.stdout
+    assert 0.0 <= acc <= 1.0 and "airmlx_local" in run.stdout and "CUDA" not in run.stderr
+    made = AirmlxLM.create_from_arg_string(f"pretrained={folder},backend=torch,batch_size=3,layer_shards_saving_path="
+                                           f"{tmp_path / 's'}", {"batch_size": 1, "device": "cuda"})
+    assert made.batch_size == 3  # --model_args over lm-eval's own options
+    made.model.close()
 
 
 def until_request(context, i=0, **kwargs):
