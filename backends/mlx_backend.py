@@ -127,6 +127,9 @@ class MLXBackend:
         if device is not None:
             if device not in ("gpu", "cpu"):
                 raise BackendError(f"device {device!r} is not an MLX device; use 'gpu' or 'cpu'.")
+            if device == "gpu" and not mx.is_available(mx.gpu):
+                raise BackendError("this MLX build has no GPU (Linux's mlx[cpu]); use device='cpu' or leave device "
+                                   "out.")
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         if dtype is not None and dtype not in DTYPES:
             raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
