@@ -6,8 +6,11 @@ module once.
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "AirmlxError": ".errors", "shard_checkpoint": ".sharder",
-            "DEMO_MODEL": ".hub"}
+_ERRORS = ["AirmlxError", "ModelNotFoundError", "UnsupportedArchitectureError", "CheckpointError", "CorruptShardError",
+           "InsufficientDiskSpaceError", "BudgetError", "BackendError", "OptionError", "GenerationError",
+           "CacheTrimError", "ModelClosedError", "DraftModelError"]
+_EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "shard_checkpoint": ".sharder", "DEMO_MODEL": ".hub",
+            "ChatSession": ".session", **dict.fromkeys(_ERRORS, ".errors")}
 __all__ = list(_EXPORTS)
 
 

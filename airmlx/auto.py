@@ -130,6 +130,9 @@ class AutoModel:
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")
         else:
+            if gguf_file and local.is_file():
+                raise OptionError(f"gguf_file={gguf_file!r}: {local} is a file itself; gguf_file picks a .gguf from a "
+                                  "hub repo or a folder of them, so leave it out.")
             source_name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression))
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
@@ -188,6 +191,9 @@ def load_draft(spec, shard_dir: Path, backend: str, device=None, dtype=None, hf_
     if not isinstance(spec, (str, Path)):
         raise DraftModelError(f"draft_model={spec!r}: pass a path, a hub id, an AirModel, or one of "
                               f"{sorted(COMPRESSIONS)} for a quantised copy of the model.")
+    if spec in COMPRESSIONS and same_compression(Manifest.load(shard_dir).quantization, spec):
+        raise DraftModelError(f"the model is quantised as {spec} already, so its {spec} copy would be the model "
+                              "itself; use draft_model=PATH of a smaller model (or '4bit' for an 8-bit model).")
     source = quantised_copy(Path(shard_dir), spec, progress) if spec in COMPRESSIONS else spec
     # the draft's precision changes only how many proposals are accepted, never the output: it may compute in
     # whatever its backend runs fastest (bf16 on torch's CPU, where its int4 kernel is 7 x faster than in fp32)

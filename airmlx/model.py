@@ -396,13 +396,16 @@ class AirModel:
 
         budget; plan (weights as planned: resident_weights, in_flight, expert_cache, expert_stack; plan_total
         never exceeds the budget); held now (stage buffers and mappings handed out, in_flight_now, and their
-        peak, in_flight_peak: streamed stages in flight and resident stages the backend computes on in place);
+        peak, in_flight_peak: beyond the pool of read slots, mappings of streamed stages and resident stages
+        the backend computes on in place);
         kv_cache (the caches of new_cache() still alive); activation_bound (the bound on a step's activations
         for the largest step so far, see airmlx.plan.activation_bytes); active and
         kv_cache_peak (the KV caches alive after a step, at their largest); peak (the backend's own count:
         everything MLX holds; on torch its own tensors and KV caches plus the stage buffers it computes from),
-        never above budget + kv_cache_peak + activation_bound; bytes_read and steps, and resident_bytes_read: the
-        part of bytes_read that loaded the resident stages, once; for MoE the expert cache's counters."""
+        never above budget + kv_cache_peak + activation_bound; bytes_read and steps, and the parts of bytes_read
+        that loaded the resident stages, once (resident_bytes_read), and that measured the disk
+        (measured_bytes_read: read_bandwidth, the doctor, the CLIs' first preflight); for MoE the expert cache's
+        counters."""
         experts = self.scheduler.experts.stats() if self.scheduler.experts else {}
         backend = self.backend.memory()
         if not self.backend.counts_buffers:  # torch: the store's buffers and mappings are not its own
@@ -417,6 +420,7 @@ class AirModel:
                 "kv_cache_peak": self._kv_peak,
                 "activation_bound": self._activation_bound(*self._largest_step),
                 "bytes_read": self.store.bytes_read, "resident_bytes_read": self.scheduler.resident_bytes_read,
+                "measured_bytes_read": self.store.measured_bytes_read,
                 "steps": self.scheduler.steps, **experts, **backend,
                 **self._speculation_stats()}
 
@@ -439,7 +443,7 @@ class AirModel:
             step_s = sweep_s = (times[-1] - times[1]) / (new - 1) if new > 1 else 0.0
             prompt = f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s"
         mem = self.memory_stats()
-        per_step_read = (mem["bytes_read"] - mem["resident_bytes_read"]) / max(mem["steps"], 1)
+        per_step_read = (mem["bytes_read"] - mem["resident_bytes_read"] - mem["measured_bytes_read"]) / max(mem["steps"], 1)
         per_step = self.plan.streamed_bytes_per_step
         speed = f"{per_token(step_s)}" if step_s else "one token"
         disk = ""

@@ -145,6 +145,7 @@ class RankModel(AirModel):
     def rank_summary(self, rank: int) -> dict:
         stats = self.memory_stats()
         return {"rank": rank, "stages": list(self.store.stages), "bytes_read": stats["bytes_read"],
+                "swept_bytes_read": stats["bytes_read"] - stats["resident_bytes_read"] - stats["measured_bytes_read"],
                 "steps": stats["steps"], "streamed_per_step": stats["streamed_per_step"],
                 "range_bytes": sum(s.nbytes for s in self.store.stages.values()),
                 "expert_bytes": sum(s.nbytes for s in self.store.stages.values() if s.kind == "experts"),
@@ -292,7 +293,8 @@ class PipelineModel(RankModel):
 
     @exclusive
     def rank_stats(self) -> list:
-        """Every rank's stages, bytes read and steps so far, plan and peak memory (a dict per rank, rank order)."""
+        """Every rank's stages, bytes read and steps so far (swept_bytes_read: less the resident stages' loads and
+        the disk measurements), plan and peak memory (a dict per rank, rank order)."""
         with self._exchange():
             self._drain()
             self.link.send(STATS, {"ranks": [self.rank_summary(0)]})
@@ -314,7 +316,7 @@ class PipelineModel(RankModel):
             ranks = self.rank_stats()
         except AirmlxError:
             return line
-        reads = ", ".join(f"rank {r['rank']} {format_bytes(r['bytes_read'] / max(r['steps'], 1))}" for r in ranks)
+        reads = ", ".join(f"rank {r['rank']} {format_bytes(r['swept_bytes_read'] / max(r['steps'], 1))}" for r in ranks)
         return f"{line} | per step: {reads}"
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ def build_parser() -> ArgumentParser:
 @face
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # SRC OUT may come after the options
     if args.repair or args.verify:
         if args.src:
             parser.error("--verify and --repair take the shard folder; give no SRC")

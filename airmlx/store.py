@@ -188,6 +188,7 @@ class ShardStore:
         self.stages = {s.name: s for s in self.manifest.stages if wanted is None or s.name in wanted}
         self.pool = BufferPool()
         self.bytes_read = 0
+        self.measured_bytes_read = 0  # the part of bytes_read the bandwidth measurements read
         self.held_bytes = 0  # bytes handed out outside the pool and not yet given back (buffers, live mappings)
         self.peak_held_bytes = 0
         self._lock = threading.Lock()
@@ -471,6 +472,7 @@ class ShardStore:
             total += data.nbytes
             self.release(data)
             data.tensors = None
+        self.measured_bytes_read += total
         return total / (time.perf_counter() - t0)
 
     def part_read_bandwidth(self, parts: list, cold: bool = True, together: int = 1) -> float:
@@ -483,6 +485,7 @@ class ShardStore:
         with ThreadPoolExecutor(together, thread_name_prefix="airmlx-bandwidth") as pool:
             for i in range(0, len(parts), together):
                 total += sum(d.nbytes for d in pool.map(lambda p: self.read_part(*p), parts[i: i + together]))
+        self.measured_bytes_read += total
         return total / (time.perf_counter() - t0)
 
     def verify(self) -> list:

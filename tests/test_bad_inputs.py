@@ -4,6 +4,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import mlx.core as mx
 import pytest
 import torch
 
@@ -208,6 +209,9 @@ ROWS = [
                  "backend 'jax' is unknown; use one of auto, mlx, torch", id="unknown backend"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="mlx", device="tpu"), BackendError,
                  "'tpu' is not an MLX device; use 'gpu' or 'cpu'", id="unknown device (mlx)"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="mlx", device="gpu"), BackendError,
+                 "this MLX build has no GPU", id="MLX GPU where the build has none",
+                 marks=pytest.mark.skipif(mx.is_available(mx.gpu), reason="this MLX build has a GPU")),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", device="mps"), BackendError,
                  "'mps' is not supported by the torch backend; use 'cuda' or 'cpu'", id="unsupported device (torch)"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", device="cuda"), BackendError,
@@ -296,6 +300,11 @@ ROWS = [
         id="a pipeline host's shard folder in one process"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", gguf_file="other.gguf"),
                  OptionError, "is a shard folder, of one model already; gguf_file picks", id="gguf_file with a shard folder"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(file_at(c.tmp / "m.gguf"), gguf_file="other.gguf"),
+                 OptionError, "is a file itself; gguf_file picks a .gguf from a hub repo", id="gguf_file with a file"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="4bit", layer_shards_saving_path=c.tmp
+                                                         / "q4", draft_model="4bit", progress=False), DraftModelError,
+                 "quantised as 4bit already, so its 4bit copy would be the model itself", id="a 4bit draft of a 4bit model"),
 ]
 
 
@@ -338,3 +347,10 @@ def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("airmlx: ") and err.count("\n") == 1, err
+
+
+def test_every_error_class_imports_from_the_package():
+    """Regression: `from airmlx import ModelNotFoundError` was an ImportError; only AirmlxError was exported."""
+    import airmlx.errors
+    classes = {n for n, v in vars(airmlx.errors).items() if isinstance(v, type) and issubclass(v, AirmlxError)}
+    assert classes <= set(airmlx.__all__) and all(getattr(airmlx, n) is getattr(airmlx.errors, n) for n in classes)

@@ -430,12 +430,16 @@ def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():
 
 
 def test_the_stats_line_reads_per_step_what_the_sweeps_read_not_the_resident_stages_first_loads():
-    """Regression: an all-resident model showed its whole size (12.89 MB) read per step for its first token."""
+    """Regression: an all-resident model showed its whole size (12.89 MB) read per step for its first token, and
+    a first run counted the preflight's measurement reads as the steps'."""
     from airmlx.hub import DEMO_MODEL
     with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as model:
         model.generate([[1, 2, 3]], max_new_tokens=1)
         stats = model.memory_stats()
         assert stats["resident_bytes_read"] == stats["bytes_read"] == model.plan.resident_bytes > 0
+        assert "| read 0 B per step |" in model.stats_line(3, [10.0, 11.0], start=10.0)
+        model.read_bandwidth(cold=False)  # as the CLIs' first preflight does: not the sweeps' reads either
+        assert model.memory_stats()["measured_bytes_read"] == model.plan.resident_bytes
         assert "| read 0 B per step |" in model.stats_line(3, [10.0, 11.0], start=10.0)
     with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch", memory_budget="4MB") as model:
         model.generate([[1, 2, 3]], max_new_tokens=4)

@@ -179,6 +179,7 @@ def test_pipeline_matches_one_process(models, tmp_path, framework, ranks, folder
                 [int(n) for n in spec["split"].split(",")]
     resident = got["resident"]
     assert not any(r["streamed_per_step"] for r in resident["ranks"])
+    assert not any(r["swept_bytes_read"] for r in resident["ranks"])  # the stats line's per rank: was first loads / steps
     assert resident["micro"] == want["dense"]["micro_free"]
     assert resident["micro_overlapped"] > 0  # split into a part per rank (3 rows: 2 + 1, or 1 each)
     served, merged, overlapped = resident["served_lanes"]  # the server's engine splits its requests alike

@@ -217,6 +217,8 @@ def test_cli_shards_and_verifies(tmp_path):
     assert bad.returncode == 1 and "layer.003" in bad.stderr
     missing = run(tmp_path / "nope", tmp_path / "out2")
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    later = run(tmp_path / "src", "--compression", "4bit", tmp_path / "out4")  # OUT after an option: it was refused
+    assert later.returncode == 0 and Manifest.load(tmp_path / "out4").quantization["bits"] == 4, later.stderr
 
 
 def pickle_checkpoint(src, sharded_index):
