@@ -14,8 +14,11 @@ from .errors import GenerationError
 DECAY = 0.95  # per measurement: older sweeps and draft calls weigh less (about the last 20 count)
 PROB_BINS = 10  # greedy acceptance is estimated per tenth of the draft's probability for the token
 RANKS = 8  # sampling acceptance is estimated per child rank (first drawn, second, ...)
+# speculate or take plain steps (worth_a_round): on averages over the last few decode rounds and plain steps
+FAST = 0.7
 PROBE_EVERY = 16  # plain steps taken before a round measures again whether speculating pays; doubled after
 PROBE_MOST = 256  # each round that found it did not, up to this
+PLAIN_EVERY = 32  # rounds between two plain steps that measure again what one costs
 
 
 def check_num_draft_tokens(value) -> "int | None":
@@ -122,8 +125,11 @@ class Measurements:
         self.by_rank = [Rate(0.6 / (r + 1)) for r in range(RANKS)]  # sampling
         self.continues = Rate(0.5)  # a node reached that has children: one of them is accepted
         self.tokens_per_round = self.seconds_per_round = 0.0
+        self.round_tokens = self.round_seconds = 0.0  # decode rounds (one token pending), FAST-decayed
+        self.plain_seconds = self.plain_count = 0.0  # plain decode steps, FAST-decayed
         self.plain_steps = 0  # plain steps taken in a row because speculating did not pay
         self.probe_every = PROBE_EVERY
+        self.rounds_since_plain = 0
         self.total, self.last = Totals(), Totals()
 
     # -- estimates ---------------------------------------------------------------------------------
@@ -154,14 +160,20 @@ class Measurements:
         return self.rate * self.verify.slope if self.timed else 0.0
 
     def worth_a_round(self) -> bool:
-        """Whether to speculate now. While the rounds so far give fewer tokens/s than plain steps would (a sweep
-        of one token, as the sweeps measured so far cost), a plain step is taken instead (a tree of no nodes);
-        after PROBE_EVERY such steps a round is drafted again to see whether that has changed, after twice as
-        many the next time it had not. Where the sweep is cheap (a small model in the page cache) drafting
-        costs more than it gives."""
-        plain = self.verify(1) if self.timed and self.seconds_per_round else 0.0
-        if plain <= 0 or self.rate * plain >= 1:
+        """Whether to speculate now, or take a plain step (a tree of no nodes). Both are measured as they run:
+        the tokens/s of the last few decode rounds against a plain step's time, which one plain step measures
+        after the first decode round and again every PLAIN_EVERY rounds. While the rounds give fewer tokens/s
+        than plain steps would (a small model in the page cache, where a draft call costs about as much as a
+        step), plain steps are taken; after PROBE_EVERY of them a round is drafted again to see whether that
+        has changed, after twice as many the next time it had not."""
+        if not self.timed or not self.round_seconds:
+            return True
+        if not self.plain_count or self.rounds_since_plain >= PLAIN_EVERY:
+            self.rounds_since_plain = 0
+            return False
+        if self.round_tokens / self.round_seconds * (self.plain_seconds / self.plain_count) >= 1:
             self.plain_steps, self.probe_every = 0, PROBE_EVERY
+            self.rounds_since_plain += 1
             return True
         if self.plain_steps >= self.probe_every:
             self.plain_steps, self.probe_every = 0, min(2 * self.probe_every, PROBE_MOST)
@@ -201,10 +213,16 @@ class Measurements:
     def record_plain(self, positions: int, seconds: float) -> None:
         """A plain step (worth_a_round said no): one token from a sweep of the positions pending."""
         self.verify.add(positions, seconds)
+        if positions == 1:
+            self.plain_seconds = FAST * self.plain_seconds + seconds
+            self.plain_count = FAST * self.plain_count + 1
         for totals in (self.total, self.last):
             totals.add(Totals(sweeps=1, tokens=1, verify_s=seconds))
 
-    def record_round(self, round_: Totals) -> None:
+    def record_round(self, round_: Totals, pending: int = 1) -> None:
+        if pending == 1:  # a decode round: a first round also computes the prompt
+            self.round_tokens = FAST * self.round_tokens + round_.tokens
+            self.round_seconds = FAST * self.round_seconds + round_.draft_s + round_.verify_s
         self.tokens_per_round = DECAY * self.tokens_per_round + round_.tokens
         self.seconds_per_round = DECAY * self.seconds_per_round + round_.draft_s + round_.verify_s
         self.total.add(round_)

@@ -367,22 +367,30 @@ def test_positioned_rope_rotates_each_token_at_its_own_position():
 def test_where_drafting_does_not_pay_plain_steps_are_taken_and_measured_again_now_and_then(tmp_path):
     """Regression: on a small model in the page cache a round (draft calls, then a sweep of several positions)
     cost more than the plain steps it replaced, and the draft ran anyway: 22 against 41-54 tokens/s (MLX)."""
-    from airmlx.spec_measure import PROBE_EVERY
+    from airmlx.spec_measure import PLAIN_EVERY, PROBE_EVERY, Totals
 
     from tiny import PROMPT
-    with load_pair(tmp_path, "torch", "llama") as model:
+    m = Measurements()
+    assert m.worth_a_round()  # nothing measured: a round
+    m.record_round(Totals(1, 3, draft_s=0.5, verify_s=0.5), pending=9)
+    assert m.worth_a_round()  # a first round also ran the prompt: no measure of decoding
+    m.record_round(Totals(1, 2, draft_s=0.5, verify_s=0.5), pending=1)  # 2 tokens/s
+    assert m.worth_a_round() is False  # a plain step, to measure one
+    m.record_plain(1, 0.01)  # 100 tokens/s
+    assert [m.worth_a_round() for _ in range(PROBE_EVERY + 2)] == [False] * PROBE_EVERY + [True, False]
+    assert m.probe_every == 2 * PROBE_EVERY  # it did not pay: the next round after twice as many steps
+    m.round_tokens, m.round_seconds = 1000.0, 1.0  # now rounds pay: rounds, and every PLAIN_EVERY a plain step
+    assert [m.worth_a_round() for _ in range(PLAIN_EVERY + 2)] == [True] * PLAIN_EVERY + [False, True]
+    assert Measurements(timed=False).worth_a_round()  # seeded sampling: sized by acceptance alone, always drafts
+
+    with load_pair(tmp_path, "torch", "llama") as model:  # plain steps give plain decoding's tokens
         plain = model.generate(PROMPT, max_new_tokens=40, draft_model=False)
         measure = model.speculation
-        measure.tokens_per_round, measure.seconds_per_round = 2.0, 1.0  # 2 tokens/s drafting ...
-        for _ in range(20):
-            measure.verify.add(1, 0.01)  # ... against 100 tokens/s plain
-        drafted = []
-        real = Measurements.worth_a_round
+        measure.round_tokens, measure.round_seconds = 2.0, 1.0
+        measure.plain_seconds, measure.plain_count = 0.01, 1.0
+        measure.record_plain = lambda positions, seconds: Measurements.record_plain(measure, positions, 0.01)
+        drafted, real = [], Measurements.worth_a_round
         measure.worth_a_round = lambda: drafted.append(real(measure)) or drafted[-1]
         assert model.generate(PROMPT, max_new_tokens=40) == plain
-        assert drafted[:PROBE_EVERY + 2] == [False] * PROBE_EVERY + [True, False]  # one probe after 16 steps
-        last = model.speculation.last
-        assert last.tokens == 40 and last.sweeps == len(drafted) and drafted.count(True) == 1  # then 32 steps
-        measure.tokens_per_round, measure.seconds_per_round = 1000.0, 1.0  # drafting pays: every round drafts
-        drafted.clear()
-        assert model.generate(PROMPT, max_new_tokens=8)[0] == plain[0][:len(PROMPT[0]) + 8] and all(drafted)
+        assert drafted[:PROBE_EVERY + 2] == [False] * PROBE_EVERY + [True, False] and drafted.count(True) == 1
+        assert model.speculation.last.tokens == 40 and model.speculation.last.sweeps == len(drafted)
