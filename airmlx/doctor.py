@@ -5,7 +5,11 @@ predicts from the plan the seconds per token cold and warm, the time to prefill 
 scoring run takes (airmlx/preflight.py). The bandwidths are saved in the shard folder: the CLIs print a
 one-line preflight the first time they open a model, and the stats line puts what a run achieved beside them.
 """
+import statistics
 import sys
+import time
+
+import numpy as np
 
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
 from .preflight import measure_disk, measure_experts, predict, save
@@ -17,7 +21,17 @@ def disk_alone(p) -> float:
     return p.streamed_per_step / p.cold_bps + p.experts_per_step / (p.expert_cold_bps or p.cold_bps)
 
 
-def report(model, p, prompt_tokens, requests, request_tokens):
+def draft_call_seconds(draft, calls: int = 4) -> float:
+    """A resident draft's time for one token, measured warm (median of a few calls after a first)."""
+    cache, times = draft.new_cache(), []
+    for i in range(calls + 1):
+        t0 = time.perf_counter()
+        draft.step(np.array([[1 + i]]), np.ones((1, i + 1), dtype=np.int64), cache)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None):
     plan = model.plan
     prefill = p.prefill_s_per_token * prompt_tokens + plan.streamed_bytes_per_step / p.cold_bps
     tokens_per_pass = max(model.prefill_step_size * 8, request_tokens)
@@ -35,6 +49,9 @@ def report(model, p, prompt_tokens, requests, request_tokens):
         f"(reading {format_bytes(plan.streamed_bytes_per_step)}"
         + (f" and about {format_bytes(p.experts_per_step)} of routed experts" if plan.expert_bytes else "")
         + f" per token: {disk_alone(p):.2f} s from the disk alone)",
+        *([f"draft    {1e3 * draft_s:.1f} ms a call, {format_bytes(plan.draft_bytes)} resident: the decode line is "
+           f"without it; a round of k draft tokens costs about k calls and pays while the tokens it adds save "
+           f"more than that in sweeps (the stats line shows what a run gets)"] if draft_s is not None else []),
         f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
         f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
     ])
@@ -57,7 +74,8 @@ def main(argv=None) -> int:
         cold, warm = measure_disk(model)
         preflight = predict(model, cold, warm, expert_bps=measure_experts(model))
         save(model.shard_dir, preflight)
-        print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens))
+        draft_s = draft_call_seconds(model.draft) if model.draft is not None else None
+        print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens, draft_s))
     return 0
 
 

@@ -43,6 +43,8 @@ def test_doctor_predicts_saves_and_the_stats_line_compares(tmp_path, capsys):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "achieved (disk:" in done.stderr and "preflight:" not in done.stderr  # measured once already
+    assert main(args[:-1] + ["1MB", "--draft-model", "4bit"]) == 0  # the draft: its call time, what decode means
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("draft ") and "ms a call" in line]
 
 
 def test_the_doctor_counts_a_moe_steps_expert_reads(tmp_path, capsys):
