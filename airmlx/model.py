@@ -424,6 +424,20 @@ class AirModel:
                 "steps": self.scheduler.steps, **experts, **backend,
                 **self._speculation_stats()}
 
+    def rank_summary(self, rank: int) -> dict:
+        stats = self.memory_stats()
+        return {"rank": rank, "stages": list(self.store.stages), "bytes_read": stats["bytes_read"],
+                "swept_bytes_read": swept_bytes(stats),
+                "steps": stats["steps"], "streamed_per_step": stats["streamed_per_step"],
+                "range_bytes": sum(s.nbytes for s in self.store.stages.values()),
+                "expert_bytes": sum(s.nbytes for s in self.store.stages.values() if s.kind == "experts"),
+                "budget": stats["budget"],
+                "peak": stats["peak"], "plan": str(self.plan)}
+
+    def rank_stats(self) -> list:
+        """What a pipeline's model gives for every rank (airmlx/pipeline_model.py): here, one process, its own."""
+        return [self.rank_summary(0)]
+
     def stats_line(self, prompt_tokens: int, times: list, start: float) -> str:
         """Prompt tokens/s, generation speed (tokens/s, or s/token below one), bytes read per step and the
         bandwidth that achieved beside the disk's measured one (python -m airmlx.doctor), peak memory, the
@@ -443,7 +457,7 @@ class AirModel:
             step_s = sweep_s = (times[-1] - times[1]) / (new - 1) if new > 1 else 0.0
             prompt = f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s"
         mem = self.memory_stats()
-        per_step_read = (mem["bytes_read"] - mem["resident_bytes_read"] - mem["measured_bytes_read"]) / max(mem["steps"], 1)
+        per_step_read = swept_bytes(mem) / max(mem["steps"], 1)
         per_step = self.plan.streamed_bytes_per_step
         speed = f"{per_token(step_s)}" if step_s else "one token"
         disk = ""
@@ -633,3 +647,9 @@ class AirModel:
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token takes in every layer's cache, at the cache's dtype."""
         return kv_bytes_per_token(self.config, self.backend.itemsize)
+
+
+def swept_bytes(stats: dict) -> int:
+    """What the sweeps read, of memory_stats()'s bytes_read: less the resident stages' first loads and the disk
+    measurements."""
+    return stats["bytes_read"] - stats["resident_bytes_read"] - stats["measured_bytes_read"]

@@ -142,15 +142,6 @@ class RankModel(AirModel):
     """The model of one rank: its range of stages, swept with pings to the next rank."""
     scheduler_type = PipelineScheduler
 
-    def rank_summary(self, rank: int) -> dict:
-        stats = self.memory_stats()
-        return {"rank": rank, "stages": list(self.store.stages), "bytes_read": stats["bytes_read"],
-                "swept_bytes_read": stats["bytes_read"] - stats["resident_bytes_read"] - stats["measured_bytes_read"],
-                "steps": stats["steps"], "streamed_per_step": stats["streamed_per_step"],
-                "range_bytes": sum(s.nbytes for s in self.store.stages.values()),
-                "expert_bytes": sum(s.nbytes for s in self.store.stages.values() if s.kind == "experts"),
-                "budget": stats["budget"],
-                "peak": stats["peak"], "plan": str(self.plan)}
 
 
 class PipelineModel(RankModel):

@@ -438,6 +438,7 @@ def test_the_stats_line_reads_per_step_what_the_sweeps_read_not_the_resident_sta
         stats = model.memory_stats()
         assert stats["resident_bytes_read"] == stats["bytes_read"] == model.plan.resident_bytes > 0
         assert "| read 0 B per step |" in model.stats_line(3, [10.0, 11.0], start=10.0)
+        assert [r["swept_bytes_read"] for r in model.rank_stats()] == [0]  # one process: its own (was an error)
         model.read_bandwidth(cold=False)  # as the CLIs' first preflight does: not the sweeps' reads either
         assert model.memory_stats()["measured_bytes_read"] == model.plan.resident_bytes
         assert "| read 0 B per step |" in model.stats_line(3, [10.0, 11.0], start=10.0)
