@@ -47,12 +47,16 @@ class AirmlxLM(LM):
             else self.tokenizer.eos_token_id
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "AirmlxLM":
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "AirmlxLM":
         """--model_args, then lm-eval's own options (--batch_size, --device, which its command line always
         sends) for what --model_args leaves out: batch_size=8 in --model_args collided with them."""
-        from lm_eval import utils
         options = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**{**options, **utils.simple_parse_args_string(arg_string)})
+        return cls(**{**options, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "AirmlxLM":
+        from lm_eval import utils
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
     def encode_pair(self, context, continuation):
         """Token ids of context and continuation, split where the joint encoding splits (trailing spaces of
