@@ -2,14 +2,14 @@
 events (Delta, then Finished or Failed), its Sampling, the errors that refuse one, and the Group of requests
 that share one cache."""
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from .errors import AirmlxError
+from .errors import AirmlxError, GenerationError
+from .generation import check_sampling, check_seed, is_int
 
 
 class RequestError(AirmlxError, ValueError):
@@ -55,21 +55,12 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        number = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-        if self.do_sample and not (number(self.temperature) and math.isfinite(self.temperature) and
-                                   self.temperature > 0):
-            raise RequestError(f"temperature={self.temperature!r}: sampling needs a finite temperature > 0 "
-                               "(do_sample=False for greedy).", param="temperature")
-        if not (number(self.top_p) and 0 < self.top_p <= 1):
-            raise RequestError(f"top_p={self.top_p!r}: use a number in (0, 1].", param="top_p")
-        if not (whole(self.top_k) and self.top_k >= 0):
-            raise RequestError(f"top_k={self.top_k!r}: use a whole number >= 0 (0: off).", param="top_k")
-        if self.seed is not None and not (whole(self.seed) and self.seed >= 0):
-            raise RequestError(f"seed={self.seed!r}: use a whole number >= 0, or None.", param="seed")
+        try:  # model.generate's own checks, as the API's 400s
+            check_sampling(0, self.do_sample, self.temperature, self.top_p, self.top_k)
+            check_seed(self.seed)
+        except GenerationError as e:
+            raise RequestError(str(e), param=str(e).partition("=")[0]) from None
 
-
-def whole(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 _ids = itertools.count(1)
@@ -80,9 +71,9 @@ class Request:
 
     def __init__(self, prompt: list, max_tokens: int, sampling: Sampling, emit: Callable, stop: list | None = None,
                  logprobs: int | None = None):
-        if not whole(max_tokens) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise RequestError(f"max_tokens={max_tokens!r}: use a whole number >= 1.", param="max_tokens")
-        if not len(prompt) or not all(whole(t) and t >= 0 for t in prompt):
+        if not len(prompt) or not all(is_int(t) and t >= 0 for t in prompt):
             raise RequestError("the prompt must be a non-empty list of token ids (whole numbers >= 0).", param="prompt")
         self.id = next(_ids)
         self.prompt, self.max_tokens, self.sampling, self.emit = list(prompt), max_tokens, sampling, emit
