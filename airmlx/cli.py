@@ -85,8 +85,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", default=None,
                         help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
                              "4bit / 8bit for a quantised copy of the model; kept resident, inside --memory-budget; "
-                             "on torch's CPU it computes in bfloat16 unless --dtype says; the server speculates "
-                             "for a request while it is alone")
+                             "on torch's CPU it computes in bfloat16 unless --dtype says; where a round costs more "
+                             "than it gives, plain steps are taken; the server speculates for a request while it "
+                             "is alone")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
                              "tree, 16 in a chain; fewer when that is faster)")
