@@ -19,6 +19,7 @@ FAST = 0.7
 PROBE_EVERY = 16  # plain steps taken before a round measures again whether speculating pays; doubled after
 PROBE_MOST = 256  # each round that found it did not, up to this
 PLAIN_EVERY = 32  # rounds between two plain steps that measure again what one costs
+FIRST_TREE = 8  # most draft tokens a round verifies until a sweep's cost has been measured at two sizes
 
 
 def check_num_draft_tokens(value) -> "int | None":
@@ -46,12 +47,17 @@ class LinearCost:
         return self.s[0] > 0
 
     @property
-    def slope(self) -> float:
+    def spread(self) -> bool:
+        """Whether measurements at two sizes or more have come in (so the slope is measured, not assumed 0)."""
         w, wn, wnn, _, _ = self.s
-        det = w * wnn - wn * wn
-        if w <= 0 or det <= 1e-9 * max(w * wnn, 1e-30):
+        return w > 0 and w * wnn - wn * wn > 1e-9 * max(w * wnn, 1e-30)
+
+    @property
+    def slope(self) -> float:
+        if not self.spread:
             return 0.0
-        return max((w * self.s[4] - wn * self.s[3]) / det, 0.0)
+        w, wn, wnn, _, _ = self.s
+        return max((w * self.s[4] - wn * self.s[3]) / (w * wnn - wn * wn), 0.0)
 
     def __call__(self, n: int) -> float:
         w, wn, _, wt, _ = self.s
@@ -154,6 +160,12 @@ class Measurements:
         fixed = Measurements(timed=False)
         fixed.total, fixed.last = self.total, self.last
         return fixed
+
+    def round_cap(self, cap: int) -> int:
+        """The most draft tokens this round may verify: `cap`, or FIRST_TREE while the sweep's cost per token
+        is unmeasured, so that the first rounds (a one-shot call's only ones, where nothing is known) cost a
+        few draft calls and a small sweep rather than a full tree's."""
+        return cap if self.verify.spread or not self.timed else min(cap, FIRST_TREE)
 
     def node_cutoff(self) -> float:
         """The least acceptance chance that pays for verifying one more token in the sweep."""

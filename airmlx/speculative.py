@@ -193,7 +193,7 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                 target.read_ahead()
                 root = runner.catch_up(seq)
                 depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending))  # more is never used
-                tree, dists = grow(root, runner.expand, measure, cap=cap, depth=depth,
+                tree, dists = grow(root, runner.expand, measure, cap=measure.round_cap(cap), depth=depth,
                                    branching=TREE_BRANCHING if mode == "tree" else 1, greedy=greedy, rng=rng)
             else:  # a plain step: the draft catches up at the next round
                 tree, dists = Tree(), {}

@@ -394,3 +394,27 @@ def test_where_drafting_does_not_pay_plain_steps_are_taken_and_measured_again_no
         assert model.generate(PROMPT, max_new_tokens=40) == plain
         assert drafted[:PROBE_EVERY + 2] == [False] * PROBE_EVERY + [True, False] and drafted.count(True) == 1
         assert model.speculation.last.tokens == 40 and model.speculation.last.sweeps == len(drafted)
+
+
+def test_rounds_verify_a_small_tree_until_the_sweeps_cost_per_token_is_measured(tmp_path):
+    """Regression: with nothing measured the first round grew a full tree (64 nodes, up to 64 draft calls) and
+    the next one did too (one sweep size measured: more nodes looked free); a one-shot `generate --draft-model
+    4bit` on the demo model in the page cache ran at 14-23 against 22-25 tokens/s plain (MLX, a busy machine)."""
+    from airmlx.spec_measure import FIRST_TREE
+
+    m = Measurements()
+    assert m.round_cap(64) == FIRST_TREE and m.round_cap(3) == 3
+    m.verify.add(9, 0.02)
+    assert m.round_cap(64) == FIRST_TREE  # one size: its cost per token is not known
+    m.verify.add(1, 0.01)
+    assert m.round_cap(64) == 64 and m.verify.slope == pytest.approx(0.01 / 8)
+    assert Measurements(timed=False).round_cap(64) == 64  # seeded sampling: sized by acceptance alone
+
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama") as model:
+        plain = model.generate(PROMPT, max_new_tokens=12, draft_model=False)
+        sizes, real = [], Measurements.record_round
+        model.speculation.record_round = lambda r, pending=1: sizes.append(r.drafted) or real(model.speculation, r,
+                                                                                               pending)
+        assert model.generate(PROMPT, max_new_tokens=12) == plain
+        assert sizes and sizes[0] <= FIRST_TREE and model.speculation.verify.spread
