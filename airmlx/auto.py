@@ -157,7 +157,8 @@ class AutoModel:
                                  memory_budget=memory_budget, split=pipeline_split,
                                  timeout=DEFAULT_TIMEOUT if pipeline_timeout is None else pipeline_timeout,
                                  prefetching=prefetching, profiling_mode=profiling_mode,
-                                 trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size)
+                                 trust_remote_code=trust_remote_code, prefill_step_size=prefill_step_size,
+                                 progress=progress)
         draft, owned = None, False
         if draft_model is not None:
             check_num_draft_tokens(num_draft_tokens)
@@ -166,7 +167,8 @@ class AutoModel:
         try:
             model = AirModel(shard_dir, backend_obj, memory_budget=memory_budget, prefetching=prefetching,
                              profiling_mode=profiling_mode, trust_remote_code=trust_remote_code,
-                             prefill_step_size=prefill_step_size, draft=draft, num_draft_tokens=num_draft_tokens)
+                             prefill_step_size=prefill_step_size, draft=draft, num_draft_tokens=num_draft_tokens,
+                             progress=progress)
         except BaseException:
             if owned:
                 draft.close()

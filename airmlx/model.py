@@ -57,12 +57,14 @@ class AirModel:
     def __init__(self, shard_dir, backend, memory_budget=None, prefetching: bool = True,
                  profiling_mode: bool = False, trust_remote_code: bool = False,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, draft: "AirModel | None" = None,
-                 num_draft_tokens: int | None = None, stages: "list | None" = None):
-        """draft: a resident AirModel of the same tokenizer that generate() speculates with; its bytes come out of
+                 num_draft_tokens: int | None = None, stages: "list | None" = None, progress: bool = True):
+        """progress: False shows no progress bars (one-time stage copies, long prefills, scoring passes).
+        draft: a resident AirModel of the same tokenizer that generate() speculates with; its bytes come out of
         the budget. num_draft_tokens: the most draft tokens one sweep verifies (None: airmlx.speculative's
         default); speculation adapts below it. stages: the names of the stages this model streams (a pipeline
         rank's range, airmlx/pipeline.py); default: every stage."""
         self.shard_dir = Path(shard_dir)
+        self.progress = progress
         self.trust_remote_code = trust_remote_code
         if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
             raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
@@ -97,7 +99,7 @@ class AirModel:
         backend.set_scratch(self._activation_bound(1, prefill_step_size, 0))
         layout = backend.copy_layout(self.store, self.plan.streamed)  # torch on a CPU: 4-bit codes as its kernel's
         if layout:
-            backend.use_copies(use_copies(self.store, *layout))
+            backend.use_copies(use_copies(self.store, *layout, progress=progress))
         self.scheduler = self.scheduler_type(self.store, backend, self.plan, profiling=profiling_mode)
         gen_path = self.shard_dir / "generation_config.json"
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -161,7 +163,7 @@ class AirModel:
         self._kv_peak = max(self._kv_peak, sum(self.backend.cache_bytes(c) for c in alive.values()))
 
     def _progress(self, tokens):
-        return f"prefill {np.size(tokens)} tokens" if np.size(tokens) >= PROGRESS_TOKENS else None
+        return f"prefill {np.size(tokens)} tokens" if self.progress and np.size(tokens) >= PROGRESS_TOKENS else None
 
     def _note_step(self, rows, tokens, context, logits=0):
         """Remember the largest step so far: rows, new tokens, context and positions of logits."""
@@ -195,12 +197,15 @@ class AirModel:
         self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
         return out[0]
 
-    def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
+    def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None,
+              progress: bool | None = None):
         """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
         token ids), layer-major: the model is read about once per pass, not once per request. The result
-        also carries .bytes_read and .passes. See airmlx.score."""
+        also carries .bytes_read and .passes. See airmlx.score. progress: a bar per pass (default: the
+        model's own, from_pretrained(progress=))."""
         from .score import score
-        return score(self, requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+        return score(self, requests, batch_size=batch_size, max_tokens=max_tokens,
+                     progress=self.progress if progress is None else progress)
 
     @exclusive
     def sweep(self, batches: list, on_output, progress: str | None = None) -> None:

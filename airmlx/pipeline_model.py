@@ -242,7 +242,8 @@ class PipelineModel(RankModel):
                         with self._exchange():
                             self._drain()
 
-    def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None, progress: bool = True):
+    def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None,
+              progress: bool | None = None):
         """As AirModel.score, with the passes in a pipeline: rank r runs pass i while rank r + 1 runs pass i - 1."""
         with self.overlapped():
             results = super().score(requests, batch_size=batch_size, max_tokens=max_tokens, progress=progress)

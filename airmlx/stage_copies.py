@@ -29,11 +29,11 @@ INDEX = "index.json"
 log = logging.getLogger("airmlx")
 
 
-def use_copies(store, layout: str, wanted: dict, transform, version: int) -> set:
+def use_copies(store, layout: str, wanted: dict, transform, version: int, progress: bool = True) -> set:
     """Point `store` at a copy in `layout` of each stage in `wanted` ({stage: groups of tensor names to
     transform, each a tuple of tensors back to back in the file}), writing the copies missing or out of date
     (under the folder's lock). transform(names, arrays): the group's new bytes (as many as its span has).
-    Returns the stages now read from a copy."""
+    Returns the stages now read from a copy. progress: a bar while two or more copies are written."""
     if not wanted:
         return set()
     folder = store.folder / layout
@@ -41,7 +41,7 @@ def use_copies(store, layout: str, wanted: dict, transform, version: int) -> set
     if any(not _current(folder, _read_index(folder), store, n, stamps[n]) for n in wanted):
         try:
             with folder_lock(store.folder):
-                _write_missing(store, folder, wanted, stamps, transform)
+                _write_missing(store, folder, wanted, stamps, transform, progress)
         except OSError as e:
             log.warning("airmlx: no %s copy of some stages in %s (%s); those are read as they are (the backend "
                         "converts them at every load).", layout, folder, e)
@@ -57,7 +57,7 @@ def use_copies(store, layout: str, wanted: dict, transform, version: int) -> set
     return used
 
 
-def _write_missing(store, folder: Path, wanted: dict, stamps: dict, transform) -> None:
+def _write_missing(store, folder: Path, wanted: dict, stamps: dict, transform, progress: bool) -> None:
     index = _read_index(folder)  # again, under the lock: another process may have written them meanwhile
     stale = [n for n in wanted if not _current(folder, index, store, n, stamps[n])]
     if not stale:
@@ -71,7 +71,8 @@ def _write_missing(store, folder: Path, wanted: dict, stamps: dict, transform) -
     for old in folder.glob("*.safetensors*"):  # copies of stages the folder no longer has, half-written ones
         if old.name not in kept:
             old.unlink()
-    for name in tqdm(stale, desc=f"{folder.name} copy (once)", unit="stage", leave=False, disable=len(stale) < 2):
+    for name in tqdm(stale, desc=f"{folder.name} copy (once)", unit="stage", leave=False,
+                     disable=not progress or len(stale) < 2):
         index.pop(name, None)
         _write_index(folder, index)
         _write_copy(store, name, wanted[name], transform, folder / _file(store, name))

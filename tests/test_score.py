@@ -66,3 +66,20 @@ def test_text_requests_use_the_tokenizer_and_bad_requests_fail(checkpoints, tmp_
         assert loglik == pytest.approx(direct, rel=1e-6)
         with pytest.raises(airmlx.errors.GenerationError, match="nothing to score"):
             model.score([[5]], progress=False)
+
+
+def test_a_model_opened_with_progress_false_shows_no_progress_bars(checkpoints, tmp_path, capsys):
+    """Regression: after from_pretrained(progress=False), score() still showed its "scoring pass" bar and a
+    long prompt its "prefill N tokens" bar."""
+    folder, _ = checkpoints("llama", max_position_embeddings=1024)
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    long_prompt = [5 + i % 50 for i in range(600)]  # past model.PROGRESS_TOKENS
+    for progress in (True, False):
+        with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="260KB",
+                                              progress=progress) as model:
+            capsys.readouterr()
+            model.score(REQUESTS)
+            model.generate(long_prompt, max_new_tokens=1)
+            err = capsys.readouterr().err
+        shown = "scoring pass" in err and "prefill 600 tokens" in err
+        assert shown if progress else not ("scoring pass" in err or "prefill" in err), err
