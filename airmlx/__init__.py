@@ -4,6 +4,13 @@ Names load on first use, so `import airmlx` stays light and `python -m airmlx.<t
 module once.
 """
 import importlib
+import os
+
+# torch's OpenMP threads spin while they wait for work. Where anything else wants those cores (our prefetch
+# thread, a draft model, another process) the spinning takes its time: on a busy 2-core machine a 4-bit
+# draft call took 40-650 ms instead of 7 ms, and generate ran 5x slower (BENCHMARKS.md, thirteenth stop).
+# It only takes effect when torch is imported after airmlx; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 _ERRORS = ["AirmlxError", "ModelNotFoundError", "UnsupportedArchitectureError", "CheckpointError", "CorruptShardError",
