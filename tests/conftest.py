@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import airmlx  # noqa: F401  (before torch: torch's OpenMP threads wait as they do for our users)
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import interrupt_at, make_checkpoint  # noqa: E402,F401  (interrupt_at: for the audit's scripts)
 
