@@ -1,95 +1,78 @@
-"""Layer-major scoring: log-likelihoods of many requests for about one read of the model per pass.
+"""`python -m airmlx.score`: log-likelihoods of many requests, layer-major (about one read of the model per pass).
 
-A request is a text (every token after the first is scored), a (context, continuation) tuple of texts
-(the continuation's tokens are scored), or the same with token-id lists instead of texts. Requests are
-sorted by length into left-padded batches; a pass is as many batches as fit `max_tokens`, and every
-stage runs all of a pass's batches before the next stage is read.
+    python -m airmlx.score [--model PATH_OR_HUB_ID] REQUESTS.jsonl [--batch-size 8] [--max-tokens N] > scores.jsonl
+
+Each line of REQUESTS.jsonl (or stdin, for -) is {"text": ...}, every token after the first scored, or
+{"context": ..., "continuation": ...}, the continuation's tokens scored; texts, or lists of token ids. Each line
+out is {"loglikelihood": ..., "is_greedy": ...}, in the requests' order (model.score, airmlx/scoring.py).
 """
-import numpy as np
+import json
+import sys
+import time
 
-from .errors import GenerationError
-
-DEFAULT_HIDDEN_BYTES = 512 << 20  # hidden states of one pass kept in memory
-
-
-class Scores(list):
-    """[(log-likelihood, is_greedy)] per request, plus what the run cost."""
-    bytes_read = 0
-    passes = 0
+from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
+from .errors import OptionError
+from .units import format_bytes
 
 
-def encode(request, tokenizer):
-    """-> (token ids, index of the first scored token). A tuple is (context, continuation); anything else is
-    one text or one list of token ids. `tokenizer` is called only when there is text."""
-    context, continuation = request if isinstance(request, tuple) else (request, None)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m airmlx.score",
+                            description="Log-likelihoods of many requests, about one read of the model per pass.")
+    parser.add_argument("requests", help='a JSON-lines file of {"text": ...} or {"context": ..., "continuation": '
+                                         '...} requests (texts or token-id lists); - reads stdin')
+    add_model_options(parser)
+    parser.add_argument("--batch-size", type=whole_number(1), default=8,
+                        help="requests a batch runs side by side (default %(default)s)")
+    parser.add_argument("--max-tokens", type=whole_number(1), default=None,
+                        help="most tokens of hidden states one pass holds (default: 512 MB of them)")
+    return parser
 
-    def ids(part, first):
-        if isinstance(part, str):
-            return tokenizer()(part, add_special_tokens=first)["input_ids"]
+
+def read_requests(lines, source: str) -> list:
+    """A JSON object per line -> model.score's requests: a text or ids, or a (context, continuation) tuple."""
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            return [int(t) for t in part]
-        except (TypeError, ValueError):
-            raise GenerationError(f"request {str(request)[:60]!r}: score() takes texts, lists of token ids, or "
-                                  "(context, continuation) pairs of either.") from None
-
-    tokens = ids(context, True)
-    start = 1 if continuation is None else len(tokens)
-    if continuation is not None:
-        tokens = tokens + ids(continuation, False)
-    if start < 1 or len(tokens) <= start:
-        raise GenerationError(f"request {str(request)[:60]!r} leaves nothing to score: it needs at least one "
-                              "context token and one scored token.")
-    return tokens, start
-
-
-def make_passes(lengths, batch_size, max_tokens):
-    """Indices grouped into batches of similar length, and batches into passes of at most max_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    passes, current, used = [], [], 0
-    for batch in batches:
-        size = len(batch) * lengths[batch[0]]  # the longest row sets the padded width
-        if current and used + size > max_tokens:
-            passes.append(current)
-            current, used = [], 0
-        current.append(batch)
-        used += size
-    return passes + ([current] if current else [])
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise OptionError(f"{source} line {number}: not JSON ({e.msg}).") from None
+        if isinstance(item, dict) and set(item) == {"text"}:
+            requests.append(item["text"])
+        elif isinstance(item, dict) and set(item) == {"context", "continuation"}:
+            requests.append((item["context"], item["continuation"]))
+        else:
+            raise OptionError(f'{source} line {number}: use {{"text": ...}} or {{"context": ..., '
+                              f'"continuation": ...}}, not {line.strip()[:60]}.')
+    if not requests:
+        raise OptionError(f"{source} holds no requests.")
+    return requests
 
 
-def row_scores(scores, tokens, start, offset):
-    """Sum of log p(token) over the scored tokens of one row, and whether each was the argmax; `scores`
-    (T, 2) holds per position the log-probability of the next token and whether it was the argmax."""
-    rows = scores[offset + start - 1: offset + len(tokens) - 1]
-    return float(rows[:, 0].astype(np.float64).sum()), bool((rows[:, 1] > 0.5).all())
+@face
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.requests == "-":
+        requests = read_requests(sys.stdin, "stdin")
+    else:
+        try:
+            with open(args.requests, encoding="utf-8") as f:
+                requests = read_requests(f, args.requests)
+        except OSError as e:
+            raise OptionError(f"{args.requests}: {e.strerror}.") from None
+    with load_model(args) as model:
+        start = time.perf_counter()
+        scores = model.score(requests, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        seconds = time.perf_counter() - start
+    for loglikelihood, greedy in scores:
+        print(json.dumps({"loglikelihood": loglikelihood, "is_greedy": greedy}))
+    passes = f"{scores.passes} pass" + ("es" if scores.passes != 1 else "")
+    print(f"scored {len(scores)} requests in {passes}, {seconds:.2f} s | read "
+          f"{format_bytes(scores.bytes_read)} ({format_bytes(scores.bytes_read // max(scores.passes, 1))} per pass)",
+          file=sys.stderr)
+    return 0
 
 
-def score(model, requests, batch_size=8, max_tokens=None, progress=True):
-    encoded = [encode(r, lambda: model.tokenizer) for r in requests]
-    hidden = model.config.get("hidden_size", 4096)
-    max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
-    results = Scores([None] * len(encoded))
-    before = model.bytes_read
-    pad = model.pad_token_id or 0
-    passes = make_passes([len(t) for t, _ in encoded], batch_size, max_tokens)
-    for n, batches in enumerate(passes):
-        inputs = []
-        for batch in batches:
-            width = max(len(encoded[i][0]) for i in batch)
-            ids = np.full((len(batch), width), pad, dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for r, i in enumerate(batch):
-                tokens = encoded[i][0]
-                ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
-            targets = np.concatenate([ids[:, 1:], np.zeros((len(batch), 1), dtype=np.int64)], axis=1)
-            inputs.append((ids, mask, targets))
-
-        def collect(b, scores, batches=batches):
-            for r, i in enumerate(batches[b]):
-                tokens, start = encoded[i]
-                results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens))
-
-        model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
-    results.bytes_read = model.bytes_read - before
-    results.passes = len(passes)
-    return results
+if __name__ == "__main__":
+    sys.exit(main())

@@ -337,6 +337,7 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("shard", ["/no/such/model", "/tmp/out-never-made", "--rank", "1"]),  # no --hosts: the same
     ("shard", ["--verify", "/tmp", "--compression", "4bit"]),  # --compression was ignored
     ("shard", ["--verify", "/no/such/folder"]),  # was "this shard folder is unfinished"
+    ("score", ["/no/such/requests.jsonl"]),
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib

@@ -18,7 +18,7 @@ ROOT = Path(airmlx.__file__).parent.parent
 PACKAGES = {"airmlx": ROOT / "airmlx", "airmlx.backends": ROOT / "backends"}
 # the core: none of these may import mlx or torch, not even inside a function
 CORE = ["archs", "corpus", "errors", "experts", "generation", "hub", "manifest", "model", "pipeline",
-        "pipeline_link", "pipeline_model", "plan", "preflight", "quant", "schedule", "score", "session", "sharder",
+        "pipeline_link", "pipeline_model", "plan", "preflight", "quant", "schedule", "scoring", "session", "sharder",
         "stagefile", "store", "sweeps", "tensorfile", "units"]
 
 

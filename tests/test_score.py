@@ -83,3 +83,31 @@ def test_a_model_opened_with_progress_false_shows_no_progress_bars(checkpoints, 
             err = capsys.readouterr().err
         shown = "scoring pass" in err and "prefill 600 tokens" in err
         assert shown if progress else not ("scoring pass" in err or "prefill" in err), err
+
+
+def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(checkpoints, tmp_path, capsys):
+    """`python -m airmlx.score` was the library module: it printed nothing and exited 0."""
+    import json
+
+    from airmlx.score import main
+    folder, ref = checkpoints("llama")
+    shards = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    file = tmp_path / "requests.jsonl"
+    file.write_text("\n".join(json.dumps({"text": r} if isinstance(r, list) else
+                                         {"context": r[0], "continuation": r[1]}) for r in REQUESTS) + "\n\n")
+    assert main([str(file), "--model", str(shards), "--backend", "torch", "--memory-budget", "260KB",
+                 "--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == len(REQUESTS) and f"scored {len(REQUESTS)} requests in 1 pass," in err
+    for request, line in zip(REQUESTS, lines):
+        want_loglik, want_greedy = reference(ref, request)
+        assert line["loglikelihood"] == pytest.approx(want_loglik, rel=1e-4, abs=1e-4)
+        assert line["is_greedy"] == want_greedy
+
+    for text, phrase in [('{"text": [1, 2]}\n{"prompt": "x"}', 'line 2: use {"text": ...} or'),
+                         ("{not json", "line 1: not JSON"), ("", "holds no requests")]:
+        file.write_text(text)
+        assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"airmlx: {file}") and phrase in err and err.count("\n") == 1, err
