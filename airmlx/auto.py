@@ -135,6 +135,8 @@ class AutoModel:
                                   "hub repo or a folder of them, so leave it out.")
             source_name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression))
+            if layer_shards_saving_path is not None:
+                refuse_another_model(shard_dir, path_or_id, gguf_file, compression)
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
                 src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
                                     gguf_file=gguf_file)
@@ -175,6 +177,40 @@ class AutoModel:
             raise
         model.owns_draft = owned
         return model
+
+
+def refuse_another_model(shard_dir: Path, path_or_id, gguf_file, compression) -> None:
+    """A layer_shards_saving_path that holds the shards of another model, or of this one at another
+    compression, is an error: a hub id would open that model as it is, a local checkpoint would overwrite
+    it. A newer revision of the same repo or files is still resharded there."""
+    try:
+        manifest = Manifest.load(shard_dir)
+    except CorruptShardError:
+        return  # nothing finished there: sharding starts or resumes it
+    made_from = manifest.extra.get("source_path")
+    if made_from:
+        repo = next((p[len("models--"):].replace("--", "/") for p in Path(made_from).parts
+                     if p.startswith("models--")), None)
+        if is_hub_id(str(path_or_id)):
+            other = repo != str(path_or_id)
+        else:
+            asked = Path(path_or_id).expanduser().resolve()
+            other = repo is not None or asked not in (Path(made_from), Path(made_from).parent)
+        if gguf_file and Path(made_from).name != Path(gguf_file).name:
+            other = True
+        what = repo or made_from
+    else:
+        other, what = False, "another model"
+    applied = manifest.source.get("quantization")
+    other_compression = bool(applied) != bool(compression) or (
+        bool(compression) and not same_compression(applied, compression))
+    if other or other_compression:
+        held = f"{applied['bits']}-bit" if applied else "unquantised"
+        raise OptionError(f"layer_shards_saving_path {shard_dir} holds the {held} shards of {what}, not "
+                          f"{path_or_id}{f' ({gguf_file})' if gguf_file else ''} "
+                          f"{f'as {compression}' if compression else 'unquantised'}; give each model and "
+                          "compression a folder of its own (leave the path out for one under $HF_HOME/airmlx), "
+                          "or delete that folder.")
 
 
 def same_compression(quantization: "dict | None", compression) -> bool:

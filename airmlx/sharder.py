@@ -205,7 +205,9 @@ def resume_state(job, verify):
         print(f"airmlx: {job.out}: rebuilding damaged or missing stages "
               f"{[s.name for s in existing.stages if s.name not in done]}.", file=sys.stderr)
     elif existing is not None:
-        print(f"airmlx: {job.out} was made from a different checkpoint; rebuilding it.", file=sys.stderr)
+        same_files = {**existing.source, "quantization": None} == {**job.fingerprint, "quantization": None}
+        why = "with another compression" if same_files else "from a different checkpoint"
+        print(f"airmlx: {job.out} was made {why}; rebuilding it.", file=sys.stderr)
     if existing is not None:
         (job.out / MANIFEST_NAME).unlink()
         fsync_dir(job.out)

@@ -305,6 +305,18 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="4bit", layer_shards_saving_path=c.tmp
                                                          / "q4", draft_model="4bit", progress=False), DraftModelError,
                  "quantised as 4bit already, so its 4bit copy would be the model itself", id="a 4bit draft of a 4bit model"),
+    # layer_shards_saving_path holding another model's shards: a hub id opened that model as it was, and another
+    # compression of the same checkpoint wiped the folder ("made from a different checkpoint; rebuilding it")
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained("someone/another-model", layer_shards_saving_path=c.shards),
+                 OptionError, r"holds the unquantised shards of .*src, not someone/another-model unquantised; give "
+                 "each model and compression a folder of its own", id="a saving path holding another model"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, layer_shards_saving_path=c.shards, compression="8bit"),
+                 OptionError, r"holds the unquantised shards of .*src, not .*src as 8bit",
+                 id="a saving path holding the model at another compression"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.tmp, gguf_file="other.gguf",
+                                                            layer_shards_saving_path=c.shards),
+                 OptionError, r"holds the unquantised shards of .*src, not .* \(other.gguf\) unquantised",
+                 id="a saving path holding another model than the gguf_file asked"),
 ]
 
 

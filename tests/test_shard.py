@@ -131,6 +131,9 @@ def test_changed_source_is_rebuilt_not_reused(tmp_path, capsys):
     assert tensors_of(out).keys() == tensors_of(src).keys()
     for name, (t,) in tensors_of(src).items():
         assert torch.equal(tensors_of(out)[name][0], t)
+    # the same checkpoint at another compression was "made from a different checkpoint" (a QA pass)
+    airmlx.shard_checkpoint(src, out, compression="8bit", progress=False)
+    assert "made with another compression; rebuilding" in capsys.readouterr().err
 
 
 def test_a_group_size_that_leaves_matrices_unquantised_says_so(tmp_path, capsys):
