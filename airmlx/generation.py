@@ -110,9 +110,10 @@ def _unsort(values, order):
     return out
 
 
-def to_batch(input_ids, attention_mask=None, pad_token_id=0):
+def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | None" = None):
     """Any of torch / numpy / mx / (nested) list -> (ids int64 (B, T), mask int64 (B, T), restore)
-    where restore(np array) gives the caller's type back. Ragged lists are left-padded."""
+    where restore(np array) gives the caller's type back. Ragged lists are left-padded. Without an
+    attention_mask, tokens equal to mask_pad are padding (transformers' rule, for a pad id no eos id shares)."""
     kind = type(input_ids).__module__.split(".")[0]
     if kind == "torch":
         ids = input_ids.detach().cpu().numpy()
@@ -143,7 +144,7 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0):
         raise GenerationError(f"input_ids has shape {ids.shape} and dtype {ids.dtype}; pass a non-empty "
                               "batch of integer token ids (B, T).")
     if attention_mask is None:
-        mask = np.ones_like(ids)
+        mask = (ids != mask_pad) if mask_pad is not None else np.ones_like(ids)
     else:
         mask = np.asarray(attention_mask.detach().cpu() if hasattr(attention_mask, "detach") else attention_mask)
         if mask.ndim == 1:
@@ -153,6 +154,14 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0):
     if not mask.astype(bool).any(axis=1).all():
         raise GenerationError("a prompt is empty (its attention_mask is all zeros); give every row at least one token.")
     return ids.astype(np.int64), mask.astype(np.int64), restore
+
+
+def mask_pad(pad_token_id, eos_token_id) -> "int | None":
+    """The id that marks padding in input_ids given without an attention_mask: the pad id, unless an eos id is
+    the same (a prompt may then end in it), as transformers' generate decides."""
+    if pad_token_id is None or int(pad_token_id) in np.atleast_1d(eos_token_id if eos_token_id is not None else []):
+        return None
+    return int(pad_token_id)
 
 
 def left_padding(attention_mask):

@@ -15,7 +15,7 @@ from .backends.base import available_ram
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, check_seed, generate_tokens, is_int, resolve_sampling, to_batch
+from .generation import GenerateOutput, check_seed, generate_tokens, is_int, mask_pad, resolve_sampling, to_batch
 from .plan import (
     DEFAULT_PREFILL_STEP,
     SCORE_LOGITS,
@@ -190,7 +190,8 @@ class AirModel:
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
         """Logits for every position of left-padded prompts (B, T, vocab), float32 numpy: one sweep, no cache
         kept. The result itself is B x T x vocab x 4 bytes; score() returns log-likelihoods without it."""
-        ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0)
+        ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0,
+                                mask_pad(self.pad_token_id, self.eos_token_id))
         self._check_vocabulary(ids)
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
@@ -344,9 +345,8 @@ class AirModel:
         check_seed(seed)
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
-        if pad is None:
-            pad = int(np.atleast_1d(eos)[0]) if eos is not None else 0
-        ids, mask, restore = to_batch(input_ids, attention_mask, pad)
+        ids, mask, restore = to_batch(input_ids, attention_mask, pad if pad is not None else (
+            int(np.atleast_1d(eos)[0]) if eos is not None else 0), mask_pad(pad, eos))
         self._check_vocabulary(ids)
         past = 0
         if past_key_values is not None:

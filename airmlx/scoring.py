@@ -65,6 +65,9 @@ def row_scores(scores, tokens, start, offset):
 
 
 def score(model, requests, batch_size=8, max_tokens=None, progress=True):
+    if isinstance(requests, (str, bytes, tuple)):
+        raise GenerationError(f"score() takes a list of requests, not one {type(requests).__name__}: use "
+                              "score([request]) (a text, token ids, or a (context, continuation) tuple).")
     encoded = [encode(r, lambda: model.tokenizer) for r in requests]
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)

@@ -54,6 +54,18 @@ def test_eos_stops_and_pads_like_transformers(model):
     assert stop < len(row) - 1 and set(row[stop + 1:]) == {0}  # finished row: padded while the other runs on
 
 
+def test_a_padded_tensor_without_attention_mask_is_masked_like_transformers_does(model):
+    """Regression (a QA pass, AirLLM's README passes return_attention_mask=False): a left-padded batch without
+    a mask ran its pad tokens as prompt tokens. transformers masks the pad id when no eos id shares it."""
+    m, ref = model
+    ids = torch.tensor([PROMPT, [90] * 4 + PROMPT[:3]])
+    mask = (torch.arange(len(PROMPT)) >= torch.tensor([[0], [4]])).long()
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=90)
+    assert ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=90).tolist() == want.tolist()
+    assert m.generate(ids, max_new_tokens=5, pad_token_id=90).tolist() == want.tolist()
+    assert m.generate(ids, max_new_tokens=5, pad_token_id=90, eos_token_id=90).tolist() != want.tolist()  # pad = eos
+
+
 def test_streamer_gets_prompt_then_each_token(model):
     m, _ = model
     seen = []
