@@ -67,6 +67,15 @@ def backend_class(name: str):
     return Backend
 
 
+# what to use instead of the AirLLM / transformers from_pretrained() arguments people try
+FROM_PRETRAINED_HINTS = {
+    "max_seq_len": "the context is the model's own (config.json); generate(max_new_tokens=) bounds a reply",
+    "torch_dtype": "use dtype= ('float16', 'bfloat16' or 'float32')",
+    "device_map": "use device= ('cuda', 'cpu'; MLX: 'gpu', 'cpu'); the budget decides what stays resident",
+    "load_in_4bit": "use compression='4bit'", "load_in_8bit": "use compression='8bit'",
+    "token": "use hf_token=", "revision": "pass a local folder, or a hub id at its default revision"}
+
+
 class AutoModel:
     @classmethod
     def from_pretrained(cls, path_or_id: "str | Path", backend: str = "auto", device: str | None = None,
@@ -78,7 +87,7 @@ class AutoModel:
                         trust_remote_code: bool = False, prefill_step_size: int = DEFAULT_PREFILL_STEP,
                         gguf_file: str | None = None, draft_model=None, num_draft_tokens: int | None = None,
                         pipeline_split: "str | list | None" = None,
-                        pipeline_timeout: float | None = None) -> AirModel:
+                        pipeline_timeout: float | None = None, **unknown) -> AirModel:
         """A model streamed layer by layer from a shard folder made (once) from `path_or_id`: a local
         Hugging Face folder, a hub id, or an existing shard folder.
 
@@ -104,6 +113,9 @@ class AutoModel:
         pipeline_timeout: seconds a rank waits for a sign of life from the rank before it (default
         120). Outside such a launch both are refused: one process has no ranks. On ranks other
         than 0 this call runs their part until rank 0 closes the model, then exits the process."""
+        if unknown:
+            hints = "".join(f"; {FROM_PRETRAINED_HINTS[k]}" for k in sorted(unknown) if k in FROM_PRETRAINED_HINTS)
+            raise OptionError(f"from_pretrained() got unsupported arguments {sorted(unknown)}{hints}.")
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         launched = launched_framework()

@@ -309,6 +309,12 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="4bit", layer_shards_saving_path=c.tmp
                                                          / "q4", draft_model="4bit", progress=False), DraftModelError,
                  "quantised as 4bit already, so its 4bit copy would be the model itself", id="a 4bit draft of a 4bit model"),
+    # what AirLLM and transformers users try: a TypeError, or no hint
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, max_seq_len=512, torch_dtype="float16"),
+                 OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; the context is the model's "
+                 r"own .*; use dtype=", id="AirLLM's max_seq_len and transformers' torch_dtype"),
+    pytest.param(lambda c: c.model.generate([1, 2], max_length=10), GenerationError,
+                 r"\['max_length'\]; max_length counts the prompt too: use max_new_tokens", id="generate(max_length=)"),
     # layer_shards_saving_path holding another model's shards: a hub id opened that model as it was, and another
     # compression of the same checkpoint wiped the folder ("made from a different checkpoint; rebuilding it")
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained("someone/another-model", layer_shards_saving_path=c.shards),
