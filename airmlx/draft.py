@@ -17,11 +17,15 @@ def quantised_copy(shard_dir: Path, compression, progress: bool = True, out=None
     `out`, or a folder beside shard_dir named after the compression."""
     from .quant import compression_name
     from .sharder import shard_checkpoint
-    src = Manifest.load(shard_dir).extra.get("source_path")
+    manifest = Manifest.load(shard_dir)
+    src = manifest.extra.get("source_path")
     name = compression_name(compression)
-    if not src or not (Path(src).is_dir() or Path(src).suffix == ".gguf" and Path(src).is_file()):
+    weights = [Path(src) / f["name"] for f in manifest.source.get("files", [])] if src and Path(src).is_dir() else []
+    if not src or not (Path(src).is_dir() or Path(src).suffix == ".gguf" and Path(src).is_file()) or \
+            not all(w.is_file() for w in weights):
+        gone = "whose weights are gone (delete_original=True deletes them)" if src and weights else "which is gone"
         raise CheckpointError(f"{name} is quantised from the checkpoint {shard_dir} was made from "
-                              f"({src or 'not recorded'}), which is gone; shard the model again from its checkpoint "
+                              f"({src or 'not recorded'}), {gone}; shard the model again from its checkpoint "
                               f"(with compression {name!r}), or, for a draft, pass draft_model=PATH of a smaller "
                               "model.")
     out = Path(out) if out else shard_dir.parent / f"{shard_dir.name}-{name}"

@@ -57,6 +57,13 @@ def folder_with(ctx, config, *files):
     return folder
 
 
+def quantised_after_delete_original(ctx):
+    """Regression: it said "no *.safetensors weights found; is this a model folder?" about the checkpoint."""
+    shutil.copytree(ctx.src, ctx.tmp / "copy")
+    made = airmlx.shard_checkpoint(ctx.tmp / "copy", ctx.tmp / "s", delete_original=True, progress=False)
+    return airmlx.AutoModel.from_pretrained(made, backend="torch", compression="4bit", progress=False)
+
+
 def offline(ctx):
     from huggingface_hub import constants
     ctx.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -309,6 +316,9 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="4bit", layer_shards_saving_path=c.tmp
                                                          / "q4", draft_model="4bit", progress=False), DraftModelError,
                  "quantised as 4bit already, so its 4bit copy would be the model itself", id="a 4bit draft of a 4bit model"),
+    pytest.param(quantised_after_delete_original, CheckpointError, r"4bit is quantised from the checkpoint .* was "
+                 r"made from \(.*copy\), whose weights are gone \(delete_original=True deletes them\)",
+                 id="a compression of a shard folder whose checkpoint delete_original deleted"),
     # what AirLLM and transformers users try: a TypeError, or no hint
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, max_seq_len=512, torch_dtype="float16"),
                  OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; the context is the model's "
