@@ -184,7 +184,7 @@ def quantized_footprint(backend, entry, name, info, infos):
     group_size, bits = module_params(backend.qconfig, base)
     rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
     module = target_module(backend, stage_name(backend, entry, base))
-    quantized_bytes = info.nbytes + 2 * scales.nbytes
+    quantized_bytes = info.nbytes + 2 * math.prod(scales.shape) * backend.dtype.itemsize  # scales, biases as loaded
     if packable_weight(backend, entry, base):
         # the packed codes and stacked scales and zeros; the repack's temporaries while loading
         return rows * cols // 2 + math.prod(scales.shape) * 2 * backend.dtype.itemsize, info.nbytes // 2

@@ -323,3 +323,25 @@ def test_a_copied_4bit_stage_computes_on_its_mapping(converted, tmp_path, other_
                  if not n.endswith((".scales", ".biases")) and n.rpartition(".")[0] + ".scales" not in m.store.tensor_infos(name)]
         converted_bytes = sum(np.prod(i.shape) * m.backend.dtype.itemsize for i in plain)
         assert nbytes == (stacked_bytes + converted_bytes if other_dtype else 0), (name, nbytes, stacked_bytes)
+
+
+@pytest.mark.parametrize("src_dtype, compression", [(torch.float16, "8bit"), (torch.float16, "4bit"),
+                                                    (torch.bfloat16, "4bit")])
+def test_the_plan_counts_each_torch_stage_as_loaded(tmp_path, src_dtype, compression):
+    """Regression (a QA pass): a quantised embedding or head kept quantised counted its scales and biases at
+    their stored width, and the CPU loads them in float32: 6-11% of the stage uncounted."""
+    make_checkpoint(tmp_path / "src", "llama", dtype=src_dtype, hidden_size=128, intermediate_size=256)
+    out = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "q", compression=compression, progress=False)
+    dtype = "float32" if src_dtype == torch.bfloat16 else None
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="1GB", dtype=dtype) as m:
+        made, real = {}, m.backend.load_stage
+
+        def load_stage(entry, tensors):
+            before = m.backend._live
+            loaded = real(entry, tensors)
+            made[entry.name] = m.backend._live - before
+            return loaded
+        m.backend.load_stage = load_stage
+        m.generate([5, 6, 7], max_new_tokens=2)
+    assert {"embed", "head"} <= set(made)
+    assert all(made[name] <= m.plan.stages[name].held for name in made), (made, m.plan.stages)
