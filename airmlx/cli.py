@@ -3,6 +3,7 @@ registries), one error wrapper (an AirmlxError is one line on stderr and exit st
 loading the model, and printing tokens as they arrive."""
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -61,13 +62,38 @@ def whole_number(least: int) -> Callable[[str], int]:
     return parse
 
 
+def number_in(low: float, high: float, low_open: bool = False, what: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] when low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (low < value if low_open else low <= value) or not value <= high:
+            span = f">= {low:g}" if high == math.inf else f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text}: use a finite number {span}{what}")
+        return value
+    return parse
+
+
+def compression_option(text: str) -> str:
+    """An argparse type: a compression name (quant.compression_config's)."""
+    from .quant import COMPRESSIONS, compression_config
+    try:
+        compression_config(text)
+    except AirmlxError:
+        raise argparse.ArgumentTypeError(f"{text!r} is unknown; use one of {sorted(COMPRESSIONS)}, optionally with "
+                                         "-g32 or -g128 (group size) and -gptq (calibrated), e.g. 4bit-g32-gptq") from None
+    return text
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model folder, hub id or shard folder (default: the bundled demo model)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--device", default=None, help="torch: cuda/cpu; mlx: gpu/cpu")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32, float16 or bfloat16")
-    parser.add_argument("--compression", default=None,
+    parser.add_argument("--compression", default=None, type=compression_option,
                         help="4bit or 8bit (group size 64), optionally -g32/-g128 and -gptq, e.g. 4bit-g32-gptq")
     parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")
     parser.add_argument("--memory-budget", default=None,
@@ -103,13 +129,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Greedy unless --temp > 0 (like mlx-lm's CLI); then top-p / top-k not given follow the model's
     generation_config.json, then transformers' defaults (model.generate's rule)."""
-    parser.add_argument("--temp", type=float, default=None,
+    parser.add_argument("--temp", type=number_in(0, math.inf, what=" (0: greedy)"), default=None,
                         help="sample at this temperature; without it (or 0) decoding is greedy, whatever the "
                              "model's generation_config.json says")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--top-p", type=number_in(0, 1, low_open=True), default=None,
                         help="with --temp: nucleus sampling, keep this much probability (default: the model's "
                              "generation_config.json, else 1.0)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=whole_number(0), default=None,
                         help="with --temp: sample among the k most likely tokens, 0 for all (default: the model's "
                              "generation_config.json, else 50)")
 

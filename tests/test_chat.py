@@ -218,9 +218,10 @@ def test_chat_from_a_pipe_end_to_end(chat_shards, tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--max-tokens", "lots"], "not a whole number"),
-    (["--temp", "-1"], "temp=-1.0"),
-    (["--top-p", "2"], "top_p=2.0"),
-    (["--top-k", "-1"], "top_k=-1"),
+    (["--temp", "-1"], "--temp: -1: use a finite number >= 0 (0: greedy)"),  # was "temperature=", a Python name
+    (["--top-p", "2"], "--top-p: 2: use a finite number in (0, 1]"),
+    (["--top-k", "-1"], "--top-k: -1 is less than 0"),
+    (["--compression", "3bit"], "--compression: '3bit' is unknown; use one of ['4bit', '8bit']"),  # was "a dict like"
     (["--max-tokens", "0"], "--max-tokens/-m: 0 is less than 1"),
 ])
 def test_bad_option_is_one_line_and_status_2(argv, says, capsys):
