@@ -302,7 +302,11 @@ class AirModel:
 
     def cache_length(self, cache) -> int:
         """Tokens a cache from new_cache() holds."""
-        return self.backend.cache_length(cache)
+        try:
+            return self.backend.cache_length(cache)
+        except (AttributeError, TypeError, IndexError, KeyError):
+            raise GenerationError(f"{type(cache).__name__} is not a cache of this model's backend "
+                                  f"({self.backend.name}); make one with model.new_cache().") from None
 
     def trim_cache(self, cache, keep: int) -> None:
         """Roll a cache back to its first `keep` tokens (every layer, also after a sweep cut short). Exact, or
@@ -358,7 +362,7 @@ class AirModel:
             if ids.shape[0] != 1 or not use_cache:
                 raise GenerationError("past_key_values continues a single prompt with use_cache=True; "
                                       "pass one prompt.")
-            past = self.backend.cache_length(past_key_values)
+            past = self.cache_length(past_key_values)
         limit = self.config.get("max_position_embeddings")
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
