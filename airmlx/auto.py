@@ -207,7 +207,7 @@ def refuse_another_model(shard_dir: Path, path_or_id, gguf_file, compression) ->
             other = repo != str(path_or_id)
         else:
             asked = Path(path_or_id).expanduser().resolve()
-            other = repo is not None or asked not in (Path(made_from), Path(made_from).parent)
+            other = asked not in (Path(made_from), Path(made_from).parent)
         if gguf_file and Path(made_from).name != Path(gguf_file).name:
             other = True
         what = repo or made_from
