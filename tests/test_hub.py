@@ -50,6 +50,23 @@ def test_hub_id_from_cache_end_to_end(offline, checkpoints):
     model.close()
 
 
+def test_a_hub_id_reopens_its_own_folder_at_a_saving_path_and_refuses_another_models(offline, checkpoints, tmp_path):
+    """layer_shards_saving_path with a hub id: the folder it made opens again (offline, without resolving);
+    a folder another repo made is refused (it opened that model as it was)."""
+    from airmlx.errors import OptionError
+    folder, _ = checkpoints("qwen2")
+    fake_cache(folder, "tiny-org/tiny-qwen")
+    out = tmp_path / "mine"
+    for _ in range(2):
+        with airmlx.AutoModel.from_pretrained("tiny-org/tiny-qwen", backend="torch", layer_shards_saving_path=out) as m:
+            assert m.shard_dir == out and len(m.generate([3, 4], max_new_tokens=2)) == 4
+    with pytest.raises(OptionError, match="holds the unquantised shards of tiny-org/tiny-qwen, not tiny-org/other"):
+        airmlx.AutoModel.from_pretrained("tiny-org/other", backend="torch", layer_shards_saving_path=out)
+    snapshot = next((Path(constants.HF_HUB_CACHE) / "models--tiny-org--tiny-qwen" / "snapshots").iterdir())
+    with airmlx.AutoModel.from_pretrained(snapshot, backend="torch", layer_shards_saving_path=out) as m:
+        assert m.shard_dir == out  # the same checkpoint given by its path in the cache
+
+
 def test_unknown_backend_and_device(checkpoints):
     folder, _ = checkpoints("llama")
     with pytest.raises(BackendError, match="backend 'jax' is unknown"):
