@@ -503,7 +503,8 @@ class AirModel:
         self.close()
 
     def __repr__(self):
-        return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {self.plan})"
+        state = "closed" if self._closed else str(self.plan)
+        return f"AirModel({self.config.get('model_type')}, {self.shard_dir}, backend={self.backend.name}, {state})"
 
     @property
     def profiling(self) -> bool:

@@ -137,6 +137,7 @@ def unreadable_stage(ctx):
 def closed_model(ctx):
     model = airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch")
     model.close()
+    assert repr(model).endswith(", backend=torch, closed)")  # it showed the plan as if open
     return model.generate([1, 2], max_new_tokens=1)
 
 
