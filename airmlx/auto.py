@@ -200,19 +200,18 @@ def refuse_another_model(shard_dir: Path, path_or_id, gguf_file, compression) ->
     except CorruptShardError:
         return  # nothing finished there: sharding starts or resumes it
     made_from = manifest.extra.get("source_path")
+    other, what = False, "another model"
     if made_from:
-        repo = next((p[len("models--"):].replace("--", "/") for p in Path(made_from).parts
-                     if p.startswith("models--")), None)
-        if is_hub_id(str(path_or_id)):
-            other = repo != str(path_or_id)
-        else:
-            asked = Path(path_or_id).expanduser().resolve()
-            other = asked not in (Path(made_from), Path(made_from).parent)
-        if gguf_file and Path(made_from).name != Path(gguf_file).name:
-            other = True
+        made = Path(made_from)
+        repo = next((p[len("models--"):].replace("--", "/") for p in made.parts if p.startswith("models--")), None)
         what = repo or made_from
-    else:
-        other, what = False, "another model"
+        if is_hub_id(str(path_or_id)):
+            other = repo != str(path_or_id) or (gguf_file is not None and not same_file(
+                cached_hub_file(str(path_or_id), gguf_file), made))
+        else:
+            given = resolve_model(path_or_id, gguf_file=gguf_file)  # local: the folder or .gguf it names
+            other = not (same_file(given, made) or made.suffix == ".gguf" and given.is_dir() and any(
+                same_file(g, made) for g in given.glob("*.gguf")))
     applied = manifest.source.get("quantization")
     other_compression = bool(applied) != bool(compression) or (
         bool(compression) and not same_compression(applied, compression))
@@ -223,6 +222,18 @@ def refuse_another_model(shard_dir: Path, path_or_id, gguf_file, compression) ->
                           f"{f'as {compression}' if compression else 'unquantised'}; give each model and "
                           "compression a folder of its own (leave the path out for one under $HF_HOME/airmlx), "
                           "or delete that folder.")
+
+
+def same_file(a: "Path | None", b: Path) -> bool:
+    """Whether a names b (links followed); True when a is None (not known here)."""
+    return a is None or a.resolve() == b.resolve()
+
+
+def cached_hub_file(repo: str, filename: str) -> "Path | None":
+    """The hub cache's copy of a repo's file, or None when it holds none (then nothing can be compared)."""
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
 
 
 def same_compression(quantization: "dict | None", compression) -> bool:

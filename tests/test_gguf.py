@@ -132,6 +132,20 @@ def test_tiny_gguf_tensors_and_config(tiny_ggufs, tmp_path):
     assert torch.equal(torch.from_numpy(q_proj), ref.model.layers[3].self_attn.q_proj.weight)
 
 
+def test_a_linked_gguf_reopens_its_folder_at_a_saving_path(tiny_ggufs, tmp_path):
+    """Regression (a QA pass): a .gguf that is a link (the hub cache's are) was refused the second time, as
+    the folder records the file the link points to."""
+    path, _ = tiny_ggufs("llama")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "x.gguf").symlink_to(path)
+    out = tmp_path / "shards"
+    for source, gguf_file in [(tmp_path / "link", "x.gguf"), (tmp_path / "link", None),
+                              (tmp_path / "link" / "x.gguf", None), (path, None)]:
+        with airmlx.AutoModel.from_pretrained(source, gguf_file=gguf_file, backend="torch",
+                                              layer_shards_saving_path=out, progress=False) as model:
+            assert model.shard_dir == out
+
+
 def test_tiny_gguf_compression_requantises(tiny_ggufs, tmp_path):
     path, _ = tiny_ggufs("qwen2")
     exact = airmlx.shard_checkpoint(path, tmp_path / "exact", progress=False)
