@@ -113,7 +113,9 @@ def _unsort(values, order):
 def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | None" = None):
     """Any of torch / numpy / mx / (nested) list -> (ids int64 (B, T), mask int64 (B, T), restore)
     where restore(np array) gives the caller's type back. Ragged lists are left-padded. Without an
-    attention_mask, tokens equal to mask_pad are padding (transformers' rule, for a pad id no eos id shares)."""
+    attention_mask, the tokens equal to mask_pad that lead a row are padding (transformers masks the pad id, for a
+    pad id no eos id shares; one inside a prompt stays a token here, as only left padding runs)."""
+    lead_pads = attention_mask is None and mask_pad is not None
     kind = type(input_ids).__module__.split(".")[0]
     if kind == "torch":
         ids = input_ids.detach().cpu().numpy()
@@ -144,13 +146,16 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | No
         raise GenerationError(f"input_ids has shape {ids.shape} and dtype {ids.dtype}; pass a non-empty "
                               "batch of integer token ids (B, T).")
     if attention_mask is None:
-        mask = (ids != mask_pad) if mask_pad is not None else np.ones_like(ids)
+        mask = np.ones_like(ids)
     else:
         mask = np.asarray(attention_mask.detach().cpu() if hasattr(attention_mask, "detach") else attention_mask)
         if mask.ndim == 1:
             mask = mask[None]
         if mask.shape != ids.shape:
             raise GenerationError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}; they must match.")
+    if lead_pads:  # a row of nothing but the pad id stays whole: it is the prompt
+        lead = np.cumsum(ids != mask_pad, axis=1) > 0
+        mask = mask.astype(bool) & (lead | ~lead.any(axis=1, keepdims=True))
     if not mask.astype(bool).any(axis=1).all():
         raise GenerationError("a prompt is empty (its attention_mask is all zeros); give every row at least one token.")
     return ids.astype(np.int64), mask.astype(np.int64), restore

@@ -15,7 +15,16 @@ from .backends.base import available_ram
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
-from .generation import GenerateOutput, check_seed, generate_tokens, is_int, mask_pad, resolve_sampling, to_batch
+from .generation import (
+    GenerateOutput,
+    check_seed,
+    generate_tokens,
+    is_int,
+    left_padding,
+    mask_pad,
+    resolve_sampling,
+    to_batch,
+)
 from .plan import (
     DEFAULT_PREFILL_STEP,
     SCORE_LOGITS,
@@ -196,6 +205,7 @@ class AirModel:
         kept. The result itself is B x T x vocab x 4 bytes; score() returns log-likelihoods without it."""
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0,
                                 mask_pad(self.pad_token_id, self.eos_token_id))
+        left_padding(mask)  # a hole in a row runs differently per backend: refused, as generate() does
         self._check_vocabulary(ids)
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))

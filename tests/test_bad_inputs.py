@@ -286,6 +286,8 @@ ROWS = [
                  BudgetError, "a size must be more than 0 bytes", id="memory_budget of 0 or less"),
     pytest.param(lambda c: c.model.generate([1, 2], do_sample=True, temperature=float("inf")), GenerationError,
                  r"temperature=inf: use a finite value > 0", id="infinite temperature"),
+    pytest.param(lambda c: c.model.logits([[1, 2, 3]], attention_mask=[[1, 0, 1]]), GenerationError,
+                 "attention_mask must be left padding", id="logits with a hole in the mask (each backend differed)"),
     pytest.param(lambda c: c.model.logits([[1, 99999]]), GenerationError,
                  r"token id 99999 is outside the model's vocabulary", id="logits of a token id outside the vocabulary"),
     pytest.param(lambda c: c.model.score([123]), GenerationError, "score.. takes texts, lists of token ids",

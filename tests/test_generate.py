@@ -64,6 +64,13 @@ def test_a_padded_tensor_without_attention_mask_is_masked_like_transformers_does
     assert ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=90).tolist() == want.tolist()
     assert m.generate(ids, max_new_tokens=5, pad_token_id=90).tolist() == want.tolist()
     assert m.generate(ids, max_new_tokens=5, pad_token_id=90, eos_token_id=90).tolist() != want.tolist()  # pad = eos
+    as_list = m.generate(ids.tolist(), max_new_tokens=5, pad_token_id=90)  # a list padded by the caller, too
+    assert as_list == want.tolist()
+    # a pad id inside a prompt, or a prompt of nothing else, is a token (only left padding runs here)
+    inside = [5, 90, 17, 90]
+    assert m.generate([inside], max_new_tokens=3, pad_token_id=90) == m.generate(
+        [inside], attention_mask=[[1] * 4], max_new_tokens=3, pad_token_id=90)
+    assert len(m.generate([90, 90], max_new_tokens=2, pad_token_id=90)) == 4
 
 
 def test_streamer_gets_prompt_then_each_token(model):
