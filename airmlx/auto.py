@@ -114,7 +114,7 @@ class AutoModel:
         120). Outside such a launch both are refused: one process has no ranks. On ranks other
         than 0 this call runs their part until rank 0 closes the model, then exits the process."""
         if unknown:
-            hints = "".join(f"; {FROM_PRETRAINED_HINTS[k]}" for k in sorted(unknown) if k in FROM_PRETRAINED_HINTS)
+            hints = "".join(f"; {k}: {FROM_PRETRAINED_HINTS[k]}" for k in sorted(unknown) if k in FROM_PRETRAINED_HINTS)
             raise OptionError(f"from_pretrained() got unsupported arguments {sorted(unknown)}{hints}.")
         if compression is not None:
             compression_config(compression)  # raises for an unknown value

@@ -87,7 +87,9 @@ def compression_option(text: str) -> str:
     return text
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, speculation: bool = True) -> None:
+    """The options that open a model, shared by every face; speculation: --draft-model and
+    --num-draft-tokens too (faces that generate)."""
     parser.add_argument("--model", default=None,
                         help="model folder, hub id or shard folder (default: the bundled demo model)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -108,13 +110,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "transformers lacks); read that code first")
     parser.add_argument("--profile", action="store_true",
                         help="record read / wait / load / compute time per stage and print the table")
-    parser.add_argument("--draft-model", default=None,
+    if not speculation:
+        parser.set_defaults(draft_model=None, num_draft_tokens=None)
+    add = parser.add_argument if speculation else (lambda *a, **k: None)
+    add("--draft-model", default=None,
                         help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
                              "4bit / 8bit for a quantised copy of the model; kept resident, inside --memory-budget; "
                              "on torch's CPU it computes in bfloat16 unless --dtype says; where a round costs more "
                              "than it gives, plain steps are taken; the server speculates for a request while it "
                              "is alone")
-    parser.add_argument("--num-draft-tokens", type=int, default=None,
+    add("--num-draft-tokens", type=int, default=None,
                         help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
                              "tree, 16 in a chain; fewer when that is faster)")
     # launched by mlx.launch or torchrun on several ranks: a pipeline (airmlx/pipeline.py)

@@ -45,7 +45,7 @@ from .sweeps import prompt_contexts, sweep_batches
 from .units import format_bytes, per_token
 
 # what to use instead of the transformers / AirLLM generate() arguments people try
-GENERATE_HINTS = {"max_length": "max_length counts the prompt too: use max_new_tokens",
+GENERATE_HINTS = {"max_length": "it counts the prompt too: use max_new_tokens",
                   "num_beams": "airmlx decodes greedily or samples, without beams",
                   "generation_config": "pass its settings (do_sample, temperature, top_p, ...) as arguments"}
 PROGRESS_TOKENS = 512  # sweeps over at least this many new tokens show a progress bar
@@ -356,8 +356,9 @@ class AirModel:
         micro_batches: on a pipeline over several hosts, how many parts a batch's rows are split into so that
         the hosts work on different parts at once (default: as many as hosts when every host holds its range
         resident, else 1); one process runs a batch whole."""
-        if unused:
-            hints = "".join(f"; {GENERATE_HINTS[k]}" for k in sorted(unused) if k in GENERATE_HINTS)
+        unused = {k: v for k, v in unused.items() if not (k in ("num_beams", "num_return_sequences") and v == 1)}
+        if unused:  # (transformers' defaults above are what airmlx does)
+            hints = "".join(f"; {k}: {GENERATE_HINTS[k]}" for k in sorted(unused) if k in GENERATE_HINTS)
             raise GenerationError(f"generate() got unsupported arguments {sorted(unused)}{hints}.")
         if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
             raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")

@@ -7,11 +7,12 @@ Each line of REQUESTS.jsonl (or stdin, for -) is {"text": ...}, every token afte
 out is {"loglikelihood": ..., "is_greedy": ...}, in the requests' order (model.score, airmlx/scoring.py).
 """
 import json
+import re
 import sys
 import time
 
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
-from .errors import OptionError
+from .errors import GenerationError, OptionError
 from .units import format_bytes
 
 
@@ -20,7 +21,7 @@ def build_parser() -> ArgumentParser:
                             description="Log-likelihoods of many requests, about one read of the model per pass.")
     parser.add_argument("requests", help='a JSON-lines file of {"text": ...} or {"context": ..., "continuation": '
                                          '...} requests (texts or token-id lists); - reads stdin')
-    add_model_options(parser)
+    add_model_options(parser, speculation=False)
     parser.add_argument("--batch-size", type=whole_number(1), default=8,
                         help="requests a batch runs side by side (default %(default)s)")
     parser.add_argument("--max-tokens", type=whole_number(1), default=None,
@@ -29,46 +30,66 @@ def build_parser() -> ArgumentParser:
 
 
 def read_requests(lines, source: str) -> list:
-    """A JSON object per line -> model.score's requests: a text or ids, or a (context, continuation) tuple."""
-    requests = []
-    for number, line in enumerate(lines, 1):
+    """A JSON object per line (bytes, UTF-8) -> (model.score's requests: a text or ids, or a (context,
+    continuation) tuple; the line each came from). Other keys (an "id") are left alone."""
+    requests, numbers = [], []
+    for number, raw in enumerate(lines, 1):
+        where = f"{source} line {number}"
+        try:
+            line = raw.decode("utf-8").lstrip("\ufeff" if number == 1 else "")
+        except UnicodeDecodeError as e:
+            raise OptionError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
         if not line.strip():
             continue
         try:
             item = json.loads(line)
+            json.dumps(item, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is no text
         except json.JSONDecodeError as e:
-            raise OptionError(f"{source} line {number}: not JSON ({e.msg}).") from None
-        if isinstance(item, dict) and set(item) == {"text"}:
+            raise OptionError(f"{where}: not JSON ({e.msg}).") from None
+        except UnicodeEncodeError:
+            raise OptionError(f"{where}: holds a lone surrogate escape, which is no text.") from None
+        keys = set(item) & {"text", "context", "continuation"} if isinstance(item, dict) else None
+        numbers.append(number)
+        if keys == {"text"}:
             requests.append(item["text"])
-        elif isinstance(item, dict) and set(item) == {"context", "continuation"}:
+        elif keys == {"context", "continuation"}:
             requests.append((item["context"], item["continuation"]))
         else:
-            raise OptionError(f'{source} line {number}: use {{"text": ...}} or {{"context": ..., '
-                              f'"continuation": ...}}, not {line.strip()[:60]}.')
+            raise OptionError(f'{where}: use {{"text": ...}} or {{"context": ..., "continuation": ...}}, not '
+                              f"{line.strip()[:60]}.")
     if not requests:
         raise OptionError(f"{source} holds no requests.")
-    return requests
+    return requests, numbers
 
 
 @face
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests == "-":
-        requests = read_requests(sys.stdin, "stdin")
+        source, (requests, numbers) = "stdin", read_requests(sys.stdin.buffer, "stdin")
     else:
         try:
-            with open(args.requests, encoding="utf-8") as f:
-                requests = read_requests(f, args.requests)
+            with open(args.requests, "rb") as f:
+                source, (requests, numbers) = args.requests, read_requests(f, args.requests)
         except OSError as e:
             raise OptionError(f"{args.requests}: {e.strerror}.") from None
     with load_model(args) as model:
         start = time.perf_counter()
-        scores = model.score(requests, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        try:
+            scores = model.score(requests, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        except GenerationError as e:  # "request N ..." -> "FILE line L ..."
+            named = re.match(r"request (\d+)", str(e))
+            if named is None:
+                raise
+            raise GenerationError(f"{source} line {numbers[int(named[1])]}{str(e)[named.end():]}") from None
         seconds = time.perf_counter() - start
     for loglikelihood, greedy in scores:
         print(json.dumps({"loglikelihood": loglikelihood, "is_greedy": greedy}))
+        if args.profile:
+            print(model.profile_report(show=False), file=sys.stderr)
     passes = f"{scores.passes} pass" + ("es" if scores.passes != 1 else "")
-    print(f"scored {len(scores)} requests in {passes}, {seconds:.2f} s | read "
+    requests = f"{len(scores)} request" + ("s" if len(scores) != 1 else "")
+    print(f"scored {requests} in {passes}, {seconds:.2f} s | read "
           f"{format_bytes(scores.bytes_read)} ({format_bytes(scores.bytes_read // max(scores.passes, 1))} per pass)",
           file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ stage runs all of a pass's batches before the next stage is read.
 import numpy as np
 
 from .errors import GenerationError
+from .generation import is_int
 
 DEFAULT_HIDDEN_BYTES = 512 << 20  # hidden states of one pass kept in memory
 
@@ -18,7 +19,7 @@ class Scores(list):
     passes = 0
 
 
-def encode(request, tokenizer):
+def encode(request, tokenizer, number: int = 0):
     """-> (token ids, index of the first scored token). A tuple is (context, continuation); anything else is
     one text or one list of token ids. `tokenizer` is called only when there is text."""
     context, continuation = request if isinstance(request, tuple) else (request, None)
@@ -26,18 +27,18 @@ def encode(request, tokenizer):
     def ids(part, first):
         if isinstance(part, str):
             return tokenizer()(part, add_special_tokens=first)["input_ids"]
-        try:
+        part = part.tolist() if hasattr(part, "tolist") else part  # a tensor or array of ids
+        if isinstance(part, (list, tuple)) and all(is_int(t) for t in part):
             return [int(t) for t in part]
-        except (TypeError, ValueError):
-            raise GenerationError(f"request {str(request)[:60]!r}: score() takes texts, lists of token ids, or "
-                                  "(context, continuation) pairs of either.") from None
+        raise GenerationError(f"request {number} ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
+                              "(context, continuation) pairs of either.")
 
     tokens = ids(context, True)
     start = 1 if continuation is None else len(tokens)
     if continuation is not None:
         tokens = tokens + ids(continuation, False)
     if start < 1 or len(tokens) <= start:
-        raise GenerationError(f"request {str(request)[:60]!r} leaves nothing to score: it needs at least one "
+        raise GenerationError(f"request {number} ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
                               "context token and one scored token.")
     return tokens, start
 
@@ -68,7 +69,16 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     if isinstance(requests, (str, bytes, tuple)):
         raise GenerationError(f"score() takes a list of requests, not one {type(requests).__name__}: use "
                               "score([request]) (a text, token ids, or a (context, continuation) tuple).")
-    encoded = [encode(r, lambda: model.tokenizer) for r in requests]
+    encoded = [encode(r, lambda: model.tokenizer, n) for n, r in enumerate(requests)]
+    context = model.config.get("max_position_embeddings")
+    for number, (tokens, _) in enumerate(encoded):
+        try:
+            model._check_vocabulary(np.array(tokens, dtype=np.int64))
+        except GenerationError as e:
+            raise GenerationError(f"request {number}: {e}") from None
+        if context and len(tokens) > context:
+            raise GenerationError(f"request {number} has {len(tokens)} tokens, more than the model's context of "
+                                  f"{context}; shorten it.")
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
     results = Scores([None] * len(encoded))

@@ -9,7 +9,7 @@
 import sys
 from pathlib import Path
 
-from .cli import ArgumentParser, face
+from .cli import ArgumentParser, compression_option, face
 
 
 def build_parser() -> ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> ArgumentParser:
                         help="delete the source weight files once every stage is written and verified")
     parser.add_argument("--allow-pickle", action="store_true", help="convert legacy pickle .bin checkpoints")
     parser.add_argument("--hf-token", default=None, help="token for gated hub models")
-    parser.add_argument("--compression", default=None,
+    parser.add_argument("--compression", default=None, type=compression_option,
                         help="quantise linear and embedding weights (MLX affine layout): 4bit or 8bit (group size "
                              "64), optionally -g32/-g128 and -gptq (calibrated), e.g. 4bit-g32-gptq")
     parser.add_argument("--gguf-file", default=None, help="the .gguf file to use from a hub repo or folder")

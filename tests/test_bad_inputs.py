@@ -292,6 +292,12 @@ ROWS = [
                  r"token id 99999 is outside the model's vocabulary", id="logits of a token id outside the vocabulary"),
     pytest.param(lambda c: c.model.score([123]), GenerationError, "score.. takes texts, lists of token ids",
                  id="score of something that is not a request"),
+    pytest.param(lambda c: c.model.score([[1, 2], [1, 5000]]), GenerationError,
+                 r"request 1: token id 5000 is outside the model's vocabulary",
+                 id="score of a token id outside the vocabulary (an IndexError on torch, garbage on MLX)"),
+    pytest.param(lambda c: c.model.score([list(range(1, 90)) * 4]), GenerationError,
+                 "request 0 has 356 tokens, more than the model's context of 256; shorten it",
+                 id="score of a request past the context"),
     pytest.param(lambda c: c.model.score("w3 w4"), GenerationError, r"score\(\) takes a list of requests, not one str",
                  id="score of one text, not a list (it scored each character)"),
     pytest.param(lambda c: c.model.score(("w3", " w4")), GenerationError, "not one tuple: use score\\(\\[request\\]\\)",
@@ -327,10 +333,10 @@ ROWS = [
                  id="a compression of a shard folder whose checkpoint delete_original deleted"),
     # what AirLLM and transformers users try: a TypeError, or no hint
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, max_seq_len=512, torch_dtype="float16"),
-                 OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; the context is the model's "
-                 r"own .*; use dtype=", id="AirLLM's max_seq_len and transformers' torch_dtype"),
+                 OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; max_seq_len: the context is the "
+                 r"model's own .*; torch_dtype: use dtype=", id="AirLLM's max_seq_len and transformers' torch_dtype"),
     pytest.param(lambda c: c.model.generate([1, 2], max_length=10), GenerationError,
-                 r"\['max_length'\]; max_length counts the prompt too: use max_new_tokens", id="generate(max_length=)"),
+                 r"\['max_length'\]; max_length: it counts the prompt too: use max_new_tokens", id="generate(max_length=)"),
     # layer_shards_saving_path holding another model's shards: a hub id opened that model as it was, and another
     # compression of the same checkpoint wiped the folder ("made from a different checkpoint; rebuilding it")
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained("someone/another-model", layer_shards_saving_path=c.shards),
@@ -376,6 +382,7 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("shard", ["--verify", "/tmp", "--compression", "4bit"]),  # --compression was ignored
     ("shard", ["--verify", "/no/such/folder"]),  # was "this shard folder is unfinished"
     ("score", ["/no/such/requests.jsonl"]),
+    ("shard", ["/no/such/model", "/tmp/out-never-made", "--compression", "3bit"]),  # offered a Python dict
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib

@@ -73,6 +73,12 @@ def test_a_padded_tensor_without_attention_mask_is_masked_like_transformers_does
     assert len(m.generate([90, 90], max_new_tokens=2, pad_token_id=90)) == 4
 
 
+def test_transformers_defaults_of_unsupported_arguments_are_taken(model):
+    """generate(num_beams=1) is transformers' default, and what airmlx does: it was refused by name."""
+    m, _ = model
+    assert m.generate(PROMPT, max_new_tokens=2, num_beams=1, num_return_sequences=1) == m.generate(PROMPT, max_new_tokens=2)
+
+
 def test_streamer_gets_prompt_then_each_token(model):
     m, _ = model
     seen = []

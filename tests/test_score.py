@@ -100,14 +100,22 @@ def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(ch
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(REQUESTS) and f"scored {len(REQUESTS)} requests in 1 pass," in err
+    file.write_text('\ufeff{"id": 7, "text": [5, 17, 33]}\n')  # a BOM, and a key of the caller's own
+    assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 0
+    assert capsys.readouterr().out.count("loglikelihood") == 1
     for request, line in zip(REQUESTS, lines):
         want_loglik, want_greedy = reference(ref, request)
         assert line["loglikelihood"] == pytest.approx(want_loglik, rel=1e-4, abs=1e-4)
         assert line["is_greedy"] == want_greedy
 
     for text, phrase in [('{"text": [1, 2]}\n{"prompt": "x"}', 'line 2: use {"text": ...} or'),
-                         ("{not json", "line 1: not JSON"), ("", "holds no requests")]:
-        file.write_text(text)
+                         ("{not json", "line 1: not JSON"), ("", "holds no requests"),
+                         # each of these was a traceback (a QA pass)
+                         (b'{"text": "\xff\xfe bad"}', "line 1: not UTF-8 text"),
+                         ('{"text": "ok \\ud800"}', "line 1: holds a lone surrogate escape"),
+                         ('\n{"text": [1, 5000]}', "line 2: token id 5000 is outside the model's vocabulary"),
+                         ('{"text": [1, 2.5, 3]}', "line 1 ('[1, 2.5, 3]'): score() takes texts, lists of token ids")]:
+        file.write_bytes(text if isinstance(text, bytes) else text.encode())
         assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"airmlx: {file}") and phrase in err and err.count("\n") == 1, err
