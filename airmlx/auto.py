@@ -220,8 +220,8 @@ def refuse_another_model(shard_dir: Path, path_or_id, gguf_file, compression) ->
         raise OptionError(f"layer_shards_saving_path {shard_dir} holds the {held} shards of {what}, not "
                           f"{path_or_id}{f' ({gguf_file})' if gguf_file else ''} "
                           f"{f'as {compression}' if compression else 'unquantised'}; give each model and "
-                          "compression a folder of its own (leave the path out for one under $HF_HOME/airmlx), "
-                          "or delete that folder.")
+                          "compression a folder of its own (leave the path out for one under $HF_HOME/airmlx); to "
+                          "run what it holds, pass that folder as the model.")
 
 
 def same_file(a: "Path | None", b: Path) -> bool:
