@@ -112,16 +112,16 @@ def add_model_options(parser: argparse.ArgumentParser, speculation: bool = True)
                         help="record read / wait / load / compute time per stage and print the table")
     if not speculation:
         parser.set_defaults(draft_model=None, num_draft_tokens=None)
-    add = parser.add_argument if speculation else (lambda *a, **k: None)
-    add("--draft-model", default=None,
-                        help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
-                             "4bit / 8bit for a quantised copy of the model; kept resident, inside --memory-budget; "
-                             "on torch's CPU it computes in bfloat16 unless --dtype says; where a round costs more "
-                             "than it gives, plain steps are taken; the server speculates for a request while it "
-                             "is alone")
-    add("--num-draft-tokens", type=int, default=None,
-                        help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
-                             "tree, 16 in a chain; fewer when that is faster)")
+    else:
+        parser.add_argument("--draft-model", default=None,
+                            help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
+                                 "4bit / 8bit for a quantised copy of the model; kept resident, inside "
+                                 "--memory-budget; on torch's CPU it computes in bfloat16 unless --dtype says; "
+                                 "where a round costs more than it gives, plain steps are taken; the server "
+                                 "speculates for a request while it is alone")
+        parser.add_argument("--num-draft-tokens", type=int, default=None,
+                            help="with --draft-model: the most draft tokens one sweep verifies (default: 64 in a "
+                                 "tree, 16 in a chain; fewer when that is faster)")
     # launched by mlx.launch or torchrun on several ranks: a pipeline (airmlx/pipeline.py)
     parser.add_argument("--pipeline-split", default=None,
                         help="launched on several ranks: stages per rank, e.g. 9,9 (default: balanced by each "

@@ -83,10 +83,10 @@ def main(argv=None) -> int:
                 raise
             raise GenerationError(f"{source} line {numbers[int(named[1])]}{str(e)[named.end():]}") from None
         seconds = time.perf_counter() - start
-    for loglikelihood, greedy in scores:
-        print(json.dumps({"loglikelihood": loglikelihood, "is_greedy": greedy}))
         if args.profile:
             print(model.profile_report(show=False), file=sys.stderr)
+    for loglikelihood, greedy in scores:
+        print(json.dumps({"loglikelihood": loglikelihood, "is_greedy": greedy}))
     passes = f"{scores.passes} pass" + ("es" if scores.passes != 1 else "")
     requests = f"{len(scores)} request" + ("s" if len(scores) != 1 else "")
     print(f"scored {requests} in {passes}, {seconds:.2f} s | read "
