@@ -24,6 +24,6 @@ def test_wheel_maps_backends_under_airmlx(tmp_path):
     faces = sorted(p.stem for p in (ROOT / "airmlx").glob("*.py")
                    if '__name__ == "__main__"' in p.read_text() and p.stem != "bench_hosts")
     assert faces == ["bench", "bench_moe", "bench_quant", "bench_server", "bench_spec", "chat", "demo", "doctor",
-                     "generate", "harness", "server", "shard"]
+                     "generate", "harness", "score", "server", "shard"]
     for face in faces:
         assert f"airmlx.{face} = airmlx.{face}:main" in entry_points
