@@ -184,7 +184,8 @@ class AirModel:
         self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context),
                               max(largest[3], logits))
 
-    def _check_vocabulary(self, ids: np.ndarray) -> None:
+    def check_vocabulary(self, ids: np.ndarray) -> None:
+        """A GenerationError naming the first token id outside the model's vocabulary (0..vocab_size - 1)."""
         vocab = self.config.get("vocab_size")
         if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids.max() if ids.max() >= vocab else ids.min())
@@ -206,7 +207,7 @@ class AirModel:
         ids, mask, _ = to_batch(input_ids, attention_mask, self.pad_token_id or 0,
                                 mask_pad(self.pad_token_id, self.eos_token_id))
         left_padding(mask)  # a hole in a row runs differently per backend: refused, as generate() does
-        self._check_vocabulary(ids)
+        self.check_vocabulary(ids)
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
         self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
@@ -365,9 +366,9 @@ class AirModel:
         check_seed(seed)
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
-        ids, mask, restore = to_batch(input_ids, attention_mask, pad if pad is not None else (
-            int(np.atleast_1d(eos)[0]) if eos is not None else 0), mask_pad(pad, eos))
-        self._check_vocabulary(ids)
+        fill = pad if pad is not None else (int(np.atleast_1d(eos)[0]) if eos is not None else 0)
+        ids, mask, restore = to_batch(input_ids, attention_mask, fill, mask_pad(pad, eos))
+        self.check_vocabulary(ids)
         past = 0
         if past_key_values is not None:
             if ids.shape[0] != 1 or not use_cache:
@@ -618,7 +619,7 @@ class AirModel:
             if t.ndim != 2 or not t.size or m.ndim != 2 or m.shape[0] != t.shape[0] or m.shape[1] < t.shape[1]:
                 raise GenerationError(f"tokens {t.shape} and attention_mask {m.shape}: pass tokens (B, T) and a "
                                       "mask (B, past + T) covering the cache's tokens and the new ones.")
-            self._check_vocabulary(t)
+            self.check_vocabulary(t)
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)

@@ -73,7 +73,7 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     context = model.config.get("max_position_embeddings")
     for number, (tokens, _) in enumerate(encoded):
         try:
-            model._check_vocabulary(np.array(tokens, dtype=np.int64))
+            model.check_vocabulary(np.array(tokens, dtype=np.int64))
         except GenerationError as e:
             raise GenerationError(f"request {number}: {e}") from None
         if context and len(tokens) > context:
