@@ -1,5 +1,6 @@
 """The token loop: sampling, stopping, streaming, left-padded batches. Knows nothing of the backend:
 it calls step(tokens, attention_mask, cache) -> last-position logits as numpy (B, vocab)."""
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,52 @@ class GenerateOutput:
     sequences: object  # prompt + new tokens, in the caller's array type
     num_prompt_tokens: int
     num_new_tokens: int
+
+
+_HELD = weakref.WeakKeyDictionary()  # a cache generate() continued -> the token ids it holds
+
+
+def held_tokens(cache, length: int) -> "list | None":
+    """The token ids a cache of `length` tokens holds: known when it is empty or generate() left it so."""
+    held = _HELD.get(cache, []) if length else []
+    return held if len(held) == length else None
+
+
+def note_held(cache, tokens: "list | None", length: int) -> None:
+    """After generate(): the cache holds the first `length` of `tokens` (None: not known)."""
+    if tokens is None or len(tokens) < length:
+        forget_held(cache)
+        return
+    try:
+        _HELD[cache] = tokens[:length]
+    except TypeError:  # a cache that takes no weak reference: its tokens stay unknown
+        pass
+
+
+def forget_held(cache) -> None:
+    """A call other than generate() ran tokens through the cache, or changed it."""
+    try:
+        _HELD.pop(cache, None)
+    except TypeError:
+        pass
+
+
+def trim_held(cache, keep: int) -> None:
+    try:
+        if cache in _HELD:
+            _HELD[cache] = _HELD[cache][:keep]
+    except TypeError:
+        pass
+
+
+def whole_conversation(ids: np.ndarray, mask: np.ndarray, held: "list | None") -> tuple:
+    """transformers' way of continuing a cache: input_ids the whole conversation, starting with the tokens the
+    cache holds (`held`). -> (the ids after those, their mask, the ids the cache holds (1, len(held))); the ids
+    unchanged when they do not start with them (airmlx's way: only the new tokens)."""
+    n = len(held or [])
+    if n and ids.shape[1] > n and ids[0, :n].tolist() == held:
+        return ids[:, n:], mask[:, n:], ids[:, :n]
+    return ids, mask, ids[:, :0]
 
 
 def is_int(v):

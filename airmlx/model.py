@@ -18,12 +18,17 @@ from .experts import expert_demand
 from .generation import (
     GenerateOutput,
     check_seed,
+    forget_held,
     generate_tokens,
+    held_tokens,
     is_int,
     left_padding,
     mask_pad,
+    note_held,
     resolve_sampling,
     to_batch,
+    trim_held,
+    whole_conversation,
 )
 from .plan import (
     DEFAULT_PREFILL_STEP,
@@ -326,6 +331,7 @@ class AirModel:
         if not is_int(keep) or keep < 0:
             raise GenerationError(f"keep={keep!r}: use a whole number of tokens >= 0.")
         self.backend.trim_cache(cache, keep)
+        trim_held(cache, keep)
 
     def cache_bytes(self, cache) -> int:
         return self.backend.cache_bytes(cache)
@@ -334,7 +340,7 @@ class AirModel:
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
-                 streamer=None, seed: int | None = None, past_key_values=None,
+                 streamer=None, seed: int | None = None, past_key_values=None, cache=None,
                  stop_strings: "str | list[str] | None" = None, tokenizer=None, draft_model=None,
                  num_draft_tokens: int | None = None, speculation: str | None = None,
                  micro_batches: int | None = None, **unused):
@@ -347,13 +353,16 @@ class AirModel:
         contain one of them; the stop string stays in the output, as in transformers.
         past_key_values: a cache from model.new_cache(1, [0]) to continue (one prompt only): input_ids are
         then just the tokens after those already in it, and the cache grows by the prompt and all new
-        tokens but the last. Multi-turn chat keeps one cache this way.
+        tokens but the last. Multi-turn chat keeps one cache this way. transformers' way works too on a cache
+        generate() filled: input_ids the whole conversation, starting with the tokens the cache holds; only
+        the rest runs, and the output is the whole conversation and the new tokens.
         draft_model: an AirModel of the same tokenizer to speculate with (default: the model's own draft, from
         from_pretrained(draft_model=...); False: none). One prompt at a time; a batch runs without the
         model's own draft. num_draft_tokens: the most draft tokens one sweep verifies (default: the model's).
         speculation: "chain" or "tree" (default: a tree where both models can verify one, else a chain).
         Output is what generating without a draft gives: token for token when greedy, the same distribution
         when sampling. See airmlx.speculative.
+        cache: past_key_values under the name transformers >= 5.2x gives it.
         micro_batches: on a pipeline over several hosts, how many parts a batch's rows are split into so that
         the hosts work on different parts at once (default: as many as hosts when every host holds its range
         resident, else 1); one process runs a batch whole."""
@@ -364,17 +373,23 @@ class AirModel:
         if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
             raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")
         check_seed(seed)
+        if cache is not None:
+            if past_key_values is not None and past_key_values is not cache:
+                raise GenerationError("generate() got two caches, past_key_values= and cache=; pass one.")
+            past_key_values = cache
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
         fill = pad if pad is not None else (int(np.atleast_1d(eos)[0]) if eos is not None else 0)
         ids, mask, restore = to_batch(input_ids, attention_mask, fill, mask_pad(pad, eos))
         self.check_vocabulary(ids)
-        past = 0
+        past, held, before = 0, None, ids[:, :0]
         if past_key_values is not None:
             if ids.shape[0] != 1 or not use_cache:
                 raise GenerationError("past_key_values continues a single prompt with use_cache=True; "
                                       "pass one prompt.")
             past = self.cache_length(past_key_values)
+            held = held_tokens(past_key_values, past)
+            ids, mask, before = whole_conversation(ids, mask, held)
         limit = self.config.get("max_position_embeddings")
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
@@ -392,7 +407,7 @@ class AirModel:
                                         rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
                                         stop_strings=stop_strings, tokenizer=tokenizer, speculation=speculation,
                                         num_draft_tokens=num_draft_tokens or self.num_draft_tokens,
-                                        repeatable=seed is not None)
+                                        history=held, repeatable=seed is not None)
         else:
             self.speculation.last = Totals()  # no rounds: the stats line shows none from an earlier call
             seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
@@ -400,9 +415,12 @@ class AirModel:
                                     rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
                                     select_rows=self.backend.select_rows, stop_strings=stop_strings,
                                     tokenizer=tokenizer)
-        out = restore(seqs)
+        if past_key_values is not None:
+            note_held(past_key_values, held + seqs[0].tolist() if held is not None else None,
+                      self.cache_length(past_key_values))
+        out = restore(np.concatenate([before, seqs], axis=1))
         if return_dict_in_generate:
-            return GenerateOutput(out, ids.shape[1], seqs.shape[1] - ids.shape[1])
+            return GenerateOutput(out, before.shape[1] + ids.shape[1], seqs.shape[1] - ids.shape[1])
         return out
 
     def _token_loop(self, ids, mask, micro_batches, **options):
@@ -551,6 +569,7 @@ class AirModel:
         of the last `last` positions, (B, last, vocab) float32. The tokens before them run as a prompt does
         (in chunks); the last ones run together, with a tree's attention when `attend` (B, last, past + T)
         bool and `positions` (B, last) are given (see Backend.begin_step)."""
+        forget_held(cache)
         head = tokens.shape[1] - last
         past = attention_mask.shape[1] - tokens.shape[1]
         ctxs = prompt_contexts(self.backend, tokens[:, :head], attention_mask[:, :past + head], cache,
@@ -565,6 +584,7 @@ class AirModel:
 
     def keep_cache_positions(self, cache, positions) -> None:
         """Keep only these positions of a cache (ascending), in order: the accepted path of a token tree."""
+        forget_held(cache)
         self.backend.keep_cache_positions(cache, positions)
 
     @property
@@ -622,6 +642,7 @@ class AirModel:
             self.check_vocabulary(t)
         ctxs, owner = [], []
         for i, (tokens, mask, cache) in enumerate(items):
+            forget_held(cache)
             made = prompt_contexts(self.backend, tokens, mask, cache, self.prefill_step_size)
             ctxs += made
             owner += [i] * len(made)

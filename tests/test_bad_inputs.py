@@ -337,6 +337,8 @@ ROWS = [
                  r"model's own .*; torch_dtype: use dtype=", id="AirLLM's max_seq_len and transformers' torch_dtype"),
     pytest.param(lambda c: c.model.generate([1, 2], max_length=10), GenerationError,
                  r"\['max_length'\]; max_length: it counts the prompt too: use max_new_tokens", id="generate(max_length=)"),
+    pytest.param(lambda c: c.model.generate([1, 2], past_key_values=c.model.new_cache(), cache=c.model.new_cache()),
+                 GenerationError, r"two caches, past_key_values= and cache=; pass one", id="generate with two caches"),
     # layer_shards_saving_path holding another model's shards: a hub id opened that model as it was, and another
     # compression of the same checkpoint wiped the folder ("made from a different checkpoint; rebuilding it")
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained("someone/another-model", layer_shards_saving_path=c.shards),

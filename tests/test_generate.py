@@ -1,4 +1,6 @@
 """The token loop: input types, stopping, padding, streaming, sampling, and its errors."""
+import inspect
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -182,6 +184,34 @@ def test_continuing_a_cache_prefills_only_new_tokens(model, tmp_path, backend):
     m.trim_cache(cache, 4)
     assert m.cache_length(cache) == 4
     assert m.generate(PROMPT[4:], max_new_tokens=6, past_key_values=cache) == rest
+    m.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_cache_continues_from_the_whole_conversation_as_in_transformers(model, backend):
+    """transformers' generate takes the whole conversation with a cache holding its start, and runs only the
+    rest; airmlx ran all of it again after the cached tokens (left alone at the thirteenth stop)."""
+    from transformers import DynamicCache
+    _, ref = model
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    cache, ref_cache = m.new_cache(), DynamicCache(config=ref.config)
+    first = m.generate(torch.tensor([PROMPT[:4]]), max_new_tokens=3, past_key_values=cache)
+    # transformers >= 5.2x names the cache `cache=`, before it `past_key_values=`; airmlx takes both
+    name = "cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values"
+    want_first = ref.generate(torch.tensor([PROMPT[:4]]), max_new_tokens=3, do_sample=False, **{name: ref_cache})
+    assert first.tolist() == want_first.tolist() and m.cache_length(cache) == 6
+    conversation = torch.cat([first, torch.tensor([[60, 7]])], 1)
+    fed, real = [], m.step
+    m.step = lambda tokens, mask, cache: fed.append(tokens.shape[1]) or real(tokens, mask, cache)
+    out = m.generate(conversation, max_new_tokens=4, cache=cache, return_dict_in_generate=True)
+    want = ref.generate(conversation, max_new_tokens=4, do_sample=False, **{name: ref_cache})
+    assert out.sequences.tolist() == want.tolist() and out.num_prompt_tokens == 9
+    assert fed == [3, 1, 1, 1]  # the token after the cached six, then the two new ones; then one a step
+    assert m.cache_length(cache) == 12
+    # only new tokens, as before; a call other than generate() makes the cache's tokens unknown
+    assert m.generate([9], max_new_tokens=1, past_key_values=cache)[0] == 9
+    m.step(np.array([[5]]), np.ones((1, m.cache_length(cache) + 1)), cache)
+    assert len(m.generate(want[0].tolist(), max_new_tokens=1, past_key_values=cache)) == want.shape[1] + 1
     m.close()
 
 

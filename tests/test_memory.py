@@ -46,9 +46,16 @@ def shard_sets(tmp_path_factory):
     return made
 
 
-def probe(shards, backend, fraction=0.3, dtype=None):
+def prompt_length(backend, shards):
+    """MLX's CPU build runs quantised matmuls with a reference kernel (~1 s per MoE block of 16 tokens): those
+    cases run a shorter prompt, still in several chunks."""
+    return 24 if backend == "mlx" and "bit" in shards else 48
+
+
+def probe(shards, backend, fraction=0.3, dtype=None, prompt=48):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(PROBE.parent)}
-    cmd = [sys.executable, str(PROBE), str(shards), backend, str(fraction)] + (["--dtype", dtype] if dtype else [])
+    cmd = [sys.executable, str(PROBE), str(shards), backend, str(fraction), "--prompt", str(prompt),
+           "--step", str(prompt // 3)] + (["--dtype", dtype] if dtype else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -62,9 +69,10 @@ CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", Non
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])
 def test_peak_memory_stays_within_budget_kv_and_activations(shard_sets, backend, shards, dtype):
-    got = probe(shard_sets[shards], backend, dtype=dtype)
+    prompt = prompt_length(backend, shards)
+    got = probe(shard_sets[shards], backend, dtype=dtype, prompt=prompt)
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
-    assert got["tokens"] == 48 + 4 and got["steps"] >= 4
+    assert got["tokens"] == prompt + 4 and got["steps"] >= 4
     assert got["budget"] < 0.6 * got["held_model"]  # most of the model streams (stages or routed experts)
     assert got["plan_total"] <= got["budget"]
     assert got["peak"] <= bound, (got["peak"] / bound, got)  # the backend's own count
@@ -81,9 +89,10 @@ def test_moe_near_the_minimum_budget_stacks_one_expert_at_a_time_within_it(shard
     """At 1.2 x the minimum budget the stacking room holds one expert (widened to float32 on MLX's CPU build,
     dequantised from 8-bit on torch), so each token's experts are stacked one at a time: the process still
     holds no more than the budget, the KV cache and the activations."""
-    got = probe(shard_sets[shards], backend, fraction=0.01, dtype=dtype)
+    prompt = prompt_length(backend, shards)
+    got = probe(shard_sets[shards], backend, fraction=0.01, dtype=dtype, prompt=prompt)
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
-    assert got["tokens"] == 48 + 4 and got["budget"] <= 1.2 * got["minimum_budget"] + 1
+    assert got["tokens"] == prompt + 4 and got["budget"] <= 1.2 * got["minimum_budget"] + 1
     assert got["expert_group_bytes"] < 2 * got["largest_expert_held"]  # a group of one expert, not two
     assert got["plan_total"] <= got["budget"]
     assert got["peak"] <= bound, (got["peak"] / bound, got)
