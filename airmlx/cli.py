@@ -5,6 +5,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -27,6 +28,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"airmlx: {message}; see {self.prog} --help\n")
 
 
+# the Python arguments errors name that the faces take as options; a one-word name only as `name=value`
+AS_OPTIONS = ("memory_budget", "draft_model", "num_draft_tokens", "prefill_step_size", "gguf_file",
+              "layer_shards_saving_path", "trust_remote_code", "dtype", "compression", "backend")
+_NAMED = re.compile(r"\b(" + "|".join(AS_OPTIONS) + r")(?:=(['\"]?)([\w-]+(?:\.[\w-]+)*)\2|\b)")
+
+
+def as_options(message: str) -> str:
+    """An error's Python spelling of arguments (memory_budget, dtype='float32') as the faces spell them
+    (--memory-budget, --dtype float32): the advice comes from the library, the user typed options."""
+    def option(m):
+        name, value = m.group(1), m.group(3)
+        if value is None and "_" not in name or value in ("False", "None"):
+            return m.group(0)  # a plain word (the dtype of a tensor), or a value no option takes
+        flag = "--" + name.replace("_", "-")
+        return flag if value in (None, "", "True") else f"{flag} {value}"
+    return _NAMED.sub(option, message)
+
+
 def face(body: Callable[..., int]) -> Callable[..., int]:
     """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130, and
     output cut off by its reader (`| head`) ends quietly with 141, as a command killed by SIGPIPE does."""
@@ -37,7 +56,7 @@ def face(body: Callable[..., int]) -> Callable[..., int]:
         try:
             return body(argv, **kwargs) or 0
         except AirmlxError as e:
-            print(f"airmlx: {e}", file=err)
+            print(f"airmlx: {as_options(str(e))}", file=err)
             return 2
         except KeyboardInterrupt:
             print(file=err)

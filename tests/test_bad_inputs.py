@@ -397,6 +397,21 @@ def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     assert code == 2 and err.startswith("airmlx: ") and err.count("\n") == 1, err
 
 
+def test_a_faces_errors_name_options_as_the_face_takes_them(capsys):
+    """The library's advice names Python arguments; a face's user typed options. `--memory-budget 1KB` said
+    "raise memory_budget to at least ..." (left alone at the twelfth and thirteenth stops)."""
+    from airmlx.cli import as_options
+    from airmlx.generate import main
+    assert main(["--backend", "torch", "--memory-budget", "1KB", "--prompt", "The list"]) == 2
+    err = capsys.readouterr().err
+    assert "raise --memory-budget to at least " in err and "memory_budget" not in err, err
+    assert as_options("pass dtype='float32', shard with compression='8bit', or use backend='torch'.") == \
+        "pass --dtype float32, shard with --compression 8bit, or use --backend torch."
+    # a value no option takes, and a plain word, stay as they are
+    assert as_options("pass draft_model=False; the dtype of num_draft_tokens=3.") == \
+        "pass draft_model=False; the dtype of --num-draft-tokens 3."
+
+
 def test_every_error_class_imports_from_the_package():
     """Regression: `from airmlx import ModelNotFoundError` was an ImportError; only AirmlxError was exported."""
     import airmlx.errors
