@@ -51,6 +51,15 @@ ARCHS = {a.model_type: a for a in [
     Arch("qwen3"),
     Arch("phi3", window_everywhere=True),  # Phi-3-*-4k: sliding_window 2047
     Arch("glm4"),
+    Arch("smollm3"),  # no rotary positions in every fourth layer (config.no_rope_layers)
+    Arch("olmo2"),
+    Arch("olmo3"),  # sliding-window layers from config.layer_types
+    Arch("phi", norm="model.final_layernorm"),  # Phi-1 / 2: a biased head
+    Arch("ernie4_5"),
+    Arch("helium"),
+    Arch("hunyuan_v1_dense"),
+    Arch("stablelm"),
+    Arch("nemotron"),
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),

@@ -8,7 +8,8 @@ from airmlx.errors import CacheTrimError, UnsupportedArchitectureError
 
 from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
-ARCHS = ["qwen3", "phi3", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
+ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5", "helium", "hunyuan_v1_dense",
+         "stablelm", "nemotron", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,6 +28,20 @@ ARCH_CONFIGS = {
     "qwen3": (transformers.Qwen3Config, dict(head_dim=16, tie_word_embeddings=True)),  # q_norm / k_norm
     "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False)),  # fused qkv_proj, gate_up_proj
     "glm4": (transformers.Glm4Config, dict(head_dim=16, tie_word_embeddings=False, eos_token_id=None)),
+    # no rotary positions in every fourth layer, tied embeddings
+    "smollm3": (transformers.SmolLM3Config, dict(tie_word_embeddings=True)),
+    # norms after attention and MLP, q / k norms over all heads
+    "olmo2": (transformers.Olmo2Config, dict(tie_word_embeddings=False)),
+    # OLMo 2 with three sliding-window layers in four: window 8, so the test prompts run past it
+    "olmo3": (transformers.Olmo3Config, dict(tie_word_embeddings=False, sliding_window=8)),
+    # LayerNorm, partial rotary, attention and MLP in parallel, a biased head, model.final_layernorm
+    "phi": (transformers.PhiConfig, dict(tie_word_embeddings=False)),
+    "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=16, tie_word_embeddings=True)),
+    "helium": (transformers.HeliumConfig, dict(head_dim=16, tie_word_embeddings=False)),
+    "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=16, tie_word_embeddings=False)),  # q / k norms
+    "stablelm": (transformers.StableLmConfig, dict(tie_word_embeddings=False)),  # LayerNorm, partial rotary
+    # LayerNorm1p (weight + 1), an ungated squared-ReLU MLP, partial rotary
+    "nemotron": (transformers.NemotronConfig, dict(head_dim=16, tie_word_embeddings=False)),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
