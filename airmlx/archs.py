@@ -60,6 +60,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("hunyuan_v1_dense"),
     Arch("stablelm"),
     Arch("nemotron"),
+    Arch("seed_oss"),
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),

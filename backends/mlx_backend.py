@@ -62,6 +62,7 @@ MLX_ARCHS = {
     "hunyuan_v1_dense": MLXArch("hunyuan_v1_dense"),
     "stablelm": MLXArch("stablelm"),
     "nemotron": MLXArch("nemotron"),
+    "seed_oss": MLXArch("seed_oss"),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),

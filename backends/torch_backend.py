@@ -49,7 +49,7 @@ TORCH_ARCHS = {
     "llama": TorchArch(), "mistral": TorchArch(), "qwen2": TorchArch(), "qwen3": TorchArch(), "phi3": TorchArch(),
     "glm4": TorchArch(), "smollm3": TorchArch(), "olmo2": TorchArch(), "olmo3": TorchArch(), "phi": TorchArch(),
     "ernie4_5": TorchArch(), "helium": TorchArch(), "hunyuan_v1_dense": TorchArch(), "stablelm": TorchArch(),
-    "nemotron": TorchArch(), "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
+    "nemotron": TorchArch(), "seed_oss": TorchArch(), "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)
@@ -155,7 +155,8 @@ class TorchBackend:
         kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.torch_arch.attention}
         hf_config = hf_config or CONFIG_MAPPING[config["model_type"]].from_dict(plain)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw)
+            # from_config leaves the model training: a config's dropout (Phi-2's resid_pdrop 0.1) would run
+            self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()
         self.config = self.skeleton.config
         self.wide_block = workspace_elements(config)  # a batch's float32 weight blocks (torch_batching)
         self.layer_types = layer_types(config)

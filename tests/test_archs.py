@@ -9,7 +9,7 @@ from airmlx.errors import CacheTrimError, UnsupportedArchitectureError
 from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
 ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5", "helium", "hunyuan_v1_dense",
-         "stablelm", "nemotron", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
+         "stablelm", "nemotron", "seed_oss", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -27,6 +27,16 @@ def test_streamed_matches_transformers(checkpoints, tmp_path, arch, backend):
         alone = [model.generate(row, max_new_tokens=NEW_TOKENS) for row in BATCH]
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in alone]
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+
+
+@pytest.mark.parametrize("arch, dropout", [("llama", {"attention_dropout": 0.5}),
+                                           ("phi", {"resid_pdrop": 0.5, "embd_pdrop": 0.5})])
+def test_a_configs_dropout_never_runs(checkpoints, tmp_path, arch, dropout):
+    """transformers' from_config builds a model that is training: the torch backend's skeleton ran the config's
+    dropout at random (microsoft/phi-2 ships resid_pdrop 0.1)."""
+    folder, ref = checkpoints(arch, **dropout)
+    with load(folder, tmp_path, "torch", "tight") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
 
 
 MLX_ONLY = ["internlm2", "internlm3", "qwen", "baichuan_m1"]
