@@ -61,6 +61,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("stablelm"),
     Arch("nemotron"),
     Arch("seed_oss"),
+    Arch("starcoder2"),  # LayerNorm, biases, an ungated GELU MLP
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),

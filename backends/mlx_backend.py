@@ -63,6 +63,7 @@ MLX_ARCHS = {
     "stablelm": MLXArch("stablelm"),
     "nemotron": MLXArch("nemotron"),
     "seed_oss": MLXArch("seed_oss"),
+    "starcoder2": MLXArch("starcoder2"),  # mlx-lm: exact GELU, transformers: the tanh approximation
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),

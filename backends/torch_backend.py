@@ -49,7 +49,8 @@ TORCH_ARCHS = {
     "llama": TorchArch(), "mistral": TorchArch(), "qwen2": TorchArch(), "qwen3": TorchArch(), "phi3": TorchArch(),
     "glm4": TorchArch(), "smollm3": TorchArch(), "olmo2": TorchArch(), "olmo3": TorchArch(), "phi": TorchArch(),
     "ernie4_5": TorchArch(), "helium": TorchArch(), "hunyuan_v1_dense": TorchArch(), "stablelm": TorchArch(),
-    "nemotron": TorchArch(), "seed_oss": TorchArch(), "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
+    "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(),
+    "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)

@@ -44,6 +44,7 @@ ARCH_CONFIGS = {
     "nemotron": (transformers.NemotronConfig, dict(head_dim=16, tie_word_embeddings=False)),
     # qkv bias, residual dropout in its config (0.1), which must never run
     "seed_oss": (transformers.SeedOssConfig, dict(head_dim=16, tie_word_embeddings=False)),
+    "starcoder2": (transformers.Starcoder2Config, dict(tie_word_embeddings=False)),  # LayerNorm, biases, GELU MLP
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
