@@ -13,7 +13,8 @@ from tiny import ARCH_CONFIGS, BASE
 
 T = gguf.GGMLQuantizationType
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-             "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "stablelm": "stablelm", "starcoder2": "starcoder2", "nemotron": "nemotron"}
 # the name transformers' metadata table uses for each (mistral: a llama GGUF whose general.name says mistral)
 TABLE = {"mistral": "mistral", "gemma3_text": "gemma3", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
