@@ -164,7 +164,8 @@ def rope_config(config):
     theta = config.get("rope_theta", params.get("rope_theta"))
     scaling = config.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        # mlx-lm's modules read "type" (transformers 4's key) or "rope_type", some only the first
+        scaling = {"type": params["rope_type"], **{k: v for k, v in params.items() if k != "rope_theta"}}
     return theta, scaling
 
 

@@ -30,8 +30,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # the Python arguments errors name that the faces take as options; a one-word name only as `name=value`
 AS_OPTIONS = ("memory_budget", "draft_model", "num_draft_tokens", "prefill_step_size", "gguf_file",
-              "layer_shards_saving_path", "trust_remote_code", "dtype", "compression", "backend")
-_NAMED = re.compile(r"\b(" + "|".join(AS_OPTIONS) + r")(?:=(['\"]?)([\w-]+(?:\.[\w-]+)*)\2|\b)")
+              "layer_shards_saving_path", "trust_remote_code", "pipeline_split", "pipeline_timeout", "dtype",
+              "compression", "backend")
+# a name on its own: not inside a path, a file name or a possessive
+_NAMED = re.compile(r"(?<![\w/.-])(" + "|".join(AS_OPTIONS) + r")(?:=(['\"]?)([\w-]+(?:\.[\w-]+)*)\2|(?![\w/.'-]))")
 
 
 def as_options(message: str) -> str:
@@ -43,7 +45,9 @@ def as_options(message: str) -> str:
             return m.group(0)  # a plain word (the dtype of a tensor), or a value no option takes
         flag = "--" + name.replace("_", "-")
         return flag if value in (None, "", "True") else f"{flag} {value}"
-    return _NAMED.sub(option, message)
+    out = _NAMED.sub(option, message)
+    # "trust_remote_code=True (--trust-remote-code)": the option once
+    return re.sub(r" \((--[\w-]+)\)", lambda m: "" if out.find(m.group(1)) < m.start() else m.group(0), out)
 
 
 def face(body: Callable[..., int]) -> Callable[..., int]:

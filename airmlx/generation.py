@@ -1,6 +1,5 @@
 """The token loop: sampling, stopping, streaming, left-padded batches. Knows nothing of the backend:
 it calls step(tokens, attention_mask, cache) -> last-position logits as numpy (B, vocab)."""
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,13 +15,13 @@ class GenerateOutput:
     num_new_tokens: int
 
 
-_HELD = weakref.WeakKeyDictionary()  # a cache generate() continued -> the token ids it holds
+HELD = "airmlx_tokens"  # the attribute a cache generate() continued keeps its token ids in (a copy keeps them)
 
 
 def held_tokens(cache, length: int) -> "list | None":
     """The token ids a cache of `length` tokens holds: known when it is empty or generate() left it so."""
-    held = _HELD.get(cache, []) if length else []
-    return held if len(held) == length else None
+    held = getattr(cache, HELD, None) if length else []
+    return held if held is not None and len(held) == length else None
 
 
 def note_held(cache, tokens: "list | None", length: int) -> None:
@@ -31,35 +30,33 @@ def note_held(cache, tokens: "list | None", length: int) -> None:
         forget_held(cache)
         return
     try:
-        _HELD[cache] = tokens[:length]
-    except TypeError:  # a cache that takes no weak reference: its tokens stay unknown
+        setattr(cache, HELD, tokens[:length])
+    except AttributeError:  # a cache that takes no attribute: its tokens stay unknown
         pass
 
 
 def forget_held(cache) -> None:
     """A call other than generate() ran tokens through the cache, or changed it."""
-    try:
-        _HELD.pop(cache, None)
-    except TypeError:
-        pass
+    if getattr(cache, HELD, None) is not None:
+        setattr(cache, HELD, None)
 
 
 def trim_held(cache, keep: int) -> None:
-    try:
-        if cache in _HELD:
-            _HELD[cache] = _HELD[cache][:keep]
-    except TypeError:
-        pass
+    held = getattr(cache, HELD, None)
+    if held is not None:
+        setattr(cache, HELD, held[:keep])
 
 
 def whole_conversation(ids: np.ndarray, mask: np.ndarray, held: "list | None") -> tuple:
-    """transformers' way of continuing a cache: input_ids the whole conversation, starting with the tokens the
-    cache holds (`held`). -> (the ids after those, their mask, the ids the cache holds (1, len(held))); the ids
-    unchanged when they do not start with them (airmlx's way: only the new tokens)."""
+    """One row continuing a cache -> (the ids to run, their mask, the ids before them that do not run). Its left
+    padding does not run (the cache's positions would count it). Nor, in transformers' way of continuing a cache
+    (input_ids the whole conversation), do the tokens the cache holds (`held`), when the row after its padding
+    starts with them; otherwise the row is only the new tokens (airmlx's way)."""
+    pads = int(np.argmax(mask[0] != 0)) if mask[0].any() else 0
     n = len(held or [])
-    if n and ids.shape[1] > n and ids[0, :n].tolist() == held:
-        return ids[:, n:], mask[:, n:], ids[:, :n]
-    return ids, mask, ids[:, :0]
+    if n and ids.shape[1] - pads > n and ids[0, pads:pads + n].tolist() == held:
+        pads += n
+    return ids[:, pads:], mask[:, pads:], ids[:, :pads]
 
 
 def is_int(v):

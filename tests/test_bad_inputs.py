@@ -407,9 +407,14 @@ def test_a_faces_errors_name_options_as_the_face_takes_them(capsys):
     assert "raise --memory-budget to at least " in err and "memory_budget" not in err, err
     assert as_options("pass dtype='float32', shard with compression='8bit', or use backend='torch'.") == \
         "pass --dtype float32, shard with --compression 8bit, or use --backend torch."
-    # a value no option takes, and a plain word, stay as they are
+    # a value no option takes, a plain word, a path, a file name and a possessive stay as they are
     assert as_options("pass draft_model=False; the dtype of num_draft_tokens=3.") == \
         "pass draft_model=False; the dtype of --num-draft-tokens 3."
+    kept = "/proc/memory_budget: cannot read /home/u/draft_model/config.json or memory_budget.json; the draft_model's"
+    assert as_options(kept) == kept
+    # a message that names the option already says it once
+    assert as_options("only with trust_remote_code=True (--trust-remote-code); pass gguf_file=NAME.gguf (--gguf-file) "
+                      "to pick one") == "only with --trust-remote-code; pass --gguf-file NAME.gguf to pick one"
 
 
 def test_every_error_class_imports_from_the_package():

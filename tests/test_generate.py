@@ -216,6 +216,30 @@ def test_a_cache_continues_from_the_whole_conversation_as_in_transformers(model,
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_left_padded_row_continues_a_cache_as_in_transformers(model, backend):
+    """One left-padded row with its mask and a cache: on MLX the padding took positions in a fresh cache (other
+    tokens than without one), and a second turn's mask over the whole conversation was cut at the cached part."""
+    import copy
+
+    from transformers import DynamicCache
+    _, ref = model
+    name = "cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values"
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    ids, mask = torch.tensor([[0, 0] + PROMPT[:4]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    cache, ref_cache = m.new_cache(), DynamicCache(config=ref.config)
+    first = m.generate(ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, **{name: ref_cache})
+    assert first.tolist() == want.tolist() == m.generate(ids, attention_mask=mask, max_new_tokens=3).tolist()
+    conversation = torch.cat([first, torch.tensor([[60, 7]])], 1)
+    whole = torch.cat([mask, torch.ones(1, 5, dtype=torch.long)], 1)
+    copied = copy.deepcopy(cache)  # transformers' way of reusing a prompt's cache: a copy knows its tokens too
+    out = m.generate(conversation, attention_mask=whole, max_new_tokens=3, past_key_values=copied)
+    want = ref.generate(conversation, attention_mask=whole, max_new_tokens=3, do_sample=False, **{name: ref_cache})
+    assert out.tolist() == want.tolist() and m.cache_length(copied) == m.cache_length(cache) + 5
+    m.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_trim_repairs_a_cache_cut_mid_sweep(model, backend):
     m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
     want = m.generate(PROMPT, max_new_tokens=4)

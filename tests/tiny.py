@@ -38,7 +38,9 @@ ARCH_CONFIGS = {
     "phi": (transformers.PhiConfig, dict(tie_word_embeddings=False)),
     "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=16, tie_word_embeddings=True)),
     "helium": (transformers.HeliumConfig, dict(head_dim=16, tie_word_embeddings=False)),
-    "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=16, tie_word_embeddings=False)),  # q / k norms
+    # q / k norms; NTK-alpha rope as Hunyuan's checkpoints carry it (MLX read no "type" from rope_parameters)
+    "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=16, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0})),
     "stablelm": (transformers.StableLmConfig, dict(tie_word_embeddings=False)),  # LayerNorm, partial rotary
     # LayerNorm1p (weight + 1), an ungated squared-ReLU MLP, partial rotary
     "nemotron": (transformers.NemotronConfig, dict(head_dim=16, tie_word_embeddings=False)),
