@@ -13,6 +13,7 @@ class GenerateOutput:
     sequences: object  # prompt + new tokens, in the caller's array type
     num_prompt_tokens: int
     num_new_tokens: int
+    past_key_values: object = None  # the cache generate() continued, when one was given
 
 
 HELD = "airmlx_tokens"  # the attribute a cache generate() continued keeps its token ids in (a copy keeps them)

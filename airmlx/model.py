@@ -420,7 +420,7 @@ class AirModel:
                       self.cache_length(past_key_values))
         out = restore(np.concatenate([before, seqs], axis=1))
         if return_dict_in_generate:
-            return GenerateOutput(out, before.shape[1] + ids.shape[1], seqs.shape[1] - ids.shape[1])
+            return GenerateOutput(out, before.shape[1] + ids.shape[1], seqs.shape[1] - ids.shape[1], past_key_values)
         return out
 
     def _token_loop(self, ids, mask, micro_batches, **options):

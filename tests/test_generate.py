@@ -205,7 +205,7 @@ def test_a_cache_continues_from_the_whole_conversation_as_in_transformers(model,
     m.step = lambda tokens, mask, cache: fed.append(tokens.shape[1]) or real(tokens, mask, cache)
     out = m.generate(conversation, max_new_tokens=4, cache=cache, return_dict_in_generate=True)
     want = ref.generate(conversation, max_new_tokens=4, do_sample=False, **{name: ref_cache})
-    assert out.sequences.tolist() == want.tolist() and out.num_prompt_tokens == 9
+    assert out.sequences.tolist() == want.tolist() and out.num_prompt_tokens == 9 and out.past_key_values is cache
     assert fed == [3, 1, 1, 1]  # the token after the cached six, then the two new ones; then one a step
     assert m.cache_length(cache) == 12
     # only new tokens, as before; a call other than generate() makes the cache's tokens unknown
