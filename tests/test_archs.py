@@ -48,15 +48,7 @@ def test_mlx_matches_mlx_lm_where_its_math_differs_from_transformers(checkpoints
     folder, hf = checkpoints(arch)
     # transformers 5 writes rope_parameters, which mlx-lm's own loading does not read (airmlx does)
     ref, _ = load_model(folder, model_config={"rope_theta": hf.config.rope_parameters["rope_theta"]})
-    want, want_logits = mlx_reference(ref, PROMPT)
-    with load(folder, tmp_path, "mlx", "tight") as model:
-        assert model.plan.streamed
-        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
-        seq = np.array([want[0][:-1]])
-        ours = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
-        assert np.abs(ours - want_logits).max() / np.abs(want_logits).max() < 1e-4
-        batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
-    assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in mlx_reference(ref, BATCH)[0]]
+    assert_streamed_matches_mlx_lm(folder, tmp_path, ref)
 
 
 MLX_ONLY = ["internlm2", "internlm3", "qwen", "baichuan_m1"]
@@ -77,15 +69,10 @@ def mlx_reference(model, rows):
     return out, np.array(logits.astype(mx.float32))
 
 
-@pytest.mark.parametrize("arch", MLX_ONLY)
-def test_remote_code_family_matches_mlx_lm(tmp_path, arch):
-    import airmlx
-
-    from tiny import make_mlx_checkpoint
-    ref = make_mlx_checkpoint(tmp_path / "ckpt", arch)
+def assert_streamed_matches_mlx_lm(folder, tmp_path, ref):
+    """Streamed on MLX: greedy tokens, last-step logits (1e-4) and a batch as mlx-lm's own model `ref` gives them."""
     want, want_logits = mlx_reference(ref, PROMPT)
-    assert len(set(want[0][len(PROMPT[0]):])) > 2  # not one token over and over
-    with load(tmp_path / "ckpt", tmp_path, "mlx", "tight") as model:
+    with load(folder, tmp_path, "mlx", "tight") as model:
         assert model.plan.streamed
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
         seq = np.array([want[0][:-1]])
@@ -93,6 +80,17 @@ def test_remote_code_family_matches_mlx_lm(tmp_path, arch):
         assert np.abs(ours - want_logits).max() / np.abs(want_logits).max() < 1e-4
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in mlx_reference(ref, BATCH)[0]]
+
+
+@pytest.mark.parametrize("arch", MLX_ONLY)
+def test_remote_code_family_matches_mlx_lm(tmp_path, arch):
+    import airmlx
+
+    from tiny import make_mlx_checkpoint
+    ref = make_mlx_checkpoint(tmp_path / "ckpt", arch)
+    want, _ = mlx_reference(ref, PROMPT)
+    assert len(set(want[0][len(PROMPT[0]):])) > 2  # not one token over and over
+    assert_streamed_matches_mlx_lm(tmp_path / "ckpt", tmp_path, ref)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     if arch in CONFIG_MAPPING:  # transformers 5 runs internlm3 itself (tests/test_remote_code.py)
         return
