@@ -60,6 +60,22 @@ def whole_conversation(ids: np.ndarray, mask: np.ndarray, held: "list | None") -
     return ids[:, pads:], mask[:, pads:], ids[:, :pads]
 
 
+class WholePrompt:
+    """A streamer whose first put (the prompt) carries the part of a conversation that did not run before it, so
+    it is shown the whole conversation as its prompt, as transformers' generate shows it."""
+
+    def __init__(self, streamer, before: np.ndarray):
+        self.streamer, self.before = streamer, before
+
+    def put(self, ids):
+        if self.before is not None:
+            ids, self.before = np.concatenate([self.before, np.asarray(ids).reshape(1, -1)], axis=1), None
+        self.streamer.put(ids)
+
+    def end(self):
+        self.streamer.end()
+
+
 def is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 

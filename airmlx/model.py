@@ -17,6 +17,7 @@ from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
 from .generation import (
     GenerateOutput,
+    WholePrompt,
     check_seed,
     forget_held,
     generate_tokens,
@@ -390,6 +391,8 @@ class AirModel:
             past = self.cache_length(past_key_values)
             held = held_tokens(past_key_values, past)
             ids, mask, before = whole_conversation(ids, mask, held)
+            if streamer is not None and before.shape[1]:
+                streamer = WholePrompt(streamer, before)
         limit = self.config.get("max_position_embeddings")
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "

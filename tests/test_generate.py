@@ -203,9 +203,13 @@ def test_a_cache_continues_from_the_whole_conversation_as_in_transformers(model,
     conversation = torch.cat([first, torch.tensor([[60, 7]])], 1)
     fed, real = [], m.step
     m.step = lambda tokens, mask, cache: fed.append(tokens.shape[1]) or real(tokens, mask, cache)
-    out = m.generate(conversation, max_new_tokens=4, cache=cache, return_dict_in_generate=True)
+    puts = []  # a streamer is shown the whole conversation as its prompt, as transformers shows it
+    streamer = type("Streamer", (), {"put": lambda self, ids: puts.append(np.asarray(ids).reshape(-1).tolist()),
+                                     "end": lambda self: None})()
+    out = m.generate(conversation, max_new_tokens=4, cache=cache, return_dict_in_generate=True, streamer=streamer)
     want = ref.generate(conversation, max_new_tokens=4, do_sample=False, **{name: ref_cache})
     assert out.sequences.tolist() == want.tolist() and out.num_prompt_tokens == 9 and out.past_key_values is cache
+    assert puts[0] == conversation[0].tolist() and sum(puts[1:], []) == want[0, 9:].tolist()
     assert fed == [3, 1, 1, 1]  # the token after the cached six, then the two new ones; then one a step
     assert m.cache_length(cache) == 12
     # only new tokens, as before; a call other than generate() makes the cache's tokens unknown
