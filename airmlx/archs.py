@@ -23,6 +23,11 @@ class Arch:
     remote_code: bool = False  # ships its own modelling code: torch runs it only with trust_remote_code=True
     embed_scale: bool = False  # hidden states leave the embedding times sqrt(hidden_size), in the model's dtype
     final_softcap: bool = False  # logits = cap * tanh(logits / cap), cap = config final_logit_softcapping
+    # config keys of constants outside the decoder layers: the embedding's output times config[embed_multiplier]
+    # (Granite), the logits times config[logit_multiplier] (Cohere) or over config[logit_divisor] (Granite)
+    embed_multiplier: str = None
+    logit_multiplier: str = None
+    logit_divisor: str = None
     unquantized: tuple = ()  # modules the sharder's compression leaves alone
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
@@ -62,6 +67,10 @@ ARCHS = {a.model_type: a for a in [
     Arch("nemotron"),
     Arch("seed_oss"),
     Arch("starcoder2"),  # LayerNorm, biases, an ungated GELU MLP
+    Arch("gemma", embed_scale=True),  # Gemma 1: RMSNorm with weight + 1, a GELU-gated MLP, tied head
+    Arch("granite", embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    Arch("cohere", logit_multiplier="logit_scale"),  # Command-R: LayerNorm, attention and MLP in parallel
+    Arch("cohere2", logit_multiplier="logit_scale"),  # Command R7B: sliding-window layers from config.layer_types
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),

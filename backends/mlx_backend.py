@@ -64,6 +64,10 @@ MLX_ARCHS = {
     "nemotron": MLXArch("nemotron"),
     "seed_oss": MLXArch("seed_oss"),
     "starcoder2": MLXArch("starcoder2"),  # mlx-lm: exact GELU, transformers: the tanh approximation
+    "gemma": MLXArch("gemma"),  # likewise
+    "granite": MLXArch("granite"),
+    "cohere": MLXArch("cohere"),
+    "cohere2": MLXArch("cohere2"),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
@@ -176,6 +180,9 @@ class MLXBackend:
         self.sliding = [t == "sliding_attention" for t in layer_types(config)]
         self.window = config.get("sliding_window")
         self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
+        self.embed_multiplier, self.logit_multiplier, self.logit_divisor = (
+            getattr(self.args, key) if key else None
+            for key in (self.arch.embed_multiplier, self.arch.logit_multiplier, self.arch.logit_divisor))
         mx.set_cache_limit(0)  # freed buffers go back at once until the model says what scratch may stay
 
     # -- memory ------------------------------------------------------------------------------------
@@ -395,6 +402,8 @@ class MLXBackend:
             x = self._module(self.arch.embed)(step.tokens)
             if self.arch.embed_scale:
                 x = x * mx.array(self.args.hidden_size ** 0.5, x.dtype)
+            if self.embed_multiplier is not None:
+                x = x * self.embed_multiplier
             mx.eval(x)
         elif stage.kind == "layer":
             cache = step.cache[stage.layer] if step.cache is not None else None
@@ -414,6 +423,10 @@ class MLXBackend:
     def _head(self, stage, x):
         h = self._module(self.arch.norm)(x)
         x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)
+        if self.logit_multiplier is not None:
+            x = x * self.logit_multiplier
+        if self.logit_divisor is not None:
+            x = x / self.logit_divisor
         return mx.tanh(x / self.softcap) * self.softcap if self.softcap else x
 
     def _score(self, stage, x, targets):

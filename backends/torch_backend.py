@@ -49,7 +49,8 @@ TORCH_ARCHS = {
     "llama": TorchArch(), "mistral": TorchArch(), "qwen2": TorchArch(), "qwen3": TorchArch(), "phi3": TorchArch(),
     "glm4": TorchArch(), "smollm3": TorchArch(), "olmo2": TorchArch(), "olmo3": TorchArch(), "phi": TorchArch(),
     "ernie4_5": TorchArch(), "helium": TorchArch(), "hunyuan_v1_dense": TorchArch(), "stablelm": TorchArch(),
-    "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(),
+    "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
+    "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
@@ -165,6 +166,9 @@ class TorchBackend:
         if self.arch.embed_scale:  # transformers' scaled embedding keeps sqrt(hidden) in a buffer, meta here
             embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=self.device)
         self.softcap = config.get("final_logit_softcapping") if self.arch.final_softcap else None
+        self.embed_multiplier, self.logit_multiplier, self.logit_divisor = (
+            getattr(self.config, key) if key else None
+            for key in (arch.embed_multiplier, arch.logit_multiplier, arch.logit_divisor))
         mapping = get_model_conversion_mapping(self.skeleton)
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
@@ -508,6 +512,8 @@ class TorchBackend:
         model = self.skeleton
         if stage.kind == "embed":
             x = model.get_input_embeddings()(step.tokens)
+            if self.embed_multiplier is not None:
+                x = x * self.embed_multiplier
         elif stage.kind == "layer":
             kind = self.layer_types[stage.layer]
             mask, rotary = self._prepare(step, kind, x, stage.layer)
@@ -536,6 +542,10 @@ class TorchBackend:
     def _head(self, x):
         norm, head = self.skeleton.get_submodule(self.arch.norm), self.skeleton.get_submodule(self.arch.head)
         x = head(norm(x))
+        if self.logit_multiplier is not None:
+            x = x * self.logit_multiplier
+        if self.logit_divisor is not None:
+            x = x / self.logit_divisor
         return torch.tanh(x / self.softcap) * self.softcap if self.softcap else x
 
     def _score(self, x, targets):

@@ -179,7 +179,8 @@ def load_pair(tmp_path, backend, arch, draft="4bit", budget=None):
 
 
 GREEDY_CASES = [("torch", a) for a in ("llama", "qwen2", "gemma3_text", "qwen2_moe")] + \
-               [("mlx", a) for a in ("llama", "qwen2", "gemma3_text", "qwen2_moe", "baichuan_m1")]
+               [("mlx", a) for a in ("llama", "qwen2", "gemma3_text", "qwen2_moe", "baichuan_m1")] + \
+               [("mlx", "cohere")]  # interleaved ("traditional") rotary: a tree's positions reach it too
 
 
 @pytest.mark.parametrize("backend, arch", GREEDY_CASES)

@@ -47,6 +47,18 @@ ARCH_CONFIGS = {
     # qkv bias, residual dropout in its config (0.1), which must never run
     "seed_oss": (transformers.SeedOssConfig, dict(head_dim=16, tie_word_embeddings=False)),
     "starcoder2": (transformers.Starcoder2Config, dict(tie_word_embeddings=False)),  # LayerNorm, biases, GELU MLP
+    # the sqrt(hidden) embedding scale, RMSNorm with weight + 1, tied head (smaller init as for gemma2)
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16, tie_word_embeddings=True, initializer_range=0.05)),
+    # Granite 3's constants outside and inside the layers (granite-3.0-2b's values)
+    "granite": (transformers.GraniteConfig, dict(tie_word_embeddings=True, embedding_multiplier=12.0,
+                                                 logits_scaling=8.0, residual_multiplier=0.22,
+                                                 attention_multiplier=0.015625)),
+    # Command-R (+): LayerNorm, attention and MLP in parallel, interleaved rotary, q / k LayerNorms (Command R+),
+    # logits times logit_scale
+    "cohere": (transformers.CohereConfig, dict(tie_word_embeddings=True, logit_scale=0.25, use_qk_norm=True)),
+    # Command R7B: three sliding-window layers (rotary) in four, one global (no rotary); window 8
+    "cohere2": (transformers.Cohere2Config, dict(tie_word_embeddings=True, logit_scale=0.25, sliding_window=8,
+                                                 layer_types=["sliding_attention"] * 3 + ["full_attention"])),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
