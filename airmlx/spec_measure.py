@@ -26,7 +26,7 @@ def check_num_draft_tokens(value) -> "int | None":
     """None (the default) or a whole number >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise GenerationError(f"num_draft_tokens={value!r}: use a whole number >= 1 (the most draft tokens one "
-                              "sweep verifies), or None for the default.")
+                              "sweep verifies), or leave it out for the default.")
     return value
 
 

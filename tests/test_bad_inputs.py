@@ -405,6 +405,10 @@ def test_a_faces_errors_name_options_as_the_face_takes_them(capsys):
     assert main(["--backend", "torch", "--memory-budget", "1KB", "--prompt", "The list"]) == 2
     err = capsys.readouterr().err
     assert "raise --memory-budget to at least " in err and "memory_budget" not in err, err
+    # Python's default (None) is what a face's user gets by leaving the option out
+    assert main(["--num-draft-tokens", "0", "--prompt", "The list"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-draft-tokens 0: use a whole number >= 1" in err and "leave it out" in err and "None" not in err, err
     assert as_options("pass dtype='float32', shard with compression='8bit', or use backend='torch'.") == \
         "pass --dtype float32, shard with --compression 8bit, or use --backend torch."
     # a value no option takes, a plain word, a path, a file name and a possessive stay as they are
