@@ -418,9 +418,9 @@ class AirModel:
                                     rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
                                     select_rows=self.backend.select_rows, stop_strings=stop_strings,
                                     tokenizer=tokenizer)
-        if past_key_values is not None:
-            note_held(past_key_values, held + seqs[0].tolist() if held is not None else None,
-                      self.cache_length(past_key_values))
+            if past_key_values is not None:  # speculative_generate keeps this record itself (also on Ctrl-C)
+                note_held(past_key_values, held + seqs[0].tolist() if held is not None else None,
+                          self.cache_length(past_key_values))
         out = restore(np.concatenate([before, seqs], axis=1))
         if return_dict_in_generate:
             return GenerateOutput(out, before.shape[1] + ids.shape[1], seqs.shape[1] - ids.shape[1], past_key_values)

@@ -27,7 +27,7 @@ import numpy as np
 from .acceptance import sampling_probs, walk_greedy, walk_sampling
 from .draft_tree import TREE_BRANCHING, Tree, ancestor_mask, grow
 from .errors import CacheTrimError, GenerationError
-from .generation import StopStrings, check_sampling
+from .generation import StopStrings, check_sampling, held_tokens, note_held
 from .session import common_prefix
 from .spec_measure import Totals
 
@@ -42,7 +42,6 @@ class DraftState:
     draft: object
     cache: object  # the draft's own KV cache
     tokens: list  # the tokens it holds, in order
-    target_tokens: "list | None"  # the tokens the target's cache holds (None: not known)
 
 
 _STATES = weakref.WeakKeyDictionary()  # target cache -> DraftState
@@ -139,14 +138,15 @@ class DraftRunner:
         self.state.tokens = self.base + tokens[: len(kept)]
 
 
-def draft_state(draft, cache, past_length: int) -> tuple:
-    """(the draft's state for this target cache, the tokens the target's cache holds or None if unknown)."""
+def draft_state(draft, cache, past_length: int, history: "list | None") -> tuple:
+    """(the draft's state for this target cache, the tokens the target's cache holds or None if unknown:
+    `history` when it is as long as the cache, else the cache's own record, generation.held_tokens)."""
     state = _STATES.get(cache) if cache is not None else None
     if state is None or state.draft is not draft or state.tokens is None:
-        state = DraftState(draft, draft.new_cache(), [], [] if past_length == 0 else None)
-    known = state.target_tokens
-    past = known[:past_length] if known is not None and len(known) >= past_length else None
-    return state, past
+        state = DraftState(draft, draft.new_cache(), [])
+    if history is not None and len(history) == past_length:
+        return state, list(history)
+    return state, held_tokens(cache, past_length)
 
 
 def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, max_new_tokens: int = 20,
@@ -177,9 +177,7 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
         streamer.put(ids)
     prompt = ids[0][mask[0] != 0].tolist()
     target_cache = cache if cache is not None else target.new_cache(1, [0])
-    state, known = draft_state(draft, cache, past_length)
-    if history is not None and len(history) == past_length:
-        known = list(history)
+    state, known = draft_state(draft, cache, past_length, history)
     seq = (known or []) + prompt  # what the draft sees: the target's tokens as far as they are known
     runner = DraftRunner(draft, state, measure, draft_probs, target.config.get("vocab_size") or 0, mode == "tree")
     limit = target.config.get("max_position_embeddings") or 1 << 62
@@ -237,11 +235,12 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
         # the tokens before the last one given out, which are known
         state.cache, state.tokens = draft.new_cache(), []
         if cache is not None:
-            state.target_tokens = seq[:-1] if new else (known if known is not None else None)
+            kept = (seq[:-1] if new else known) if known is not None else None
+            note_held(cache, kept, len(kept or []))
             _STATES[cache] = state
         raise
     if cache is not None:
-        state.target_tokens = seq[:len(known) + held - past_length] if known is not None else None
+        note_held(cache, seq if known is not None else None, held)
         _STATES[cache] = state
     if streamer is not None:
         streamer.end()

@@ -286,9 +286,10 @@ def test_chat_speculates_across_turns_through_its_kept_cache(tmp_path):
             assert (a.text, a.tokens, a.reused_tokens) == (b.text, b.tokens, b.reused_tokens)
             assert plain.cache_length() == spec.cache_length()
             assert model.speculation.last.sweeps < len(b.tokens) and "speculation:" in spec.stats()
+        from airmlx.generation import HELD
         from airmlx.speculative import _STATES
         state = _STATES[spec.cache]  # the draft kept its own cache beside the chat's, in step with it
-        assert state.target_tokens == spec.cached[: len(state.target_tokens)]
+        assert getattr(spec.cache, HELD) == spec.cached and state.tokens == spec.cached[:len(state.tokens)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
@@ -312,6 +313,9 @@ def test_ctrl_c_in_a_verify_sweep_leaves_the_chat_consistent(tmp_path, monkeypat
         monkeypatch.undo()
         assert turn.interrupted and turn.tokens
         assert session.cache_length() == len(session.cached)
+        # the cache's record of its tokens survives too, so generate can continue it transformers' way
+        from airmlx.generation import HELD
+        assert getattr(session.cache, HELD) == session.cached
         want = session.render(session.messages + [{"role": "user", "content": "Go on."}])
         after = session.send("Go on.")
         plain = model.generate([want], max_new_tokens=12, draft_model=False,
