@@ -29,6 +29,7 @@ class Arch:
     logit_multiplier: str = None
     logit_divisor: str = None
     unquantized: tuple = ()  # modules the sharder's compression leaves alone
+    unquantized_in_layers: tuple = ()  # likewise, in every decoder layer (a router mlx-lm keeps as a plain array)
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
@@ -76,6 +77,8 @@ ARCHS = {a.model_type: a for a in [
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),
     Arch("qwen2_moe", experts="mlp.experts"),
     Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
+    # DeepSeek-V3 / R1, Kimi K2: latent attention, a shared expert, grouped routing; the first layers are dense
+    Arch("deepseek_v3", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     # sliding-window layers come from config.layer_types (layer_types() below)
     Arch("gemma2", embed_scale=True, final_softcap=True),
     Arch("gemma3_text", embed_scale=True, final_softcap=True),

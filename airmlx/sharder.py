@@ -178,14 +178,21 @@ class Job:
 
 
 def quantization_for(config, arch, compression, src):
-    """The mlx-lm style quantisation config compression asks for, or None."""
+    """The mlx-lm style quantisation config compression asks for, or None. A checkpoint quantised in another
+    format (transformers' quantization_config without mlx-lm's quantization: fp8, GPTQ, AWQ, ...) is refused."""
+    foreign = config.get("quantization_config")
+    if isinstance(foreign, dict) and "quantization" not in config:
+        raise CheckpointError(f"{src} is quantised with {foreign.get('quant_method', 'an unknown method')} "
+                              "(config.json's quantization_config), which airmlx does not read; use the model's "
+                              "bf16 or fp16 checkpoint (airmlx quantises it with compression='4bit' or '8bit').")
     if not compression:
         return None
     if "quantization" in config:
         raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
     qconfig = quant.compression_config(compression)
     # mlx-lm's per-module convention: False keeps a module unquantised
-    return {**qconfig, **dict.fromkeys(arch.unquantized, False)}
+    layers = [f"{arch.layer_prefix}{i}.{m}" for i in range(config["num_hidden_layers"]) for m in arch.unquantized_in_layers]
+    return {**qconfig, **dict.fromkeys([*arch.unquantized, *layers], False)}
 
 
 def resume_state(job, verify):

@@ -184,6 +184,11 @@ ROWS = [
                  UnsupportedArchitectureError,
                  "'gpt2' is not supported .*supported: baichuan_m1, .*gemma2, .*llama, mistral, .*qwen3_moe, .*starcoder2\\.",
                  id="unsupported architecture"),
+    # DeepSeek-V3's and Kimi K2's released checkpoints are fp8 blocks with scales: airmlx read them as weights
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {
+        "model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
+        "model.safetensors")), CheckpointError, "quantised with fp8 .*does not read; use the model's bf16",
+        id="fp8 checkpoint"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "llama"},
                                                                         "pytorch_model.bin")),
                  CheckpointError, "pickle .*pass allow_pickle=True", id="pickle .bin without opt-in"),

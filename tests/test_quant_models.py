@@ -109,6 +109,21 @@ def test_4bit_runs_on_both_backends_and_agrees(converted, tmp_path, backend):
     assert np.abs(got - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
 
 
+def test_deepseek_v3s_router_stays_unquantised_and_4bit_streams_alike_on_both_backends(tmp_path):
+    """Regression: the sharder quantised DeepSeek-V3's router (a 2-D .weight), which mlx-lm keeps as a plain
+    array, so MLX refused the stage ("has shape (4, 16), the config implies (4, 64)")."""
+    make_checkpoint(tmp_path / "hf", "deepseek_v3", moe_intermediate_size=64, **SIZE)
+    out = airmlx.shard_checkpoint(tmp_path / "hf", tmp_path / "q4", compression="4bit", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        want, ref = m.generate(PROMPT, max_new_tokens=12), m.logits([PROMPT])
+    for backend in ("mlx", "torch"):
+        with airmlx.AutoModel.from_pretrained(out, backend=backend, memory_budget=minimum_budget(out, backend)) as m:
+            assert m.plan.streamed
+            assert m.generate(PROMPT, max_new_tokens=12) == want
+            assert np.abs(m.logits([PROMPT]) - ref).max() / np.abs(ref).max() < 1e-4
+    assert Manifest.load(out).config["quantization"]["model.layers.1.mlp.gate"] is False
+
+
 def test_torch_quantised_gemma_and_a_tied_head_of_other_bits_agree_with_mlx(tmp_path):
     """Regressions: the torch backend's quantised embedding kept Gemma's embed_scale out (its forward is
     replaced), and a tied head dequantised the embedding with the default bits, not the embedding's own

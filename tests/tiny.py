@@ -67,6 +67,12 @@ ARCH_CONFIGS = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                                     moe_intermediate_size=32, head_dim=16, norm_topk_prob=True,
                                                     tie_word_embeddings=False)),
+    # DeepSeek-V3: latent attention (q and kv low-rank, a decoupled rotary part), one dense layer first, then MoE
+    # layers with a shared expert and grouped routing with its score-correction bias
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=16, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False)),
     # sliding_window 8: the test prompts plus 16 new tokens run past it (and change the output);
     # smaller init: with the sqrt(hidden) embedding scale, 0.15 makes one token win every step
     "gemma2": (transformers.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
@@ -90,6 +96,11 @@ def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():  # DeepSeek-V3's routing bias, a buffer, starts at zero
+            if name.endswith("e_score_correction_bias"):
+                # positive: mlx-lm masks the groups not chosen with 0 where transformers uses -inf, which
+                # differ only when an expert's score plus its bias is below 0
+                b.add_(torch.rand_like(b) * 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(folder, **kwargs)
     save_tokenizer(folder, config.vocab_size)
