@@ -134,10 +134,14 @@ def stage_layout(config: dict, tensor_names: list) -> list:
     layers = [[] for _ in range(n)]
     head, stray = [], []
     layer_re = re.compile(re.escape(arch.layer_prefix) + r"(\d+)\.")
+    # DeepSeek-V3's and GLM-4.5's multi-token prediction layers come after the decoder's: no step runs them
+    predictors = config.get("num_nextn_predict_layers") or 0
     for t in names:
         m = layer_re.match(t)
         if m and int(m.group(1)) < n:
             layers[int(m.group(1))].append(t)
+        elif m and int(m.group(1)) < n + predictors:
+            continue
         elif t.startswith(arch.head_prefixes):
             head.append(t)
         elif not t.startswith(arch.embed_prefix):

@@ -43,6 +43,27 @@ def test_a_configs_dropout_never_runs(checkpoints, tmp_path, arch, dropout):
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
 
 
+def test_multi_token_prediction_layers_are_left_out(tmp_path):
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry num_nextn_predict_layers layers after the decoder's (layer 61
+    of DeepSeek-V3) for multi-token prediction, which neither transformers nor mlx-lm runs: the sharder
+    refused their tensors as belonging to no stage."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny import make_checkpoint
+    ref = make_checkpoint(tmp_path / "src", "deepseek_v3", num_nextn_predict_layers=1)
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    last = ref.config.num_hidden_layers - 1
+    extra = {k.replace(f"layers.{last}.", f"layers.{last + 1}."): v.clone() for k, v in weights.items()
+             if f"layers.{last}." in k}
+    extra.update({f"model.layers.{last + 1}.eh_proj.weight": torch.zeros(64, 128),
+                  f"model.layers.{last + 1}.enorm.weight": torch.ones(64)})
+    save_file({**weights, **extra}, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    for backend in BACKENDS:
+        with load(tmp_path / "src", tmp_path / backend, backend, "tight") as model:
+            assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == \
+                reference_generate(ref, PROMPT)
+
+
 @pytest.mark.parametrize("arch", MLX_LM_MATH)
 def test_mlx_matches_mlx_lm_where_its_math_differs_from_transformers(checkpoints, tmp_path, arch):
     from mlx_lm.utils import load_model
