@@ -109,10 +109,11 @@ def test_4bit_runs_on_both_backends_and_agrees(converted, tmp_path, backend):
     assert np.abs(got - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
 
 
-def test_deepseek_v3s_router_stays_unquantised_and_4bit_streams_alike_on_both_backends(tmp_path):
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_a_router_mlx_lm_keeps_as_an_array_stays_unquantised_and_4bit_streams_alike(tmp_path, arch):
     """Regression: the sharder quantised DeepSeek-V3's router (a 2-D .weight), which mlx-lm keeps as a plain
-    array, so MLX refused the stage ("has shape (4, 16), the config implies (4, 64)")."""
-    make_checkpoint(tmp_path / "hf", "deepseek_v3", moe_intermediate_size=64, **SIZE)
+    array, so MLX refused the stage ("has shape (8, 16), the config implies (8, 64)")."""
+    make_checkpoint(tmp_path / "hf", arch, moe_intermediate_size=64, **SIZE)
     out = airmlx.shard_checkpoint(tmp_path / "hf", tmp_path / "q4", compression="4bit", progress=False)
     with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
         want, ref = m.generate(PROMPT, max_new_tokens=12), m.logits([PROMPT])

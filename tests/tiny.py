@@ -73,6 +73,12 @@ ARCH_CONFIGS = {
         num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
         moe_intermediate_size=16, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False)),
+    # GLM-4.5: DeepSeek-V3's routing (one group here, as GLM-4.5 has) over grouped-query attention with partial
+    # rotary, q / k norms and qkv bias
+    "glm4_moe": (transformers.Glm4MoeConfig, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=16, n_group=1, topk_group=1, head_dim=16, use_qk_norm=True, attention_bias=True,
+        intermediate_size=64, tie_word_embeddings=False)),
     # sliding_window 8: the test prompts plus 16 new tokens run past it (and change the output);
     # smaller init: with the sqrt(hidden) embedding scale, 0.15 makes one token win every step
     "gemma2": (transformers.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
