@@ -78,6 +78,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("qwen2_moe", experts="mlp.experts"),
     Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
     # DeepSeek-V3 / R1, Kimi K2: latent attention, a shared expert, grouped routing; the first layers are dense
+    Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # DeepSeek-V2, -Coder-V2
     Arch("deepseek_v3", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     Arch("glm4_moe", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # GLM-4.5, 4.6: DeepSeek-V3's routing
     # sliding-window layers come from config.layer_types (layer_types() below)

@@ -71,6 +71,7 @@ MLX_ARCHS = {
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
+    "deepseek_v2": MLXArch("deepseek_v2", experts="mlp.switch_mlp", mask_array=True),
     "deepseek_v3": MLXArch("deepseek_v3", experts="mlp.switch_mlp", mask_array=True),
     "glm4_moe": MLXArch("glm4_moe", experts="mlp.switch_mlp"),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),

@@ -51,8 +51,8 @@ TORCH_ARCHS = {
     "ernie4_5": TorchArch(), "helium": TorchArch(), "hunyuan_v1_dense": TorchArch(), "stablelm": TorchArch(),
     "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
     "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(),
-    "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v3": TorchArch(),
-    "glm4_moe": TorchArch(),
+    "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
+    "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)

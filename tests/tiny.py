@@ -73,6 +73,14 @@ ARCH_CONFIGS = {
         num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
         moe_intermediate_size=16, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False)),
+    # DeepSeek-V2-Lite: latent attention without a low-rank q, softmax routing over all experts (greedy), YaRN
+    # rope with its attention-scale correction (mlx-lm's module takes nothing else)
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=16, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})),
     # GLM-4.5: DeepSeek-V3's routing (one group here, as GLM-4.5 has) over grouped-query attention with partial
     # rotary, q / k norms and qkv bias
     "glm4_moe": (transformers.Glm4MoeConfig, dict(
