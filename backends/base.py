@@ -160,6 +160,17 @@ def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None,
                               f"{tuple(expected)}; the checkpoint does not match its config.")
 
 
+def check_complete(entry: Any, names, owned, framework: str) -> None:
+    """A stage's tensors must fill every parameter of the framework's modules it loads (`owned`): one left out
+    would run with the module's initial values, silently (mlx-lm's phimoe has attention biases whatever the
+    config says)."""
+    missing = sorted(set(owned) - set(names))
+    if missing:
+        raise CheckpointError(f"stage {entry.name}: the checkpoint has no {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                              f"({len(missing)} tensors) that {framework} needs; config.json does not match the "
+                              "checkpoint (e.g. its attention_bias), or the framework's module differs for it.")
+
+
 def available_ram() -> int:
     """MemAvailable on Linux; free physical pages elsewhere."""
     try:

@@ -23,7 +23,7 @@ from airmlx.quant import module_params
 from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
-from .base import available_ram, check_placement, kept_tail
+from .base import available_ram, check_complete, check_placement, kept_tail
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
@@ -74,6 +74,11 @@ MLX_ARCHS = {
     "deepseek_v2": MLXArch("deepseek_v2", experts="mlp.switch_mlp", mask_array=True),
     "deepseek_v3": MLXArch("deepseek_v3", experts="mlp.switch_mlp", mask_array=True),
     "glm4_moe": MLXArch("glm4_moe", experts="mlp.switch_mlp"),
+    "glm4_moe_lite": MLXArch("glm4_moe_lite", experts="mlp.switch_mlp", mask_array=True),
+    "olmoe": MLXArch("olmoe", experts="mlp.switch_mlp"),
+    "phimoe": MLXArch("phimoe", experts="block_sparse_moe.switch_mlp",
+                      expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
+    "ernie4_5_moe": MLXArch("ernie4_5_moe", experts="mlp.switch_mlp"),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here
@@ -175,6 +180,7 @@ class MLXBackend:
             nn.quantize(self.skeleton, self.qconfig.get("group_size", 64), self.qconfig["bits"],
                         mode=self.qconfig.get("mode", "affine"), class_predicate=quantized)
         self.placeholders = dict(tree_flatten(self.skeleton.parameters()))
+        self.complete = set()  # stages whose tensors were found to fill every parameter their modules have
         # arrays the modules compute for themselves (rotary frequencies) are lazy on this thread's stream:
         # evaluated now, so any thread can run the model later
         mx.eval([v for m in self.skeleton.modules() for k, v in m.items()
@@ -296,11 +302,27 @@ class MLXBackend:
             placeholder = self.placeholders.get(n)
             check_placement(entry, n, a.shape, None if placeholder is None else placeholder.shape,
                             f"mlx-lm's {type(self.skeleton).__module__}")
+        if entry.name not in self.complete:
+            check_complete(entry, arrays, self.owned(entry, tied=module is not None),
+                           f"mlx-lm's {type(self.skeleton).__module__}")
+            self.complete.add(entry.name)
         self.skeleton.load_weights(list(arrays.items()), strict=False)
         mx.eval(list(arrays.values()))
         if entry.kind == "layer":
             module = self.skeleton.layers[layer]
         return MLXStage(entry.kind, list(arrays), nbytes, module, layer)
+
+    def owned(self, entry, tied=False):
+        """The skeleton's parameters a stage fills: its layer's (less the routed experts, read apart), or the
+        final norm's and the head's (unless the head is the embedding: its own module, made in load_stage)."""
+        if entry.kind == "layer":
+            prefixes = (f"{self.arch.layer_prefix}{entry.layer}.",)
+            experts = f"{prefixes[0]}{self.mlx_arch.experts}." if self.mlx_arch.experts else None
+        elif entry.kind == "head":
+            prefixes, experts = (f"{self.arch.norm}.",) + (() if tied else (f"{self.arch.head}.",)), None
+        else:
+            return []
+        return [n for n in self.placeholders if n.startswith(prefixes) and not (experts and n.startswith(experts))]
 
     def free_stage(self, stage):
         self.skeleton.load_weights([(n, self.placeholders[n]) for n in stage.names], strict=False)

@@ -52,7 +52,8 @@ TORCH_ARCHS = {
     "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
     "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
-    "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(),
+    "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
+    "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from airmlx.errors import CacheTrimError, UnsupportedArchitectureError
+from airmlx.errors import CacheTrimError, CheckpointError, UnsupportedArchitectureError
 
 from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
 ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5", "helium", "hunyuan_v1_dense",
          "stablelm", "nemotron", "seed_oss", "starcoder2", "gemma", "granite", "cohere", "cohere2", "mixtral",
-         "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gemma2", "gemma3_text"]
+         "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "olmoe", "phimoe",
+         "ernie4_5_moe", "gemma2", "gemma3_text"]
 # mlx-lm's math for these differs from transformers' (starcoder2: exact GELU against the tanh approximation), so
 # on MLX they are held to mlx-lm's own model on the same weights (test_mlx_matches_mlx_lm_where_its_math_differs)
 MLX_LM_MATH = ["starcoder2"]
@@ -41,6 +42,16 @@ def test_a_configs_dropout_never_runs(checkpoints, tmp_path, arch, dropout):
     folder, ref = checkpoints(arch, **dropout)
     with load(folder, tmp_path, "torch", "tight") as model:
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
+
+
+def test_mlx_refuses_a_checkpoint_that_leaves_a_modules_parameter_unfilled(checkpoints, tmp_path):
+    """mlx-lm's phimoe has attention and head biases whatever the config says: a checkpoint without them ran
+    with MLX's random initial biases, silently (found adding phimoe)."""
+    folder, _ = checkpoints("phimoe", attention_bias=False, lm_head_bias=False)
+    with pytest.raises(CheckpointError, match=r"stage layer.000: the checkpoint has no .*self_attn.k_proj.bias.* "
+                                              r"mlx-lm's mlx_lm.models.phimoe needs; config.json does not match"):
+        with load(folder, tmp_path, "mlx", "tight") as model:
+            model.generate(torch.tensor(PROMPT), max_new_tokens=2)
 
 
 def test_multi_token_prediction_layers_are_left_out(tmp_path):

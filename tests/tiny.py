@@ -81,6 +81,21 @@ ARCH_CONFIGS = {
         v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False, rope_parameters={
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
             "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})),
+    "olmoe": (transformers.OlmoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                             intermediate_size=32, tie_word_embeddings=False)),
+    # Phi-3.5-MoE: LayerNorm, biased attention and head, sparsemixer routing
+    "phimoe": (transformers.PhimoeConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                               intermediate_size=32, attention_bias=True, lm_head_bias=True,
+                                               tie_word_embeddings=False)),
+    # a dense first layer, shared experts
+    "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, dict(
+        num_hidden_layers=3, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+        moe_layer_start_index=1, head_dim=16, intermediate_size=64, tie_word_embeddings=True)),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and routing
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, num_key_value_heads=4, intermediate_size=64, tie_word_embeddings=False)),
     # GLM-4.5: DeepSeek-V3's routing (one group here, as GLM-4.5 has) over grouped-query attention with partial
     # rotary, q / k norms and qkv bias
     "glm4_moe": (transformers.Glm4MoeConfig, dict(
