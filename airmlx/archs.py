@@ -196,7 +196,21 @@ def layer_types(config):
     sliding where the architecture applies config.sliding_window to all of them)."""
     n = config["num_hidden_layers"]
     everywhere = arch_for(config).window_everywhere and config.get("sliding_window")
-    types = config.get("layer_types") or [("sliding_attention" if everywhere else "full_attention")] * n
+    types = config.get("layer_types") or layer_types_by_transformers(config) or \
+        [("sliding_attention" if everywhere else "full_attention")] * n
     if "sliding_window_layers" in config:  # baichuan_m1 lists its sliding layers instead
         types = ["sliding_attention" if i in config["sliding_window_layers"] else "full_attention" for i in range(n)]
     return list(types)[:n]
+
+
+def layer_types_by_transformers(config) -> "list | None":
+    """The layer_types transformers' config class derives where config.json lists none (configs written before
+    it did: Gemma 2 alternates, Gemma 3 and Command R7B give a sliding_window_pattern), or None."""
+    from transformers import CONFIG_MAPPING
+    if config.get("model_type") not in CONFIG_MAPPING:
+        return None
+    plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    try:
+        return getattr(CONFIG_MAPPING[config["model_type"]].from_dict(plain), "layer_types", None)
+    except Exception:  # a config transformers' class cannot take: airmlx's own default
+        return None

@@ -44,6 +44,28 @@ def test_a_configs_dropout_never_runs(checkpoints, tmp_path, arch, dropout):
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
 
 
+@pytest.mark.parametrize("arch, written", [("gemma2", {}), ("gemma3_text", {"sliding_window_pattern": 2}),
+                                           ("cohere2", {"sliding_window_pattern": 4})])
+def test_a_config_json_without_layer_types_gets_transformers_own(tmp_path, arch, written):
+    """Configs written before transformers listed layer_types (Command R7B's and Gemma 3's on the hub give a
+    sliding_window_pattern, Gemma 2's alternate by rule) ran every layer as full attention: MLX's tokens went
+    wrong past the window and a batch failed on both backends."""
+    import json
+
+    from tiny import make_checkpoint
+    ref = make_checkpoint(tmp_path / "src", arch)
+    path = tmp_path / "src" / "config.json"
+    config = json.loads(path.read_text())
+    del config["layer_types"]
+    path.write_text(json.dumps({**config, **written}))
+    want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
+    for backend in BACKENDS:
+        with load(tmp_path / "src", tmp_path / backend, backend, "tight") as model:
+            assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+            batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
+        assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+
+
 def test_mlx_refuses_a_checkpoint_that_leaves_a_modules_parameter_unfilled(checkpoints, tmp_path):
     """mlx-lm's phimoe has attention and head biases whatever the config says: a checkpoint without them ran
     with MLX's random initial biases, silently (found adding phimoe)."""
