@@ -1,5 +1,6 @@
 """Model resolution: a local folder, or a hub id fetched (or found in the cache) by huggingface_hub."""
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
     try:
         if gguf_file:  # the config and tokenizer come from the file's own metadata
             return Path(huggingface_hub.hf_hub_download(str(path_or_id), gguf_file, token=hf_token))
+        # the config and the shard index first: a model airmlx cannot run is refused before its weights download
+        head = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=["config.json", "*.index.json"],
+                                                  token=hf_token)
+        check_before_download(Path(head), path_or_id)
         local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, ignore_patterns=HUB_IGNORE,
                                                    token=hf_token)
     except GatedRepoError:
@@ -48,6 +53,20 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
     except (HfHubHTTPError, OSError) as e:
         raise ModelNotFoundError(f"{path_or_id}: download failed ({e}); check the network, or give a local folder.") from None
     return Path(local)
+
+
+def check_before_download(folder: Path, repo_id) -> None:
+    """A repo's config.json and shard index (all that `folder` may hold): an architecture airmlx does not run, or
+    weights quantised in a format it does not read, is a one-line error before gigabytes download."""
+    from .archs import arch_for
+    from .sharder import load_config, refuse_foreign_quantization
+    if not (folder / "config.json").is_file():
+        return  # the full download says what is missing
+    config = load_config(folder)
+    arch_for(config)
+    index = folder / "model.safetensors.index.json"
+    names = json.loads(index.read_text()).get("weight_map", {}) if index.is_file() else {}
+    refuse_foreign_quantization(config, dict.fromkeys(names), repo_id)
 
 
 def default_shard_dir(path_or_id, compression=None):

@@ -177,14 +177,29 @@ class Job:
         return self.out / PROGRESS_NAME
 
 
+# tensors of weights quantised in formats airmlx does not read: fp8 scales (DeepSeek-V3), GPTQ / AWQ packs,
+# bitsandbytes' states; mlx-lm's own (.scales, .biases) come with a "quantization" entry in config.json
+FOREIGN_QUANTIZED = re.compile(r"\.(weight_scale_inv|weight_scale|input_scale|qweight|qzeros|g_idx|SCB|absmax|"
+                               r"quant_map|nested_absmax|nested_quant_map|quant_state\.\w+)$")
+FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
+    """A checkpoint whose tensors (name -> safetensors dtype, or None where unknown) are quantised in another
+    format is refused in one line. A stale quantization_config over plain weights (DeepSeek's fp8-to-bf16
+    script leaves it) is not."""
+    if "quantization" in config:
+        return
+    found = next((n for n, dtype in dtypes.items() if FOREIGN_QUANTIZED.search(n) or dtype in FP8), None)
+    if found is not None:
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        raise CheckpointError(f"{src} holds weights quantised {f'with {method}' if method else 'in another format'} "
+                              f"(e.g. {found}), which airmlx does not read; use the model's bf16 or fp16 checkpoint "
+                              "(airmlx quantises it with compression='4bit' or '8bit').")
+
+
 def quantization_for(config, arch, compression, src):
-    """The mlx-lm style quantisation config compression asks for, or None. A checkpoint quantised in another
-    format (transformers' quantization_config without mlx-lm's quantization: fp8, GPTQ, AWQ, ...) is refused."""
-    foreign = config.get("quantization_config")
-    if isinstance(foreign, dict) and "quantization" not in config:
-        raise CheckpointError(f"{src} is quantised with {foreign.get('quant_method', 'an unknown method')} "
-                              "(config.json's quantization_config), which airmlx does not read; use the model's "
-                              "bf16 or fp16 checkpoint (airmlx quantises it with compression='4bit' or '8bit').")
+    """The mlx-lm style quantisation config compression asks for, or None."""
     if not compression:
         return None
     if "quantization" in config:
@@ -327,6 +342,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             files = convert_pickle_checkpoint(files, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
         job.sources = source_tensors(files)
+        refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}

@@ -94,7 +94,7 @@ def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, mon
     def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
         asked.update(repo_id=repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
         local = tmp_path / "snapshot"
-        local.mkdir()
+        local.mkdir(exist_ok=True)
         for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
                                         ignore_patterns=ignore_patterns):
             shutil.copyfile(repo / name, local / name)
@@ -108,3 +108,41 @@ def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, mon
     assert not {"consolidated.safetensors", "consolidated.00.pth"} & got
     with airmlx.AutoModel.from_pretrained(local, backend="torch") as model:
         assert len(model.generate([3, 4], max_new_tokens=2)) == 4
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"model_type": "gpt_oss"}, "model_type 'gpt_oss' is not supported"),
+    ({"quantization_config": {"quant_method": "fp8"}}, r"holds weights quantised with fp8 \(e.g. .*weight_scale_inv\)")])
+def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(checkpoints, tmp_path, monkeypatch,
+                                                                              change, error):
+    """resolve_model downloaded every weight file (690 GB for deepseek-ai/DeepSeek-V3) before the sharder
+    refused the architecture or the fp8 weights: the config and the shard index now come first."""
+    import json
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from airmlx.errors import AirmlxError
+    folder, _ = checkpoints("llama")
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo)
+    config = json.loads((repo / "config.json").read_text())
+    (repo / "config.json").write_text(json.dumps({**config, **change}))
+    weight_map = {"model.layers.0.mlp.down_proj.weight": "model-1.safetensors",
+                  "model.layers.0.mlp.down_proj.weight_scale_inv": "model-1.safetensors"}
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
+        asked.append(allow_patterns)
+        local = tmp_path / "snapshot"
+        local.mkdir(exist_ok=True)
+        for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
+                                        ignore_patterns=ignore_patterns):
+            shutil.copyfile(repo / name, local / name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(AirmlxError, match=error):
+        resolve_model("org/big")
+    assert asked == [["config.json", "*.index.json"]]
