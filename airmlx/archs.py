@@ -109,6 +109,14 @@ def arch_for(config: dict) -> Arch:
     return ARCHS[model_type]
 
 
+def unquantized_modules(config: dict) -> list:
+    """The module paths the sharder's compression leaves alone (Arch.unquantized, and
+    Arch.unquantized_in_layers in every decoder layer): mlx-lm's per-module False entries."""
+    arch = arch_for(config)
+    return [*arch.unquantized, *(f"{arch.layer_prefix}{i}.{m}" for i in range(config["num_hidden_layers"])
+                                 for m in arch.unquantized_in_layers)]
+
+
 def stage_name(kind, index=None, num_layers=0):
     if kind in ("layer", "experts"):
         name = f"layer.{index:0{max(3, len(str(num_layers - 1)))}d}"

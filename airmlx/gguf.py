@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quant
-from .archs import arch_for, stage_layout
+from .archs import arch_for, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, UnsupportedArchitectureError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .tensorfile import DTYPE_SIZES, TensorInfo
@@ -450,8 +450,8 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         model = open_gguf(path)
         config = dict(model.config)
         arch = arch_for(config)
-        if qconfig and arch.unquantized:
-            qconfig = {**qconfig, **dict.fromkeys(arch.unquantized, False)}
+        if qconfig:
+            qconfig = {**qconfig, **dict.fromkeys(unquantized_modules(config), False)}
         layout = stage_layout(config, list(model.tensors))
         if qconfig:
             storage = STORAGE[model.dtype]

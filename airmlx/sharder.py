@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import arch_for, expert_index, stage_layout
+from .archs import arch_for, expert_index, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .stagefile import (
@@ -198,7 +198,7 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
                               "(airmlx quantises it with compression='4bit' or '8bit').")
 
 
-def quantization_for(config, arch, compression, src):
+def quantization_for(config, compression, src):
     """The mlx-lm style quantisation config compression asks for, or None."""
     if not compression:
         return None
@@ -206,8 +206,7 @@ def quantization_for(config, arch, compression, src):
         raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
     qconfig = quant.compression_config(compression)
     # mlx-lm's per-module convention: False keeps a module unquantised
-    layers = [f"{arch.layer_prefix}{i}.{m}" for i in range(config["num_hidden_layers"]) for m in arch.unquantized_in_layers]
-    return {**qconfig, **dict.fromkeys([*arch.unquantized, *layers], False)}
+    return {**qconfig, **dict.fromkeys(unquantized_modules(config), False)}
 
 
 def resume_state(job, verify):
@@ -326,7 +325,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
     config = load_config(src)
-    qconfig = quantization_for(config, arch_for(config), compression, src)
+    arch_for(config)  # an architecture airmlx does not run is said before anything else
+    qconfig = quantization_for(config, compression, src)
     try:
         originals = weight_files(src, allow_pickle)
     except CheckpointError:
