@@ -26,6 +26,25 @@ def fake_cache(src, repo_id):
     (root / "refs" / "main").write_text(commit)
 
 
+def fake_hub(monkeypatch, repo, local):
+    """huggingface_hub.snapshot_download as the hub answers for a repo holding the files of folder `repo`
+    (patterns applied by huggingface_hub's own filter), downloading into `local`; returns the calls' arguments."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
+        asked.append(dict(repo_id=repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        local.mkdir(exist_ok=True)
+        for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
+                                        ignore_patterns=ignore_patterns):
+            shutil.copyfile(repo / name, local / name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return asked
+
+
 def test_local_folder_resolves_to_itself(tmp_path):
     assert resolve_model(tmp_path) == tmp_path
 
@@ -81,28 +100,15 @@ def test_unknown_backend_and_device(checkpoints):
 def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, monkeypatch):
     """mistralai repos hold the weights twice: the HF files and consolidated.safetensors (mistral-inference's
     layout). snapshot_download is asked for the first only (patterns applied by huggingface_hub's own filter)."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
     folder, _ = checkpoints("mistral")
     repo = tmp_path / "repo"  # the hub repo's files
     shutil.copytree(folder, repo)
     shutil.copyfile(folder / "model.safetensors", repo / "consolidated.safetensors")
     (repo / "consolidated.00.pth").write_bytes(b"pickle")
     (repo / "params.json").write_text("{}")
-    asked = {}
-
-    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
-        asked.update(repo_id=repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
-        local = tmp_path / "snapshot"
-        local.mkdir(exist_ok=True)
-        for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
-                                        ignore_patterns=ignore_patterns):
-            shutil.copyfile(repo / name, local / name)
-        return str(local)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    asked = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
     local = resolve_model("mistralai/Tiny-v0.1", allow_pickle=True)
-    assert asked["repo_id"] == "mistralai/Tiny-v0.1"
+    assert asked[-1]["repo_id"] == "mistralai/Tiny-v0.1"
     got = {p.name for p in local.iterdir()}
     assert "model.safetensors" in got and "tokenizer.json" in got and "params.json" in got
     assert not {"consolidated.safetensors", "consolidated.00.pth"} & got
@@ -119,9 +125,6 @@ def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(ch
     refused the architecture or the fp8 weights: the config and the shard index now come first."""
     import json
 
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
     from airmlx.errors import AirmlxError
     folder, _ = checkpoints("llama")
     repo = tmp_path / "repo"
@@ -131,18 +134,7 @@ def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(ch
     weight_map = {"model.layers.0.mlp.down_proj.weight": "model-1.safetensors",
                   "model.layers.0.mlp.down_proj.weight_scale_inv": "model-1.safetensors"}
     (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    asked = []
-
-    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, token=None, **kwargs):
-        asked.append(allow_patterns)
-        local = tmp_path / "snapshot"
-        local.mkdir(exist_ok=True)
-        for name in filter_repo_objects([p.name for p in repo.iterdir()], allow_patterns=allow_patterns,
-                                        ignore_patterns=ignore_patterns):
-            shutil.copyfile(repo / name, local / name)
-        return str(local)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    asked = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
     with pytest.raises(AirmlxError, match=error):
         resolve_model("org/big")
-    assert asked == [["config.json", "*.index.json"]]
+    assert [a["allow_patterns"] for a in asked] == [["config.json", "*.index.json"]]
