@@ -76,6 +76,29 @@ class WholePrompt:
         self.streamer.end()
 
 
+class Given:
+    """A streamer in front of another (or of none) that keeps the token ids put through it: the prompt that ran,
+    then each new token, so what a cache holds is known if the run is cut short (Ctrl-C)."""
+
+    def __init__(self, streamer=None):
+        self.streamer, self.ids = streamer, []
+
+    def put(self, ids):
+        self.ids.extend(np.asarray(ids).reshape(-1).tolist())
+        if self.streamer is not None:
+            self.streamer.put(ids)
+
+    def end(self):
+        if self.streamer is not None:
+            self.streamer.end()
+
+    def certainly_held(self, prompt_length: int) -> list:
+        """The ids a cut-short run certainly left in its cache: the prompt and every new token but the last one
+        given out (a sweep cut short left some layers longer), or none of them before a new token came."""
+        new = self.ids[prompt_length:]
+        return self.ids[:prompt_length] + new[:-1] if new else []
+
+
 def is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 

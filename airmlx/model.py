@@ -17,6 +17,7 @@ from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
 from .generation import (
     GenerateOutput,
+    Given,
     WholePrompt,
     check_seed,
     forget_held,
@@ -413,11 +414,18 @@ class AirModel:
                                         history=held, repeatable=seed is not None)
         else:
             self.speculation.last = Totals()  # no rounds: the stats line shows none from an earlier call
-            seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
-                                    eos_token_id=eos, pad_token_id=pad, use_cache=use_cache, streamer=streamer,
-                                    rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,
-                                    select_rows=self.backend.select_rows, stop_strings=stop_strings,
-                                    tokenizer=tokenizer)
+            given = Given(streamer) if held is not None else None
+            try:
+                seqs = self._token_loop(ids, mask, micro_batches, max_new_tokens=max_new_tokens, **sampling,
+                                        eos_token_id=eos, pad_token_id=pad, use_cache=use_cache,
+                                        streamer=given or streamer, rng=np.random.default_rng(seed),
+                                        cache=past_key_values, past_length=past, select_rows=self.backend.select_rows,
+                                        stop_strings=stop_strings, tokenizer=tokenizer)
+            except BaseException:
+                if given is not None:  # trim_cache to its length, and the record is right again
+                    kept = held + given.certainly_held(ids.shape[1])
+                    note_held(past_key_values, kept, len(kept))
+                raise
             if past_key_values is not None:  # speculative_generate keeps this record itself (also on Ctrl-C)
                 note_held(past_key_values, held + seqs[0].tolist() if held is not None else None,
                           self.cache_length(past_key_values))

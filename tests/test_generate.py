@@ -220,6 +220,38 @@ def test_a_cache_continues_from_the_whole_conversation_as_in_transformers(model,
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_cut_short_generate_leaves_a_cache_that_continues_in_transformers_way(model, backend, monkeypatch):
+    """Ctrl-C in a sweep: the cache certainly holds the prompt and every new token but the last one given out,
+    and trimmed to that it continues from the whole conversation. Its record of its tokens was left stale, so
+    the whole conversation ran again after the cached tokens, silently."""
+    m = airmlx.AutoModel.from_pretrained(model[0].shard_dir, backend=backend)
+    cache = m.new_cache()
+    first = m.generate(PROMPT[:4], max_new_tokens=3, past_key_values=cache)
+    stages, calls, inner = len(m.plan.stage_bytes), {"n": 0}, m.backend.run_stage
+
+    def run_stage(stage, x, ctx):  # the fourth sweep of the call, half-way through its layers
+        calls["n"] += 1
+        if calls["n"] == 3 * stages + stages // 2:
+            raise KeyboardInterrupt
+        return inner(stage, x, ctx)
+
+    given = []
+    streamer = type("Streamer", (), {"put": lambda self, ids: given.extend(np.asarray(ids).reshape(-1).tolist()),
+                                     "end": lambda self: None})()
+    monkeypatch.setattr(m.backend, "run_stage", run_stage)
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(first + [60, 7], max_new_tokens=8, past_key_values=cache, streamer=streamer)
+    monkeypatch.undo()
+    new = given[len(first) + 2:]
+    assert len(new) == 3
+    m.trim_cache(cache, len(first) + 2 + len(new) - 1)
+    conversation = first + [60, 7] + new[:-1] + [41]
+    assert m.generate(conversation, max_new_tokens=6, past_key_values=cache) == \
+        m.generate(conversation, max_new_tokens=6)
+    m.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_a_left_padded_row_continues_a_cache_as_in_transformers(model, backend):
     """One left-padded row with its mask and a cache: on MLX the padding took positions in a fresh cache (other
     tokens than without one), and a second turn's mask over the whole conversation was cut at the cached part."""
