@@ -3,6 +3,7 @@
 One entry per architecture. The model math lives in mlx-lm and transformers; each backend keeps its own
 table of the framework modules that run an architecture and the workarounds they need.
 """
+import copy
 import re
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ class Arch:
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
     # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
-    # Mistral, Phi-3, Mixtral and Qwen3-MoE pick their mask by `sliding_window is None`)
+    # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)
     window_everywhere: bool = False
 
     @property
@@ -67,7 +68,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("stablelm"),
     Arch("nemotron"),
     Arch("seed_oss"),
-    Arch("starcoder2"),  # LayerNorm, biases, an ungated GELU MLP
+    Arch("starcoder2", window_everywhere=True),  # LayerNorm, biases, an ungated GELU MLP; sliding_window 4096
     Arch("gemma", embed_scale=True),  # Gemma 1: RMSNorm with weight + 1, a GELU-gated MLP, tied head
     Arch("granite", embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
     Arch("cohere", logit_multiplier="logit_scale"),  # Command-R: LayerNorm, attention and MLP in parallel
@@ -79,7 +80,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
     # DeepSeek-V3 / R1: latent attention, a shared expert, grouped routing; the first layers are dense
     Arch("olmoe", experts="mlp.experts"),
-    Arch("phimoe", experts="block_sparse_moe.experts"),  # Phi-3.5-MoE: LayerNorm, sparsemixer routing
+    Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
     Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # DeepSeek-V2, -Coder-V2
     Arch("glm4_moe_lite", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # DeepSeek-V3's design
@@ -174,8 +175,8 @@ def stage_layout(config: dict, tensor_names: list) -> list:
     if not tied and not has_head:
         raise CheckpointError("config.json says tie_word_embeddings is false but the checkpoint has no "
                               f"{arch.head}.weight; the checkpoint is incomplete.")
-    if tied:
-        head = [t for t in head if not t.startswith(arch.head + ".")] + embed
+    if tied:  # the embedding is the head's weight; a bias of its own (ERNIE 4.5 with use_bias) stays
+        head = [t for t in head if t not in {f"{arch.head}.{k}" for k in ("weight", "scales", "biases")}] + embed
     stages = [("embed", "embed", embed)]
     for i, ts in enumerate(layers):
         routed = [t for t in ts if expert_index(arch, t) is not None]
@@ -217,8 +218,12 @@ def layer_types_by_transformers(config) -> "list | None":
     from transformers import CONFIG_MAPPING
     if config.get("model_type") not in CONFIG_MAPPING:
         return None
-    plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
     try:
         return getattr(CONFIG_MAPPING[config["model_type"]].from_dict(plain), "layer_types", None)
-    except Exception:  # a config transformers' class cannot take: airmlx's own default
-        return None
+    except Exception as e:
+        if config.get("sliding_window"):  # its layers' windows cannot be told: refused, not guessed
+            raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
+                                  f"({' '.join(str(e).split())}), "
+                                  "so which layers slide cannot be told; fix config.json.") from None
+        return None  # airmlx's own default

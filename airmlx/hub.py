@@ -64,8 +64,10 @@ def check_before_download(folder: Path, repo_id) -> None:
         return  # the full download says what is missing
     config = load_config(folder)
     arch_for(config)
-    index = folder / "model.safetensors.index.json"
-    names = json.loads(index.read_text()).get("weight_map", {}) if index.is_file() else {}
+    try:
+        names = json.loads((folder / "model.safetensors.index.json").read_text()).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):  # none (one weights file), or damaged: the sharder reads the files
+        names = {}
     refuse_foreign_quantization(config, dict.fromkeys(names), repo_id)
 
 

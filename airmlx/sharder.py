@@ -178,9 +178,11 @@ class Job:
 
 
 # tensors of weights quantised in formats airmlx does not read: fp8 scales (DeepSeek-V3), GPTQ / AWQ packs,
-# bitsandbytes' states; mlx-lm's own (.scales, .biases) come with a "quantization" entry in config.json
+# bitsandbytes' states, EXL2, HQQ and AQLM codes; mlx-lm's own (.scales, .biases) come with a "quantization"
+# entry in config.json
 FOREIGN_QUANTIZED = re.compile(r"\.(weight_scale_inv|weight_scale|input_scale|qweight|qzeros|g_idx|SCB|absmax|"
-                               r"quant_map|nested_absmax|nested_quant_map|quant_state\.\w+)$")
+                               r"quant_map|nested_absmax|nested_quant_map|quant_state\.\w+|q_weight|q_scale|"
+                               r"q_invperm|W_q|codes|codebooks)$")
 FP8 = ("F8_E4M3", "F8_E5M2")
 
 
@@ -334,15 +336,18 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             return out
         raise
     job = Job(src, out, config, qconfig, originals)
+    pickled = originals[0].suffix == ".bin"
+    if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
+        job.sources = source_tensors(originals)
+        refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
-        files = originals
-        if files[0].suffix == ".bin":
+        if pickled:
             from .legacy import convert_pickle_checkpoint
-            files = convert_pickle_checkpoint(files, out / LEGACY_DIR)
+            files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
-        job.sources = source_tensors(files)
-        refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
+            job.sources = source_tensors(files)
+            refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}

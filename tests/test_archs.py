@@ -66,6 +66,32 @@ def test_a_config_json_without_layer_types_gets_transformers_own(tmp_path, arch,
         assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
 
 
+def test_layer_types_leave_the_config_as_it_was_and_refuse_one_transformers_cannot_read():
+    import copy
+
+    from airmlx.archs import layer_types
+    config = {"model_type": "gemma2", "num_hidden_layers": 2, "sliding_window": 8,
+              "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    before = copy.deepcopy(config)
+    assert layer_types(config) == ["sliding_attention", "full_attention"] and config == before
+    with pytest.raises(CheckpointError, match="transformers' gemma2 config cannot read it .*which layers slide"):
+        layer_types({**config, "num_attention_heads": "four", "head_dim": "x"})
+
+
+def test_a_tied_heads_own_bias_is_kept(checkpoints, tmp_path):
+    """ERNIE 4.5 with use_bias: the head is the embedding, plus a bias of its own, which the sharder dropped
+    with the head's weight (torch: a meta tensor; MLX ran without it, silently). mlx-lm's tied head has no
+    bias, so MLX refuses it in one line."""
+    folder, ref = checkpoints("ernie4_5_moe", use_bias=True)
+    assert ref.config.tie_word_embeddings and ref.lm_head.bias is not None
+    with load(folder, tmp_path / "torch", "torch", "tight") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == \
+            reference_generate(ref, PROMPT)
+    with pytest.raises(CheckpointError, match="lm_head.bias' has no place in mlx-lm"):
+        with load(folder, tmp_path / "mlx", "mlx", "tight") as model:
+            model.generate(torch.tensor(PROMPT), max_new_tokens=2)
+
+
 def test_mlx_refuses_a_checkpoint_that_leaves_a_modules_parameter_unfilled(checkpoints, tmp_path):
     """mlx-lm's phimoe has attention and head biases whatever the config says: a checkpoint without them ran
     with MLX's random initial biases, silently (found adding phimoe)."""

@@ -100,6 +100,12 @@ def fp8_checkpoint(ctx, scales=True):
     return folder
 
 
+def test_a_refused_checkpoint_leaves_no_shard_folder_behind(ctx):
+    with pytest.raises(CheckpointError, match="holds weights quantised with fp8"):
+        airmlx.shard_checkpoint(fp8_checkpoint(ctx), ctx.tmp / "out", progress=False)
+    assert not (ctx.tmp / "out").exists()
+
+
 def test_a_stale_quantization_config_over_plain_weights_is_not_refused(ctx):
     with airmlx.AutoModel.from_pretrained(fp8_checkpoint(ctx, scales=False), backend="torch") as model:
         assert model.generate([3, 4], max_new_tokens=4) == ctx.model.generate([3, 4], max_new_tokens=4)

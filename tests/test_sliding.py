@@ -15,11 +15,15 @@ LONG = [[5, 17, 33, 2, 9, 60, 7, 41, 12, 30, 22, 8, 3, 4, 71, 19]]  # 16 tokens:
 SLACK = 64  # tokens a sliding layer keeps beyond its window (backends/*: TRIM_SLACK)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch, extra", [("mistral", {}), ("phi3", {}), ("mixtral", {}),
-                                         ("qwen3_moe", {"use_sliding_window": True})])
+EVERY_LAYER = [(arch, extra, backend) for arch, extra in [
+    ("mistral", {}), ("phi3", {}), ("mixtral", {}), ("qwen3_moe", {"use_sliding_window": True}), ("phimoe", {}),
+    ("starcoder2", {})] for backend in BACKENDS if (arch, backend) != ("starcoder2", "mlx")]  # mlx-lm's exact GELU
+
+
+@pytest.mark.parametrize("arch, extra, backend", EVERY_LAYER, ids=[f"{a}-{b}" for a, _, b in EVERY_LAYER])
 def test_a_window_on_every_layer_matches_transformers(checkpoints, tmp_path, arch, extra, backend):
-    """Mistral-7B-v0.1 (4096) and Phi-3-*-4k (2047) ship sliding_window and no layer_types."""
+    """Mistral-7B-v0.1 (4096), Phi-3-*-4k (2047) and StarCoder2 (4096) ship sliding_window and no layer_types;
+    phimoe and starcoder2 were registered without it (found by QA)."""
     folder, ref = checkpoints(arch, sliding_window=8, **extra)
     assert ref.config.sliding_window == 8 and not getattr(ref.config, "layer_types", None) or \
         set(ref.config.layer_types) == {"sliding_attention"}
