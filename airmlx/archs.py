@@ -204,7 +204,9 @@ def layer_types(config):
     """Per layer: "full_attention" or "sliding_attention" (transformers' config.layer_types, or every layer
     sliding where the architecture applies config.sliding_window to all of them)."""
     n = config["num_hidden_layers"]
-    everywhere = arch_for(config).window_everywhere and config.get("sliding_window")
+    # Qwen3-MoE's config keeps a sliding_window its use_sliding_window turns off
+    everywhere = arch_for(config).window_everywhere and config.get("sliding_window") and \
+        config.get("use_sliding_window", True)
     types = config.get("layer_types") or layer_types_by_transformers(config) or \
         [("sliding_attention" if everywhere else "full_attention")] * n
     if "sliding_window_layers" in config:  # baichuan_m1 lists its sliding layers instead

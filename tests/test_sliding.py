@@ -34,6 +34,21 @@ def test_a_window_on_every_layer_matches_transformers(checkpoints, tmp_path, arc
         assert_last_logits_match(model, ref, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_its_config_turns_off_is_not_applied(checkpoints, tmp_path, backend):
+    """A Qwen3-MoE config.json with use_sliding_window false and a sliding_window value: transformers applies no
+    window; airmlx applied it (torch raised, MLX's tokens differed past it). Found by QA."""
+    import json
+    import shutil
+    folder, ref = checkpoints("qwen3_moe")
+    shutil.copytree(folder, tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_sliding_window": False, "sliding_window": 8}))
+    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="1GB") as model:
+        assert model.generate(torch.tensor(LONG), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, LONG)
+
+
 def fresh_logits(model, seq):
     seq = np.array([seq])
     return model.step(seq, np.ones_like(seq), model.new_cache())
