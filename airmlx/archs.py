@@ -3,7 +3,6 @@
 One entry per architecture. The model math lives in mlx-lm and transformers; each backend keeps its own
 table of the framework modules that run an architecture and the workarounds they need.
 """
-import copy
 import re
 from dataclasses import dataclass
 
@@ -207,25 +206,8 @@ def layer_types(config):
     # Qwen3-MoE's config keeps a sliding_window its use_sliding_window turns off
     everywhere = arch_for(config).window_everywhere and config.get("sliding_window") and \
         config.get("use_sliding_window", True)
-    types = config.get("layer_types") or layer_types_by_transformers(config) or \
-        [("sliding_attention" if everywhere else "full_attention")] * n
+    types = config.get("layer_types") or [("sliding_attention" if everywhere else "full_attention")] * n
     if "sliding_window_layers" in config:  # baichuan_m1 lists its sliding layers instead
         types = ["sliding_attention" if i in config["sliding_window_layers"] else "full_attention" for i in range(n)]
     return list(types)[:n]
 
-
-def layer_types_by_transformers(config) -> "list | None":
-    """The layer_types transformers' config class derives where config.json lists none (configs written before
-    it did: Gemma 2 alternates, Gemma 3 and Command R7B give a sliding_window_pattern), or None."""
-    from transformers import CONFIG_MAPPING
-    if config.get("model_type") not in CONFIG_MAPPING:
-        return None
-    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
-    try:
-        return getattr(CONFIG_MAPPING[config["model_type"]].from_dict(plain), "layer_types", None)
-    except Exception as e:
-        if config.get("sliding_window"):  # its layers' windows cannot be told: refused, not guessed
-            raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
-                                  f"({' '.join(str(e).split())}), "
-                                  "so which layers slide cannot be told; fix config.json.") from None
-        return None  # airmlx's own default

@@ -8,6 +8,7 @@ using that layer's KV cache), "head" (hidden -> logits of the last position). A 
 Both backends are built the same way: Backend(manifest, device=None, dtype=None, trust_remote_code=False,
 code_dir=None); tests/test_layout.py checks that both satisfy this protocol.
 """
+import copy
 import os
 from typing import Any, Protocol, runtime_checkable
 
@@ -189,3 +190,22 @@ def kept_tail(positions) -> tuple:
     positions = np.asarray(positions, dtype=np.int64)
     moved = np.flatnonzero(positions != np.arange(len(positions)))
     return positions, int(moved[0]) if moved.size else len(positions)
+
+
+def with_layer_types(config: dict) -> dict:
+    """config, with the layer_types transformers' config class derives where config.json lists none (configs
+    written before it did: Gemma 2 alternates, Gemma 3 and Command R7B give a sliding_window_pattern), so both
+    backends and airmlx.archs.layer_types see what transformers would run."""
+    from transformers import CONFIG_MAPPING
+    if config.get("layer_types") is not None or config.get("model_type") not in CONFIG_MAPPING:
+        return config
+    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
+    try:
+        types = getattr(CONFIG_MAPPING[config["model_type"]].from_dict(plain), "layer_types", None)
+    except Exception as e:
+        if config.get("sliding_window"):  # its layers' windows cannot be told: refused, not guessed
+            raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
+                                  f"({' '.join(str(e).split())}), "
+                                  "so which layers slide cannot be told; fix config.json.") from None
+        return config  # airmlx's own default
+    return {**config, "layer_types": list(types)} if types else config

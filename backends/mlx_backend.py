@@ -23,7 +23,7 @@ from airmlx.quant import module_params
 from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
-from .base import available_ram, check_complete, check_placement, kept_tail
+from .base import available_ram, check_complete, check_placement, kept_tail, with_layer_types
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
@@ -146,7 +146,7 @@ class MLXBackend:
 
     def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
         """trust_remote_code and code_dir are the torch backend's: mlx-lm has a module for every family."""
-        config = manifest.config
+        config = with_layer_types(manifest.config)
         if device is not None:
             if device not in ("gpu", "cpu"):
                 raise BackendError(f"device {device!r} is not an MLX device; use 'gpu' or 'cpu'.")

@@ -26,7 +26,7 @@ from airmlx.errors import BackendError, CacheTrimError
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
-from .base import available_ram, check_placement, kept_tail
+from .base import available_ram, check_placement, kept_tail, with_layer_types
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -139,7 +139,7 @@ class TorchBackend:
 
     def __init__(self, manifest, device=None, dtype=None, trust_remote_code=False, code_dir=None):
         """code_dir: the shard folder, which holds a remote-code checkpoint's .py files."""
-        config = manifest.config
+        config = with_layer_types(manifest.config)
         self.arch = arch = arch_for(config)
         self.torch_arch = TORCH_ARCHS[config["model_type"]]
         remote = arch.remote_code and config["model_type"] not in CONFIG_MAPPING

@@ -70,12 +70,13 @@ def test_layer_types_leave_the_config_as_it_was_and_refuse_one_transformers_cann
     import copy
 
     from airmlx.archs import layer_types
+    from airmlx.backends.base import with_layer_types
     config = {"model_type": "gemma2", "num_hidden_layers": 2, "sliding_window": 8,
               "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     before = copy.deepcopy(config)
-    assert layer_types(config) == ["sliding_attention", "full_attention"] and config == before
+    assert layer_types(with_layer_types(config)) == ["sliding_attention", "full_attention"] and config == before
     with pytest.raises(CheckpointError, match="transformers' gemma2 config cannot read it .*which layers slide"):
-        layer_types({**config, "num_attention_heads": "four", "head_dim": "x"})
+        with_layer_types({**config, "num_attention_heads": "four", "head_dim": "x"})
 
 
 def test_a_tied_heads_own_bias_is_kept(checkpoints, tmp_path):
