@@ -77,14 +77,15 @@ ARCHS = {a.model_type: a for a in [
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),
     Arch("qwen2_moe", experts="mlp.experts"),
     Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
-    # DeepSeek-V3 / R1: latent attention, a shared expert, grouped routing; the first layers are dense
     Arch("olmoe", experts="mlp.experts"),
     Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
-    Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # DeepSeek-V2, -Coder-V2
-    Arch("glm4_moe_lite", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # DeepSeek-V3's design
+    # DeepSeek-V2 / V3 / R1: latent attention, a shared expert, (grouped) routing; the first layers are dense.
+    # Their router is a plain array in mlx-lm, so compression leaves it alone
+    Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     Arch("deepseek_v3", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     Arch("glm4_moe", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # GLM-4.5, 4.6: DeepSeek-V3's routing
+    Arch("glm4_moe_lite", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # GLM-4.7-Flash: DeepSeek-V3's
     # sliding-window layers come from config.layer_types (layer_types() below)
     Arch("gemma2", embed_scale=True, final_softcap=True),
     Arch("gemma3_text", embed_scale=True, final_softcap=True),
