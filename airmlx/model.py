@@ -224,8 +224,8 @@ class AirModel:
               progress: bool | None = None):
         """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
         token ids), layer-major: the model is read about once per pass, not once per request. The result
-        also carries .bytes_read and .passes. See airmlx.scoring. progress: a bar per pass (default: the
-        model's own, from_pretrained(progress=))."""
+        also carries .passes and .bytes_read (what the passes read, the resident stages' first loads left out).
+        See airmlx.scoring. progress: a bar per pass (default: the model's own, from_pretrained(progress=))."""
         from .scoring import score
         return score(self, requests, batch_size=batch_size, max_tokens=max_tokens,
                      progress=self.progress if progress is None else progress)

@@ -9,12 +9,14 @@ import numpy as np
 
 from .errors import GenerationError
 from .generation import is_int
+from .model import swept_bytes
 
 DEFAULT_HIDDEN_BYTES = 512 << 20  # hidden states of one pass kept in memory
 
 
 class Scores(list):
-    """[(log-likelihood, is_greedy)] per request, plus what the run cost."""
+    """[(log-likelihood, is_greedy)] per request, plus what the run cost: the passes, and the bytes their sweeps
+    read (the resident stages' first loads left out, as in generate's stats line)."""
     bytes_read = 0
     passes = 0
 
@@ -82,7 +84,7 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
     results = Scores([None] * len(encoded))
-    before = model.bytes_read
+    before = swept_bytes(model.memory_stats())
     pad = model.pad_token_id or 0
     passes = make_passes([len(t) for t, _ in encoded], batch_size, max_tokens)
     for n, batches in enumerate(passes):
@@ -103,6 +105,6 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
                 results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens))
 
         model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
-    results.bytes_read = model.bytes_read - before
+    results.bytes_read = swept_bytes(model.memory_stats()) - before
     results.passes = len(passes)
     return results
