@@ -41,6 +41,14 @@ class GenerationError(AirmlxError, ValueError):
     """Invalid generation inputs: empty prompt, bad sampling values, prompt too long."""
 
 
+class RequestError(GenerationError):
+    """One of several requests (score()'s) is invalid: `number` is its index, `problem` the rest of the message."""
+
+    def __init__(self, number: int, problem: str):
+        super().__init__(f"request {number}{problem}")
+        self.number, self.problem = number, problem
+
+
 class CacheTrimError(GenerationError):
     """A KV cache cannot be rolled back that far exactly (its sliding-window layers no longer hold the tokens)."""
 

@@ -7,12 +7,11 @@ Each line of REQUESTS.jsonl (or stdin, for -) is {"text": ...}, every token afte
 out is {"loglikelihood": ..., "is_greedy": ...}, in the requests' order (model.score, airmlx/scoring.py).
 """
 import json
-import re
 import sys
 import time
 
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
-from .errors import GenerationError, OptionError
+from .errors import GenerationError, OptionError, RequestError
 from .units import format_bytes
 
 
@@ -77,11 +76,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             scores = model.score(requests, batch_size=args.batch_size, max_tokens=args.max_tokens)
-        except GenerationError as e:  # "request N ..." -> "FILE line L ..."
-            named = re.match(r"request (\d+)", str(e))
-            if named is None:
-                raise
-            raise GenerationError(f"{source} line {numbers[int(named[1])]}{str(e)[named.end():]}") from None
+        except RequestError as e:  # named by its line, not its index
+            raise GenerationError(f"{source} line {numbers[e.number]}{e.problem}") from None
         seconds = time.perf_counter() - start
         if args.profile:
             print(model.profile_report(show=False), file=sys.stderr)

@@ -7,7 +7,7 @@ stage runs all of a pass's batches before the next stage is read.
 """
 import numpy as np
 
-from .errors import GenerationError
+from .errors import GenerationError, RequestError
 from .generation import is_int
 from .model import swept_bytes
 
@@ -32,16 +32,16 @@ def encode(request, tokenizer, number: int = 0):
         part = part.tolist() if hasattr(part, "tolist") else part  # a tensor or array of ids
         if isinstance(part, (list, tuple)) and all(is_int(t) for t in part):
             return [int(t) for t in part]
-        raise GenerationError(f"request {number} ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
-                              "(context, continuation) pairs of either.")
+        raise RequestError(number, f" ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
+                                   "(context, continuation) pairs of either.")
 
     tokens = ids(context, True)
     start = 1 if continuation is None else len(tokens)
     if continuation is not None:
         tokens = tokens + ids(continuation, False)
     if start < 1 or len(tokens) <= start:
-        raise GenerationError(f"request {number} ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
-                              "context token and one scored token.")
+        raise RequestError(number, f" ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
+                                   "context token and one scored token.")
     return tokens, start
 
 
@@ -77,10 +77,10 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
         try:
             model.check_vocabulary(np.array(tokens, dtype=np.int64))
         except GenerationError as e:
-            raise GenerationError(f"request {number}: {e}") from None
+            raise RequestError(number, f": {e}") from None
         if context and len(tokens) > context:
-            raise GenerationError(f"request {number} has {len(tokens)} tokens, more than the model's context of "
-                                  f"{context}; shorten it.")
+            raise RequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
+                                       f"{context}; shorten it.")
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
     results = Scores([None] * len(encoded))
