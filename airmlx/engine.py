@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from .errors import CacheTrimError, ModelClosedError
+from .errors import CacheTrimError, GenerationError, ModelClosedError
 from .generation import sample
 from .requests import Delta, Failed, Finished, Group, QueueFullError, Request, RequestError, Sampling, charge
 from .session import common_prefix, stop_token_ids
@@ -54,7 +54,6 @@ class Engine:
         self.keep_caches, self.log_prompts = keep_caches, log_prompts
         self.tokenizer = model.tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
-        self.vocab = len(self.tokenizer)
         self.per_token = model.kv_bytes_per_token
         self.draft, self.headroom = getattr(model, "draft", None), 0
         if self.draft is not None:  # every cache may get a draft cache beside it, and a verify sweep's proposals
@@ -100,9 +99,10 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full, and
         RequestError for a prompt this model cannot take (its max_tokens capped by the context, as check())."""
-        if max(request.prompt) >= self.vocab:
-            raise RequestError(f"the prompt holds token ids outside this model's vocabulary (0..{self.vocab - 1}).",
-                               param="prompt")
+        try:
+            self.model.check_vocabulary(np.array(request.prompt, dtype=np.int64))
+        except GenerationError as e:
+            raise RequestError(f"the prompt's {e}", param="prompt") from None
         request.max_tokens = self.check(len(request.prompt), request.max_tokens)
         request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
         request.headroom = self.headroom

@@ -41,7 +41,7 @@ class GenerationError(AirmlxError, ValueError):
     """Invalid generation inputs: empty prompt, bad sampling values, prompt too long."""
 
 
-class RequestError(GenerationError):
+class ScoreRequestError(GenerationError):
     """One of several requests (score()'s) is invalid: `number` is its index, `problem` the rest of the message."""
 
     def __init__(self, number: int, problem: str):

@@ -11,7 +11,7 @@ import sys
 import time
 
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
-from .errors import GenerationError, OptionError, RequestError
+from .errors import GenerationError, OptionError, ScoreRequestError
 from .units import format_bytes
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             scores = model.score(requests, batch_size=args.batch_size, max_tokens=args.max_tokens)
-        except RequestError as e:  # named by its line, not its index
+        except ScoreRequestError as e:  # named by its line, not its index
             raise GenerationError(f"{source} line {numbers[e.number]}{e.problem}") from None
         seconds = time.perf_counter() - start
         if args.profile:

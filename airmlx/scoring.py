@@ -7,7 +7,7 @@ stage runs all of a pass's batches before the next stage is read.
 """
 import numpy as np
 
-from .errors import GenerationError, RequestError
+from .errors import GenerationError, ScoreRequestError
 from .generation import is_int
 from .model import swept_bytes
 
@@ -32,7 +32,7 @@ def encode(request, tokenizer, number: int = 0):
         part = part.tolist() if hasattr(part, "tolist") else part  # a tensor or array of ids
         if isinstance(part, (list, tuple)) and all(is_int(t) for t in part):
             return [int(t) for t in part]
-        raise RequestError(number, f" ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
+        raise ScoreRequestError(number, f" ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
                                    "(context, continuation) pairs of either.")
 
     tokens = ids(context, True)
@@ -40,7 +40,7 @@ def encode(request, tokenizer, number: int = 0):
     if continuation is not None:
         tokens = tokens + ids(continuation, False)
     if start < 1 or len(tokens) <= start:
-        raise RequestError(number, f" ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
+        raise ScoreRequestError(number, f" ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
                                    "context token and one scored token.")
     return tokens, start
 
@@ -77,9 +77,9 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
         try:
             model.check_vocabulary(np.array(tokens, dtype=np.int64))
         except GenerationError as e:
-            raise RequestError(number, f": {e}") from None
+            raise ScoreRequestError(number, f": {e}") from None
         if context and len(tokens) > context:
-            raise RequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
+            raise ScoreRequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
                                        f"{context}; shorten it.")
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)

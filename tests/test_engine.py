@@ -201,6 +201,8 @@ def test_the_engine_refuses_from_python_what_the_server_refuses(shards):
                 with pytest.raises(RequestError) as refused:
                     make(engine)
                 assert refused.value.param == param and "\n" not in str(refused.value)
+            with pytest.raises(RequestError, match="token id 96 is outside the model's vocabulary"):
+                engine.submit(Request([5, 96], 5, Sampling(), Collect()))  # the model's own check, as generate's
             request = Request(PROMPTS[0], 10**4, Sampling(), Collect())
             engine.submit(request)
             assert request.max_tokens == engine.context - len(PROMPTS[0])  # capped by the context, as check() does

@@ -66,7 +66,7 @@ def test_text_requests_use_the_tokenizer_and_bad_requests_fail(checkpoints, tmp_
         ids = model.tokenizer("w3 w4")["input_ids"]
         (direct, _), = model.score([(ids, [5, 6])], progress=False)
         assert loglik == pytest.approx(direct, rel=1e-6)
-        with pytest.raises(airmlx.errors.RequestError, match="^request 1 .* nothing to score") as e:
+        with pytest.raises(airmlx.errors.ScoreRequestError, match="^request 1 .* nothing to score") as e:
             model.score([[5, 6], [5]], progress=False)
         assert e.value.number == 1 and isinstance(e.value, airmlx.errors.GenerationError)
 
