@@ -1,4 +1,5 @@
 """Model resolution: a local folder, or a hub id fetched (or found in the cache) by huggingface_hub."""
+import glob
 import hashlib
 import json
 import re
@@ -32,8 +33,14 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
-        if gguf_file:  # the config and tokenizer come from the file's own metadata
-            return Path(huggingface_hub.hf_hub_download(str(path_or_id), gguf_file, token=hf_token))
+        if gguf_file:  # the config and tokenizer come from the file's own metadata; only that file downloads
+            # (snapshot_download, not hf_hub_download: without a network that retried for 24 s before failing)
+            local = Path(huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=[glob.escape(gguf_file)],
+                                                           token=hf_token)) / gguf_file
+            if not local.is_file():
+                raise ModelNotFoundError(f"{path_or_id} has no file {gguf_file} (or, offline, the Hugging Face cache "
+                                         "lacks it); check gguf_file (--gguf-file) against the repo's files.")
+            return local
         # the config and the shard index first: a model airmlx cannot run is refused before its weights download
         head = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=["config.json", "*.index.json"],
                                                   token=hf_token)

@@ -138,3 +138,22 @@ def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(ch
     with pytest.raises(AirmlxError, match=error):
         resolve_model("org/big")
     assert [a["allow_patterns"] for a in asked] == [["config.json", "*.index.json"]]
+
+
+def test_a_hub_gguf_without_a_network_fails_at_once(tmp_path, monkeypatch):
+    """Regression: a hub id with gguf_file= and no network retried for 24 s (hf_hub_download's backoff) before
+    its error; a file the repo lacks is named."""
+    import time
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="cannot be reached"):
+        resolve_model("org/tiny-GGUF", gguf_file="tiny.Q4.gguf")
+    assert time.perf_counter() - start < 10
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "tiny.Q4.gguf").write_bytes(b"GGUF")
+    fake_cache(tmp_path / "repo", "org/tiny-GGUF")  # cached, but without the file asked for
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="has no file other.gguf"):
+        resolve_model("org/tiny-GGUF", gguf_file="other.gguf")
