@@ -44,7 +44,7 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
         # the config and the shard index first: a model airmlx cannot run is refused before its weights download
         head = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=["config.json", "*.index.json"],
                                                   token=hf_token)
-        check_before_download(Path(head), path_or_id)
+        check_before_download(Path(head), path_or_id, hf_token)
         local = huggingface_hub.snapshot_download(str(path_or_id), allow_patterns=patterns, ignore_patterns=HUB_IGNORE,
                                                    token=hf_token)
     except GatedRepoError:
@@ -62,7 +62,7 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
     return Path(local)
 
 
-def check_before_download(folder: Path, repo_id) -> None:
+def check_before_download(folder: Path, repo_id, token=None) -> None:
     """A repo's config.json and shard index (all that `folder` may hold): an architecture airmlx does not run, or
     weights quantised in a format it does not read, is a one-line error before gigabytes download."""
     from .archs import arch_for
@@ -72,10 +72,24 @@ def check_before_download(folder: Path, repo_id) -> None:
     config = load_config(folder)
     arch_for(config)
     try:
-        names = json.loads((folder / "model.safetensors.index.json").read_text()).get("weight_map", {})
-    except (OSError, ValueError, AttributeError):  # none (one weights file), or damaged: the sharder reads the files
-        names = {}
-    refuse_foreign_quantization(config, dict.fromkeys(names), repo_id)
+        names = dict.fromkeys(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError):  # one weights file (or a damaged index): ask for its header
+        names = remote_tensor_dtypes(repo_id, token)
+    refuse_foreign_quantization(config, names, repo_id)
+
+
+def remote_tensor_dtypes(repo_id, token=None) -> dict:
+    """{tensor name: dtype} of a hub repo's safetensors weights, read from their headers by range requests; {}
+    offline, or where the hub cannot say (the full download then says what is wrong)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return {}
+    try:
+        meta = huggingface_hub.get_safetensors_metadata(str(repo_id), token=token)
+    except Exception:  # not a safetensors repo, no network, a refusal: none of them is this check's to report
+        return {}
+    return {name: info.dtype for file in meta.files_metadata.values() for name, info in file.tensors.items()}
 
 
 def default_shard_dir(path_or_id, compression=None):

@@ -1,6 +1,8 @@
 """Model resolution through huggingface_hub, offline: local folders, the cache, and clear failures."""
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,7 +43,19 @@ def fake_hub(monkeypatch, repo, local):
             shutil.copyfile(repo / name, local / name)
         return str(local)
 
+    def get_safetensors_metadata(repo_id, token=None, **kwargs):  # the headers, as the hub's range requests read
+        asked.append(dict(repo_id=repo_id, headers=True))
+        files = {}
+        for path in repo.glob("*.safetensors"):
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            tensors = {n: SimpleNamespace(dtype=t["dtype"]) for n, t in header.items() if n != "__metadata__"}
+            files[path.name] = SimpleNamespace(tensors=tensors)
+        return SimpleNamespace(files_metadata=files)
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return asked
 
 
@@ -138,6 +152,28 @@ def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(ch
     with pytest.raises(AirmlxError, match=error):
         resolve_model("org/big")
     assert [a["allow_patterns"] for a in asked] == [["config.json", "*.index.json"]]
+
+
+def test_a_one_file_hub_model_quantised_elsewhere_is_refused_before_its_weights_download(checkpoints, tmp_path,
+                                                                                          monkeypatch):
+    """A repo of one weights file has no index to name its tensors: their names and dtypes now come from the
+    file's header (huggingface_hub's range requests), so fp8 weights are refused before the download, not after."""
+    from safetensors.torch import load_file, save_file
+
+    from airmlx.errors import CheckpointError
+    folder, _ = checkpoints("llama")
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo)
+    tensors = load_file(repo / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].to(
+        torch.float8_e4m3fn)
+    save_file(tensors, repo / "model.safetensors")
+    asked = fake_hub(monkeypatch, repo, tmp_path / "snapshot")
+    with pytest.raises(CheckpointError, match="quantised .*down_proj.weight"):
+        resolve_model("org/one-file-fp8")
+    assert [a.get("allow_patterns") for a in asked] == [["config.json", "*.index.json"], None]  # no weights
+    save_file(load_file(folder / "model.safetensors"), repo / "model.safetensors")  # plain weights download
+    assert (resolve_model("org/one-file") / "model.safetensors").is_file()
 
 
 def test_a_hub_gguf_without_a_network_fails_at_once(tmp_path, monkeypatch):
