@@ -200,6 +200,13 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
                               "(airmlx quantises it with compression='4bit' or '8bit').")
 
 
+def checked_sources(files, config: dict, src) -> dict:
+    """source_tensors(files), once refuse_foreign_quantization has found none quantised in another format."""
+    sources = source_tensors(files)
+    refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
+    return sources
+
+
 def quantization_for(config, compression, src):
     """The mlx-lm style quantisation config compression asks for, or None."""
     if not compression:
@@ -338,16 +345,14 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     job = Job(src, out, config, qconfig, originals)
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
-        job.sources = source_tensors(originals)
-        refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
+        job.sources = checked_sources(originals, config, src)
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         if pickled:
             from .legacy import convert_pickle_checkpoint
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
-            job.sources = source_tensors(files)
-            refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in job.sources.items()}, src)
+            job.sources = checked_sources(files, config, src)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
