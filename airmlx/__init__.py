@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 _ERRORS = ["AirmlxError", "ModelNotFoundError", "UnsupportedArchitectureError", "CheckpointError", "CorruptShardError",
            "InsufficientDiskSpaceError", "BudgetError", "BackendError", "OptionError", "GenerationError",
-           "CacheTrimError", "ModelClosedError", "DraftModelError"]
+           "ScoreRequestError", "CacheTrimError", "ModelClosedError", "DraftModelError"]
 _EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "shard_checkpoint": ".sharder", "DEMO_MODEL": ".hub",
             "ChatSession": ".session", **dict.fromkeys(_ERRORS, ".errors")}
 __all__ = list(_EXPORTS)
