@@ -6,6 +6,7 @@ model take turns; close() cancels a running call at its next step and waits for 
 import functools
 import json
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -398,6 +399,10 @@ class AirModel:
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
                                   f"{limit}; shorten it.")
+        if limit and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens > limit:
+            warnings.warn(f"generating up to {max_new_tokens} tokens after {past + ids.shape[1]} runs past the model's "
+                          f"context of {limit}: it generates on, as transformers does, but the model was not trained on "
+                          "positions beyond it (lower max_new_tokens to stay within it).", stacklevel=2)
         sampling = resolve_sampling(self.generation_config, do_sample=do_sample, temperature=temperature,
                                     top_k=top_k, top_p=top_p)
         if stop_strings is not None and tokenizer is None:

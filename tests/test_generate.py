@@ -568,3 +568,17 @@ def test_the_stats_line_reads_per_step_what_the_sweeps_read_not_the_resident_sta
         read = (model.memory_stats()["bytes_read"] - model.plan.resident_bytes) / model.scheduler.steps
         assert per_step <= read <= per_step + ahead / model.scheduler.steps
         assert f"| read {format_bytes(read)} per step" in model.stats_line(3, [10.0, 11.0], start=10.0)
+
+
+def test_generating_past_the_context_warns(model):
+    """Left alone before: the Python generate ran past max_position_embeddings without a word (transformers'
+    generate does too; the CLIs refuse it)."""
+    import warnings
+    model, _ = model
+    limit = model.config["max_position_embeddings"]
+    prompt = [5] * (limit - 4)
+    with pytest.warns(UserWarning, match=f"runs past the model's context of {limit}"):
+        model.generate([prompt], max_new_tokens=5, eos_token_id=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate([prompt], max_new_tokens=4, eos_token_id=-1)
