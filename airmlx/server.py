@@ -100,14 +100,17 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     async def collect(request, req, events, meta):
         job = meta[0]
         text, entries = [], []
+        checked = time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     req.cancel()
                     return error("the client went away.", 499)
-                continue
             if isinstance(event, Delta):
                 text.append(event.text)
                 entries += event.logprobs

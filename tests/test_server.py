@@ -442,3 +442,21 @@ def test_prompts_are_logged_only_when_asked(model, caplog):
         finally:
             engine.stop()
             engine.join(30)
+
+
+def test_a_client_that_stops_waiting_for_a_whole_answer_leaves_the_batch(live, model, monkeypatch):
+    """Regression (QA): a request answered whole checked its client only when no token had come for a second,
+    so one whose client had gone ran on to its last token while tokens kept coming."""
+    import httpx
+
+    import airmlx.server
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    _, new = expected(model, ids, 200)
+    assert len(new) == 200  # no EOS: the request would run long after its client went
+    monkeypatch.setattr(airmlx.server, "DISCONNECT_POLL_S", 0.02)
+    gone_before = live.engine.stats()["disconnected"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + "/v1/completions", timeout=0.1,
+                   json=dict(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0))
+    live.settle()
+    assert live.engine.stats()["disconnected"] == gone_before + 1
