@@ -2,12 +2,16 @@
 and the engine's events turned into OpenAI's response, chunk and error objects. Used by airmlx/server.py.
 
 Fields outside the API that the server takes: `top_k` (sample among the k most likely tokens). Fields the
-server ignores: `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`. Fields it refuses unless
-left at their defaults: `n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, `tools`,
-`response_format` (a 400 that names the field).
+server ignores: those in IGNORED (`user`, `metadata`, ...). Fields it refuses unless left at their defaults:
+`n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, `tools`, `response_format`, and what is not text
+(`modalities`, `audio`, ...). Any other field is refused, as OpenAI refuses one it does not know (a 400 that
+names the field).
 """
+import codecs
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from .generation import is_int, is_number
@@ -23,7 +27,15 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_pe
                "response_format": None}
 # what clients send for "none of that" besides leaving a field out (LangChain sends logit_bias {})
 ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_choice": ("none",),
-                "response_format": ({"type": "text"},)}
+                "response_format": ({"type": "text"},), "modalities": (["text"],)}
+# OpenAI's fields that change nothing here; any other field is refused, as OpenAI refuses one it does not know
+# (a sampler's extra such as repetition_penalty or min_p would otherwise be ignored without a word)
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier"}
+TAKEN = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+         "stream_options", "logprobs"}
+CHAT_ONLY = {"messages", "top_logprobs"}
+OUTSIDE_TEXT = {"modalities", "audio", "prediction", "reasoning_effort", "web_search_options", "verbosity"}
 
 
 @dataclass
@@ -68,6 +80,15 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     if model not in served:
         raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
                            "(GET /v1/models).", param="model", status=400)
+    known = TAKEN | IGNORED | UNSUPPORTED.keys() | OUTSIDE_TEXT | (CHAT_ONLY if chat else {"prompt"})
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(f"{unknown[0]} is not a field this server takes (see the README, \"Server\"); leave it "
+                           "out.", param=unknown[0])
+    for name in OUTSIDE_TEXT & body.keys():
+        if body[name] not in (None, *ALSO_DEFAULT.get(name, ())):
+            raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server (text only); "
+                               "leave it out.", param=name)
     for name, default in UNSUPPORTED.items():
         if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
@@ -165,26 +186,66 @@ def completion_job(body: dict, tokenizer, served: list, generation_config: dict,
 
 
 # -- responses ------------------------------------------------------------------------------------------
-def token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode([token])
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's piece for one byte
 
 
-def completion_logprobs(tokenizer, entries: list, offset: int) -> dict:
-    """Legacy completions' logprobs for (token, logprob, top) entries; offset: characters sent before them."""
-    tokens = [token_text(tokenizer, t) for t, _, _ in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-            "top_logprobs": [{token_text(tokenizer, t): _finite(lp) for t, lp in top} for _, _, top in entries],
-            "text_offset": offsets}
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The token's own bytes: its text, or, where that is part of a character (it decodes to U+FFFD), the bytes
+    its vocabulary piece stands for (sentencepiece's <0xNN> byte fallback, or byte-level BPE's alphabet)."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str) and (byte := BYTE_FALLBACK.fullmatch(piece)):
+        return bytes([int(byte[1], 16)])
+    alphabet = byte_level_alphabet()
+    if isinstance(piece, str) and piece and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return text.encode()
+
+
+@functools.cache
+def byte_level_alphabet() -> dict:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, as transformers converts it) -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def shown(raw: bytes) -> str:
+    """A token as OpenAI's logprobs name it: its text, or `bytes:\\xNN...` where its bytes are not whole
+    characters (so tokens holding different parts of a character keep different names)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TextOffsets:
+    """Each token's character offset in the text, carried across a stream's chunks: a token that starts inside
+    a character starts where that character does."""
+
+    def __init__(self):
+        self.decoder, self.offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
+
+    def next(self, raw: bytes) -> int:
+        start = self.offset
+        self.offset += len(self.decoder.decode(raw))
+        return start
+
+
+def completion_logprobs(tokenizer, entries: list, offsets: TextOffsets) -> dict:
+    """Legacy completions' logprobs for (token, logprob, top) entries; offsets: where the text stands."""
+    raw = [token_bytes(tokenizer, t) for t, _, _ in entries]
+    return {"tokens": [shown(r) for r in raw], "token_logprobs": [_finite(lp) for _, lp, _ in entries],
+            "top_logprobs": [{shown(token_bytes(tokenizer, t)): _finite(lp) for t, lp in top}
+                             for _, _, top in entries],
+            "text_offset": [offsets.next(r) for r in raw]}
 
 
 def chat_logprobs(tokenizer, entries: list) -> dict:
     def one(t, lp):
-        text = token_text(tokenizer, t)
-        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode())}
+        raw = token_bytes(tokenizer, t)
+        return {"token": shown(raw), "logprob": _finite(lp), "bytes": list(raw)}
     return {"content": [{**one(t, lp), "top_logprobs": [one(u, q) for u, q in top]} for t, lp, top in entries]}
 
 

@@ -90,12 +90,12 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                                      headers={"Cache-Control": "no-cache"})
         return await collect(request, req, events, meta)
 
-    def logprobs_of(job, entries, offset):
+    def logprobs_of(job, entries, offsets):
         if job.logprobs is None:
             return None
         with engine.tokenizer_lock:
             return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
-                api.completion_logprobs(engine.tokenizer, entries, offset)
+                api.completion_logprobs(engine.tokenizer, entries, offsets)
 
     async def collect(request, req, events, meta):
         job = meta[0]
@@ -119,11 +119,11 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             elif isinstance(event, Finished):
                 used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
                 return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
-                                                 logprobs_of(job, entries, 0)))
+                                                 logprobs_of(job, entries, api.TextOffsets())))
 
     async def stream(req, events, meta):
         job = meta[0]
-        sent = 0
+        offsets = api.TextOffsets()  # where each token starts, text held back for a stop string included
         try:
             if job.chat:
                 yield sse(api.chunk(*meta, None, role=True))
@@ -132,8 +132,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                 if isinstance(event, Delta):
                     if not event.text and not event.logprobs:
                         continue
-                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, event.logprobs, sent)))
-                    sent += len(event.text)
+                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, event.logprobs, offsets)))
                 elif isinstance(event, Failed):
                     yield sse(api.error_body(event.message, event.status))
                     break

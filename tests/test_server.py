@@ -153,6 +153,46 @@ def test_completion_logprobs_are_the_models(live, model):
     assert len(r.choices[0].logprobs.content) == 2 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
 
 
+def test_streamed_text_offsets_count_the_text_held_back_for_a_stop_string(live, model):
+    """Regression (QA): a stream's text_offset counted only the text already sent, so tokens whose text was
+    held back (it could begin a stop string) all got the same, wrong offset."""
+    text, new = expected(model, model.tokenizer(PROMPT)["input_ids"], 10)
+    ask = dict(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=1, stop=[text + "Q"])
+    whole = live.client.completions.create(**ask).choices[0].logprobs
+    chunks = live.client.completions.create(**ask, stream=True)
+    streamed = [o for ch in chunks if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+    pieces = [model.tokenizer.decode([t]) for t in new]
+    assert whole.text_offset == streamed == [sum(map(len, pieces[:i])) for i in range(10)]
+
+
+def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_own_bytes():
+    """Regression (QA): such a token was shown as U+FFFD with U+FFFD's bytes, so the bytes of several tokens
+    could not be joined back into the character, and a completion's top_logprobs kept one of several such
+    tokens (they shared the key)."""
+    from transformers import AutoTokenizer
+
+    from airmlx import openai_api as api
+    tok = AutoTokenizer.from_pretrained(airmlx.DEMO_MODEL)  # byte-level BPE
+    text = "“quoted” ü 😊"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    entries = [(t, -1.0, [(t, -1.0), (u, -2.0)]) for t, u in zip(ids, ids[1:] + ids[:1])]
+    content = api.chat_logprobs(tok, entries)["content"]
+    assert bytes(b for c in content for b in c["bytes"]).decode() == text
+    assert any(c["token"].startswith("bytes:\\x") for c in content)
+    legacy = api.completion_logprobs(tok, entries, api.TextOffsets())
+    assert all(len(top) == 2 for top in legacy["top_logprobs"])  # different parts keep different names
+    assert legacy["text_offset"][-1] == len(text) - 1  # the emoji's four tokens start where it does
+    assert legacy["text_offset"][-4] == legacy["text_offset"][-1]
+
+    class ByteFallback:  # a sentencepiece tokenizer's pieces for "é": two bytes, no character alone
+        def decode(self, ids):
+            return {0: "\ufffd", 1: "\ufffd", 2: " x"}[ids[0]]
+
+        def convert_ids_to_tokens(self, token):
+            return ["<0xC3>", "<0xA9>", "▁x"][token]
+    assert [api.token_bytes(ByteFallback(), t) for t in range(3)] == [b"\xc3", b"\xa9", b" x"]
+
+
 def test_a_seed_samples_as_generate_does(live, model):
     ids = model.tokenizer(PROMPT)["input_ids"]
     want = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, seed=5)
@@ -290,6 +330,12 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "w5"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    # fields OpenAI's API does not have were ignored without a word (QA): a sampler's extras change the output
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "repetition_penalty": 1.5}, 400, "repetition_penalty"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "min_p": 0.1}, 400, "min_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "modalities": ["text", "audio"]}, 400,
+     "modalities"),
     ("/v1/nowhere", {}, 404, None),
 ]
 
@@ -314,7 +360,8 @@ def test_a_developer_message_is_rendered_as_a_system_message(model):
 
 def test_unsupported_fields_at_their_defaults_are_accepted(live):
     """Regression: logit_bias {} (LangChain's default), tool_choice "none" and response_format text were 400s."""
-    for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []}):
+    for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []},
+                  {"modalities": ["text"]}, {"user": "u1", "metadata": {"k": "v"}, "store": False}):
         r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
                        json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **field})
         assert r.status_code == 200, (field, r.text)
