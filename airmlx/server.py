@@ -49,8 +49,8 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     def authorised(request) -> bool:
         if api_key is None:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
 
     async def health(request):
         stats = engine.stats()

@@ -387,6 +387,9 @@ def test_an_api_key_is_asked_for_when_set(model):
             server.client.models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
         assert good.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+        r = httpx.post(server.url + "/v1/completions", headers={"Authorization": "bearer sesame"},  # RFC 7235: any case
+                       json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 200, r.text
 
 
 def test_a_flood_beyond_the_queue_gets_503_with_retry_after(model):
