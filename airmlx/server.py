@@ -60,8 +60,19 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     async def models(request):
         if not authorised(request):
             return error("a valid API key is needed: send the header 'Authorization: Bearer <key>'.", 401)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "airmlx"} for name in served[:1]]})
+        return JSONResponse({"object": "list", "data": [model_object(name) for name in served[:1]]})
+
+    async def one_model(request):  # the client's models.retrieve(name)
+        if not authorised(request):
+            return error("a valid API key is needed: send the header 'Authorization: Bearer <key>'.", 401)
+        name = request.path_params["name"]
+        if name not in served:
+            return error(f"model {json.dumps(name)[:80]} is not served here; use one of {served[:1]} (GET /v1/models).",
+                         404, "model")
+        return JSONResponse(model_object(name))
+
+    def model_object(name):
+        return {"id": name, "object": "model", "created": started, "owned_by": "airmlx"}
 
     def make_job(chat, body):
         with engine.tokenizer_lock:
@@ -155,7 +166,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     async def http_error(request, exc):
         return error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)
 
-    routes = [Route("/health", health), Route("/v1/models", models),
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{name:path}", one_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -358,6 +358,13 @@ def test_a_developer_message_is_rendered_as_a_system_message(model):
         {"role": "system", "content": "w3 w4"}] + MESSAGES)
 
 
+def test_a_client_retrieves_the_served_model(live):
+    """Regression (QA): GET /v1/models/{id} was a 404, so the client's models.retrieve failed."""
+    assert live.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        live.client.models.retrieve("other/model")
+
+
 def test_unsupported_fields_at_their_defaults_are_accepted(live):
     """Regression: logit_bias {} (LangChain's default), tool_choice "none" and response_format text were 400s."""
     for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []},
