@@ -249,6 +249,11 @@ class AirModel:
         return self.store.bytes_read
 
     @property
+    def swept_bytes_read(self) -> int:
+        """Of bytes_read, what the sweeps read: less the resident stages' first loads and the disk measurements."""
+        return swept_bytes(self.memory_stats())
+
+    @property
     def backend_name(self) -> str:
         return self.backend.name
 

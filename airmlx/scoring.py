@@ -9,7 +9,6 @@ import numpy as np
 
 from .errors import GenerationError, ScoreRequestError
 from .generation import is_int
-from .model import swept_bytes
 
 DEFAULT_HIDDEN_BYTES = 512 << 20  # hidden states of one pass kept in memory
 
@@ -84,7 +83,7 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     hidden = model.config.get("hidden_size", 4096)
     max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
     results = Scores([None] * len(encoded))
-    before = swept_bytes(model.memory_stats())
+    before = model.swept_bytes_read
     pad = model.pad_token_id or 0
     passes = make_passes([len(t) for t, _ in encoded], batch_size, max_tokens)
     for n, batches in enumerate(passes):
@@ -105,6 +104,6 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
                 results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens))
 
         model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
-    results.bytes_read = swept_bytes(model.memory_stats()) - before
+    results.bytes_read = model.swept_bytes_read - before
     results.passes = len(passes)
     return results
