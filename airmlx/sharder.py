@@ -22,6 +22,7 @@ from . import quant
 from .archs import arch_for, expert_index, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .multimodal import LANGUAGE_MODELS, WRAPPED, language_model_config, language_model_tensor
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -55,9 +56,12 @@ def load_config(src):
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json; point airmlx at a Hugging Face model folder.")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
+    if isinstance(config, dict) and config.get("model_type") in LANGUAGE_MODELS:
+        return language_model_config(config)  # transformers' config class fills in the defaults
+    return config
 
 
 def weight_files(src, allow_pickle=False):
@@ -203,6 +207,8 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
 def checked_sources(files, config: dict, src) -> dict:
     """source_tensors(files), once refuse_foreign_quantization has found none quantised in another format."""
     sources = source_tensors(files)
+    if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
+        sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
     return sources
 

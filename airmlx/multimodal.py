@@ -1,0 +1,68 @@
+"""Image-text checkpoints whose language model airmlx runs on its own: text in, text out.
+
+Gemma 3 (4B and larger) and Mistral Small 3.1 / 3.2 ship their language model inside an image-text model
+(`Gemma3ForConditionalGeneration`, `Mistral3ForConditionalGeneration`). The language model is an ordinary
+text-only model of a registered architecture; the sharder takes its config (transformers' config class fills
+in what config.json leaves to defaults) and its tensors, named as the text-only model names them, and leaves
+the vision tower and the projector out. On text the output is the image-text model's own.
+"""
+import copy
+import re
+
+# image-text model_types whose language model (config.text_config: gemma3_text, mistral, ...) airmlx runs
+LANGUAGE_MODELS = ("gemma3", "mistral3")
+# where the language model's tensors sit: as released ("language_model.model."), as transformers 5 names them
+# in memory ("model.language_model."); the head is "language_model.lm_head" or "lm_head"
+RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+           ("model.language_model.", "model."))
+OTHER_PARTS = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+# the key the language model's config keeps, so the sharder knows to rename the tensors
+WRAPPED = "airmlx_language_model_of"
+# what the image-text config holds for the whole model and its language model's config may lack
+KEPT = ("dtype", "torch_dtype", "quantization", "quantization_config", "bos_token_id", "eos_token_id",
+        "pad_token_id")
+
+
+def language_model_config(config: dict) -> dict:
+    """The config of the language model inside an image-text model's config (config unchanged for any other)."""
+    if config.get("model_type") not in LANGUAGE_MODELS:
+        return config
+    from transformers import AutoConfig
+
+    from .errors import CheckpointError
+    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
+    try:
+        text = AutoConfig.for_model(**plain).text_config.to_dict()
+    except Exception as e:
+        raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
+                              f"({' '.join(str(e).split())}); fix config.json.") from None
+    # transformers ties the image-text model's head to the embedding by the outer config's flag (default true),
+    # unless the checkpoint holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too
+    text.pop("tie_word_embeddings", None)
+    kept = {k: rename_quantization(config[k]) if k == "quantization" else config[k]
+            for k in KEPT if config.get(k) is not None}
+    return {**text, **kept, WRAPPED: config["model_type"]}
+
+
+def language_model_tensor(name: str) -> "str | None":
+    """An image-text checkpoint's tensor name as the language model names it; None for the other parts'."""
+    if OTHER_PARTS.match(name):
+        return None
+    for old, new in RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def rename_quantization(quantization):
+    """mlx-lm's quantisation config, its per-module entries renamed as the tensors are (the others dropped)."""
+    if not isinstance(quantization, dict):
+        return quantization
+    out = {}
+    for key, value in quantization.items():
+        if isinstance(value, (dict, bool)):  # a module's own setting, keyed by its path
+            key = language_model_tensor(key)
+            if key is None:
+                continue
+        out[key] = value
+    return out

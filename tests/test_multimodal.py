@@ -1,0 +1,101 @@
+"""Image-text checkpoints (Gemma 3, Mistral Small 3.1) run as their language model: on text, streamed greedy
+output, last-step logits and a batch match transformers' own image-text model on the same random weights."""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import airmlx
+from airmlx.errors import AirmlxError
+from airmlx.manifest import Manifest
+
+from tiny import (
+    ARCH_CONFIGS,
+    BACKENDS,
+    BASE,
+    BATCH,
+    NEW_TOKENS,
+    PROMPT,
+    assert_last_logits_match,
+    load,
+    reference_generate,
+    save_tokenizer,
+)
+
+VISION = {"gemma3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=28, patch_size=14),
+          "mistral3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, head_dim=8)}
+TEXT = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+WRAPPERS = {"gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration),
+            "mistral3": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration)}
+
+
+def make_image_text_checkpoint(folder, kind):
+    """A random image-text model of `kind` saved as transformers saves it (the released layout:
+    language_model.model.*, vision_tower.*, multi_modal_projector.*); returns the model."""
+    config_cls, model_cls = WRAPPERS[kind]
+    text = {**BASE, **ARCH_CONFIGS[TEXT[kind]][1], "model_type": TEXT[kind]}
+    # Gemma 3 ties its head to the embedding; Mistral Small 3.1 has a head of its own
+    config = config_cls(text_config=text, vision_config=VISION[kind],
+                        **({"mm_tokens_per_image": 4} if kind == "gemma3" else {"tie_word_embeddings": False}))
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    model.save_pretrained(folder)
+    save_tokenizer(folder, BASE["vocab_size"])
+    return model
+
+
+@pytest.mark.parametrize("kind", list(WRAPPERS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_image_text_checkpoint_runs_as_its_language_model(tmp_path, kind, backend):
+    folder = tmp_path / "src"
+    ref = make_image_text_checkpoint(folder, kind)
+    names = load_file(folder / "model.safetensors")
+    assert any(n.startswith("vision_tower.") for n in names) and any(n.startswith("language_model.") for n in names)
+    want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
+    with load(folder, tmp_path, backend, "tight") as model:
+        assert model.config["model_type"] == TEXT[kind] and model.plan.streamed
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+        assert_last_logits_match(model, ref, want)
+        batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
+    assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+    stored = [t for stage in Manifest.load(tmp_path / "shards").stages for t in stage.tensors]
+    assert stored and not [t for t in stored if "vision" in t or "projector" in t or "language_model" in t]
+
+
+def test_transformers_in_memory_names_and_a_quantised_copy_work_too(tmp_path):
+    """transformers 5 names the parts model.language_model.* and lm_head in memory; a checkpoint saved that way
+    runs the same, and so does a 4-bit copy of either."""
+    folder = tmp_path / "src"
+    ref = make_image_text_checkpoint(folder, "mistral3")
+    in_memory = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                 ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")]
+
+    def rename(name):
+        old, new = next((o, n) for o, n in in_memory if name.startswith(o))
+        return new + name[len(old):]
+    tensors = {rename(n): t for n, t in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors")
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in tensors and "lm_head.weight" in tensors
+    want = reference_generate(ref, PROMPT)
+    with load(folder, tmp_path, "torch", "tight") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+    out = airmlx.shard_checkpoint(folder, tmp_path / "q", compression="4bit", progress=False)
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as model:
+        assert len(model.generate(PROMPT, max_new_tokens=4)[0]) == len(PROMPT[0]) + 4
+
+
+@pytest.mark.parametrize("change, error", [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+                                           ({"model_type": "no-such-model"}, "transformers' mistral3 config cannot")])
+def test_a_language_model_airmlx_cannot_run_is_one_line(tmp_path, change, error):
+    folder = tmp_path / "src"
+    make_image_text_checkpoint(folder, "mistral3")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AirmlxError, match=error) as refused:
+        airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    assert "\n" not in str(refused.value) and not (tmp_path / "s").exists()
