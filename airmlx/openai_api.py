@@ -206,9 +206,11 @@ def token_bytes(tokenizer, token: int) -> bytes:
 
 @functools.cache
 def byte_level_alphabet() -> dict:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, as transformers converts it) -> byte."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    return {char: byte for byte, char in bytes_to_unicode().items()}
+    """Byte-level BPE's stand-in character for each byte -> the byte. GPT-2's scheme: the printable Latin-1
+    bytes stand for themselves, the others for the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 def shown(raw: bytes) -> str:

@@ -191,6 +191,8 @@ def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_own_bytes()
         def convert_ids_to_tokens(self, token):
             return ["<0xC3>", "<0xA9>", "▁x"][token]
     assert [api.token_bytes(ByteFallback(), t) for t in range(3)] == [b"\xc3", b"\xa9", b" x"]
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the table byte-level tokenizers use
+    assert api.byte_level_alphabet() == {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def test_a_seed_samples_as_generate_does(live, model):
