@@ -352,6 +352,9 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
         job.sources = checked_sources(originals, config, src)
+        if not verify and hosts == 1 and pipeline_split is None and (manifest := finished_folder(job)):
+            finish_delete(src, out, originals, manifest, delete_original)
+            return out  # nothing written, no lock taken: a shard folder on a read-only disk opens
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         if pickled:
@@ -377,6 +380,19 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
                 manifest = finalise(job)
         finish_delete(src, out, originals, manifest, delete_original)
     return out
+
+
+def finished_folder(job) -> "Manifest | None":
+    """The manifest of a finished one-host shard folder of this very checkpoint whose stage files have their
+    sizes."""
+    try:
+        manifest = Manifest.load(job.out)
+    except CorruptShardError:
+        return None
+    if manifest.source != fingerprint(job.originals, job.config, job.qconfig) or manifest.pipeline is not None \
+            or job.progress_path.exists():
+        return None
+    return manifest if len(reusable(job.out, manifest.stages, False)) == len(manifest.stages) else None
 
 
 def host_share(layout, sizes, hosts, rank, split=None):

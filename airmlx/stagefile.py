@@ -49,7 +49,13 @@ def folder_lock(folder):
     except ImportError:  # no flock on this platform
         yield
         return
-    with open(Path(folder) / LOCK_NAME, "a") as f:
+    try:
+        f = open(Path(folder) / LOCK_NAME, "a")
+    except OSError as e:  # a read-only disk: only a finished folder of the same checkpoint opens there
+        raise CheckpointError(f"{folder}: cannot write to the shard folder ({e.strerror or e}) and it is not a finished "
+                              "shard folder of this checkpoint; shard it where airmlx can write (--layer-shards-saving-"
+                              "path, or shard's OUT).") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

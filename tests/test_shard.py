@@ -136,6 +136,27 @@ def test_changed_source_is_rebuilt_not_reused(tmp_path, capsys):
     assert "made with another compression; rebuilding" in capsys.readouterr().err
 
 
+def test_a_finished_shard_folder_on_a_read_only_disk_opens(tmp_path, monkeypatch):
+    """Regression (QA): a finished folder in a read-only HF_HOME failed with a traceback, because reusing it took
+    the folder's lock, which opens a file for writing. Now a finished folder of the same checkpoint is reused
+    without writing anything, and one that would need writing says so in one line."""
+    import errno
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama")
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):  # the folder's files cannot be opened for writing
+        if Path(path).parent == out and any(m in mode for m in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", read_only)
+    with airmlx.AutoModel.from_pretrained(src, backend="torch", layer_shards_saving_path=out) as model:
+        assert len(model.generate([[5, 17, 33]], max_new_tokens=3)[0]) == 6
+    with pytest.raises(CheckpointError, match="cannot write to the shard folder .*Read-only"):
+        airmlx.shard_checkpoint(src, out, compression="8bit", progress=False)
+
+
 def test_a_group_size_that_leaves_matrices_unquantised_says_so(tmp_path, capsys):
     src = tmp_path / "src"
     make_checkpoint(src, "llama")  # hidden 64, intermediate 160: down_proj's rows split into groups of 32, not 64
