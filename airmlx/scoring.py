@@ -70,6 +70,11 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     if isinstance(requests, (str, bytes, tuple)):
         raise GenerationError(f"score() takes a list of requests, not one {type(requests).__name__}: use "
                               "score([request]) (a text, token ids, or a (context, continuation) tuple).")
+    if not is_int(batch_size) or batch_size < 1:
+        raise GenerationError(f"batch_size={batch_size!r}: use a whole number of requests >= 1.")
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
+        raise GenerationError(f"max_tokens={max_tokens!r}: use a whole number of tokens >= 1, or leave it out for "
+                              "the default.")
     encoded = [encode(r, lambda: model.tokenizer, n) for n, r in enumerate(requests)]
     context = model.config.get("max_position_embeddings")
     for number, (tokens, _) in enumerate(encoded):

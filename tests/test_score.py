@@ -69,6 +69,11 @@ def test_text_requests_use_the_tokenizer_and_bad_requests_fail(checkpoints, tmp_
         with pytest.raises(airmlx.errors.ScoreRequestError, match="^request 1 .* nothing to score") as e:
             model.score([[5, 6], [5]], progress=False)
         assert e.value.number == 1 and isinstance(e.value, airmlx.errors.GenerationError)
+        # Regression (QA): batch_size=-1 returned [None, None], 0 and 2.5 raised Python's own errors
+        for bad in (dict(batch_size=-1), dict(batch_size=0), dict(batch_size=2.5), dict(max_tokens=0),
+                    dict(max_tokens=-5)):
+            with pytest.raises(airmlx.errors.GenerationError, match=f"^{next(iter(bad))}="):
+                model.score([[5, 6], [7, 8]], progress=False, **bad)
 
 
 def test_a_model_opened_with_progress_false_shows_no_progress_bars(checkpoints, tmp_path, capsys):
