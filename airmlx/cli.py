@@ -27,6 +27,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"airmlx: {message}; see {self.prog} --help\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # "--memory-budget -1GB": argparse takes "-1GB" for an option and says the value is missing; joined as
+        # "--memory-budget=-1GB", the option's own check says what is wrong with it
+        args = list(sys.argv[1:] if args is None else args)
+        for i in range(len(args) - 1, 0, -1):
+            action = self._option_string_actions.get(args[i - 1])
+            if action is not None and action.nargs != 0 and re.match(r"-[0-9.]", args[i]) \
+                    and args[i] not in self._option_string_actions:
+                args[i - 1:i + 1] = [f"{args[i - 1]}={args[i]}"]
+        return super().parse_known_args(args, namespace)
+
 
 # the Python arguments errors name that the faces take as options; a one-word name only as `name=value`
 AS_OPTIONS = ("memory_budget", "draft_model", "num_draft_tokens", "prefill_step_size", "gguf_file",

@@ -1,4 +1,5 @@
 """Byte sizes in and out: "4GB" -> 4_000_000_000 and back to "4.00 GB"."""
+import math
 import re
 
 from .errors import BudgetError
@@ -9,7 +10,7 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_bytes(value: "int | float | str", what: str = "memory_budget") -> int:
     """4_000_000_000, "4GB", "4 GiB", "512MB" -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value):
         return int(value)
     m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in UNITS:

@@ -229,6 +229,8 @@ ROWS = [
                  BudgetError, r"below the minimum .*at least \d+", id="memory_budget below the minimum"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="lots"),
                  BudgetError, "'lots' is not a size", id="memory_budget not a size"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget=float("inf")),
+                 BudgetError, "inf is not a size", id="memory_budget infinite"),  # was an OverflowError (QA)
     pytest.param(lambda c: c.model.generate([5] * 299), GenerationError, "299 tokens.*context of 256",
                  id="prompt longer than the context"),
     pytest.param(lambda c: c.model.generate([]), GenerationError, "non-empty", id="empty prompt"),
@@ -436,6 +438,10 @@ def test_a_faces_errors_name_options_as_the_face_takes_them(capsys):
     assert main(["--backend", "torch", "--memory-budget", "1KB", "--prompt", "The list"]) == 2
     err = capsys.readouterr().err
     assert "raise --memory-budget to at least " in err and "memory_budget" not in err, err
+    # "-1GB" after the option was taken for an option of its own ("expected one argument"; QA)
+    assert main(["--memory-budget", "-1GB", "--prompt", "The list"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-budget '-1GB': a size must be more than 0 bytes" in err, err
     # Python's default (None) is what a face's user gets by leaving the option out
     assert main(["--num-draft-tokens", "0", "--prompt", "The list"]) == 2
     err = capsys.readouterr().err
