@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
+from .errors import OptionError
 from .preflight import measure_disk, measure_experts, predict, save
 from .units import format_bytes, per_token
 
@@ -63,14 +64,23 @@ def main(argv=None) -> int:
                             description="Measure the disk and predict the speed of a model streamed under a budget.")
     add_model_options(parser)
     parser.add_argument("model_path", nargs="?", help="the model (same as --model; give one of the two)")
-    parser.add_argument("--prompt-tokens", type=whole_number(1), default=512, help="prompt length for the prefill prediction")
+    parser.add_argument("--prompt-tokens", type=whole_number(1), default=None,
+                        help="prompt length for the prefill prediction (default 512, or the context if shorter)")
     parser.add_argument("--requests", type=whole_number(1), default=1000, help="requests for the scoring prediction")
-    parser.add_argument("--request-tokens", type=whole_number(1), default=256, help="tokens per scoring request")
+    parser.add_argument("--request-tokens", type=whole_number(1), default=None,
+                        help="tokens per scoring request (default 256, or the context if shorter)")
     args = parser.parse_args(argv)
     if args.model and args.model_path and args.model != args.model_path:
         parser.error(f"two models given: {args.model_path} and --model {args.model}; give one")
     args.model = args.model or args.model_path
     with load_model(args, preflight=False) as model:
+        context = model.config.get("max_position_embeddings") or 1 << 62
+        for option, tokens in (("--prompt-tokens", args.prompt_tokens), ("--request-tokens", args.request_tokens)):
+            if tokens is not None and tokens > context:  # generate and score refuse such work: no time predicted
+                raise OptionError(f"{option} {tokens} is past the model's context of {context} tokens; give at most "
+                                  f"{context}.")
+        args.prompt_tokens = args.prompt_tokens or min(512, context)
+        args.request_tokens = args.request_tokens or min(256, context)
         cold, warm = measure_disk(model)
         preflight = predict(model, cold, warm, expert_bps=measure_experts(model))
         save(model.shard_dir, preflight)

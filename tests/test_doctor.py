@@ -33,6 +33,8 @@ def test_doctor_predicts_saves_and_the_stats_line_compares(tmp_path, capsys):
     make_checkpoint(tmp_path / "src", "llama", num_hidden_layers=8)
     shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
     args = ["--model", str(shards), "--backend", "torch", "--memory-budget", "400KB"]
+    assert main(args + ["--prompt-tokens", "300"]) == 2  # past the context: generate would refuse it (QA)
+    assert "--prompt-tokens 300 is past the model's context of 256 tokens" in capsys.readouterr().err
     assert main(args + ["--prompt-tokens", "100", "--requests", "10"]) == 0
     out = capsys.readouterr().out
     for line in ("disk ", "decode ", "prefill ", "scoring "):
