@@ -138,6 +138,11 @@ class AutoModel:
             if compression is not None and not same_compression(Manifest.load(local).quantization, compression):
                 # quantised at shard time, as for a checkpoint: from the one this folder was made from
                 shard_dir = quantised_copy(local, compression, progress, out=layer_shards_saving_path)
+            elif layer_shards_saving_path is not None and Path(layer_shards_saving_path).expanduser().resolve() \
+                    != local.resolve():
+                raise OptionError(f"layer_shards_saving_path={str(layer_shards_saving_path)!r}: {local} is a shard "
+                                  "folder already, so nothing is written there; leave it out (it says where a "
+                                  "checkpoint's shards, or a compressed copy, go).")
         elif (local / PROGRESS_NAME).is_file() or (local / "embed.safetensors").is_file():
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")

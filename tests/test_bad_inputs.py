@@ -356,6 +356,10 @@ ROWS = [
         id="a pipeline host's shard folder in one process"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", gguf_file="other.gguf"),
                  OptionError, "is a shard folder, of one model already; gguf_file picks", id="gguf_file with a shard folder"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch",
+                                                            layer_shards_saving_path=c.tmp / "elsewhere"),
+                 OptionError, "is a shard folder already, so nothing is written there",
+                 id="layer_shards_saving_path with a shard folder"),  # was ignored without a word (QA)
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(file_at(c.tmp / "m.gguf"), gguf_file="other.gguf"),
                  OptionError, "is a file itself; gguf_file picks a .gguf from a hub repo", id="gguf_file with a file"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression="4bit", layer_shards_saving_path=c.tmp
