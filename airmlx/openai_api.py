@@ -81,7 +81,7 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
         raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
                            "(GET /v1/models).", param="model", status=400)
     known = TAKEN | IGNORED | UNSUPPORTED.keys() | OUTSIDE_TEXT | (CHAT_ONLY if chat else {"prompt"})
-    unknown = sorted(set(body) - known)
+    unknown = sorted(k for k, v in body.items() if k not in known and v is not None)  # null: left out
     if unknown:
         raise RequestError(f"{unknown[0]} is not a field this server takes (see the README, \"Server\"); leave it "
                            "out.", param=unknown[0])
