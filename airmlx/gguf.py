@@ -409,6 +409,7 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         STAGE_FILE,
         complete_folder,
         disk_full_named,
+        finished_folder,
         folder_lock,
         make_folder,
         reusable,
@@ -422,6 +423,9 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
         raise GGUFError(f"{path}: no such GGUF file; check the path.")
     qconfig = quant.compression_config(compression) if compression else None
     fp = fingerprint(path, qconfig)
+    if not verify and (made := finished_folder(out, fp)):  # reused without writing: a read-only disk opens
+        delete_after_check(path, out, made, delete_original)
+        return out
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         done = {}

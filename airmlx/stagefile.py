@@ -52,9 +52,10 @@ def folder_lock(folder):
     try:
         f = open(Path(folder) / LOCK_NAME, "a")
     except OSError as e:  # a read-only disk: only a finished folder of the same checkpoint opens there
-        raise CheckpointError(f"{folder}: cannot write to the shard folder ({e.strerror or e}) and it is not a finished "
-                              "shard folder of this checkpoint; shard it where airmlx can write (--layer-shards-saving-"
-                              "path, or shard's OUT).") from None
+        raise CheckpointError(f"{folder}: cannot write to the shard folder ({e.strerror or e}), which this needs: "
+                              "only a finished folder of the same checkpoint, opened without verify or --hosts, is "
+                              "read without writing; shard where airmlx can write (--layer-shards-saving-path, or "
+                              "shard's OUT).") from None
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -172,6 +173,18 @@ def disk_full_named(out, bytes_left):
             f"{out}: a write failed ({os.strerror(e.errno)}): sharding needs {bytes_left():,} more bytes there and "
             f"{shutil.disk_usage(out).free:,} are free; free space (or raise the file size limit, ulimit -f) or "
             "pass another layer_shards_saving_path, then run again: finished stages are kept.") from None
+
+
+def finished_folder(out, source) -> "Manifest | None":
+    """The manifest of a finished one-host shard folder made from `source` (its fingerprint) whose stage files
+    have their sizes: such a folder is reused without writing anything, so it may sit on a read-only disk."""
+    try:
+        manifest = Manifest.load(out)
+    except CorruptShardError:
+        return None
+    if manifest.source != source or manifest.pipeline is not None or (Path(out) / PROGRESS_NAME).exists():
+        return None
+    return manifest if len(reusable(out, manifest.stages, False)) == len(manifest.stages) else None
 
 
 def complete_folder(out, verify=False):

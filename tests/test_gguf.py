@@ -399,3 +399,21 @@ def test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations(smol_sha
     assert got["plan_total"] <= got["budget"] < got["held_model"]
     assert got["peak"] <= bound, (got["peak"] / bound, got)
     assert got["rss_peak"] <= bound, (got["rss_peak"] / bound, got)
+
+
+def test_a_finished_gguf_shard_folder_on_a_read_only_disk_opens(tiny_ggufs, tmp_path, monkeypatch):
+    """Regression (QA): a finished GGUF shard folder in a read-only HF_HOME was refused (its lock file opens for
+    writing); as for a Hugging Face checkpoint, a finished folder of the same file is reused without writing."""
+    import builtins
+    import errno
+    path, want = tiny_ggufs("llama")
+    out = airmlx.shard_checkpoint(path, tmp_path / "s", progress=False)
+    real_open = builtins.open
+
+    def read_only(name, mode="r", *args, **kwargs):
+        if Path(name).parent == out and any(m in mode for m in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(name))
+        return real_open(name, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", read_only)
+    with airmlx.AutoModel.from_pretrained(path, backend="torch", layer_shards_saving_path=out, progress=False) as m:
+        assert m.generate(PROMPT, max_new_tokens=12, eos_token_id=-1) == want
