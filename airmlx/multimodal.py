@@ -7,6 +7,8 @@ in what config.json leaves to defaults) and its tensors, named as the text-only 
 the vision tower and the projector out. On text the output is the image-text model's own.
 """
 import copy
+import hashlib
+import json
 import re
 
 # image-text model_types whose language model (config.text_config: gemma3_text, mistral, ...) airmlx runs
@@ -16,8 +18,10 @@ LANGUAGE_MODELS = ("gemma3", "mistral3")
 RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
            ("model.language_model.", "model."))
 OTHER_PARTS = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
-# the key the language model's config keeps, so the sharder knows to rename the tensors
+# keys the language model's config keeps: the image-text model_type (the sharder renames the tensors), and the
+# hash of config.json as written (the folder's fingerprint: transformers' defaults may change, the file has not)
 WRAPPED = "airmlx_language_model_of"
+SOURCE_CONFIG = "airmlx_config_json_sha256"
 # what the image-text config holds for the whole model and its language model's config may lack
 KEPT = ("dtype", "torch_dtype", "quantization", "quantization_config", "bos_token_id", "eos_token_id",
         "pad_token_id")
@@ -37,11 +41,16 @@ def language_model_config(config: dict) -> dict:
         raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
                               f"({' '.join(str(e).split())}); fix config.json.") from None
     # transformers ties the image-text model's head to the embedding by the outer config's flag (default true),
-    # unless the checkpoint holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too
+    # unless the checkpoint holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too,
+    # but an outer `false` stays, and a checkpoint without a head is then refused as incomplete
     text.pop("tie_word_embeddings", None)
+    if config.get("tie_word_embeddings") is False:
+        text["tie_word_embeddings"] = False
+    text.pop("transformers_version", None)
     kept = {k: rename_quantization(config[k]) if k == "quantization" else config[k]
             for k in KEPT if config.get(k) is not None}
-    return {**text, **kept, WRAPPED: config["model_type"]}
+    written = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return {**text, **kept, WRAPPED: config["model_type"], SOURCE_CONFIG: written}
 
 
 def language_model_tensor(name: str) -> "str | None":

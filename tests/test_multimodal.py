@@ -99,3 +99,27 @@ def test_a_language_model_airmlx_cannot_run_is_one_line(tmp_path, change, error)
     with pytest.raises(AirmlxError, match=error) as refused:
         airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
     assert "\n" not in str(refused.value) and not (tmp_path / "s").exists()
+
+
+def test_a_transformers_upgrade_does_not_rebuild_the_folder(tmp_path, monkeypatch, capsys):
+    """Regression (QA): the fingerprint hashed the language model's config as transformers derives it (its
+    version and defaults included), so upgrading transformers rebuilt every image-text shard folder."""
+    import transformers.configuration_utils as configuration
+    folder = tmp_path / "src"
+    make_image_text_checkpoint(folder, "gemma3")
+    out = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    monkeypatch.setattr(configuration, "__version__", "9.99.0")
+    assert airmlx.shard_checkpoint(folder, out, progress=False) == out
+    assert "rebuilding" not in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == written
+
+
+def test_an_image_text_config_that_unties_a_checkpoint_without_a_head_is_refused(tmp_path):
+    """transformers would run a random head; a text-only checkpoint so made is refused, and so is this one."""
+    folder = tmp_path / "src"
+    make_image_text_checkpoint(folder, "gemma3")  # tied: no head of its own
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(AirmlxError, match="says tie_word_embeddings is false but the checkpoint has no lm_head"):
+        airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
