@@ -22,7 +22,7 @@ from . import quant
 from .archs import arch_for, expert_index, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
-from .multimodal import LANGUAGE_MODELS, WRAPPED, language_model_config, language_model_tensor
+from .multimodal import LANGUAGE_MODELS, SOURCE_CONFIG, WRAPPED, language_model_config, language_model_tensor
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -30,6 +30,7 @@ from .stagefile import (
     complete_folder,
     delete_sources,
     disk_full_named,
+    finished_folder,
     folder_lock,
     make_folder,
     quantized,
@@ -127,7 +128,8 @@ def fingerprint(files, config, quantization=None):
     """What the shard folder was made from; any change means the folder is rebuilt."""
     return {
         "files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        # an image-text checkpoint's: of its config.json, not of the language model's config transformers derives
+        "config_sha256": config.get(SOURCE_CONFIG) or hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
         "quantization": quantization,
     }
 
@@ -352,9 +354,11 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
         job.sources = checked_sources(originals, config, src)
-        if not verify and hosts == 1 and pipeline_split is None and (manifest := finished_folder(job)):
-            finish_delete(src, out, originals, manifest, delete_original)
-            return out  # nothing written, no lock taken: a shard folder on a read-only disk opens
+        made = not verify and hosts == 1 and pipeline_split is None and \
+            finished_folder(out, fingerprint(originals, config, qconfig))
+        if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
+            finish_delete(src, out, originals, made, delete_original)
+            return out
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         if pickled:
@@ -380,19 +384,6 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
                 manifest = finalise(job)
         finish_delete(src, out, originals, manifest, delete_original)
     return out
-
-
-def finished_folder(job) -> "Manifest | None":
-    """The manifest of a finished one-host shard folder of this very checkpoint whose stage files have their
-    sizes."""
-    try:
-        manifest = Manifest.load(job.out)
-    except CorruptShardError:
-        return None
-    if manifest.source != fingerprint(job.originals, job.config, job.qconfig) or manifest.pipeline is not None \
-            or job.progress_path.exists():
-        return None
-    return manifest if len(reusable(job.out, manifest.stages, False)) == len(manifest.stages) else None
 
 
 def host_share(layout, sizes, hosts, rank, split=None):
