@@ -24,7 +24,8 @@ MAX_TOP_LOGPROBS = 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "response_format": None}
+               "response_format": None, "ignore_eos": False}
+# (ignore_eos is vLLM's and SGLang's, which their serving benchmarks send as false in every request)
 # what clients send for "none of that" besides leaving a field out (LangChain sends logit_bias {})
 ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_choice": ("none",),
                 "response_format": ({"type": "text"},), "modalities": (["text"],)}

@@ -326,6 +326,7 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "n": 2}, 400, "n"),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 9999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 2**63]}, 400, "prompt"),  # past int64: was a 500 (QA)
     ("/v1/completions", {"model": "tiny", "prompt": LONG}, 400, "prompt"),
     ("/v1/chat/completions", {"model": "tiny", "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "w5"}]}, 400, "messages"),
@@ -371,7 +372,8 @@ def test_unsupported_fields_at_their_defaults_are_accepted(live):
     """Regression: logit_bias {} (LangChain's default), tool_choice "none" and response_format text were 400s."""
     for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []},
                   {"modalities": ["text"]}, {"user": "u1", "metadata": {"k": "v"}, "store": False},
-                  {"repetition_penalty": None}):  # a field sent as null is left out
+                  {"repetition_penalty": None},  # a field sent as null is left out
+                  {"ignore_eos": False}):  # vLLM's and SGLang's serving benchmarks send it in every request
         r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
                        json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **field})
         assert r.status_code == 200, (field, r.text)
