@@ -214,6 +214,9 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | No
             else [list(r) for r in input_ids]
         if not all(is_int(t) for r in rows for t in r):
             raise GenerationError("input_ids holds something other than whole-number token ids; tokenize the text first.")
+        if any(abs(int(t)) >= 1 << 63 for r in rows for t in r):
+            raise GenerationError("input_ids holds a token id past 64 bits, outside any vocabulary; use this model's "
+                                  "tokenizer (model.tokenizer).")
         width = max(len(r) for r in rows)
         ids = np.array([[pad_token_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
         if attention_mask is None:

@@ -265,6 +265,10 @@ ROWS = [
                  id="top_p not a number"),
     pytest.param(lambda c: c.model.generate([1.5, 2]), GenerationError, "whole-number token ids",
                  id="float token ids"),
+    pytest.param(lambda c: c.model.generate([1, 2**63]), GenerationError, "past 64 bits, outside any vocabulary",
+                 id="a token id past int64"),  # was numpy's OverflowError (QA)
+    pytest.param(lambda c: c.model.score([[1, 2**63]], progress=False), GenerationError,
+                 "request 0: token id 9223372036854775808 is outside", id="a scored token id past int64"),
     pytest.param(lambda c: c.model.generate([1, 2000], max_new_tokens=1), GenerationError,
                  r"token id 2000 is outside the model's vocabulary \(0\.\.", id="token id outside the vocabulary"),
     pytest.param(lambda c: c.model.generate([1, 2], stop_strings=[""]), GenerationError,
