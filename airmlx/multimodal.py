@@ -1,23 +1,25 @@
 """Image-text checkpoints whose language model airmlx runs on its own: text in, text out.
 
-Gemma 3 (4B and larger) and Mistral Small 3.1 / 3.2 ship their language model inside an image-text model
-(`Gemma3ForConditionalGeneration`, `Mistral3ForConditionalGeneration`). The language model is an ordinary
-text-only model of a registered architecture; the sharder takes its config (transformers' config class fills
-in what config.json leaves to defaults) and its tensors, named as the text-only model names them, and leaves
-the vision tower and the projector out. On text the output is the image-text model's own.
+Gemma 3 (4B and larger), Mistral Small 3.1 / 3.2 and Qwen2-VL / Qwen2.5-VL / Qwen3-VL ship their language model
+inside an image-text model (`Gemma3ForConditionalGeneration`, ...). The language model is an ordinary text-only
+model of a registered architecture; the sharder takes its config (transformers' config class fills in what
+config.json leaves to defaults) and its tensors, named as the text-only model names them, and leaves the vision
+tower and the projector out. On text the output is the image-text model's own. The Qwen VL models' rotary
+positions are multimodal (`mrope_section`: time, height and width each turn part of the dimensions), but for
+text all three positions are the token's own, so they turn as Qwen2's / Qwen3's do.
 """
 import copy
 import hashlib
 import json
 import re
 
-# image-text model_types whose language model (config.text_config: gemma3_text, mistral, ...) airmlx runs
-LANGUAGE_MODELS = ("gemma3", "mistral3")
+# image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
+LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
 # where the language model's tensors sit: as released ("language_model.model."), as transformers 5 names them
 # in memory ("model.language_model."); the head is "language_model.lm_head" or "lm_head"
 RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
            ("model.language_model.", "model."))
-OTHER_PARTS = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector)\.")
+OTHER_PARTS = re.compile(r"^(model\.)?(vision_tower|vision_model|multi_modal_projector|visual)\.")
 # keys the language model's config keeps: the image-text model_type (the sharder renames the tensors), and the
 # hash of config.json as written (the folder's fingerprint: transformers' defaults may change, the file has not)
 WRAPPED = "airmlx_language_model_of"
@@ -47,6 +49,14 @@ def language_model_config(config: dict) -> dict:
     if config.get("tie_word_embeddings") is False:
         text["tie_word_embeddings"] = False
     text.pop("transformers_version", None)
+    if LANGUAGE_MODELS[config["model_type"]]:  # Qwen VL: a Qwen2 / Qwen3 on text (see above)
+        text["model_type"] = LANGUAGE_MODELS[config["model_type"]]
+        for key in ("rope_parameters", "rope_scaling"):
+            if isinstance(text.get(key), dict):
+                text[key] = {k: v for k, v in text[key].items() if k not in ("mrope_section", "mrope_interleaved")}
+                if text[key].get("rope_type", text[key].get("type")) in ("mrope", "default"):
+                    text[key] = {**text[key], "rope_type": "default"}
+                    text[key].pop("type", None)
     kept = {k: rename_quantization(config[k]) if k == "quantization" else config[k]
             for k in KEPT if config.get(k) is not None}
     written = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

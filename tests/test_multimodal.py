@@ -1,4 +1,4 @@
-"""Image-text checkpoints (Gemma 3, Mistral Small 3.1) run as their language model: on text, streamed greedy
+"""Image-text checkpoints (Gemma 3, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL) run as their language model: on text, streamed greedy
 output, last-step logits and a batch match transformers' own image-text model on the same random weights."""
 import json
 
@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import airmlx
 from airmlx.errors import AirmlxError
 from airmlx.manifest import Manifest
+from airmlx.multimodal import language_model_tensor
 
 from tiny import (
     ARCH_CONFIGS,
@@ -24,23 +25,35 @@ from tiny import (
     save_tokenizer,
 )
 
-VISION = {"gemma3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         image_size=28, patch_size=14),
-          "mistral3": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14, head_dim=8)}
-TEXT = {"gemma3": "gemma3_text", "mistral3": "mistral"}
-WRAPPERS = {"gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration),
-            "mistral3": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration)}
+MROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}  # of head_dim 16's 8 frequencies
+# kind: (config class, model class, the text model's registered type and its config type, vision config, extra)
+# Gemma 3 and Qwen2.5-VL 3B tie their head to the embedding; Mistral Small 3.1 and Qwen3-VL have heads of their own
+KINDS = {
+    "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, "gemma3_text", "gemma3_text",
+               dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                    patch_size=14), {"mm_tokens_per_image": 4}),
+    "mistral3": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration, "mistral", "mistral",
+                 dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14, head_dim=8), {"tie_word_embeddings": False}),
+    "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, "qwen2",
+                   "qwen2_5_vl_text", dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                                           patch_size=14, window_size=28, fullatt_block_indexes=[0]), {}),
+    "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, "qwen3", "qwen3_vl_text",
+                 dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                      deepstack_visual_indexes=[0], num_position_embeddings=16), {"tie_word_embeddings": False}),
+}
+TEXT = {kind: spec[2] for kind, spec in KINDS.items()}
 
 
 def make_image_text_checkpoint(folder, kind):
-    """A random image-text model of `kind` saved as transformers saves it (the released layout:
-    language_model.model.*, vision_tower.*, multi_modal_projector.*); returns the model."""
-    config_cls, model_cls = WRAPPERS[kind]
-    text = {**BASE, **ARCH_CONFIGS[TEXT[kind]][1], "model_type": TEXT[kind]}
-    # Gemma 3 ties its head to the embedding; Mistral Small 3.1 has a head of its own
-    config = config_cls(text_config=text, vision_config=VISION[kind],
-                        **({"mm_tokens_per_image": 4} if kind == "gemma3" else {"tie_word_embeddings": False}))
+    """A random image-text model of `kind` saved as transformers saves it (as released: Gemma 3 and Mistral 3 as
+    language_model.model.*, vision_tower.*, multi_modal_projector.*; Qwen2.5-VL as model.*, visual.*; Qwen3-VL
+    as model.language_model.*, model.visual.*); returns the model."""
+    config_cls, model_cls, arch, text_type, vision, extra = KINDS[kind]
+    text = {**BASE, **ARCH_CONFIGS[arch][1], "model_type": text_type}
+    if kind.startswith("qwen"):  # multimodal rotary positions (Qwen3-VL's interleaved)
+        text["rope_parameters"] = {**MROPE, **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})}
+    config = config_cls(text_config=text, vision_config=vision, **extra)
     torch.manual_seed(0)
     model = model_cls(config).eval()
     model.save_pretrained(folder)
@@ -48,13 +61,13 @@ def make_image_text_checkpoint(folder, kind):
     return model
 
 
-@pytest.mark.parametrize("kind", list(WRAPPERS))
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_image_text_checkpoint_runs_as_its_language_model(tmp_path, kind, backend):
     folder = tmp_path / "src"
     ref = make_image_text_checkpoint(folder, kind)
     names = load_file(folder / "model.safetensors")
-    assert any(n.startswith("vision_tower.") for n in names) and any(n.startswith("language_model.") for n in names)
+    assert any(language_model_tensor(n) is None for n in names)  # the vision tower's
     want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
     with load(folder, tmp_path, backend, "tight") as model:
         assert model.config["model_type"] == TEXT[kind] and model.plan.streamed
@@ -63,7 +76,8 @@ def test_an_image_text_checkpoint_runs_as_its_language_model(tmp_path, kind, bac
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
     stored = [t for stage in Manifest.load(tmp_path / "shards").stages for t in stage.tensors]
-    assert stored and not [t for t in stored if "vision" in t or "projector" in t or "language_model" in t]
+    assert stored and not [t for t in stored if "vision" in t or "visual" in t or "projector" in t
+                           or "language_model" in t]
 
 
 def test_transformers_in_memory_names_and_a_quantised_copy_work_too(tmp_path):
