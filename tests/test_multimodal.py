@@ -1,5 +1,6 @@
-"""Image-text checkpoints (Gemma 3, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL) run as their language model: on text, streamed greedy
-output, last-step logits and a batch match transformers' own image-text model on the same random weights."""
+"""Image-text checkpoints (Gemma 3, Mistral Small 3.1, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) run as their language
+model: on text, streamed greedy output, last-step logits and a batch match transformers' own image-text model on
+the same random weights."""
 import json
 
 import pytest
@@ -27,7 +28,7 @@ from tiny import (
 
 MROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}  # of head_dim 16's 8 frequencies
 # kind: (config class, model class, the text model's registered type and its config type, vision config, extra)
-# Gemma 3 and Qwen2.5-VL 3B tie their head to the embedding; Mistral Small 3.1 and Qwen3-VL have heads of their own
+# Gemma 3 and Qwen2(.5)-VL 3B tie their head to the embedding; Mistral Small 3.1 and Qwen3-VL have heads of their own
 KINDS = {
     "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, "gemma3_text", "gemma3_text",
                dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
@@ -35,6 +36,8 @@ KINDS = {
     "mistral3": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration, "mistral", "mistral",
                  dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                       patch_size=14, head_dim=8), {"tie_word_embeddings": False}),
+    "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, "qwen2", "qwen2_vl_text",
+                 dict(depth=1, embed_dim=16, hidden_size=64, num_heads=2, patch_size=14), {}),
     "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, "qwen2",
                    "qwen2_5_vl_text", dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64,
                                            patch_size=14, window_size=28, fullatt_block_indexes=[0]), {}),
