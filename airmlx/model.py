@@ -387,7 +387,8 @@ class AirModel:
             past_key_values = cache
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
-        fill = pad if pad is not None else (int(np.atleast_1d(eos)[0]) if eos is not None else 0)
+        eos_ids = np.atleast_1d(eos) if eos is not None else ()
+        fill = pad if pad is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
         ids, mask, restore = to_batch(input_ids, attention_mask, fill, mask_pad(pad, eos))
         self.check_vocabulary(ids)
         past, held, before = 0, None, ids[:, :0]

@@ -38,15 +38,19 @@ def language_model_config(config: dict) -> dict:
     from .errors import CheckpointError
     plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
     try:
-        text = AutoConfig.for_model(**plain).text_config.to_dict()
+        whole = AutoConfig.for_model(**plain)
+        text = whole.text_config.to_dict()
     except Exception as e:
-        raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
-                              f"({' '.join(str(e).split())}); fix config.json.") from None
-    # transformers ties the image-text model's head to the embedding by the outer config's flag (default true),
-    # unless the checkpoint holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too,
-    # but an outer `false` stays, and a checkpoint without a head is then refused as incomplete
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."  # transformers may list every model type
+        raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it ({detail}); "
+                              "fix config.json, or upgrade transformers if it is older than the model.") from None
+    # transformers ties the image-text model's head to the embedding by the outer config's flag (its class's
+    # default where config.json has none: true for Gemma 3 and Mistral 3, false for Qwen3-VL) unless the checkpoint
+    # holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too, but an outer false
+    # stays, and a checkpoint without a head is then refused as incomplete
     text.pop("tie_word_embeddings", None)
-    if config.get("tie_word_embeddings") is False:
+    if getattr(whole, "tie_word_embeddings", None) is False:
         text["tie_word_embeddings"] = False
     text.pop("transformers_version", None)
     if LANGUAGE_MODELS[config["model_type"]]:  # Qwen VL: a Qwen2 / Qwen3 on text (see above)

@@ -109,6 +109,24 @@ def aux_files(src):
                   and not NOT_AUX.match(p.name) and not p.name.endswith(".safetensors"))
 
 
+def processor_chat_template(src) -> "str | None":
+    """An image-text repo's chat template where only its processor has one (chat_template.json), which a tokenizer
+    does not read: the shard folder gets it as chat_template.jinja, which tokenizers do read."""
+    src = Path(src)
+    if (src / "chat_template.jinja").is_file() or not (src / "chat_template.json").is_file():
+        return None
+    try:
+        if json.loads((src / "tokenizer_config.json").read_text()).get("chat_template"):
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        template = json.loads((src / "chat_template.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None
+
+
 def source_tensors(files):
     """{tensor name: (file, data_start, TensorInfo)} over all source files."""
     tensors = {}
@@ -304,6 +322,8 @@ def finalise(job):
     """Copy the small files, drop stale stage files, write the manifest last; return it."""
     for aux in aux_files(job.src):
         write_atomic(job.out / aux, (job.src / aux).read_bytes())
+    if (template := processor_chat_template(job.src)) is not None:
+        write_atomic(job.out / "chat_template.jinja", template.encode())
     stages = [job.done[name] for name, _, _ in job.layout]
     for stale in job.out.iterdir():
         if STAGE_FILE.match(stale.name) and stale.name not in {s.file for s in stages}:

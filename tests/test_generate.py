@@ -582,3 +582,11 @@ def test_generating_past_the_context_warns(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate([prompt], max_new_tokens=4, eos_token_id=-1)
+
+
+def test_an_empty_eos_list_means_no_eos(model, monkeypatch):
+    """Regression (QA): eos_token_id=[] raised IndexError while choosing the padding id of a model without one."""
+    model, _ = model
+    monkeypatch.setattr(type(model), "pad_token_id", None)
+    assert model.generate([PROMPT], max_new_tokens=6, eos_token_id=[]) == \
+        model.generate([PROMPT], max_new_tokens=6, eos_token_id=-1)

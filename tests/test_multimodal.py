@@ -140,3 +140,30 @@ def test_an_image_text_config_that_unties_a_checkpoint_without_a_head_is_refused
     (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     with pytest.raises(AirmlxError, match="says tie_word_embeddings is false but the checkpoint has no lm_head"):
         airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+
+
+def test_an_untied_class_default_over_a_checkpoint_without_a_head_is_refused(tmp_path):
+    """Regression (QA): Qwen3-VL's config class unties by default; with no outer flag in config.json and no head
+    in the checkpoint transformers runs a random head, and airmlx tied it silently. Now it is refused."""
+    folder = tmp_path / "src"
+    config_cls, model_cls, arch, text_type, vision, _ = KINDS["qwen3_vl"]
+    text = {**BASE, **ARCH_CONFIGS[arch][1], "model_type": text_type, "rope_parameters": MROPE}
+    model_cls(config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AirmlxError, match="says tie_word_embeddings is false but the checkpoint has no lm_head"):
+        airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+
+
+def test_a_chat_template_only_the_processor_has_reaches_the_tokenizer(tmp_path):
+    """Regression (QA): a repo whose chat template is only in the processor's chat_template.json (which
+    tokenizers do not read) could not chat; the shard folder gets it as chat_template.jinja."""
+    folder = tmp_path / "src"
+    make_image_text_checkpoint(folder, "mistral3")
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert not json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch", layer_shards_saving_path=tmp_path / "s") as model:
+        assert model.tokenizer.chat_template == template
+        assert (tmp_path / "s" / "chat_template.jinja").read_text() == template
