@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import re
+from pathlib import Path
 
 # image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
 LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
@@ -89,3 +90,21 @@ def rename_quantization(quantization):
                 continue
         out[key] = value
     return out
+
+
+def processor_chat_template(src) -> "str | None":
+    """An image-text repo's chat template where only its processor has one (chat_template.json), which a tokenizer
+    does not read: the shard folder gets it as chat_template.jinja, which tokenizers do read."""
+    src = Path(src)
+    if (src / "chat_template.jinja").is_file() or not (src / "chat_template.json").is_file():
+        return None
+    try:
+        if json.loads((src / "tokenizer_config.json").read_text()).get("chat_template"):
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        template = json.loads((src / "chat_template.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template else None

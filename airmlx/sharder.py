@@ -22,7 +22,14 @@ from . import quant
 from .archs import arch_for, expert_index, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
-from .multimodal import LANGUAGE_MODELS, SOURCE_CONFIG, WRAPPED, language_model_config, language_model_tensor
+from .multimodal import (
+    LANGUAGE_MODELS,
+    SOURCE_CONFIG,
+    WRAPPED,
+    language_model_config,
+    language_model_tensor,
+    processor_chat_template,
+)
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -107,24 +114,6 @@ def aux_files(src):
     """The source's small non-weight files that the shard folder copies."""
     return sorted(p.name for p in Path(src).iterdir() if p.is_file() and p.suffix in AUX_SUFFIXES
                   and not NOT_AUX.match(p.name) and not p.name.endswith(".safetensors"))
-
-
-def processor_chat_template(src) -> "str | None":
-    """An image-text repo's chat template where only its processor has one (chat_template.json), which a tokenizer
-    does not read: the shard folder gets it as chat_template.jinja, which tokenizers do read."""
-    src = Path(src)
-    if (src / "chat_template.jinja").is_file() or not (src / "chat_template.json").is_file():
-        return None
-    try:
-        if json.loads((src / "tokenizer_config.json").read_text()).get("chat_template"):
-            return None
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        template = json.loads((src / "chat_template.json").read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return template if isinstance(template, str) and template else None
 
 
 def source_tensors(files):
