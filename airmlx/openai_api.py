@@ -24,7 +24,10 @@ MAX_TOP_LOGPROBS = 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "response_format": None, "ignore_eos": False}
+               "response_format": None, "ignore_eos": False,
+               # what is not text
+               "modalities": None, "audio": None, "prediction": None, "reasoning_effort": None,
+               "web_search_options": None, "verbosity": None}
 # (ignore_eos is vLLM's and SGLang's, which their serving benchmarks send as false in every request)
 # what clients send for "none of that" besides leaving a field out (LangChain sends logit_bias {})
 ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_choice": ("none",),
@@ -36,7 +39,6 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 TAKEN = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
          "stream_options", "logprobs"}
 CHAT_ONLY = {"messages", "top_logprobs"}
-OUTSIDE_TEXT = {"modalities", "audio", "prediction", "reasoning_effort", "web_search_options", "verbosity"}
 
 
 @dataclass
@@ -81,15 +83,11 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     if model not in served:
         raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
                            "(GET /v1/models).", param="model", status=400)
-    known = TAKEN | IGNORED | UNSUPPORTED.keys() | OUTSIDE_TEXT | (CHAT_ONLY if chat else {"prompt"})
+    known = TAKEN | IGNORED | UNSUPPORTED.keys() | (CHAT_ONLY if chat else {"prompt"})
     unknown = sorted(k for k, v in body.items() if k not in known and v is not None)  # null: left out
     if unknown:
         raise RequestError(f"{unknown[0]} is not a field this server takes (see the README, \"Server\"); leave it "
                            "out.", param=unknown[0])
-    for name in OUTSIDE_TEXT & body.keys():
-        if body[name] not in (None, *ALSO_DEFAULT.get(name, ())):
-            raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server (text only); "
-                               "leave it out.", param=name)
     for name, default in UNSUPPORTED.items():
         if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
