@@ -100,12 +100,9 @@ class Engine:
         """Queue a request (it joins the next sweep that has room); QueueFullError when the queue is full, and
         RequestError for a prompt this model cannot take (its max_tokens capped by the context, as check())."""
         try:
-            self.model.check_vocabulary(np.array(request.prompt, dtype=np.int64))
+            self.model.check_vocabulary(request.prompt)
         except GenerationError as e:
             raise RequestError(f"the prompt's {e}", param="prompt") from None
-        except OverflowError:  # past int64, so past any vocabulary
-            raise RequestError(f"the prompt holds token id {max(request.prompt)}, outside the model's vocabulary; "
-                               "use this model's tokenizer.", param="prompt") from None
         request.max_tokens = self.check(len(request.prompt), request.max_tokens)
         request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
         request.headroom = self.headroom

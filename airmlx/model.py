@@ -192,8 +192,13 @@ class AirModel:
         self._largest_step = (max(largest[0], rows), max(largest[1], tokens), max(largest[2], context),
                               max(largest[3], logits))
 
-    def check_vocabulary(self, ids: np.ndarray) -> None:
-        """A GenerationError naming the first token id outside the model's vocabulary (0..vocab_size - 1)."""
+    def check_vocabulary(self, ids) -> None:
+        """A GenerationError naming a token id outside the model's vocabulary (0..vocab_size - 1); `ids`: an
+        array, or a list of any Python ints (past int64 too)."""
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+        except OverflowError:  # a Python int past int64: outside any vocabulary, and named as given
+            ids = np.asarray(ids, dtype=object)
         vocab = self.config.get("vocab_size")
         if vocab and ids.size and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids.max() if ids.max() >= vocab else ids.min())

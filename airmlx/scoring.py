@@ -79,12 +79,9 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
     context = model.config.get("max_position_embeddings")
     for number, (tokens, _) in enumerate(encoded):
         try:
-            model.check_vocabulary(np.array(tokens, dtype=np.int64))
+            model.check_vocabulary(tokens)
         except GenerationError as e:
             raise ScoreRequestError(number, f": {e}") from None
-        except OverflowError:
-            raise ScoreRequestError(number, f": token id {max(tokens, key=abs)} is outside the model's vocabulary; "
-                                            "use this model's tokenizer (model.tokenizer).") from None
         if context and len(tokens) > context:
             raise ScoreRequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
                                        f"{context}; shorten it.")
