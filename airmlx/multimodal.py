@@ -8,11 +8,13 @@ tower and the projector out. On text the output is the image-text model's own. T
 positions are multimodal (`mrope_section`: time, height and width each turn part of the dimensions), but for
 text all three positions are the token's own, so they turn as Qwen2's / Qwen3's do.
 """
-import copy
 import hashlib
 import json
 import re
 from pathlib import Path
+
+from .errors import CheckpointError
+from .hf_config import transformers_config
 
 # image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
 LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
@@ -34,18 +36,12 @@ def language_model_config(config: dict) -> dict:
     """The config of the language model inside an image-text model's config (config unchanged for any other)."""
     if config.get("model_type") not in LANGUAGE_MODELS:
         return config
-    from transformers import AutoConfig
-
-    from .errors import CheckpointError
-    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
     try:
-        whole = AutoConfig.for_model(**plain)
-        text = whole.text_config.to_dict()
-    except Exception as e:
-        detail = " ".join(str(e).split())
-        detail = detail if len(detail) <= 200 else detail[:200] + "..."  # transformers may list every model type
-        raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it ({detail}); "
-                              "fix config.json, or upgrade transformers if it is older than the model.") from None
+        whole = transformers_config(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; fix config.json, or upgrade transformers if it is older than the model.") \
+            from None
+    text = whole.text_config.to_dict()
     # transformers ties the image-text model's head to the embedding by the outer config's flag (its class's
     # default where config.json has none: true for Gemma 3 and Mistral 3, false for Qwen3-VL) unless the checkpoint
     # holds a head of its own (Mistral Small 3.1 does): so the checkpoint decides here too, but an outer false

@@ -8,13 +8,13 @@ using that layer's KV cache), "head" (hidden -> logits of the last position). A 
 Both backends are built the same way: Backend(manifest, device=None, dtype=None, trust_remote_code=False,
 code_dir=None); tests/test_layout.py checks that both satisfy this protocol.
 """
-import copy
 import os
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from airmlx.errors import CheckpointError
+from airmlx.hf_config import transformers_config
 
 
 @runtime_checkable
@@ -199,13 +199,10 @@ def with_layer_types(config: dict) -> dict:
     from transformers import CONFIG_MAPPING
     if config.get("layer_types") is not None or config.get("model_type") not in CONFIG_MAPPING:
         return config
-    plain = copy.deepcopy({k: v for k, v in config.items() if k not in ("quantization", "quantization_config")})
     try:
-        types = getattr(CONFIG_MAPPING[config["model_type"]].from_dict(plain), "layer_types", None)
-    except Exception as e:
+        types = getattr(transformers_config(config), "layer_types", None)
+    except CheckpointError as e:
         if config.get("sliding_window"):  # its layers' windows cannot be told: refused, not guessed
-            raise CheckpointError(f"config.json: transformers' {config['model_type']} config cannot read it "
-                                  f"({' '.join(str(e).split())}), "
-                                  "so which layers slide cannot be told; fix config.json.") from None
+            raise CheckpointError(f"{e}, so which layers slide cannot be told; fix config.json.") from None
         return config  # airmlx's own default
     return {**config, "layer_types": list(types)} if types else config
