@@ -6,6 +6,7 @@ placeholders back, and every stage's output is evaluated before its weights are 
 """
 import functools
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -44,6 +45,12 @@ class MLXArch:
     experts: str = None  # MoE: the SwitchGLU in a layer
     expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
     config_aliases: tuple = ()  # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads
+    config_defaults: tuple = ()  # (ModelArgs key, value) that mlx-lm requires and transformers' configs leave out
+    # mlx-lm's module rotates every dimension of a head where transformers rotates this default fraction of it
+    # (or the config's partial_rotary_factor): the backend gives each layer a RoPE over that part
+    partial_rotary: float = None
+    scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
+    pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
 
 
 MLX_ARCHS = {
@@ -68,6 +75,12 @@ MLX_ARCHS = {
     "granite": MLXArch("granite"),
     "cohere": MLXArch("cohere"),
     "cohere2": MLXArch("cohere2"),
+    # Apertus's configs on the hub carry these; transformers' own class writes none of them
+    "apertus": MLXArch("apertus", config_defaults=(("mlp_bias", False), ("post_norm", False), ("qk_norm", True))),
+    "exaone4": MLXArch("exaone4", pattern_letters=True),
+    # GLM-4 (THUDM/glm-4-9b-chat-hf): half of each head rotates (ml-explore/mlx-lm#1698, not merged)
+    "glm": MLXArch("glm", partial_rotary=0.5),
+    "ministral3": MLXArch("ministral3", scales_by_offset=True),  # Llama 4's attention temperature
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
@@ -131,10 +144,28 @@ def mlx_args(config, module):
         cfg.setdefault("sliding_window_pattern", types.index("full_attention") + 1)
     cfg["rope_scaling"] = scaling
     cfg.setdefault("tie_word_embeddings", False)
-    for mlx_key, hf_key in MLX_ARCHS[config["model_type"]].config_aliases:
+    mlx_arch = MLX_ARCHS[config["model_type"]]
+    for mlx_key, hf_key in mlx_arch.config_aliases:
         if hf_key in cfg:
             cfg.setdefault(mlx_key, cfg[hf_key])
+    if mlx_arch.pattern_letters and not isinstance(cfg.get("sliding_window_pattern"), str):
+        period = types[:types.index("full_attention") + 1] if "sliding_attention" in types else []
+        cfg["sliding_window_pattern"] = "".join("L" if t == "sliding_attention" else "G" for t in period) or None
+    for key, value in mlx_arch.config_defaults:
+        cfg.setdefault(key, value)
+    if cfg.get("head_dim") is None and "head_dim" in inspect.signature(module.ModelArgs).parameters:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]  # transformers' rule where it is left out
     return module.ModelArgs.from_dict(cfg)
+
+
+def rotate_part_of_heads(skeleton, config, default):
+    """Each layer's RoPE over the first partial_rotary_factor of its head (interleaved, as transformers' GLM)."""
+    fraction = config.get("partial_rotary_factor") or (config.get("rope_parameters") or {}).get(
+        "partial_rotary_factor") or default
+    theta, _ = rope_config(config)
+    for layer in skeleton.layers:
+        attention = layer.self_attn
+        attention.rope = nn.RoPE(int(attention.head_dim * fraction), traditional=True, base=theta or 10000.0)
 
 
 class MLXBackend:
@@ -166,6 +197,8 @@ class MLXBackend:
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
         self.args = mlx_args(config, module)
         self.skeleton = module.Model(self.args)
+        if self.mlx_arch.partial_rotary:
+            rotate_part_of_heads(self.skeleton, config, self.mlx_arch.partial_rotary)
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
             names = {t for s in manifest.stages for t in s.tensors}
@@ -435,7 +468,7 @@ class MLXBackend:
             if step.valid is not None:
                 x = mx.where(step.valid, x, 0.0)
             with mlx_adapters.explicit_positions(stage.module, step.positions):
-                x = stage.module(x, self._mask(step, stage.layer), cache=cache)
+                x = stage.module(x, mask=self._mask(step, stage.layer), cache=cache)
             # nothing lazy may keep weights alive
             mx.eval(x, *(mlx_adapters.arrays(cache) if cache is not None else ()))
         elif step.targets is not None:
@@ -479,6 +512,8 @@ class MLXBackend:
             return "its sliding-window layers cannot drop a tree's other branches from their cache exactly"
         if self.mlx_arch.zero_padding:
             return "its attention convolves neighbouring positions, which a tree's branches are not"
+        if self.mlx_arch.scales_by_offset:
+            return f"mlx-lm's {self.mlx_arch.module} scales its queries by the cache's positions, not a tree's"
         if not mlx_adapters.rope_modules(self.skeleton.layers[0]):
             return f"mlx-lm's {self.mlx_arch.module} layers have no rotary embedding airmlx can give positions to"
         return None

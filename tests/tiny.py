@@ -59,6 +59,18 @@ ARCH_CONFIGS = {
     # Command R7B: three sliding-window layers (rotary) in four, one global (no rotary); window 8
     "cohere2": (transformers.Cohere2Config, dict(tie_word_embeddings=True, logit_scale=0.25, sliding_window=8,
                                                  layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    # Apertus: xIELU activation, q / k norms, an ungated MLP, Llama 3.1's rope scaling
+    "apertus": (transformers.ApertusConfig, dict(tie_word_embeddings=False)),
+    # EXAONE 4.0 32B: three sliding-window layers (rotary) in four, one global (no rotary); window 8
+    "exaone4": (transformers.Exaone4Config, dict(tie_word_embeddings=False, sliding_window=8,
+                                                 layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    # GLM-4 9B: interleaved rotary over half of each head, fused gate_up_proj
+    "glm": (transformers.GlmConfig, dict(head_dim=16, tie_word_embeddings=False)),
+    # Ministral 3: YaRN with Llama 4's attention temperature, which grows past original_max_position_embeddings
+    # (8 here, so the test prompts reach it)
+    "ministral3": (transformers.Ministral3Config, dict(head_dim=16, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 8,
+        "llama_4_scaling_beta": 0.5, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
