@@ -33,6 +33,10 @@ class Arch:
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
+    # MoE checkpoints that fuse a layer's experts into one (experts, ...) tensor: ((that tensor in the layer,
+    # whether the hidden size is its input (else its output), (the per-expert tensors its output rows split into,
+    # in order)), ...); the sharder splits it (airmlx/fused_experts.py) into what a per-expert checkpoint holds
+    fused_experts: tuple = ()
     # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
     # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)
     window_everywhere: bool = False
@@ -80,10 +84,19 @@ ARCHS = {a.model_type: a for a in [
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),
     Arch("qwen2_moe", experts="mlp.experts"),
-    Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True),
+    # Qwen3-VL-MoE's language model is Qwen3-MoE with its experts fused (released (in, out), as transformers
+    # 5 saves them (out, in))
+    Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True, fused_experts=(
+        ("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight")),
+        ("mlp.experts.down_proj", False, ("down_proj.weight",)))),
     Arch("olmoe", experts="mlp.experts"),
     Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
+    # Granite 3 MoE: Granite's multipliers; its experts fused, gate and up in one
+    Arch("granitemoe", experts="block_sparse_moe.experts", embed_multiplier="embedding_multiplier",
+         logit_divisor="logits_scaling", fused_experts=(
+             ("block_sparse_moe.input_linear.weight", True, ("gate_proj.weight", "up_proj.weight")),
+             ("block_sparse_moe.output_linear.weight", False, ("down_proj.weight",)))),
     # DeepSeek-V2 / V3 / R1: latent attention, a shared expert, (grouped) routing; the first layers are dense.
     # Their router is a plain array in mlx-lm, so compression leaves it alone
     Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import quant
+from .fused_experts import read_array
 
 CALIBRATION_TEXT = Path(__file__).parent / "texts" / "calibration.txt"
 DAMP = 0.01  # of the mean diagonal, added to H: keeps the inverse well-conditioned
@@ -207,10 +208,7 @@ def read_float32(source):
     """One safetensors tensor of the sharder's sources, as float32."""
     path, data_start, info = source
     storage, view = quant.FLOAT_VIEWS[info.dtype]
-    with open(path, "rb", buffering=0) as f:
-        f.seek(data_start + info.start)
-        data = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
-    return quant.to_float32(data, storage)
+    return quant.to_float32(read_array(path, data_start, info, view), storage)
 
 
 def checkpoint_stage_items(calibrator, name, kind, tensor_names, sources, qconfig):

@@ -1,6 +1,6 @@
 """Image-text checkpoints whose language model airmlx runs on its own: text in, text out.
 
-Gemma 3 (4B and larger), Mistral Small 3.1 / 3.2 and Qwen2-VL / Qwen2.5-VL / Qwen3-VL ship their language model
+Gemma 3 (4B and larger), Mistral Small 3.1 / 3.2 and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) ship their language model
 inside an image-text model (`Gemma3ForConditionalGeneration`, ...). The language model is an ordinary text-only
 model of a registered architecture; the sharder takes its config (transformers' config class fills in what
 config.json leaves to defaults) and its tensors, named as the text-only model names them, and leaves the vision
@@ -17,7 +17,8 @@ from .errors import CheckpointError
 from .hf_config import transformers_config
 
 # image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
-LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+                   "qwen3_vl_moe": "qwen3_moe"}
 # where the language model's tensors sit: as released ("language_model.model."), as transformers 5 names them
 # in memory ("model.language_model."); the head is "language_model.lm_head" or "lm_head"
 RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),

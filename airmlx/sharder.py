@@ -19,8 +19,9 @@ from pathlib import Path
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import arch_for, expert_index, stage_layout, unquantized_modules
+from .archs import ARCHS, arch_for, expert_index, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .fused_experts import split_fused_experts
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
     LANGUAGE_MODELS,
@@ -218,6 +219,7 @@ def checked_sources(files, config: dict, src) -> dict:
     sources = source_tensors(files)
     if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
         sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
+    sources = split_fused_experts(ARCHS.get(config.get("model_type")), config, sources)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
     return sources
 

@@ -3,6 +3,7 @@ a stage's items written atomically with their checksum, the folder lock, which f
 reuse, and a full disk named in one line."""
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -14,8 +15,9 @@ import numpy as np
 
 from . import quant
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .fused_experts import TransposedPart, read_array
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
-from .tensorfile import aligned_order, encode_header
+from .tensorfile import NUMPY_VIEWS, aligned_order, encode_header
 
 PROGRESS_NAME = "progress.json"
 LEGACY_DIR = "_converted"  # a pickle checkpoint's safetensors copy, made inside the shard folder
@@ -85,17 +87,19 @@ def say_ungrouped(infos, qconfig) -> None:
 
 def stage_items(tensor_names, sources, qconfig=None):
     """What a stage file holds, in file order: (name, dtype, shape, payload) where payload is a source byte
-    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array."""
+    range (path, start, end) to copy, or, for tensors quantised on the way, a numpy array (or, for a fused
+    expert's transposed part, a function that makes one)."""
     items = []
     for t in tensor_names:
         src, data_start, info = sources[t]
         if quantized(t, info, qconfig):
             storage, view = quant.FLOAT_VIEWS[info.dtype]
-            with open(src, "rb", buffering=0) as f:
-                f.seek(data_start + info.start)
-                w = np.frombuffer(f.read(info.nbytes), dtype=view).reshape(info.shape)
+            w = read_array(src, data_start, info, view)
             items += quantized_items(t, *quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage),
                                      info.dtype)
+        elif isinstance(info, TransposedPart):  # made when written, so a stage's experts are never all held
+            items.append((t, info.dtype, info.shape,
+                          functools.partial(read_array, src, data_start, info, NUMPY_VIEWS[info.dtype])))
         else:
             items.append((t, info.dtype, info.shape, (src, data_start + info.start, data_start + info.end)))
     return in_file_order(items)
@@ -126,6 +130,8 @@ def write_stage(out, name, kind, index, items, fds, parts=None, keep=True):
         with open(tmp, "wb") as f:
             f.write(header)
             for t, _, _, payload in items:
+                if callable(payload):
+                    payload = payload()
                 if isinstance(payload, np.ndarray):
                     data = np.ascontiguousarray(payload).data
                     f.write(data)

@@ -92,6 +92,7 @@ MLX_ARCHS = {
     "phimoe": MLXArch("phimoe", experts="block_sparse_moe.switch_mlp",
                       expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "ernie4_5_moe": MLXArch("ernie4_5_moe", experts="mlp.switch_mlp"),
+    "granitemoe": MLXArch("granitemoe", experts="block_sparse_moe.switch_mlp"),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here

@@ -45,13 +45,18 @@ def stacking(backend, infos):
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
     prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.mlx_arch.experts}."
-    half = {raw.dtype for raw in tensors.values()} & {"BF16", "F16"}
-    if half and (backend.dtype is None or backend.dtype != mx.float32) and not backend.qconfig \
-            and mx.default_device().type == mx.cpu:
+    # weights the sharder left unquantised (none, or those whose rows do not split into its groups)
+    plain = {raw.dtype for name, raw in tensors.items()
+             if name.endswith(".weight") and f"{name[:-len('.weight')]}.scales" not in tensors}
+    half = plain & {"BF16", "F16"}
+    if half and (backend.dtype is None or backend.dtype != mx.float32) and mx.default_device().type == mx.cpu:
         # mlx-lm's SwitchGLU uses gather_mm, which MLX's CPU build runs only in float32 (resident mlx-lm too)
+        fix = ("shard with a group size that divides every expert weight's rows (e.g. compression='4bit-g32')"
+               if backend.qconfig else "shard with compression='8bit' or '4bit'")
         raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
-                           f"{backend.arch.model_type} checkpoint's experts are {half.pop()}; pass dtype='float32', "
-                           "shard with compression='8bit' or '4bit', or use backend='torch'.")
+                           f"{backend.arch.model_type} checkpoint's experts are {half.pop()}"
+                           f"{' where left unquantised' if backend.qconfig else ''}; pass dtype='float32', {fix}, "
+                           "or use backend='torch'.")
     convert = backend.as_stored if widened_when_stacked(backend, tensors) else backend.from_raw
     params = {switch_name(backend, name)[len(prefix):]: convert(raw) for name, raw in tensors.items()}
     mx.eval(list(params.values()))

@@ -43,6 +43,9 @@ class TorchArch:
     """How transformers runs an architecture here."""
     attention: str = "sdpa"  # attn_implementation
     experts: str = "mlp.experts"  # MoE: transformers' fused experts module in a layer
+    # MoE checkpoints whose fused experts the sharder split (airmlx/fused_experts.py) into per-expert tensors that
+    # transformers' conversion mapping has no names for: ((fused parameter, (per-expert tensors, in order)), ...)
+    expert_params: tuple = ()
 
 
 TORCH_ARCHS = {
@@ -55,6 +58,8 @@ TORCH_ARCHS = {
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(),
+    "granitemoe": TorchArch(experts="block_sparse_moe.experts", expert_params=(
+        ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")), ("down_proj", ("down_proj.weight",)))),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)

@@ -30,10 +30,20 @@ def load_expert(backend, entry, expert, tensors, layouts):
     tensors = {name: backend.from_raw(r) for name, r in raw.items()}
     if backend.qconfig:
         tensors, _, _ = backend.quantized(tensors)  # fused experts: dequantised
-    params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
+    if backend.torch_arch.expert_params:
+        params = stacked(backend.torch_arch.expert_params, f".{backend.arch.experts}.{expert}.", tensors)
+    else:
+        params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
     if entry.name not in layouts:
         layouts[entry.name] = Layout.learnt(backend.arch.experts, expert, raw, params)
     return params, sum(t.numel() * t.element_size() for t in params.values())
+
+
+def stacked(expert_params, infix, tensors):
+    """A split fused checkpoint's expert (TorchArch.expert_params; its tensors named "...<infix><end>") as the
+    module's parameters of one expert."""
+    by_end = {name.split(infix, 1)[1]: t for name, t in tensors.items()}
+    return {pname: torch.cat([by_end[end] for end in ends])[None] for pname, ends in expert_params}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ KINDS = {
     "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, "qwen3", "qwen3_vl_text",
                  dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
                       deepstack_visual_indexes=[0], num_position_embeddings=16), {"tie_word_embeddings": False}),
+    # its experts fused: the sharder splits them into Qwen3-MoE's per-expert tensors
+    "qwen3_vl_moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, "qwen3_moe",
+                     "qwen3_vl_moe_text", dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                                               out_hidden_size=64, patch_size=14, deepstack_visual_indexes=[0],
+                                               num_position_embeddings=16), {"tie_word_embeddings": False}),
 }
 TEXT = {kind: spec[2] for kind, spec in KINDS.items()}
 
@@ -54,8 +59,10 @@ def make_image_text_checkpoint(folder, kind):
     as model.language_model.*, model.visual.*); returns the model."""
     config_cls, model_cls, arch, text_type, vision, extra = KINDS[kind]
     text = {**BASE, **ARCH_CONFIGS[arch][1], "model_type": text_type}
+    if kind == "qwen3_vl_moe":  # gate_up_proj (48, 64), not square: which way it is stored shows
+        text["moe_intermediate_size"] = 24
     if kind.startswith("qwen"):  # multimodal rotary positions (Qwen3-VL's interleaved)
-        text["rope_parameters"] = {**MROPE, **({"mrope_interleaved": True} if kind == "qwen3_vl" else {})}
+        text["rope_parameters"] = {**MROPE, **({"mrope_interleaved": True} if kind.startswith("qwen3") else {})}
     config = config_cls(text_config=text, vision_config=vision, **extra)
     torch.manual_seed(0)
     model = model_cls(config).eval()
@@ -167,3 +174,32 @@ def test_a_chat_template_only_the_processor_has_reaches_the_tokenizer(tmp_path):
     with airmlx.AutoModel.from_pretrained(folder, backend="torch", layer_shards_saving_path=tmp_path / "s") as model:
         assert model.tokenizer.chat_template == template
         assert (tmp_path / "s" / "chat_template.jinja").read_text() == template
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_experts_stored_either_way_run_as_per_expert_ones(tmp_path, backend):
+    """Qwen3-VL-MoE's checkpoints fuse a layer's experts: released (experts, in, out), as transformers 5 saves them
+    (experts, out, in). The sharder splits both into Qwen3-MoE's per-expert tensors; the tokens are the same."""
+    folder = tmp_path / "src"
+    ref = make_image_text_checkpoint(folder, "qwen3_vl_moe")
+    want = reference_generate(ref, PROMPT)
+    tensors = load_file(folder / "model.safetensors")
+    fused = [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused and all(tensors[n].shape[1] != tensors[n].shape[2] for n in fused)
+    save_file({n: t.transpose(1, 2).contiguous() if n in fused else t for n, t in tensors.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    with load(folder, tmp_path, backend, "tight") as model:
+        experts = [s for s in model.store.manifest.stages if s.kind == "experts"]
+        assert experts and all(".mlp.experts.0.gate_proj.weight" in " ".join(s.tensors) for s in experts)
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+
+
+def test_a_fused_experts_tensor_that_fits_no_layout_is_refused(tmp_path):
+    folder = tmp_path / "src"
+    make_image_text_checkpoint(folder, "qwen3_vl_moe")
+    tensors = load_file(folder / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("experts.down_proj"))
+    tensors[name] = tensors[name][:, :-1, :].contiguous()  # (experts, hidden - 1, intermediate)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AirmlxError, match="fused experts tensor.*does not match its config"):
+        airmlx.AutoModel.from_pretrained(folder, layer_shards_saving_path=tmp_path / "shards", progress=False)

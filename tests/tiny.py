@@ -49,8 +49,9 @@ ARCH_CONFIGS = {
     "starcoder2": (transformers.Starcoder2Config, dict(tie_word_embeddings=False)),  # LayerNorm, biases, GELU MLP
     # the sqrt(hidden) embedding scale, RMSNorm with weight + 1, tied head (smaller init as for gemma2)
     "gemma": (transformers.GemmaConfig, dict(head_dim=16, tie_word_embeddings=True, initializer_range=0.05)),
-    # Granite 3's constants outside and inside the layers (granite-3.0-2b's values)
-    "granite": (transformers.GraniteConfig, dict(tie_word_embeddings=True, embedding_multiplier=12.0,
+    # Granite 3's constants outside and inside the layers (granite-3.0-2b's values); untied, as with a tied head a
+    # random Granite repeats the prompt's last token (the embedding multiplier's weight in the residual)
+    "granite": (transformers.GraniteConfig, dict(tie_word_embeddings=False, embedding_multiplier=12.0,
                                                  logits_scaling=8.0, residual_multiplier=0.22,
                                                  attention_multiplier=0.015625)),
     # Command-R (+): LayerNorm, attention and MLP in parallel, interleaved rotary, q / k LayerNorms (Command R+),
@@ -73,6 +74,12 @@ ARCH_CONFIGS = {
         "llama_4_scaling_beta": 0.5, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
+    # Granite 3 MoE (granite-3.0-1b-a400m's multipliers): experts fused in the checkpoint, gate and up in one;
+    # untied as granite
+    "granitemoe": (transformers.GraniteMoeConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                       intermediate_size=24, tie_word_embeddings=False,
+                                                       embedding_multiplier=12.0, logits_scaling=6.0,
+                                                       residual_multiplier=0.22, attention_multiplier=0.015625)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                                     moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                                     tie_word_embeddings=False)),
