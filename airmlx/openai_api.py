@@ -107,6 +107,8 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     stream = _get(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
     options = _get(body, "stream_options", lambda v: isinstance(v, dict), 'an object like {"include_usage": true}', {})
     include_usage = _get(options, "include_usage", lambda v: isinstance(v, bool), "true or false", False)
+    if body.get("stream_options") is not None and not stream:  # as OpenAI's API answers it
+        raise RequestError("stream_options is only allowed when stream is true.", param="stream_options")
     if chat:
         wanted = _get(body, "logprobs", lambda v: isinstance(v, bool), "true or false", False)
         top = _get(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,

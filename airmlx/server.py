@@ -101,6 +101,11 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                                      headers={"Cache-Control": "no-cache"})
         return await collect(request, req, events, meta)
 
+    def listed(job, entries):
+        """The (token, logprob, top) entries a response lists: a chat message's content tokens leave out the stop
+        token that ended it, as its content does (a completion's text_offset-aligned list keeps it)."""
+        return [e for e in entries if e[0] not in engine.stop_tokens] if job.chat else entries
+
     def logprobs_of(job, entries, offsets):
         if job.logprobs is None:
             return None
@@ -124,7 +129,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     return error("the client went away.", 499)
             if isinstance(event, Delta):
                 text.append(event.text)
-                entries += event.logprobs
+                entries += listed(job, event.logprobs)
             elif isinstance(event, Failed):
                 return error(event.message, event.status)
             elif isinstance(event, Finished):
@@ -141,9 +146,10 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             while True:
                 event = await events.get()
                 if isinstance(event, Delta):
-                    if not event.text and not event.logprobs:
+                    entries = listed(job, event.logprobs)
+                    if not event.text and not entries:
                         continue
-                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, event.logprobs, offsets)))
+                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, entries, offsets)))
                 elif isinstance(event, Failed):
                     yield sse(api.error_body(event.message, event.status))
                     break

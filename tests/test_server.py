@@ -153,6 +153,22 @@ def test_completion_logprobs_are_the_models(live, model):
     assert len(r.choices[0].logprobs.content) == 2 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
 
 
+def test_a_chat_messages_logprobs_leave_out_the_stop_token_as_its_content_does(model):
+    """Regression (QA): chat logprobs listed the end-of-turn token that stopped the answer, which its content
+    leaves out. A completion's logprobs keep it (they run along the text's offsets, as legacy completions' do)."""
+    ids = chat_ids(model.tokenizer, MESSAGES)
+    _, new = expected(model, ids, 3)
+    with Live(model) as server:
+        server.engine.stop_tokens = [new[2]]  # the third greedy token ends the turn
+        ask = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True)
+        whole = server.client.chat.completions.create(**ask).choices[0]
+        chunks = list(server.client.chat.completions.create(**ask, stream=True))
+    assert whole.finish_reason == "stop"
+    assert [t.token for t in whole.logprobs.content] == [model.tokenizer.decode([t]) for t in new[:2]]
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content]
+
+
 def test_streamed_text_offsets_count_the_text_held_back_for_a_stop_string(live, model):
     """Regression (QA): a stream's text_offset counted only the text already sent, so tokens whose text was
     held back (it could begin a stop string) all got the same, wrong offset."""
@@ -323,6 +339,9 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", ""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "logprobs": 99}, 400, "logprobs"),
+    # accepted silently (QA); OpenAI's API refuses it
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "n": 2}, 400, "n"),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 9999]}, 400, "prompt"),
