@@ -350,7 +350,17 @@ class AirModel:
         return self.backend.cache_bytes(cache)
 
     @exclusive
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool | None = None,
+    def default_new_tokens(self, prompt_length: int) -> int:
+        """generate()'s max_new_tokens when none is given: generation_config.json's max_new_tokens, else its
+        max_length less the prompt (transformers' rule), else 20."""
+        config = self.generation_config
+        if is_int(config.get("max_new_tokens")):
+            return config["max_new_tokens"]
+        if is_int(config.get("max_length")):
+            return max(config["max_length"] - prompt_length, 0)
+        return 20
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
                  streamer=None, seed: int | None = None, past_key_values=None, cache=None,
@@ -360,6 +370,8 @@ class AirModel:
         """Prompt + new tokens, like transformers' generate; an object with .sequences when
         return_dict_in_generate=True. input_ids: torch tensor, numpy array, mx.array or (nested) list.
 
+        max_new_tokens: None takes generation_config.json's max_new_tokens, else its max_length less the prompt's
+        length, as transformers does, else 20.
         do_sample, temperature, top_p, top_k: None takes the checkpoint's generation_config.json, then
         transformers' defaults (greedy; when sampling, temperature 1.0, top_k 50, top_p 1.0).
         stop_strings: a row stops once its new tokens, decoded with `tokenizer` (default: the model's own),
@@ -406,6 +418,8 @@ class AirModel:
             ids, mask, before = whole_conversation(ids, mask, held)
             if streamer is not None and before.shape[1]:
                 streamer = WholePrompt(streamer, before)
+        if max_new_tokens is None:
+            max_new_tokens = self.default_new_tokens(past + ids.shape[1])
         limit = self.config.get("max_position_embeddings")
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "

@@ -590,3 +590,17 @@ def test_an_empty_eos_list_means_no_eos(model, monkeypatch):
     monkeypatch.setattr(type(model), "pad_token_id", None)
     assert model.generate([PROMPT], max_new_tokens=6, eos_token_id=[]) == \
         model.generate([PROMPT], max_new_tokens=6, eos_token_id=-1)
+
+
+@pytest.mark.parametrize("written, want", [({}, 20), ({"max_new_tokens": 3}, 3), ({"max_length": 9}, 9 - len(PROMPT)),
+                                           ({"max_length": 2}, 0)])
+def test_max_new_tokens_left_out_or_none_follows_generation_config_as_transformers(vocab400, tmp_path, written, want):
+    """Regression (QA): max_new_tokens=None was refused, where transformers takes generation_config.json's
+    max_new_tokens, else its max_length less the prompt."""
+    import json
+    import shutil
+    folder = shutil.copytree(vocab400[0], tmp_path / "shards")
+    (folder / "generation_config.json").write_text(json.dumps(written))
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch") as m:
+        for kwargs in ({}, {"max_new_tokens": None}):
+            assert len(m.generate([PROMPT], eos_token_id=[], **kwargs)[0]) == len(PROMPT) + want
