@@ -92,6 +92,11 @@ ARCHS = {a.model_type: a for a in [
     Arch("olmoe", experts="mlp.experts"),
     Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
+    # routers that are plain arrays in mlx-lm stay unquantised (as DeepSeek's below)
+    Arch("exaone_moe", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # K-EXAONE: DeepSeek-V3's routing
+    Arch("laguna", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
+    Arch("dots1", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # dots.llm1: DeepSeek-V3's routing
+    Arch("mellum", experts="mlp.experts"),  # sliding-window layers with rotary settings of their own
     # Granite 3 MoE: Granite's multipliers; its experts fused, gate and up in one
     Arch("granitemoe", experts="block_sparse_moe.experts", embed_multiplier="embedding_multiplier",
          logit_divisor="logits_scaling", fused_experts=(

@@ -38,6 +38,9 @@ class MLXArch:
     """How mlx-lm runs an architecture, and the workarounds its modules need here."""
     module: str  # mlx_lm.models.<module>
     sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
+    # sanitize a layer's stage under its own number, where mlx-lm's loops over every layer by the config (a
+    # dense layer 0 would skip a MoE layer's renames), not as layer 0
+    sanitize_numbered: bool = False
     mask_array: bool = False  # the attention needs a mask array, not the "causal" shortcut
     # zero left-padded positions before each layer: its attention also reads the position before (a
     # convolution), so padding would leak into a row's first token
@@ -50,6 +53,7 @@ class MLXArch:
     # (or the config's partial_rotary_factor): the backend gives each layer a RoPE over that part
     partial_rotary: float = None
     scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
+    moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
     pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
 
 
@@ -93,6 +97,10 @@ MLX_ARCHS = {
                       expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "ernie4_5_moe": MLXArch("ernie4_5_moe", experts="mlp.switch_mlp"),
     "granitemoe": MLXArch("granitemoe", experts="block_sparse_moe.switch_mlp"),
+    "exaone_moe": MLXArch("exaone_moe", experts="mlp.switch_mlp", moe_layers_key="is_moe_layer", sanitize_numbered=True),
+    "laguna": MLXArch("laguna", experts="mlp.switch_mlp"),
+    "dots1": MLXArch("dots1", experts="mlp.experts"),
+    "mellum": MLXArch("mellum", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here
@@ -152,6 +160,8 @@ def mlx_args(config, module):
     if mlx_arch.pattern_letters and not isinstance(cfg.get("sliding_window_pattern"), str):
         period = types[:types.index("full_attention") + 1] if "sliding_attention" in types else []
         cfg["sliding_window_pattern"] = "".join("L" if t == "sliding_attention" else "G" for t in period) or None
+    if mlx_arch.moe_layers_key and isinstance(cfg.get("mlp_layer_types"), list):
+        cfg.setdefault(mlx_arch.moe_layers_key, [t == "sparse" for t in cfg["mlp_layer_types"]])
     for key, value in mlx_arch.config_defaults:
         cfg.setdefault(key, value)
     if cfg.get("head_dim") is None and "head_dim" in inspect.signature(module.ModelArgs).parameters:
@@ -310,7 +320,7 @@ class MLXBackend:
         Some sanitizers look for layer 0's keys only, so a layer stage goes through as layer 0."""
         if not (self.mlx_arch.sanitize and hasattr(self.skeleton, "sanitize")):
             return arrays
-        if layer is None:
+        if layer is None or self.mlx_arch.sanitize_numbered:
             return self.skeleton.sanitize(arrays)
         ours, zero = f"{self.arch.layers}.{layer}.", f"{self.arch.layers}.0."
         out = self.skeleton.sanitize({zero + k[len(ours):] if k.startswith(ours) else k: a for k, a in arrays.items()})

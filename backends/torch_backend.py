@@ -57,7 +57,8 @@ TORCH_ARCHS = {
     "exaone4": TorchArch(), "glm": TorchArch(), "ministral3": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
-    "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(),
+    "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
+    "laguna": TorchArch(), "dots1": TorchArch(), "mellum": TorchArch(),
     "granitemoe": TorchArch(experts="block_sparse_moe.experts", expert_params=(
         ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")), ("down_proj", ("down_proj.weight",)))),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping

@@ -109,7 +109,7 @@ def test_4bit_runs_on_both_backends_and_agrees(converted, tmp_path, backend):
     assert np.abs(got - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "glm4_moe", "exaone_moe", "dots1", "laguna"])
 def test_a_router_mlx_lm_keeps_as_an_array_stays_unquantised_and_4bit_streams_alike(tmp_path, arch):
     """Regression: the sharder quantised DeepSeek-V3's router (a 2-D .weight), which mlx-lm keeps as a plain
     array, so MLX refused the stage ("has shape (8, 16), the config implies (8, 64)")."""

@@ -80,6 +80,26 @@ ARCH_CONFIGS = {
                                                        intermediate_size=24, tie_word_embeddings=False,
                                                        embedding_multiplier=12.0, logits_scaling=6.0,
                                                        residual_multiplier=0.22, attention_multiplier=0.015625)),
+    # K-EXAONE: DeepSeek-V3's routing, a dense first layer, sliding-window layers with rotary, a global one without
+    "exaone_moe": (transformers.ExaoneMoeConfig, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        num_shared_experts=1, intermediate_size=64, sliding_window=8, head_dim=16, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    # poolside Laguna: a dense first layer, gated attention, a sliding-window layer and a full one, each with rotary
+    # settings of its own (partial on the full one)
+    "laguna": (transformers.LagunaConfig, dict(
+        num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, intermediate_size=64, head_dim=16, sliding_window=8,
+        tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention"])),
+    # dots.llm1: DeepSeek-V3's routing over grouped-query attention, a dense first layer
+    "dots1": (transformers.Dots1Config, dict(
+        num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        moe_intermediate_size=16, intermediate_size=64, head_dim=16, tie_word_embeddings=False)),
+    # sliding-window layers, each with rotary settings of its own (mlx-lm's module has no dense layers)
+    "mellum": (transformers.MellumConfig, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64,
+        head_dim=16, sliding_window=8, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                                     moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                                     tie_word_embeddings=False)),
