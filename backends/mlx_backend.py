@@ -206,8 +206,12 @@ class MLXBackend:
         self.arch = arch_for(config)
         self.mlx_arch = MLX_ARCHS[config["model_type"]]
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
-        self.args = mlx_args(config, module)
-        self.skeleton = module.Model(self.args)
+        try:
+            self.args = mlx_args(config, module)
+            self.skeleton = module.Model(self.args)
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:  # a config mlx-lm cannot build
+            raise BackendError(f"mlx-lm's {self.mlx_arch.module} module cannot be built from this config.json "
+                               f"({type(e).__name__}: {str(e)[:200]}); try backend='torch'.") from None
         if self.mlx_arch.partial_rotary:
             rotate_part_of_heads(self.skeleton, config, self.mlx_arch.partial_rotary)
         self.qconfig = config.get("quantization")

@@ -223,3 +223,14 @@ def test_compression_keeps_the_normalised_head(tmp_path):
     with airmlx.AutoModel.from_pretrained(out, backend="mlx") as model:
         ours = model.step(np.array(PROMPT), np.ones_like(PROMPT), model.new_cache())
     assert np.abs(ours - want).max() / np.abs(want).max() < 0.05
+
+
+def test_a_config_mlx_lms_module_cannot_build_is_refused_in_one_line(checkpoints, tmp_path):
+    """Qwen2-MoE without a shared expert (shared_expert_intermediate_size 0) raised ZeroDivisionError from inside
+    mlx-lm's module; transformers runs it, so the torch backend does."""
+    from airmlx.errors import BackendError
+    folder, ref = checkpoints("qwen2_moe", shared_expert_intermediate_size=0)
+    with pytest.raises(BackendError, match="mlx-lm's qwen2_moe module cannot be built from this config.json"):
+        load(folder, tmp_path / "mlx", "mlx")
+    with load(folder, tmp_path / "torch", "torch") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
