@@ -79,7 +79,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("apertus"),  # Apertus 8B / 70B: xIELU activation, q / k norms, an ungated MLP
     Arch("exaone4"),  # EXAONE 4.0: norms after attention and MLP, sliding-window layers from config.layer_types
     Arch("glm"),  # GLM-4 (glm-4-9b-chat-hf): partial interleaved rotary, fused gate_up_proj
-    Arch("ministral3"),  # Ministral 3: Llama's layers with llama4-style attention temperature scaling
+    Arch("ministral3", window_everywhere=True),  # Ministral 3: Llama 4's attention temperature scaling
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
     Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),

@@ -19,6 +19,9 @@ from .hf_config import transformers_config
 # image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
 LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
                    "qwen3_vl_moe": "qwen3_moe"}
+# what the image-text model's own modules do whatever its config says, set in the config of the model it runs as:
+# Qwen3-VL-MoE's router always normalises its top-k weights, Qwen3-MoE's only with norm_topk_prob
+AS_RUN = {"qwen3_vl_moe": {"norm_topk_prob": True}}
 # where the language model's tensors sit: as released ("language_model.model."), as transformers 5 names them
 # in memory ("model.language_model."); the head is "language_model.lm_head" or "lm_head"
 RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -53,6 +56,7 @@ def language_model_config(config: dict) -> dict:
     text.pop("transformers_version", None)
     if LANGUAGE_MODELS[config["model_type"]]:  # Qwen VL: a Qwen2 / Qwen3 on text (see above)
         text["model_type"] = LANGUAGE_MODELS[config["model_type"]]
+        text.update(AS_RUN.get(config["model_type"], {}))
         for key in ("rope_parameters", "rope_scaling"):
             if isinstance(text.get(key), dict):
                 text[key] = {k: v for k, v in text[key].items() if k not in ("mrope_section", "mrope_interleaved")}

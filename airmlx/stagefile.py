@@ -80,9 +80,11 @@ def say_ungrouped(infos, qconfig) -> None:
              quant.quantizable(i.name, i.dtype, (*i.shape[:-1], g), g)]
     left = [i for i in takes if i.shape[-1] % g]
     if left:
+        smaller = [s for s in quant.SUPPORTED_GROUP_SIZES if s < g and all(i.shape[-1] % s == 0 for i in left)]
+        hint = f"group size {smaller[-1]} (-g{smaller[-1]}) quantises them" if smaller else \
+            "no group size airmlx supports divides them"
         print(f"airmlx: {len(left)} of {len(takes)} matrices stay unquantised: their rows do not split into groups "
-              f"of {g} (e.g. {left[0].name}, {left[0].shape[-1]} wide); a smaller group size (e.g. -g32) quantises "
-              "them.", file=sys.stderr)
+              f"of {g} (e.g. {left[0].name}, {left[0].shape[-1]} wide); {hint}.", file=sys.stderr)
 
 
 def stage_items(tensor_names, sources, qconfig=None):

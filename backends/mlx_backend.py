@@ -18,7 +18,8 @@ from mlx_lm.models.base import create_attention_mask, create_causal_mask
 from mlx_lm.models.cache import KVCache
 
 from airmlx.archs import arch_for, expert_index, layer_types, rope_config
-from airmlx.errors import BackendError
+from airmlx.errors import BackendError, CheckpointError
+from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 from airmlx.tensorfile import DTYPE_SIZES
@@ -157,7 +158,7 @@ def mlx_args(config, module):
     for mlx_key, hf_key in mlx_arch.config_aliases:
         if hf_key in cfg:
             cfg.setdefault(mlx_key, cfg[hf_key])
-    if mlx_arch.pattern_letters and not isinstance(cfg.get("sliding_window_pattern"), str):
+    if mlx_arch.pattern_letters:  # from layer_types, which transformers derives from the pattern where it has one
         period = types[:types.index("full_attention") + 1] if "sliding_attention" in types else []
         cfg["sliding_window_pattern"] = "".join("L" if t == "sliding_attention" else "G" for t in period) or None
     if mlx_arch.moe_layers_key and isinstance(cfg.get("mlp_layer_types"), list):
@@ -165,8 +166,18 @@ def mlx_args(config, module):
     for key, value in mlx_arch.config_defaults:
         cfg.setdefault(key, value)
     if cfg.get("head_dim") is None and "head_dim" in inspect.signature(module.ModelArgs).parameters:
-        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]  # transformers' rule where it is left out
+        cfg["head_dim"] = default_head_dim(config)
     return module.ModelArgs.from_dict(cfg)
+
+
+def default_head_dim(config):
+    """transformers' head_dim where config.json leaves it out: its config class's default (128 for GLM-4 and
+    Ministral 3), else hidden_size // num_attention_heads."""
+    try:
+        head_dim = getattr(transformers_config(config), "head_dim", None)
+    except CheckpointError:
+        head_dim = None
+    return head_dim if isinstance(head_dim, int) else config["hidden_size"] // config["num_attention_heads"]
 
 
 def rotate_part_of_heads(skeleton, config, default):

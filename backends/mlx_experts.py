@@ -13,6 +13,7 @@ from mlx.utils import tree_unflatten
 
 from airmlx.archs import expert_index, expert_pattern
 from airmlx.errors import BackendError
+from airmlx.quant import SUPPORTED_GROUP_SIZES
 
 
 def switch_name(backend, tensor_name):
@@ -42,21 +43,32 @@ def stacking(backend, infos):
     return mx.float32.size / 2 + max(i.nbytes for i in infos.values()) / min(per_expert.values())
 
 
+def quantising_hint(qconfig, plain) -> str:
+    """How a compression could take in the experts' unquantised weights: a group size that divides their rows'
+    length (none, where no supported one does)."""
+    if not qconfig:
+        return "shard with compression='8bit' or '4bit', "
+    widths = {raw.shape[-1] for raw in plain.values()}
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g != qconfig.get("group_size") and all(w % g == 0 for w in widths)]
+    if not fits:
+        return ""
+    return f"shard with a group size that divides their rows' length {sorted(widths)} (e.g. " \
+           f"compression='{qconfig['bits']}bit-g{fits[0]}'), "
+
+
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
     prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.mlx_arch.experts}."
     # weights the sharder left unquantised (none, or those whose rows do not split into its groups)
-    plain = {raw.dtype for name, raw in tensors.items()
+    plain = {name: raw for name, raw in tensors.items()
              if name.endswith(".weight") and f"{name[:-len('.weight')]}.scales" not in tensors}
-    half = plain & {"BF16", "F16"}
+    half = {raw.dtype for raw in plain.values()} & {"BF16", "F16"}
     if half and (backend.dtype is None or backend.dtype != mx.float32) and mx.default_device().type == mx.cpu:
         # mlx-lm's SwitchGLU uses gather_mm, which MLX's CPU build runs only in float32 (resident mlx-lm too)
-        fix = ("shard with a group size that divides every expert weight's rows (e.g. compression='4bit-g32')"
-               if backend.qconfig else "shard with compression='8bit' or '4bit'")
         raise BackendError(f"MLX on the CPU runs unquantised MoE experts only in float32, and this "
                            f"{backend.arch.model_type} checkpoint's experts are {half.pop()}"
-                           f"{' where left unquantised' if backend.qconfig else ''}; pass dtype='float32', {fix}, "
-                           "or use backend='torch'.")
+                           f"{' where left unquantised' if backend.qconfig else ''}; pass dtype='float32', "
+                           f"{quantising_hint(backend.qconfig, plain)}or use backend='torch'.")
     convert = backend.as_stored if widened_when_stacked(backend, tensors) else backend.from_raw
     params = {switch_name(backend, name)[len(prefix):]: convert(raw) for name, raw in tensors.items()}
     mx.eval(list(params.values()))

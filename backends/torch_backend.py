@@ -23,6 +23,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
 from airmlx.errors import BackendError, CacheTrimError
+from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
@@ -164,7 +165,12 @@ class TorchBackend:
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         # the checkpoint's own code picks its attention implementation
         kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.torch_arch.attention}
-        hf_config = hf_config or CONFIG_MAPPING[config["model_type"]].from_dict(plain)
+        if hf_config is None:
+            try:
+                hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
+            except Exception:  # the config class's own checks raise what they like: transformers_config words it
+                transformers_config(config)
+                raise
         with torch.device("meta"):
             # from_config leaves the model training: a config's dropout (Phi-2's resid_pdrop 0.1) would run
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()

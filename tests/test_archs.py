@@ -234,3 +234,60 @@ def test_a_config_mlx_lms_module_cannot_build_is_refused_in_one_line(checkpoints
         load(folder, tmp_path / "mlx", "mlx")
     with load(folder, tmp_path / "torch", "torch") as model:
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
+
+
+def test_a_config_transformers_cannot_read_is_refused_in_one_line_on_torch(tmp_path):
+    """EXAONE 4's sliding_window_pattern written as letters with no layer_types: transformers' config class fails
+    with ZeroDivisionError, which the torch backend raised as it was. (MLX runs it: without a window every layer
+    is global, which mlx-lm's module reads from the config as it is.)"""
+    backend = "torch"
+    import json
+
+    from tiny import make_checkpoint
+    make_checkpoint(tmp_path / "src", "exaone4")
+    path = tmp_path / "src" / "config.json"
+    config = json.loads(path.read_text())
+    del config["layer_types"]
+    path.write_text(json.dumps({**config, "sliding_window_pattern": "LLLG", "sliding_window": None}))
+    with pytest.raises(CheckpointError, match="config.json: transformers' exaone4 config cannot read it"):
+        load(tmp_path / "src", tmp_path, backend)
+
+
+def test_qwen3_vl_moe_normalises_its_routing_as_transformers_whatever_its_config_says(tmp_path):
+    """Qwen3-VL-MoE's router always normalises its top-k weights; run as Qwen3-MoE, a config without
+    norm_topk_prob (its class has no such field) did not, and MLX could not build the module."""
+    from airmlx.sharder import load_config
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 64, "num_hidden_layers": 2},
+              "vision_config": {"depth": 1}}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    assert load_config(tmp_path)["norm_topk_prob"] is True
+
+
+HUB_LIKE = [  # (arch, made with, then config.json edited: None deletes the key)
+    # EXAONE 4.0 1.2B: no window, every layer global, its pattern still written as letters: MLX's module read the
+    # letters and made windowed caches of no size
+    ("exaone4", {"sliding_window": None, "layer_types": ["full_attention"] * 4}, {"sliding_window_pattern": "LLLG"}),
+    # head_dim left out: transformers' GLM-4 and Ministral 3 classes default it to 128, not hidden / heads
+    ("glm", {"head_dim": 128}, {"head_dim": None}),
+    ("ministral3", {"head_dim": 128}, {"head_dim": None}),
+    # a window in Ministral 3's config applies to every layer, as in Mistral's
+    ("ministral3", {"sliding_window": 4}, {}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch, made, edited", HUB_LIKE, ids=[f"{a}-{list(e) or list(m)}" for a, m, e in HUB_LIKE])
+def test_hub_like_configs_run_as_transformers_reads_them(tmp_path, backend, arch, made, edited):
+    """Regressions (QA) of this stop's architectures: configs as the hub has them, against transformers."""
+    import json
+
+    from tiny import make_checkpoint
+    ref = make_checkpoint(tmp_path / "src", arch, **made)
+    path = tmp_path / "src" / "config.json"
+    config = {**json.loads(path.read_text()), **edited}
+    path.write_text(json.dumps({k: v for k, v in config.items() if not (k in edited and v is None)}))
+    want, want_batch = reference_generate(ref, PROMPT), reference_generate(ref, BATCH)
+    with load(tmp_path / "src", tmp_path, backend, "tight") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+        batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
+    assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]

@@ -361,3 +361,16 @@ def test_the_plan_counts_each_torch_stage_as_loaded(tmp_path, src_dtype, compres
         m.generate([5, 6, 7], max_new_tokens=2)
     assert {"embed", "head"} <= set(made)
     assert all(made[name] <= m.plan.stages[name].held for name in made), (made, m.plan.stages)
+
+
+def test_the_ungrouped_note_names_a_group_size_that_fits_or_none(capsys):
+    """Regression (QA): at -g32 the note still said a smaller group size "(e.g. -g32)" would quantise them."""
+    from airmlx.stagefile import say_ungrouped
+    from airmlx.tensorfile import TensorInfo
+    wide = lambda width: [TensorInfo("model.layers.0.mlp.down_proj.weight", "BF16", (64, width), 0, 0),
+                          TensorInfo("model.layers.0.mlp.up_proj.weight", "BF16", (width, 64), 0, 0)]
+    say_ungrouped(wide(96), {"group_size": 64, "bits": 4})
+    err = capsys.readouterr().err
+    assert "1 of 2 matrices stay unquantised" in err and "group size 32 (-g32) quantises them" in err
+    say_ungrouped(wide(24), {"group_size": 32, "bits": 4})
+    assert "no group size airmlx supports divides them" in capsys.readouterr().err
