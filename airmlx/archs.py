@@ -40,6 +40,7 @@ class Arch:
     # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
     # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)
     window_everywhere: bool = False
+    ignored: str = None  # a regex of buffers its checkpoints carry that no framework loads (beyond IGNORED's)
 
     @property
     def embed_prefix(self):
@@ -79,6 +80,10 @@ ARCHS = {a.model_type: a for a in [
     Arch("apertus"),  # Apertus 8B / 70B: xIELU activation, q / k norms, an ungated MLP
     Arch("exaone4"),  # EXAONE 4.0: norms after attention and MLP, sliding-window layers from config.layer_types
     Arch("glm"),  # GLM-4 (glm-4-9b-chat-hf): partial interleaved rotary, fused gate_up_proj
+    # Pythia, GPT-NeoX-20B: LayerNorm, partial rotary, attention and MLP in parallel; older checkpoints carry the
+    # attention's causal mask as a buffer
+    Arch("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
+         head="embed_out", ignored=r"\.attention\.(bias|masked_bias)$"),
     Arch("ministral3", window_everywhere=True),  # Ministral 3: Llama 4's attention temperature scaling
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
@@ -166,7 +171,7 @@ def stage_layout(config: dict, tensor_names: list) -> list:
     """
     arch = arch_for(config)
     n = config["num_hidden_layers"]
-    names = [t for t in tensor_names if not IGNORED.search(t)]
+    names = [t for t in tensor_names if not IGNORED.search(t) and not (arch.ignored and re.search(arch.ignored, t))]
     embed = [t for t in names if t.startswith(arch.embed_prefix)]
     layers = [[] for _ in range(n)]
     head, stray = [], []

@@ -4,6 +4,7 @@ The mlx-lm model is built once; its random-initialised parameters stay lazy and 
 so the skeleton costs no memory. Loading a stage swaps real arrays in; freeing swaps the lazy
 placeholders back, and every stage's output is evaluated before its weights are dropped.
 """
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -55,6 +56,9 @@ class MLXArch:
     partial_rotary: float = None
     scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
     moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
+    # (checkpoint prefix, mlx-lm's) where mlx-lm's module names its parameters apart from the checkpoint (its
+    # sanitize would rename them): tensors are renamed so as they load, and modules are found by mlx-lm's names
+    renames: tuple = ()
     pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
 
 
@@ -86,6 +90,10 @@ MLX_ARCHS = {
     # GLM-4 (THUDM/glm-4-9b-chat-hf): half of each head rotates (ml-explore/mlx-lm#1698, not merged)
     "glm": MLXArch("glm", partial_rotary=0.5),
     "ministral3": MLXArch("ministral3", scales_by_offset=True),  # Llama 4's attention temperature
+    # mlx-lm: model.h.N, model.embed_in, model.final_layer_norm, model.embed_out; rotary settings by their old names
+    "gpt_neox": MLXArch("gpt_neox", renames=(("gpt_neox.layers.", "model.h."), ("gpt_neox.", "model."),
+                                              ("embed_out.", "model.embed_out.")),
+                        config_aliases=(("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
@@ -216,6 +224,9 @@ class MLXBackend:
         self.itemsize = (self.dtype or DTYPES.get(stored, mx.bfloat16)).size  # of activations and KV caches
         self.arch = arch_for(config)
         self.mlx_arch = MLX_ARCHS[config["model_type"]]
+        # where the stages' modules sit in mlx-lm's model (the checkpoint's paths, renamed where mlx-lm's differ)
+        self.paths = dataclasses.replace(self.arch, **{k: self.mlx_name(getattr(self.arch, k) + ".")[:-1]
+                                                       for k in ("embed", "layers", "norm", "head")})
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
         try:
             self.args = mlx_args(config, module)
@@ -227,7 +238,7 @@ class MLXBackend:
             rotate_part_of_heads(self.skeleton, config, self.mlx_arch.partial_rotary)
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
-            names = {t for s in manifest.stages for t in s.tensors}
+            names = {self.mlx_name(t) for s in manifest.stages for t in s.tensors}
             if self.arch.experts:  # streamed experts stack into the SwitchGLU: it is quantised if they are
                 names |= {mlx_experts.switch_name(self, n) for n in names if expert_index(self.arch, n) is not None}
 
@@ -337,17 +348,17 @@ class MLXBackend:
             return arrays
         if layer is None or self.mlx_arch.sanitize_numbered:
             return self.skeleton.sanitize(arrays)
-        ours, zero = f"{self.arch.layers}.{layer}.", f"{self.arch.layers}.0."
+        ours, zero = f"{self.paths.layers}.{layer}.", f"{self.paths.layers}.0."
         out = self.skeleton.sanitize({zero + k[len(ours):] if k.startswith(ours) else k: a for k, a in arrays.items()})
         return {ours + k[len(zero):] if k.startswith(zero) else k: a for k, a in out.items()}
 
     def load_stage(self, entry, tensors):
         layer = entry.layer
-        arrays = {name: self.from_raw(raw) for name, raw in tensors.items()}
+        arrays = {self.mlx_name(name): self.from_raw(raw) for name, raw in tensors.items()}
         nbytes = sum(a.nbytes for a in arrays.values())
         module = None
-        embed = self.arch.embed_prefix
-        if entry.kind == "head" and f"{self.arch.head}.weight" not in arrays:  # tied: the head is the embedding
+        embed = self.paths.embed_prefix
+        if entry.kind == "head" and f"{self.paths.head}.weight" not in arrays:  # tied: the head is the embedding
             tied = {k[len(embed):]: arrays.pop(k) for k in list(arrays) if k.startswith(embed)}
             if "scales" in tied:
                 gs, bits = module_params(self.qconfig, self.arch.embed)
@@ -375,10 +386,10 @@ class MLXBackend:
         """The skeleton's parameters a stage fills: its layer's (less the routed experts, read apart), or the
         final norm's and the head's (unless the head is the embedding: its own module, made in load_stage)."""
         if entry.kind == "layer":
-            prefixes = (f"{self.arch.layer_prefix}{entry.layer}.",)
+            prefixes = (f"{self.paths.layer_prefix}{entry.layer}.",)
             experts = f"{prefixes[0]}{self.mlx_arch.experts}." if self.mlx_arch.experts else None
         elif entry.kind == "head":
-            prefixes, experts = (f"{self.arch.norm}.",) + (() if tied else (f"{self.arch.head}.",)), None
+            prefixes, experts = (f"{self.paths.norm}.",) + (() if tied else (f"{self.paths.head}.",)), None
         else:
             return []
         return [n for n in self.placeholders if n.startswith(prefixes) and not (experts and n.startswith(experts))]
@@ -470,6 +481,13 @@ class MLXBackend:
             step.masks[sliding] = self._grouped(mask)
         return step.masks[sliding]
 
+    def mlx_name(self, name: str) -> str:
+        """A checkpoint tensor's name as mlx-lm's model names it (MLXArch.renames)."""
+        for old, new in self.mlx_arch.renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
     def _module(self, path):
         return functools.reduce(getattr, path.split("."), self.skeleton)
 
@@ -483,7 +501,7 @@ class MLXBackend:
 
     def run_stage(self, stage, x, step):
         if stage.kind == "embed":
-            x = self._module(self.arch.embed)(step.tokens)
+            x = self._module(self.paths.embed)(step.tokens)
             if self.arch.embed_scale:
                 x = x * mx.array(self.args.hidden_size ** 0.5, x.dtype)
             if self.embed_multiplier is not None:
@@ -505,8 +523,8 @@ class MLXBackend:
         return x
 
     def _head(self, stage, x):
-        h = self._module(self.arch.norm)(x)
-        x = stage.module.as_linear(h) if stage.module is not None else self._module(self.arch.head)(h)
+        h = self._module(self.paths.norm)(x)
+        x = stage.module.as_linear(h) if stage.module is not None else self._module(self.paths.head)(h)
         if self.logit_multiplier is not None:
             x = x * self.logit_multiplier
         if self.logit_divisor is not None:

@@ -55,7 +55,7 @@ TORCH_ARCHS = {
     "ernie4_5": TorchArch(), "helium": TorchArch(), "hunyuan_v1_dense": TorchArch(), "stablelm": TorchArch(),
     "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
     "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(), "apertus": TorchArch(),
-    "exaone4": TorchArch(), "glm": TorchArch(), "ministral3": TorchArch(),
+    "exaone4": TorchArch(), "glm": TorchArch(), "ministral3": TorchArch(), "gpt_neox": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
@@ -135,8 +135,14 @@ def resolve_dtype(config, dtype, device):
 
 
 def cache_argument(function):
-    """The name `function` takes the KV cache by: "cache" (transformers >= 5.2x) or "past_key_values"."""
-    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+    """The name `function` takes the KV cache by: "cache" (transformers >= 5.2x), "layer_past" (GPT-NeoX's
+    decoder layers) or "past_key_values"."""
+    parameters = inspect.signature(function).parameters
+    name = next((name for name in ("cache", "layer_past", "past_key_values") if name in parameters), None)
+    if name is None:  # passed in **kwargs it would be dropped, and every step would run without the past
+        raise BackendError(f"{function.__qualname__} takes its KV cache by no name airmlx knows (cache, layer_past, "
+                           "past_key_values); this transformers version's module cannot stream here.")
+    return name
 
 
 class TorchBackend:
@@ -188,6 +194,10 @@ class TorchBackend:
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
         self.converter_list = list(dict.fromkeys(self.converters.values()))
+        # the final norm and head as transformers names them in memory (GPT-NeoX's embed_out is its lm_head)
+        self.norm_path, self.head_path = (
+            rename_source_key(f"{path}.weight", self.renamings, self.converter_list)[0].removesuffix(".weight")
+            for path in (arch.norm, arch.head))
         rotary = (shared_rotary(self.skeleton, arch) if remote else
                   self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb"))
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
@@ -555,7 +565,7 @@ class TorchBackend:
         return x
 
     def _head(self, x):
-        norm, head = self.skeleton.get_submodule(self.arch.norm), self.skeleton.get_submodule(self.arch.head)
+        norm, head = self.skeleton.get_submodule(self.norm_path), self.skeleton.get_submodule(self.head_path)
         x = head(norm(x))
         if self.logit_multiplier is not None:
             x = x * self.logit_multiplier

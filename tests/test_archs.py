@@ -10,12 +10,12 @@ from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, 
 
 ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5", "helium", "hunyuan_v1_dense",
          "stablelm", "nemotron", "seed_oss", "starcoder2", "gemma", "granite", "cohere", "cohere2", "apertus", "exaone4",
-         "glm", "ministral3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+         "glm", "ministral3", "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe",
          "glm4_moe_lite", "olmoe", "phimoe", "ernie4_5_moe", "granitemoe", "exaone_moe", "laguna", "dots1", "mellum",
          "gemma2", "gemma3_text"]
 # mlx-lm's math for these differs from transformers' (exact GELU against the tanh approximation), so on MLX they
 # are held to mlx-lm's own model on the same weights (test_mlx_matches_mlx_lm_where_its_math_differs)
-MLX_LM_MATH = ["starcoder2", "gemma"]
+MLX_LM_MATH = ["starcoder2", "gemma", "gpt_neox"]
 CASES = [(arch, backend) for arch in ARCHS for backend in BACKENDS if not (backend == "mlx" and arch in MLX_LM_MATH)]
 
 
@@ -130,7 +130,9 @@ def test_mlx_matches_mlx_lm_where_its_math_differs_from_transformers(checkpoints
     from mlx_lm.utils import load_model
     folder, hf = checkpoints(arch)
     # transformers 5 writes rope_parameters, which mlx-lm's own loading does not read (airmlx does)
-    ref, _ = load_model(folder, model_config={"rope_theta": hf.config.rope_parameters["rope_theta"]})
+    rope = hf.config.rope_parameters  # gpt_neox: mlx-lm reads the old names Pythia's configs have
+    ref, _ = load_model(folder, model_config={"rope_theta": rope["rope_theta"], "rotary_emb_base": rope["rope_theta"],
+                                              "rotary_pct": rope.get("partial_rotary_factor")})
     assert_streamed_matches_mlx_lm(folder, tmp_path, ref)
 
 
@@ -291,3 +293,27 @@ def test_hub_like_configs_run_as_transformers_reads_them(tmp_path, backend, arch
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
         batched = model.generate(BATCH, max_new_tokens=NEW_TOKENS)
     assert [row[-NEW_TOKENS:] for row in batched] == [row[-NEW_TOKENS:] for row in want_batch]
+
+
+def test_gpt_neox_checkpoints_causal_mask_buffers_are_left_out(checkpoints, tmp_path):
+    """Pythia's checkpoints (before transformers 4.3x) carry each layer's causal mask and masked_bias as buffers,
+    which no framework loads: the sharder leaves them out, and the torch backend names the head lm_head, where
+    the checkpoint says embed_out."""
+    from safetensors.torch import load_file, save_file
+
+    from airmlx.manifest import Manifest
+    folder, ref = checkpoints("gpt_neox")
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in folder.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    for layer in range(4):
+        tensors[f"gpt_neox.layers.{layer}.attention.bias"] = torch.ones(1, 1, 256, 256, dtype=torch.bool).tril()
+        tensors[f"gpt_neox.layers.{layer}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with load(src, tmp_path, "torch", "tight") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
+    stored = [t for stage in Manifest.load(tmp_path / "shards").stages for t in stage.tensors]
+    assert "embed_out.weight" in stored and "gpt_neox.layers.0.attention.dense.bias" in stored
+    assert not [t for t in stored if t.endswith(("attention.bias", "attention.masked_bias"))]

@@ -72,6 +72,9 @@ ARCH_CONFIGS = {
     "ministral3": (transformers.Ministral3Config, dict(head_dim=16, tie_word_embeddings=False, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 8,
         "llama_4_scaling_beta": 0.5, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # Pythia: LayerNorm, a quarter of each head rotary, attention and MLP in parallel, biases, exact GELU
+    "gpt_neox": (transformers.GPTNeoXConfig, dict(intermediate_size=256, tie_word_embeddings=False,
+                                                  layer_norm_eps=1e-5)),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     # Granite 3 MoE (granite-3.0-1b-a400m's multipliers): experts fused in the checkpoint, gate and up in one;
