@@ -349,17 +349,20 @@ class AirModel:
     def cache_bytes(self, cache) -> int:
         return self.backend.cache_bytes(cache)
 
-    @exclusive
     def default_new_tokens(self, prompt_length: int) -> int:
         """generate()'s max_new_tokens when none is given: generation_config.json's max_new_tokens, else its
-        max_length less the prompt (transformers' rule), else 20."""
+        max_length less the prompt (transformers' rule; a max_length the prompt fills is refused), else 20."""
         config = self.generation_config
         if is_int(config.get("max_new_tokens")):
             return config["max_new_tokens"]
         if is_int(config.get("max_length")):
-            return max(config["max_length"] - prompt_length, 0)
+            if config["max_length"] <= prompt_length:  # transformers raises too
+                raise GenerationError(f"generation_config.json's max_length {config['max_length']} counts the prompt "
+                                      f"too, and the prompt has {prompt_length} tokens; pass max_new_tokens.")
+            return config["max_length"] - prompt_length
         return 20
 
+    @exclusive
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,

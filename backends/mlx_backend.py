@@ -178,6 +178,27 @@ def mlx_args(config, module):
     return module.ModelArgs.from_dict(cfg)
 
 
+def neox_limits(config):
+    """What mlx-lm's gpt_neox module cannot run, which transformers' can (None: nothing)."""
+    _, scaling = rope_config(config)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind != "default":
+        return f"no rotary scaling (this config's is {kind!r})"
+    if config.get("intermediate_size", 4 * config["hidden_size"]) != 4 * config["hidden_size"]:
+        return f"its MLP fixed at 4 x hidden_size (this config's intermediate_size is {config['intermediate_size']})"
+    if config.get("attention_bias") is False:
+        return "biases in every attention projection (this config's attention_bias is false)"
+    return None
+
+
+# model_type -> what mlx-lm's module cannot run of a config transformers runs (refused, never run otherwise)
+MLX_LIMITS = {
+    "gpt_neox": neox_limits,
+    "mellum": lambda config: "no dense MLP layers (this config's mlp_layer_types has 'dense')"
+    if "dense" in (config.get("mlp_layer_types") or []) else None,
+}
+
+
 def default_head_dim(config):
     """transformers' head_dim where config.json leaves it out: its config class's default (128 for GLM-4 and
     Ministral 3), else hidden_size // num_attention_heads."""
@@ -228,6 +249,9 @@ class MLXBackend:
         self.paths = dataclasses.replace(self.arch, **{k: self.mlx_name(getattr(self.arch, k) + ".")[:-1]
                                                        for k in ("embed", "layers", "norm", "head")})
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
+        limit = MLX_LIMITS.get(config["model_type"], lambda _: None)(config)
+        if limit:
+            raise BackendError(f"mlx-lm's {self.mlx_arch.module} module has {limit}; use backend='torch'.")
         try:
             self.args = mlx_args(config, module)
             self.skeleton = module.Model(self.args)

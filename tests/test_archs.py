@@ -317,3 +317,23 @@ def test_gpt_neox_checkpoints_causal_mask_buffers_are_left_out(checkpoints, tmp_
     stored = [t for stage in Manifest.load(tmp_path / "shards").stages for t in stage.tensors]
     assert "embed_out.weight" in stored and "gpt_neox.layers.0.attention.dense.bias" in stored
     assert not [t for t in stored if t.endswith(("attention.bias", "attention.masked_bias"))]
+
+
+@pytest.mark.parametrize("arch, config, says", [
+    ("gpt_neox", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0,
+                                      "partial_rotary_factor": 0.25}}, "no rotary scaling"),
+    ("gpt_neox", {"intermediate_size": 192}, "its MLP fixed at 4 x hidden_size"),
+    ("gpt_neox", {"attention_bias": False}, "biases in every attention projection"),
+    ("mellum", {"mlp_layer_types": ["dense", "sparse", "sparse"]}, "no dense MLP layers")])
+def test_what_mlx_lms_module_cannot_run_is_refused_and_torch_runs_it(tmp_path, arch, config, says):
+    """Regressions (QA): gpt_neox's rotary scaling ran unscaled on MLX without a word; the others blamed the
+    checkpoint for what mlx-lm's module lacks."""
+    from airmlx.errors import BackendError
+
+    from tiny import make_checkpoint
+    folder = tmp_path / "src"
+    ref = make_checkpoint(folder, arch, **config)
+    with pytest.raises(BackendError, match=f"mlx-lm's {arch} module has {says}.*use backend='torch'"):
+        load(folder, tmp_path / "mlx", "mlx")
+    with load(folder, tmp_path / "torch", "torch") as model:
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)

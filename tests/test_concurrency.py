@@ -86,7 +86,8 @@ def test_waiting_on_a_stopped_prefetcher_raises_instead_of_hanging(shards):
 def test_two_threads_on_one_model_take_turns(shards, backend):
     with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="380KB") as m:
         want = m.generate(PROMPT, max_new_tokens=12)
-        results = {}
+        results, order, step = {}, [], m.step
+        m.step = lambda *a, **k: order.append(threading.current_thread().name) or step(*a, **k)
 
         def run(i):
             try:
@@ -100,6 +101,9 @@ def test_two_threads_on_one_model_take_turns(shards, backend):
             t.join(60)
         assert not any(t.is_alive() for t in threads), "a thread hung"
         assert all(results[i] == want for i in range(3)), results
+        # a whole call after another (the lock is generate's), not step by step: each thread's steps in one run
+        runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+        assert len(runs) == len(set(runs)) == 3, runs
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

@@ -593,7 +593,7 @@ def test_an_empty_eos_list_means_no_eos(model, monkeypatch):
 
 
 @pytest.mark.parametrize("written, want", [({}, 20), ({"max_new_tokens": 3}, 3), ({"max_length": 9}, 9 - len(PROMPT)),
-                                           ({"max_length": 2}, 0)])
+                                           ({"max_length": 2}, "counts the prompt too")])
 def test_max_new_tokens_left_out_or_none_follows_generation_config_as_transformers(vocab400, tmp_path, written, want):
     """Regression (QA): max_new_tokens=None was refused, where transformers takes generation_config.json's
     max_new_tokens, else its max_length less the prompt."""
@@ -603,4 +603,8 @@ def test_max_new_tokens_left_out_or_none_follows_generation_config_as_transforme
     (folder / "generation_config.json").write_text(json.dumps(written))
     with airmlx.AutoModel.from_pretrained(folder, backend="torch") as m:
         for kwargs in ({}, {"max_new_tokens": None}):
-            assert len(m.generate([PROMPT], eos_token_id=[], **kwargs)[0]) == len(PROMPT) + want
+            if isinstance(want, str):  # as transformers raises
+                with pytest.raises(GenerationError, match=want):
+                    m.generate([PROMPT], **kwargs)
+            else:
+                assert len(m.generate([PROMPT], eos_token_id=[], **kwargs)[0]) == len(PROMPT) + want
