@@ -41,6 +41,9 @@ class Arch:
     # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)
     window_everywhere: bool = False
     ignored: str = None  # a regex of buffers its checkpoints carry that no framework loads (beyond IGNORED's)
+    # (transformers' prefix, mlx-lm's) where mlx-lm names the parameters otherwise (GPT-NeoX): the MLX backend
+    # renames as it loads, and the sharder takes a checkpoint mlx-lm wrote (mlx-community's) back to transformers'
+    mlx_names: tuple = ()
 
     @property
     def embed_prefix(self):
@@ -83,7 +86,8 @@ ARCHS = {a.model_type: a for a in [
     # Pythia, GPT-NeoX-20B: LayerNorm, partial rotary, attention and MLP in parallel; older checkpoints carry the
     # attention's causal mask as a buffer
     Arch("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
-         head="embed_out", ignored=r"\.attention\.(bias|masked_bias)$"),
+         head="embed_out", ignored=r"\.attention\.(bias|masked_bias)$", mlx_names=(
+             ("gpt_neox.layers.", "model.h."), ("gpt_neox.", "model."), ("embed_out.", "model.embed_out."))),
     Arch("ministral3", window_everywhere=True),  # Ministral 3: Llama 4's attention temperature scaling
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
@@ -127,6 +131,21 @@ ARCHS = {a.model_type: a for a in [
 
 # Buffers some checkpoints carry that no framework loads.
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def renamed(name: str, renames) -> str:
+    """name with the first of its (prefix, replacement) renames that applies; for the way back, pass them
+    reversed (Arch.mlx_names: mlx-lm's names are the longer ones first)."""
+    for old, new in renames:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def from_mlx_names(arch, names) -> dict:
+    """{name: transformers' name} for a checkpoint mlx-lm wrote (its names where Arch.mlx_names says so)."""
+    back = sorted(((new, old) for old, new in arch.mlx_names), key=lambda pair: -len(pair[0]))
+    return {n: renamed(n, back) for n in names}
 
 
 def arch_for(config: dict) -> Arch:

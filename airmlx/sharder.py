@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import ARCHS, arch_for, expert_index, stage_layout, unquantized_modules
+from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .fused_experts import split_fused_experts
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
@@ -219,7 +219,10 @@ def checked_sources(files, config: dict, src) -> dict:
     sources = source_tensors(files)
     if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
         sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
-    sources = split_fused_experts(ARCHS.get(config.get("model_type")), config, sources)
+    arch = ARCHS.get(config.get("model_type"))
+    if arch and arch.mlx_names and not any(n.startswith(arch.embed_prefix) for n in sources):  # mlx-lm wrote it
+        sources = {new: sources[old] for old, new in from_mlx_names(arch, sources).items()}
+    sources = split_fused_experts(arch, config, sources)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
     return sources
 

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
 from mlx_lm.models.cache import KVCache
 
-from airmlx.archs import arch_for, expert_index, layer_types, rope_config
+from airmlx.archs import arch_for, expert_index, layer_types, renamed, rope_config
 from airmlx.errors import BackendError, CheckpointError
 from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS
@@ -56,9 +56,6 @@ class MLXArch:
     partial_rotary: float = None
     scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
     moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
-    # (checkpoint prefix, mlx-lm's) where mlx-lm's module names its parameters apart from the checkpoint (its
-    # sanitize would rename them): tensors are renamed so as they load, and modules are found by mlx-lm's names
-    renames: tuple = ()
     pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
 
 
@@ -91,9 +88,8 @@ MLX_ARCHS = {
     "glm": MLXArch("glm", partial_rotary=0.5),
     "ministral3": MLXArch("ministral3", scales_by_offset=True),  # Llama 4's attention temperature
     # mlx-lm: model.h.N, model.embed_in, model.final_layer_norm, model.embed_out; rotary settings by their old names
-    "gpt_neox": MLXArch("gpt_neox", renames=(("gpt_neox.layers.", "model.h."), ("gpt_neox.", "model."),
-                                              ("embed_out.", "model.embed_out.")),
-                        config_aliases=(("rotary_emb_base", "rope_theta"), ("rotary_pct", "partial_rotary_factor"))),
+    "gpt_neox": MLXArch("gpt_neox", config_aliases=(("rotary_emb_base", "rope_theta"),
+                                                    ("rotary_pct", "partial_rotary_factor"))),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
@@ -506,11 +502,9 @@ class MLXBackend:
         return step.masks[sliding]
 
     def mlx_name(self, name: str) -> str:
-        """A checkpoint tensor's name as mlx-lm's model names it (MLXArch.renames)."""
-        for old, new in self.mlx_arch.renames:
-            if name.startswith(old):
-                return new + name[len(old):]
-        return name
+        """A checkpoint tensor's name as mlx-lm's model names it (Arch.mlx_names): tensors are renamed so as they
+        load, and modules are found by mlx-lm's names."""
+        return renamed(name, self.arch.mlx_names)
 
     def _module(self, path):
         return functools.reduce(getattr, path.split("."), self.skeleton)

@@ -337,3 +337,39 @@ def test_what_mlx_lms_module_cannot_run_is_refused_and_torch_runs_it(tmp_path, a
         load(folder, tmp_path / "mlx", "mlx")
     with load(folder, tmp_path / "torch", "torch") as model:
         assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == reference_generate(ref, PROMPT)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "4bit"])
+def test_a_gpt_neox_folder_mlx_lm_wrote_is_taken_back_to_transformers_names(tmp_path, quantized):
+    """Regression (QA): mlx-community's gpt_neox folders name the tensors as mlx-lm does (model.h.N,
+    model.embed_out); the sharder refused them as tensors of no stage."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    from tiny import make_checkpoint
+    make_checkpoint(tmp_path / "hf", "gpt_neox")
+    config = {**json.loads((tmp_path / "hf" / "config.json").read_text()), "rotary_emb_base": 10000.0,
+              "rotary_pct": 0.25}
+    ref, _ = load_model(tmp_path / "hf", model_config={"rotary_emb_base": 10000.0, "rotary_pct": 0.25})
+    if quantized:
+        nn.quantize(ref, 64, 4)
+        config["quantization"] = {"group_size": 64, "bits": 4}
+    folder = tmp_path / "mlx"
+    folder.mkdir()
+    weights = dict(tree_flatten(ref.parameters()))
+    assert "model.h.0.attention.query_key_value.weight" in weights
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for f in (tmp_path / "hf").glob("*token*"):
+        shutil.copy(f, folder)
+    want, _ = mlx_reference(ref, [PROMPT[0]])
+    tokens = {}
+    for backend in BACKENDS:
+        with load(folder, tmp_path / backend, backend, None if quantized else "tight") as model:
+            tokens[backend] = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert tokens["mlx"] == want and tokens["torch"] == want
