@@ -13,7 +13,7 @@ from .errors import CheckpointError, UnsupportedArchitectureError
 class Arch:
     """What both backends and the sharder need of an architecture: where its stages sit in the checkpoint
     and the math switches the stage wiring applies. Framework modules and workarounds live in each
-    backend's own table (backends/mlx_backend.py MLX_ARCHS, backends/torch_backend.py TORCH_ARCHS)."""
+    backend's own table (backends/mlx_archs.py MLX_ARCHS, backends/torch_backend.py TORCH_ARCHS)."""
     model_type: str
     # module paths in the checkpoint (remote-code families differ from transformers' own names)
     embed: str = "model.embed_tokens"

@@ -7,7 +7,6 @@ placeholders back, and every stage's output is evaluated before its weights are 
 import dataclasses
 import functools
 import importlib
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -18,105 +17,21 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
 from mlx_lm.models.cache import KVCache
 
-from airmlx.archs import arch_for, expert_index, layer_types, renamed, rope_config
-from airmlx.errors import BackendError, CheckpointError
-from airmlx.hf_config import transformers_config
+from airmlx.archs import arch_for, expert_index, layer_types, renamed
+from airmlx.errors import BackendError
 from airmlx.plan import SCORE_LOGITS
 from airmlx.quant import module_params
 from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_complete, check_placement, kept_tail, with_layer_types
+from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
               "U16": mx.uint16, "U8": mx.uint8, "I64": mx.int64, "I32": mx.int32, "I16": mx.int16, "I8": mx.int8,
               "U64": mx.uint64, "BOOL": mx.bool_}
 FLOATS = ("F32", "F16", "BF16", "F64")
-
-
-@dataclass(frozen=True)
-class MLXArch:
-    """How mlx-lm runs an architecture, and the workarounds its modules need here."""
-    module: str  # mlx_lm.models.<module>
-    sanitize: bool = True  # run mlx-lm's sanitize on each stage (False where it mutates the model)
-    # sanitize a layer's stage under its own number, where mlx-lm's loops over every layer by the config (a
-    # dense layer 0 would skip a MoE layer's renames), not as layer 0
-    sanitize_numbered: bool = False
-    mask_array: bool = False  # the attention needs a mask array, not the "causal" shortcut
-    # zero left-padded positions before each layer: its attention also reads the position before (a
-    # convolution), so padding would leak into a row's first token
-    zero_padding: bool = False
-    experts: str = None  # MoE: the SwitchGLU in a layer
-    expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
-    config_aliases: tuple = ()  # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads
-    config_defaults: tuple = ()  # (ModelArgs key, value) that mlx-lm requires and transformers' configs leave out
-    # mlx-lm's module rotates every dimension of a head where transformers rotates this default fraction of it
-    # (or the config's partial_rotary_factor): the backend gives each layer a RoPE over that part
-    partial_rotary: float = None
-    scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
-    moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
-    pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
-
-
-MLX_ARCHS = {
-    "llama": MLXArch("llama"),
-    "mistral": MLXArch("llama"),  # mlx-lm runs mistral checkpoints with its llama module
-    "qwen2": MLXArch("qwen2"),
-    "qwen3": MLXArch("qwen3"),
-    "phi3": MLXArch("phi3"),
-    "glm4": MLXArch("glm4"),
-    "smollm3": MLXArch("smollm3"),
-    "olmo2": MLXArch("olmo2"),
-    "olmo3": MLXArch("olmo3"),
-    "phi": MLXArch("phi"),
-    "ernie4_5": MLXArch("ernie4_5"),
-    "helium": MLXArch("helium"),
-    "hunyuan_v1_dense": MLXArch("hunyuan_v1_dense"),
-    "stablelm": MLXArch("stablelm"),
-    "nemotron": MLXArch("nemotron"),
-    "seed_oss": MLXArch("seed_oss"),
-    "starcoder2": MLXArch("starcoder2"),  # mlx-lm: exact GELU, transformers: the tanh approximation
-    "gemma": MLXArch("gemma"),  # likewise
-    "granite": MLXArch("granite"),
-    "cohere": MLXArch("cohere"),
-    "cohere2": MLXArch("cohere2"),
-    # Apertus's configs on the hub carry these; transformers' own class writes none of them
-    "apertus": MLXArch("apertus", config_defaults=(("mlp_bias", False), ("post_norm", False), ("qk_norm", True))),
-    "exaone4": MLXArch("exaone4", pattern_letters=True),
-    # GLM-4 (THUDM/glm-4-9b-chat-hf): half of each head rotates (ml-explore/mlx-lm#1698, not merged)
-    "glm": MLXArch("glm", partial_rotary=0.5),
-    "ministral3": MLXArch("ministral3", scales_by_offset=True),  # Llama 4's attention temperature
-    # mlx-lm: model.h.N, model.embed_in, model.final_layer_norm, model.embed_out; rotary settings by their old names
-    "gpt_neox": MLXArch("gpt_neox", config_aliases=(("rotary_emb_base", "rope_theta"),
-                                                    ("rotary_pct", "partial_rotary_factor"))),
-    "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
-                       expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
-    "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
-    "deepseek_v2": MLXArch("deepseek_v2", experts="mlp.switch_mlp", mask_array=True),
-    "deepseek_v3": MLXArch("deepseek_v3", experts="mlp.switch_mlp", mask_array=True),
-    "glm4_moe": MLXArch("glm4_moe", experts="mlp.switch_mlp"),
-    "glm4_moe_lite": MLXArch("glm4_moe_lite", experts="mlp.switch_mlp", mask_array=True),
-    "olmoe": MLXArch("olmoe", experts="mlp.switch_mlp"),
-    "phimoe": MLXArch("phimoe", experts="block_sparse_moe.switch_mlp",
-                      expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
-    "ernie4_5_moe": MLXArch("ernie4_5_moe", experts="mlp.switch_mlp"),
-    "granitemoe": MLXArch("granitemoe", experts="block_sparse_moe.switch_mlp"),
-    "exaone_moe": MLXArch("exaone_moe", experts="mlp.switch_mlp", moe_layers_key="is_moe_layer", sanitize_numbered=True),
-    "laguna": MLXArch("laguna", experts="mlp.switch_mlp"),
-    "dots1": MLXArch("dots1", experts="mlp.experts"),
-    "mellum": MLXArch("mellum", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
-    "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
-    # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
-    # a windowed mask here
-    "gemma2": MLXArch("gemma2", mask_array=True),
-    "gemma3_text": MLXArch("gemma3_text", sanitize=False),
-    "internlm2": MLXArch("internlm2"),
-    "internlm3": MLXArch("internlm3"),
-    "qwen": MLXArch("qwen"),
-    # key/value convolution over neighbouring positions (mlx-lm keeps its state in the layer's CacheList)
-    "baichuan_m1": MLXArch("baichuan_m1", zero_padding=True),
-}
 
 
 @dataclass
@@ -139,80 +54,6 @@ class MLXStep:
     valid: mx.array = None  # (B, L, 1), False at left-padded positions: zeroed before each layer (zero_padding)
     attend: mx.array = None  # tree attention: (B, 1, L, past + L) bool, for every layer
     positions: np.ndarray = None  # tree attention: (L,) each token's position
-
-
-def mlx_args(config, module):
-    """mlx-lm ModelArgs from an HF config, reading rope settings where transformers 5 puts them."""
-    cfg = dict(config)
-    theta, scaling = rope_config(config)
-    params = config.get("rope_parameters") or {}
-    if "partial_rotary_factor" in params:  # transformers 5 moved it into rope_parameters
-        cfg.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
-    if theta is not None:
-        cfg["rope_theta"] = theta
-    local = params.get("sliding_attention", {}).get("rope_theta")
-    if local is not None:  # gemma3: the sliding layers' own rope base
-        cfg.setdefault("rope_local_base_freq", local)
-    types = layer_types(config)
-    if "full_attention" in types and "sliding_attention" in types:  # mlx-lm gemma3 wants it as a period
-        cfg.setdefault("sliding_window_pattern", types.index("full_attention") + 1)
-    cfg["rope_scaling"] = scaling
-    cfg.setdefault("tie_word_embeddings", False)
-    mlx_arch = MLX_ARCHS[config["model_type"]]
-    for mlx_key, hf_key in mlx_arch.config_aliases:
-        if hf_key in cfg:
-            cfg.setdefault(mlx_key, cfg[hf_key])
-    if mlx_arch.pattern_letters:  # from layer_types, which transformers derives from the pattern where it has one
-        period = types[:types.index("full_attention") + 1] if "sliding_attention" in types else []
-        cfg["sliding_window_pattern"] = "".join("L" if t == "sliding_attention" else "G" for t in period) or None
-    if mlx_arch.moe_layers_key and isinstance(cfg.get("mlp_layer_types"), list):
-        cfg.setdefault(mlx_arch.moe_layers_key, [t == "sparse" for t in cfg["mlp_layer_types"]])
-    for key, value in mlx_arch.config_defaults:
-        cfg.setdefault(key, value)
-    if cfg.get("head_dim") is None and "head_dim" in inspect.signature(module.ModelArgs).parameters:
-        cfg["head_dim"] = default_head_dim(config)
-    return module.ModelArgs.from_dict(cfg)
-
-
-def neox_limits(config):
-    """What mlx-lm's gpt_neox module cannot run, which transformers' can (None: nothing)."""
-    _, scaling = rope_config(config)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind != "default":
-        return f"no rotary scaling (this config's is {kind!r})"
-    if config.get("intermediate_size", 4 * config["hidden_size"]) != 4 * config["hidden_size"]:
-        return f"its MLP fixed at 4 x hidden_size (this config's intermediate_size is {config['intermediate_size']})"
-    if config.get("attention_bias") is False:
-        return "biases in every attention projection (this config's attention_bias is false)"
-    return None
-
-
-# model_type -> what mlx-lm's module cannot run of a config transformers runs (refused, never run otherwise)
-MLX_LIMITS = {
-    "gpt_neox": neox_limits,
-    "mellum": lambda config: "no dense MLP layers (this config's mlp_layer_types has 'dense')"
-    if "dense" in (config.get("mlp_layer_types") or []) else None,
-}
-
-
-def default_head_dim(config):
-    """transformers' head_dim where config.json leaves it out: its config class's default (128 for GLM-4 and
-    Ministral 3), else hidden_size // num_attention_heads."""
-    try:
-        head_dim = getattr(transformers_config(config), "head_dim", None)
-    except CheckpointError:
-        head_dim = None
-    return head_dim if isinstance(head_dim, int) else config["hidden_size"] // config["num_attention_heads"]
-
-
-def rotate_part_of_heads(skeleton, config, default):
-    """Each layer's RoPE over the first partial_rotary_factor of its head (interleaved, as transformers' GLM)."""
-    fraction = config.get("partial_rotary_factor") or (config.get("rope_parameters") or {}).get(
-        "partial_rotary_factor") or default
-    theta, _ = rope_config(config)
-    for layer in skeleton.layers:
-        attention = layer.self_attn
-        attention.rope = nn.RoPE(int(attention.head_dim * fraction), traditional=True, base=theta or 10000.0)
 
 
 class MLXBackend:

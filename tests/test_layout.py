@@ -78,7 +78,7 @@ def test_the_core_imports_no_framework():
 
 
 def test_every_architecture_has_one_entry_in_each_backend_table():
-    from airmlx.backends.mlx_backend import MLX_ARCHS
+    from airmlx.backends.mlx_archs import MLX_ARCHS
     from airmlx.backends.torch_backend import TORCH_ARCHS
     assert set(MLX_ARCHS) == set(ARCHS) == set(TORCH_ARCHS)
 

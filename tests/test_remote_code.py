@@ -38,7 +38,7 @@ def remote_checkpoint(tmp_path, monkeypatch, tmp_path_factory):
 
     from tiny import make_checkpoint
     monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
-    from airmlx.backends.mlx_backend import MLX_ARCHS, MLXArch
+    from airmlx.backends.mlx_archs import MLX_ARCHS, MLXArch
     from airmlx.backends.torch_backend import TORCH_ARCHS, TorchArch
     monkeypatch.setitem(ARCHS, "tinyremote", Arch("tinyremote", remote_code=True))
     monkeypatch.setitem(MLX_ARCHS, "tinyremote", MLXArch("llama"))
