@@ -2,6 +2,7 @@
 MoE). The sharder splits it into each expert's own tensors, named as the per-expert checkpoints of the same
 family name them, so the stage layout, the expert reads and both backends see each expert apart, as they do
 for Mixtral or Qwen3-MoE."""
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -71,9 +72,17 @@ def split_fused_experts(arch, config: dict, sources: dict) -> dict:
 
 def read_array(path, data_start: int, info: TensorInfo, view) -> np.ndarray:
     """A source tensor's values (numpy dtype `view`) in its shape; a TransposedPart sliced and transposed."""
+    if isinstance(info, TransposedPart):  # gate's and up's parts of one block: it is read once for both
+        block = read_kept(path, data_start + info.start, info.end - info.start, np.dtype(view))
+        return np.ascontiguousarray(block.reshape(info.block)[:, info.rows[0]: info.rows[1]].T)
+    return read_bytes(path, data_start + info.start, info.end - info.start, np.dtype(view)).reshape(info.shape)
+
+
+def read_bytes(path, start: int, nbytes: int, dtype) -> np.ndarray:
+    """nbytes of path from start, as a read-only array of dtype."""
     with open(path, "rb", buffering=0) as f:
-        f.seek(data_start + info.start)
-        data = np.frombuffer(f.read(info.end - info.start), dtype=view)
-    if isinstance(info, TransposedPart):
-        return np.ascontiguousarray(data.reshape(info.block)[:, info.rows[0]: info.rows[1]].T)
-    return data.reshape(info.shape)
+        f.seek(start)
+        return np.frombuffer(f.read(nbytes), dtype=dtype)
+
+
+read_kept = functools.lru_cache(maxsize=2)(read_bytes)  # the last expert blocks read, for their other parts

@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from .archs import renamed
 from .errors import CheckpointError
 from .hf_config import transformers_config
 
@@ -71,12 +72,7 @@ def language_model_config(config: dict) -> dict:
 
 def language_model_tensor(name: str) -> "str | None":
     """An image-text checkpoint's tensor name as the language model names it; None for the other parts'."""
-    if OTHER_PARTS.match(name):
-        return None
-    for old, new in RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
+    return None if OTHER_PARTS.match(name) else renamed(name, RENAMES)
 
 
 def rename_quantization(quantization):

@@ -44,9 +44,6 @@ class TorchArch:
     """How transformers runs an architecture here."""
     attention: str = "sdpa"  # attn_implementation
     experts: str = "mlp.experts"  # MoE: transformers' fused experts module in a layer
-    # MoE checkpoints whose fused experts the sharder split (airmlx/fused_experts.py) into per-expert tensors that
-    # transformers' conversion mapping has no names for: ((fused parameter, (per-expert tensors, in order)), ...)
-    expert_params: tuple = ()
 
 
 TORCH_ARCHS = {
@@ -60,8 +57,7 @@ TORCH_ARCHS = {
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
     "laguna": TorchArch(), "dots1": TorchArch(), "mellum": TorchArch(),
-    "granitemoe": TorchArch(experts="block_sparse_moe.experts", expert_params=(
-        ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")), ("down_proj", ("down_proj.weight",)))),
+    "granitemoe": TorchArch(experts="block_sparse_moe.experts"),
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)
@@ -167,16 +163,11 @@ class TorchBackend:
         # tensors stay views of the raw buffers: on the CPU, when nothing needs converting
         self.zero_copy = self.device.type == "cpu" and not self.qconfig and DTYPES.get(stored) == self.dtype
         self.page_cache_views = self.zero_copy
-        # mlx-lm's quantisation keys would send transformers looking for a quantiser it does not have
-        plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         # the checkpoint's own code picks its attention implementation
         kw = {"trust_remote_code": True} if remote else {"attn_implementation": self.torch_arch.attention}
-        if hf_config is None:
-            try:
-                hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(plain)
-            except Exception:  # the config class's own checks raise what they like: transformers_config words it
-                transformers_config(config)
-                raise
+        # without mlx-lm's quantisation keys, which would send transformers looking for a quantiser it lacks; a
+        # config it cannot read is one line
+        hf_config = hf_config or transformers_config(config)
         with torch.device("meta"):
             # from_config leaves the model training: a config's dropout (Phi-2's resid_pdrop 0.1) would run
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()
@@ -194,6 +185,11 @@ class TorchBackend:
         self.renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
         self.converter_list = list(dict.fromkeys(self.converters.values()))
+        # experts the sharder split from a fused tensor (Arch.fused_experts): the experts module's parameter each
+        # fused tensor is in memory, and the per-expert tensors it is made of, in order
+        self.expert_params = tuple(
+            (rename_source_key(f"{arch.layer_prefix}0.{fused}", self.renamings, self.converter_list)[0]
+             .rpartition(".")[2], parts) for fused, _, parts in arch.fused_experts)
         # the final norm and head as transformers names them in memory (GPT-NeoX's embed_out is its lm_head)
         self.norm_path, self.head_path = (
             rename_source_key(f"{path}.weight", self.renamings, self.converter_list)[0].removesuffix(".weight")

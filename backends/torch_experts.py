@@ -30,8 +30,8 @@ def load_expert(backend, entry, expert, tensors, layouts):
     tensors = {name: backend.from_raw(r) for name, r in raw.items()}
     if backend.qconfig:
         tensors, _, _ = backend.quantized(tensors)  # fused experts: dequantised
-    if backend.torch_arch.expert_params:
-        params = stacked(backend.torch_arch.expert_params, f".{backend.arch.experts}.{expert}.", tensors)
+    if backend.expert_params:
+        params = stacked(backend.expert_params, f".{backend.arch.experts}.{expert}.", tensors)
     else:
         params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
     if entry.name not in layouts:
@@ -40,8 +40,8 @@ def load_expert(backend, entry, expert, tensors, layouts):
 
 
 def stacked(expert_params, infix, tensors):
-    """A split fused checkpoint's expert (TorchArch.expert_params; its tensors named "...<infix><end>") as the
-    module's parameters of one expert."""
+    """A split fused checkpoint's expert (the backend's expert_params; its tensors named "...<infix><end>") as
+    the module's parameters of one expert."""
     by_end = {name.split(infix, 1)[1]: t for name, t in tensors.items()}
     return {pname: torch.cat([by_end[end] for end in ends])[None] for pname, ends in expert_params}
 
