@@ -17,6 +17,7 @@ class Arch:
     model_type: str
     # module paths in the checkpoint (remote-code families differ from transformers' own names)
     embed: str = "model.embed_tokens"
+    positions: str = None  # learned position embeddings (GPT-2, StarCoder), added to the tokens' in the embed stage
     layers: str = "model.layers"
     norm: str = "model.norm"
     head: str = "lm_head"
@@ -54,6 +55,10 @@ class Arch:
         return self.layers + "."
 
     @property
+    def embed_stage_prefixes(self):
+        return (self.embed_prefix, self.positions + ".") if self.positions else (self.embed_prefix,)
+
+    @property
     def head_prefixes(self):
         return (self.norm + ".", self.head + ".")
 
@@ -88,6 +93,9 @@ ARCHS = {a.model_type: a for a in [
     Arch("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
          head="embed_out", ignored=r"\.attention\.(bias|masked_bias)$", mlx_names=(
              ("gpt_neox.layers.", "model.h."), ("gpt_neox.", "model."), ("embed_out.", "model.embed_out."))),
+    # StarCoder, SantaCoder, WizardCoder: learned positions, multi-query attention, LayerNorm, a GELU MLP, biases
+    Arch("gpt_bigcode", embed="transformer.wte", positions="transformer.wpe", layers="transformer.h",
+         norm="transformer.ln_f", ignored=r"\.attn\.(bias|masked_bias)$"),
     Arch("ministral3", window_everywhere=True),  # Ministral 3: Llama 4's attention temperature scaling
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
@@ -191,7 +199,7 @@ def stage_layout(config: dict, tensor_names: list) -> list:
     arch = arch_for(config)
     n = config["num_hidden_layers"]
     names = [t for t in tensor_names if not IGNORED.search(t) and not (arch.ignored and re.search(arch.ignored, t))]
-    embed = [t for t in names if t.startswith(arch.embed_prefix)]
+    embed = [t for t in names if t.startswith(arch.embed_stage_prefixes)]
     layers = [[] for _ in range(n)]
     head, stray = [], []
     layer_re = re.compile(re.escape(arch.layer_prefix) + r"(\d+)\.")
@@ -205,7 +213,7 @@ def stage_layout(config: dict, tensor_names: list) -> list:
             continue
         elif t.startswith(arch.head_prefixes):
             head.append(t)
-        elif not t.startswith(arch.embed_prefix):
+        elif not t.startswith(arch.embed_stage_prefixes):
             stray.append(t)
     if stray:
         raise CheckpointError(f"{len(stray)} checkpoint tensors belong to no stage of a {arch.model_type} model "
@@ -222,7 +230,8 @@ def stage_layout(config: dict, tensor_names: list) -> list:
         raise CheckpointError("config.json says tie_word_embeddings is false but the checkpoint has no "
                               f"{arch.head}.weight; the checkpoint is incomplete.")
     if tied:  # the embedding is the head's weight; a bias of its own (ERNIE 4.5 with use_bias) stays
-        head = [t for t in head if t not in {f"{arch.head}.{k}" for k in ("weight", "scales", "biases")}] + embed
+        head = [t for t in head if t not in {f"{arch.head}.{k}" for k in ("weight", "scales", "biases")}] + \
+            [t for t in embed if t.startswith(arch.embed_prefix)]
     stages = [("embed", "embed", embed)]
     for i, ts in enumerate(layers):
         routed = [t for t in ts if expert_index(arch, t) is not None]

@@ -17,3 +17,29 @@ def transformers_config(config: dict):
         detail = detail if len(detail) <= 200 else detail[:200] + "..."  # an unknown type lists every known one
         raise CheckpointError(f"config.json: transformers' {config.get('model_type')} config cannot read it "
                               f"({detail})") from None
+
+
+# the names airmlx reads a config by; GPT-2-style configs.json use their own (n_layer, n_embd, n_head, n_positions),
+# which transformers' config class maps to these (its attribute_map)
+STANDARD_NAMES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
+
+
+def with_standard_names(config: dict) -> dict:
+    """config with the standard names filled in where config.json uses its family's own, as transformers reads
+    them: those of its attribute_map, and then the MLP's width from n_inner (4 x hidden where null) and the
+    key/value heads from multi_query (StarCoder), over whatever config.json says of these two. config unchanged
+    where no standard name is missing."""
+    if all(k in config for k in STANDARD_NAMES):
+        return config
+    from transformers import CONFIG_MAPPING
+    model_type = config.get("model_type")
+    aliases = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+    filled = dict(config)
+    for name in STANDARD_NAMES:
+        if name not in filled and aliases.get(name) in config:
+            filled[name] = config[aliases[name]]
+    if "n_inner" in config and "hidden_size" in filled:
+        filled["intermediate_size"] = config["n_inner"] or 4 * filled["hidden_size"]
+    if "multi_query" in config and "num_attention_heads" in filled:
+        filled["num_key_value_heads"] = 1 if config["multi_query"] else filled["num_attention_heads"]
+    return filled

@@ -22,6 +22,7 @@ from . import quant
 from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .fused_experts import split_fused_experts
+from .hf_config import with_standard_names
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
     LANGUAGE_MODELS,
@@ -70,7 +71,7 @@ def load_config(src):
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
     if isinstance(config, dict) and config.get("model_type") in LANGUAGE_MODELS:
         return language_model_config(config)  # transformers' config class fills in the defaults
-    return config
+    return with_standard_names(config) if isinstance(config, dict) else config
 
 
 def weight_files(src, allow_pickle=False):

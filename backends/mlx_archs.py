@@ -24,7 +24,8 @@ class MLXArch:
     zero_padding: bool = False
     experts: str = None  # MoE: the SwitchGLU in a layer
     expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
-    config_aliases: tuple = ()  # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads
+    # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads (or config.json leaves it null)
+    config_aliases: tuple = ()
     config_defaults: tuple = ()  # (ModelArgs key, value) that mlx-lm requires and transformers' configs leave out
     # mlx-lm's module rotates every dimension of a head where transformers rotates this default fraction of it
     # (or the config's partial_rotary_factor): the backend gives each layer a RoPE over that part
@@ -65,6 +66,8 @@ MLX_ARCHS = {
     # mlx-lm: model.h.N, model.embed_in, model.final_layer_norm, model.embed_out; rotary settings by their old names
     "gpt_neox": MLXArch("gpt_neox", config_aliases=(("rotary_emb_base", "rope_theta"),
                                                     ("rotary_pct", "partial_rotary_factor"))),
+    # mlx-lm: exact GELU, transformers: the tanh approximation; n_inner null means 4 x hidden
+    "gpt_bigcode": MLXArch("gpt_bigcode", config_aliases=(("n_inner", "intermediate_size"),)),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
     "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
@@ -113,8 +116,8 @@ def mlx_args(config, module):
     cfg.setdefault("tie_word_embeddings", False)
     mlx_arch = MLX_ARCHS[config["model_type"]]
     for mlx_key, hf_key in mlx_arch.config_aliases:
-        if hf_key in cfg:
-            cfg.setdefault(mlx_key, cfg[hf_key])
+        if hf_key in cfg and cfg.get(mlx_key) is None:
+            cfg[mlx_key] = cfg[hf_key]
     if mlx_arch.pattern_letters:  # from layer_types, which transformers derives from the pattern where it has one
         period = types[:types.index("full_attention") + 1] if "sliding_attention" in types else []
         cfg["sliding_window_pattern"] = "".join("L" if t == "sliding_attention" else "G" for t in period) or None
@@ -143,6 +146,9 @@ def neox_limits(config):
 # model_type -> what mlx-lm's module cannot run of a config transformers runs (refused, never run otherwise)
 MLX_LIMITS = {
     "gpt_neox": neox_limits,
+    # transformers interleaves each head's query, key and value in c_attn where a head has its own key and value
+    "gpt_bigcode": lambda config: "queries, keys and values in three blocks of c_attn, as multi-query attention "
+    "has them (this config's multi_query is false)" if config.get("multi_query") is False else None,
     "mellum": lambda config: "no dense MLP layers (this config's mlp_layer_types has 'dense')"
     if "dense" in (config.get("mlp_layer_types") or []) else None,
 }

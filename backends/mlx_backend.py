@@ -342,6 +342,15 @@ class MLXBackend:
             step.masks[sliding] = self._grouped(mask)
         return step.masks[sliding]
 
+    @staticmethod
+    def _positions(step):
+        """(B, T) positions of this step's tokens: a tree's own, else each row's count of tokens before them (left
+        padding not counted, as transformers counts them)."""
+        if step.positions is not None:
+            return step.positions[None]
+        before = np.cumsum(step.attention_mask != 0, axis=1) - 1
+        return np.maximum(before, 0)[:, -step.tokens.shape[1]:].astype(np.int32)
+
     def mlx_name(self, name: str) -> str:
         """A checkpoint tensor's name as mlx-lm's model names it (Arch.mlx_names): tensors are renamed so as they
         load, and modules are found by mlx-lm's names."""
@@ -361,6 +370,8 @@ class MLXBackend:
     def run_stage(self, stage, x, step):
         if stage.kind == "embed":
             x = self._module(self.paths.embed)(step.tokens)
+            if self.arch.positions:
+                x = x + self._module(self.arch.positions)(mx.array(self._positions(step)))
             if self.arch.embed_scale:
                 x = x * mx.array(self.args.hidden_size ** 0.5, x.dtype)
             if self.embed_multiplier is not None:
@@ -417,7 +428,7 @@ class MLXBackend:
             return "its attention convolves neighbouring positions, which a tree's branches are not"
         if self.mlx_arch.scales_by_offset:
             return f"mlx-lm's {self.mlx_arch.module} scales its queries by the cache's positions, not a tree's"
-        if not mlx_adapters.rope_modules(self.skeleton.layers[0]):
+        if not mlx_adapters.rope_modules(self.skeleton.layers[0]) and not self.arch.positions:
             return f"mlx-lm's {self.mlx_arch.module} layers have no rotary embedding airmlx can give positions to"
         return None
 

@@ -53,6 +53,7 @@ TORCH_ARCHS = {
     "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
     "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(), "apertus": TorchArch(),
     "exaone4": TorchArch(), "glm": TorchArch(), "ministral3": TorchArch(), "gpt_neox": TorchArch(),
+    "gpt_bigcode": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
@@ -194,11 +195,13 @@ class TorchBackend:
         self.norm_path, self.head_path = (
             rename_source_key(f"{path}.weight", self.renamings, self.converter_list)[0].removesuffix(".weight")
             for path in (arch.norm, arch.head))
-        rotary = (shared_rotary(self.skeleton, arch) if remote else
-                  self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb"))
+        # learned positions (Arch.positions) are added in the embed stage: no rotary embedding
+        rotary = None if arch.positions else shared_rotary(self.skeleton, arch) if remote else \
+            self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb")
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
-            self.rotary = type(rotary)(config=self.config)
-        self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
+            self.rotary = rotary and type(rotary)(config=self.config)
+        self.rotary_per_type = rotary is not None and \
+            "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
         # transformers >= 5.2x names the cache argument `cache` (past_key_values= is deprecated there)
         self.layer_cache_arg = cache_argument(type(self.skeleton.get_submodule(f"{arch.layers}.0")).forward)
         self.mask_cache_arg = cache_argument(create_causal_mask)
@@ -525,7 +528,8 @@ class TorchBackend:
             step.causal_mask[kind] = make(config=self.config, inputs_embeds=x, attention_mask=step.mask,
                                           position_ids=step.positions, **{self.mask_cache_arg: step.cache},
                                           **({"layer_idx": layer} if self.mask_layer_arg else {}))
-            step.rotary[kind] = self.rotary(x, step.positions, *([kind] if self.rotary_per_type else []))
+            step.rotary[kind] = self.rotary and \
+                self.rotary(x, step.positions, *([kind] if self.rotary_per_type else []))
         return step.causal_mask[kind], step.rotary[kind]
 
     @torch.inference_mode()
@@ -533,6 +537,8 @@ class TorchBackend:
         model = self.skeleton
         if stage.kind == "embed":
             x = model.get_input_embeddings()(step.tokens)
+            if self.arch.positions:
+                x = x + model.get_submodule(self.arch.positions)(step.positions)
             if self.embed_multiplier is not None:
                 x = x * self.embed_multiplier
         elif stage.kind == "layer":

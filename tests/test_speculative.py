@@ -145,8 +145,9 @@ def shard(folder, tmp_path, name="shards"):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_tree_attention_gives_each_node_the_logits_of_its_own_path(tmp_path, backend):
-    make_checkpoint(tmp_path / "src", "llama")
+@pytest.mark.parametrize("arch", ["llama", "gpt_bigcode"])  # rotary positions; learned ones, added in the embed stage
+def test_tree_attention_gives_each_node_the_logits_of_its_own_path(tmp_path, backend, arch):
+    make_checkpoint(tmp_path / "src", arch)
     with airmlx.AutoModel.from_pretrained(shard(tmp_path / "src", tmp_path), backend=backend) as model:
         prompt = [5, 17, 33, 2]
         tree = Tree()

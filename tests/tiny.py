@@ -75,6 +75,9 @@ ARCH_CONFIGS = {
     # Pythia: LayerNorm, a quarter of each head rotary, attention and MLP in parallel, biases, exact GELU
     "gpt_neox": (transformers.GPTNeoXConfig, dict(intermediate_size=256, tie_word_embeddings=False,
                                                   layer_norm_eps=1e-5)),
+    # StarCoder: learned positions, multi-query attention, LayerNorm, biases, tanh GELU, tied head; n_inner null as in
+    # SantaCoder's config (4 x hidden)
+    "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(n_inner=None, multi_query=True, tie_word_embeddings=True)),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
     # Granite 3 MoE (granite-3.0-1b-a400m's multipliers): experts fused in the checkpoint, gate and up in one;
