@@ -45,6 +45,9 @@ class Arch:
     # (transformers' prefix, mlx-lm's) where mlx-lm names the parameters otherwise (GPT-NeoX): the MLX backend
     # renames as it loads, and the sharder takes a checkpoint mlx-lm wrote (mlx-community's) back to transformers'
     mlx_names: tuple = ()
+    # linears of a decoder layer that transformers keeps as Conv1D, their weights stored (in, out) (GPT-2): the
+    # sharder writes them (out, in), as every other linear, and the torch backend runs them as nn.Linear
+    conv1d: tuple = ()
 
     @property
     def embed_prefix(self):
@@ -93,6 +96,14 @@ ARCHS = {a.model_type: a for a in [
     Arch("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
          head="embed_out", ignored=r"\.attention\.(bias|masked_bias)$", mlx_names=(
              ("gpt_neox.layers.", "model.h."), ("gpt_neox.", "model."), ("embed_out.", "model.embed_out."))),
+    # GPT-2, DistilGPT2, DialoGPT: StarCoder's layout with Conv1D linears; the original checkpoints name the tensors
+    # without the "transformer." prefix (wte.weight, h.0.*), which the sharder adds
+    Arch("gpt2", embed="transformer.wte", positions="transformer.wpe", layers="transformer.h", norm="transformer.ln_f",
+         ignored=r"\.attn\.(bias|masked_bias)$", mlx_names=(("transformer.", "model."),),
+         conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+    # GPT-J 6B: rotary over the first rotary_dim of each head (interleaved), attention and MLP in parallel, a biased head
+    Arch("gptj", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f",
+         ignored=r"\.attn\.(bias|masked_bias)$", mlx_names=(("transformer.", "model."),)),
     # StarCoder, SantaCoder, WizardCoder: learned positions, multi-query attention, LayerNorm, a GELU MLP, biases
     Arch("gpt_bigcode", embed="transformer.wte", positions="transformer.wpe", layers="transformer.h",
          norm="transformer.ln_f", ignored=r"\.attn\.(bias|masked_bias)$"),
@@ -148,6 +159,15 @@ def renamed(name: str, renames) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+def with_base_prefix(arch, names) -> dict:
+    """{name: the name under the model's prefix} for a checkpoint saved from the base model, without it (GPT-2's
+    wte.weight, h.0.*, ln_f.*: transformers adds "transformer." as it loads); other names are kept."""
+    prefix = arch.embed.partition(".")[0] + "."
+    bare = tuple(path.removeprefix(prefix) + "." for path in (arch.embed, arch.positions, arch.layers, arch.norm)
+                 if path and path.startswith(prefix))
+    return {n: prefix + n if n.startswith(bare) else n for n in names}
 
 
 def from_mlx_names(arch, names) -> dict:

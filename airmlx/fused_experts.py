@@ -1,7 +1,8 @@
-"""Checkpoints that keep a layer's routed experts in one fused tensor, (experts, ...) (Qwen3-VL-MoE, Granite
-MoE). The sharder splits it into each expert's own tensors, named as the per-expert checkpoints of the same
-family name them, so the stage layout, the expert reads and both backends see each expert apart, as they do
-for Mixtral or Qwen3-MoE."""
+"""Checkpoint tensors the sharder writes in another layout than stored. Checkpoints that keep a layer's routed
+experts in one fused tensor, (experts, ...) (Qwen3-VL-MoE, Granite MoE): the sharder splits it into each
+expert's own tensors, named as the per-expert checkpoints of the same family name them, so the stage layout,
+the expert reads and both backends see each expert apart, as they do for Mixtral or Qwen3-MoE. And linears
+stored (in, out), as transformers' Conv1D keeps them (GPT-2): written (out, in), as every other linear."""
 import functools
 import math
 import re
@@ -70,10 +71,27 @@ def split_fused_experts(arch, config: dict, sources: dict) -> dict:
     return out
 
 
+def conv1d_as_linear(arch, sources: dict) -> dict:
+    """sources with the weights of the layers' Conv1D linears (Arch.conv1d) as TransposedParts: written (out, in)."""
+    if not arch or not arch.conv1d:
+        return sources
+    conv1d = re.compile(re.escape(arch.layer_prefix) + r"\d+\.(" + "|".join(map(re.escape, arch.conv1d)) + r")\.weight$")
+    out = {}
+    for name, (path, data_start, info) in sources.items():
+        if conv1d.match(name) and len(info.shape) == 2 and info.dtype in DTYPE_SIZES:
+            rows, cols = info.shape
+            info = TransposedPart(name, info.dtype, (cols, rows), info.start, info.end, block=(rows, cols),
+                                  rows=(0, cols))
+        out[name] = (path, data_start, info)
+    return out
+
+
 def read_array(path, data_start: int, info: TensorInfo, view) -> np.ndarray:
     """A source tensor's values (numpy dtype `view`) in its shape; a TransposedPart sliced and transposed."""
     if isinstance(info, TransposedPart):  # gate's and up's parts of one block: it is read once for both
-        block = read_kept(path, data_start + info.start, info.end - info.start, np.dtype(view))
+        whole = info.rows == (0, info.block[1])  # a Conv1D's weight: nothing else is read from its block
+        block = (read_bytes if whole else read_kept)(path, data_start + info.start, info.end - info.start,
+                                                     np.dtype(view))
         return np.ascontiguousarray(block.reshape(info.block)[:, info.rows[0]: info.rows[1]].T)
     return read_bytes(path, data_start + info.start, info.end - info.start, np.dtype(view)).reshape(info.shape)
 

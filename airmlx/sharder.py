@@ -19,9 +19,9 @@ from pathlib import Path
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules
+from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules, with_base_prefix
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .fused_experts import split_fused_experts
+from .fused_experts import conv1d_as_linear, split_fused_experts
 from .hf_config import with_standard_names
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
@@ -221,9 +221,16 @@ def checked_sources(files, config: dict, src) -> dict:
     if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
         sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
     arch = ARCHS.get(config.get("model_type"))
-    if arch and arch.mlx_names and not any(n.startswith(arch.embed_prefix) for n in sources):  # mlx-lm wrote it
-        sources = {new: sources[old] for old, new in from_mlx_names(arch, sources).items()}
+    mlx_written = False
+    if arch and arch.mlx_names and not any(n.startswith(arch.embed_prefix) for n in sources):  # mlx-lm wrote it?
+        names = from_mlx_names(arch, sources)
+        mlx_written = any(old != new for old, new in names.items())
+        sources = {new: sources[old] for old, new in names.items()}
+    if arch and not any(n.startswith(arch.embed_prefix) for n in sources):  # saved from the base model
+        sources = {new: sources[old] for old, new in with_base_prefix(arch, sources).items()}
     sources = split_fused_experts(arch, config, sources)
+    if not mlx_written:  # mlx-lm's linears are (out, in) already
+        sources = conv1d_as_linear(arch, sources)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
     return sources
 

@@ -66,6 +66,10 @@ MLX_ARCHS = {
     # mlx-lm: model.h.N, model.embed_in, model.final_layer_norm, model.embed_out; rotary settings by their old names
     "gpt_neox": MLXArch("gpt_neox", config_aliases=(("rotary_emb_base", "rope_theta"),
                                                     ("rotary_pct", "partial_rotary_factor"))),
+    # mlx-lm: model.wte, model.h.N, ...; its sanitize transposes tensors named as the original checkpoints name them,
+    # which the sharder has done already
+    "gpt2": MLXArch("gpt2", sanitize=False, config_aliases=(("n_ctx", "n_positions"),)),
+    "gptj": MLXArch("gptj"),  # mlx-lm: model.wte, model.h.N, ...
     # mlx-lm: exact GELU, transformers: the tanh approximation; n_inner null means 4 x hidden
     "gpt_bigcode": MLXArch("gpt_bigcode", config_aliases=(("n_inner", "intermediate_size"),)),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
@@ -143,9 +147,36 @@ def neox_limits(config):
     return None
 
 
+def gptj_limits(config):
+    """What mlx-lm's gptj module cannot run, which transformers' can (None: nothing)."""
+    theta, scaling = rope_config(config)
+    if scaling or (theta or 10000.0) != 10000.0:
+        return "rotary positions of base 10000 only, unscaled (this config's differ)"
+    hidden = config["hidden_size"]
+    if config.get("intermediate_size", 4 * hidden) != 4 * hidden:
+        return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
+    return None
+
+
+def gpt2_limits(config):
+    """What mlx-lm's gpt2 module cannot run, which transformers' can (None: nothing)."""
+    hidden = config["hidden_size"]
+    if config.get("intermediate_size", 4 * hidden) != 4 * hidden:
+        return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
+    if config.get("tie_word_embeddings", True) is False:
+        return "a head tied to the embedding (this config's tie_word_embeddings is false)"
+    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        return f"the tanh GELU only (this config's activation_function is {config['activation_function']!r})"
+    if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
+        return "attention scores scaled by 1 / sqrt(head_dim) only (this config scales them otherwise)"
+    return None
+
+
 # model_type -> what mlx-lm's module cannot run of a config transformers runs (refused, never run otherwise)
 MLX_LIMITS = {
     "gpt_neox": neox_limits,
+    "gpt2": gpt2_limits,
+    "gptj": gptj_limits,
     # transformers interleaves each head's query, key and value in c_attn where a head has its own key and value
     "gpt_bigcode": lambda config: "queries, keys and values in three blocks of c_attn, as multi-query attention "
     "has them (this config's multi_query is false)" if config.get("multi_query") is False else None,

@@ -84,7 +84,8 @@ class MLXBackend:
         self.mlx_arch = MLX_ARCHS[config["model_type"]]
         # where the stages' modules sit in mlx-lm's model (the checkpoint's paths, renamed where mlx-lm's differ)
         self.paths = dataclasses.replace(self.arch, **{k: self.mlx_name(getattr(self.arch, k) + ".")[:-1]
-                                                       for k in ("embed", "layers", "norm", "head")})
+                                                       for k in ("embed", "positions", "layers", "norm", "head")
+                                                       if getattr(self.arch, k)})
         module = importlib.import_module(f"mlx_lm.models.{self.mlx_arch.module}")
         limit = MLX_LIMITS.get(config["model_type"], lambda _: None)(config)
         if limit:
@@ -371,7 +372,7 @@ class MLXBackend:
         if stage.kind == "embed":
             x = self._module(self.paths.embed)(step.tokens)
             if self.arch.positions:
-                x = x + self._module(self.arch.positions)(mx.array(self._positions(step)))
+                x = x + self._module(self.paths.positions)(mx.array(self._positions(step)))
             if self.arch.embed_scale:
                 x = x * mx.array(self.args.hidden_size ** 0.5, x.dtype)
             if self.embed_multiplier is not None:
@@ -428,7 +429,7 @@ class MLXBackend:
             return "its attention convolves neighbouring positions, which a tree's branches are not"
         if self.mlx_arch.scales_by_offset:
             return f"mlx-lm's {self.mlx_arch.module} scales its queries by the cache's positions, not a tree's"
-        if not mlx_adapters.rope_modules(self.skeleton.layers[0]) and not self.arch.positions:
+        if not mlx_adapters.rope_modules(self.skeleton.layers[0]) and not self.paths.positions:
             return f"mlx-lm's {self.mlx_arch.module} layers have no rotary embedding airmlx can give positions to"
         return None
 

@@ -53,7 +53,7 @@ TORCH_ARCHS = {
     "nemotron": TorchArch(), "seed_oss": TorchArch(), "starcoder2": TorchArch(), "gemma": TorchArch(),
     "granite": TorchArch(), "cohere": TorchArch(), "cohere2": TorchArch(), "apertus": TorchArch(),
     "exaone4": TorchArch(), "glm": TorchArch(), "ministral3": TorchArch(), "gpt_neox": TorchArch(),
-    "gpt_bigcode": TorchArch(),
+    "gpt_bigcode": TorchArch(), "gpt2": TorchArch(), "gptj": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
@@ -131,6 +131,20 @@ def resolve_dtype(config, dtype, device):
     return DTYPES[name]
 
 
+def linear_for_conv1d(skeleton, arch):
+    """The layers' Conv1D modules (Arch.conv1d) replaced by nn.Linear on meta: the sharder wrote their weights
+    (out, in), as a Linear's, so quantised stages and the float32 blocks of batches take them as any other."""
+    from transformers.pytorch_utils import Conv1D
+    for layer in skeleton.get_submodule(arch.layers):
+        for path in arch.conv1d:
+            parent, _, name = path.rpartition(".")
+            owner = layer.get_submodule(parent) if parent else layer
+            conv = getattr(owner, name)
+            if isinstance(conv, Conv1D):
+                in_features, out_features = conv.weight.shape
+                setattr(owner, name, torch.nn.Linear(in_features, out_features, device="meta", dtype=conv.weight.dtype))
+
+
 def cache_argument(function):
     """The name `function` takes the KV cache by: "cache" (transformers >= 5.2x), "layer_past" (GPT-NeoX's
     decoder layers) or "past_key_values"."""
@@ -173,6 +187,7 @@ class TorchBackend:
             # from_config leaves the model training: a config's dropout (Phi-2's resid_pdrop 0.1) would run
             self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()
         self.config = self.skeleton.config
+        linear_for_conv1d(self.skeleton, arch)
         self.wide_block = workspace_elements(config)  # a batch's float32 weight blocks (torch_batching)
         self.layer_types = layer_types(config)
         embed = self.skeleton.get_input_embeddings()

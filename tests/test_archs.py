@@ -9,10 +9,10 @@ from airmlx.errors import CacheTrimError, CheckpointError, UnsupportedArchitectu
 from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, load, reference_generate
 
 ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5", "helium", "hunyuan_v1_dense",
-         "stablelm", "nemotron", "seed_oss", "starcoder2", "gemma", "granite", "cohere", "cohere2", "apertus", "exaone4",
-         "glm", "ministral3", "gpt_neox", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3",
-         "glm4_moe", "glm4_moe_lite", "olmoe", "phimoe", "ernie4_5_moe", "granitemoe", "exaone_moe", "laguna", "dots1", "mellum",
-         "gemma2", "gemma3_text"]
+         "stablelm", "nemotron", "seed_oss", "starcoder2", "gemma", "granite", "cohere", "cohere2", "apertus",
+         "exaone4", "glm", "ministral3", "gpt_neox", "gpt2", "gptj", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe",
+         "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "olmoe", "phimoe", "ernie4_5_moe", "granitemoe",
+         "exaone_moe", "laguna", "dots1", "mellum", "gemma2", "gemma3_text"]
 # mlx-lm's math for these differs from transformers' (exact GELU against the tanh approximation), so on MLX they
 # are held to mlx-lm's own model on the same weights (test_mlx_matches_mlx_lm_where_its_math_differs)
 MLX_LM_MATH = ["starcoder2", "gemma", "gpt_neox", "gpt_bigcode"]
@@ -329,7 +329,11 @@ def test_gpt_neox_checkpoints_causal_mask_buffers_are_left_out(checkpoints, tmp_
     ("gpt_neox", {"intermediate_size": 192}, "its MLP fixed at 4 x hidden_size"),
     ("gpt_neox", {"attention_bias": False}, "biases in every attention projection"),
     ("mellum", {"mlp_layer_types": ["dense", "sparse", "sparse"]}, "no dense MLP layers"),
-    ("gpt_bigcode", {"multi_query": False}, "queries, keys and values in three blocks")])
+    ("gpt_bigcode", {"multi_query": False}, "queries, keys and values in three blocks"),
+    ("gpt2", {"n_inner": 96}, "its MLP fixed at 4 x hidden_size"),
+    ("gptj", {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}, "rotary positions of base 10000"),
+    ("gpt2", {"tie_word_embeddings": False}, "a head tied to the embedding"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "attention scores scaled by 1 / sqrt")])
 def test_what_mlx_lms_module_cannot_run_is_refused_and_torch_runs_it(tmp_path, arch, config, says):
     """Regressions (QA): gpt_neox's rotary scaling ran unscaled on MLX without a word; the others blamed the
     checkpoint for what mlx-lm's module lacks."""
@@ -378,3 +382,72 @@ def test_a_gpt_neox_folder_mlx_lm_wrote_is_taken_back_to_transformers_names(tmp_
         with load(folder, tmp_path / backend, backend, None if quantized else "tight") as model:
             tokens[backend] = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     assert tokens["mlx"] == want and tokens["torch"] == want
+
+
+def gpt2_as_first_released(tmp_path):
+    """A random GPT-2 saved as the original checkpoints are (tensors without "transformer.", each layer's causal
+    mask as a buffer, n_ctx in config.json), which mlx-lm's loading reads; (transformers' model, the folder)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tiny import make_checkpoint
+    ref = make_checkpoint(tmp_path / "hf", "gpt2")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    first = {name.removeprefix("transformer."): w for name, w in weights.items()}
+    assert "h.0.attn.c_attn.weight" in first and "lm_head.weight" not in first
+    for i in range(ref.config.n_layer):
+        first[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+    folder = tmp_path / "first"
+    folder.mkdir()
+    save_file(first, folder / "model.safetensors", metadata={"format": "pt"})
+    for f in (tmp_path / "hf").glob("*.json"):
+        shutil.copy(f, folder)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
+    return ref, folder
+
+
+def test_gpt2_checkpoints_as_first_released_and_as_mlx_lm_writes_them(tmp_path):
+    """GPT-2's original checkpoints name the tensors without "transformer." (wte.weight, h.0.*) and carry each
+    layer's causal mask as a buffer; mlx-lm's folders name them model.* with the Conv1D weights transposed to (out,
+    in). Each gives transformers' tokens on both backends."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+    ref, first = gpt2_as_first_released(tmp_path)
+    want = reference_generate(ref, PROMPT)
+    mlx_ref, _ = load_model(first)  # mlx-lm reads this layout (its sanitize transposes the Conv1Ds)
+    assert mlx_reference(mlx_ref, PROMPT)[0] == want
+    (tmp_path / "mlx").mkdir()
+    mx.save_safetensors(str(tmp_path / "mlx" / "model.safetensors"), dict(tree_flatten(mlx_ref.parameters())),
+                        metadata={"format": "mlx"})
+    for f in first.glob("*.json"):
+        shutil.copy(f, tmp_path / "mlx")
+    for folder in (first, tmp_path / "mlx"):
+        for backend in BACKENDS:
+            with load(folder, tmp_path / f"{folder.name}-{backend}", backend, "tight") as model:
+                assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS) == want, (folder.name, backend)
+
+
+def test_4bit_gpt2_is_mlx_lms_own_4bit_model_on_both_backends(tmp_path):
+    """The sharder writes GPT-2's Conv1D weights (out, in) before it quantises them, in groups along their
+    inputs, as mlx-lm does after its sanitize transposes them."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import load_model
+
+    import airmlx
+    _, first = gpt2_as_first_released(tmp_path)
+    mlx_ref, _ = load_model(first)
+    nn.quantize(mlx_ref, 64, 4)
+    seq = np.array(PROMPT)
+    want = np.array(mlx_ref(mx.array(seq))[:, -1].astype(mx.float32))
+    out = airmlx.shard_checkpoint(first, tmp_path / "q4", compression="4bit", progress=False)
+    for backend in BACKENDS:
+        with airmlx.AutoModel.from_pretrained(out, backend=backend, memory_budget="1GB") as model:
+            got = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, backend

@@ -75,6 +75,10 @@ ARCH_CONFIGS = {
     # Pythia: LayerNorm, a quarter of each head rotary, attention and MLP in parallel, biases, exact GELU
     "gpt_neox": (transformers.GPTNeoXConfig, dict(intermediate_size=256, tie_word_embeddings=False,
                                                   layer_norm_eps=1e-5)),
+    # GPT-2: learned positions, Conv1D linears (stored (in, out)), LayerNorm, the tanh GELU, tied head
+    "gpt2": (transformers.GPT2Config, dict(n_inner=None, tie_word_embeddings=True)),
+    # GPT-J: a quarter of each head rotary (interleaved), attention and MLP in parallel, the tanh GELU, a biased head
+    "gptj": (transformers.GPTJConfig, dict(n_inner=None, rotary_dim=4, tie_word_embeddings=False)),
     # StarCoder: learned positions, multi-query attention, LayerNorm, biases, tanh GELU, tied head; n_inner null as in
     # SantaCoder's config (4 x hidden)
     "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(n_inner=None, multi_query=True, tie_word_embeddings=True)),
