@@ -18,6 +18,7 @@ class Arch:
     # module paths in the checkpoint (remote-code families differ from transformers' own names)
     embed: str = "model.embed_tokens"
     positions: str = None  # learned position embeddings (GPT-2, StarCoder), added to the tokens' in the embed stage
+    bounded_positions: bool = False  # rotary positions from a table of max_position_embeddings (transformers' GPT-J)
     layers: str = "model.layers"
     norm: str = "model.norm"
     head: str = "lm_head"
@@ -103,7 +104,7 @@ ARCHS = {a.model_type: a for a in [
          conv1d=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
     # GPT-J 6B: rotary over the first rotary_dim of each head (interleaved), attention and MLP in parallel, a biased head
     Arch("gptj", embed="transformer.wte", layers="transformer.h", norm="transformer.ln_f",
-         ignored=r"\.attn\.(bias|masked_bias)$", mlx_names=(("transformer.", "model."),)),
+         ignored=r"\.attn\.(bias|masked_bias)$", mlx_names=(("transformer.", "model."),), bounded_positions=True),
     # StarCoder, SantaCoder, WizardCoder: learned positions, multi-query attention, LayerNorm, a GELU MLP, biases
     Arch("gpt_bigcode", embed="transformer.wte", positions="transformer.wpe", layers="transformer.h",
          norm="transformer.ln_f", ignored=r"\.attn\.(bias|masked_bias)$"),

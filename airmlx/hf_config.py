@@ -26,20 +26,24 @@ STANDARD_NAMES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "ma
 
 def with_standard_names(config: dict) -> dict:
     """config with the standard names filled in where config.json uses its family's own, as transformers reads
-    them: those of its attribute_map, and then the MLP's width from n_inner (4 x hidden where null) and the
-    key/value heads from multi_query (StarCoder), over whatever config.json says of these two. config unchanged
-    where no standard name is missing."""
+    them: those of its attribute_map, and then the MLP's width from n_inner (4 x hidden where null or left out)
+    and the key/value heads from multi_query (StarCoder), over whatever config.json says of these two, and
+    tie_word_embeddings, left out, as the config class's default (GPT-2's ties). config unchanged where no
+    standard name is missing."""
     if all(k in config for k in STANDARD_NAMES):
         return config
     from transformers import CONFIG_MAPPING
     model_type = config.get("model_type")
-    aliases = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+    config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    aliases = getattr(config_class, "attribute_map", {})
     filled = dict(config)
     for name in STANDARD_NAMES:
         if name not in filled and aliases.get(name) in config:
             filled[name] = config[aliases[name]]
-    if "n_inner" in config and "hidden_size" in filled:
-        filled["intermediate_size"] = config["n_inner"] or 4 * filled["hidden_size"]
+    if ("n_inner" in config or hasattr(config_class, "n_inner")) and "hidden_size" in filled:
+        filled["intermediate_size"] = config.get("n_inner") or 4 * filled["hidden_size"]
+    if "tie_word_embeddings" not in config and config_class is not None:
+        filled["tie_word_embeddings"] = config_class().tie_word_embeddings
     if "multi_query" in config and "num_attention_heads" in filled:
         filled["num_key_value_heads"] = 1 if config["multi_query"] else filled["num_attention_heads"]
     return filled

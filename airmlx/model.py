@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import available_ram
+from .archs import arch_for
+from .backends.base import available_ram, position_table
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
 from .experts import expert_demand
@@ -427,6 +428,11 @@ class AirModel:
         if limit and past + ids.shape[1] > limit:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
                                   f"{limit}; shorten it.")
+        if limit and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens > limit and \
+                position_table(arch_for(self.config), self.config):  # none past them: refused before any work
+            raise GenerationError(f"generating up to {max_new_tokens} tokens after {past + ids.shape[1]} runs past the "
+                                  f"{limit} positions this model has embeddings for; lower max_new_tokens "
+                                  f"to {limit - past - ids.shape[1]} or less.")
         if limit and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens > limit:
             warnings.warn(f"generating up to {max_new_tokens} tokens after {past + ids.shape[1]} runs past the model's "
                           f"context of {limit}: it generates on, as transformers does, but the model was not trained on "

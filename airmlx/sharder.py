@@ -330,7 +330,7 @@ def finalise(job):
     for stale in job.out.iterdir():
         if STAGE_FILE.match(stale.name) and stale.name not in {s.file for s in stages}:
             stale.unlink()
-    config = job.config
+    config = with_stored_dtype(job.config, job.sources)
     if job.qconfig:  # the mlx-lm convention: the config says how its weights are quantised
         config = {**config, "quantization": job.qconfig}
     extra = {"source_path": str(job.src.resolve())}
@@ -406,6 +406,21 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
                 manifest = finalise(job)
         finish_delete(src, out, originals, manifest, delete_original)
     return out
+
+
+FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def with_stored_dtype(config: dict, sources: dict) -> dict:
+    """config with the dtype most of the checkpoint's floating-point bytes are stored in, where config.json names
+    none (GPT-2's predate torch_dtype): both backends take their compute dtype and KV sizes from it."""
+    if config.get("dtype") or config.get("torch_dtype"):
+        return config
+    stored = {}
+    for _, _, info in sources.values():
+        if info.dtype in FLOAT_NAMES:
+            stored[info.dtype] = stored.get(info.dtype, 0) + info.nbytes
+    return {**config, "dtype": FLOAT_NAMES[max(stored, key=stored.get)]} if stored else config
 
 
 def host_share(layout, sizes, hosts, rank, split=None):

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from airmlx.errors import CheckpointError
+from airmlx.errors import CheckpointError, GenerationError
 from airmlx.hf_config import transformers_config
 
 
@@ -182,6 +182,25 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def position_table(arch, config: dict):
+    """How many positions a model can run at most: the table of its learned positions (GPT-2, StarCoder:
+    Arch.positions) or of its rotary ones, where transformers precomputes them (GPT-J: Arch.bounded_positions);
+    None where positions are computed as they come."""
+    return config.get("max_position_embeddings") if arch.positions or arch.bounded_positions else None
+
+
+def check_positions(table, attention_mask, positions=None) -> None:
+    """A GenerationError where a step's tokens sit past the model's table of positions (position_table): it would
+    be read out of bounds (garbage on MLX, an IndexError in torch). attention_mask: (B, past + T); positions: a
+    tree's own."""
+    if not table:
+        return
+    last = int(np.max(positions)) if positions is not None else int(np.max((np.asarray(attention_mask) != 0).sum(-1))) - 1
+    if last >= table:
+        raise GenerationError(f"position {last} is past the {table} positions this model has embeddings for; "
+                              f"keep the prompt and new tokens within {table}.")
 
 
 def kept_tail(positions) -> tuple:

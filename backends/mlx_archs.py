@@ -70,7 +70,8 @@ MLX_ARCHS = {
     # which the sharder has done already
     "gpt2": MLXArch("gpt2", sanitize=False, config_aliases=(("n_ctx", "n_positions"),)),
     "gptj": MLXArch("gptj"),  # mlx-lm: model.wte, model.h.N, ...
-    # mlx-lm: exact GELU, transformers: the tanh approximation; n_inner null means 4 x hidden
+    # mlx-lm: exact GELU, transformers: the tanh approximation (as for gpt2 and gptj the other way round, where a
+    # config names the exact one); n_inner null means 4 x hidden
     "gpt_bigcode": MLXArch("gpt_bigcode", config_aliases=(("n_inner", "intermediate_size"),)),
     "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
                        expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
@@ -147,6 +148,21 @@ def neox_limits(config):
     return None
 
 
+# transformers' GELUs: mlx-lm's GPT-2, GPT-J and StarCoder modules each run one of them whatever the config names
+GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
+
+
+def gpt_limits(config, default_activation):
+    """What mlx-lm's GPT-2-style modules (gpt2, gptj, gpt_bigcode) cannot run of a config: an activation other
+    than a GELU, attention scores scaled otherwise than by 1 / sqrt(head_dim) (None: nothing)."""
+    activation = config.get("activation_function", default_activation)
+    if activation not in GELUS:
+        return f"a GELU MLP only (this config's activation_function is {activation!r})"
+    if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
+        return "attention scores scaled by 1 / sqrt(head_dim) only (this config scales them otherwise)"
+    return None
+
+
 def gptj_limits(config):
     """What mlx-lm's gptj module cannot run, which transformers' can (None: nothing)."""
     theta, scaling = rope_config(config)
@@ -155,7 +171,7 @@ def gptj_limits(config):
     hidden = config["hidden_size"]
     if config.get("intermediate_size", 4 * hidden) != 4 * hidden:
         return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
-    return None
+    return gpt_limits(config, "gelu_new")
 
 
 def gpt2_limits(config):
@@ -165,11 +181,15 @@ def gpt2_limits(config):
         return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
     if config.get("tie_word_embeddings", True) is False:
         return "a head tied to the embedding (this config's tie_word_embeddings is false)"
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        return f"the tanh GELU only (this config's activation_function is {config['activation_function']!r})"
-    if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
-        return "attention scores scaled by 1 / sqrt(head_dim) only (this config scales them otherwise)"
-    return None
+    return gpt_limits(config, "gelu_new")
+
+
+def bigcode_limits(config):
+    """What mlx-lm's gpt_bigcode module cannot run, which transformers' can (None: nothing)."""
+    if config.get("multi_query") is False:  # transformers interleaves each head's query, key and value in c_attn
+        return "queries, keys and values in three blocks of c_attn, as multi-query attention has them (this " \
+            "config's multi_query is false)"
+    return gpt_limits(config, "gelu_pytorch_tanh")
 
 
 # model_type -> what mlx-lm's module cannot run of a config transformers runs (refused, never run otherwise)
@@ -177,9 +197,7 @@ MLX_LIMITS = {
     "gpt_neox": neox_limits,
     "gpt2": gpt2_limits,
     "gptj": gptj_limits,
-    # transformers interleaves each head's query, key and value in c_attn where a head has its own key and value
-    "gpt_bigcode": lambda config: "queries, keys and values in three blocks of c_attn, as multi-query attention "
-    "has them (this config's multi_query is false)" if config.get("multi_query") is False else None,
+    "gpt_bigcode": bigcode_limits,
     "mellum": lambda config: "no dense MLP layers (this config's mlp_layer_types has 'dense')"
     if "dense" in (config.get("mlp_layer_types") or []) else None,
 }

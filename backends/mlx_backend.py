@@ -24,7 +24,7 @@ from airmlx.quant import module_params
 from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
-from .base import available_ram, check_complete, check_placement, kept_tail, with_layer_types
+from .base import available_ram, check_complete, check_placement, check_positions, kept_tail, position_table, with_layer_types
 from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -82,6 +82,7 @@ class MLXBackend:
         self.itemsize = (self.dtype or DTYPES.get(stored, mx.bfloat16)).size  # of activations and KV caches
         self.arch = arch_for(config)
         self.mlx_arch = MLX_ARCHS[config["model_type"]]
+        self.position_table = position_table(self.arch, config)
         # where the stages' modules sit in mlx-lm's model (the checkpoint's paths, renamed where mlx-lm's differ)
         self.paths = dataclasses.replace(self.arch, **{k: self.mlx_name(getattr(self.arch, k) + ".")[:-1]
                                                        for k in ("embed", "positions", "layers", "norm", "head")
@@ -311,6 +312,7 @@ class MLXBackend:
     # -- steps -------------------------------------------------------------------------------------
     def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None, attend=None,
                    positions=None):
+        check_positions(self.position_table, attention_mask, positions)
         ids = mx.array(tokens.astype("int32"))
         step = MLXStep(ids, np.asarray(attention_mask), cache, all_positions or targets is not None,
                        None if targets is None else mx.array(np.asarray(targets).astype("int32")))

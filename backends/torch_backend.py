@@ -27,7 +27,7 @@ from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
-from .base import available_ram, check_placement, kept_tail, with_layer_types
+from .base import available_ram, check_placement, check_positions, kept_tail, position_table, with_layer_types
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -190,6 +190,7 @@ class TorchBackend:
         linear_for_conv1d(self.skeleton, arch)
         self.wide_block = workspace_elements(config)  # a batch's float32 weight blocks (torch_batching)
         self.layer_types = layer_types(config)
+        self.position_table = position_table(arch, config)
         embed = self.skeleton.get_input_embeddings()
         if self.arch.embed_scale:  # transformers' scaled embedding keeps sqrt(hidden) in a buffer, meta here
             embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=self.device)
@@ -523,6 +524,7 @@ class TorchBackend:
     # -- steps ---------------------------------------------------------------------------------
     def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None, attend=None,
                    positions=None):
+        check_positions(self.position_table, attention_mask, positions)
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)).to(self.device)
         if attend is not None:  # tree attention: transformers takes a prepared 4-D mask as it is

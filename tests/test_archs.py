@@ -333,7 +333,9 @@ def test_gpt_neox_checkpoints_causal_mask_buffers_are_left_out(checkpoints, tmp_
     ("gpt2", {"n_inner": 96}, "its MLP fixed at 4 x hidden_size"),
     ("gptj", {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}, "rotary positions of base 10000"),
     ("gpt2", {"tie_word_embeddings": False}, "a head tied to the embedding"),
-    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "attention scores scaled by 1 / sqrt")])
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "attention scores scaled by 1 / sqrt"),
+    ("gptj", {"activation_function": "relu"}, "a GELU MLP only"),
+    ("gpt_bigcode", {"scale_attn_weights": False}, "attention scores scaled by 1 / sqrt")])
 def test_what_mlx_lms_module_cannot_run_is_refused_and_torch_runs_it(tmp_path, arch, config, says):
     """Regressions (QA): gpt_neox's rotary scaling ran unscaled on MLX without a word; the others blamed the
     checkpoint for what mlx-lm's module lacks."""
@@ -451,3 +453,47 @@ def test_4bit_gpt2_is_mlx_lms_own_4bit_model_on_both_backends(tmp_path):
         with airmlx.AutoModel.from_pretrained(out, backend=backend, memory_budget="1GB") as model:
             got = model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_past_a_models_table_are_refused_in_one_line(tmp_path, backend):
+    """Regression (QA): past n_positions, GPT-2's learned positions were read out of bounds (garbage on MLX, an
+    IndexError in torch), as was GPT-J's rotary table in torch."""
+    import airmlx
+    from airmlx.errors import GenerationError
+
+    from tiny import make_checkpoint
+    for arch in ("gpt2", "gptj"):
+        make_checkpoint(tmp_path / arch, arch, max_position_embeddings=16)
+        with airmlx.AutoModel.from_pretrained(tmp_path / arch, backend=backend, progress=False,
+                                              layer_shards_saving_path=tmp_path / f"{arch}-shards") as model:
+            assert len(model.generate([list(range(3, 15))], max_new_tokens=4)[0]) == 16
+            with pytest.raises(GenerationError, match="runs past the 16 positions .*lower max_new_tokens to 4 or less"):
+                model.generate([list(range(3, 15))], max_new_tokens=5)
+            with pytest.raises(GenerationError, match="position 16 is past the 16 positions"):
+                model.logits([list(range(3, 20))])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gpt2_config_as_the_hub_has_it_runs_as_transformers_reads_it(tmp_path, backend):
+    """Regressions (QA): openai-community/gpt2's config.json names no n_inner, tie_word_embeddings or dtype, and a
+    checkpoint saved from a state dict carries lm_head.weight beside wte. transformers takes the MLP as 4 x hidden
+    (airmlx's activation bound and torch's batch blocks were sized for none), ties the head (MLX refused the
+    stray head) and computes in the stored dtype (MLX counted the KV cache as bfloat16)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tiny import make_checkpoint
+    ref = make_checkpoint(tmp_path / "src", "gpt2")
+    path = tmp_path / "src" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in config.items() if k not in (
+        "n_inner", "intermediate_size", "tie_word_embeddings", "dtype", "torch_dtype")}))
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()
+    save_file(weights, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with load(tmp_path / "src", tmp_path, backend, "tight") as model:
+        assert model.config["intermediate_size"] == 4 * 64 and model.config["tie_word_embeddings"] is True
+        assert model.config["dtype"] == "float32" and model.backend.itemsize == 4
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS) == reference_generate(ref, PROMPT)

@@ -208,9 +208,9 @@ ROWS = [
                  ModelNotFoundError, "no such folder, and it is not a hub id", id="missing path"),
     pytest.param(offline, ModelNotFoundError, "not in the Hugging Face cache .*HF_HUB_OFFLINE", id="hub id offline"),
     pytest.param(gated, ModelNotFoundError, "is gated: accept its licence .* hf_token", id="gated model, no token"),
-    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "gpt2"})),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "rwkv"})),
                  UnsupportedArchitectureError,
-                 "'gpt2' is not supported .*supported: apertus, baichuan_m1, .*gemma2, .*llama, .*mistral, "
+                 "'rwkv' is not supported .*supported: apertus, baichuan_m1, .*gemma2, .*llama, .*mistral, "
                  ".*qwen3_moe, .*starcoder2\\.",
                  id="unsupported architecture"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(fp8_checkpoint(c)), CheckpointError,

@@ -112,7 +112,7 @@ def test_transformers_in_memory_names_and_a_quantised_copy_work_too(tmp_path):
         assert len(model.generate(PROMPT, max_new_tokens=4)[0]) == len(PROMPT[0]) + 4
 
 
-@pytest.mark.parametrize("change, error", [({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+@pytest.mark.parametrize("change, error", [({"model_type": "rwkv"}, "model_type 'rwkv' is not supported"),
                                            ({"model_type": "no-such-model"}, "transformers' mistral3 config cannot")])
 def test_a_language_model_airmlx_cannot_run_is_one_line(tmp_path, change, error):
     folder = tmp_path / "src"

@@ -220,9 +220,9 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     src = tmp_path / "src"
     make_checkpoint(src, "llama")
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "rwkv"}))
     with pytest.raises(UnsupportedArchitectureError,
-                       match="'gpt2' is not supported.*llama, .*mistral, .*qwen2, qwen2_moe, qwen3"):
+                       match="'rwkv' is not supported.*llama, .*mistral, .*qwen2, qwen2_moe, qwen3"):
         airmlx.AutoModel.from_pretrained(src, backend="torch")
 
 
