@@ -18,7 +18,7 @@ from .generation import is_int, is_number
 from .requests import RequestError, Sampling
 from .session import render_chat
 
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI's API takes 4; lm-eval's completions send a task's stop strings and EOS, uncut
 MAX_TOP_LOGPROBS = 20
 # OpenAI's roles, as the chat template gets them: "developer" is OpenAI's newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -88,6 +88,10 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     if unknown:
         raise RequestError(f"{unknown[0]} is not a field this server takes (see the README, \"Server\"); leave it "
                            "out.", param=unknown[0])
+    if body.get("echo") not in (False, None):  # what lm-eval's API models send for loglikelihood tasks
+        raise RequestError("echo is not supported by this server; to score prompts (lm-eval's loglikelihood tasks) "
+                           "run python -m airmlx.harness, which reads the model once per batch of requests.",
+                           param="echo")
     for name, default in UNSUPPORTED.items():
         if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
@@ -159,6 +163,8 @@ def _message(m) -> dict:
         raise RequestError(f"unknown role {json.dumps(m['role'])[:40]}; use one of {', '.join(ROLES)}.",
                            param="messages")
     content = m.get("content")
+    if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
+        raise RequestError(f"a {m['role']} message needs a content.", param="messages")
     if isinstance(content, list):  # content parts: only text ones
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported.",
@@ -168,7 +174,33 @@ def _message(m) -> dict:
         content = ""
     elif not isinstance(content, str):
         raise RequestError("a message's content must be a string or a list of text parts.", param="messages")
-    return {"role": ROLES[m["role"]], "content": content}
+    plain = {"role": ROLES[m["role"]], "content": content}
+    if m.get("tool_calls") is not None:
+        plain["tool_calls"] = _tool_calls(m["tool_calls"])
+    for key in ("tool_call_id", "name"):  # a tool's answer names the call it answers (and the tool)
+        if isinstance(m.get(key), str):
+            plain[key] = m[key]
+    return plain
+
+
+def _tool_calls(calls) -> list:
+    """An assistant message's tool_calls as transformers' chat templates take them: each function's arguments as
+    a dict where OpenAI's JSON string decodes to one (else the string)."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            for c in calls):
+        raise RequestError("tool_calls must be a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                           "\"arguments\": ...}} objects.", param="messages")
+    out = []
+    for call in calls:
+        arguments = call["function"].get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
+        out.append({**call, "type": call.get("type", "function"), "function": {**call["function"], "arguments": arguments}})
+    return out
 
 
 def completion_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:

@@ -358,6 +358,14 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "modalities": ["text", "audio"]}, 400,
      "modalities"),
+    # lm-eval's loglikelihood requests: refused with a pointer to airmlx.harness (QA)
+    ("/v1/completions", {"model": "tiny", "prompt": [5, 9], "echo": True, "logprobs": 1, "max_tokens": 1}, 400,
+     "echo"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["w"] * 17}, 400, "stop"),
+    # a user message without content was taken as empty (QA)
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": "f"}]}]}, 400, "messages"),
     ("/v1/nowhere", {}, 404, None),
 ]
 
@@ -369,6 +377,33 @@ def test_every_bad_input_gets_its_status_and_an_openai_error_body(live, path, bo
     assert r.status_code == status
     error = r.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_tool_calls_in_a_conversation_reach_the_chat_template(model, monkeypatch):
+    """Regression (QA): an assistant's tool_calls and a tool message's tool_call_id were dropped, so the model
+    never saw the call it had made. They go to the template as transformers' templates take them."""
+    import copy
+
+    from airmlx import openai_api
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %} call {{ c.id }} "
+        "{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% if m.tool_call_id %} answers "
+        "{{ m.tool_call_id }}{% endif %} | {% endfor %}")
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "w7"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "w9"}]
+    rendered = []
+    monkeypatch.setattr(openai_api, "render_chat", lambda tok, plain: rendered.append(
+        tok.apply_chat_template(plain, tokenize=False)) or [5])
+    chat_job({"model": "tiny", "messages": messages}, tokenizer, ["tiny"], {}, 8)
+    assert rendered == ["user: w5 w17 w33 w2 w9 | assistant:  call c1 weather(w7) | tool: w9 answers c1 | "]
+
+
+def test_up_to_16_stop_strings_are_taken_as_lm_eval_sends_them(live):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stop": [f"w{i}x" for i in range(16)]}
+    assert httpx.post(live.url + "/v1/completions", json=body, timeout=30).status_code == 200
 
 
 def test_a_developer_message_is_rendered_as_a_system_message(model):
