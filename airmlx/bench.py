@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args, whole_numbers
 from .preflight import predict
 from .quant import COMPRESSIONS
 from .store import evict
@@ -308,7 +308,7 @@ def build_parser():
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--compare", choices=["airllm"], help="also time AirLLM, when installed")
     parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default=None, help="stream quantised shards")
-    parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=None,
+    parser.add_argument("--batch", type=whole_numbers(1), default=None,
                         help="also time cold decode at these batch sizes, e.g. 1,8,32")
     parser.add_argument("--score", type=int, default=0, help="also score this many 64-token requests, layer-major")
     parser.add_argument("--warm-after-read", action="store_true",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import add_source_options, bench_shards
-from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args, whole_numbers
 from .store import evict
 from .units import format_bytes
 
@@ -134,7 +134,7 @@ def build_parser():
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size of the generated model")
     parser.add_argument("--backend", default="torch", choices=["torch", "mlx"])
     add_budget_options(parser, fraction=0.25)
-    parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")], default=[1, 4, 16, 32],
+    parser.add_argument("--clients", type=whole_numbers(1), default=[1, 4, 16, 32],
                         help="numbers of concurrent streaming clients, e.g. 1,4,16,32 (the first is the baseline)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per client")
     parser.add_argument("--prompt-tokens", type=int, default=8, help="prompt tokens per client")

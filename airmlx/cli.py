@@ -96,6 +96,19 @@ def whole_number(least: int) -> Callable[[str], int]:
     return parse
 
 
+def whole_numbers(least: int) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of whole numbers >= least, e.g. 1,8,32."""
+    one = whole_number(least)
+
+    def parse(text: str) -> list:
+        try:
+            return [one(part) for part in text.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers >= {least} separated by commas ({e})") \
+                from None
+    return parse
+
+
 def number_in(low: float, high: float, low_open: bool = False, what: str = "") -> Callable[[str], float]:
     """An argparse type: a finite number in [low, high] ((low, high] when low_open)."""
     def parse(text: str) -> float:

@@ -1,6 +1,7 @@
 """`python -m airmlx.generate`: generate text with a model streamed layer by layer.
 
-    python -m airmlx.generate [--model PATH_OR_HUB_ID] --prompt "..." [--max-tokens 64] [--temp 0.7 --top-p 0.9 --top-k 20 ...]
+    python -m airmlx.generate [--model PATH_OR_HUB_ID] --prompt "..." (- reads stdin) [--max-tokens 64]
+        [--temp 0.7 --top-p 0.9 --top-k 20 ...] [--chat-template [--system-prompt "..."]]
 """
 import sys
 import time
@@ -14,7 +15,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m airmlx.generate",
                             description="Generate text with a model streamed layer by layer.")
     add_model_options(parser)
-    parser.add_argument("--prompt", default="The ", help="prompt text (default: %(default)r)")
+    parser.add_argument("--prompt", default="The ", help="prompt text, or - to read it from stdin (default: %(default)r)")
     parser.add_argument("--max-tokens", type=whole_number(1), default=64,
                         help="most new tokens (with the prompt, within the model's context; default %(default)s)")
     add_sampling_options(parser)
@@ -22,19 +23,27 @@ def build_parser() -> ArgumentParser:
                         help="seed for sampling, a whole number >= 0 (the same seed repeats, with a draft model too)")
     parser.add_argument("--chat-template", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template (the reply prints alone)")
+    parser.add_argument("--system-prompt", default=None,
+                        help="a system message before the prompt (with --chat-template)")
     return parser
 
 
 @face
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.system_prompt is not None and not args.chat_template:
+        parser.error("--system-prompt goes in the chat template: add --chat-template")
+    if args.prompt == "-":  # as mlx_lm.generate reads it
+        args.prompt = sys.stdin.read()
     with load_model(args) as model:
         tok = model.tokenizer
         if args.chat_template:
             if not getattr(tok, "chat_template", None):
                 raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template; leave out "
                                       "--chat-template to continue the prompt as plain text.")
-            ids = render_chat(tok, [{"role": "user", "content": args.prompt}])
+            system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
+            ids = render_chat(tok, system + [{"role": "user", "content": args.prompt}])
         else:
             ids = tok(args.prompt, verbose=False)["input_ids"]  # past the context: our one line, not its warning
         context = model.config.get("max_position_embeddings")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CacheTrimError, GenerationError
-from .generation import check_sampling, check_seed
+from .generation import check_sampling, check_seed, is_number
 from .units import format_bytes
 
 DEFAULT_MAX_TOKENS = 256
@@ -79,6 +79,8 @@ def check_chat_options(max_tokens, temp, top_p, top_k=None):
     """The options given (None: unset, the model's generation_config.json decides) are valid."""
     if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise GenerationError(f"max_tokens={max_tokens!r}: use a whole number >= 1.")
+    if temp is not None and not is_number(temp):
+        raise GenerationError(f"temp={temp!r}: use a number, 0 for greedy or a value > 0 to sample.")
     if temp is not None and temp < 0:
         raise GenerationError(f"temp={temp!r}: use 0 for greedy or a value > 0 to sample.")
     check_sampling(int(max_tokens), bool(temp), temp or 1.0, 1.0 if top_p is None else top_p,
@@ -101,6 +103,8 @@ class ChatSession:
         model's generation_config.json, then transformers' defaults, as model.generate() does."""
         check_chat_options(max_tokens, temp, top_p, top_k)
         check_seed(seed)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise GenerationError(f"system_prompt={system_prompt!r}: give a string (or None for none).")
         self.model, self.tokenizer = model, model.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template, so it cannot chat; "
@@ -132,6 +136,8 @@ class ChatSession:
         Feeds only the tokens after the longest prefix of the rendered conversation that the cache already
         holds. On KeyboardInterrupt the answer so far is kept (in the history too) and the cache is trimmed
         to the tokens every layer has certainly processed; the Turn says interrupted=True."""
+        if not isinstance(text, str):  # a template would render None or a list as their Python text
+            raise GenerationError(f"send() takes the user's message as a string, not {type(text).__name__}.")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.render(messages)
         limit = self.model.config.get("max_position_embeddings")

@@ -314,6 +314,11 @@ ROWS = [
                  r"seed=1\.5: use a whole number >= 0", id="seed not a whole number"),
     pytest.param(lambda c: ChatSession(c.model, seed=-1), GenerationError,
                  "seed=-1: use a whole number >= 0", id="negative seed for a chat"),
+    # a bare TypeError, and a system prompt rendered as its Python text (QA)
+    pytest.param(lambda c: ChatSession(c.model, temp="0.5"), GenerationError,
+                 "temp='0.5': use a number", id="temp not a number for a chat"),
+    pytest.param(lambda c: ChatSession(c.model, system_prompt=5), GenerationError,
+                 "system_prompt=5: give a string", id="system prompt not a string"),
     pytest.param(lambda c: airmlx.shard_checkpoint(c.src, file_at(c.tmp / "a-file"), progress=False),
                  CheckpointError, "cannot make the shard folder there .*choose another place",
                  id="shard folder where a file is"),
@@ -427,6 +432,10 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("shard", ["--verify", "/no/such/folder"]),  # was "this shard folder is unfinished"
     ("score", ["/no/such/requests.jsonl"]),
     ("shard", ["/no/such/model", "/tmp/out-never-made", "--compression", "3bit"]),  # offered a Python dict
+    # built a 1.2 GB bench model first, then failed with an internal message (QA); "abc": "invalid <lambda> value"
+    ("bench", ["--batch", "0"]),
+    ("bench", ["--batch", "1,,8"]),
+    ("bench_server", ["--clients", "abc"]),
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib

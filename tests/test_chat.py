@@ -12,6 +12,7 @@ import pytest
 import airmlx
 from airmlx.chat import ChatUI, main
 from airmlx.demo import DEMO_MODEL
+from airmlx.errors import GenerationError
 from airmlx.session import ChatSession, common_prefix, render_chat
 
 from tiny import make_chat_checkpoint
@@ -185,6 +186,15 @@ def test_a_message_past_the_context_gets_our_refusal_not_the_tokenizers_warning(
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert ours == [] and ["sequence length is longer" in r.getMessage() for r in records] == [True]
+
+
+@pytest.mark.parametrize("text", [None, 5, ["hi"]])
+def test_a_message_that_is_not_text_is_refused(model, text):
+    """Regression (QA): the template rendered None, 5 and a list as their Python text ("None", "5", "['hi']")."""
+    session = ChatSession(model, max_tokens=3)
+    with pytest.raises(GenerationError, match="send\\(\\) takes the user's message as a string"):
+        session.send(text)
+    assert session.messages == []
 
 
 def test_ui_commands_on_a_stream(model):

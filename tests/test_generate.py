@@ -510,7 +510,8 @@ def test_generate_cli_refuses_what_it_cannot_do_in_one_line_before_printing(tmp_
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     cases = [(["--model", str(plain), "--chat-template"], "has no chat template; leave out --chat-template"),
              (["--prompt", "a " * 505, "--max-tokens", "20"], "go past the model's context of 512 tokens"),
-             (["--prompt", "The list", "--temp", "-1"], "--temp: -1: use a finite number >= 0")]
+             (["--prompt", "The list", "--temp", "-1"], "--temp: -1: use a finite number >= 0"),
+             (["--system-prompt", "Be brief."], "--system-prompt goes in the chat template: add --chat-template")]
     for argv, phrase in cases:
         try:
             code = main(["--backend", "torch", *argv])
@@ -520,6 +521,28 @@ def test_generate_cli_refuses_what_it_cannot_do_in_one_line_before_printing(tmp_
         out, err = capsys.readouterr()
         last = err.split("\r")[-1].split("\n", 1)[-1] if "\r" in err else err  # after a progress bar
         assert out == "" and last.startswith("airmlx: ") and last.count("\n") == 1 and phrase in last, (argv, err)
+
+
+def test_generate_cli_reads_a_prompt_from_stdin_and_puts_a_system_prompt_in_the_template(monkeypatch, capsys):
+    """As mlx_lm.generate: --prompt - reads stdin (it generated from the text "-"), and --system-prompt goes before
+    the user's message in the chat template (there was none)."""
+    import io
+
+    import airmlx
+    from airmlx.generate import main
+    from airmlx.hub import DEMO_MODEL
+    from airmlx.session import render_chat
+    monkeypatch.setattr("sys.stdin", io.StringIO("The list"))
+    assert main(["--backend", "torch", "--prompt", "-", "--max-tokens", "6"]) == 0
+    with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as model:
+        tok = model.tokenizer
+        plain = tok.decode(model.generate(tok("The list")["input_ids"], max_new_tokens=6), skip_special_tokens=True)
+        ids = render_chat(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        reply = tok.decode(model.generate(ids, max_new_tokens=6)[len(ids):], skip_special_tokens=True)
+    assert capsys.readouterr().out.strip() == plain.strip()
+    assert main(["--backend", "torch", "--prompt", "Hi", "--chat-template", "--system-prompt", "Be brief.",
+                 "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == reply.strip()
 
 
 def test_generate_cli_cut_off_by_its_reader_ends_quietly():
