@@ -78,13 +78,17 @@ class Engine:
         self.thread.start()
 
     # -- any thread -------------------------------------------------------------------------------------
-    def check(self, prompt_tokens: int, max_tokens: int, param: str = "prompt") -> int:
-        """The max_tokens a request of this many prompt tokens gets (capped by the context), or RequestError."""
+    def check(self, prompt_tokens: int, max_tokens: int, param: str = "prompt", fit: bool = False) -> int:
+        """The max_tokens a request of this many prompt tokens gets (capped by the context, and with fit, a
+        default the client did not ask for, by what the KV allowance holds), or RequestError."""
         if self.context and prompt_tokens >= self.context:
             raise RequestError(f"the prompt has {prompt_tokens} tokens, the model's context is {self.context}; "
                                "shorten it.", param=param)
         if self.context:
             max_tokens = min(max_tokens, self.context - prompt_tokens)
+        room = self.kv_allowance // self.per_token - prompt_tokens - self.headroom
+        if fit and room >= 1:
+            max_tokens = min(max_tokens, room)
         need = (prompt_tokens + max_tokens + self.headroom) * self.per_token
         if need > self.kv_allowance:
             least = (prompt_tokens + 1 + self.headroom) * self.per_token  # with max_tokens 1

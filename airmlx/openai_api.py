@@ -51,6 +51,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
+    max_tokens_given: bool = True  # False: the server's default, which shrinks to what the KV allowance holds
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
@@ -123,7 +124,9 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     else:
         logprobs = _get(body, "logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
                         f"a whole number from 0 to {MAX_TOP_LOGPROBS}")
-    return dict(max_tokens=max_tokens, sampling=sampling(generation_config, temperature, top_p, top_k, seed),
+    given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
+    return dict(max_tokens=max_tokens, max_tokens_given=given,
+                sampling=sampling(generation_config, temperature, top_p, top_k, seed),
                 stop=stop, stream=stream, include_usage=include_usage, logprobs=logprobs)
 
 

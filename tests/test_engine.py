@@ -163,6 +163,20 @@ def test_caches_that_cannot_merge_decode_side_by_side(windowed, backend):
             engine.join(30)
 
 
+def test_a_default_max_tokens_shrinks_to_what_the_kv_allowance_holds(shards):
+    """Regression (QA): a request that left max_tokens out was refused for the server's own default ("lower
+    max_tokens") where the allowance held fewer tokens."""
+    with load(shards, "torch") as m:
+        engine = Engine(m, kv_allowance=20 * m.kv_bytes_per_token)
+        try:
+            assert engine.check(5, 512, fit=True) == 15
+            with pytest.raises(RequestError, match="lower max_tokens"):
+                engine.check(5, 512)
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
 def test_requests_wait_for_kv_room_and_the_queue_is_bounded(shards):
     with load(shards, "torch") as m:
         per_request = (len(PROMPTS[0]) + 8) * m.kv_bytes_per_token
