@@ -36,6 +36,7 @@ from .requests import Delta, Failed, Finished, Group, QueueFullError, Request, R
 from .session import common_prefix, stop_token_ids
 from .speculative import speculation_cap, speculative_generate
 from .textstream import TextStream
+from .units import format_bytes
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "QueueFullError", "Request", "RequestError", "Sampling",
            "default_kv_allowance"]
@@ -60,6 +61,11 @@ class Engine:
             self.per_token += self.draft.kv_bytes_per_token
             self.headroom = speculation_cap(model, self.draft, model.num_draft_tokens)[1]
         self.kv_allowance = kv_allowance if kv_allowance is not None else default_kv_allowance(model)
+        least = (2 + self.headroom) * self.per_token  # a one-token prompt and one new token
+        if self.kv_allowance < least:
+            raise RequestError(f"a KV-cache allowance of {format_bytes(self.kv_allowance)} holds no request: a prompt "
+                               f"of one token and one new token take {format_bytes(least)} of keys and values; give "
+                               "the server at least that (--max-kv-bytes).")
         self.context = model.config.get("max_position_embeddings")
         self.pad = model.pad_token_id or 0
         self.stop_tokens = stop_token_ids(model)  # sorted; a few ids, so a list is as quick as a set

@@ -190,7 +190,11 @@ class GGUFModel:
                 "cannot read its experts from GGUF, so neither can airmlx; shard the Hugging Face checkpoint instead.")
         self.hf_config = self._transformers_config()
         self.config = self._config_dict()
-        arch_for(self.config)  # UnsupportedArchitectureError naming the model_type
+        arch = arch_for(self.config)  # UnsupportedArchitectureError naming the model_type
+        if arch.conv1d or arch.positions:  # transformers' GGUF reader lays GPT-2's out as Conv1D's, named its own way
+            raise UnsupportedArchitectureError(
+                f"{self.path.name}: GGUF architecture {self.architecture!r} (model_type {arch.model_type!r}) is not "
+                "read from GGUF by airmlx; shard the Hugging Face checkpoint instead.")
         self.dtype = self._model_dtype()
         self.config["dtype"] = self.dtype
         self.tensors = self._map_tensors()

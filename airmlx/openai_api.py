@@ -199,9 +199,10 @@ def _tool_calls(calls) -> list:
         arguments = call["function"].get("arguments")
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments)
+                decoded = json.loads(arguments)
             except ValueError:
-                pass
+                decoded = None
+            arguments = decoded if isinstance(decoded, dict) else arguments
         out.append({**call, "type": call.get("type", "function"), "function": {**call["function"], "arguments": arguments}})
     return out
 

@@ -299,10 +299,6 @@ def main(argv=None) -> int:
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, kv_allowance=kv,
                         keep_caches=args.keep_caches, log_prompts=args.log_prompts,
                         micro_batches=args.micro_batches)
-        least = (2 + engine.headroom) * engine.per_token  # a one-token prompt and one new token
-        if engine.kv_allowance < least:
-            raise AirmlxError(f"--max-kv-bytes {args.max_kv_bytes} holds no request: a prompt of one token and one "
-                              f"new token take {format_bytes(least)} of keys and values; give at least that.")
         name = args.served_model_name or args.model or "airmlx-demo"
         app = build_app(engine, [name], api_key=args.api_key, default_max_tokens=args.max_tokens)
         log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,

@@ -71,7 +71,12 @@ def load_config(src):
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
     if isinstance(config, dict) and config.get("model_type") in LANGUAGE_MODELS:
         return language_model_config(config)  # transformers' config class fills in the defaults
-    return with_standard_names(config) if isinstance(config, dict) else config
+    if not isinstance(config, dict):
+        return config
+    filled = with_standard_names(config)
+    if filled is not config:  # derived by transformers' config class: the folder's fingerprint is of config.json
+        filled[SOURCE_CONFIG] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return filled
 
 
 def weight_files(src, allow_pickle=False):

@@ -215,7 +215,7 @@ class TorchBackend:
         rotary = None if arch.positions else shared_rotary(self.skeleton, arch) if remote else \
             self.skeleton.get_submodule(arch.layers.rpartition(".")[0] + ".rotary_emb")
         with torch.device(self.device):  # the skeleton's copy lives on meta; rotary buffers are computed, not loaded
-            self.rotary = rotary and type(rotary)(config=self.config)
+            self.rotary = None if rotary is None else type(rotary)(config=self.config)
         self.rotary_per_type = rotary is not None and \
             "layer_type" in inspect.signature(self.rotary.forward).parameters  # gemma3
         # transformers >= 5.2x names the cache argument `cache` (past_key_values= is deprecated there)
@@ -545,7 +545,7 @@ class TorchBackend:
             step.causal_mask[kind] = make(config=self.config, inputs_embeds=x, attention_mask=step.mask,
                                           position_ids=step.positions, **{self.mask_cache_arg: step.cache},
                                           **({"layer_idx": layer} if self.mask_layer_arg else {}))
-            step.rotary[kind] = self.rotary and \
+            step.rotary[kind] = None if self.rotary is None else \
                 self.rotary(x, step.positions, *([kind] if self.rotary_per_type else []))
         return step.causal_mask[kind], step.rotary[kind]
 

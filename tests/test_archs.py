@@ -467,9 +467,10 @@ def test_positions_past_a_models_table_are_refused_in_one_line(tmp_path, backend
         make_checkpoint(tmp_path / arch, arch, max_position_embeddings=16)
         with airmlx.AutoModel.from_pretrained(tmp_path / arch, backend=backend, progress=False,
                                               layer_shards_saving_path=tmp_path / f"{arch}-shards") as model:
-            assert len(model.generate([list(range(3, 15))], max_new_tokens=4)[0]) == 16
-            with pytest.raises(GenerationError, match="runs past the 16 positions .*lower max_new_tokens to 4 or less"):
-                model.generate([list(range(3, 15))], max_new_tokens=5)
+            # as transformers: the last new token is never run, so 12 + 5 tokens use positions up to 15
+            assert len(model.generate([list(range(3, 15))], max_new_tokens=5)[0]) == 17
+            with pytest.raises(GenerationError, match="runs past the 16 positions .*lower max_new_tokens to 5 or less"):
+                model.generate([list(range(3, 15))], max_new_tokens=6)
             with pytest.raises(GenerationError, match="position 16 is past the 16 positions"):
                 model.logits([list(range(3, 20))])
 

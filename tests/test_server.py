@@ -538,7 +538,7 @@ def test_the_command_line_binds_locally_and_refuses_bad_options_in_one_line(caps
     assert main(["--port", "0", "--backend", "torch", "--max-kv-bytes", "1"]) == 2
     err = capsys.readouterr().err
     err = err.split("\r")[-1].split("\n", 1)[-1] if "\r" in err else err  # after the demo's sharding bar, if any
-    assert err.startswith("airmlx: --max-kv-bytes 1 holds no request") and err.count("\n") == 1, err
+    assert err.startswith("airmlx: a KV-cache allowance of 1 B holds no request") and err.count("\n") == 1, err
     # an address in use or unknown: one line before the model loads (it was uvicorn's log and exit status 3,
     # after "serving ... on" had been logged)
     with socket.socket() as taken:
