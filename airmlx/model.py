@@ -429,12 +429,13 @@ class AirModel:
             raise GenerationError(f"the prompt has {past + ids.shape[1]} tokens, more than the model's context of "
                                   f"{limit}; shorten it.")
         # the last new token is never run: the highest position a generation runs is prompt + max_new_tokens - 2
-        if limit and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens - 1 > limit and \
-                position_table(arch_for(self.config), self.config):  # none past them: refused before any work
+        table = limit and position_table(arch_for(self.config), self.config)
+        if table and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens - 1 > limit:
+            # none past them: refused before any work
             raise GenerationError(f"generating up to {max_new_tokens} tokens after {past + ids.shape[1]} runs past the "
                                   f"{limit} positions this model has embeddings for; lower max_new_tokens "
                                   f"to {limit - past - ids.shape[1] + 1} or less.")
-        if limit and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens > limit:
+        if limit and not table and is_int(max_new_tokens) and past + ids.shape[1] + max_new_tokens > limit:
             warnings.warn(f"generating up to {max_new_tokens} tokens after {past + ids.shape[1]} runs past the model's "
                           f"context of {limit}: it generates on, as transformers does, but the model was not trained on "
                           "positions beyond it (lower max_new_tokens to stay within it).", stacklevel=2)
