@@ -135,17 +135,22 @@ def mlx_args(config, module):
     return module.ModelArgs.from_dict(cfg)
 
 
+def fixed_mlp_limit(config, key="intermediate_size"):
+    """mlx-lm's GPT-NeoX, GPT-2 and GPT-J modules fix the MLP at 4 x hidden_size (None where the config's is)."""
+    if config.get("intermediate_size", 4 * config["hidden_size"]) != 4 * config["hidden_size"]:
+        return f"its MLP fixed at 4 x hidden_size (this config's {key} is {config['intermediate_size']})"
+    return None
+
+
 def neox_limits(config):
     """What mlx-lm's gpt_neox module cannot run, which transformers' can (None: nothing)."""
     _, scaling = rope_config(config)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind != "default":
         return f"no rotary scaling (this config's is {kind!r})"
-    if config.get("intermediate_size", 4 * config["hidden_size"]) != 4 * config["hidden_size"]:
-        return f"its MLP fixed at 4 x hidden_size (this config's intermediate_size is {config['intermediate_size']})"
-    if config.get("attention_bias") is False:
-        return "biases in every attention projection (this config's attention_bias is false)"
-    return None
+    unbiased = config.get("attention_bias") is False
+    return fixed_mlp_limit(config) or \
+        ("biases in every attention projection (this config's attention_bias is false)" if unbiased else None)
 
 
 # transformers' GELUs: mlx-lm's GPT-2, GPT-J and StarCoder modules each run one of them whatever the config names
@@ -168,20 +173,15 @@ def gptj_limits(config):
     theta, scaling = rope_config(config)
     if scaling or (theta or 10000.0) != 10000.0:
         return "rotary positions of base 10000 only, unscaled (this config's differ)"
-    hidden = config["hidden_size"]
-    if config.get("intermediate_size", 4 * hidden) != 4 * hidden:
-        return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
-    return gpt_limits(config, "gelu_new")
+    return fixed_mlp_limit(config, "n_inner") or gpt_limits(config, "gelu_new")
 
 
 def gpt2_limits(config):
     """What mlx-lm's gpt2 module cannot run, which transformers' can (None: nothing)."""
-    hidden = config["hidden_size"]
-    if config.get("intermediate_size", 4 * hidden) != 4 * hidden:
-        return f"its MLP fixed at 4 x hidden_size (this config's n_inner is {config['intermediate_size']})"
-    if config.get("tie_word_embeddings", True) is False:
-        return "a head tied to the embedding (this config's tie_word_embeddings is false)"
-    return gpt_limits(config, "gelu_new")
+    untied = config.get("tie_word_embeddings", True) is False
+    return fixed_mlp_limit(config, "n_inner") or \
+        ("a head tied to the embedding (this config's tie_word_embeddings is false)" if untied else None) or \
+        gpt_limits(config, "gelu_new")
 
 
 def bigcode_limits(config):
