@@ -29,8 +29,8 @@ def with_standard_names(config: dict) -> dict:
     them: those of its attribute_map, and then the MLP's width from n_inner (4 x hidden where null or left out)
     and the key/value heads from multi_query (StarCoder), over whatever config.json says of these two, and
     tie_word_embeddings, left out, as the config class's default (GPT-2's ties). config unchanged where no
-    standard name is missing."""
-    if all(k in config for k in STANDARD_NAMES):
+    standard name is missing and it has no n_inner or multi_query."""
+    if all(k in config for k in STANDARD_NAMES) and not {"n_inner", "multi_query"} & config.keys():
         return config
     from transformers import CONFIG_MAPPING
     model_type = config.get("model_type")

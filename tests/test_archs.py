@@ -498,3 +498,15 @@ def test_a_gpt2_config_as_the_hub_has_it_runs_as_transformers_reads_it(tmp_path,
         assert model.config["intermediate_size"] == 4 * 64 and model.config["tie_word_embeddings"] is True
         assert model.config["dtype"] == "float32" and model.backend.itemsize == 4
         assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS) == reference_generate(ref, PROMPT)
+
+
+def test_a_config_with_both_namings_still_derives_the_mlp_and_kv_heads():
+    """Review: a config.json carrying the standard names beside n_inner null and multi_query (re-saved by
+    other tools) got no intermediate_size and a KV plan for every head."""
+    from airmlx.hf_config import with_standard_names
+    config = {"model_type": "gpt_bigcode", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "max_position_embeddings": 32, "n_inner": None, "multi_query": True}
+    filled = with_standard_names(config)
+    assert filled["intermediate_size"] == 256 and filled["num_key_value_heads"] == 1
+    plain = {k: v for k, v in config.items() if k not in ("n_inner", "multi_query")} | {"model_type": "llama"}
+    assert with_standard_names(plain) is plain  # other families' configs are left as written
