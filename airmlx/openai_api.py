@@ -3,9 +3,10 @@ and the engine's events turned into OpenAI's response, chunk and error objects. 
 
 Fields outside the API that the server takes: `top_k` (sample among the k most likely tokens). Fields the
 server ignores: those in IGNORED (`user`, `metadata`, ...). Fields it refuses unless left at their defaults:
-`n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, `tools`, `response_format`, and what is not text
-(`modalities`, `audio`, ...). Any other field is refused, as OpenAI refuses one it does not know (a 400 that
-names the field).
+`n`, `best_of`, `echo`, `suffix`, penalties, `logit_bias`, `response_format`, and what is not text
+(`modalities`, `audio`, ...). A chat request's `tools` are taken where the model's tokenizer says how it writes
+a call (airmlx/tool_calls.py), with `tool_choice` "auto" or "none". Any other field is refused, as OpenAI
+refuses one it does not know (a 400 that names the field).
 """
 import codecs
 import functools
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from .generation import is_int, is_number
 from .requests import RequestError, Sampling
 from .session import render_chat
+from .tool_calls import checked_tools
 
 MAX_STOPS = 16  # OpenAI's API takes 4; lm-eval's completions send a task's stop strings and EOS, uncut
 MAX_TOP_LOGPROBS = 20
@@ -39,6 +41,7 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 TAKEN = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
          "stream_options", "logprobs"}
 CHAT_ONLY = {"messages", "top_logprobs"}
+CHAT_TOOLS = {"tools", "tool_choice"}  # taken by chat requests (checked in chat_job), refused by completions
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Job:
     include_usage: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
     max_tokens_given: bool = True  # False: the server's default, which shrinks to what the KV allowance holds
+    tools: list | None = None  # the tools offered (chat): the answer is read for calls to them
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
@@ -94,6 +98,8 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
                            "run python -m airmlx.harness, which reads the model once per batch of requests.",
                            param="echo")
     for name, default in UNSUPPORTED.items():
+        if chat and name in CHAT_TOOLS:
+            continue
         if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
                                param=name)
@@ -142,8 +148,11 @@ def sampling(generation_config: dict, temperature, top_p, top_k, seed) -> Sampli
                     top_k=int(top_k if top_k is not None else generation_config.get("top_k", 0) or 0), seed=seed)
 
 
-def chat_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int) -> Job:
+def chat_job(body: dict, tokenizer, served: list, generation_config: dict, default_max_tokens: int,
+             response_template: dict | None = None) -> Job:
+    """response_template: how the model writes a tool call (tool_calls.response_template); None: tools refused."""
     options = _common(body, served, generation_config, default_max_tokens, chat=True)
+    tools = checked_tools(body.get("tools"), body.get("tool_choice"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {\"role\": ..., \"content\": ...} objects.",
@@ -151,12 +160,20 @@ def chat_job(body: dict, tokenizer, served: list, generation_config: dict, defau
     plain = [_message(m) for m in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template; use /v1/completions with a plain prompt.")
+    if tools and response_template is None:
+        raise RequestError("tools are not supported for this model: its tokenizer has no response_template saying "
+                           "how it writes a tool call; leave tools out.", param="tools")
     try:
-        ids = render_chat(tokenizer, plain)
+        ids = render_chat(tokenizer, plain, tools)
+        if tools and ids == render_chat(tokenizer, plain):
+            raise RequestError("tools are not supported for this model: its chat template does not show them to "
+                               "the model; leave tools out.", param="tools")
+    except RequestError:
+        raise
     except Exception as e:  # the template's own checks (roles in order, ...) raise what they like
         raise RequestError(f"the chat template refused these messages: {' '.join(str(e).split())}",
                            param="messages") from None
-    return Job(True, ids, **options)
+    return Job(True, ids, **options, tools=tools)
 
 
 def _message(m) -> dict:
@@ -298,9 +315,15 @@ def usage(prompt_tokens: int, completion_tokens: int, reused: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": reused}}
 
 
-def response(job: Job, rid: str, model: str, created: int, text: str, finish: str, used: dict, logprobs) -> dict:
+def response(job: Job, rid: str, model: str, created: int, text: str, finish: str, used: dict, logprobs,
+             tool_calls: list | None = None, reasoning: str | None = None) -> dict:
     if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+        message = {"role": "assistant", "content": text if text or not tool_calls else None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        if reasoning:
+            message["reasoning_content"] = reasoning  # as vLLM and DeepSeek's API name it
+        choice = {"index": 0, "message": message, "finish_reason": finished(finish, tool_calls),
                   "logprobs": logprobs}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
                 "usage": used}
@@ -310,9 +333,11 @@ def response(job: Job, rid: str, model: str, created: int, text: str, finish: st
 
 
 def chunk(job: Job, rid: str, model: str, created: int, text: str | None, finish: str | None = None,
-          logprobs=None, role: bool = False) -> dict:
+          logprobs=None, role: bool = False, delta: dict | None = None) -> dict:
+    """delta: a chat chunk's delta other than text (a tool call, reasoning)."""
     if job.chat:
-        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        if delta is None:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         kind = "chat.completion.chunk"
     else:
@@ -322,6 +347,15 @@ def chunk(job: Job, rid: str, model: str, created: int, text: str | None, finish
     if job.include_usage:
         out["usage"] = None
     return out
+
+
+def finished(reason: str, tool_calls) -> str:
+    """OpenAI's finish_reason: "tool_calls" where an answer that ended by itself called a tool."""
+    return "tool_calls" if tool_calls and reason == "stop" else reason
+
+
+def tool_call_delta(call: dict, index: int) -> dict:
+    return {"tool_calls": [{"index": index, **call}]}
 
 
 def usage_chunk(job: Job, rid: str, model: str, created: int, used: dict) -> dict:

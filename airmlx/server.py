@@ -21,6 +21,7 @@ import time
 import uuid
 
 from . import openai_api as api
+from . import tool_calls
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
 from .engine import Delta, Engine, Failed, Finished, Request, RequestError
 from .errors import AirmlxError
@@ -42,6 +43,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     model = engine.model
     gen_config = model.generation_config
     started = int(time.time())
+    calls_template = usable_template(engine.tokenizer, model.config.get("model_type"))
 
     def error(message, status, param=None, headers=None):
         return JSONResponse(api.error_body(message, status, param), status_code=status, headers=headers)
@@ -76,18 +78,24 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
 
     def make_job(chat, body):
         with engine.tokenizer_lock:
-            make = api.chat_job if chat else api.completion_job
-            job = make(body, engine.tokenizer, served, gen_config, default_max_tokens)
+            if chat:
+                job = api.chat_job(body, engine.tokenizer, served, gen_config, default_max_tokens, calls_template)
+            else:
+                job = api.completion_job(body, engine.tokenizer, served, gen_config, default_max_tokens)
         job.max_tokens = engine.check(len(job.prompt), job.max_tokens, "messages" if chat else "prompt",
                                       fit=not job.max_tokens_given)
-        return job
+        reader = None
+        if job.tools:
+            reader = tool_calls.ToolCallReader(engine.tokenizer, calls_template, job.prompt, job.tools,
+                                               engine.stop_tokens, job.stop, engine.tokenizer_lock)
+        return job, reader
 
     async def complete(request, chat):
         if not authorised(request):
             return error("a valid API key is needed: send the header 'Authorization: Bearer <key>'.", 401)
         try:
             body = api.parse_json(await request.body())
-            job = await run_in_threadpool(make_job, chat, body)
+            job, reader = await run_in_threadpool(make_job, chat, body)
             events = asyncio.Queue()
             req = Request(job.prompt, job.max_tokens, job.sampling, deliver(asyncio.get_running_loop(), events),
                           stop=job.stop, logprobs=job.logprobs)
@@ -98,9 +106,9 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = (job, rid, served[0], int(time.time()))
         if job.stream:
-            return StreamingResponse(stream(req, events, meta), media_type="text/event-stream",
+            return StreamingResponse(stream(req, events, meta, reader), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(request, req, events, meta)
+        return await collect(request, req, events, meta, reader)
 
     def listed(job, entries):
         """The (token, logprob, top) entries a response lists: a chat message's content tokens leave out the stop
@@ -114,9 +122,9 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
                 api.completion_logprobs(engine.tokenizer, entries, offsets)
 
-    async def collect(request, req, events, meta):
+    async def collect(request, req, events, meta, reader):
         job = meta[0]
-        text, entries = [], []
+        text, entries, items = [], [], []
         checked = time.monotonic()
         while True:
             try:
@@ -131,16 +139,38 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             if isinstance(event, Delta):
                 text.append(event.text)
                 entries += listed(job, event.logprobs)
+                if reader:
+                    items += reader.add(event.tokens)
             elif isinstance(event, Failed):
                 return error(event.message, event.status)
             elif isinstance(event, Finished):
                 used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
+                parts = {}
+                if reader:
+                    items += reader.finish()
+                    text = [t for kind, t in items if kind == "content"]
+                    parts = dict(tool_calls=[c for kind, c in items if kind == "tool_call"] or None,
+                                 reasoning="".join(t for kind, t in items if kind == "reasoning") or None)
                 return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
-                                                 logprobs_of(job, entries, api.TextOffsets())))
+                                                 logprobs_of(job, entries, api.TextOffsets()), **parts))
 
-    async def stream(req, events, meta):
+    async def stream(req, events, meta, reader):
         job = meta[0]
         offsets = api.TextOffsets()  # where each token starts, text held back for a stop string included
+        calls = []  # the tool calls sent so far
+
+        def read_calls(items, logprobs):
+            """Chunks for what the reader gave; the delta's logprobs go with the first (or an empty one)."""
+            if not items and logprobs is not None:
+                items = [("content", "")]
+            for kind, value in items:
+                if kind == "tool_call":
+                    delta = api.tool_call_delta(value, len(calls))
+                    calls.append(value)
+                else:
+                    delta = {"content" if kind == "content" else "reasoning_content": value}
+                yield sse(api.chunk(*meta, None, logprobs=logprobs, delta=delta))
+                logprobs = None
         try:
             if job.chat:
                 yield sse(api.chunk(*meta, None, role=True))
@@ -148,6 +178,10 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                 event = await events.get()
                 if isinstance(event, Delta):
                     entries = listed(job, event.logprobs)
+                    if reader:
+                        for piece in read_calls(reader.add(event.tokens), logprobs_of(job, entries, offsets)):
+                            yield piece
+                        continue
                     if not event.text and not entries:
                         continue
                     yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, entries, offsets)))
@@ -155,7 +189,10 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     yield sse(api.error_body(event.message, event.status))
                     break
                 elif isinstance(event, Finished):
-                    yield sse(api.chunk(*meta, None if job.chat else "", finish=event.reason))
+                    if reader:
+                        for piece in read_calls(reader.finish(), None):
+                            yield piece
+                    yield sse(api.chunk(*meta, None if job.chat else "", finish=api.finished(event.reason, calls)))
                     if job.include_usage:
                         used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
                         yield sse(api.usage_chunk(*meta, used))
@@ -177,6 +214,20 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def usable_template(tokenizer, model_type) -> dict | None:
+    """The model's response template where transformers can read it (else tools are refused, with a warning)."""
+    template = tool_calls.response_template(tokenizer, model_type)
+    if template is None:
+        return None
+    try:
+        from transformers.utils.chat_parsing.response_templates import load_response_template
+        load_response_template(template)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer's file holds
+        log.warning("tools are refused: the tokenizer's response_template cannot be read (%s)", e)
+        return None
+    return template
 
 
 def deliver(loop, events):

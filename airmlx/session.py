@@ -27,9 +27,9 @@ def stop_token_ids(model) -> list:
     return sorted(stops)
 
 
-def render_chat(tokenizer, messages: list) -> list:
+def render_chat(tokenizer, messages: list, tools: list | None = None) -> list:
     """Messages as token ids through the tokenizer's chat template, ending with the prompt for the answer."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                         tokenizer_kwargs={"verbose": False})  # past the context: the caller says so
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]

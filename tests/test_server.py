@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import airmlx
-from airmlx.engine import Engine, Finished, Request, Sampling
+from airmlx.engine import Engine, Finished, Request, RequestError, Sampling
 from airmlx.openai_api import chat_job
 from airmlx.server import build_app, make_server
 
@@ -395,10 +395,69 @@ def test_tool_calls_in_a_conversation_reach_the_chat_template(model, monkeypatch
             {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "w7"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "w9"}]
     rendered = []
-    monkeypatch.setattr(openai_api, "render_chat", lambda tok, plain: rendered.append(
+    monkeypatch.setattr(openai_api, "render_chat", lambda tok, plain, tools=None: rendered.append(
         tok.apply_chat_template(plain, tokenize=False)) or [5])
     chat_job({"model": "tiny", "messages": messages}, tokenizer, ["tiny"], {}, 8)
     assert rendered == ["user: w5 w17 w33 w2 w9 | assistant:  call c1 weather(w7) | tool: w9 answers c1 | "]
+
+
+def test_tool_calls_are_read_out_of_the_answer_as_transformers_parses_it(model, monkeypatch):
+    """A request's tools reach the chat template, and the calls the model writes come back as OpenAI's tool_calls
+    (streamed or not): the calls transformers' parser reads in the same answer, on the tokenizer's
+    response_template. Here the template names a call by two words of the greedy answer."""
+    from airmlx.session import render_chat, stop_token_ids
+
+    tok = model.tokenizer
+    tools = [{"type": "function", "function": {"name": "look", "parameters": {"type": "object", "properties": {}}}}]
+    monkeypatch.setattr(tok, "chat_template", "{% if tools %}w7 {% for t in tools %}w8 {% endfor %}{% endif %}"
+                        + WORD_TEMPLATE)
+    prompt = render_chat(tok, MESSAGES, tools)
+    assert prompt != render_chat(tok, MESSAGES)
+    new = [t for t in model.generate(prompt, max_new_tokens=8)[len(prompt):] if t not in stop_token_ids(model)]
+    words = tok.decode(new, skip_special_tokens=False).split()
+    assert len(words) >= 4 and words[-1] not in words[:-1], words  # the call: from the second word to the last
+    template = {"start_anchor_pattern": r"\bw4\b", "fields": {
+        "tool_calls": {"open_pattern": rf"\s*\b{words[1]}\b", "close_pattern": rf"\b{words[-1]}\b", "repeats": True,
+                       "content": "text", "transform": {"type": "function", "function": {"name": "{content}",
+                                                                                         "arguments": {}}}},
+        "content": {"content": "text"}}}
+    parsed = tok.parse_response(tok.decode(new, skip_special_tokens=False), template,
+                                prefix=tok.decode(prompt, skip_special_tokens=False))
+    monkeypatch.setattr(tok, "response_template", template, raising=False)
+    with Live(model) as server:
+        r = server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools, max_tokens=8,
+                                                  temperature=0)
+        chunks = list(server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools,
+                                                            max_tokens=8, temperature=0, stream=True))
+        plain = server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools,
+                                                      tool_choice="none", max_tokens=8, temperature=0)
+    message = r.choices[0].message
+    assert [c.function.name for c in message.tool_calls] == [c["function"]["name"].strip()
+                                                             for c in parsed["tool_calls"]] == [" ".join(words[2:-1])]
+    assert message.tool_calls[0].function.arguments == "{}" and message.tool_calls[0].type == "function"
+    assert message.content.strip() == parsed["content"].strip() == words[0]
+    assert r.choices[0].finish_reason == ("tool_calls" if len(new) < 8 else "length")
+    streamed = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in streamed) == message.content
+    calls = [c for d in streamed for c in d.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [(0, message.tool_calls[0].function.name, "{}")]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    # tool_choice "none": no tools shown, nothing read (the answer to the plain prompt)
+    assert plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == expected(model, render_chat(tok, MESSAGES), 8)[0]
+
+
+def test_tools_are_refused_where_the_model_cannot_take_them(live, model, monkeypatch):
+    tools = [{"type": "function", "function": {"name": "look"}}]
+    body = {"model": "tiny", "messages": MESSAGES, "tools": tools}
+    with pytest.raises(RequestError, match="no response_template"):
+        chat_job(body, model.tokenizer, ["tiny"], {}, 8)
+    with pytest.raises(RequestError, match="does not show them"):  # WORD_TEMPLATE has no tools
+        chat_job(body, model.tokenizer, ["tiny"], {}, 8, response_template={"fields": {}})
+    with pytest.raises(openai.BadRequestError, match="tools are not supported for this model"):
+        live.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="tools=.* is not supported"):
+        live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, extra_body={"tools": tools})
 
 
 def test_up_to_16_stop_strings_are_taken_as_lm_eval_sends_them(live):
