@@ -123,7 +123,9 @@ class Calibrator:
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         self.backend = TorchBackend(SimpleNamespace(config=plain), device="cpu", dtype="float32")
         self.qconfig, self.storage = qconfig, storage
+        from .backends.base import position_table
         from .corpus import corpus  # Python's documentation: more tokens than the shipped text alone
+        seq_len = min(seq_len, position_table(self.arch, config) or seq_len)  # GPT-2's table may hold fewer
         ids = calibration_ids(tokenizer, seq_len=seq_len, max_rows=rows, extra_texts=corpus()[0])
         self.step = self.backend.begin_step(ids, np.ones_like(ids), None, all_positions=True)
         self.x = None

@@ -8,7 +8,16 @@ The conversation itself (one KV cache across turns) is airmlx.session.ChatSessio
 """
 import sys
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model, whole_number
+from .cli import (
+    ArgumentParser,
+    PrintStreamer,
+    add_model_options,
+    add_sampling_options,
+    check_sampling_options,
+    face,
+    load_model,
+    whole_number,
+)
 from .errors import AirmlxError
 from .hub import DEMO_MODEL
 from .session import DEFAULT_MAX_TOKENS, ChatSession, check_chat_options
@@ -117,7 +126,9 @@ def build_parser():
 
 @face
 def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_sampling_options(parser, args)
     check_chat_options(args.max_tokens, args.temp, args.top_p, args.top_k)
     with load_model(args) as model:
         session = ChatSession(model, system_prompt=args.system_prompt, max_tokens=args.max_tokens,

@@ -192,6 +192,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "generation_config.json, else 50)")
 
 
+def check_sampling_options(parser: argparse.ArgumentParser, args) -> None:
+    """--top-p and --top-k cut what is sampled, and only --temp > 0 samples: alone they would change nothing.
+    (--seed alone is taken: greedy output is the same under every seed.)"""
+    given = [f"--{name.replace('_', '-')}" for name in ("top_p", "top_k") if getattr(args, name) is not None]
+    if given and not args.temp:
+        parser.error(f"{' and '.join(given)} only change{'s' if len(given) == 1 else ''} sampling, and decoding is "
+                     "greedy without --temp: add --temp T (T > 0), or leave them out")
+
+
 def add_budget_options(parser: argparse.ArgumentParser, fraction: float) -> None:
     """The benches' budget: a fraction of the model, or a size."""
     group = parser.add_mutually_exclusive_group()

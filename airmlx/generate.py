@@ -6,7 +6,16 @@
 import sys
 import time
 
-from .cli import ArgumentParser, PrintStreamer, add_model_options, add_sampling_options, face, load_model, whole_number
+from .cli import (
+    ArgumentParser,
+    PrintStreamer,
+    add_model_options,
+    add_sampling_options,
+    check_sampling_options,
+    face,
+    load_model,
+    whole_number,
+)
 from .errors import GenerationError
 from .session import render_chat
 
@@ -32,6 +41,7 @@ def build_parser() -> ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_sampling_options(parser, args)
     if args.system_prompt is not None and not args.chat_template:
         parser.error("--system-prompt goes in the chat template: add --chat-template")
     if args.prompt == "-":  # as mlx_lm.generate reads it

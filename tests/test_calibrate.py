@@ -80,3 +80,15 @@ def test_calibration_refuses_routed_experts(checkpoints, tmp_path):
     folder, _ = checkpoints("mixtral")
     with pytest.raises(OptionError, match="dense models"):
         airmlx.shard_checkpoint(folder, tmp_path / "q", compression="4bit-gptq", progress=False)
+
+
+def test_calibration_rows_fit_a_small_table_of_learned_positions(checkpoints, tmp_path):
+    """Regression (review): the calibration rows were 512 tokens whatever the model, so GPTQ on a GPT-2 with
+    fewer positions ran past its table (refused: the position check)."""
+    folder, _ = checkpoints("gpt2", max_position_embeddings=64, n_inner=None)
+    out = airmlx.shard_checkpoint(folder, tmp_path / "q", compression="4bit-gptq", progress=False)
+    assert Manifest.load(out).config["quantization"]["method"] == "gptq"
+    with airmlx.AutoModel.from_pretrained(out, backend="torch") as m:
+        want = m.generate(PROMPT, max_new_tokens=8)
+    with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
+        assert m.generate(PROMPT, max_new_tokens=8) == want

@@ -233,6 +233,7 @@ def test_chat_from_a_pipe_end_to_end(chat_shards, tmp_path):
     (["--top-k", "-1"], "--top-k: -1 is less than 0"),
     (["--compression", "3bit"], "--compression: '3bit' is unknown; use one of ['4bit', '8bit']"),  # was "a dict like"
     (["--max-tokens", "0"], "--max-tokens/-m: 0 is less than 1"),
+    (["--seed", "3", "--top-p", "0.9", "--top-k", "4"], "--top-p and --top-k only change sampling"),  # were ignored
 ])
 def test_bad_option_is_one_line_and_status_2(argv, says, capsys):
     try:

@@ -476,7 +476,12 @@ def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
     with airmlx.AutoModel.from_pretrained(qwen, backend="torch") as m:
         ids = m.tokenizer("w5 w17 w33")["input_ids"]
         greedy = m.tokenizer.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[len(ids):])
-    assert run("--seed", "1") == run("--seed", "2") == f"w5 w17 w33{greedy}\n"
+    assert run("--seed", "1") == run("--seed", "2") == run("--temp", "0") == f"w5 w17 w33{greedy}\n"
+    for flags in (["--top-k", "5"], ["--top-p", "0.5", "--temp", "0"]):  # alone they changed nothing, silently
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(qwen), "--prompt", "w5", *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "decoding is greedy without --temp" in err
     assert len({run("--temp", "1.0", "--seed", str(s)) for s in range(3)}) > 1
     assert run("--temp", "1.0", "--top-k", "1", "--seed", "3") == f"w5 w17 w33{greedy}\n"
 

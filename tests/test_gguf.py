@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import gguf_tiny
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -251,6 +252,15 @@ def test_unsupported_gguf_architectures_are_named(tmp_path, arch):
     writer.close()
     with pytest.raises(UnsupportedArchitectureError, match=f"'{arch}'"):
         airmlx.shard_checkpoint(tmp_path / f"{arch}.gguf", tmp_path / "s", progress=False)
+
+
+def test_a_gpt2_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Regression (review): transformers reads GPT-2 GGUFs, laid out as Conv1D's under its own names, and the
+    sharder stopped on a KeyError; airmlx shards GPT-2 from the Hugging Face checkpoint only."""
+    monkeypatch.setitem(gguf_tiny.GGUF_ARCH, "gpt2", "gpt2")
+    write_gguf(tmp_path / "gpt2.gguf", make_model("gpt2"))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*shard the Hugging Face checkpoint instead"):
+        airmlx.shard_checkpoint(tmp_path / "gpt2.gguf", tmp_path / "s", progress=False)
 
 
 # --- the real model -----------------------------------------------------------------------------------
