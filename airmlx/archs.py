@@ -37,7 +37,7 @@ class Arch:
     experts: str = None
     # MoE checkpoints that fuse a layer's experts into one (experts, ...) tensor: ((that tensor in the layer,
     # whether the hidden size is its input (else its output), (the per-expert tensors its output rows split into,
-    # in order)), ...); the sharder splits it (airmlx/fused_experts.py) into what a per-expert checkpoint holds
+    # in order)), ...); the sharder splits it (airmlx/relayout.py) into what a per-expert checkpoint holds
     fused_experts: tuple = ()
     # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
     # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)

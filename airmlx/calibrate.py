@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import quant
-from .fused_experts import read_array
+from .relayout import read_array
 
 CALIBRATION_TEXT = Path(__file__).parent / "texts" / "calibration.txt"
 DAMP = 0.01  # of the mean diagonal, added to H: keeps the inverse well-conditioned

@@ -21,7 +21,6 @@ from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in not
 from . import quant
 from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules, with_base_prefix
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .fused_experts import conv1d_as_linear, split_fused_experts
 from .hf_config import with_standard_names
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
@@ -32,6 +31,7 @@ from .multimodal import (
     language_model_tensor,
     processor_chat_template,
 )
+from .relayout import conv1d_as_linear, split_fused_experts
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,

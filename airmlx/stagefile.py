@@ -15,8 +15,8 @@ import numpy as np
 
 from . import quant
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
-from .fused_experts import TransposedPart, read_array
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
+from .relayout import TransposedPart, read_array
 from .tensorfile import NUMPY_VIEWS, aligned_order, encode_header
 
 PROGRESS_NAME = "progress.json"
