@@ -9,6 +9,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import interrupt_at, make_checkpoint  # noqa: E402,F401  (interrupt_at: for the audit's scripts)
 
 
+@pytest.fixture
+def hf_modules(monkeypatch, tmp_path_factory):
+    """transformers' folder for remote code, one per session: transformers imports the `transformers_modules`
+    package from the first folder it is given, so a second folder's code would not be found."""
+    from transformers import dynamic_module_utils
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """arch -> (folder, transformers reference model), built once per session."""

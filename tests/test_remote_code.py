@@ -31,15 +31,13 @@ AUTO_MAP = {"AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
 
 
 @pytest.fixture
-def remote_checkpoint(tmp_path, monkeypatch, tmp_path_factory):
+def remote_checkpoint(tmp_path, monkeypatch, hf_modules):
     """A Llama checkpoint renamed to a model_type transformers lacks, with its own configuration and modelling
     code (subclasses of transformers' Llama), registered in airmlx as a remote-code family."""
-    from transformers import dynamic_module_utils
-
-    from tiny import make_checkpoint
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.getbasetemp() / "hf_modules"))
     from airmlx.backends.mlx_archs import MLX_ARCHS, MLXArch
     from airmlx.backends.torch_backend import TORCH_ARCHS, TorchArch
+
+    from tiny import make_checkpoint
     monkeypatch.setitem(ARCHS, "tinyremote", Arch("tinyremote", remote_code=True))
     monkeypatch.setitem(MLX_ARCHS, "tinyremote", MLXArch("llama"))
     monkeypatch.setitem(TORCH_ARCHS, "tinyremote", TorchArch())

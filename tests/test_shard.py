@@ -348,13 +348,11 @@ class QWenTokenizer(PreTrainedTokenizer):
 '''
 
 
-def test_qwen_tiktoken_tokenizer_end_to_end(tmp_path, monkeypatch):
+def test_qwen_tiktoken_tokenizer_end_to_end(tmp_path, monkeypatch, hf_modules):
     """Qwen-1 keeps its vocabulary in qwen.tiktoken, read by its own tokenizer code: the shard folder gets the
     file, the tokenizer loads from it, and without it the error is airmlx's, with the fix."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
-    from transformers import dynamic_module_utils
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     src = tmp_path / "Qwen-7B-Chat"
     ref = make_mlx_checkpoint(src, "qwen")
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:  # what Qwen-1 ships instead:
