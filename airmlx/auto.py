@@ -151,7 +151,7 @@ class AutoModel:
                 raise OptionError(f"gguf_file={gguf_file!r}: {local} is a file itself; gguf_file picks a .gguf from a "
                                   "hub repo or a folder of them, so leave it out.")
             source_name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
-            shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression))
+            shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression)).expanduser()
             if layer_shards_saving_path is not None:
                 refuse_another_model(shard_dir, path_or_id, gguf_file, compression)
             if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):

@@ -107,9 +107,26 @@ def blocks_to_affine(raw: np.ndarray, qtype: str):
 
 
 def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
-    """gguf's own dequantiser: any GGUF type -> float32 of the logical shape."""
+    """gguf's own dequantiser: any GGUF type it reads -> float32 of the logical shape (F64, which it does not
+    read, converted here)."""
     import gguf
+    if qtype == "F64":
+        return np.ascontiguousarray(raw).view(np.float64).astype(np.float32)
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+
+
+@functools.cache
+def readable(qtype: str) -> bool:
+    """Whether dequantize reads a GGUF type (gguf's package reads most; not Q8_1, Q8_K, the integer types)."""
+    import gguf
+    if qtype == "F64":
+        return True
+    kind = gguf.GGMLQuantizationType[qtype]
+    try:
+        dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[kind][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 # --- the file, as transformers sees it ----------------------------------------------------------------
@@ -250,6 +267,9 @@ class GGUFModel:
         """The Hugging Face tensors one GGUF tensor becomes (several for stacked MoE experts)."""
         shape = tuple(int(n) for n in reversed(t.shape))
         qtype = t.tensor_type.name
+        if not readable(qtype):
+            raise GGUFError(f"{self.path.name}: tensor {t.name} is stored as {qtype}, which the gguf package cannot "
+                            "dequantise; use a GGUF file of another quantisation (Q4_K_M, Q8_0, ...).")
         if len(shape) == 3:  # stacked experts, e.g. blk.0.ffn_gate_exps -> ...mlp.experts.gate_up_proj
             proj = t.name.rsplit(".", 2)[-2].split("_")[1]  # ffn_gate_exps -> gate
             prefix = hf.rsplit(".", 1)[0]

@@ -195,7 +195,8 @@ def compression_config(compression):
     spec = compression
     if isinstance(spec, str) and (m := COMPRESSION_SPELLING.fullmatch(spec)):
         spec = {"bits": int(m.group(1)), "group_size": int(m.group(2) or DEFAULT_GROUP_SIZE), "method": m.group(3)}
-    ok = isinstance(spec, dict) and set(spec) <= {"bits", "group_size", "method", "mode"} and \
+    whole = isinstance(spec, dict) and all(type(spec.get(k, 0)) is int for k in ("bits", "group_size"))  # not 4.0
+    ok = whole and set(spec) <= {"bits", "group_size", "method", "mode"} and \
         spec.get("bits") in COMPRESSIONS.values() and spec.get("group_size", DEFAULT_GROUP_SIZE) in \
         SUPPORTED_GROUP_SIZES and spec.get("method") in (None, *METHODS) and spec.get("mode", "affine") == "affine"
     if not ok:

@@ -16,11 +16,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
 from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules, with_base_prefix
-from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError
+from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, OptionError
 from .hf_config import with_standard_names
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
@@ -31,7 +32,7 @@ from .multimodal import (
     language_model_tensor,
     processor_chat_template,
 )
-from .relayout import conv1d_as_linear, split_fused_experts
+from .relayout import conv1d_as_linear, read_array, split_fused_experts
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -48,7 +49,7 @@ from .stagefile import (
     stage_items,
     write_stage,
 )
-from .tensorfile import DTYPE_SIZES, read_header
+from .tensorfile import DTYPE_SIZES, NUMPY_VIEWS, read_header
 
 # files the source carries besides its weights that the shard folder needs: config, tokenizer (whatever its
 # files are called: tokenizer.json, qwen.tiktoken, vocab.txt, ...), chat template, the checkpoint's own code
@@ -69,14 +70,28 @@ def load_config(src):
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); re-download the model.")
-    if isinstance(config, dict) and config.get("model_type") in LANGUAGE_MODELS:
-        return language_model_config(config)  # transformers' config class fills in the defaults
     if not isinstance(config, dict):
-        return config
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object of settings; "
+                              "re-download the model.")
+    if config.get("model_type") in LANGUAGE_MODELS:
+        return checked_sizes(language_model_config(config), path)  # transformers' config class fills in defaults
     filled = with_standard_names(config)
     if filled is not config:  # derived by transformers' config class: the folder's fingerprint is of config.json
         filled[SOURCE_CONFIG] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return filled
+    return checked_sizes(filled, path)
+
+
+SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def checked_sizes(config: dict, path) -> dict:
+    """config, where the sizes every stage is laid out by are whole numbers (a string or null: one line)."""
+    for key in SIZES:
+        value = config.get(key)
+        if key in config and not (key == "num_key_value_heads" and value is None) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{path}: {key} is {json.dumps(value)[:40]}; it must be a whole number >= 1.")
+    return config
 
 
 def weight_files(src, allow_pickle=False):
@@ -84,7 +99,7 @@ def weight_files(src, allow_pickle=False):
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = index_files(index)
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
             raise CheckpointError(f"{src}: files listed in model.safetensors.index.json are missing: {missing}; "
@@ -109,12 +124,26 @@ def pickle_files(src):
     (never training_args.bin, optimizer.bin and other Trainer state)."""
     index = src / "pytorch_model.bin.index.json"
     if index.is_file():
-        try:
-            return [src / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index ({e}); re-download the model.") from None
+        names = index_files(index)
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{src}: files listed in {index.name} are missing: {missing}; the download is "
+                                  "incomplete.")
+        return [src / n for n in names]
     return sorted(p for p in src.glob("*.bin") if p.name.startswith(("pytorch_model", "model"))
                   and not NOT_WEIGHTS.match(p.name))
+
+
+def index_files(index: Path) -> list:
+    """The weight files a checkpoint's index (model.safetensors.index.json, ...) names, sorted."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid index ({type(e).__name__}: {e}); re-download the model.") from None
+    if not all(isinstance(n, str) and n for n in names):
+        raise CheckpointError(f"{index}: not a valid index (its weight_map names no files); re-download the model.")
+    return names
 
 
 def aux_files(src):
@@ -240,6 +269,23 @@ def checked_sources(files, config: dict, src) -> dict:
     return sources
 
 
+def untied_where_stored_apart(config: dict, sources: dict) -> dict:
+    """config, untied where it ties the head to the embedding but the checkpoint stores a head of other values:
+    transformers then runs the stored head (and warns), and so does airmlx."""
+    arch = ARCHS.get(config.get("model_type"))
+    head, embed = (sources.get(f"{path}.weight") for path in (arch.head, arch.embed)) if arch else (None, None)
+    if not config.get("tie_word_embeddings") or head is None or embed is None:
+        return config
+    (hpath, hstart, hinfo), (epath, estart, einfo) = head, embed
+    same = hinfo.shape == einfo.shape and hinfo.dtype == einfo.dtype and np.array_equal(
+        read_array(hpath, hstart, hinfo, NUMPY_VIEWS[hinfo.dtype]), read_array(epath, estart, einfo, NUMPY_VIEWS[einfo.dtype]))
+    if same:
+        return config
+    print(f"airmlx: config.json ties {arch.head}.weight to {arch.embed}.weight, but the checkpoint holds a head of "
+          "other values; it runs untied, as transformers runs it.", file=sys.stderr)
+    return {**config, "tie_word_embeddings": False}
+
+
 def quantization_for(config, compression, src):
     """The mlx-lm style quantisation config compression asks for, or None."""
     if not compression:
@@ -268,6 +314,10 @@ def resume_state(job, verify):
         print(f"airmlx: {job.out}: rebuilding damaged or missing stages "
               f"{[s.name for s in existing.stages if s.name not in done]}.", file=sys.stderr)
     elif existing is not None:
+        made_from = existing.extra.get("source_path")
+        if made_from and not same_source(Path(made_from), job.src):
+            raise OptionError(f"{job.out} holds the shards of {made_from}, not of {job.src}; give each model a folder "
+                              f"of its own (or delete {job.out} first).")
         same_files = {**existing.source, "quantization": None} == {**job.fingerprint, "quantization": None}
         why = "with another compression" if same_files else "from a different checkpoint"
         print(f"airmlx: {job.out} was made {why}; rebuilding it.", file=sys.stderr)
@@ -282,6 +332,15 @@ def resume_state(job, verify):
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable progress file only costs a full rebuild
     return done, None
+
+
+def same_source(made_from: Path, src: Path) -> bool:
+    """Whether a folder made from `made_from` may be rebuilt from `src`: the same checkpoint folder or file (its
+    files may have changed since), or another revision of the same repo in the hub cache."""
+    if made_from.resolve() == Path(src).resolve():
+        return True
+    repo = [next((p for p in path.parts if p.startswith("models--")), None) for path in (made_from, Path(src).resolve())]
+    return repo[0] is not None and repo[0] == repo[1]
 
 
 def check_disk(job, sizes):
@@ -357,7 +416,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     stages it would reuse and rebuilds the damaged ones. hosts > 1: a pipeline (airmlx/pipeline.py) over
     that many hosts; `out` gets only the stage files of host `rank` (pipeline_split: stages per host, default
     balanced by bytes), and its manifest lists every stage and says which host holds what."""
-    src, out = Path(src), Path(out)
+    src, out = Path(src).expanduser(), Path(out).expanduser()
     from .gguf import find_gguf, shard_gguf  # a .gguf file, or a folder holding one, is another source
     if (gguf_path := find_gguf(src)) is not None:
         if hosts != 1 or pipeline_split is not None:
@@ -381,6 +440,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
         job.sources = checked_sources(originals, config, src)
+        config = job.config = untied_where_stored_apart(config, job.sources)
         made = not verify and hosts == 1 and pipeline_split is None and \
             finished_folder(out, fingerprint(originals, config, qconfig))
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
@@ -393,6 +453,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
             job.sources = checked_sources(files, config, src)
+            config = job.config = untied_where_stored_apart(config, job.sources)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}

@@ -22,12 +22,12 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from airmlx.archs import arch_for, layer_types
-from airmlx.errors import BackendError, CacheTrimError
+from airmlx.errors import BackendError, CacheTrimError, CheckpointError
 from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
-from .base import available_ram, check_placement, check_positions, kept_tail, position_table, with_layer_types
+from .base import available_ram, check_complete, check_placement, check_positions, kept_tail, position_table, with_layer_types
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -125,6 +125,9 @@ def resolve_dtype(config, dtype, device):
     name = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
     name = str(name).replace("torch.", "")
     if name not in DTYPES:
+        if dtype is None:
+            raise BackendError(f"config.json's dtype {name!r} is not one the torch backend computes in; pass dtype= "
+                               f"(--dtype), one of {sorted(DTYPES)}.")
         raise BackendError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     if device.type == "cpu" and name == "float16" and dtype is None:
         name = "float32"  # CPU kernels for fp16 are slow or missing
@@ -185,7 +188,12 @@ class TorchBackend:
         hf_config = hf_config or transformers_config(config)
         with torch.device("meta"):
             # from_config leaves the model training: a config's dropout (Phi-2's resid_pdrop 0.1) would run
-            self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()
+            try:
+                self.skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=self.dtype, **kw).eval()
+            except (KeyError, ValueError, TypeError) as e:  # transformers' modules read what config.json says
+                detail = " ".join(str(e).split())[:200]
+                raise CheckpointError(f"config.json: transformers cannot build its {config.get('model_type')} model "
+                                      f"from it ({type(e).__name__}: {detail}); check the values it holds.") from None
         self.config = self.skeleton.config
         linear_for_conv1d(self.skeleton, arch)
         self.wide_block = workspace_elements(config)  # a batch's float32 weight blocks (torch_batching)
@@ -230,6 +238,7 @@ class TorchBackend:
         # per stage loaded as views under plain renames: (layer, ((name, bf16, slot, path), ...),
         # {name: (weakref to the raw tensor viewed last, its parameter while the store keeps that view)})
         self._bound = {}
+        self._complete = set()  # stages whose first load filled every parameter they own (check_complete)
         self.quantized_targets = {}  # checkpoint weight name -> the module it lands in (torch_quant.target_module)
         self.int4_copies = {}  # stage -> its tensor groups in the copy in torch's int4 layout (torch_quant.INT4_COPY)
         self._copy_groups = {}  # what copy_layout asked stage_copies for
@@ -385,6 +394,9 @@ class TorchBackend:
             set_parameter(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)
+        if entry.name not in self._complete:
+            check_complete(entry, [], self._unfilled(entry, overrides), f"transformers' {type(self.skeleton).__name__}")
+            self._complete.add(entry.name)
         self._live += nbytes
         self._peak_live = max(self._peak_live, self._live)
         index = entry.layer
@@ -397,6 +409,29 @@ class TorchBackend:
             self._bound[entry.name] = (layer, tuple((name, raw[name].dtype == "BF16", params[path], path)
                                                     for name, path in renamed.items()), {})
         return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _unfilled(self, entry, overrides) -> list:
+        """The parameters of the modules a stage fills left on meta by its load: a tensor the checkpoint lacks
+        (they would run on whatever the meta tensor turns into). Routed experts are read apart; a module whose
+        forward runs quantised keeps its meta weight."""
+        if entry.kind == "layer":
+            roots = [f"{self.arch.layers}.{entry.layer}"]
+        elif entry.kind == "embed":
+            roots = [self.arch.embed] + ([self.arch.positions] if self.arch.positions else [])
+        else:
+            roots = [self.arch.norm, self.arch.head]
+        replaced = {id(m) for m in overrides}
+        missing = []
+        for root in roots:
+            try:
+                top = self.skeleton.get_submodule(root)
+            except AttributeError:
+                continue
+            for path, module in top.named_modules(prefix=root):
+                if id(module) in replaced or ".experts." in f"{path}.":
+                    continue
+                missing += [f"{path}.{name}" for name, p in module.named_parameters(recurse=False) if p.is_meta]
+        return missing
 
     def _load_bound(self, entry, bound, tensors):
         """load_stage for a stage loaded before as views of its read buffer: the same parameters made as

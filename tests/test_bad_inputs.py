@@ -203,6 +203,50 @@ def tree_on_a_sliding_window(ctx):
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
+def copy_of_src(ctx, **config_changes):
+    """The tiny checkpoint copied, with config.json's values changed."""
+    folder = ctx.tmp / "model"
+    shutil.copytree(ctx.src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def without_a_tensor(ctx):  # torch ran on what its meta placeholder turned into: other tokens every run (QA)
+    from safetensors.numpy import load_file, save_file
+    folder = copy_of_src(ctx)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch", layer_shards_saving_path=ctx.tmp / "s") as m:
+        return m.generate([1, 2], max_new_tokens=2)
+
+
+def with_file(ctx, name, text):
+    folder = copy_of_src(ctx)
+    (folder / name).write_text(text)
+    return folder
+
+
+def pickled(ctx, index=None, garbage=False):
+    folder = ctx.tmp / "pickled"
+    folder.mkdir()
+    shutil.copy(ctx.src / "config.json", folder)
+    from safetensors.torch import load_file
+    torch.save(load_file(ctx.src / "model.safetensors"), folder / "pytorch_model-00001-of-00002.bin")
+    if garbage:
+        (folder / "pytorch_model-00001-of-00002.bin").write_bytes(b"not a pickle at all")
+    if index:
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return airmlx.shard_checkpoint(folder, ctx.tmp / "out", allow_pickle=True, progress=False)
+
+
+def into_another_models_folder(ctx):  # the shard CLI wiped it (QA) where from_pretrained refused
+    other = ctx.tmp / "other"
+    make_checkpoint(other, "qwen2")
+    return airmlx.shard_checkpoint(other, ctx.shards, progress=False)
+
+
 ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.tmp / "nothing" / "here"),
                  ModelNotFoundError, "no such folder, and it is not a hub id", id="missing path"),
@@ -398,6 +442,41 @@ ROWS = [
                                                             layer_shards_saving_path=c.shards),
                  OptionError, r"holds the unquantised shards of .*src, not .* \(other.gguf\) unquantised",
                  id="a saving path holding another model than the gguf_file asked"),
+    # QA, nineteenth stop: each of these was a traceback from deep inside, or (the first) a wrong answer
+    pytest.param(without_a_tensor, CheckpointError,
+                 r"stage layer.001: the checkpoint has no \['model.layers.1.self_attn.k_proj.weight'\] .* that "
+                 "transformers' LlamaForCausalLM needs", id="a checkpoint without a tensor, on torch"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(with_file(c, "model.safetensors.index.json", "{not json"),
+                                                   c.tmp / "o", progress=False),
+                 CheckpointError, r"model.safetensors.index.json: not a valid index \(JSONDecodeError",
+                 id="an index that is not JSON"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(with_file(c, "model.safetensors.index.json", '{"metadata": {}}'),
+                                                   c.tmp / "o", progress=False),
+                 CheckpointError, r"not a valid index \(KeyError: 'weight_map'\)", id="an index without a weight_map"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(with_file(c, "config.json", "[1, 2]"), c.tmp / "o", progress=False),
+                 CheckpointError, r"config.json: holds a JSON list, not an object of settings", id="config.json a list"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(copy_of_src(c, num_hidden_layers="4"), c.tmp / "o", progress=False),
+                 CheckpointError, r'num_hidden_layers is "4"; it must be a whole number >= 1', id="a size as a string"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(
+        copy_of_src(c, rope_parameters={"rope_type": "bogus", "rope_theta": 10000.0}), backend="torch",
+        layer_shards_saving_path=c.tmp / "o"), CheckpointError,
+                 r"config.json: transformers cannot build its llama model from it \(KeyError: 'bogus'\)",
+                 id="a rope_type transformers does not know, on torch"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(copy_of_src(c, dtype="float8"), backend="torch",
+                                                            layer_shards_saving_path=c.tmp / "o"), BackendError,
+                 r"config.json's dtype 'float8' is not one the torch backend computes in; pass dtype=",
+                 id="config.json's dtype torch does not compute in"),
+    pytest.param(into_another_models_folder, OptionError, r"holds the shards of .*src, not of .*other; give each model "
+                 "a folder of its own", id="sharding into another model's shard folder"),
+    pytest.param(lambda c: pickled(c, index={"weight_map": {"a": "pytorch_model-00001-of-00002.bin",
+                                                            "b": "pytorch_model-00002-of-00002.bin"}}),
+                 CheckpointError, r"files listed in pytorch_model.bin.index.json are missing: "
+                 r"\['pytorch_model-00002-of-00002.bin'\]", id="a pickle index naming a missing file"),
+    pytest.param(lambda c: pickled(c, garbage=True), CheckpointError,
+                 r"not a file of weights torch reads safely", id="a .bin that is not a pickle of weights"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression={"bits": 4, "group_size": 64.0},
+                                                            layer_shards_saving_path=c.tmp / "o"),
+                 OptionError, r"compression .* is unknown", id="a compression dict of floats"),
 ]
 
 

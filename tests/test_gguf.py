@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import airmlx
 from airmlx import quant
 from airmlx.errors import CheckpointError, UnsupportedArchitectureError
-from airmlx.gguf import EXACT_BITS, blocks_to_affine, dequantize, find_gguf, open_gguf, reader_shared
+from airmlx.gguf import EXACT_BITS, GGUFError, blocks_to_affine, dequantize, find_gguf, open_gguf, reader_shared
 from airmlx.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +252,22 @@ def test_unsupported_gguf_architectures_are_named(tmp_path, arch):
     writer.close()
     with pytest.raises(UnsupportedArchitectureError, match=f"'{arch}'"):
         airmlx.shard_checkpoint(tmp_path / f"{arch}.gguf", tmp_path / "s", progress=False)
+
+
+def test_a_type_gguf_cannot_dequantise_is_refused_before_sharding_and_f64_is_read(tmp_path):
+    """Regression (QA): a Q8_1 or F64 tensor stopped the sharder part-way with gguf's NotImplementedError."""
+    model = make_model("llama")
+    raw = np.random.default_rng(0).integers(0, 256, (64, 5 * 36), dtype=np.uint8)  # Q8_1: 36 bytes per 32 values
+    write_gguf(tmp_path / "q81.gguf", model, overrides={"blk.0.ffn_down.weight": (raw, T.Q8_1)})
+    with pytest.raises(GGUFError, match="blk.0.ffn_down.weight is stored as Q8_1, which the gguf package cannot"):
+        airmlx.shard_checkpoint(tmp_path / "q81.gguf", tmp_path / "q81", progress=False)
+    assert not (tmp_path / "q81" / "embed.safetensors").exists()
+    norm = model.model.layers[0].input_layernorm.weight.detach().numpy()
+    write_gguf(tmp_path / "f64.gguf", model,
+               overrides={"blk.0.attn_norm.weight": (norm.astype(np.float64).view(np.uint8), T.F64)})
+    out = airmlx.shard_checkpoint(tmp_path / "f64.gguf", tmp_path / "f64", progress=False)
+    stored = load_file(out / "layer.000.safetensors")["model.layers.0.input_layernorm.weight"]
+    assert np.array_equal(stored.astype(np.float32), norm)
 
 
 def test_a_gpt2_gguf_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -379,3 +379,42 @@ def test_qwen_tiktoken_tokenizer_end_to_end(tmp_path, monkeypatch, hf_modules):
         with pytest.raises(ModelNotFoundError, match=r"no usable tokenizer files \(TypeError: .*copy the model's "
                                                      r"tokenizer files into this folder"):
             broken.tokenizer
+
+
+def test_a_head_stored_apart_from_a_tied_embedding_runs_as_transformers_runs_it(tmp_path, capsys):
+    """Regression (QA): config.json ties the head to the embedding but the checkpoint holds an lm_head.weight of
+    other values. transformers runs the stored head (and warns); airmlx dropped it and answered otherwise."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    src = tmp_path / "src"
+    make_checkpoint(src, "qwen2", tie_word_embeddings=True)
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    prompt = [5, 17, 33, 2, 9, 60, 7, 41, 12]
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    out = airmlx.shard_checkpoint(src, tmp_path / "out", progress=False)
+    assert "holds a head of other values; it runs untied" in capsys.readouterr().err
+    assert Manifest.load(out).config["tie_word_embeddings"] is False
+    for backend in ("torch", "mlx"):
+        with airmlx.AutoModel.from_pretrained(out, backend=backend, dtype="float32") as m:
+            assert m.generate(prompt, max_new_tokens=10)[len(prompt):] == want, backend
+    # the same values under both names (as torch .bin checkpoints save a tied head) stay tied
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = airmlx.shard_checkpoint(src, tmp_path / "tied", progress=False)
+    assert Manifest.load(out).config["tie_word_embeddings"] is True
+
+
+def test_a_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """Regression (QA): shard_checkpoint("~/x") made a folder named "~" in the working directory."""
+    make_checkpoint(tmp_path / "src", "llama")
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    out = airmlx.shard_checkpoint("~/../src", "~/shards", progress=False)
+    assert out == tmp_path / "home" / "shards" and (out / "manifest.json").is_file()
+    assert not (tmp_path / "~").exists()
+    with airmlx.AutoModel.from_pretrained(tmp_path / "src", backend="torch", layer_shards_saving_path="~/s2") as m:
+        assert m.shard_dir == tmp_path / "home" / "s2"
