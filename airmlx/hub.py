@@ -16,7 +16,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def is_hub_id(name):
-    return not Path(name).expanduser().exists() and bool(HUB_ID.match(str(name))) and not str(name).startswith(".")
+    """Whether name can only be a hub repo: not a local path, in the hub's spelling, not a .gguf file's name."""
+    return not Path(name).expanduser().exists() and bool(HUB_ID.match(str(name))) and not str(name).startswith(".") \
+        and not str(name).lower().endswith(".gguf")
 
 
 def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, gguf_file=None):
@@ -28,6 +30,8 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
             raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights.")
         return path / gguf_file if gguf_file and path.is_dir() else path
     if not is_hub_id(str(path_or_id)):
+        if str(path_or_id).lower().endswith(".gguf"):
+            raise ModelNotFoundError(f"{path_or_id}: no such GGUF file; check the path.")
         raise ModelNotFoundError(f"{path_or_id}: no such folder, and it is not a hub id like 'org/name'; check the path.")
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

@@ -477,6 +477,8 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.src, compression={"bits": 4, "group_size": 64.0},
                                                             layer_shards_saving_path=c.tmp / "o"),
                  OptionError, r"compression .* is unknown", id="a compression dict of floats"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained("tinyy.gguf"), ModelNotFoundError,
+                 r"tinyy.gguf: no such GGUF file; check the path", id="a .gguf path that is not there (was a hub id)"),
 ]
 
 
