@@ -108,7 +108,11 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
         if job.stream:
             return StreamingResponse(stream(req, events, meta, reader), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(request, req, events, meta, reader)
+        try:
+            return await collect(request, req, events, meta, reader)
+        except BaseException:  # whatever stops the answer being collected: the request leaves the batch
+            req.cancel()
+            raise
 
     def listed(job, entries):
         """The (token, logprob, top) entries a response lists: a chat message's content tokens leave out the stop
@@ -124,7 +128,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
 
     async def collect(request, req, events, meta, reader):
         job = meta[0]
-        text, entries, items = [], [], []
+        text, entries = [], []
         checked = time.monotonic()
         while True:
             try:
@@ -139,18 +143,17 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             if isinstance(event, Delta):
                 text.append(event.text)
                 entries += listed(job, event.logprobs)
-                if reader:
-                    items += reader.add(event.tokens)
+                if reader:  # off the loop: it decodes the answer so far
+                    await run_in_threadpool(reader.add, event.tokens)
             elif isinstance(event, Failed):
                 return error(event.message, event.status)
             elif isinstance(event, Finished):
                 used = api.usage(event.prompt_tokens, event.completion_tokens, event.reused_tokens)
                 parts = {}
                 if reader:
-                    items += reader.finish()
-                    text = [t for kind, t in items if kind == "content"]
-                    parts = dict(tool_calls=[c for kind, c in items if kind == "tool_call"] or None,
-                                 reasoning="".join(t for kind, t in items if kind == "reasoning") or None)
+                    await run_in_threadpool(reader.finish)
+                    content, reasoning, calls = reader.result()
+                    text, parts = [content], dict(tool_calls=calls, reasoning=reasoning)
                 return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
                                                  logprobs_of(job, entries, api.TextOffsets()), **parts))
 
@@ -178,8 +181,9 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                 event = await events.get()
                 if isinstance(event, Delta):
                     entries = listed(job, event.logprobs)
-                    if reader:
-                        for piece in read_calls(reader.add(event.tokens), logprobs_of(job, entries, offsets)):
+                    if reader:  # off the loop: it decodes the answer so far
+                        items = await run_in_threadpool(reader.add, event.tokens)
+                        for piece in read_calls(items, logprobs_of(job, entries, offsets)):
                             yield piece
                         continue
                     if not event.text and not entries:
@@ -190,7 +194,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     break
                 elif isinstance(event, Finished):
                     if reader:
-                        for piece in read_calls(reader.finish(), None):
+                        for piece in read_calls(await run_in_threadpool(reader.finish), None):
                             yield piece
                     yield sse(api.chunk(*meta, None if job.chat else "", finish=api.finished(event.reason, calls)))
                     if job.include_usage:

@@ -47,11 +47,11 @@ class ToolCallReader:
 
     `add(tokens)` takes the answer's new token ids and gives what they complete: ("content", text),
     ("reasoning", text) and ("tool_call", {"id", "type", "function": {"name", "arguments"}}) items, the
-    arguments a JSON string as OpenAI's API has them. `finish()` gives the last items once the answer has ended.
-    The parser reads the text with its special tokens (a call's markers are often special tokens); the
-    stop tokens that end an answer are left out, as are a stop string and what follows it. A call the parser
-    cannot read (the model wrote broken JSON, say) comes out as content, from its opening marker on, and so does
-    the rest of the answer.
+    arguments a JSON string as OpenAI's API has them. `finish()` gives the last items once the answer has ended;
+    `result()` then gives the whole message as transformers' parser reads it. The parser reads the text with its
+    special tokens (a call's markers are often special tokens); the stop tokens that end an answer are left out,
+    as are a stop string and what follows it. A call the parser cannot read (broken JSON, no function name)
+    comes out as content, from its opening marker on, and so does the rest of the answer.
     """
 
     def __init__(self, tokenizer, template: dict, prompt: list, tools: list, stop_tokens=(), stops=(), lock=None):
@@ -62,10 +62,11 @@ class ToolCallReader:
         with self.lock:
             prefix = tokenizer.decode(prompt, skip_special_tokens=False)
         self.parser = ResponseParser(template, prefix=prefix, tools=tools)
-        self.tokens, self.fed = [], 0
-        self.seen = 0  # the text up to here was given as content or reasoning, or read as a call
+        self.tokens, self.fed = [], 0  # the answer's tokens; how much of its text the parser has been given
+        self.call_start = None  # where the text of the call being read began
         self.broken = None  # where the text the parser could not read began: all from there on is content
-        self._items(self.parser.initial_events, "")  # the prompt's part of the answer (an opened <think>, say)
+        self.calls, self.given, self.started = [], {"content": [], "reasoning": []}, set()  # what was given
+        self.message = None  # transformers' parse of the whole answer (where it could read it)
 
     def add(self, tokens) -> list:
         self.tokens += [int(t) for t in tokens if int(t) not in self.stop_tokens]
@@ -81,11 +82,22 @@ class ToolCallReader:
         items = self._feed(text)
         if self.broken is None:
             try:
-                return items + self._items(self.parser.finalize()[1], text)
-            except ValueError:
-                self.broken = self.seen
-                items.append(("content", text[self.broken:]))
+                message, events = self.parser.finalize()
+                items += self._items(events, self.fed, text)
+                self.message = message if self.broken is None else None
+            except Exception:  # noqa: BLE001 - see _feed
+                items += self._broke(text, self.fed)
         return items
+
+    def result(self) -> tuple:
+        """(content, reasoning or None, tool calls or None) of the finished answer: transformers' parse of it,
+        where it could read it (leading and trailing space trimmed, as it trims them), else what was given."""
+        if self.message is None:
+            return "".join(self.given["content"]), "".join(self.given["reasoning"]).strip() or None, self.calls or None
+        content = self.message.get("content") or ""
+        reasoning = next((self.message[k] for k in REASONING_FIELDS if self.message.get(k)), None)
+        as_text = [v if isinstance(v, str) else json.dumps(v) for v in (content, reasoning)]
+        return as_text[0], as_text[1] if reasoning is not None else None, self.calls or None
 
     def _text(self) -> str:
         with self.lock:
@@ -93,37 +105,73 @@ class ToolCallReader:
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         return text[:min(found)] if found else text
 
+    def _position(self) -> int:
+        """Where the parser stands in the answer's text (what it holds back, a marker it may be reading, comes
+        after): transformers' parser keeps no public count, so its buffer is read, and, failing that, all fed."""
+        buffer, pos = getattr(self.parser, "_buffer", None), getattr(self.parser, "_pos", None)
+        if not isinstance(buffer, str) or not isinstance(pos, int):
+            return self.fed
+        return max(0, self.fed - (len(buffer) - pos))
+
     def _feed(self, text: str) -> list:
         if len(text) <= self.fed:
             return []
+        start = self._position()
         piece, self.fed = text[self.fed:], len(text)
         if self.broken is not None:
-            return [("content", piece)]
+            return self._give([("content", piece)])
         try:
-            return self._items(self.parser.feed(piece), text)
-        except ValueError:  # a call's text the parser cannot read: from where the last thing shown ended
-            self.broken = self.seen
-            return [("content", text[self.broken:])]
+            return self._items(self.parser.feed(piece), start, text)
+        except Exception:  # noqa: BLE001 - a model's text can break the parser any way (ValueError, RecursionError)
+            return self._broke(text, start)
 
-    def _items(self, events: list, text: str) -> list:
+    def _broke(self, text: str, start: int) -> list:
+        self.broken = self.call_start if self.call_start is not None else start
+        return self._give([("content", text[self.broken:])])
+
+    def _items(self, events: list, at: int, text: str) -> list:
+        """Items for the parser's events; `at`: where in the text the first of them begins."""
         out = []
         for event in events:
             name = event.get("field")
-            if event["type"] == "region_chunk" and not event.get("dirty") and event.get("text"):
+            if event["type"] == "region_chunk":
                 kind = "content" if name == "content" else "reasoning" if name in REASONING_FIELDS else None
-                if kind:
+                if kind and not event.get("dirty") and event.get("text"):
                     out.append((kind, event["text"]))
-                    at = text.find(event["text"], self.seen)
-                    self.seen = at + len(event["text"]) if at >= 0 else self.seen
-            elif event["type"] == "region_close" and name == "tool_calls" and event.get("value") is not None:
-                out.append(("tool_call", self._call(event["value"])))
-                self.seen = len(text)
+                at += len(event.get("text") or "")
+            elif event["type"] == "region_open" and name == "tool_calls":
+                self.call_start = at
+            elif event["type"] == "region_close" and name == "tool_calls":
+                call = self._call(event.get("value"))
+                if call is None:  # not a call to a named function: the text it came from is content
+                    return self._give(out) + self._broke(text, at)
+                out.append(("tool_call", call))
+                self.calls.append(call)
+                self.call_start = None
+        return self._give(out)
+
+    def _give(self, items: list) -> list:
+        """items, an answer's first content and first reasoning without their leading space (as transformers'
+        parse has them)."""
+        out = []
+        for kind, value in items:
+            if kind != "tool_call" and kind not in self.started:
+                value = value.lstrip()
+                if not value:
+                    continue
+                self.started.add(kind)
+            if kind != "tool_call":
+                self.given[kind].append(value)
+            out.append((kind, value))
         return out
 
-    def _call(self, value) -> dict:
-        function = value.get("function", value) if isinstance(value, dict) else {}
-        arguments = function.get("arguments", {}) if isinstance(function, dict) else {}
+    @staticmethod
+    def _call(value) -> dict | None:
+        function = value.get("function", value) if isinstance(value, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            return None
+        arguments = function.get("arguments", {})
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": str(name if name is not None else "").strip(),
+                "function": {"name": name.strip(),
                              "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}

@@ -403,8 +403,10 @@ def test_tool_calls_in_a_conversation_reach_the_chat_template(model, monkeypatch
 
 def test_tool_calls_are_read_out_of_the_answer_as_transformers_parses_it(model, monkeypatch):
     """A request's tools reach the chat template, and the calls the model writes come back as OpenAI's tool_calls
-    (streamed or not): the calls transformers' parser reads in the same answer, on the tokenizer's
-    response_template. Here the template names a call by two words of the greedy answer."""
+    (streamed or not), with finish_reason tool_calls: the calls transformers' parser reads in the same answer, on
+    the tokenizer's response_template. Here the template names a call by words of the greedy answer, and its
+    fifth token is made the stop token, so the answer ends by itself right after the call."""
+    from airmlx import engine as engine_module
     from airmlx.session import render_chat, stop_token_ids
 
     tok = model.tokenizer
@@ -415,36 +417,41 @@ def test_tool_calls_are_read_out_of_the_answer_as_transformers_parses_it(model, 
     assert prompt != render_chat(tok, MESSAGES)
     new = [t for t in model.generate(prompt, max_new_tokens=8)[len(prompt):] if t not in stop_token_ids(model)]
     words = tok.decode(new, skip_special_tokens=False).split()
-    assert len(words) >= 4 and words[-1] not in words[:-1], words  # the call: from the second word to the last
+    # the answer: words[0] (content), then the call from words[1] to words[3], then the (made) stop token
+    assert len(words) == len(new) >= 5 and words[3] not in words[:3] and new[4] not in new[:4], words
+    monkeypatch.setattr(engine_module, "stop_token_ids", lambda m: [new[4]])
     template = {"start_anchor_pattern": r"\bw4\b", "fields": {
-        "tool_calls": {"open_pattern": rf"\s*\b{words[1]}\b", "close_pattern": rf"\b{words[-1]}\b", "repeats": True,
+        "tool_calls": {"open_pattern": rf"\s*\b{words[1]}\b", "close_pattern": rf"\b{words[3]}\b", "repeats": True,
                        "content": "text", "transform": {"type": "function", "function": {"name": "{content}",
                                                                                          "arguments": {}}}},
         "content": {"content": "text"}}}
-    parsed = tok.parse_response(tok.decode(new, skip_special_tokens=False), template,
+    parsed = tok.parse_response(tok.decode(new[:4], skip_special_tokens=False), template,
                                 prefix=tok.decode(prompt, skip_special_tokens=False))
     monkeypatch.setattr(tok, "response_template", template, raising=False)
+    ask = dict(model="tiny", messages=MESSAGES, tools=tools, max_tokens=8, temperature=0)
     with Live(model) as server:
-        r = server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools, max_tokens=8,
-                                                  temperature=0)
-        chunks = list(server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools,
-                                                            max_tokens=8, temperature=0, stream=True))
-        plain = server.client.chat.completions.create(model="tiny", messages=MESSAGES, tools=tools,
-                                                      tool_choice="none", max_tokens=8, temperature=0)
+        r = server.client.chat.completions.create(**ask)
+        chunks = list(server.client.chat.completions.create(**ask, stream=True))
+        plain = server.client.chat.completions.create(**{**ask, "tool_choice": "none"})
     message = r.choices[0].message
     assert [c.function.name for c in message.tool_calls] == [c["function"]["name"].strip()
-                                                             for c in parsed["tool_calls"]] == [" ".join(words[2:-1])]
+                                                             for c in parsed["tool_calls"]] == [words[2]]
     assert message.tool_calls[0].function.arguments == "{}" and message.tool_calls[0].type == "function"
-    assert message.content.strip() == parsed["content"].strip() == words[0]
-    assert r.choices[0].finish_reason == ("tool_calls" if len(new) < 8 else "length")
+    assert message.content == parsed["content"] == words[0]
+    assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens == 5
     streamed = [c.choices[0].delta for c in chunks if c.choices]
-    assert "".join(d.content or "" for d in streamed) == message.content
+    assert streamed[0].role == "assistant"
+    assert "".join(d.content or "" for d in streamed).strip() == message.content
     calls = [c for d in streamed for c in d.tool_calls or []]
-    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [(0, message.tool_calls[0].function.name, "{}")]
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
-    # tool_choice "none": no tools shown, nothing read (the answer to the plain prompt)
+    assert [(c.index, c.type, c.function.name, c.function.arguments) for c in calls] == [(0, "function", words[2], "{}")]
+    assert calls[0].id.startswith("call_") and calls[0].id != message.tool_calls[0].id
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # tool_choice "none": no tools shown, nothing read (the answer to the plain prompt, up to the stop token)
     assert plain.choices[0].message.tool_calls is None
-    assert plain.choices[0].message.content == expected(model, render_chat(tok, MESSAGES), 8)[0]
+    ids = render_chat(tok, MESSAGES)
+    answer = model.generate(ids, max_new_tokens=8)[len(ids):]
+    answer = answer[:answer.index(new[4])] if new[4] in answer else answer
+    assert plain.choices[0].message.content == tok.decode(answer, skip_special_tokens=True)
 
 
 def test_tools_are_refused_where_the_model_cannot_take_them(live, model, monkeypatch):
