@@ -56,6 +56,9 @@ def main(argv=None) -> int:
             ids = render_chat(tok, system + [{"role": "user", "content": args.prompt}])
         else:
             ids = tok(args.prompt, verbose=False)["input_ids"]  # past the context: our one line, not its warning
+            if not ids:
+                raise GenerationError(f"the prompt {args.prompt[:40]!r} is no tokens at all for this tokenizer; give "
+                                      "some text (or --chat-template, whose turn markers are tokens).")
         context = model.config.get("max_position_embeddings")
         if context and len(ids) + args.max_tokens > context:
             room = (f"use --max-tokens {context - len(ids)} or a shorter prompt" if len(ids) < context

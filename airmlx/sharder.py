@@ -427,6 +427,14 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
                           delete_original=delete_original)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder; give the path of a Hugging Face model folder.")
+    if (src / MANIFEST_NAME).is_file() and (src / "embed.safetensors").is_file():
+        try:
+            made_from = Manifest.load(src).extra.get("source_path")
+        except CorruptShardError:
+            made_from = None
+        raise CheckpointError(f"{src} is an airmlx shard folder, not a checkpoint; shard the checkpoint it was made "
+                              f"from{f' ({made_from})' if made_from else ''}, or open the folder as the model "
+                              "(from_pretrained(FOLDER, compression=...) makes a quantised copy of it).")
     config = load_config(src)
     arch_for(config)  # an architecture airmlx does not run is said before anything else
     qconfig = quantization_for(config, compression, src)

@@ -479,6 +479,9 @@ ROWS = [
                  OptionError, r"compression .* is unknown", id="a compression dict of floats"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained("tinyy.gguf"), ModelNotFoundError,
                  r"tinyy.gguf: no such GGUF file; check the path", id="a .gguf path that is not there (was a hub id)"),
+    pytest.param(lambda c: airmlx.shard_checkpoint(c.shards, c.tmp / "o", compression="4bit", progress=False),
+                 CheckpointError, r"shards is an airmlx shard folder, not a checkpoint; shard the checkpoint it was made "
+                 r"from \(.*src\)", id="a shard folder given as the checkpoint to shard"),
 ]
 
 

@@ -477,6 +477,9 @@ def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
         ids = m.tokenizer("w5 w17 w33")["input_ids"]
         greedy = m.tokenizer.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[len(ids):])
     assert run("--seed", "1") == run("--seed", "2") == run("--temp", "0") == f"w5 w17 w33{greedy}\n"
+    # a prompt of no tokens was told in the Python API's terms ("input_ids has shape (1, 0)")
+    assert main(["--model", str(qwen), "--backend", "torch", "--prompt", ""]) == 2
+    assert "is no tokens at all for this tokenizer" in capsys.readouterr().err
     for flags in (["--top-k", "5"], ["--top-p", "0.5", "--temp", "0"]):  # alone they changed nothing, silently
         with pytest.raises(SystemExit) as e:
             main(["--model", str(qwen), "--prompt", "w5", *flags])
