@@ -32,7 +32,7 @@ from .multimodal import (
     language_model_tensor,
     processor_chat_template,
 )
-from .relayout import conv1d_as_linear, read_array, split_fused_experts
+from .relayout import TransposedPart, conv1d_as_linear, read_array, read_bytes, split_fused_experts
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -276,14 +276,26 @@ def untied_where_stored_apart(config: dict, sources: dict) -> dict:
     head, embed = (sources.get(f"{path}.weight") for path in (arch.head, arch.embed)) if arch else (None, None)
     if not config.get("tie_word_embeddings") or head is None or embed is None:
         return config
-    (hpath, hstart, hinfo), (epath, estart, einfo) = head, embed
-    same = hinfo.shape == einfo.shape and hinfo.dtype == einfo.dtype and np.array_equal(
-        read_array(hpath, hstart, hinfo, NUMPY_VIEWS[hinfo.dtype]), read_array(epath, estart, einfo, NUMPY_VIEWS[einfo.dtype]))
-    if same:
+    if same_values(head, embed):
         return config
     print(f"airmlx: config.json ties {arch.head}.weight to {arch.embed}.weight, but the checkpoint holds a head of "
           "other values; it runs untied, as transformers runs it.", file=sys.stderr)
     return {**config, "tie_word_embeddings": False}
+
+
+def same_values(a, b, chunk: int = 64 << 20) -> bool:
+    """Whether two source tensors ((file, data start, TensorInfo)) hold the same values, read a chunk at a time
+    (an embedding may be gigabytes)."""
+    (apath, astart, ainfo), (bpath, bstart, binfo) = a, b
+    if ainfo.shape != binfo.shape or ainfo.dtype != binfo.dtype:
+        return False
+    if isinstance(ainfo, TransposedPart) or isinstance(binfo, TransposedPart):
+        view = NUMPY_VIEWS[ainfo.dtype]
+        return np.array_equal(read_array(apath, astart, ainfo, view), read_array(bpath, bstart, binfo, view))
+    size = ainfo.end - ainfo.start
+    return all(np.array_equal(read_bytes(apath, astart + ainfo.start + at, min(chunk, size - at), np.uint8),
+                              read_bytes(bpath, bstart + binfo.start + at, min(chunk, size - at), np.uint8))
+               for at in range(0, size, chunk))
 
 
 def quantization_for(config, compression, src):
