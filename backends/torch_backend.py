@@ -419,7 +419,7 @@ class TorchBackend:
         elif entry.kind == "embed":
             roots = [self.arch.embed] + ([self.arch.positions] if self.arch.positions else [])
         else:
-            roots = [self.arch.norm, self.arch.head]
+            roots = [self.norm_path, self.head_path]  # as transformers names them in memory
         replaced = {id(m) for m in overrides}
         missing = []
         for root in roots:
