@@ -143,8 +143,7 @@ class Calibrator:
         if entry.kind == "layer":
             hessians = self._layer_hessians(entry, tensors, targets)
         elif entry.kind == "head" and self.x is not None:
-            norm_input = {n: t for n, t in tensors.items() if n.startswith(self.arch.norm + ".")}
-            stage = self._load(entry, norm_input)
+            stage = self._load(entry, tensors)  # the whole stage (views of its float32 arrays): the norm is run
             with torch.inference_mode():
                 h = self.backend.skeleton.get_submodule(self.arch.norm)(self.x).reshape(-1, self.x.shape[-1]).float()
             self.backend.free_stage(stage)

@@ -43,7 +43,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
     model = engine.model
     gen_config = model.generation_config
     started = int(time.time())
-    calls_template = usable_template(engine.tokenizer, model.config.get("model_type"))
+    calls_template = tool_calls.usable_template(engine.tokenizer, model.config.get("model_type"))
 
     def error(message, status, param=None, headers=None):
         return JSONResponse(api.error_body(message, status, param), status_code=status, headers=headers)
@@ -218,20 +218,6 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-
-
-def usable_template(tokenizer, model_type) -> dict | None:
-    """The model's response template where transformers can read it (else tools are refused, with a warning)."""
-    template = tool_calls.response_template(tokenizer, model_type)
-    if template is None:
-        return None
-    try:
-        from transformers.utils.chat_parsing.response_templates import load_response_template
-        load_response_template(template)
-    except Exception as e:  # noqa: BLE001 - whatever the tokenizer's file holds
-        log.warning("tools are refused: the tokenizer's response_template cannot be read (%s)", e)
-        return None
-    return template
 
 
 def deliver(loop, events):

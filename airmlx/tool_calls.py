@@ -7,9 +7,12 @@ its model_type (Qwen 2 / 2.5 / 3, Qwen 3.5, Gemma 4), where that table exists; o
 """
 import contextlib
 import json
+import logging
 import uuid
 
 from .requests import RequestError
+
+log = logging.getLogger("airmlx.server")
 
 REASONING_FIELDS = ("reasoning_content", "thinking")  # what response templates name a model's thinking
 
@@ -24,6 +27,20 @@ def response_template(tokenizer, model_type: str | None) -> dict | None:
     except Exception:  # noqa: BLE001 - an import of another package's internals: any failure means no table
         return None
     return next((t for types, t in fallbacks.items() if model_type in types), None)
+
+
+def usable_template(tokenizer, model_type) -> dict | None:
+    """The model's response template where transformers can read it (else tools are refused, with a warning)."""
+    template = response_template(tokenizer, model_type)
+    if template is None:
+        return None
+    try:
+        from transformers.utils.chat_parsing.response_templates import load_response_template
+        load_response_template(template)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer's file holds
+        log.warning("tools are refused: the tokenizer's response_template cannot be read (%s)", e)
+        return None
+    return template
 
 
 def checked_tools(tools, tool_choice) -> list | None:

@@ -257,7 +257,9 @@ def test_unsupported_gguf_architectures_are_named(tmp_path, arch):
 def test_a_type_gguf_cannot_dequantise_is_refused_before_sharding_and_f64_is_read(tmp_path):
     """Regression (QA): a Q8_1 or F64 tensor stopped the sharder part-way with gguf's NotImplementedError."""
     model = make_model("llama")
-    raw = np.random.default_rng(0).integers(0, 256, (64, 5 * 36), dtype=np.uint8)  # Q8_1: 36 bytes per 32 values
+    block, size = gguf.GGML_QUANT_SIZES[T.Q8_1]  # its block's bytes differ between gguf releases (36, 40)
+    rows, cols = model.model.layers[0].mlp.down_proj.weight.shape
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
     write_gguf(tmp_path / "q81.gguf", model, overrides={"blk.0.ffn_down.weight": (raw, T.Q8_1)})
     with pytest.raises(GGUFError, match="blk.0.ffn_down.weight is stored as Q8_1, which the gguf package cannot"):
         airmlx.shard_checkpoint(tmp_path / "q81.gguf", tmp_path / "q81", progress=False)
