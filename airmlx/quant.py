@@ -61,8 +61,11 @@ def from_float32(x, storage):
     """Round float32 values to `storage`, nearest-even, as MLX's converters do."""
     if storage == "bfloat16":
         bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        rounded = (bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16
-        return np.where(np.isnan(x), np.uint16(0x7FC0), rounded.astype(np.uint16))
+        rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        if nan.any():
+            rounded[nan] = 0x7FC0
+        return rounded
     return x.astype(storage)
 
 

@@ -32,7 +32,16 @@ from .multimodal import (
     language_model_tensor,
     processor_chat_template,
 )
-from .relayout import TransposedPart, conv1d_as_linear, read_array, read_bytes, split_fused_experts
+from .relayout import (
+    FP8_SCALES,
+    Derived,
+    Fp8Blocks,
+    conv1d_as_linear,
+    dequantized_fp8,
+    read_array,
+    read_bytes,
+    split_fused_experts,
+)
 from .stagefile import (
     LEGACY_DIR,
     PROGRESS_NAME,
@@ -238,10 +247,12 @@ FP8 = ("F8_E4M3", "F8_E5M2")
 def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
     """A checkpoint whose tensors (name -> safetensors dtype, or None where unknown) are quantised in another
     format is refused in one line. A stale quantization_config over plain weights (DeepSeek's fp8-to-bf16
-    script leaves it) is not."""
+    script leaves it) is not, nor are fp8 weights with block scales, which the sharder dequantises."""
     if "quantization" in config:
         return
-    found = next((n for n, dtype in dtypes.items() if FOREIGN_QUANTIZED.search(n) or dtype in FP8), None)
+    fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"  # read: relayout.dequantized_fp8
+    found = next((n for n, dtype in dtypes.items() if (FOREIGN_QUANTIZED.search(n) or dtype in FP8) and
+                  not (fp8 and (n.endswith(FP8_SCALES) or dtype in FP8))), None)
     if found is not None:
         method = (config.get("quantization_config") or {}).get("quant_method")
         raise CheckpointError(f"{src} holds weights quantised {f'with {method}' if method else 'in another format'} "
@@ -265,6 +276,7 @@ def checked_sources(files, config: dict, src) -> dict:
     sources = split_fused_experts(arch, config, sources)
     if not mlx_written:  # mlx-lm's linears are (out, in) already
         sources = conv1d_as_linear(arch, sources)
+    sources = dequantized_fp8(config, sources, src)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
     return sources
 
@@ -283,13 +295,20 @@ def untied_where_stored_apart(config: dict, sources: dict) -> dict:
     return {**config, "tie_word_embeddings": False}
 
 
+def plain_config(config: dict, sources: dict) -> dict:
+    """config without the quantization_config of fp8 weights the sharder dequantises: the shards hold plain ones."""
+    if any(isinstance(info, Fp8Blocks) for _, _, info in sources.values()):
+        return {k: v for k, v in config.items() if k != "quantization_config"}
+    return config
+
+
 def same_values(a, b, chunk: int = 64 << 20) -> bool:
     """Whether two source tensors ((file, data start, TensorInfo)) hold the same values, read a chunk at a time
     (an embedding may be gigabytes)."""
     (apath, astart, ainfo), (bpath, bstart, binfo) = a, b
     if ainfo.shape != binfo.shape or ainfo.dtype != binfo.dtype:
         return False
-    if isinstance(ainfo, TransposedPart) or isinstance(binfo, TransposedPart):
+    if isinstance(ainfo, Derived) or isinstance(binfo, Derived):
         view = NUMPY_VIEWS[ainfo.dtype]
         return np.array_equal(read_array(apath, astart, ainfo, view), read_array(bpath, bstart, binfo, view))
     size = ainfo.end - ainfo.start
@@ -460,7 +479,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
         job.sources = checked_sources(originals, config, src)
-        config = job.config = untied_where_stored_apart(config, job.sources)
+        config = job.config = plain_config(untied_where_stored_apart(config, job.sources), job.sources)
         made = not verify and hosts == 1 and pipeline_split is None and \
             finished_folder(out, fingerprint(originals, config, qconfig))
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
@@ -473,7 +492,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
             job.sources = checked_sources(files, config, src)
-            config = job.config = untied_where_stored_apart(config, job.sources)
+            config = job.config = plain_config(untied_where_stored_apart(config, job.sources), job.sources)
         job.layout = stage_layout(config, list(job.sources))
         job.fingerprint = fingerprint(originals, config, qconfig)
         sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}

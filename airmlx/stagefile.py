@@ -16,7 +16,7 @@ import numpy as np
 from . import quant
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
-from .relayout import TransposedPart, read_array
+from .relayout import Derived, Fp8Blocks, fp8_rows, read_array
 from .tensorfile import NUMPY_VIEWS, aligned_order, encode_header
 
 PROGRESS_NAME = "progress.json"
@@ -99,7 +99,9 @@ def stage_items(tensor_names, sources, qconfig=None):
             w = read_array(src, data_start, info, view)
             items += quantized_items(t, *quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage),
                                      info.dtype)
-        elif isinstance(info, TransposedPart):  # made when written, so a stage's experts are never all held
+        elif isinstance(info, Fp8Blocks):  # written a few rows at a time
+            items.append((t, info.dtype, info.shape, functools.partial(fp8_rows, src, data_start, info)))
+        elif isinstance(info, Derived):  # made when written, so a stage's experts are never all held
             items.append((t, info.dtype, info.shape,
                           functools.partial(read_array, src, data_start, info, NUMPY_VIEWS[info.dtype])))
         else:
@@ -134,11 +136,12 @@ def write_stage(out, name, kind, index, items, fds, parts=None, keep=True):
             for t, _, _, payload in items:
                 if callable(payload):
                     payload = payload()
-                if isinstance(payload, np.ndarray):
-                    data = np.ascontiguousarray(payload).data
-                    f.write(data)
-                    h.update(data)
-                    size += data.nbytes
+                if not isinstance(payload, tuple):  # an array, or pieces of one in order
+                    for piece in [payload] if isinstance(payload, np.ndarray) else payload:
+                        data = np.ascontiguousarray(piece).data
+                        f.write(data)
+                        h.update(data)
+                        size += data.nbytes
                     continue
                 src, pos, end = payload
                 fd = fds.get(src) or fds.setdefault(src, os.open(src, os.O_RDONLY))

@@ -83,31 +83,32 @@ def gated(ctx):
     return airmlx.AutoModel.from_pretrained("org/gated", backend="torch")
 
 
-def fp8_checkpoint(ctx, scales=True):
-    """The checkpoint as DeepSeek-V3 ships its weights: fp8 blocks with a weight_scale_inv each (only the
-    config and one scale here); without the scales, as DeepSeek's fp8-to-bf16 script leaves it: plain weights
-    under a stale quantization_config."""
+def quantised_checkpoint(ctx, packed=True):
+    """The checkpoint as GPTQ ships its weights: packed codes in qweight tensors (only the config and one here);
+    without them, as DeepSeek's fp8-to-bf16 script leaves its checkpoint: plain weights under a stale
+    quantization_config."""
     from safetensors.torch import load_file, save_file
-    folder = ctx.tmp / "fp8"
+    folder = ctx.tmp / ("gptq" if packed else "stale")
     shutil.copytree(ctx.src, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4} if packed else \
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (folder / "config.json").write_text(json.dumps(config))
-    if scales:
+    if packed:
         weights = load_file(folder / "model.safetensors")
-        weights["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)
+        weights["model.layers.0.mlp.down_proj.qweight"] = torch.zeros(4, 4, dtype=torch.int32)
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
 def test_a_refused_checkpoint_leaves_no_shard_folder_behind(ctx):
-    with pytest.raises(CheckpointError, match="holds weights quantised with fp8"):
-        airmlx.shard_checkpoint(fp8_checkpoint(ctx), ctx.tmp / "out", progress=False)
+    with pytest.raises(CheckpointError, match="holds weights quantised with gptq"):
+        airmlx.shard_checkpoint(quantised_checkpoint(ctx), ctx.tmp / "out", progress=False)
     assert not (ctx.tmp / "out").exists()
 
 
 def test_a_stale_quantization_config_over_plain_weights_is_not_refused(ctx):
-    with airmlx.AutoModel.from_pretrained(fp8_checkpoint(ctx, scales=False), backend="torch") as model:
+    with airmlx.AutoModel.from_pretrained(quantised_checkpoint(ctx, packed=False), backend="torch") as model:
         assert model.generate([3, 4], max_new_tokens=4) == ctx.model.generate([3, 4], max_new_tokens=4)
 
 
@@ -257,9 +258,9 @@ ROWS = [
                  "'rwkv' is not supported .*supported: apertus, baichuan_m1, .*gemma2, .*llama, .*mistral, "
                  ".*qwen3_moe, .*starcoder2\\.",
                  id="unsupported architecture"),
-    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(fp8_checkpoint(c)), CheckpointError,
-                 r"holds weights quantised with fp8 \(e.g. model.layers.0.mlp.down_proj.weight_scale_inv\), which "
-                 "airmlx does not read; use the model's bf16", id="fp8 checkpoint"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(quantised_checkpoint(c)), CheckpointError,
+                 r"holds weights quantised with gptq \(e.g. model.layers.0.mlp.down_proj.qweight\), which "
+                 "airmlx does not read; use the model's bf16", id="gptq checkpoint"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "llama"},
                                                                         "pytorch_model.bin")),
                  CheckpointError, "pickle .*pass allow_pickle=True", id="pickle .bin without opt-in"),

@@ -132,11 +132,11 @@ def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, mon
 
 @pytest.mark.parametrize("change, error", [
     ({"model_type": "gpt_oss"}, "model_type 'gpt_oss' is not supported"),
-    ({"quantization_config": {"quant_method": "fp8"}}, r"holds weights quantised with fp8 \(e.g. .*weight_scale_inv\)")])
+    ({"quantization_config": {"quant_method": "gptq"}}, r"holds weights quantised with gptq \(e.g. .*weight_scale_inv\)")])
 def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(checkpoints, tmp_path, monkeypatch,
                                                                               change, error):
     """resolve_model downloaded every weight file (690 GB for deepseek-ai/DeepSeek-V3) before the sharder
-    refused the architecture or the fp8 weights: the config and the shard index now come first."""
+    refused the architecture or the quantised weights: the config and the shard index now come first."""
     import json
 
     from airmlx.errors import AirmlxError
