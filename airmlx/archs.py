@@ -126,6 +126,8 @@ ARCHS = {a.model_type: a for a in [
     Arch("laguna", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     Arch("dots1", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # dots.llm1: DeepSeek-V3's routing
     Arch("mellum", experts="mlp.experts"),  # sliding-window layers with rotary settings of their own
+    # MiniMax-M2, M2.1, M2.5: Mixtral's layout, sigmoid routing with a correction bias, q / k norms over all heads
+    Arch("minimax_m2", experts="block_sparse_moe.experts"),
     # Granite 3 MoE: Granite's multipliers; its experts fused, gate and up in one
     Arch("granitemoe", experts="block_sparse_moe.experts", embed_multiplier="embedding_multiplier",
          logit_divisor="logits_scaling", fused_experts=(

@@ -33,6 +33,7 @@ class MLXArch:
     scales_by_offset: bool = False  # the attention scales queries by the cache's positions, which a tree's are not
     moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
     pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
+    rotary_dim: bool = False  # mlx-lm reads the rotated dimensions of a head as rotary_dim (from partial_rotary_factor)
 
 
 MLX_ARCHS = {
@@ -89,6 +90,11 @@ MLX_ARCHS = {
     "laguna": MLXArch("laguna", experts="mlp.switch_mlp"),
     "dots1": MLXArch("dots1", experts="mlp.experts"),
     "mellum": MLXArch("mellum", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
+    # mlx-lm reads the rotated part of a head as rotary_dim (MiniMax-M2's own config.json has it); shared experts
+    # it has none of
+    "minimax_m2": MLXArch("minimax", experts="block_sparse_moe.switch_mlp", rotary_dim=True,
+                          expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")),
+                          config_defaults=(("shared_intermediate_size", 0),)),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here
@@ -132,6 +138,8 @@ def mlx_args(config, module):
         cfg.setdefault(key, value)
     if cfg.get("head_dim") is None and "head_dim" in inspect.signature(module.ModelArgs).parameters:
         cfg["head_dim"] = default_head_dim(config)
+    if mlx_arch.rotary_dim and cfg.get("rotary_dim") is None:
+        cfg["rotary_dim"] = int((cfg.get("head_dim") or default_head_dim(config)) * cfg.get("partial_rotary_factor", 1.0))
     return module.ModelArgs.from_dict(cfg)
 
 

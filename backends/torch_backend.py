@@ -59,6 +59,7 @@ TORCH_ARCHS = {
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
     "laguna": TorchArch(), "dots1": TorchArch(), "mellum": TorchArch(),
     "granitemoe": TorchArch(experts="block_sparse_moe.experts"),
+    "minimax_m2": TorchArch(),  # the checkpoint's block_sparse_moe is transformers' mlp, as for mixtral
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
     # remote-code families: the checkpoint's own code picks its attention (internlm3: transformers' module)

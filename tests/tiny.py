@@ -84,6 +84,11 @@ ARCH_CONFIGS = {
     "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(n_inner=None, multi_query=True, tie_word_embeddings=True)),
     "mixtral": (transformers.MixtralConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                                  intermediate_size=32, tie_word_embeddings=False)),
+    # MiniMax-M2: sigmoid routing with a correction bias, q / k norms over all heads, half of each head rotated
+    "minimax_m2": (transformers.MiniMaxM2Config, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                      intermediate_size=32, head_dim=16, tie_word_embeddings=False,
+                                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                       "partial_rotary_factor": 0.5})),
     # Granite 3 MoE (granite-3.0-1b-a400m's multipliers): experts fused in the checkpoint, gate and up in one;
     # untied as granite
     "granitemoe": (transformers.GraniteMoeConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
