@@ -2,6 +2,7 @@
 registries), one error wrapper (an AirmlxError is one line on stderr and exit status 2; Ctrl-C is 130),
 loading the model, and printing tokens as they arrive."""
 import argparse
+import errno
 import functools
 import math
 import os
@@ -62,12 +63,16 @@ def as_options(message: str) -> str:
 
 
 def face(body: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130, and
-    output cut off by its reader (`| head`) ends quietly with 141, as a command killed by SIGPIPE does."""
+    """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130,
+    output cut off by its reader (`| head`) ends quietly with 141, as a command killed by SIGPIPE does, and
+    output that cannot be written (a full disk, a closed stdout) is said in one line."""
 
     @functools.wraps(body)
     def main(argv=None, **kwargs):
         err = kwargs.get("stderr") or sys.stderr
+        if sys.stdout is None:  # started with stdout closed (`>&-`): every result would be dropped without a word
+            print("airmlx: standard output is closed; give it a file or a pipe to write to.", file=err)
+            return 2
         try:
             return body(argv, **kwargs) or 0
         except AirmlxError as e:
@@ -80,7 +85,17 @@ def face(body: Callable[..., int]) -> Callable[..., int]:
             # nothing more can be written, not even at exit's flush: stdout goes nowhere from here
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
+        except OSError as e:
+            if e.errno not in UNWRITABLE:
+                raise
+            print(f"airmlx: cannot write the output: {e.strerror}.", file=err)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     return main
+
+
+# errors of a write that fails whoever writes (the shard writer turns its own into InsufficientDiskSpaceError)
+UNWRITABLE = {errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def whole_number(least: int) -> Callable[[str], int]:

@@ -18,6 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .auto import AutoModel
 from .cli import face
+from .errors import OptionError
 from .hub import DEMO_MODEL
 
 
@@ -40,9 +41,10 @@ class AirmlxLM(LM):
                                                # model_args arrive as strings: "trust_remote_code=True"
                                                trust_remote_code=str(trust_remote_code).lower() in ("true", "1"))
         self.tokenizer = self.model.tokenizer
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.max_length = int(max_length or self.model.config.get("max_position_embeddings", 2048))
-        self.max_gen_toks = int(max_gen_toks)
+        # lm-eval's --batch_size auto (or auto:N) asks it to find the largest that fits: airmlx's default instead
+        self.batch_size = 8 if str(batch_size).startswith("auto") else whole("batch_size", batch_size)
+        self.max_length = whole("max_length", max_length or self.model.config.get("max_position_embeddings", 2048))
+        self.max_gen_toks = whole("max_gen_toks", max_gen_toks)
         self.prefix_token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
             else self.tokenizer.eos_token_id
 
@@ -71,9 +73,19 @@ class AirmlxLM(LM):
         return whole[:len(context_ids)], whole[len(context_ids):]
 
     def loglikelihood(self, requests, disable_tqdm=False):
-        pairs = [self.encode_pair(*r.args) for r in requests]
-        pairs = [(c[-(self.max_length - len(k)):], k) for c, k in pairs]
+        pairs = [self.fitted(i, *self.encode_pair(*r.args)) for i, r in enumerate(requests)]
         return [tuple(s) for s in self.model.score(pairs, batch_size=self.batch_size, progress=not disable_tqdm)]
+
+    def fitted(self, index, context, continuation):
+        """(context, continuation) with the context cut from the left to fit max_length with its continuation,
+        as lm-eval's own models cut it; a continuation that leaves no room for one token of context is refused
+        (its loglikelihood cannot be computed whole)."""
+        room = self.max_length - len(continuation)
+        if room < 1:
+            raise OptionError(f"request {index}: its continuation has {len(continuation)} tokens, which leaves no room "
+                              f"for its context under max_length={self.max_length}; raise max_length (--model_args "
+                              "max_length=N, up to the model's context) or shorten the continuation.")
+        return context[-room:], continuation
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         out = []
@@ -125,6 +137,17 @@ class AirmlxLM(LM):
         for stop in until:
             text = text.split(stop)[0]
         return text
+
+
+def whole(name, value) -> int:
+    """A --model_args number (a string from lm-eval's command line): a whole number >= 1, or a one-line error."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise OptionError(f"{name}={value!r}: use a whole number >= 1 (--model_args {name}=N).")
+    return number
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def verdict(totals):
         return "disk-bound", (f"the sweep waited {wait / busy:.0%} of its time for stage reads "
                               f"(compute {compute / busy:.0%}): a faster disk, a larger memory_budget or "
                               "quantised weights would help")
-    if all(t.reads <= 1 for t in totals):
+    if all(t.reads <= 1 < t.steps for t in totals):  # one step cannot tell a stage kept from one streamed
         return "compute-bound", (f"compute took {compute / busy:.0%} of the sweep's time; every stage was read "
                                  "once and stayed resident")
     return "compute-bound", (f"compute took {compute / busy:.0%} of the sweep's time (waiting for reads "

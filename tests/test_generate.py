@@ -1,5 +1,6 @@
 """The token loop: input types, stopping, padding, streaming, sampling, and its errors."""
 import inspect
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -562,6 +563,24 @@ def test_generate_cli_cut_off_by_its_reader_ends_quietly():
     proc.stdout.close()  # the reader is gone before anything is written
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("redirect, code, said", [(">/dev/full", 1, "airmlx: cannot write the output: No space left on device."),
+                                                   (">&-", 2, "airmlx: standard output is closed; give it a file or a pipe")],
+                         ids=["disk full", "stdout closed"])
+def test_output_that_cannot_be_written_is_said_in_one_line(redirect, code, said):
+    """Regression (QA): `generate >/dev/full` ended in an OSError traceback, and with stdout closed every result was
+    dropped while the command exited 0."""
+    import shlex
+    import subprocess
+    import sys
+    if redirect == ">/dev/full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    command = f"{shlex.quote(sys.executable)} -m airmlx.generate --backend torch --max-tokens 4 {redirect}"
+    proc = subprocess.run(["bash", "-c", command], stderr=subprocess.PIPE, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("airmlx:")]
+    assert proc.returncode == code and "Traceback" not in proc.stderr and lines and lines[-1].startswith(said), \
+        proc.stderr
 
 
 def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():

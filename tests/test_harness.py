@@ -143,3 +143,38 @@ def test_generate_until_sampling_follows_lm_evals_seed(lm):
 
     assert sampled(1234) == sampled(1234)
     assert sampled(1234) != sampled(4321)
+
+
+def test_a_context_is_cut_from_the_left_to_fit_max_length_with_its_continuation(lm):
+    """Regression (QA): at a continuation of exactly max_length - 0 tokens of room, c[-0:] kept the whole context
+    (and the request went over the model's context); a continuation longer than max_length cut the context to
+    nothing and the error blamed the request."""
+    from airmlx.errors import OptionError
+    adapter, ref = lm
+    adapter.max_length = 4
+    c, k = ids(adapter, "w5 w6 w7"), ids(adapter, " w8 w9")
+    (loglik, _), = adapter.loglikelihood([Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)])
+    kept = c[-(4 - len(k)):]
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([kept + k])).logits[0].double(), -1)
+    assert loglik == pytest.approx(sum(logp[len(kept) - 1 + j, t].item() for j, t in enumerate(k)), rel=1e-4)
+    adapter.max_length = len(k)
+    with pytest.raises(OptionError, match=rf"request 0: its continuation has {len(k)} tokens, which leaves no room "
+                                          rf"for its context under max_length={len(k)}"):
+        adapter.loglikelihood([Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)])
+
+
+@pytest.mark.parametrize("args, error", [("max_length=abc", "max_length='abc': use a whole number >= 1"),
+                                         ("max_gen_toks=-3", "max_gen_toks=-3: use a whole number >= 1"),
+                                         ("batch_size=x", "batch_size='x': use a whole number >= 1")])
+def test_model_args_that_are_not_whole_numbers_are_refused_in_one_line(checkpoints, tmp_path, args, error):
+    """Regression (QA): max_length=abc ended in a ValueError traceback; batch_size=-1 became 8 without a word."""
+    from airmlx.errors import OptionError
+    folder, _ = checkpoints("llama")
+    with pytest.raises(OptionError, match=error):
+        AirmlxLM.create_from_arg_string(f"pretrained={folder},backend=torch,layer_shards_saving_path={tmp_path / 's'},"
+                                        f"{args}")
+    made = AirmlxLM.create_from_arg_string(f"pretrained={folder},backend=torch,batch_size=auto:4,"
+                                           f"layer_shards_saving_path={tmp_path / 's'}")
+    assert made.batch_size == 8
+    made.model.close()

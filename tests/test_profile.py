@@ -64,6 +64,9 @@ def test_verdict_follows_where_the_time_went():
     assert verdict(summarize(_records(wait=0.05, compute=0.001)))[0] == "disk-bound"
     assert verdict(summarize(_records(wait=0.0001, compute=0.02)))[0] == "compute-bound"
     assert "resident" in verdict(summarize(_records(wait=0.0001, compute=0.02, reads=1)))[1]
+    # one step: every stage was read once whether it stays or streams (QA: a streamed sweep was called resident)
+    one = [r for r in _records(wait=0.0001, compute=0.02) if r.step == 0]
+    assert "resident" not in verdict(summarize(one))[1]
     text = report(_records(wait=0.05, compute=0.001))
     assert "disk-bound" in text and "3 step(s)" in text
     assert report([]).startswith("profile: nothing recorded")
