@@ -5,8 +5,19 @@ table of the framework modules that run an architecture and the workarounds they
 """
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import CheckpointError, UnsupportedArchitectureError
+
+
+class Fused(NamedTuple):
+    """A MoE checkpoint's tensor that holds all of a layer's experts, (experts, rows, columns) for weights,
+    (experts, outputs) for biases: the sharder splits it (airmlx/relayout.py) into each expert's own tensors."""
+    tensor: str  # its path in the layer
+    hidden_in: bool  # whether the hidden size is the weight's input (else its output); None for a bias
+    parts: tuple  # the per-expert tensors its outputs split into, in order
+    interleaved: bool = False  # the parts' outputs alternate (gpt-oss: gate, up, gate, up, ...), else one after another
+    in_out: bool = False  # stored (in, out) whatever the shape says (gpt-oss's square down_proj cannot tell)
 
 
 @dataclass(frozen=True)
@@ -35,9 +46,8 @@ class Arch:
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
-    # MoE checkpoints that fuse a layer's experts into one (experts, ...) tensor: ((that tensor in the layer,
-    # whether the hidden size is its input (else its output), (the per-expert tensors its output rows split into,
-    # in order)), ...); the sharder splits it (airmlx/relayout.py) into what a per-expert checkpoint holds
+    # MoE checkpoints that fuse a layer's experts into one (experts, ...) tensor: (Fused, ...); the sharder splits
+    # each (airmlx/relayout.py) into what a per-expert checkpoint holds
     fused_experts: tuple = ()
     # config.sliding_window applies to every layer when the config lists no layer_types (transformers'
     # Mistral, Phi-3, Mixtral, Phi-3.5-MoE, StarCoder2 and Qwen3-MoE pick their mask by `sliding_window is None`)
@@ -116,8 +126,8 @@ ARCHS = {a.model_type: a for a in [
     # Qwen3-VL-MoE's language model is Qwen3-MoE with its experts fused (released (in, out), as transformers
     # 5 saves them (out, in))
     Arch("qwen3_moe", experts="mlp.experts", window_everywhere=True, fused_experts=(
-        ("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight")),
-        ("mlp.experts.down_proj", False, ("down_proj.weight",)))),
+        Fused("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight")),
+        Fused("mlp.experts.down_proj", False, ("down_proj.weight",)))),
     Arch("olmoe", experts="mlp.experts"),
     Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
@@ -131,8 +141,15 @@ ARCHS = {a.model_type: a for a in [
     # Granite 3 MoE: Granite's multipliers; its experts fused, gate and up in one
     Arch("granitemoe", experts="block_sparse_moe.experts", embed_multiplier="embedding_multiplier",
          logit_divisor="logits_scaling", fused_experts=(
-             ("block_sparse_moe.input_linear.weight", True, ("gate_proj.weight", "up_proj.weight")),
-             ("block_sparse_moe.output_linear.weight", False, ("down_proj.weight",)))),
+             Fused("block_sparse_moe.input_linear.weight", True, ("gate_proj.weight", "up_proj.weight")),
+             Fused("block_sparse_moe.output_linear.weight", False, ("down_proj.weight",)))),
+    # gpt-oss 20B / 120B: attention sinks, sliding-window layers from config.layer_types, biased experts whose gate
+    # and up outputs alternate, stored (in, out) in bf16 checkpoints; the released ones are mxfp4 (relayout.py)
+    Arch("gpt_oss", experts="mlp.experts", unquantized_in_layers=("mlp.router",), fused_experts=(
+        Fused("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight"), interleaved=True, in_out=True),
+        Fused("mlp.experts.gate_up_proj_bias", None, ("gate_proj.bias", "up_proj.bias"), interleaved=True),
+        Fused("mlp.experts.down_proj", False, ("down_proj.weight",), in_out=True),
+        Fused("mlp.experts.down_proj_bias", None, ("down_proj.bias",)))),
     # DeepSeek-V2 / V3 / R1: latent attention, a shared expert, (grouped) routing; the first layers are dense.
     # Their router is a plain array in mlx-lm, so compression leaves it alone
     Arch("deepseek_v2", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),

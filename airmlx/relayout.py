@@ -8,7 +8,7 @@ the model's dtype, as transformers dequantises them where it cannot compute in f
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,55 +28,139 @@ class Derived(TensorInfo):
 
 @dataclass(frozen=True)
 class TransposedPart(Derived):
-    """Output rows [first, last) of one expert's weight in a fused tensor stored (in, out): [start, end) is the
-    expert's whole (in, out) block, which the sharder reads, slices and transposes into a (out, in) weight."""
+    """Output rows first, first + step, ... < last of one expert's weight in a fused tensor stored (in, out), or of
+    its bias, stored (1, out): [start, end) is the expert's whole block, which the sharder reads, slices and
+    transposes into a (out, in) weight."""
     block: tuple = ()  # (in, out), as stored
     rows: tuple = ()  # (first, last) of out
+    step: int = 1  # 2 where the parts' outputs alternate (gpt-oss's gate and up)
+
+
+@dataclass(frozen=True)
+class Mxfp4Part(Derived):
+    """Output rows first, first + step, ... < last of one expert's weight in an mxfp4 pair (gpt-oss's released
+    checkpoints): [start, end) the expert's codes, (out, in / 32, 16) bytes of two 4-bit values each, the low
+    first; `scales` its exponents, (path, data start, start, end) of (out, in / 32) bytes, each 2 ** (byte - 127)
+    for 32 values. Dequantised to `dtype` as transformers dequantises them."""
+    rows: tuple = ()
+    step: int = 1
+    scales: tuple = ()
+
+
+MXFP4_CODES, MXFP4_SCALES = "_blocks", "_scales"
 
 
 def split_fused_experts(arch, config: dict, sources: dict) -> dict:
     """sources (tensor name -> (file, data start, TensorInfo)) with each fused expert tensor that arch names
     (Arch.fused_experts) replaced by its experts' own: byte ranges where the checkpoint stores (out, in) per
-    expert, TransposedParts where it stores (in, out). Which of the two, transformers tells by the shape: (out,
-    in) unless the shape is the transpose of that, found here by where the hidden size sits."""
+    expert and the parts one after another, TransposedParts where it stores (in, out) or alternates the parts,
+    Mxfp4Parts where it stores mxfp4 codes and scales (quantization_config quant_method "mxfp4"). Whether (out,
+    in), transformers tells by the shape (unless Fused.in_out says): (out, in) unless the shape is the transpose of
+    that, found here by where the hidden size sits."""
     if not arch or not arch.fused_experts:
         return sources
-    fused = {name: (hidden_in, parts) for name, hidden_in, parts in arch.fused_experts}
+    fused = {f.tensor: f for f in arch.fused_experts}
     in_layer = re.compile(re.escape(arch.layer_prefix) + r"(\d+)\.(.+)$")
-    hidden = config.get("hidden_size")
+    mxfp4 = (config.get("quantization_config") or {}).get("quant_method") == "mxfp4" and "quantization" not in config
     out = {}
     for name, (path, data_start, info) in sources.items():
         m = in_layer.match(name)
-        if not (m and m.group(2) in fused):
+        spec = m and fused.get(m.group(2).removesuffix(MXFP4_CODES) if mxfp4 else m.group(2))
+        if mxfp4 and m and m.group(2).endswith(MXFP4_SCALES) and m.group(2)[:-len(MXFP4_SCALES)] in fused:
+            continue  # read with its codes
+        if not spec or (mxfp4 and spec.hidden_in is not None and not name.endswith(MXFP4_CODES)):
+            if mxfp4 and m and m.group(2).endswith((MXFP4_CODES, MXFP4_SCALES)):
+                raise CheckpointError(f"tensor {name!r}: mxfp4 codes airmlx cannot place (it reads gpt-oss's "
+                                      "experts in mxfp4); the checkpoint does not match its config.")
             out[name] = (path, data_start, info)
             continue
-        hidden_in, parts = fused[m.group(2)]
-        shape = tuple(info.shape)
-        # (out, in) has the hidden size last when the experts read it, first when they write it
-        transposed = len(shape) == 3 and shape[2 if hidden_in else 1] != hidden
-        if len(shape) != 3 or info.dtype not in DTYPE_SIZES or shape[1 if hidden_in == transposed else 2] != hidden:
-            raise CheckpointError(f"tensor {name!r} has shape {list(shape)} ({info.dtype}); a fused experts tensor "
-                                  f"is (experts, rows, columns) with hidden_size {hidden} one of them: the checkpoint "
-                                  "does not match its config.")
-        experts, rows, cols = shape
-        out_dim, in_dim = (cols, rows) if transposed else (rows, cols)
-        if out_dim % len(parts):
-            raise CheckpointError(f"tensor {name!r}: {out_dim} outputs do not split into {len(parts)} equal parts "
-                                  f"({', '.join(parts)}); the checkpoint does not match its config.")
-        size, itemsize = out_dim // len(parts), DTYPE_SIZES[info.dtype]
-        block = rows * cols * itemsize
-        for e in range(experts):
-            start = info.start + e * block
-            for i, part in enumerate(parts):
-                new = f"{arch.layer_prefix}{m.group(1)}.{arch.experts}.{e}.{part}"
-                if transposed:
-                    piece = TransposedPart(new, info.dtype, (size, in_dim), start, start + block, block=(rows, cols),
-                                           rows=(i * size, (i + 1) * size))
-                else:
-                    first = start + i * size * cols * itemsize
-                    piece = TensorInfo(new, info.dtype, (size, cols), first, first + size * cols * itemsize)
-                out[new] = (path, data_start, piece)
+        prefix = f"{arch.layer_prefix}{m.group(1)}.{arch.experts}."
+        if name.endswith(MXFP4_CODES) and mxfp4:
+            scales = sources.get(name[: -len(MXFP4_CODES)] + MXFP4_SCALES)
+            pieces = mxfp4_parts(name, info, scales, spec, config)
+        elif spec.hidden_in is None:
+            pieces = bias_parts(name, info, spec, config)
+        else:
+            pieces = weight_parts(name, info, spec, config)
+        for e, part, piece in pieces:
+            out[prefix + f"{e}.{part}"] = (path, data_start, replace(piece, name=prefix + f"{e}.{part}"))
     return out
+
+
+def part_rows(out_dim, spec, name):
+    """Each part's (first, last, step) of the fused tensor's out_dim outputs."""
+    n = len(spec.parts)
+    if out_dim % n:
+        raise CheckpointError(f"tensor {name!r}: {out_dim} outputs do not split into {n} equal parts "
+                              f"({', '.join(spec.parts)}); the checkpoint does not match its config.")
+    size = out_dim // n
+    return [(i, out_dim, n) if spec.interleaved else (i * size, (i + 1) * size, 1) for i in range(n)]
+
+
+def weight_parts(name, info, spec, config):
+    """(expert, part, TensorInfo) of a fused (experts, rows, columns) weight."""
+    hidden, shape = config.get("hidden_size"), tuple(info.shape)
+    # (out, in) has the hidden size last when the experts read it, first when they write it
+    transposed = len(shape) == 3 and (spec.in_out or shape[2 if spec.hidden_in else 1] != hidden)
+    if len(shape) != 3 or info.dtype not in DTYPE_SIZES or shape[1 if spec.hidden_in == transposed else 2] != hidden:
+        raise CheckpointError(f"tensor {name!r} has shape {list(shape)} ({info.dtype}); a fused experts tensor "
+                              f"is (experts, rows, columns) with hidden_size {hidden} one of them: the checkpoint "
+                              "does not match its config.")
+    experts, rows, cols = shape
+    out_dim, in_dim = (cols, rows) if transposed else (rows, cols)
+    itemsize, block = DTYPE_SIZES[info.dtype], rows * cols * DTYPE_SIZES[info.dtype]
+    for e in range(experts):
+        start = info.start + e * block
+        for part, (first, last, step) in zip(spec.parts, part_rows(out_dim, spec, name)):
+            size = len(range(first, last, step))
+            if transposed or step > 1:
+                if not transposed:
+                    raise CheckpointError(f"tensor {name!r}: alternating parts stored (out, in) are not read; the "
+                                          "checkpoint does not match its config.")
+                yield e, part, TransposedPart(name, info.dtype, (size, in_dim), start, start + block,
+                                              block=(rows, cols), rows=(first, last), step=step)
+            else:
+                at = start + first * cols * itemsize
+                yield e, part, TensorInfo(name, info.dtype, (size, cols), at, at + size * cols * itemsize)
+
+
+def bias_parts(name, info, spec, config):
+    """(expert, part, TensorInfo) of a fused (experts, outputs) bias."""
+    if len(info.shape) != 2 or info.dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"tensor {name!r} has shape {list(info.shape)} ({info.dtype}); a fused experts bias "
+                              "is (experts, outputs): the checkpoint does not match its config.")
+    experts, out_dim = info.shape
+    itemsize = DTYPE_SIZES[info.dtype]
+    for e in range(experts):
+        start = info.start + e * out_dim * itemsize
+        for part, (first, last, step) in zip(spec.parts, part_rows(out_dim, spec, name)):
+            size = len(range(first, last, step))
+            if step > 1:
+                yield e, part, TransposedPart(name, info.dtype, (size,), start, start + out_dim * itemsize,
+                                              block=(1, out_dim), rows=(first, last), step=step)
+            else:
+                at = start + first * itemsize
+                yield e, part, TensorInfo(name, info.dtype, (size,), at, at + size * itemsize)
+
+
+def mxfp4_parts(name, info, scales, spec, config):
+    """(expert, part, Mxfp4Part) of a fused mxfp4 weight: codes (experts, out, in / 32, 16) and their scales
+    (experts, out, in / 32), both U8."""
+    shape = tuple(info.shape)
+    if scales is None or len(shape) != 4 or shape[3] != 16 or info.dtype != "U8" or \
+            tuple(scales[2].shape) != shape[:3] or scales[2].dtype != "U8":
+        raise CheckpointError(f"tensor {name!r} ({list(shape)}, {info.dtype}) and its scales "
+                              f"({list(scales[2].shape) if scales else 'none'}) are not mxfp4 codes of 32 values a "
+                              "block with one U8 exponent each: the checkpoint does not match its config.")
+    experts, out_dim, groups, _ = shape
+    dtype = FLOAT_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "BF16")
+    spath, sstart, sinfo = scales
+    for e in range(experts):
+        start, sfirst = info.start + e * out_dim * groups * 16, sinfo.start + e * out_dim * groups
+        for part, (first, last, step) in zip(spec.parts, part_rows(out_dim, spec, name)):
+            yield e, part, Mxfp4Part(name, dtype, (len(range(first, last, step)), groups * 32), start,
+                                     start + out_dim * groups * 16, rows=(first, last), step=step,
+                                     scales=(spath, sstart, sfirst, sfirst + out_dim * groups))
 
 
 def conv1d_as_linear(arch, sources: dict) -> dict:
@@ -191,16 +275,40 @@ def fp8_rows(path, data_start: int, info: Fp8Blocks):
             yield quant.from_float32(values, storage)
 
 
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)  # E2M1
+
+
+def mxfp4_rows(path, data_start: int, info: Mxfp4Part):
+    """An Mxfp4Part's values, FP8_ROWS rows at a time (each 4-bit code's value times 2 ** (its exponent - 127),
+    rounded to info.dtype)."""
+    rows, cols = info.shape
+    codes = read_kept(path, data_start + info.start, info.end - info.start, np.dtype(np.uint8)).reshape(
+        -1, cols // 32, 16)[info.rows[0]: info.rows[1]: info.step]
+    spath, sstart, first, last = info.scales
+    exponents = read_kept(spath, sstart + first, last - first, np.dtype(np.uint8)).reshape(-1, cols // 32)[
+        info.rows[0]: info.rows[1]: info.step]
+    storage = quant.FLOAT_VIEWS[info.dtype][0]
+    for r in range(0, rows, FP8_ROWS):
+        part = codes[r: r + FP8_ROWS]
+        values = np.empty(part.shape[:2] + (32,), np.float32)
+        values[..., 0::2], values[..., 1::2] = FP4_VALUES[part & 0x0F], FP4_VALUES[part >> 4]
+        values *= np.ldexp(np.float32(1), exponents[r: r + FP8_ROWS].astype(np.int32) - 127)[..., None]
+        yield quant.from_float32(values.reshape(len(part), cols), storage)
+
+
 def read_array(path, data_start: int, info: TensorInfo, view) -> np.ndarray:
     """A source tensor's values (numpy dtype `view`) in its shape; a TransposedPart sliced and transposed, an
-    Fp8Blocks dequantised."""
+    Fp8Blocks or Mxfp4Part dequantised."""
     if isinstance(info, Fp8Blocks):
         return np.concatenate(list(fp8_rows(path, data_start, info)))
+    if isinstance(info, Mxfp4Part):
+        return np.concatenate(list(mxfp4_rows(path, data_start, info)))
     if isinstance(info, TransposedPart):  # gate's and up's parts of one block: it is read once for both
-        whole = info.rows == (0, info.block[1])  # a Conv1D's weight: nothing else is read from its block
+        whole = info.rows == (0, info.block[1]) and info.step == 1  # a Conv1D's weight: nothing else is read
         block = (read_bytes if whole else read_kept)(path, data_start + info.start, info.end - info.start,
                                                      np.dtype(view))
-        return np.ascontiguousarray(block.reshape(info.block)[:, info.rows[0]: info.rows[1]].T)
+        part = block.reshape(info.block)[:, info.rows[0]: info.rows[1]: info.step]
+        return np.ascontiguousarray(part.T).reshape(info.shape)
     return read_bytes(path, data_start + info.start, info.end - info.start, np.dtype(view)).reshape(info.shape)
 
 
@@ -211,4 +319,4 @@ def read_bytes(path, start: int, nbytes: int, dtype) -> np.ndarray:
         return np.frombuffer(f.read(nbytes), dtype=dtype)
 
 
-read_kept = functools.lru_cache(maxsize=2)(read_bytes)  # the last expert blocks read, for their other parts
+read_kept = functools.lru_cache(maxsize=4)(read_bytes)  # the last expert blocks read, for their other parts

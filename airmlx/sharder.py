@@ -36,6 +36,7 @@ from .relayout import (
     FP8_SCALES,
     Derived,
     Fp8Blocks,
+    Mxfp4Part,
     conv1d_as_linear,
     dequantized_fp8,
     read_array,
@@ -296,8 +297,9 @@ def untied_where_stored_apart(config: dict, sources: dict) -> dict:
 
 
 def plain_config(config: dict, sources: dict) -> dict:
-    """config without the quantization_config of fp8 weights the sharder dequantises: the shards hold plain ones."""
-    if any(isinstance(info, Fp8Blocks) for _, _, info in sources.values()):
+    """config without the quantization_config of fp8 or mxfp4 weights the sharder dequantises: the shards hold plain
+    ones."""
+    if any(isinstance(info, (Fp8Blocks, Mxfp4Part)) for _, _, info in sources.values()):
         return {k: v for k, v in config.items() if k != "quantization_config"}
     return config
 

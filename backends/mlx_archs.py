@@ -1,8 +1,10 @@
 """How mlx-lm runs each architecture here: its module, the workarounds it needs (MLX_ARCHS), what of a config it
 cannot run (MLX_LIMITS), and its ModelArgs made from a Hugging Face config (mlx_args)."""
 import inspect
+import math
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from airmlx.archs import layer_types, rope_config
@@ -95,6 +97,7 @@ MLX_ARCHS = {
     "minimax_m2": MLXArch("minimax", experts="block_sparse_moe.switch_mlp", rotary_dim=True,
                           expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")),
                           config_defaults=(("shared_intermediate_size", 0),)),
+    "gpt_oss": MLXArch("gpt_oss", experts="mlp.experts"),
     "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here
@@ -229,3 +232,24 @@ def rotate_part_of_heads(skeleton, config, default):
     for layer in skeleton.layers:
         attention = layer.self_attn
         attention.rope = nn.RoPE(int(attention.head_dim * fraction), traditional=True, base=theta or 10000.0)
+
+
+def untruncated_yarn(skeleton, config) -> None:
+    """YaRN with truncate false in its rope settings (gpt-oss): mlx-lm rounds the ends of the frequency ramp to
+    whole dimensions, transformers (and the model's own code) does not; each layer's YarnRoPE gets the ramp as
+    transformers computes it (mlx-lm's formula, ends unrounded)."""
+    theta, scaling = rope_config(config)
+    if (scaling or {}).get("truncate", True) is not False:
+        return
+    for layer in skeleton.layers:
+        rope = layer.self_attn.rope
+        if not hasattr(rope, "_freqs"):
+            continue
+        dims, base, factor = rope.dims, theta or 10000.0, scaling["factor"]
+        original = scaling.get("original_max_position_embeddings", 4096)
+        end = lambda rotations: dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(end(scaling.get("beta_fast", 32)), 0), min(end(scaling.get("beta_slow", 1)), dims - 1)
+        extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        mask = 1.0 - mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low if high > low else 0.001),
+                             0, 1)
+        rope._freqs = (factor * extra * extra) / (factor * extra * mask + extra * (1 - mask))

@@ -25,7 +25,7 @@ from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_complete, check_placement, check_positions, kept_tail, position_table, with_layer_types
-from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads
+from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads, untruncated_yarn
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
@@ -99,6 +99,7 @@ class MLXBackend:
                                f"({type(e).__name__}: {str(e)[:200]}); try backend='torch'.") from None
         if self.mlx_arch.partial_rotary:
             rotate_part_of_heads(self.skeleton, config, self.mlx_arch.partial_rotary)
+        untruncated_yarn(self.skeleton, config)
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
             names = {self.mlx_name(t) for s in manifest.stages for t in s.tensors}

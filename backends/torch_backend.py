@@ -44,6 +44,10 @@ class TorchArch:
     """How transformers runs an architecture here."""
     attention: str = "sdpa"  # attn_implementation
     experts: str = "mlp.experts"  # MoE: transformers' fused experts module in a layer
+    experts_in_out: bool = False  # the module keeps its weights (experts, in, out) (gpt-oss), not (experts, out, in)
+    # the module's forward skips index num_experts (the others' slots are renumbered to it); else each expert's
+    # tokens alone are given to it (gpt-oss's one-hot has no such class)
+    experts_sentinel: bool = True
 
 
 TORCH_ARCHS = {
@@ -59,6 +63,7 @@ TORCH_ARCHS = {
     "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
     "laguna": TorchArch(), "dots1": TorchArch(), "mellum": TorchArch(),
     "granitemoe": TorchArch(experts="block_sparse_moe.experts"),
+    "gpt_oss": TorchArch(attention="eager", experts_in_out=True, experts_sentinel=False),  # no sdpa with sinks
     "minimax_m2": TorchArch(),  # the checkpoint's block_sparse_moe is transformers' mlp, as for mixtral
     "gemma2": TorchArch(attention="eager"),  # sdpa has no attention soft-capping
     "gemma3_text": TorchArch(),
@@ -212,10 +217,10 @@ class TorchBackend:
         self.converters = {p: m for m in mapping if isinstance(m, WeightConverter) for p in m.source_patterns}
         self.converter_list = list(dict.fromkeys(self.converters.values()))
         # experts the sharder split from a fused tensor (Arch.fused_experts): the experts module's parameter each
-        # fused tensor is in memory, and the per-expert tensors it is made of, in order
+        # fused tensor is in memory, the per-expert tensors it is made of, in order, and whether they alternate
         self.expert_params = tuple(
-            (rename_source_key(f"{arch.layer_prefix}0.{fused}", self.renamings, self.converter_list)[0]
-             .rpartition(".")[2], parts) for fused, _, parts in arch.fused_experts)
+            (rename_source_key(f"{arch.layer_prefix}0.{f.tensor}", self.renamings, self.converter_list)[0]
+             .rpartition(".")[2], f.parts, f.interleaved) for f in arch.fused_experts)
         # the final norm and head as transformers names them in memory (GPT-NeoX's embed_out is its lm_head)
         self.norm_path, self.head_path = (
             rename_source_key(f"{path}.weight", self.renamings, self.converter_list)[0].removesuffix(".weight")

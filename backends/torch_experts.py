@@ -31,7 +31,8 @@ def load_expert(backend, entry, expert, tensors, layouts):
     if backend.qconfig:
         tensors, _, _ = backend.quantized(tensors)  # fused experts: dequantised
     if backend.expert_params:
-        params = stacked(backend.expert_params, f".{backend.arch.experts}.{expert}.", tensors)
+        params = stacked(backend.expert_params, f".{backend.arch.experts}.{expert}.", tensors,
+                         backend.torch_arch.experts_in_out)
     else:
         params = {path.rpartition(".")[2]: t for path, (_, t) in backend.convert(tensors).items()}
     if entry.name not in layouts:
@@ -39,11 +40,19 @@ def load_expert(backend, entry, expert, tensors, layouts):
     return params, sum(t.numel() * t.element_size() for t in params.values())
 
 
-def stacked(expert_params, infix, tensors):
+def stacked(expert_params, infix, tensors, in_out=False):
     """A split fused checkpoint's expert (the backend's expert_params; its tensors named "...<infix><end>") as
-    the module's parameters of one expert."""
+    the module's parameters of one expert: the parts one after another or alternating, weights transposed where
+    the module keeps them (in, out)."""
     by_end = {name.split(infix, 1)[1]: t for name, t in tensors.items()}
-    return {pname: torch.cat([by_end[end] for end in ends])[None] for pname, ends in expert_params}
+    out = {}
+    for pname, ends, interleaved in expert_params:
+        parts = [by_end[end] for end in ends]
+        t = torch.stack(parts, 1).flatten(0, 1) if interleaved else torch.cat(parts)
+        if t.dim() == 2 and in_out:
+            t = t.T
+        out[pname] = t[None]
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def stream_experts(backend, layers, chunks):
     for layer in layers:
         module = backend.skeleton.get_submodule(f"{backend.arch.layers}.{layer}.{backend.torch_arch.experts}")
         module.forward = functools.partial(streamed_forward, module, layer, chunks, module.num_experts,
-                                           eager_forward(type(module)))
+                                           eager_forward(type(module)), backend.torch_arch.experts_sentinel)
 
 
 def eager_forward(cls):
@@ -116,10 +125,12 @@ def eager_forward(cls):
     return getattr(cls.forward, "__wrapped__", cls.forward)
 
 
-def streamed_forward(module, layer, chunks, num_experts, forward, hidden_states, top_k_index, top_k_weights):
+def streamed_forward(module, layer, chunks, num_experts, forward, sentinel, hidden_states, top_k_index,
+                     top_k_weights):
     """The module's own (eager) forward once per routed expert, on the expert as the cache holds it (nothing
     is stacked: the cache gives groups of one, ExpertCache with stacking 0); the other experts' slots are
-    renumbered to the module's sentinel (num_experts), which its forward skips."""
+    renumbered to the module's sentinel (num_experts), which its forward skips, or, without one, the expert's
+    tokens alone are given to it, with the weight their slot of it has."""
     routed = torch.unique(top_k_index).tolist()
     out = None
     for experts, handles in chunks(layer, routed):
@@ -131,7 +142,13 @@ def streamed_forward(module, layer, chunks, num_experts, forward, hidden_states,
             for name in saved:
                 setattr(module, name, torch.nn.Parameter(held[name], requires_grad=False))
             module.num_experts = 1
-            y = forward(module, hidden_states, other.to(top_k_index.dtype), weights)
+            if sentinel:
+                y = forward(module, hidden_states, other.to(top_k_index.dtype), weights)
+            else:
+                rows = (~other).any(-1).nonzero().flatten()
+                mine = (top_k_weights * ~other)[rows].sum(-1, keepdim=True)  # one slot at most is the expert's
+                y = torch.zeros_like(hidden_states).index_add_(0, rows, forward(
+                    module, hidden_states[rows], torch.zeros_like(mine, dtype=top_k_index.dtype), mine))
         finally:
             for name, placeholder in saved.items():
                 setattr(module, name, placeholder)

@@ -12,7 +12,7 @@ ARCHS = ["qwen3", "phi3", "glm4", "smollm3", "olmo2", "olmo3", "phi", "ernie4_5"
          "stablelm", "nemotron", "seed_oss", "starcoder2", "gemma", "granite", "cohere", "cohere2", "apertus",
          "exaone4", "glm", "ministral3", "gpt_neox", "gpt2", "gptj", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe",
          "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "olmoe", "phimoe", "ernie4_5_moe", "granitemoe",
-         "exaone_moe", "laguna", "dots1", "mellum", "minimax_m2", "gemma2", "gemma3_text"]
+         "exaone_moe", "laguna", "dots1", "mellum", "minimax_m2", "gpt_oss", "gemma2", "gemma3_text"]
 # mlx-lm's math for these differs from transformers' (exact GELU against the tanh approximation), so on MLX they
 # are held to mlx-lm's own model on the same weights (test_mlx_matches_mlx_lm_where_its_math_differs)
 MLX_LM_MATH = ["starcoder2", "gemma", "gpt_neox", "gpt_bigcode"]

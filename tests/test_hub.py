@@ -131,7 +131,7 @@ def test_hub_download_skips_mistral_inference_weights(checkpoints, tmp_path, mon
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"model_type": "gpt_oss"}, "model_type 'gpt_oss' is not supported"),
+    ({"model_type": "rwkv"}, "model_type 'rwkv' is not supported"),
     ({"quantization_config": {"quant_method": "gptq"}}, r"holds weights quantised with gptq \(e.g. .*weight_scale_inv\)")])
 def test_a_hub_model_airmlx_cannot_run_is_refused_before_its_weights_download(checkpoints, tmp_path, monkeypatch,
                                                                               change, error):

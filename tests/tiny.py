@@ -89,6 +89,16 @@ ARCH_CONFIGS = {
                                                       intermediate_size=32, head_dim=16, tie_word_embeddings=False,
                                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                        "partial_rotary_factor": 0.5})),
+    # gpt-oss: attention sinks, a sliding-window layer and a full one, biased experts with gate and up alternating
+    "gpt_oss": (transformers.GptOssConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                intermediate_size=32, head_dim=16, sliding_window=8,
+                                                layer_types=["sliding_attention", "full_attention"],
+                                                tie_word_embeddings=False,
+                                                # YaRN as gpt-oss has it (truncate false), over this test's context
+                                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                                 "beta_slow": 1.0, "truncate": False,
+                                                                 "original_max_position_embeddings": 64,
+                                                                 "rope_theta": 150000.0})),
     # Granite 3 MoE (granite-3.0-1b-a400m's multipliers): experts fused in the checkpoint, gate and up in one;
     # untied as granite
     "granitemoe": (transformers.GraniteMoeConfig, dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
