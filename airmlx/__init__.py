@@ -11,6 +11,12 @@ import os
 # draft call took 40-650 ms instead of 7 ms, and generate ran 5x slower (BENCHMARKS.md, thirteenth stop).
 # It only takes effect when torch is imported after airmlx; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch on CPUs with AVX-512 runs bf16 matmuls through oneDNN, which keeps each shape's kernel (about 0.5 MB)
+# in two caches of 1024 each (ideep's and oneDNN's): a MoE prefill, whose experts see many row counts, held
+# hundreds of MB beyond the budget. 32 each bounds them near 18 MB; a kernel not kept is rebuilt in ~0.3 ms.
+# Read at torch's first such matmul; a value the user set is kept.
+os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
 __version__ = "0.1.0"
 _ERRORS = ["AirmlxError", "ModelNotFoundError", "UnsupportedArchitectureError", "CheckpointError", "CorruptShardError",

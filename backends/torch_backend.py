@@ -221,6 +221,8 @@ class TorchBackend:
         self.expert_params = tuple(
             (rename_source_key(f"{arch.layer_prefix}0.{f.tensor}", self.renamings, self.converter_list)[0]
              .rpartition(".")[2], f.parts, f.interleaved) for f in arch.fused_experts)
+        # an expert loaded as a copy of its read, not views of it: parts alternating or weights kept (in, out)
+        self.expert_copies = self.torch_arch.experts_in_out or any(f.interleaved for f in arch.fused_experts)
         # the final norm and head as transformers names them in memory (GPT-NeoX's embed_out is its lm_head)
         self.norm_path, self.head_path = (
             rename_source_key(f"{path}.weight", self.renamings, self.converter_list)[0].removesuffix(".weight")
@@ -274,7 +276,7 @@ class TorchBackend:
                 prepared += info.nbytes if torch_quant.packable_weight(self, entry, name.rpartition(".")[0]) else 0
             elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
                 made += math.prod(info.shape) * self.dtype.itemsize
-            elif self.device.type == "cuda" or not self.zero_copy:
+            elif self.device.type == "cuda" or not self.zero_copy or entry.kind == "experts" and self.expert_copies:
                 made += info.nbytes
             else:
                 views = True

@@ -3,7 +3,8 @@ the bound on a step's activations, measured two ways: the model's own count (mem
 peak resident set above its baseline, in a fresh process per case (tests/memory_probe.py). Both backends;
 bf16, fp16 (upcast to fp32 by torch on a CPU), 4-bit and 8-bit shards; a dense and a MoE model, and a model whose
 head is its 8-bit embedding (torch once dequantised it whole while counting it quantised), a GPT-2 (Conv1D
-weights stored transposed, learned positions, its MLP width derived from a config without n_inner); MLX asked
+weights stored transposed, learned positions, its MLP width derived from a config without n_inner), a gpt-oss
+(experts split from fused tensors, gate and up alternating, attention sinks); MLX asked
 for float32 on bf16 shards (a conversion on load; for routed experts, when their group is stacked)."""
 import json
 import os
@@ -26,6 +27,8 @@ DENSE = dict(vocab_size=4096, hidden_size=768, intermediate_size=2048, num_hidde
 MOE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, initializer_range=0.02)
 
+# gpt-oss: biased experts whose gate and up alternate, attention sinks (eager attention on torch), a sliding layer
+GPT_OSS = dict(MOE, head_dim=64, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
 # GPT-2 as the hub's config.json has it: no n_inner (the MLP is 4 x hidden), no dtype
 GPT2 = dict(vocab_size=4096, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, n_inner=None,
             max_position_embeddings=256, initializer_range=0.02)
@@ -42,10 +45,12 @@ def shard_sets(tmp_path_factory):
     make_checkpoint(root / "moe", "mixtral", dtype=torch.bfloat16, **MOE)
     make_checkpoint(root / "tied", "qwen2", dtype=torch.float32, **TIED)  # the head is the embedding
     make_checkpoint(root / "gpt2", "gpt2", dtype=torch.bfloat16, **GPT2)
+    make_checkpoint(root / "gpt_oss", "gpt_oss", dtype=torch.bfloat16, **GPT_OSS)
     made = {}
     for name, src, compression in [("bf16", "bf16", None), ("fp16", "fp16", None), ("8bit", "bf16", "8bit"),
                                    ("4bit", "bf16", "4bit"), ("moe", "moe", None), ("moe-8bit", "moe", "8bit"),
-                                   ("8bit-tied", "tied", "8bit"), ("gpt2", "gpt2", None), ("gpt2-8bit", "gpt2", "8bit")]:
+                                   ("8bit-tied", "tied", "8bit"), ("gpt2", "gpt2", None), ("gpt2-8bit", "gpt2", "8bit"),
+                                   ("gpt_oss", "gpt_oss", None)]:
         made[name] = airmlx.shard_checkpoint(root / src, root / f"shards-{name}", compression=compression,
                                              progress=False)
     return made
@@ -70,7 +75,7 @@ CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", Non
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
          ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32"),
          ("torch", "moe-8bit", None), ("torch", "8bit-tied", None), ("mlx", "8bit-tied", None),
-         ("torch", "gpt2", None), ("mlx", "gpt2-8bit", None)]
+         ("torch", "gpt2", None), ("mlx", "gpt2-8bit", None), ("torch", "gpt_oss", None), ("mlx", "gpt_oss", "float32")]
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])
