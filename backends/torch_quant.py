@@ -61,15 +61,17 @@ def dequantized_blocks(wq, scales, biases, group_size, bits, rows):
         yield r, w.mul_(scales[r:r + rows].unsqueeze(-1)).add_(biases[r:r + rows].unsqueeze(-1)).flatten(1)
 
 
-def repack_int4(wq):
+def repack_int4(wq, block=None):
     """MLX's 4-bit codes (N, K / 8) uint32 (numpy or torch) -> torch's CPU int4 layout (N, K / 2) uint8: rows in
-    blocks of 32, each block K-major with 16 bytes per k, rows r and r + 16 of a block sharing a byte (low,
-    high nibble). numpy does it (it releases the GIL: this runs on the prefetch thread)."""
+    blocks of `block` (int4_block(): 32 with AVX2, 64 with AVX-512), each block K-major with block / 2 bytes per k,
+    rows r and r + block / 2 of a block sharing a byte (low, high nibble). numpy does it (it releases the GIL: this
+    runs on the prefetch thread)."""
+    block = block or int4_block()
     wq = wq.numpy() if isinstance(wq, torch.Tensor) else wq
     n, k = wq.shape[0], wq.shape[1] * 8
-    by = wq.view(np.uint8).reshape(n // 32, 2, 16, k // 2)  # byte j of a row: codes 2j (low), 2j+1 (high)
+    by = wq.view(np.uint8).reshape(n // block, 2, block // 2, k // 2)  # byte j of a row: codes 2j (low), 2j+1 (high)
     top, bottom = by[:, 0], by[:, 1]
-    out = np.empty((n // 32, k // 2, 2, 16), np.uint8)
+    out = np.empty((n // block, k // 2, 2, block // 2), np.uint8)
     view = out.transpose(0, 2, 3, 1)
     np.bitwise_or(top & 15, bottom << 4, out=view[:, 0])  # even k
     np.bitwise_or(top >> 4, bottom & 0xF0, out=view[:, 1])  # odd k
@@ -77,29 +79,36 @@ def repack_int4(wq):
 
 
 @functools.cache
-def int4_kernel_ok():
-    """torch's packed int4 CPU kernel exists and lays codes out as repack_int4 does (checked once)."""
+def int4_block():
+    """The rows a block of torch's packed int4 CPU layout has on this CPU (32, or 64 where torch uses AVX-512), as
+    repack_int4 lays them out (checked once against torch's own packing), or None: no kernel, or another layout."""
     convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
     if convert is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return False
-    codes = torch.randint(0, 16, (64, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    wq = (codes.reshape(64, 16, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
+        return None
+    codes = torch.randint(0, 16, (128, 128), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    wq = (codes.reshape(128, 16, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
     try:
-        return torch.equal(repack_int4(wq), convert(codes, 1))
+        packed = convert(codes, 1)
     except RuntimeError:
-        return False
+        return None
+    return next((block for block in (32, 64) if torch.equal(repack_int4(wq, block), packed)), None)
+
+
+def int4_kernel_ok():
+    """torch's packed int4 CPU kernel exists and lays codes out as repack_int4 does."""
+    return int4_block() is not None
 
 
 def packable(module, bits, group_size):
     """A Linear whose 4-bit weight torch's int4 kernel can run."""
     return (isinstance(module, torch.nn.Linear) and bits == 4 and group_size in INT4_GROUPS
-            and module.out_features % 32 == 0 and module.in_features % group_size == 0 and int4_kernel_ok())
+            and int4_kernel_ok() and module.out_features % int4_block() == 0 and module.in_features % group_size == 0)
 
 
 def unpack_int4(packed):
     """repack_int4's inverse: torch's CPU int4 layout (N, K / 2) uint8 -> the codes (N, K) uint8."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    by = packed.reshape(n // 32, k // 2, 2, 16)  # (block of 32 rows, byte column j, k parity, row in the half)
+    n, k, block = packed.shape[0], packed.shape[1] * 2, int4_block()
+    by = packed.reshape(n // block, k // 2, 2, block // 2)  # (block of rows, byte column j, k parity, row in the half)
     halves = torch.stack([by & 15, by >> 4], 1)  # the low nibble is a block's first 16 rows, the high its last
     return halves.permute(0, 1, 4, 2, 3).reshape(n, k)
 
@@ -109,7 +118,8 @@ def int4_dense(x, packed, scales_and_zeros, group_size):
     (q - 8) * scale + zero) and multiplied densely; torch's int4 kernel slows in proportion to x's rows."""
     n, k = packed.shape[0], packed.shape[1] * 2
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    rows = max(32, DEQUANT_ELEMENTS // k // 32 * 32)
+    block = int4_block()
+    rows = max(block, DEQUANT_ELEMENTS // k // block * block)
     for r in range(0, n, rows):
         codes = unpack_int4(packed[r:r + rows]).reshape(-1, k // group_size, group_size).to(x.dtype)
         scales, zeros = (scales_and_zeros[:, r:r + rows, i].t().unsqueeze(-1) for i in (0, 1))
@@ -248,7 +258,9 @@ def joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 INT4_COPY = "torch-int4"  # the folder of streamed 4-bit stages in the int4 kernel's layout (airmlx.stage_copies)
-INT4_COPY_VERSION = 2  # of that layout (1: codes repacked; 2: and scales stacked); others are written again
+# of that layout (1: codes repacked; 2: and scales stacked; with blocks of 64 rows, where the CPU has them, 64 more);
+# others are written again
+INT4_COPY_VERSION = 2
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

@@ -19,7 +19,9 @@ from airmlx.manifest import Manifest
 from tiny import make_checkpoint, minimum_budget
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7, 41, 12]
-SIZE = dict(intermediate_size=128)  # every linear's input splits into whole groups of 64
+# every linear's input splits into whole groups of 64, and its output into blocks of 64 rows (the int4 kernel's on
+# AVX-512 CPUs)
+SIZE = dict(intermediate_size=128, num_key_value_heads=4)
 
 
 def mlx_lm_greedy(model, n):
@@ -196,7 +198,8 @@ def test_int4_repack_matches_torchs_own_layout():
     if not torch_quant.int4_kernel_ok():
         pytest.skip("this torch has no packed int4 CPU kernel (the backend dequantises instead)")
     gen = torch.Generator().manual_seed(1)
-    for n, k in [(32, 64), (96, 256), (512, 128)]:
+    block = torch_quant.int4_block()  # 32 rows, or 64 where torch packs for AVX-512
+    for n, k in [(block, 64), (3 * block, 256), (512, 128)]:
         codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
         wq = (codes.reshape(n, k // 8, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32)
         assert torch.equal(torch_quant.repack_int4(wq), torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
@@ -317,8 +320,8 @@ def test_a_copied_4bit_stage_computes_on_its_mapping(converted, tmp_path, other_
     dtype = ("bfloat16" if scales_dtype == "F32" else "float32") if other_dtype else None
     with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget="1GB", dtype=dtype) as m:
         want = m.logits([PROMPT])
-    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=int(1.5 * minimum_budget(out, "torch")),
-                                          dtype=dtype) as m:
+        least = m.minimum_budget  # in this compute dtype
+    with airmlx.AutoModel.from_pretrained(out, backend="torch", memory_budget=int(1.5 * least), dtype=dtype) as m:
         assert m.backend.int4_copies
         made, load = {}, m.backend.load_stage
 
