@@ -53,3 +53,8 @@ def check_same_vocabulary(target, draft) -> None:
         raise DraftModelError(f"the draft model {draft.shard_dir} has another tokenizer than {target.shard_dir} "
                               f"({len(theirs)} tokens against {len(ours)}, {differ} entries differ); use a draft "
                               "of the same family and tokenizer, or draft_model='4bit'.")
+    rows, needed = draft.config.get("vocab_size"), target.config.get("vocab_size")
+    if isinstance(rows, int) and isinstance(needed, int) and rows < needed:
+        raise DraftModelError(f"the draft model {draft.shard_dir} embeds {rows} token ids, fewer than the {needed} "
+                              f"{target.shard_dir} may give it (its tokenizer is the same, its vocab_size smaller); "
+                              "use a draft with the whole vocabulary, or draft_model='4bit'.")

@@ -17,7 +17,7 @@ from .cli import (
     whole_number,
 )
 from .errors import GenerationError
-from .session import render_chat
+from .session import check_text, render_chat
 
 
 def build_parser() -> ArgumentParser:
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
         parser.error("--system-prompt goes in the chat template: add --chat-template")
     if args.prompt == "-":  # as mlx_lm.generate reads it
         args.prompt = sys.stdin.read()
+    check_text(args.prompt, "the prompt")
+    if args.system_prompt is not None:
+        check_text(args.system_prompt, "the system prompt")
     with load_model(args) as model:
         tok = model.tokenizer
         if args.chat_template:

@@ -6,6 +6,7 @@ loglikelihood and loglikelihood_rolling go through the layer-major model.score()
 batched model.generate(): requests with the same generation kwargs share batches, and a row stops at its
 first `until` string (model.generate's stop_strings).
 """
+import inspect
 import json
 import sys
 import warnings
@@ -53,6 +54,11 @@ class AirmlxLM(LM):
         """--model_args, then lm-eval's own options (--batch_size, --device, which its command line always
         sends) for what --model_args leaves out: batch_size=8 in --model_args collided with them."""
         options = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "unused")]
+        unknown = sorted(set(arg_dict) - set(known))
+        if unknown:  # a misspelt memory_budget ran under the default budget without a word (QA)
+            raise OptionError(f"--model_args {', '.join(unknown)}: not an option of the airmlx model; it takes "
+                              f"{', '.join(known)}.")
         return cls(**{**options, **arg_dict})
 
     @classmethod

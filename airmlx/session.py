@@ -87,6 +87,16 @@ def check_chat_options(max_tokens, temp, top_p, top_k=None):
                    0 if top_k is None else top_k)
 
 
+def check_text(text: str, what: str) -> None:
+    """Text a tokenizer can take: bytes that are not UTF-8 (kept by Python as lone surrogates when it reads a
+    terminal or a pipe) are refused in one line; the tokenizers raised a TypeError on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{what} is not UTF-8 text (byte {ord(text[e.start]) & 0xFF:#04x} at character "
+                              f"{e.start}); give it as UTF-8.") from None
+
+
 class ChatSession:
     """A conversation with `model` over one KV cache kept across turns.
 
@@ -105,6 +115,8 @@ class ChatSession:
         check_seed(seed)
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise GenerationError(f"system_prompt={system_prompt!r}: give a string (or None for none).")
+        if system_prompt is not None:
+            check_text(system_prompt, "the system prompt")
         self.model, self.tokenizer = model, model.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template, so it cannot chat; "
@@ -138,6 +150,7 @@ class ChatSession:
         to the tokens every layer has certainly processed; the Turn says interrupted=True."""
         if not isinstance(text, str):  # a template would render None or a list as their Python text
             raise GenerationError(f"send() takes the user's message as a string, not {type(text).__name__}.")
+        check_text(text, "the message")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.render(messages)
         limit = self.model.config.get("max_position_embeddings")

@@ -184,6 +184,14 @@ def draft_of_another_vocabulary(ctx):
     return airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch", draft_model=ctx.tmp / "other")
 
 
+def draft_of_a_smaller_embedding(ctx):
+    """The same tokenizer, an embedding of fewer rows: the target's tokens past them crashed the draft (QA)."""
+    make_checkpoint(ctx.tmp / "small", "llama", vocab_size=50)
+    for f in ctx.src.glob("tokenizer*"):
+        shutil.copy(f, ctx.tmp / "small" / f.name)
+    return airmlx.AutoModel.from_pretrained(ctx.shards, backend="torch", draft_model=ctx.tmp / "small")
+
+
 def file_at(path):
     path.write_text("")
     return path
@@ -337,6 +345,9 @@ ROWS = [
     pytest.param(draft_of_another_vocabulary, DraftModelError,
                  r"draft model .* has another tokenizer .*use a draft of the same family and tokenizer",
                  id="draft model with another tokenizer"),
+    pytest.param(draft_of_a_smaller_embedding, DraftModelError,
+                 r"draft model .* embeds 50 token ids, fewer than the 96 .* may give it .*whole vocabulary",
+                 id="draft model with the same tokenizer and a smaller embedding"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", draft_model=c.model,
                                                             memory_budget=c.model.plan.total_bytes + 1000),
                  BudgetError, r"the draft model holds .* below its minimum .*raise memory_budget to at least \d+",

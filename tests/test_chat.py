@@ -197,6 +197,18 @@ def test_a_message_that_is_not_text_is_refused(model, text):
     assert session.messages == []
 
 
+def test_a_line_of_bytes_that_are_not_utf8_is_refused_and_the_chat_goes_on(model):
+    """Regression (QA): `printf 'hi \\xff\\n' | python -m airmlx.chat` ended the chat in the tokenizer's TypeError
+    (Python keeps such bytes as lone surrogates)."""
+    session = ChatSession(model, max_tokens=3)
+    err = io.StringIO()
+    ChatUI(session, stdin=io.StringIO("hi \udcff\nhello\n"), stdout=io.StringIO(), stderr=err, interactive=False).run()
+    assert "airmlx: the message is not UTF-8 text (byte 0xff at character 3)" in err.getvalue()
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hello"]
+    with pytest.raises(GenerationError, match="the system prompt is not UTF-8 text"):
+        ChatSession(model, system_prompt="\udcfe")
+
+
 def test_ui_commands_on_a_stream(model):
     session = ChatSession(model, max_tokens=3)
     out, err = io.StringIO(), io.StringIO()

@@ -583,6 +583,18 @@ def test_output_that_cannot_be_written_is_said_in_one_line(redirect, code, said)
         proc.stderr
 
 
+def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_in_one_line(monkeypatch, capsys):
+    """Regression (QA): `printf 'hi \\xff' | python -m airmlx.generate --prompt -` ended in the tokenizer's TypeError."""
+    import io
+    import sys
+
+    from airmlx.generate import main
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi \udcff"))
+    assert main(["--backend", "torch", "--prompt", "-"]) == 2
+    assert capsys.readouterr().err.strip() == "airmlx: the prompt is not UTF-8 text (byte 0xff at character 3); give it " \
+                                             "as UTF-8."
+
+
 def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():
     """Regression: a speculative call gives its tokens out a round at a time; timed from the first token, 8
     tokens of one round printed '12409.9 tokens/s' (and the prompt's speed took the whole round)."""
