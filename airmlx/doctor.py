@@ -14,6 +14,7 @@ import numpy as np
 from .cli import ArgumentParser, add_model_options, face, load_model, whole_number
 from .errors import OptionError
 from .preflight import measure_disk, measure_experts, predict, save
+from .scoring import make_passes, pass_tokens
 from .units import format_bytes, per_token
 
 
@@ -32,11 +33,19 @@ def draft_call_seconds(draft, calls: int = 4) -> float:
     return statistics.median(times[1:])
 
 
+def scoring_passes(requests: int, tokens: int, per_pass: int, batch_size: int = 8) -> int:
+    """The passes score() makes of `requests` of `tokens` tokens each (its batches of batch_size rows, as many to a
+    pass as per_pass tokens hold); counted without a list past 100,000 requests (one pass more at most)."""
+    if requests <= 100_000:
+        return len(make_passes([tokens] * requests, batch_size, per_pass))
+    batches = -(-requests // batch_size)
+    return -(-batches // max(per_pass // (batch_size * tokens), 1))
+
+
 def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None):
     plan = model.plan
     prefill = p.prefill_s_per_token * prompt_tokens + plan.streamed_bytes_per_step / p.cold_bps
-    tokens_per_pass = max(model.prefill_step_size * 8, request_tokens)
-    passes = -(-requests * request_tokens // tokens_per_pass)
+    passes = scoring_passes(requests, request_tokens, pass_tokens(model.config))
     scoring = passes * (plan.streamed_bytes_per_step / p.cold_bps) + requests * request_tokens * p.prefill_s_per_token
     compute = sum(p.compute_s.values())
     return "\n".join([

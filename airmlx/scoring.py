@@ -44,6 +44,11 @@ def encode(request, tokenizer, number: int = 0):
     return tokens, start
 
 
+def pass_tokens(config: dict) -> int:
+    """The most tokens a pass scores by default: as many as DEFAULT_HIDDEN_BYTES of float32 hidden states hold."""
+    return max(DEFAULT_HIDDEN_BYTES // (4 * config.get("hidden_size", 4096)), 1)
+
+
 def make_passes(lengths, batch_size, max_tokens):
     """Indices grouped into batches of similar length, and batches into passes of at most max_tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -85,8 +90,7 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
         if context and len(tokens) > context:
             raise ScoreRequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
                                        f"{context}; shorten it.")
-    hidden = model.config.get("hidden_size", 4096)
-    max_tokens = max_tokens or max(DEFAULT_HIDDEN_BYTES // (4 * hidden), 1)
+    max_tokens = max_tokens or pass_tokens(model.config)
     results = Scores([None] * len(encoded))
     before = model.swept_bytes_read
     pad = model.pad_token_id or 0

@@ -106,3 +106,19 @@ def test_the_cli_prints_a_preflight_the_first_time(tmp_path):
     assert (shards / PREFLIGHT_NAME).is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "preflight:" not in again.stderr
+
+
+def test_the_doctor_counts_the_passes_score_makes(tmp_path):
+    """Regression (QA): the doctor took 4,096 tokens a pass where score() holds 512 MB of hidden states in one: it
+    said 3 passes for 40 requests of 256 tokens that score() ran in 1, and 63 where it needed 1."""
+    from airmlx.doctor import scoring_passes
+    from airmlx.scoring import make_passes
+    make_checkpoint(tmp_path / "src", "llama")
+    with airmlx.AutoModel.from_pretrained(tmp_path / "src", backend="torch", memory_budget="1MB",
+                                          layer_shards_saving_path=tmp_path / "s") as model:
+        scored = model.score([list(range(3, 40))] * 40, max_tokens=300, progress=False)
+    assert scored.passes == scoring_passes(40, 37, 300) == 5
+    assert scoring_passes(40, 256, 2_000_000) == 1
+    for requests, tokens, per_pass in [(250_000, 100, 8000), (100_000, 7, 100)]:  # counted, and listed, alike
+        assert scoring_passes(requests, tokens, per_pass) in (len(make_passes([tokens] * requests, 8, per_pass)),
+                                                              len(make_passes([tokens] * requests, 8, per_pass)) + 1)
