@@ -72,10 +72,10 @@ class AirmlxLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer(context + continuation)["input_ids"]
-        context_ids = self.tokenizer(context)["input_ids"] if context else [self.prefix_token]
+        whole = self.tokenizer(context + continuation, verbose=False)["input_ids"]
+        context_ids = self.tokenizer(context, verbose=False)["input_ids"] if context else [self.prefix_token]
         if not context:
-            whole = context_ids + self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            whole = context_ids + self.tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
         return whole[:len(context_ids)], whole[len(context_ids):]
 
     def loglikelihood(self, requests, disable_tqdm=False):
@@ -96,7 +96,7 @@ class AirmlxLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         out = []
         for (text,) in (r.args for r in requests):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             windows = [make_disjoint_window(w) for w in
                        get_rolling_token_windows(ids, self.prefix_token, self.max_length, context_len=1)]
             scores = self.model.score(windows, batch_size=self.batch_size, progress=False)
@@ -121,7 +121,7 @@ class AirmlxLM(LM):
 
     def context_ids(self, context, max_new_tokens):
         """The context's token ids, keeping the last ones when context plus generation would not fit."""
-        return self.tokenizer(context)["input_ids"][-max(self.max_length - max_new_tokens, 1):]
+        return self.tokenizer(context, verbose=False)["input_ids"][-max(self.max_length - max_new_tokens, 1):]
 
     def generate_batch(self, prompts, settings):
         """One model.generate() over left-padded prompts -> each row's continuation text, cut at its stop strings."""

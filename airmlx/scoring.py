@@ -27,7 +27,7 @@ def encode(request, tokenizer, number: int = 0):
 
     def ids(part, first):
         if isinstance(part, str):
-            return tokenizer()(part, add_special_tokens=first)["input_ids"]
+            return tokenizer()(part, add_special_tokens=first, verbose=False)["input_ids"]  # past the context: ours
         part = part.tolist() if hasattr(part, "tolist") else part  # a tensor or array of ids
         if isinstance(part, (list, tuple)) and all(is_int(t) for t in part):
             return [int(t) for t in part]

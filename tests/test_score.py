@@ -127,3 +127,22 @@ def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(ch
         assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"airmlx: {file}") and phrase in err and err.count("\n") == 1, err
+
+
+def test_a_text_past_the_context_gets_our_refusal_not_the_tokenizers_warning(tmp_path):
+    """Regression (QA): transformers' "Token indices sequence length is longer ..." came before score's own line."""
+    import logging
+
+    from airmlx.errors import ScoreRequestError
+    from airmlx.hub import DEMO_MODEL
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with airmlx.AutoModel.from_pretrained(DEMO_MODEL, backend="torch") as model:
+            with pytest.raises(ScoreRequestError, match="more than the model's context"):
+                model.score(["list " * 2000], progress=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]
