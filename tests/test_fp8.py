@@ -72,6 +72,15 @@ def shard_tensors(folder):
     return out
 
 
+def assert_streams_as(ref, shards):
+    """The shards, streamed on torch under a tight budget, give transformers' greedy tokens."""
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[0].tolist()
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="1MB") as model:
+        assert model.generate(PROMPT[0], max_new_tokens=12) == want
+
+
 def test_fp8_codes_take_the_values_torch_gives_them():
     for name, dtype in [("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2)]:
         theirs = torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
@@ -97,11 +106,7 @@ def test_an_fp8_checkpoint_is_sharded_as_transformers_dequantises_it_and_streams
         assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], want), name
         assert torch.equal(ours[name], theirs[name]), name
     assert "quantization_config" not in json.loads((shards / "manifest.json").read_text())["config"]
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([PROMPT[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)[0].tolist()
-    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget="1MB") as model:
-        assert model.generate(PROMPT[0], max_new_tokens=12) == want
+    assert_streams_as(ref, shards)
 
 
 def test_an_fp8_checkpoint_runs_on_mlx_as_its_dequantised_copy(llama_fp8, tmp_path):
