@@ -65,17 +65,19 @@ def split_fused_experts(arch, config: dict, sources: dict) -> dict:
     out = {}
     for name, (path, data_start, info) in sources.items():
         m = in_layer.match(name)
-        spec = m and fused.get(m.group(2).removesuffix(MXFP4_CODES) if mxfp4 else m.group(2))
-        if mxfp4 and m and m.group(2).endswith(MXFP4_SCALES) and m.group(2)[:-len(MXFP4_SCALES)] in fused:
+        key = m.group(2) if m else ""
+        if mxfp4 and key.endswith(MXFP4_SCALES) and key[: -len(MXFP4_SCALES)] in fused:
             continue  # read with its codes
-        if not spec or (mxfp4 and spec.hidden_in is not None and not name.endswith(MXFP4_CODES)):
-            if mxfp4 and m and m.group(2).endswith((MXFP4_CODES, MXFP4_SCALES)):
+        codes = mxfp4 and key.endswith(MXFP4_CODES)
+        spec = fused.get(key[: -len(MXFP4_CODES)] if codes else key)
+        if not spec:
+            if mxfp4 and key.endswith((MXFP4_CODES, MXFP4_SCALES)):
                 raise CheckpointError(f"tensor {name!r}: mxfp4 codes airmlx cannot place (it reads gpt-oss's "
                                       "experts in mxfp4); the checkpoint does not match its config.")
             out[name] = (path, data_start, info)
             continue
         prefix = f"{arch.layer_prefix}{m.group(1)}.{arch.experts}."
-        if name.endswith(MXFP4_CODES) and mxfp4:
+        if codes:
             scales = sources.get(name[: -len(MXFP4_CODES)] + MXFP4_SCALES)
             pieces = mxfp4_parts(name, info, scales, spec, config)
         elif spec.hidden_in is None:

@@ -113,3 +113,16 @@ def test_mxfp4_codes_without_their_scales_are_refused(gpt_oss_mxfp4, tmp_path):
     with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.experts.down_proj_blocks' .* and its scales "
                                               r"\(none\) are not mxfp4 codes"):
         airmlx.shard_checkpoint(folder, tmp_path / "out", progress=False)
+
+
+def test_a_stale_mxfp4_config_over_plain_experts_splits_them_as_plain(gpt_oss_mxfp4, tmp_path):
+    """A checkpoint dequantised by a script that kept its quantization_config holds bf16 fused experts: they are
+    split as any bf16 checkpoint's."""
+    folder = tmp_path / "stale"
+    shutil.copytree(gpt_oss_mxfp4 / "bf16", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
+    stale = shard_tensors(airmlx.shard_checkpoint(folder, tmp_path / "a", progress=False))
+    plain = shard_tensors(airmlx.shard_checkpoint(gpt_oss_mxfp4 / "bf16", tmp_path / "b", progress=False))
+    assert stale.keys() == plain.keys() and all(torch.equal(stale[k], plain[k]) for k in plain)
+    assert "model.layers.0.mlp.experts.3.up_proj.bias" in plain
