@@ -43,7 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # the Python arguments errors name that the faces take as options; a one-word name only as `name=value`
 AS_OPTIONS = ("memory_budget", "draft_model", "num_draft_tokens", "prefill_step_size", "gguf_file",
               "layer_shards_saving_path", "trust_remote_code", "pipeline_split", "pipeline_timeout", "dtype",
-              "compression", "backend")
+              "compression", "backend", "device")
 # a name on its own: not inside a path, a file name or a possessive
 _NAMED = re.compile(r"(?<![\w/.-])(" + "|".join(AS_OPTIONS) + r")(?:=(['\"]?)([\w-]+(?:\.[\w-]+)*)\2|(?![\w/.'-]))")
 

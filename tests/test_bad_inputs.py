@@ -562,6 +562,8 @@ def test_a_faces_errors_name_options_as_the_face_takes_them(capsys):
     assert "--num-draft-tokens 0: use a whole number >= 1" in err and "leave it out" in err and "None" not in err, err
     assert as_options("pass dtype='float32', shard with compression='8bit', or use backend='torch'.") == \
         "pass --dtype float32, shard with --compression 8bit, or use --backend torch."
+    assert as_options("no CUDA device; use device='cpu'.") == "no CUDA device; use --device cpu."  # QA
+    assert as_options("the device it runs on") == "the device it runs on"
     # a value no option takes, a plain word, a path, a file name and a possessive stay as they are
     assert as_options("pass draft_model=False; the dtype of num_draft_tokens=3.") == \
         "pass draft_model=False; the dtype of --num-draft-tokens 3."
