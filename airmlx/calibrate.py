@@ -219,7 +219,7 @@ def checkpoint_stage_items(calibrator, name, kind, tensor_names, sources, qconfi
     targets = [t for t in tensor_names if quantized(t, sources[t][2], qconfig)]
     results = calibrator.quantize_stage(name, kind, floats, targets)
     items = stage_items([t for t in tensor_names if t not in results], sources)
-    dtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[calibrator.storage]
+    dtype = quant.SAFETENSORS_DTYPES[calibrator.storage]
     for t, (wq, scales, biases) in results.items():
         items += quantized_items(t, wq, scales, biases, dtype)
     return in_file_order(items)

@@ -42,7 +42,7 @@ from .tensorfile import DTYPE_SIZES, TensorInfo
 GROUP_SIZE = 32  # the block size of every GGUF type kept quantised
 EXACT_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-STORAGE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+STORAGE = quant.SAFETENSORS_DTYPES
 # rope_freqs: llama 3's rope scaling factors, which transformers computes from the config instead
 IGNORED_TENSORS = {"rope_freqs.weight"}
 CONVERTER_VERSION = 1  # part of a shard folder's fingerprint: bump when the conversion changes

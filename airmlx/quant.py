@@ -185,6 +185,8 @@ def dequantize(wq, scales, biases, group_size=64, bits=4, dtype=None):
 COMPRESSIONS = {"4bit": 4, "8bit": 8}
 DEFAULT_GROUP_SIZE = 64
 FLOAT_VIEWS = {"F32": ("float32", np.float32), "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16)}
+STORAGE_NAMES = {name: storage for name, (storage, _) in FLOAT_VIEWS.items()}  # "BF16" -> "bfloat16"
+SAFETENSORS_DTYPES = {storage: name for name, storage in STORAGE_NAMES.items()}  # "bfloat16" -> "BF16"
 
 
 METHODS = ("gptq",)  # calibrated rounding (airmlx/calibrate.py); None: plain round-to-nearest

@@ -37,7 +37,13 @@ class TransposedPart(Derived):
 
 
 @dataclass(frozen=True)
-class Mxfp4Part(Derived):
+class Dequantized(Derived):
+    """A weight stored quantised in a format no backend reads (fp8 blocks, mxfp4), written dequantised to `dtype`
+    a few rows at a time (dequantized_rows)."""
+
+
+@dataclass(frozen=True)
+class Mxfp4Part(Dequantized):
     """Output rows first, first + step, ... < last of one expert's weight in an mxfp4 pair (gpt-oss's released
     checkpoints): [start, end) the expert's codes, (out, in / 32, 16) bytes of two 4-bit values each, the low
     first; `scales` its exponents, (path, data start, start, end) of (out, in / 32) bytes, each 2 ** (byte - 127)
@@ -48,6 +54,17 @@ class Mxfp4Part(Derived):
 
 
 MXFP4_CODES, MXFP4_SCALES = "_blocks", "_scales"
+
+
+def quant_method(config: dict) -> str | None:
+    """quantization_config's quant_method ("fp8", "mxfp4", ...), unless the checkpoint is mlx-lm's own
+    (a "quantization" entry: its scales and biases are read as they are)."""
+    return None if "quantization" in config else (config.get("quantization_config") or {}).get("quant_method")
+
+
+def model_dtype(config: dict) -> str:
+    """The safetensors dtype dequantised weights are written in: the config's, else bf16."""
+    return quant.SAFETENSORS_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "BF16")
 
 
 def split_fused_experts(arch, config: dict, sources: dict) -> dict:
@@ -61,7 +78,7 @@ def split_fused_experts(arch, config: dict, sources: dict) -> dict:
         return sources
     fused = {f.tensor: f for f in arch.fused_experts}
     in_layer = re.compile(re.escape(arch.layer_prefix) + r"(\d+)\.(.+)$")
-    mxfp4 = (config.get("quantization_config") or {}).get("quant_method") == "mxfp4" and "quantization" not in config
+    mxfp4 = quant_method(config) == "mxfp4"
     out = {}
     for name, (path, data_start, info) in sources.items():
         m = in_layer.match(name)
@@ -155,7 +172,7 @@ def mxfp4_parts(name, info, scales, spec, config):
                               f"({list(scales[2].shape) if scales else 'none'}) are not mxfp4 codes of 32 values a "
                               "block with one U8 exponent each: the checkpoint does not match its config.")
     experts, out_dim, groups, _ = shape
-    dtype = FLOAT_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "BF16")
+    dtype = model_dtype(config)
     spath, sstart, sinfo = scales
     for e in range(experts):
         start, sfirst = info.start + e * out_dim * groups * 16, sinfo.start + e * out_dim * groups
@@ -181,7 +198,7 @@ def conv1d_as_linear(arch, sources: dict) -> dict:
 
 
 @dataclass(frozen=True)
-class Fp8Blocks(Derived):
+class Fp8Blocks(Dequantized):
     """An fp8 weight ([start, end) of its file, in `fp8`) times its weight_scale_inv, one scale per block of
     block[0] rows by block[1] columns (the last blocks may be partial), rounded to `dtype`."""
     fp8: str = "F8_E4M3"
@@ -190,17 +207,15 @@ class Fp8Blocks(Derived):
 
 
 FP8_SCALES = ".weight_scale_inv"
-FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def dequantized_fp8(config: dict, sources: dict, src) -> dict:
     """sources with each fp8 weight of a checkpoint quantised by transformers' fine-grained fp8 (quantization_config
     quant_method "fp8": a weight_scale_inv beside each fp8 weight) as an Fp8Blocks of the model's dtype, its scales
     dropped. A scale without its fp8 weight, or an fp8 weight without its scales, is refused in one line."""
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "fp8" or "quantization" in config:
+    if quant_method(config) != "fp8":
         return sources
-    dtype = FLOAT_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "BF16")
+    dtype, configured = model_dtype(config), config["quantization_config"].get("weight_block_size")
     out = {}
     for name, (path, data_start, info) in sources.items():
         if name.endswith(FP8_SCALES):
@@ -217,7 +232,7 @@ def dequantized_fp8(config: dict, sources: dict, src) -> dict:
             what = "without its weight_scale_inv" if scale is None else f"with shape {list(info.shape)}"
             raise CheckpointError(f"{src}: {name} is stored in fp8 {what}; airmlx reads fp8 linear weights with "
                                   "block scales (DeepSeek-V3's format) only.")
-        block = fp8_block(name, info.shape, scale[2], qc.get("weight_block_size"), src)
+        block = fp8_block(name, info.shape, scale[2], configured, src)
         out[name] = (path, data_start, Fp8Blocks(name, dtype, tuple(info.shape), info.start, info.end,
                                                  fp8=info.dtype, block=block, scale=scale))
     return out
@@ -255,7 +270,7 @@ def fp8_values(e_bits: int, m_bits: int, finite: bool) -> np.ndarray:
 
 
 FP8_VALUES = {"F8_E4M3": fp8_values(4, 3, finite=True), "F8_E5M2": fp8_values(5, 2, finite=False)}
-FP8_ROWS = 256  # rows dequantised at once: a few MB of float32 for the widest weights
+DEQUANT_ROWS = 256  # rows dequantised at once: a few MB of float32 for the widest weights
 
 
 def fp8_rows(path, data_start: int, info: Fp8Blocks):
@@ -271,8 +286,8 @@ def fp8_rows(path, data_start: int, info: Fp8Blocks):
     storage = quant.FLOAT_VIEWS[info.dtype][0]
     for first in range(0, rows, block_rows):
         per_column = np.repeat(scales[first // block_rows], block_cols)[:cols]
-        for r in range(first, min(first + block_rows, rows), FP8_ROWS):
-            values = FP8_VALUES[info.fp8][codes[r: min(r + FP8_ROWS, first + block_rows, rows)]]
+        for r in range(first, min(first + block_rows, rows), DEQUANT_ROWS):
+            values = FP8_VALUES[info.fp8][codes[r: min(r + DEQUANT_ROWS, first + block_rows, rows)]]
             values *= per_column
             yield quant.from_float32(values, storage)
 
@@ -281,7 +296,7 @@ FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3,
 
 
 def mxfp4_rows(path, data_start: int, info: Mxfp4Part):
-    """An Mxfp4Part's values, FP8_ROWS rows at a time (each 4-bit code's value times 2 ** (its exponent - 127),
+    """An Mxfp4Part's values, DEQUANT_ROWS rows at a time (each 4-bit code's value times 2 ** (its exponent - 127),
     rounded to info.dtype)."""
     rows, cols = info.shape
     codes = read_kept(path, data_start + info.start, info.end - info.start, np.dtype(np.uint8)).reshape(
@@ -290,21 +305,24 @@ def mxfp4_rows(path, data_start: int, info: Mxfp4Part):
     exponents = read_kept(spath, sstart + first, last - first, np.dtype(np.uint8)).reshape(-1, cols // 32)[
         info.rows[0]: info.rows[1]: info.step]
     storage = quant.FLOAT_VIEWS[info.dtype][0]
-    for r in range(0, rows, FP8_ROWS):
-        part = codes[r: r + FP8_ROWS]
+    for r in range(0, rows, DEQUANT_ROWS):
+        part = codes[r: r + DEQUANT_ROWS]
         values = np.empty(part.shape[:2] + (32,), np.float32)
         values[..., 0::2], values[..., 1::2] = FP4_VALUES[part & 0x0F], FP4_VALUES[part >> 4]
-        values *= np.ldexp(np.float32(1), exponents[r: r + FP8_ROWS].astype(np.int32) - 127)[..., None]
+        values *= np.ldexp(np.float32(1), exponents[r: r + DEQUANT_ROWS].astype(np.int32) - 127)[..., None]
         yield quant.from_float32(values.reshape(len(part), cols), storage)
+
+
+def dequantized_rows(path, data_start: int, info: Dequantized):
+    """A Dequantized weight's values in pieces of rows, in order (the stage writer writes each as it comes)."""
+    return (fp8_rows if isinstance(info, Fp8Blocks) else mxfp4_rows)(path, data_start, info)
 
 
 def read_array(path, data_start: int, info: TensorInfo, view) -> np.ndarray:
     """A source tensor's values (numpy dtype `view`) in its shape; a TransposedPart sliced and transposed, an
     Fp8Blocks or Mxfp4Part dequantised."""
-    if isinstance(info, Fp8Blocks):
-        return np.concatenate(list(fp8_rows(path, data_start, info)))
-    if isinstance(info, Mxfp4Part):
-        return np.concatenate(list(mxfp4_rows(path, data_start, info)))
+    if isinstance(info, Dequantized):
+        return np.concatenate(list(dequantized_rows(path, data_start, info)))
     if isinstance(info, TransposedPart):  # gate's and up's parts of one block: it is read once for both
         whole = info.rows == (0, info.block[1]) and info.step == 1  # a Conv1D's weight: nothing else is read
         block = (read_bytes if whole else read_kept)(path, data_start + info.start, info.end - info.start,

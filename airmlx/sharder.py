@@ -34,11 +34,11 @@ from .multimodal import (
 )
 from .relayout import (
     FP8_SCALES,
+    Dequantized,
     Derived,
-    Fp8Blocks,
-    Mxfp4Part,
     conv1d_as_linear,
     dequantized_fp8,
+    quant_method,
     read_array,
     read_bytes,
     split_fused_experts,
@@ -251,11 +251,11 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
     script leaves it) is not, nor are fp8 weights with block scales, which the sharder dequantises."""
     if "quantization" in config:
         return
-    fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"  # read: relayout.dequantized_fp8
+    method = quant_method(config)
+    fp8 = method == "fp8"  # read: relayout.dequantized_fp8
     found = next((n for n, dtype in dtypes.items() if (FOREIGN_QUANTIZED.search(n) or dtype in FP8) and
                   not (fp8 and (n.endswith(FP8_SCALES) or dtype in FP8))), None)
     if found is not None:
-        method = (config.get("quantization_config") or {}).get("quant_method")
         raise CheckpointError(f"{src} holds weights quantised {f'with {method}' if method else 'in another format'} "
                               f"(e.g. {found}), which airmlx does not read; use the model's bf16 or fp16 checkpoint "
                               "(airmlx quantises it with compression='4bit' or '8bit').")
@@ -299,7 +299,7 @@ def untied_where_stored_apart(config: dict, sources: dict) -> dict:
 def plain_config(config: dict, sources: dict) -> dict:
     """config without the quantization_config of fp8 or mxfp4 weights the sharder dequantises: the shards hold plain
     ones."""
-    if any(isinstance(info, (Fp8Blocks, Mxfp4Part)) for _, _, info in sources.values()):
+    if any(isinstance(info, Dequantized) for _, _, info in sources.values()):
         return {k: v for k, v in config.items() if k != "quantization_config"}
     return config
 
@@ -515,7 +515,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     return out
 
 
-FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FLOAT_NAMES = quant.STORAGE_NAMES
 
 
 def with_stored_dtype(config: dict, sources: dict) -> dict:

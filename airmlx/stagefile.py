@@ -16,7 +16,7 @@ import numpy as np
 from . import quant
 from .errors import AirmlxError, CheckpointError, CorruptShardError, InsufficientDiskSpaceError
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, file_checksum, fsync_dir, stage_file_problem
-from .relayout import Derived, Fp8Blocks, fp8_rows, read_array
+from .relayout import Dequantized, Derived, dequantized_rows, read_array
 from .tensorfile import NUMPY_VIEWS, aligned_order, encode_header
 
 PROGRESS_NAME = "progress.json"
@@ -99,8 +99,8 @@ def stage_items(tensor_names, sources, qconfig=None):
             w = read_array(src, data_start, info, view)
             items += quantized_items(t, *quant.quantize(w, qconfig["group_size"], qconfig["bits"], dtype=storage),
                                      info.dtype)
-        elif isinstance(info, Fp8Blocks):  # written a few rows at a time
-            items.append((t, info.dtype, info.shape, functools.partial(fp8_rows, src, data_start, info)))
+        elif isinstance(info, Dequantized):  # written a few rows at a time
+            items.append((t, info.dtype, info.shape, functools.partial(dequantized_rows, src, data_start, info)))
         elif isinstance(info, Derived):  # made when written, so a stage's experts are never all held
             items.append((t, info.dtype, info.shape,
                           functools.partial(read_array, src, data_start, info, NUMPY_VIEWS[info.dtype])))

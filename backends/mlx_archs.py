@@ -1,5 +1,6 @@
 """How mlx-lm runs each architecture here: its module, the workarounds it needs (MLX_ARCHS), what of a config it
 cannot run (MLX_LIMITS), and its ModelArgs made from a Hugging Face config (mlx_args)."""
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -241,15 +242,18 @@ def untruncated_yarn(skeleton, config) -> None:
     theta, scaling = rope_config(config)
     if (scaling or {}).get("truncate", True) is not False:
         return
-    for layer in skeleton.layers:
-        rope = layer.self_attn.rope
-        if not hasattr(rope, "_freqs"):
-            continue
-        dims, base, factor = rope.dims, theta or 10000.0, scaling["factor"]
-        original = scaling.get("original_max_position_embeddings", 4096)
+    base, factor = theta or 10000.0, scaling["factor"]
+    original = scaling.get("original_max_position_embeddings", 4096)
+
+    @functools.cache
+    def freqs(dims):
         end = lambda rotations: dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
         low, high = max(end(scaling.get("beta_fast", 32)), 0), min(end(scaling.get("beta_slow", 1)), dims - 1)
         extra = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
         mask = 1.0 - mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low if high > low else 0.001),
                              0, 1)
-        rope._freqs = (factor * extra * extra) / (factor * extra * mask + extra * (1 - mask))
+        return (factor * extra * extra) / (factor * extra * mask + extra * (1 - mask))
+    for layer in skeleton.layers:
+        rope = layer.self_attn.rope
+        if hasattr(rope, "_freqs"):
+            rope._freqs = freqs(rope.dims)

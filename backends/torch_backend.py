@@ -291,7 +291,7 @@ class TorchBackend:
             return None
         self._copy_groups = torch_quant.int4_copy_groups(self, store, list(streamed))
         return (torch_quant.INT4_COPY, self._copy_groups, torch_quant.int4_copy_transform,
-                torch_quant.INT4_COPY_VERSION + (64 if torch_quant.int4_block() == 64 else 0))
+                torch_quant.int4_copy_version())
 
     def use_copies(self, stages) -> None:
         """These stages come from the int4 layout copy: mapped like bf16 stage files, their codes (and stacked

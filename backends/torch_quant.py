@@ -258,9 +258,12 @@ def joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 INT4_COPY = "torch-int4"  # the folder of streamed 4-bit stages in the int4 kernel's layout (airmlx.stage_copies)
-# of that layout (1: codes repacked; 2: and scales stacked; with blocks of 64 rows, where the CPU has them, 64 more);
-# others are written again
-INT4_COPY_VERSION = 2
+INT4_COPY_VERSION = 2  # of that layout (1: codes repacked; 2: and scales stacked); others are written again
+
+
+def int4_copy_version() -> int:
+    """The copy's layout version on this CPU: 64 more where torch packs blocks of 64 rows (AVX-512)."""
+    return INT4_COPY_VERSION + (64 if int4_block() == 64 else 0)
 STORED = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
