@@ -13,7 +13,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # torch on CPUs with AVX-512 runs bf16 matmuls through oneDNN, which keeps each shape's kernel (about 0.5 MB)
 # in two caches of 1024 each (ideep's and oneDNN's): a MoE prefill, whose experts see many row counts, held
-# hundreds of MB beyond the budget. 32 each bounds them near 18 MB; a kernel not kept is rebuilt in ~0.3 ms.
+# hundreds of MB beyond the budget. 32 each bounds them near 18 MB; a kernel not kept is rebuilt in 0.3-1.2 ms
+# (scripts/measure_cpu_costs.py).
 # Read at torch's first such matmul; a value the user set is kept.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
