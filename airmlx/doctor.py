@@ -42,7 +42,14 @@ def scoring_passes(requests: int, tokens: int, per_pass: int, batch_size: int = 
     return -(-batches // max(per_pass // (batch_size * tokens), 1))
 
 
-def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None):
+def rounds(draft_tokens, draft_s) -> str:
+    """What a speculative round's drafting costs: k calls, in seconds where --num-draft-tokens gives k."""
+    if draft_tokens is None:
+        return "k draft tokens costs about k calls"
+    return f"{draft_tokens} draft tokens (--num-draft-tokens) costs about {1e3 * draft_tokens * draft_s:.1f} ms"
+
+
+def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None, draft_tokens=None):
     plan = model.plan
     prefill = p.prefill_s_per_token * prompt_tokens + plan.streamed_bytes_per_step / p.cold_bps
     passes = scoring_passes(requests, request_tokens, pass_tokens(model.config))
@@ -60,8 +67,8 @@ def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None):
         + (f" and about {format_bytes(p.experts_per_step)} of routed experts" if plan.expert_bytes else "")
         + f" per token: {disk_alone(p):.2f} s from the disk alone)",
         *([f"draft    {1e3 * draft_s:.1f} ms a call, {format_bytes(plan.draft_bytes)} resident: the decode line is "
-           f"without it; a round of k draft tokens costs about k calls and pays while the tokens it adds save "
-           f"more than that in sweeps (the stats line shows what a run gets)"] if draft_s is not None else []),
+           f"without it; a round of {rounds(draft_tokens, draft_s)} and pays while the tokens it adds save more "
+           f"than that in sweeps (the stats line shows what a run gets)"] if draft_s is not None else []),
         f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
         f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
     ])
@@ -91,10 +98,13 @@ def main(argv=None) -> int:
         args.prompt_tokens = args.prompt_tokens or min(512, context)
         args.request_tokens = args.request_tokens or min(256, context)
         cold, warm = measure_disk(model)
-        preflight = predict(model, cold, warm, expert_bps=measure_experts(model))
+        preflight = predict(model, cold, warm, expert_bps=measure_experts(model), keep_records=args.profile)
         save(model.shard_dir, preflight)
         draft_s = draft_call_seconds(model.draft) if model.draft is not None else None
-        print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens, draft_s))
+        print(report(model, preflight, args.prompt_tokens, args.requests, args.request_tokens, draft_s,
+                     args.num_draft_tokens))
+        if args.profile:  # the stages of the steps it timed
+            print(model.profile_report(show=False), file=sys.stderr)
     return 0
 
 

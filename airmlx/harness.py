@@ -21,6 +21,7 @@ from .auto import AutoModel
 from .cli import face
 from .errors import OptionError
 from .hub import DEMO_MODEL
+from .scoring import encode_pair
 
 
 def cuda_available():
@@ -66,20 +67,8 @@ class AirmlxLM(LM):
         from lm_eval import utils
         return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
-    def encode_pair(self, context, continuation):
-        """Token ids of context and continuation, split where the joint encoding splits (trailing spaces of
-        the context belong to the continuation, as lm-eval's own models do it)."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer(context + continuation, verbose=False)["input_ids"]
-        context_ids = self.tokenizer(context, verbose=False)["input_ids"] if context else [self.prefix_token]
-        if not context:
-            whole = context_ids + self.tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
-        return whole[:len(context_ids)], whole[len(context_ids):]
-
     def loglikelihood(self, requests, disable_tqdm=False):
-        pairs = [self.fitted(i, *self.encode_pair(*r.args)) for i, r in enumerate(requests)]
+        pairs = [self.fitted(i, *encode_pair(self.tokenizer, *r.args)) for i, r in enumerate(requests)]
         return [tuple(s) for s in self.model.score(pairs, batch_size=self.batch_size, progress=not disable_tqdm)]
 
     def fitted(self, index, context, continuation):
@@ -199,8 +188,21 @@ def main(argv=None) -> int:
     sys.argv[0] = "python -m airmlx.harness"
     if argv is not None:
         sys.argv[1:] = list(argv)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        if not raised_by_lm_eval(e):
+            raise
+        raise OptionError(f"lm-eval: {e}") from None  # an unknown task was lm-eval's traceback (QA)
     return 0
+
+
+def raised_by_lm_eval(error: BaseException) -> bool:
+    """Whether lm-eval's own code raised `error` (its answer to the command line), not airmlx or a library."""
+    trace = error.__traceback__
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return "/lm_eval/" in trace.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ class AirModel:
               progress: bool | None = None):
         """Log-likelihood and is-greedy of each request (a text, or a (context, continuation) pair, of text or
         token ids), layer-major: the model is read about once per pass, not once per request. The result
-        also carries .passes and .bytes_read (what the passes read, the resident stages' first loads left out).
+        also carries .passes and .bytes_read (what the disk read meanwhile: the passes and the next sweep's
+        first stages, read ahead as a pass ends; the resident stages' first loads left out).
         See airmlx.scoring. progress: a bar per pass (default: the model's own, from_pretrained(progress=))."""
         from .scoring import score
         return score(self, requests, batch_size=batch_size, max_tokens=max_tokens,

@@ -74,10 +74,11 @@ def sweep_seconds(plan, compute_s, bps, steps=3):
     return clock - step_start
 
 
-def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tuple:
+def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4, keep_records: bool = False) -> tuple:
     """({stage name: seconds to load and run it in a decode step of `batch` rows}, seconds of the prefill of
     `prompt` tokens before those steps, MoE: (expert bytes read, seconds waited for them) per decode step):
-    the stages profiled, the model's own profiling left as it was."""
+    the stages profiled, the model's own profiling left as it was (its records then hold these steps too
+    with keep_records=True: the doctor's --profile)."""
     profiling, records = model.profiling, list(model.profile_records)
     model.profiling = True
     model.profile_records.clear()
@@ -97,17 +98,17 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4) -> tup
         if r.step > first:
             compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
     model.profiling = profiling
-    model.profile_records[:] = records
+    model.profile_records[:] = records + (model.profile_records if keep_records else [])
     return compute, prefill, expert_reads
 
 
-def predict(model, cold_bps, warm_bps, steps=3, prompt=64, expert_bps=(0.0, 0.0)):
+def predict(model, cold_bps, warm_bps, steps=3, prompt=64, expert_bps=(0.0, 0.0), keep_records=False):
     """A Preflight: compute measured on a prefill and a few warm decode steps (profiling the stages), then
     the sweep simulated at the two bandwidths. A MoE step also reads the experts its tokens route to that the
     cache lacks, once its router has run, so with nothing to compute meanwhile: those bytes, as the decode
     steps read them, are added in place of the time the steps waited for them, at expert_bps (cold, warm:
-    measure_experts()) where measured, else at the stages' bandwidths."""
-    compute, prefill, (expert_bytes, expert_wait) = stage_compute(model, 1, steps, prompt)
+    measure_experts()) where measured, else at the stages' bandwidths. keep_records: as stage_compute's."""
+    compute, prefill, (expert_bytes, expert_wait) = stage_compute(model, 1, steps, prompt, keep_records)
     plan = model.plan
     prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
     cold, warm = (sweep_seconds(plan, compute, bps) - expert_wait + expert_bytes / (experts or bps)

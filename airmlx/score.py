@@ -4,7 +4,8 @@
 
 Each line of REQUESTS.jsonl (or stdin, for -) is {"text": ...}, every token after the first scored, or
 {"context": ..., "continuation": ...}, the continuation's tokens scored; texts, or lists of token ids. Each line
-out is {"loglikelihood": ..., "is_greedy": ...}, in the requests' order (model.score, airmlx/scoring.py).
+out is {"loglikelihood": ..., "is_greedy": ...} (and the request's "id", if it has one) on its request's line
+number: blank lines between requests stay blank (model.score, airmlx/scoring.py).
 """
 import json
 import sys
@@ -28,10 +29,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def read_requests(lines, source: str) -> list:
+def request_part(item: dict, key: str, where: str):
+    """A request's "text", "context" or "continuation": a string or a list of token ids, or a one-line error."""
+    value = item[key]
+    if isinstance(value, str) or (isinstance(value, list) and all(type(t) is int for t in value)):
+        return value
+    raise OptionError(f'{where}: "{key}" is {json.dumps(value)[:40]}; give a string or a list of token ids.')
+
+
+def read_requests(lines, source: str) -> tuple:
     """A JSON object per line (bytes, UTF-8) -> (model.score's requests: a text or ids, or a (context,
-    continuation) tuple; the line each came from). Other keys (an "id") are left alone."""
-    requests, numbers = [], []
+    continuation) tuple; the line each came from; each one's "id" or None). Other keys are left alone."""
+    requests, numbers, ids = [], [], []
     for number, raw in enumerate(lines, 1):
         where = f"{source} line {number}"
         try:
@@ -48,28 +57,40 @@ def read_requests(lines, source: str) -> list:
         except UnicodeEncodeError:
             raise OptionError(f"{where}: holds a lone surrogate escape, which is no text.") from None
         keys = set(item) & {"text", "context", "continuation"} if isinstance(item, dict) else None
-        numbers.append(number)
         if keys == {"text"}:
-            requests.append(item["text"])
+            requests.append(request_part(item, "text", where))
         elif keys == {"context", "continuation"}:
-            requests.append((item["context"], item["continuation"]))
+            requests.append((request_part(item, "context", where), request_part(item, "continuation", where)))
         else:
             raise OptionError(f'{where}: use {{"text": ...}} or {{"context": ..., "continuation": ...}}, not '
                               f"{line.strip()[:60]}.")
+        numbers.append(number)
+        ids.append(item.get("id"))
     if not requests:
         raise OptionError(f"{source} holds no requests.")
-    return requests, numbers
+    return requests, numbers, ids
+
+
+def output_lines(scores, numbers: list, ids: list) -> list:
+    """A JSON line per request, on the line its request had: a blank line between requests gives a blank line
+    out (trailing ones give none), so line N out answers line N in. A request's "id" comes back with it."""
+    out = []
+    for (loglikelihood, greedy), number, key in zip(scores, numbers, ids):
+        out += [""] * (number - 1 - len(out))
+        out.append(json.dumps({**({"id": key} if key is not None else {}), "loglikelihood": loglikelihood,
+                               "is_greedy": greedy}))
+    return out
 
 
 @face
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.requests == "-":
-        source, (requests, numbers) = "stdin", read_requests(sys.stdin.buffer, "stdin")
+        source, (requests, numbers, ids) = "stdin", read_requests(sys.stdin.buffer, "stdin")
     else:
         try:
             with open(args.requests, "rb") as f:
-                source, (requests, numbers) = args.requests, read_requests(f, args.requests)
+                source, (requests, numbers, ids) = args.requests, read_requests(f, args.requests)
         except OSError as e:
             raise OptionError(f"{args.requests}: {e.strerror}.") from None
     with load_model(args) as model:
@@ -81,8 +102,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         if args.profile:
             print(model.profile_report(show=False), file=sys.stderr)
-    for loglikelihood, greedy in scores:
-        print(json.dumps({"loglikelihood": loglikelihood, "is_greedy": greedy}))
+    for line in output_lines(scores, numbers, ids):
+        print(line)
     passes = f"{scores.passes} pass" + ("es" if scores.passes != 1 else "")
     requests = f"{len(scores)} request" + ("s" if len(scores) != 1 else "")
     print(f"scored {requests} in {passes}, {seconds:.2f} s | read "

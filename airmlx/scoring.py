@@ -14,15 +14,33 @@ DEFAULT_HIDDEN_BYTES = 512 << 20  # hidden states of one pass kept in memory
 
 
 class Scores(list):
-    """[(log-likelihood, is_greedy)] per request, plus what the run cost: the passes, and the bytes their sweeps
-    read (the resident stages' first loads left out, as in generate's stats line)."""
+    """[(log-likelihood, is_greedy)] per request, plus what the run cost: the passes, and the bytes the disk read
+    meanwhile (their sweeps and the next sweep's first stages, read ahead as a pass ends; the resident stages'
+    first loads left out, as in generate's stats line)."""
     bytes_read = 0
     passes = 0
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
+    """Token ids of a text pair, split where the encoding of context + continuation splits, as lm-eval's models
+    split it: the context's trailing spaces go to the continuation, so "Answer: " + "Paris" scores " Paris" as
+    the running text has it; an empty context is the tokenizer's BOS token (its EOS where it has none)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        tail = tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
+        return ([] if prefix is None else [prefix]), tail
+    whole = tokenizer(context + continuation, verbose=False)["input_ids"]
+    context_ids = tokenizer(context, verbose=False)["input_ids"]
+    return whole[:len(context_ids)], whole[len(context_ids):]
+
+
 def encode(request, tokenizer, number: int = 0):
     """-> (token ids, index of the first scored token). A tuple is (context, continuation); anything else is
-    one text or one list of token ids. `tokenizer` is called only when there is text."""
+    one text or one list of token ids. `tokenizer` is called only when there is text. A pair of texts is split
+    as encode_pair splits it."""
     context, continuation = request if isinstance(request, tuple) else (request, None)
 
     def ids(part, first):
@@ -34,10 +52,15 @@ def encode(request, tokenizer, number: int = 0):
         raise ScoreRequestError(number, f" ({str(request)[:60]!r}): score() takes texts, lists of token ids, or "
                                    "(context, continuation) pairs of either.")
 
-    tokens = ids(context, True)
-    start = 1 if continuation is None else len(tokens)
-    if continuation is not None:
-        tokens = tokens + ids(continuation, False)
+    if isinstance(context, str) and isinstance(continuation, str):
+        tokens, scored = encode_pair(tokenizer(), context, continuation)
+        start = len(tokens)
+        tokens = tokens + scored
+    else:
+        tokens = ids(context, True)
+        start = 1 if continuation is None else len(tokens)
+        if continuation is not None:
+            tokens = tokens + ids(continuation, False)
     if start < 1 or len(tokens) <= start:
         raise ScoreRequestError(number, f" ({str(request)[:60]!r}) leaves nothing to score: it needs at least one "
                                    "context token and one scored token.")

@@ -47,6 +47,11 @@ def test_doctor_predicts_saves_and_the_stats_line_compares(tmp_path, capsys):
     assert "achieved (disk:" in done.stderr and "preflight:" not in done.stderr  # measured once already
     assert main(args[:-1] + ["1MB", "--draft-model", "4bit"]) == 0  # the draft: its call time, what decode means
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("draft ") and "ms a call" in line]
+    # Regression (QA): the doctor took --num-draft-tokens and --profile and did nothing with them
+    assert main(args[:-1] + ["1MB", "--draft-model", "4bit", "--num-draft-tokens", "6", "--profile"]) == 0
+    out, err = capsys.readouterr()
+    assert "a round of 6 draft tokens (--num-draft-tokens) costs about " in out
+    assert "layer.007" in err and "compute ms" in err  # the profile of the steps it timed
 
 
 def test_the_doctor_counts_a_moe_steps_expert_reads(tmp_path, capsys):

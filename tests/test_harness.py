@@ -180,3 +180,11 @@ def test_model_args_that_are_not_whole_numbers_are_refused_in_one_line(checkpoin
                                            f"layer_shards_saving_path={tmp_path / 's'}")
     assert made.batch_size == 8
     made.model.close()
+
+
+def test_lm_evals_own_refusals_are_one_line_exit_2():
+    """Regression (QA): an unknown task ended in lm-eval's ValueError traceback."""
+    run = subprocess.run([sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--tasks", "no_such_task"],
+                         capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1] == "airmlx: lm-eval: Tasks not found: no_such_task"

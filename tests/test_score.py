@@ -62,7 +62,7 @@ def test_model_read_once_per_pass(checkpoints, tmp_path):
 def test_text_requests_use_the_tokenizer_and_bad_requests_fail(checkpoints, tmp_path):
     folder, _ = checkpoints("llama")
     with airmlx.AutoModel.from_pretrained(folder, backend="torch") as model:
-        (loglik, _), = model.score([("w3 w4", "w5 w6")], progress=False)
+        (loglik, _), = model.score([("w3 w4", " w5 w6")], progress=False)
         ids = model.tokenizer("w3 w4")["input_ids"]
         (direct, _), = model.score([(ids, [5, 6])], progress=False)
         assert loglik == pytest.approx(direct, rel=1e-6)
@@ -110,7 +110,13 @@ def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(ch
     assert len(lines) == len(REQUESTS) and f"scored {len(REQUESTS)} requests in 1 pass," in err
     file.write_text('\ufeff{"id": 7, "text": [5, 17, 33]}\n')  # a BOM, and a key of the caller's own
     assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 0
-    assert capsys.readouterr().out.count("loglikelihood") == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["id"] == 7  # it comes back with its answer
+    # Regression (QA): a blank line between requests moved every later answer up a line
+    file.write_text('{"text": [5, 17, 33]}\n\n  \n{"text": [4, 8, 15]}\n\n')
+    assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [bool(line) for line in out] == [True, False, False, True]
     for request, line in zip(REQUESTS, lines):
         want_loglik, want_greedy = reference(ref, request)
         assert line["loglikelihood"] == pytest.approx(want_loglik, rel=1e-4, abs=1e-4)
@@ -122,7 +128,10 @@ def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(ch
                          (b'{"text": "\xff\xfe bad"}', "line 1: not UTF-8 text"),
                          ('{"text": "ok \\ud800"}', "line 1: holds a lone surrogate escape"),
                          ('\n{"text": [1, 5000]}', "line 2: token id 5000 is outside the model's vocabulary"),
-                         ('{"text": [1, 2.5, 3]}', "line 1 ('[1, 2.5, 3]'): score() takes texts, lists of token ids")]:
+                         # Regression (QA): these named score()'s Python arguments, not the file's fields
+                         ('{"text": [1, 2.5, 3]}', 'line 1: "text" is [1, 2.5, 3]; give a string or a list of token'),
+                         ('{"context": "a", "continuation": 5}', 'line 1: "continuation" is 5; give a string'),
+                         ('{"text": [true, 3]}', 'line 1: "text" is [true, 3]; give')]:
         file.write_bytes(text if isinstance(text, bytes) else text.encode())
         assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 2
         err = capsys.readouterr().err
@@ -146,3 +155,32 @@ def test_a_text_past_the_context_gets_our_refusal_not_the_tokenizers_warning(tmp
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [r for r in records if "sequence length is longer" in r.getMessage()]
+
+
+def test_a_text_pair_is_split_where_its_whole_text_splits_as_in_the_harness(tmp_path):
+    """Regression (QA): score() encoded a pair's texts apart, so "the cat " + "sat" scored a lone space token and
+    "sat" where the harness (as lm-eval's models) scores " sat": the same request had two answers."""
+    from tiny import make_chat_checkpoint
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from airmlx.harness import AirmlxLM
+    folder = make_chat_checkpoint(tmp_path / "src")
+    with airmlx.AutoModel.from_pretrained(folder, backend="torch") as model:
+        tok = model.tokenizer
+        context, whole = tok("What is a list?")["input_ids"], tok("What is a list? A list")["input_ids"]
+        assert tok("What is a list? ")["input_ids"] != context  # the trailing space is a token of its own
+        pairs = [("What is a list? ", "A list"), ("What is a list?", " A list")]
+        got = model.score(pairs, progress=False)
+        (want, _), = model.score([(context, whole[len(context):])], progress=False)
+        assert [s for s, _ in got] == pytest.approx([want, want], rel=1e-6)
+        (empty, _), = model.score([("", "A list")], progress=False)  # the BOS token is its context
+        (bos, _), = model.score([([tok.bos_token_id], tok("A list", add_special_tokens=False)["input_ids"])],
+                                progress=False)
+        assert empty == pytest.approx(bos, rel=1e-6)
+    adapter = AirmlxLM(pretrained=str(folder), backend="torch")
+    try:
+        harness = adapter.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    finally:
+        adapter.model.close()
+    assert [s for s, _ in harness] == pytest.approx([want, want], rel=1e-6)
