@@ -32,9 +32,9 @@ MOE_CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_
                   max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False)
 
 
-def build_moe_model(folder, layers, experts, skew=0.0):
-    """A random bf16 Mixtral (about 330 MB at the defaults), saved once and reused. skew > 0: each router's
-    row for expert e is scaled by 1 + skew * (E - 1 - e) / (E - 1), so its logits spread wider and top-k picks
+def build_moe_model(folder, layers, experts, skew=0.0, hidden=512):
+    """A random bf16 Mixtral (about 330 MB at the defaults; experts of hidden x 3 hidden), saved once and reused.
+    skew > 0: each router's row for expert e is scaled by 1 + skew * (E - 1 - e) / (E - 1), so its logits spread wider and top-k picks
     low-numbered experts more often, as trained routers favour some experts (a uniform random router
     spreads tokens evenly, which no real one does)."""
     def skewed(model):
@@ -43,8 +43,9 @@ def build_moe_model(folder, layers, experts, skew=0.0):
             for layer in model.model.layers:
                 gate = layer.mlp.gate.weight if hasattr(layer, "mlp") else layer.block_sparse_moe.gate.weight
                 gate.mul_(1 + skew * torch.linspace(1, 0, gate.shape[0])[:, None])
-    return save_random_model(folder, "Mixtral", {**MOE_CONFIG, "num_hidden_layers": layers, "num_local_experts": experts},
-                             skewed if skew else None)
+    shape = {"num_hidden_layers": layers, "num_local_experts": experts, "hidden_size": hidden,
+             "intermediate_size": 3 * hidden}
+    return save_random_model(folder, "Mixtral", {**MOE_CONFIG, **shape}, skewed if skew else None)
 
 
 def decode_steps(model, steps, cold, seed=0):
@@ -107,9 +108,10 @@ def report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, expert_g
 def run(args):
     from .auto import AutoModel
     from .manifest import Manifest
-    name = f"mixtral-{args.layers}x{args.experts}" + (f"-skew{args.skew:g}" if args.skew else "")
+    name = f"mixtral-{args.layers}x{args.experts}" + (f"-skew{args.skew:g}" if args.skew else "") + \
+        (f"-h{args.hidden}" if args.hidden != MOE_CONFIG["hidden_size"] else "")
     src, shards = bench_shards(args, generated=(name, lambda f: build_moe_model(f, args.layers, args.experts,
-                                                                                 args.skew)))
+                                                                                 args.skew, args.hidden)))
     manifest = Manifest.load(shards)
     routed = [s for s in manifest.stages if s.kind == "experts"]
     if not routed:
@@ -149,6 +151,8 @@ def main(argv=None):
     parser = ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Mixtral", layers=8)
     parser.add_argument("--experts", type=int, default=8, help="routed experts per layer of the generated model")
+    parser.add_argument("--hidden", type=int, default=MOE_CONFIG["hidden_size"],
+                        help="hidden size of the generated model; its experts are hidden x 3 hidden (default %(default)s)")
     parser.add_argument("--skew", type=float, default=2.0,
                         help="router skew of the generated model (0: a uniform random router; default 2)")
     run(parser.parse_args(argv))

@@ -20,6 +20,7 @@ from .manifest import repair_hint, write_atomic
 
 READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
 PROFILE_NAME = "expert_usage.json"
+PROFILE_MIN_STEPS = 16  # decode steps' worth of routing counts a layer needs before they predict its misses
 
 
 class ExpertCache:
@@ -207,6 +208,29 @@ class ExpertCache:
             self.cached_bytes -= nbytes
             self.profiled.discard(key)
         return fits()
+
+    def steady_miss_bytes(self, min_steps: int = PROFILE_MIN_STEPS) -> "float | None":
+        """Bytes of routed experts a decode step reads once the cache has settled, from the saved usage
+        profile's routing counts (not this run's, which may be one synthetic prompt's): the cache keeps the most
+        routed experts (_evict) but for the room a step's top_k misses take while they load, so a layer's
+        choices miss with the routing share of the experts that do not fit beside that room (within 5% of
+        simulated steps, tests/test_moe.py). None before warm() or while some layer has fewer than min_steps
+        steps' worth of counts."""
+        counts = self.prior
+        per_layer = Counter()
+        for (layer, _), n in counts.items():
+            per_layer[layer] += n
+        if any(per_layer[layer] < min_steps * self.top_k for layer in self.entries):
+            return None
+        largest = max(self.sizes.values()) * self.held_per_byte
+        held, room = set(), self.capacity - self.group_bytes - self.top_k * largest
+        for key, _ in counts.most_common():
+            room -= self.sizes[key] * self.held_per_byte
+            if room < 0:
+                break
+            held.add(key)
+        return sum(self.top_k * n / per_layer[key[0]] * self.sizes[key] for key, n in counts.items()
+                   if key not in held)
 
     # -- reporting and the end ----------------------------------------------------------------------
     def stats(self):

@@ -29,7 +29,7 @@ class Preflight:
     prefill_s_per_token: float = 0.0  # compute of one prompt token through every stage
     cold_s_per_token: float = 0.0
     warm_s_per_token: float = 0.0
-    experts_per_step: int = 0  # MoE: routed experts' bytes a decode step read, as measured
+    experts_per_step: int = 0  # MoE: routed experts' bytes a decode step reads (measured, or from the profile)
     expert_cold_bps: float = 0.0  # MoE: bytes per second reading routed experts as steps do (0: not measured)
     expert_warm_bps: float = 0.0
 
@@ -107,8 +107,14 @@ def predict(model, cold_bps, warm_bps, steps=3, prompt=64, expert_bps=(0.0, 0.0)
     the sweep simulated at the two bandwidths. A MoE step also reads the experts its tokens route to that the
     cache lacks, once its router has run, so with nothing to compute meanwhile: those bytes, as the decode
     steps read them, are added in place of the time the steps waited for them, at expert_bps (cold, warm:
-    measure_experts()) where measured, else at the stages' bandwidths. keep_records: as stage_compute's."""
+    measure_experts()) where measured, else at the stages' bandwidths. The bytes are those the cache misses
+    once settled, where the usage profile holds enough routing to say (ExpertCache.steady_miss_bytes): a few
+    steps after a prefill miss more than a long run does (2 x on a bench MoE of 19 MB experts). keep_records:
+    as stage_compute's."""
     compute, prefill, (expert_bytes, expert_wait) = stage_compute(model, 1, steps, prompt, keep_records)
+    cache = model.scheduler.experts
+    settled = cache.steady_miss_bytes() if cache is not None else None
+    expert_bytes = expert_bytes if settled is None else settled
     plan = model.plan
     prefill_compute = max(prefill - plan.streamed_bytes_per_step / warm_bps, prefill * 0.5)
     cold, warm = (sweep_seconds(plan, compute, bps) - expert_wait + expert_bytes / (experts or bps)
