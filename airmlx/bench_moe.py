@@ -34,9 +34,9 @@ MOE_CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_
 
 def build_moe_model(folder, layers, experts, skew=0.0, hidden=512):
     """A random bf16 Mixtral (about 330 MB at the defaults; experts of hidden x 3 hidden), saved once and reused.
-    skew > 0: each router's row for expert e is scaled by 1 + skew * (E - 1 - e) / (E - 1), so its logits spread wider and top-k picks
-    low-numbered experts more often, as trained routers favour some experts (a uniform random router
-    spreads tokens evenly, which no real one does)."""
+    skew > 0: each router's row for expert e is scaled by 1 + skew * (E - 1 - e) / (E - 1), so its logits
+    spread wider and top-k picks low-numbered experts more often, as trained routers favour some experts (a
+    uniform random router spreads tokens evenly, which no real one does)."""
     def skewed(model):
         import torch
         with torch.no_grad():
