@@ -24,7 +24,7 @@ _ERRORS = ["AirmlxError", "ModelNotFoundError", "UnsupportedArchitectureError", 
            "InsufficientDiskSpaceError", "BudgetError", "BackendError", "OptionError", "GenerationError",
            "ScoreRequestError", "CacheTrimError", "ModelClosedError", "DraftModelError"]
 _EXPORTS = {"AutoModel": ".auto", "AirModel": ".model", "shard_checkpoint": ".sharder", "DEMO_MODEL": ".hub",
-            "ChatSession": ".session", **dict.fromkeys(_ERRORS, ".errors")}
+            "ChatSession": ".session", **dict.fromkeys(_ERRORS, ".errors"), "GGUFError": ".gguf"}
 __all__ = list(_EXPORTS)
 
 

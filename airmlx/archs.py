@@ -199,8 +199,10 @@ def from_mlx_names(arch, names) -> dict:
 def arch_for(config: dict) -> Arch:
     model_type = config.get("model_type")
     if model_type not in ARCHS:
+        from .multimodal import LANGUAGE_MODELS  # it imports this module
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported by airmlx; supported: {', '.join(sorted(ARCHS))}.")
+            f"model_type {model_type!r} is not supported by airmlx; supported: {', '.join(sorted(ARCHS))}; "
+            f"image-text, their language model: {', '.join(sorted(LANGUAGE_MODELS))}.")
     return ARCHS[model_type]
 
 

@@ -1,5 +1,5 @@
 """Every user-facing failure in one table: the input, the airmlx exception, a key phrase of its one-line message.
-README's error table lists the same rows in the same order."""
+README's error table lists them (with a few that other test files check), each class importable from airmlx."""
 import json
 import shutil
 from types import SimpleNamespace
@@ -264,7 +264,7 @@ ROWS = [
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(folder_with(c, {"model_type": "rwkv"})),
                  UnsupportedArchitectureError,
                  "'rwkv' is not supported .*supported: apertus, baichuan_m1, .*gemma2, .*llama, .*mistral, "
-                 ".*qwen3_moe, .*starcoder2\\.",
+                 ".*qwen3_moe, .*starcoder2; image-text, their language model: gemma3, .*qwen3_vl_moe\\.",
                  id="unsupported architecture"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(quantised_checkpoint(c)), CheckpointError,
                  r"holds weights quantised with gptq \(e.g. model.layers.0.mlp.down_proj.qweight\), which "
@@ -579,3 +579,19 @@ def test_every_error_class_imports_from_the_package():
     import airmlx.errors
     classes = {n for n, v in vars(airmlx.errors).items() if isinstance(v, type) and issubclass(v, AirmlxError)}
     assert classes <= set(airmlx.__all__) and all(getattr(airmlx, n) is getattr(airmlx.errors, n) for n in classes)
+
+
+def test_the_readmes_error_table_names_classes_airmlx_exports_and_every_one_raised_here():
+    """Regression (a README audit): the table said every class imports from airmlx, and GGUFError did not."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Errors"):]
+    table = table[:table.index("\n## ", 1)]
+    named = set(re.findall(r"^\|[^|]*\| `(\w+)` \|", table, re.M))
+    assert len(named) >= 10
+    for name in named:
+        cls = getattr(airmlx, name)
+        assert issubclass(cls, AirmlxError), name
+    raised = {p.values[1].__name__ for p in ROWS}
+    assert raised <= named, raised - named
