@@ -196,10 +196,15 @@ def from_mlx_names(arch, names) -> dict:
     return {n: renamed(n, back) for n in names}
 
 
+# image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own);
+# airmlx/multimodal.py reads their checkpoints
+LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+                   "qwen3_vl_moe": "qwen3_moe"}
+
+
 def arch_for(config: dict) -> Arch:
     model_type = config.get("model_type")
     if model_type not in ARCHS:
-        from .multimodal import LANGUAGE_MODELS  # it imports this module
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported by airmlx; supported: {', '.join(sorted(ARCHS))}; "
             f"image-text, their language model: {', '.join(sorted(LANGUAGE_MODELS))}.")

@@ -13,13 +13,10 @@ import json
 import re
 from pathlib import Path
 
-from .archs import renamed
+from .archs import LANGUAGE_MODELS, renamed
 from .errors import CheckpointError
 from .hf_config import transformers_config
 
-# image-text model_types whose language model airmlx runs -> the model_type it runs as (None: text_config's own)
-LANGUAGE_MODELS = {"gemma3": None, "mistral3": None, "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
-                   "qwen3_vl_moe": "qwen3_moe"}
 # what the image-text model's own modules do whatever its config says, set in the config of the model it runs as:
 # Qwen3-VL-MoE's router always normalises its top-k weights, Qwen3-MoE's only with norm_topk_prob
 AS_RUN = {"qwen3_vl_moe": {"norm_topk_prob": True}}

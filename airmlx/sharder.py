@@ -20,12 +20,20 @@ import numpy as np
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
 from . import quant
-from .archs import ARCHS, arch_for, expert_index, from_mlx_names, stage_layout, unquantized_modules, with_base_prefix
+from .archs import (
+    ARCHS,
+    LANGUAGE_MODELS,
+    arch_for,
+    expert_index,
+    from_mlx_names,
+    stage_layout,
+    unquantized_modules,
+    with_base_prefix,
+)
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, OptionError
 from .hf_config import with_standard_names
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .multimodal import (
-    LANGUAGE_MODELS,
     SOURCE_CONFIG,
     WRAPPED,
     language_model_config,
