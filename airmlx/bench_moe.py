@@ -155,7 +155,10 @@ def main(argv=None):
                         help="hidden size of the generated model; its experts are hidden x 3 hidden (default %(default)s)")
     parser.add_argument("--skew", type=float, default=2.0,
                         help="router skew of the generated model (0: a uniform random router; default 2)")
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.hidden < MOE_CONFIG["num_attention_heads"] or args.hidden % MOE_CONFIG["num_attention_heads"]:
+        parser.error(f"--hidden {args.hidden}: use a multiple of {MOE_CONFIG['num_attention_heads']} (its heads)")
+    run(args)
     return 0
 
 

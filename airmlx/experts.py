@@ -20,6 +20,7 @@ from .manifest import repair_hint, write_atomic
 
 READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
 PROFILE_NAME = "expert_usage.json"
+DECODE_TABLE = "decode"  # the profile's table of decode steps' routing (one token's top_k at a time)
 PROFILE_MIN_STEPS = 16  # decode steps' worth of routing counts a layer needs before they predict its misses
 
 
@@ -45,6 +46,8 @@ class ExpertCache:
         self.last_routed = {}  # layer -> the experts it routed to last time
         self.usage = Counter()  # (layer, expert) -> times routed, this run
         self.prior = Counter()  # (layer, expert) -> times routed in the saved usage profile
+        self.decode_usage = Counter()  # of usage, the routing of one token at a time (decode steps)
+        self.decode_prior = Counter()  # of prior, the same
         self.profiled = set()  # experts the usage profile put in the cache at start
         self.ahead = set()  # experts being read ahead by look_ahead()
         self.readers = None
@@ -65,6 +68,8 @@ class ExpertCache:
                 raise CorruptShardError(f"the router of layer {layer} chose expert {e}, which its shard folder "
                                         f"does not hold; {repair_hint(self.store.folder)}")
         self.usage.update((layer, e) for e in experts)
+        if len(experts) <= self.top_k:  # one token's choices, not a prefill's union
+            self.decode_usage.update((layer, e) for e in experts)
         self.last_routed[layer] = list(experts)
         self._settle(layer, {(layer, e) for e in experts})
         self._read_missing(layer, experts)
@@ -173,6 +178,8 @@ class ExpertCache:
         """Fill the cache with the hottest experts of the saved usage profile, as many as fit."""
         self.warmed = True
         self.prior = Counter({key: n for key, n in load_profile(self.store.folder).items() if key in self.sizes})
+        self.decode_prior = Counter({key: n for key, n in load_profile(self.store.folder, DECODE_TABLE).items()
+                                     if key in self.sizes})
         hottest = [key for key, _ in self.prior.most_common()]
         chosen, used = [], 0
         for key in hottest:
@@ -210,20 +217,21 @@ class ExpertCache:
         return fits()
 
     def steady_miss_bytes(self, min_steps: int = PROFILE_MIN_STEPS) -> "float | None":
-        """Bytes of routed experts a decode step reads once the cache has settled, from the saved usage
-        profile's routing counts (not this run's, which may be one synthetic prompt's): the cache keeps the most
-        routed experts (_evict) but for the room a step's top_k misses take while they load, so a layer's
-        choices miss with the routing share of the experts that do not fit beside that room (within 5% of
-        simulated steps, tests/test_moe.py). None before warm() or while some layer has fewer than min_steps
-        steps' worth of counts."""
-        counts = self.prior
+        """Bytes of routed experts a decode step reads once the cache has settled, from the decode steps'
+        routing in the saved usage profile (not this run's, which may be one synthetic prompt's; not prefills',
+        which count a whole prompt's experts once): the cache keeps the most routed experts (_evict) but for the
+        room where a step's misses land, one expert, or top_k when groups are of one and the look-ahead's
+        guesses take room too, so a layer's choices miss with the routing share of the experts that do not fit
+        (within 10% of simulated steps, tests/test_moe.py). None before warm() or while some layer has fewer
+        than min_steps decode steps in the profile."""
+        counts = self.decode_prior
         per_layer = Counter()
         for (layer, _), n in counts.items():
             per_layer[layer] += n
         if any(per_layer[layer] < min_steps * self.top_k for layer in self.entries):
             return None
-        largest = max(self.sizes.values()) * self.held_per_byte
-        held, room = set(), self.capacity - self.group_bytes - self.top_k * largest
+        landing = (1 if self.group_bytes else self.top_k) * max(self.sizes.values()) * self.held_per_byte
+        held, room = set(), self.capacity - landing
         for key, _ in counts.most_common():
             room -= self.sizes[key] * self.held_per_byte
             if room < 0:
@@ -250,28 +258,31 @@ class ExpertCache:
             self.readers.shutdown()
             self.readers = None
         self._evict(self.capacity + 1, keep=set())
-        save_profile(self.store.folder, self.usage)
+        save_profile(self.store.folder, self.usage, self.decode_usage)
 
 
-def load_profile(folder):
-    """Counter of (layer, expert) -> times routed, from the shard folder's usage profile (empty if none)."""
+def load_profile(folder, table="layers"):
+    """Counter of (layer, expert) -> times routed, from the shard folder's usage profile (empty if none):
+    every routing ("layers") or decode steps' alone (DECODE_TABLE)."""
     try:
         raw = json.loads((Path(folder) / PROFILE_NAME).read_text())
-        return Counter({(int(layer), int(e)): int(n) for layer, row in raw["layers"].items() for e, n in row.items()})
+        return Counter({(int(layer), int(e)): int(n) for layer, row in raw[table].items() for e, n in row.items()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Counter()
 
 
-def save_profile(folder, usage):
-    """Add this run's routing counts to the folder's usage profile (a read-only folder keeps none)."""
+def save_profile(folder, usage, decode_usage=None):
+    """Add this run's routing counts (and of them, its decode steps') to the folder's usage profile (a
+    read-only folder keeps none)."""
     if not usage:
         return
-    total = load_profile(folder) + usage
-    layers = {}
-    for (layer, e), n in total.items():
-        layers.setdefault(str(layer), {})[str(e)] = n
+    tables = {}
+    for table, counts in (("layers", usage), (DECODE_TABLE, decode_usage or Counter())):
+        rows = tables[table] = {}
+        for (layer, e), n in (load_profile(folder, table) + counts).items():
+            rows.setdefault(str(layer), {})[str(e)] = n
     try:
-        write_atomic(Path(folder) / PROFILE_NAME, json.dumps({"layers": layers}).encode())
+        write_atomic(Path(folder) / PROFILE_NAME, json.dumps(tables).encode())
     except OSError:
         pass
 

@@ -200,6 +200,8 @@ def main(argv=None) -> int:
 def raised_by_lm_eval(error: BaseException) -> bool:
     """Whether lm-eval's own code raised `error` (its answer to the command line), not airmlx or a library."""
     trace = error.__traceback__
+    if trace is None:
+        return False
     while trace.tb_next is not None:
         trace = trace.tb_next
     return "/lm_eval/" in trace.tb_frame.f_code.co_filename.replace("\\", "/")

@@ -6,6 +6,7 @@ are saved in the shard folder (preflight.json) for the CLIs' one-line preflight 
 """
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4, keep_r
     the stages profiled, the model's own profiling left as it was (its records then hold these steps too
     with keep_records=True: the doctor's --profile)."""
     profiling, records = model.profiling, list(model.profile_records)
+    routed = model.scheduler.experts
+    usage = (Counter(routed.usage), Counter(routed.decode_usage)) if routed else None
     model.profiling = True
     model.profile_records.clear()
     cache = model.new_cache(batch, [0] * batch)
@@ -99,6 +102,8 @@ def stage_compute(model, batch: int = 1, steps: int = 2, prompt: int = 4, keep_r
             compute[r.stage] = compute.get(r.stage, 0.0) + (r.load_s + r.compute_s) / steps
     model.profiling = profiling
     model.profile_records[:] = records + (model.profile_records if keep_records else [])
+    if usage:  # these synthetic steps' routing stays out of the usage profile saved on close
+        routed.usage, routed.decode_usage = usage
     return compute, prefill, expert_reads
 
 

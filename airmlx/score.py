@@ -39,7 +39,8 @@ def request_part(item: dict, key: str, where: str):
 
 def read_requests(lines, source: str) -> tuple:
     """A JSON object per line (bytes, UTF-8) -> (model.score's requests: a text or ids, or a (context,
-    continuation) tuple; the line each came from; each one's "id" or None). Other keys are left alone."""
+    continuation) tuple; the line each came from; each one's "id" as a 1-tuple, () without one). Other keys are
+    left alone."""
     requests, numbers, ids = [], [], []
     for number, raw in enumerate(lines, 1):
         where = f"{source} line {number}"
@@ -65,7 +66,7 @@ def read_requests(lines, source: str) -> tuple:
             raise OptionError(f'{where}: use {{"text": ...}} or {{"context": ..., "continuation": ...}}, not '
                               f"{line.strip()[:60]}.")
         numbers.append(number)
-        ids.append(item.get("id"))
+        ids.append((item["id"],) if "id" in item else ())
     if not requests:
         raise OptionError(f"{source} holds no requests.")
     return requests, numbers, ids
@@ -77,8 +78,7 @@ def output_lines(scores, numbers: list, ids: list) -> list:
     out = []
     for (loglikelihood, greedy), number, key in zip(scores, numbers, ids):
         out += [""] * (number - 1 - len(out))
-        out.append(json.dumps({**({"id": key} if key is not None else {}), "loglikelihood": loglikelihood,
-                               "is_greedy": greedy}))
+        out.append(json.dumps({**{"id": k for k in key}, "loglikelihood": loglikelihood, "is_greedy": greedy}))
     return out
 
 

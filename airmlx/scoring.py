@@ -24,7 +24,9 @@ class Scores(list):
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
     """Token ids of a text pair, split where the encoding of context + continuation splits, as lm-eval's models
     split it: the context's trailing spaces go to the continuation, so "Answer: " + "Paris" scores " Paris" as
-    the running text has it; an empty context is the tokenizer's BOS token (its EOS where it has none)."""
+    the running text has it; an empty context is the tokenizer's BOS token (its EOS where it has none). Where
+    the whole text's tokens do not begin with the context's (a token across the boundary, an EOS the tokenizer
+    appends), the continuation is encoded on its own."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -34,7 +36,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
         return ([] if prefix is None else [prefix]), tail
     whole = tokenizer(context + continuation, verbose=False)["input_ids"]
     context_ids = tokenizer(context, verbose=False)["input_ids"]
-    return whole[:len(context_ids)], whole[len(context_ids):]
+    if whole[:len(context_ids)] != context_ids or len(whole) == len(context_ids):
+        return context_ids, tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    return context_ids, whole[len(context_ids):]
 
 
 def encode(request, tokenizer, number: int = 0):

@@ -67,6 +67,9 @@ def test_the_doctor_counts_a_moe_steps_expert_reads(tmp_path, capsys):
     assert "of routed experts per token" in out and saved.experts_per_step > 0
     assert "experts " in out and saved.expert_cold_bps > 0 and saved.expert_warm_bps > 0
     assert saved.cold_s_per_token > saved.experts_per_step / saved.expert_cold_bps  # at least its experts read cold
+    # its synthetic prompt's routing stays out of the usage profile (review): it would be what the next run pins
+    from airmlx.experts import PROFILE_NAME
+    assert not (shards / PROFILE_NAME).exists()
 
 
 def test_routed_experts_are_measured_as_steps_read_them_and_predicted_at_that_speed(tmp_path):

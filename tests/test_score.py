@@ -108,10 +108,11 @@ def test_the_score_face_prints_transformers_loglikelihoods_a_line_per_request(ch
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(REQUESTS) and f"scored {len(REQUESTS)} requests in 1 pass," in err
-    file.write_text('\ufeff{"id": 7, "text": [5, 17, 33]}\n')  # a BOM, and a key of the caller's own
+    file.write_text('\ufeff{"id": 7, "text": [5, 17, 33]}\n{"id": null, "text": [5, 17]}\n{"id": 0, "text": [5, 1]}\n'
+                    '{"text": [5, 2]}\n')  # a BOM, and a key of the caller's own
     assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 0
-    (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["id"] == 7  # it comes back with its answer
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("id", "none") for line in out] == [7, None, 0, "none"]  # each comes back with its answer
     # Regression (QA): a blank line between requests moved every later answer up a line
     file.write_text('{"text": [5, 17, 33]}\n\n  \n{"text": [4, 8, 15]}\n\n')
     assert main([str(file), "--model", str(shards), "--backend", "torch"]) == 0
@@ -184,3 +185,24 @@ def test_a_text_pair_is_split_where_its_whole_text_splits_as_in_the_harness(tmp_
     finally:
         adapter.model.close()
     assert [s for s, _ in harness] == pytest.approx([want, want], rel=1e-6)
+
+
+def test_a_pair_whose_whole_text_does_not_start_with_its_contexts_tokens_scores_the_continuation_apart():
+    """Review: a token across the boundary ("a" + "b" is the token "ab") left the continuation no token of its own,
+    and a tokenizer that appends EOS scored that EOS in place of the continuation's last token."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from airmlx.scoring import encode_pair
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "c": 5}
+    merging = Tokenizer(models.BPE(vocab, [("a", "b")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=merging, bos_token="<s>", eos_token="</s>")
+    assert tok("ab", add_special_tokens=False)["input_ids"] == [4]
+    assert encode_pair(tok, "a", "b") == ([2], [3])
+    appending = Tokenizer(models.BPE(vocab, []))
+    appending.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=appending, bos_token="<s>", eos_token="</s>")
+    assert tok("ac")["input_ids"] == [2, 5, 1]
+    context, continuation = encode_pair(tok, "ac", "c")
+    assert continuation == [5]
+    assert encode_pair(tok, "", "c") == ([0], [5])  # an empty context: the BOS token
