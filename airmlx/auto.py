@@ -1,7 +1,10 @@
 """AutoModel.from_pretrained: resolve the model, shard it once, pick a backend, return an AirModel."""
+import os
 import platform
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .archs import arch_for
 from .draft import quantised_copy
@@ -116,6 +119,15 @@ class AutoModel:
         if unknown:
             hints = "".join(f"; {k}: {FROM_PRETRAINED_HINTS[k]}" for k in sorted(unknown) if k in FROM_PRETRAINED_HINTS)
             raise OptionError(f"from_pretrained() got unsupported arguments {sorted(unknown)}{hints}.")
+        for option, value, what in (("path_or_id", path_or_id, "a folder, file or hub id"),
+                                    ("layer_shards_saving_path", layer_shards_saving_path, "a folder")):
+            if not isinstance(value, (str, os.PathLike)) and (value is not None or option == "path_or_id"):
+                raise OptionError(f"{option}={value!r}: give {what} as a string (or a Path).")
+        for option, value in (("prefetching", prefetching), ("profiling_mode", profiling_mode),
+                              ("progress", progress), ("trust_remote_code", trust_remote_code),
+                              ("delete_original", delete_original), ("allow_pickle", allow_pickle)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise OptionError(f"{option}={value!r}: use True or False.")
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         launched = launched_framework()

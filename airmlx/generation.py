@@ -126,6 +126,28 @@ def check_seed(seed) -> None:
         raise GenerationError(f"seed={seed!r}: use a whole number >= 0, or None for a fresh one.")
 
 
+def check_token_ids(name: str, value, many: bool = True) -> None:
+    """eos_token_id (a token id or a list of them) or pad_token_id (one id): whole numbers, or None. A negative
+    eos id is no token, so nothing stops a row (transformers takes it too, with a warning)."""
+    ids = list(value) if many and isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if value is not None and not all(is_int(t) and (many or t >= 0) for t in ids):  # [] is no eos: taken
+        raise GenerationError(f"{name}={value!r}: use a token id (a whole number" + (")" if many else " >= 0)")
+                              + (", a list of them" if many else "") + ", or None for the model's own.")
+
+
+def check_flags(**flags) -> None:
+    """do_sample, use_cache, ...: True, False (or None where the default is meant); "no" would count as True."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise GenerationError(f"{name}={value!r}: use True or False.")
+
+
+def check_streamer(streamer) -> None:
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise GenerationError(f"streamer={type(streamer).__name__}: give an object with put(ids) and end(), as "
+                              "transformers' TextStreamer has.")
+
+
 def check_sampling(max_new_tokens, do_sample, temperature, top_p, top_k):
     if not is_number(temperature) or not is_number(top_p):
         raise GenerationError(f"temperature={temperature!r}, top_p={top_p!r}: both must be numbers.")
@@ -202,6 +224,8 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | No
     lead_pads = attention_mask is None and mask_pad is not None
     kind = type(input_ids).__module__.split(".")[0]
     if kind == "torch":
+        if input_ids.is_floating_point() or input_ids.is_complex():  # numpy has no bfloat16 to say it with
+            raise GenerationError(f"input_ids is a {input_ids.dtype} tensor; pass integer token ids (B, T).")
         ids = input_ids.detach().cpu().numpy()
         restore = lambda a: __import__("torch").from_numpy(a)
     elif kind == "mlx":
@@ -221,6 +245,9 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | No
         ids = np.array([[pad_token_id] * (width - len(r)) + r for r in rows], dtype=np.int64)
         if attention_mask is None:
             attention_mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        elif isinstance(attention_mask, (list, tuple)) and len(attention_mask) == len(rows) and all(
+                isinstance(m, (list, tuple)) and len(m) == len(r) for m, r in zip(attention_mask, rows)):
+            attention_mask = [[0] * (width - len(m)) + list(m) for m in attention_mask]  # padded as the rows are
         flat = not input_ids or not isinstance(input_ids[0], (list, tuple, np.ndarray))
         restore = (lambda a: a[0].tolist()) if flat else (lambda a: a.tolist())
     else:
@@ -235,7 +262,12 @@ def to_batch(input_ids, attention_mask=None, pad_token_id=0, mask_pad: "int | No
     if attention_mask is None:
         mask = np.ones_like(ids)
     else:
-        mask = np.asarray(attention_mask.detach().cpu() if hasattr(attention_mask, "detach") else attention_mask)
+        try:
+            mask = np.asarray(attention_mask.detach().cpu().long() if hasattr(attention_mask, "detach")
+                              else attention_mask)
+        except (ValueError, TypeError):  # a ragged list that does not match the rows
+            raise GenerationError("attention_mask is not a (B, T) array of 0s and 1s matching input_ids; give one row "
+                                  "per prompt, as long as it.") from None
         if mask.ndim == 1:
             mask = mask[None]
         if mask.shape != ids.shape:

@@ -21,7 +21,10 @@ from .generation import (
     GenerateOutput,
     Given,
     WholePrompt,
+    check_flags,
     check_seed,
+    check_streamer,
+    check_token_ids,
     forget_held,
     generate_tokens,
     held_tokens,
@@ -222,6 +225,10 @@ class AirModel:
                                 mask_pad(self.pad_token_id, self.eos_token_id))
         left_padding(mask)  # a hole in a row runs differently per backend: refused, as generate() does
         self.check_vocabulary(ids)
+        limit = self.config.get("max_position_embeddings")
+        if limit and ids.shape[1] > limit:  # as generate() and score() refuse it
+            raise GenerationError(f"input_ids has {ids.shape[1]} positions, more than the model's context of {limit}; "
+                                  "shorten it.")
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
         self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
@@ -365,7 +372,7 @@ class AirModel:
         return 20
 
     @exclusive
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id=None, pad_token_id=None, use_cache: bool = True, return_dict_in_generate: bool = False,
                  streamer=None, seed: int | None = None, past_key_values=None, cache=None,
@@ -396,6 +403,12 @@ class AirModel:
         micro_batches: on a pipeline over several hosts, how many parts a batch's rows are split into so that
         the hosts work on different parts at once (default: as many as hosts when every host holds its range
         resident, else 1); one process runs a batch whole."""
+        if "inputs" in unused:  # transformers' name for it
+            if input_ids is not None:
+                raise GenerationError("generate() got input_ids and inputs; pass the prompt once.")
+            input_ids = unused.pop("inputs")
+        if input_ids is None:
+            raise GenerationError("generate() needs a prompt: input_ids (token ids, as the tokenizer gives them).")
         unused = {k: v for k, v in unused.items() if not (k in ("num_beams", "num_return_sequences") and v == 1)}
         if unused:  # (transformers' defaults above are what airmlx does)
             hints = "".join(f"; {k}: {GENERATE_HINTS[k]}" for k in sorted(unused) if k in GENERATE_HINTS)
@@ -403,6 +416,12 @@ class AirModel:
         if micro_batches is not None and (not is_int(micro_batches) or micro_batches < 1):
             raise GenerationError(f"micro_batches={micro_batches!r}: use a whole number >= 1.")
         check_seed(seed)
+        check_flags(do_sample=do_sample, use_cache=use_cache, return_dict_in_generate=return_dict_in_generate)
+        check_token_ids("eos_token_id", eos_token_id)
+        check_token_ids("pad_token_id", pad_token_id, many=False)
+        check_streamer(streamer)
+        if speculation is not None and speculation not in ("chain", "tree"):
+            raise GenerationError(f"speculation={speculation!r}: use 'chain', 'tree' or None.")
         if cache is not None:
             if past_key_values is not None and past_key_values is not cache:
                 raise GenerationError("generate() got two caches, past_key_values= and cache=; pass one.")

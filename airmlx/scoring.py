@@ -45,6 +45,9 @@ def encode(request, tokenizer, number: int = 0):
     """-> (token ids, index of the first scored token). A tuple is (context, continuation); anything else is
     one text or one list of token ids. `tokenizer` is called only when there is text. A pair of texts is split
     as encode_pair splits it."""
+    if isinstance(request, tuple) and len(request) != 2:
+        raise ScoreRequestError(number, f" ({str(request)[:60]!r}): a tuple is a (context, continuation) pair; give "
+                                   "one text or one list of token ids as it is, not as a tuple.")
     context, continuation = request if isinstance(request, tuple) else (request, None)
 
     def ids(part, first):

@@ -117,6 +117,9 @@ class ChatSession:
             raise GenerationError(f"system_prompt={system_prompt!r}: give a string (or None for none).")
         if system_prompt is not None:
             check_text(system_prompt, "the system prompt")
+        if not all(hasattr(model, name) for name in ("tokenizer", "generate", "new_cache")):
+            raise GenerationError(f"ChatSession({type(model).__name__}): give it a model from "
+                                  "AutoModel.from_pretrained(...).")
         self.model, self.tokenizer = model, model.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise GenerationError(f"the tokenizer in {model.shard_dir} has no chat template, so it cannot chat; "

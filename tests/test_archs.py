@@ -471,7 +471,7 @@ def test_positions_past_a_models_table_are_refused_in_one_line(tmp_path, backend
             assert len(model.generate([list(range(3, 15))], max_new_tokens=5)[0]) == 17
             with pytest.raises(GenerationError, match="runs past the 16 positions .*lower max_new_tokens to 5 or less"):
                 model.generate([list(range(3, 15))], max_new_tokens=6)
-            with pytest.raises(GenerationError, match="position 16 is past the 16 positions"):
+            with pytest.raises(GenerationError, match="input_ids has 17 positions, more than the model's context of 16"):
                 model.logits([list(range(3, 20))])
 
 

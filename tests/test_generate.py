@@ -160,6 +160,18 @@ def test_bad_generate_inputs_raise_clear_errors(model, kwargs, match):
         m.generate(**kwargs)
 
 
+def test_transformers_inputs_name_and_a_ragged_mask_padded_as_its_rows(model):
+    """QA: generate(inputs=...) (transformers' name) was a TypeError, and a ragged attention_mask given with ragged
+    rows a numpy ValueError; the mask is now left-padded as the rows are."""
+    m, _ = model
+    want = m.generate([PROMPT, PROMPT[:3]], max_new_tokens=4)
+    assert m.generate(inputs=[PROMPT, PROMPT[:3]], max_new_tokens=4) == want
+    ragged = [[1] * len(PROMPT), [1] * 3]
+    assert m.generate([PROMPT, PROMPT[:3]], attention_mask=ragged, max_new_tokens=4) == want
+    with pytest.raises(GenerationError, match="got input_ids and inputs"):
+        m.generate(PROMPT, inputs=PROMPT)
+
+
 def test_to_batch_left_pads_ragged_lists():
     ids, mask, restore = to_batch([[1, 2, 3], [4]], pad_token_id=9)
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
