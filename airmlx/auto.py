@@ -4,11 +4,10 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .archs import arch_for
 from .draft import quantised_copy
 from .errors import BackendError, CorruptShardError, DraftModelError, OptionError
+from .generation import check_flags
 from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
@@ -123,11 +122,8 @@ class AutoModel:
                                     ("layer_shards_saving_path", layer_shards_saving_path, "a folder")):
             if not isinstance(value, (str, os.PathLike)) and (value is not None or option == "path_or_id"):
                 raise OptionError(f"{option}={value!r}: give {what} as a string (or a Path).")
-        for option, value in (("prefetching", prefetching), ("profiling_mode", profiling_mode),
-                              ("progress", progress), ("trust_remote_code", trust_remote_code),
-                              ("delete_original", delete_original), ("allow_pickle", allow_pickle)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise OptionError(f"{option}={value!r}: use True or False.")
+        check_flags(OptionError, prefetching=prefetching, profiling_mode=profiling_mode, progress=progress,
+                    trust_remote_code=trust_remote_code, delete_original=delete_original, allow_pickle=allow_pickle)
         if compression is not None:
             compression_config(compression)  # raises for an unknown value
         launched = launched_framework()

@@ -20,7 +20,7 @@ from .manifest import repair_hint, write_atomic
 
 READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
 PROFILE_NAME = "expert_usage.json"
-DECODE_TABLE = "decode"  # the profile's table of decode steps' routing (one token's top_k at a time)
+PROFILE_TABLES = ("layers", "decode")  # the profile's tables: every routing; decode steps' (one token's top_k)
 PROFILE_MIN_STEPS = 16  # decode steps' worth of routing counts a layer needs before they predict its misses
 
 
@@ -177,9 +177,8 @@ class ExpertCache:
     def warm(self):
         """Fill the cache with the hottest experts of the saved usage profile, as many as fit."""
         self.warmed = True
-        self.prior = Counter({key: n for key, n in load_profile(self.store.folder).items() if key in self.sizes})
-        self.decode_prior = Counter({key: n for key, n in load_profile(self.store.folder, DECODE_TABLE).items()
-                                     if key in self.sizes})
+        self.prior, self.decode_prior = (Counter({key: n for key, n in counts.items() if key in self.sizes})
+                                         for counts in load_profile(self.store.folder))
         hottest = [key for key, _ in self.prior.most_common()]
         chosen, used = [], 0
         for key in hottest:
@@ -261,13 +260,20 @@ class ExpertCache:
         save_profile(self.store.folder, self.usage, self.decode_usage)
 
 
-def load_profile(folder, table="layers"):
-    """Counter of (layer, expert) -> times routed, from the shard folder's usage profile (empty if none):
-    every routing ("layers") or decode steps' alone (DECODE_TABLE)."""
+def load_profile(folder) -> tuple:
+    """(every routing, decode steps' alone): Counters of (layer, expert) -> times routed, from the shard folder's
+    usage profile (empty where it has none)."""
     try:
         raw = json.loads((Path(folder) / PROFILE_NAME).read_text())
+    except (OSError, ValueError):
+        raw = {}
+    return tuple(profile_table(raw, table) for table in PROFILE_TABLES)
+
+
+def profile_table(raw, table) -> Counter:
+    try:
         return Counter({(int(layer), int(e)): int(n) for layer, row in raw[table].items() for e, n in row.items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return Counter()
 
 
@@ -277,9 +283,9 @@ def save_profile(folder, usage, decode_usage=None):
     if not usage:
         return
     tables = {}
-    for table, counts in (("layers", usage), (DECODE_TABLE, decode_usage or Counter())):
+    for table, saved, counts in zip(PROFILE_TABLES, load_profile(folder), (usage, decode_usage or Counter())):
         rows = tables[table] = {}
-        for (layer, e), n in (load_profile(folder, table) + counts).items():
+        for (layer, e), n in (saved + counts).items():
             rows.setdefault(str(layer), {})[str(e)] = n
     try:
         write_atomic(Path(folder) / PROFILE_NAME, json.dumps(tables).encode())

@@ -135,11 +135,11 @@ def check_token_ids(name: str, value, many: bool = True) -> None:
                               + (", a list of them" if many else "") + ", or None for the model's own.")
 
 
-def check_flags(**flags) -> None:
+def check_flags(error=GenerationError, **flags) -> None:
     """do_sample, use_cache, ...: True, False (or None where the default is meant); "no" would count as True."""
     for name, value in flags.items():
         if value is not None and not isinstance(value, (bool, np.bool_)):
-            raise GenerationError(f"{name}={value!r}: use True or False.")
+            raise error(f"{name}={value!r}: use True or False.")
 
 
 def check_streamer(streamer) -> None:

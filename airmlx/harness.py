@@ -21,7 +21,7 @@ from .auto import AutoModel
 from .cli import face
 from .errors import OptionError
 from .hub import DEMO_MODEL
-from .scoring import encode_pair
+from .scoring import encode_pair, prefix_token
 
 
 def cuda_available():
@@ -47,8 +47,7 @@ class AirmlxLM(LM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else whole("batch_size", batch_size)
         self.max_length = whole("max_length", max_length or self.model.config.get("max_position_embeddings", 2048))
         self.max_gen_toks = whole("max_gen_toks", max_gen_toks)
-        self.prefix_token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.prefix_token = prefix_token(self.tokenizer)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "AirmlxLM":

@@ -50,7 +50,7 @@ from .plan import (
 )
 from .preflight import load as load_preflight
 from .schedule import Scheduler
-from .spec_measure import Measurements, Totals, check_num_draft_tokens
+from .spec_measure import Measurements, Totals, check_num_draft_tokens, check_speculation
 from .stage_copies import use_copies
 from .store import ShardStore
 from .sweeps import prompt_contexts, sweep_batches
@@ -420,8 +420,7 @@ class AirModel:
         check_token_ids("eos_token_id", eos_token_id)
         check_token_ids("pad_token_id", pad_token_id, many=False)
         check_streamer(streamer)
-        if speculation is not None and speculation not in ("chain", "tree"):
-            raise GenerationError(f"speculation={speculation!r}: use 'chain', 'tree' or None.")
+        check_speculation(speculation)
         if cache is not None:
             if past_key_values is not None and past_key_values is not cache:
                 raise GenerationError("generate() got two caches, past_key_values= and cache=; pass one.")

@@ -21,6 +21,11 @@ class Scores(list):
     passes = 0
 
 
+def prefix_token(tokenizer) -> "int | None":
+    """The token a text without context is scored after (lm-eval's rule): BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
     """Token ids of a text pair, split where the encoding of context + continuation splits, as lm-eval's models
     split it: the context's trailing spaces go to the continuation, so "Answer: " + "Paris" scores " Paris" as
@@ -31,7 +36,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        prefix = prefix_token(tokenizer)
         tail = tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
         return ([] if prefix is None else [prefix]), tail
     whole = tokenizer(context + continuation, verbose=False)["input_ids"]

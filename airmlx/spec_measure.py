@@ -22,6 +22,14 @@ PLAIN_EVERY = 32  # rounds between two plain steps that measure again what one c
 FIRST_TREE = 8  # most draft tokens a round verifies until a sweep's cost has been measured at two sizes
 
 
+MODES = ("chain", "tree")  # generate(speculation=...), besides None
+
+
+def check_speculation(speculation) -> None:
+    if speculation is not None and speculation not in MODES:
+        raise GenerationError(f"speculation={speculation!r}: use 'chain', 'tree' or None.")
+
+
 def check_num_draft_tokens(value) -> "int | None":
     """None (the default) or a whole number >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -29,11 +29,10 @@ from .draft_tree import TREE_BRANCHING, Tree, ancestor_mask, grow
 from .errors import CacheTrimError, GenerationError
 from .generation import StopStrings, check_sampling, held_tokens, note_held
 from .session import common_prefix
-from .spec_measure import Totals
+from .spec_measure import Totals, check_speculation
 
 DEFAULT_TREE_TOKENS = 64  # most draft tokens a tree sweep verifies, unless num_draft_tokens says
 DEFAULT_CHAIN_TOKENS = 16  # most draft tokens a chain sweep verifies, unless num_draft_tokens says
-MODES = ("chain", "tree")
 
 
 @dataclass
@@ -49,8 +48,7 @@ _STATES = weakref.WeakKeyDictionary()  # target cache -> DraftState
 
 def choose_mode(target, draft, speculation: "str | None") -> str:
     """"chain" or "tree": as asked, else a tree where both models can verify one."""
-    if speculation is not None and speculation not in MODES:
-        raise GenerationError(f"speculation={speculation!r}: use 'chain', 'tree' or None.")
+    check_speculation(speculation)
     problems = [(name, m.tree_attention_problem) for name, m in (("the model", target), ("the draft", draft))]
     problem = next(((name, why) for name, why in problems if why), None)
     if speculation == "tree" and problem:
