@@ -69,6 +69,8 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object.") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise RequestError("the request body is nested too deeply to read; send a flatter JSON object.") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object.")
     return body
@@ -217,7 +219,7 @@ def _tool_calls(calls) -> list:
         if isinstance(arguments, str):
             try:
                 decoded = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply to decode: kept as the string
                 decoded = None
             arguments = decoded if isinstance(decoded, dict) else arguments
         out.append({**call, "type": call.get("type", "function"), "function": {**call["function"], "arguments": arguments}})

@@ -367,6 +367,8 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": "f"}]}]}, 400, "messages"),
     ("/v1/nowhere", {}, 404, None),
+    # JSON nested deeper than Python's recursion limit was a 500 with a traceback in the log (QA)
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
 
 
@@ -470,6 +472,14 @@ def test_tools_are_refused_where_the_model_cannot_take_them(live, model, monkeyp
 def test_up_to_16_stop_strings_are_taken_as_lm_eval_sends_them(live):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stop": [f"w{i}x" for i in range(16)]}
     assert httpx.post(live.url + "/v1/completions", json=body, timeout=30).status_code == 200
+
+
+def test_tool_call_arguments_nested_too_deeply_to_decode_are_kept_as_their_string(model):
+    """Regression (QA): such arguments raised RecursionError out of the request's thread, a 500."""
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    body = {"model": "tiny", "messages": MESSAGES + [{"role": "assistant", "tool_calls": [call]}] + MESSAGES}
+    assert chat_job(body, model.tokenizer, ["tiny"], {}, 8).prompt == chat_ids(model.tokenizer, body["messages"])
 
 
 def test_a_developer_message_is_rendered_as_a_system_message(model):
