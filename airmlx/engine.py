@@ -217,12 +217,9 @@ class Engine:
             r.cached, r.feed = n, r.prompt[n:]
             extra = r.reach if key is not None else charge(fresh + [r], 0) - (charge(fresh, 0) if fresh else 0)
             reserved = self._reserved() + (charge(fresh, 0) if fresh else 0) * self.per_token
-            while self.kept and reserved + extra * self.per_token > self.kv_allowance:
-                oldest = next(iter(self.kept))
-                if oldest == key:
-                    break
-                reserved -= len(self.kept.pop(oldest)[0]) * self.per_token
-            if reserved + extra * self.per_token > self.kv_allowance:
+            if key is not None:  # the kept cache it continues becomes its own: counted in its reach, not twice
+                reserved -= len(self.kept[key][0]) * self.per_token
+            if not self._make_room(reserved + extra * self.per_token, key):
                 return self._start(fresh, lane)
             self.waiting.popleft()
             room -= 1
@@ -234,6 +231,15 @@ class Engine:
                 r.reused = n
                 self.groups.append(Group(cache, [r], lane=lane))
         self._start(fresh, lane)
+
+    def _make_room(self, need: int, key) -> bool:
+        """Drop kept caches, least recently used first (but `key`, the one the request continues), until `need`
+        bytes fit the allowance; False where they do not fit even then."""
+        for oldest in [k for k in self.kept if k != key]:
+            if need <= self.kv_allowance:
+                break
+            need -= len(self.kept.pop(oldest)[0]) * self.per_token
+        return need <= self.kv_allowance
 
     def _start(self, fresh, lane):
         if fresh:

@@ -196,6 +196,28 @@ def test_requests_wait_for_kv_room_and_the_queue_is_bounded(shards):
             engine.join(30)
 
 
+def test_a_resent_conversation_that_fits_the_allowance_starts_in_an_idle_engine(shards):
+    """Regression (QA): a request continuing a kept conversation counted that cache twice (kept, and in its own
+    reach), and the caches kept after it were not dropped for it, so a request whose reach fit the allowance
+    waited forever in an idle engine (the server's client: a chat resent in a long conversation hung)."""
+    with load(shards, "torch") as m:
+        answer = m.generate(PROMPTS[0], max_new_tokens=8)[len(PROMPTS[0]):]
+        again, allowance = PROMPTS[0] + answer + [11, 12], 40
+        engine = Engine(m, kv_allowance=allowance * m.kv_bytes_per_token)
+        try:
+            run_engine(engine, PROMPTS[:1], 8)
+            run_engine(engine, PROMPTS[1:2], 4)  # kept after the conversation
+            assert len(engine.kept) == 2
+            out = Collect()
+            engine.submit(Request(again, allowance - len(again), Sampling(), out))  # its reach: the allowance
+            assert out.done.wait(20), "the request never started"
+            assert out.events[-1].reused_tokens == len(PROMPTS[0]) + 7
+            assert out.tokens == m.generate(again, max_new_tokens=allowance - len(again))[len(again):]
+        finally:
+            engine.stop()
+            engine.join(30)
+
+
 def test_the_engine_refuses_from_python_what_the_server_refuses(shards):
     """Regression: Engine.submit took any Request: 1000 tokens ran past a 256-token context, an id outside the
     vocabulary failed with a traceback, max_tokens=0 gave a token, temperature 0 with sampling gave garbage."""
