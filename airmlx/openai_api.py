@@ -292,11 +292,12 @@ class TextOffsets:
 
 
 def completion_logprobs(tokenizer, entries: list, offsets: TextOffsets) -> dict:
-    """Legacy completions' logprobs for (token, logprob, top) entries; offsets: where the text stands."""
+    """Legacy completions' logprobs for (token, logprob, top) entries; offsets: where the text stands. Each
+    top_logprobs holds the chosen token too, as OpenAI's legacy API has it (up to logprobs + 1 of them)."""
     raw = [token_bytes(tokenizer, t) for t, _, _ in entries]
     return {"tokens": [shown(r) for r in raw], "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-            "top_logprobs": [{shown(token_bytes(tokenizer, t)): _finite(lp) for t, lp in top}
-                             for _, _, top in entries],
+            "top_logprobs": [{shown(token_bytes(tokenizer, u)): _finite(q) for u, q in [*top, (t, lp)]}
+                             for t, lp, top in entries],
             "text_offset": [offsets.next(r) for r in raw]}
 
 

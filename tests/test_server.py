@@ -153,6 +153,18 @@ def test_completion_logprobs_are_the_models(live, model):
     assert len(r.choices[0].logprobs.content) == 2 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
 
 
+def test_a_completions_top_logprobs_hold_the_chosen_token_as_openais_do(live):
+    """Regression (QA): a completion's top_logprobs held only the k most likely tokens, so logprobs=0 gave empty
+    dicts and a sampled token outside the k was missing; OpenAI's legacy API adds the chosen one (k + 1 at most)."""
+    ask = dict(model="tiny", prompt=PROMPT, max_tokens=8)
+    lp = live.client.completions.create(**ask, temperature=0, logprobs=0).choices[0].logprobs
+    assert lp.top_logprobs == [{t: p} for t, p in zip(lp.tokens, lp.token_logprobs)]
+    lp = live.client.completions.create(**ask, temperature=2, seed=1, logprobs=1).choices[0].logprobs
+    tops = [(top, t, p) for top, t, p in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs)]
+    assert all(top[t] == p and len(top) <= 2 for top, t, p in tops)
+    assert any(len(top) == 2 for top, _, _ in tops)  # a token sampled outside the most likely one
+
+
 def test_a_chat_messages_logprobs_leave_out_the_stop_token_as_its_content_does(model):
     """Regression (QA): chat logprobs listed the end-of-turn token that stopped the answer, which its content
     leaves out. A completion's logprobs keep it (they run along the text's offsets, as legacy completions' do)."""
