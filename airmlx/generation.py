@@ -175,7 +175,10 @@ def sample(logits, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, rng=Non
 def filtered_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (B, vocab) as float64 divided by the temperature, those top-k and then top-p drop set to -inf:
     what sample() draws from (speculative sampling's acceptance rules use the same distribution)."""
-    logits = logits.astype(np.float64) / temperature
+    logits = logits.astype(np.float64)
+    # shifted first (softmax does not change): a tiny temperature then sends the others to -inf, never inf - inf
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(-1, keepdims=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)

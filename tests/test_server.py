@@ -231,6 +231,14 @@ def test_a_seed_samples_as_generate_does(live, model):
     assert texts == [model.tokenizer.decode(want[len(ids):])] * 2
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token(live, model):
+    """Regression (QA): a temperature the API takes but so small that logits / temperature overflowed (1e-320)
+    made every probability NaN, and token 0 was drawn each time."""
+    text, _ = expected(model, model.tokenizer(PROMPT)["input_ids"], 6)
+    r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1e-320, seed=1)
+    assert r.choices[0].text == text
+
+
 class Slow:
     """The model with sweeps of at least 50 ms, as a streamed model's are: clients that a loaded machine
     starts a little apart still meet in the batch."""
