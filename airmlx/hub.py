@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, OptionError
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"  # the bundled default: a 3.2M-parameter Llama (see demo.py)
 # *.py: a checkpoint's own modelling code, run only with trust_remote_code=True
@@ -21,6 +21,13 @@ def is_hub_id(name):
         and not str(name).lower().endswith(".gguf")
 
 
+def refuse_gguf_file_of_a_file(local: Path, gguf_file: "str | None") -> None:
+    """gguf_file picks a .gguf from a folder or hub repo; given with a file, it would be ignored."""
+    if gguf_file and local.is_file():
+        raise OptionError(f"gguf_file={gguf_file!r}: {local} is a file itself; gguf_file picks a .gguf from a hub "
+                          "repo or a folder of them, so leave it out.")
+
+
 def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, gguf_file=None):
     """Return a local folder holding the model's config, weights and tokenizer, or a local .gguf file
     (a .gguf path; a folder or hub id with gguf_file: only that file is downloaded)."""
@@ -28,6 +35,7 @@ def resolve_model(path_or_id, hf_token=None, allow_pickle=False, progress=True, 
     if path.exists():
         if not path.is_dir() and path.suffix != ".gguf":
             raise ModelNotFoundError(f"{path} is a file; give the folder that holds config.json and the weights.")
+        refuse_gguf_file_of_a_file(path, gguf_file)
         return path / gguf_file if gguf_file and path.is_dir() else path
     if not is_hub_id(str(path_or_id)):
         if str(path_or_id).lower().endswith(".gguf"):

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         parser.error("give the model to shard (SRC), or --verify / --repair SHARD_FOLDER")
     if (args.hosts != 1) != (args.rank is not None):
         parser.error("--hosts N and --rank R go together: OUT gets host R's stages of a pipeline over N hosts")
+    if args.pipeline_split is not None and args.hosts == 1:
+        parser.error("--pipeline-split splits the stages between the hosts of --hosts N --rank R; leave it out for "
+                     "one host")
     from .hub import default_shard_dir, resolve_model
     from .quant import compression_config
     from .sharder import shard_checkpoint

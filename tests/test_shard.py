@@ -418,3 +418,24 @@ def test_a_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
     with airmlx.AutoModel.from_pretrained(tmp_path / "src", backend="torch", layer_shards_saving_path="~/s2") as m:
         assert m.shard_dir == tmp_path / "home" / "s2"
+
+
+def shard_cli(argv) -> int:
+    from airmlx.shard import main
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def test_cli_refuses_gguf_file_with_a_gguf_file_and_a_split_without_hosts(tmp_path, capsys):
+    """Regression (QA): `shard FILE.gguf --gguf-file X` ignored X and sharded FILE into a folder named after
+    FILE/X; `--pipeline-split` without `--hosts` was told `--hosts 1 --rank 0`, options not given."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert shard_cli([tmp_path / "m.gguf", tmp_path / "out", "--gguf-file", "x.gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "m.gguf is a file itself" in err and "--gguf-file x.gguf" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    assert shard_cli([tmp_path / "nope", tmp_path / "out", "--pipeline-split", "4,4"]) == 2
+    err = capsys.readouterr().err
+    assert "--pipeline-split splits the stages between the hosts of --hosts N" in err and err.count("\n") == 1, err
