@@ -570,7 +570,8 @@ class AirModel:
         else:
             prefill = times[1] - times[0] if new else 0.0
             step_s = sweep_s = (times[-1] - times[1]) / (new - 1) if new > 1 else 0.0
-            prompt = f"prompt: {prompt_tokens} tokens, {prompt_tokens / prefill if prefill else 0:.1f} tokens/s"
+            rate = per_token(prefill / prompt_tokens) if prefill and prompt_tokens else "0.0 tokens/s"
+            prompt = f"prompt: {prompt_tokens} token{'s' if prompt_tokens != 1 else ''}, {rate}"
         mem = self.memory_stats()
         per_step_read = swept_bytes(mem) / max(mem["steps"], 1)
         per_step = self.plan.streamed_bytes_per_step

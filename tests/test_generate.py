@@ -620,6 +620,9 @@ def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():
         line = model.stats_line(3, [10.0, 11.0, 11.5], start=10.0)
         assert "prompt: 3 tokens, 3.0 tokens/s" in line and "generation: 2 tokens, 2.0 tokens/s" in line
         assert "generation: 1 token, one token" in model.stats_line(3, [10.0, 11.0], start=10.0)
+        # a prefill slower than a token a second (a streamed sweep of a short prompt) printed "0.0 tokens/s"
+        assert "prompt: 1 token, 40.00 s/token | generation: 2 tokens, 2.00 s/token" in \
+            model.stats_line(1, [10.0, 50.0, 52.0], start=10.0)
 
 
 def test_the_stats_line_reads_per_step_what_the_sweeps_read_not_the_resident_stages_first_loads():
