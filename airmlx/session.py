@@ -134,7 +134,8 @@ class ChatSession:
     def reset(self):
         """A new conversation: only the system prompt, an empty cache, and the seed's sampling from its start."""
         self.rng = np.random.default_rng(self.seed)
-        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        # an empty system prompt is one too (it replaces a template's default), as generate --system-prompt "" has it
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         self.cache = self.model.new_cache()
         self.cached = []  # the token ids whose keys and values the cache holds, in order
 

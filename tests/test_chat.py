@@ -117,6 +117,16 @@ def test_reset_empties_the_cache_and_the_conversation(model):
     assert turn.reused_tokens == 0  # nothing was kept from before
 
 
+def test_an_empty_system_prompt_is_rendered_as_generate_renders_it(model):
+    """Regression (QA): `chat --system-prompt ""` dropped the system message (a template then put in its default
+    one) while `generate --chat-template --system-prompt ""` rendered an empty one: two first answers."""
+    session = ChatSession(model, max_tokens=3, system_prompt="")
+    system = [{"role": "system", "content": ""}]
+    assert session.messages == system
+    assert session.render(session.messages + [{"role": "user", "content": "hi"}]) == \
+        render_chat(model.tokenizer, system + [{"role": "user", "content": "hi"}])
+
+
 @pytest.mark.parametrize("backend, when", [("torch", "prefill"), ("torch", "decode"), ("mlx", "decode")])
 def test_ctrl_c_mid_sweep_keeps_the_partial_answer_and_the_next_turn_is_right(request, monkeypatch, backend, when):
     model = request.getfixturevalue("model" if backend == "torch" else "mlx_model")
