@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .archs import arch_for
 from .draft import quantised_copy
-from .errors import BackendError, CorruptShardError, DraftModelError, OptionError
+from .errors import BackendError, BudgetError, CorruptShardError, DraftModelError, OptionError
 from .generation import check_flags
 from .hub import default_shard_dir, is_hub_id, refuse_gguf_file_of_a_file, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
@@ -136,6 +136,9 @@ class AutoModel:
             raise OptionError(f"{option} is for a pipeline over ranks launched by mlx.launch or torchrun, and this "
                               "process was not launched so; leave it out, or launch the ranks (README, \"Several "
                               "hosts\").")
+        if launched is None and isinstance(memory_budget, str) and "," in memory_budget:
+            raise BudgetError(f"memory_budget {memory_budget!r} lists one budget per rank, for a pipeline launched by "
+                              "mlx.launch or torchrun; in one process give one size, e.g. '4GB'.")
         name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():

@@ -523,6 +523,9 @@ ROWS = [
                  "prefetching='no': use True or False", id="a from_pretrained flag that is not a bool"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget=4.5), BudgetError,
                  r"memory_budget 4.5 is a fraction of a byte; give a unit, like '4.5GB'", id="memory_budget 4.5"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="4GB,8GB"),
+                 BudgetError, r"memory_budget '4GB,8GB' lists one budget per rank, for a pipeline launched by .*; in "
+                 "one process give one size", id="a budget per rank in one process (was: 'not a size')"),
 ]
 
 
