@@ -188,8 +188,9 @@ class MLXBackend:
         a = self.as_stored(raw)
         if self.zero_copy:
             return a
-        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating):
+        if self.dtype is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != self.dtype:
             return a.astype(self.dtype)  # converted straight from the buffer, no copy in between
+        # (astype to the dtype a tensor has is the tensor itself, a view of a buffer the pool then refills)
         if self._viewed(raw):  # a copy: the read buffer goes back to the pool right after loading
             a = mx.array(raw.data).view(a.dtype)
         return a

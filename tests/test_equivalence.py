@@ -99,3 +99,24 @@ def test_torch_loads_a_streamed_stage_again_as_views_only(checkpoints, tmp_path)
     if sys.platform.startswith("linux"):  # closed: no mapping of a shard file outlives the model
         gc.collect()
         assert str(model.shard_dir) not in open("/proc/self/maps").read()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mlx_streaming_in_the_stored_dtype_asked_for_gives_the_same_logits(tmp_path, dtype):
+    """MLX's astype to the dtype a tensor already has is the tensor itself, a view of the read buffer: with
+    dtype= naming the stored dtype, streamed stages computed on buffers the prefetcher was refilling (SmolLM2's
+    GGUF at dtype='float32' under 100 MB: its float32 norms, NaN logits)."""
+    import airmlx
+    stored = getattr(torch, dtype)
+    make_checkpoint(tmp_path / "src", "llama", dtype=stored, num_hidden_layers=8, hidden_size=256,
+                    intermediate_size=512)
+    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    prompt = np.array([[5, 9, 14, 3, 7, 22]])
+    got = {}
+    for asked in (None, dtype):
+        with airmlx.AutoModel.from_pretrained(shards, backend="mlx", dtype=asked, memory_budget="1GB") as whole:
+            budget = whole.plan.resident_bytes // 2
+        with airmlx.AutoModel.from_pretrained(shards, backend="mlx", dtype=asked, memory_budget=budget) as m:
+            assert m.plan.prefetch_depth >= 1 and len(m.plan.streamed) >= 4
+            got[asked] = m.logits(prompt)
+    np.testing.assert_array_equal(got[dtype], got[None])
