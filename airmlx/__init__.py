@@ -23,7 +23,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 MMAP_THRESHOLD = 4 << 20  # bytes: glibc serves allocations this large from mappings of their own
 
 
-def glibc() -> bool:
+def uses_glibc() -> bool:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not POSIX, or not glibc
@@ -36,7 +36,7 @@ def keep_freed_memory_out_of_the_heap() -> None:
     conversion's source or a dequantised block the plan counts as gone. SmolLM2 on torch under a 100 MB budget
     held 160-198 MB after a generation, 132 MB with this. A fixed threshold stops that rise; 4 MiB costs few page
     faults (64 KiB took 8x as many). A value the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
-    if not glibc() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not uses_glibc() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     M_MMAP_THRESHOLD = -3
     ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

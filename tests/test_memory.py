@@ -200,7 +200,7 @@ print(rss() - before)
 """
 
 
-@pytest.mark.skipif(not airmlx.glibc(), reason="glibc's allocator only")
+@pytest.mark.skipif(not airmlx.uses_glibc(), reason="glibc's allocator only")
 def test_freed_buffers_leave_the_process_without_the_users_malloc_settings():
     """glibc's own rule kept an 8 MB buffer in the heap once freed, because a 12 MB one had been freed before it
     (its mmap threshold follows the largest freed mapping): torch's process under a 100 MB budget held 50-60 MB
