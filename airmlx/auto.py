@@ -8,7 +8,7 @@ from .archs import arch_for
 from .draft import quantised_copy
 from .errors import BackendError, BudgetError, CorruptShardError, DraftModelError, OptionError
 from .generation import check_flags
-from .hub import default_shard_dir, is_hub_id, refuse_gguf_file_of_a_file, resolve_model
+from .hub import default_shard_dir, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .pipeline import launched_framework
@@ -158,7 +158,6 @@ class AutoModel:
             raise CorruptShardError(f"{local} is an unfinished shard folder (no {MANIFEST_NAME}); finish it with "
                                     f"python -m airmlx.shard ORIGINAL_MODEL {local}")
         else:
-            refuse_gguf_file_of_a_file(local, gguf_file)
             source_name = f"{path_or_id}/{gguf_file}" if gguf_file else path_or_id
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression)).expanduser()
             if layer_shards_saving_path is not None:
