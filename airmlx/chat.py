@@ -120,7 +120,9 @@ def build_parser():
     add_sampling_options(parser)
     parser.add_argument("--seed", type=whole_number(0), default=None,
                         help="seed for sampling (answers repeat with the same seed)")
-    parser.add_argument("--system-prompt", default=None, help="system message at the start of every conversation")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system message at the start of every conversation (\"\" is an empty one, which "
+                        "replaces a template's default)")
     return parser
 
 
