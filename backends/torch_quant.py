@@ -43,22 +43,25 @@ def dequantize_affine(wq, scales, biases, group_size, bits):
     lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
     wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
     out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
-    for r, w in dequantized_blocks(wq, scales, biases, group_size, bits, max(1, DEQUANT_ELEMENTS // cols)):
-        out[r:r + w.shape[0]] = w
+    rows = max(1, DEQUANT_ELEMENTS // cols)
+    for r in range(0, wq.shape[0], rows):
+        dequantize_rows(wq[r:r + rows], scales[r:r + rows], biases[r:r + rows], group_size, bits, out[r:r + rows])
     return out.reshape(*lead, cols)
 
 
-def dequantized_blocks(wq, scales, biases, group_size, bits, rows):
-    """(first row, weights) of (N, K / (32 / bits)) codes whose width divides 32, `rows` rows at a time."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
-    for r in range(0, wq.shape[0], rows):
-        if bits == 8:  # a code per byte, in order: no shifting
-            codes = wq[r:r + rows].contiguous().view(torch.uint8)
-        else:
-            codes = (wq[r:r + rows].view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        w = codes.reshape(*scales[r:r + rows].shape, group_size).to(scales.dtype)
-        # the product, rounded, then the sum: as mx.dequantize rounds (a fused multiply-add would not)
-        yield r, w.mul_(scales[r:r + rows].unsqueeze(-1)).add_(biases[r:r + rows].unsqueeze(-1)).flatten(1)
+def dequantize_rows(wq, scales, biases, group_size, bits, out):
+    """(N, K / (32 / bits)) codes whose width divides 32 -> their (N, K) weights, written into `out` (a block
+    reused from call to call makes no new memory of its size)."""
+    if bits == 8:  # a code per byte, in order: no shifting
+        codes = wq.contiguous().view(torch.uint8)
+    else:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
+        codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    w = out.view(*scales.shape, group_size)
+    w.copy_(codes.reshape(w.shape))
+    # the product, rounded, then the sum: as mx.dequantize rounds (a fused multiply-add would not)
+    w.mul_(scales.unsqueeze(-1)).add_(biases.unsqueeze(-1))
+    return out
 
 
 def repack_int4(wq, block=None):
@@ -105,25 +108,32 @@ def packable(module, bits, group_size):
             and int4_kernel_ok() and module.out_features % int4_block() == 0 and module.in_features % group_size == 0)
 
 
-def unpack_int4(packed):
-    """repack_int4's inverse: torch's CPU int4 layout (N, K / 2) uint8 -> the codes (N, K) uint8."""
+def unpack_int4(packed, out=None):
+    """repack_int4's inverse: torch's CPU int4 layout (N, K / 2) uint8 -> the codes (N, K), uint8 or written into
+    `out` (N, K) of any dtype (no other copy of that size is made)."""
     n, k, block = packed.shape[0], packed.shape[1] * 2, int4_block()
     by = packed.reshape(n // block, k // 2, 2, block // 2)  # (block of rows, byte column j, k parity, row in the half)
-    halves = torch.stack([by & 15, by >> 4], 1)  # the low nibble is a block's first 16 rows, the high its last
-    return halves.permute(0, 1, 4, 2, 3).reshape(n, k)
+    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device) if out is None else out
+    rows = out.view(n // block, 2, block // 2, k // 2, 2)  # the low nibble is a block's first half of rows
+    rows[:, 0].copy_((by & 15).permute(0, 3, 1, 2))
+    rows[:, 1].copy_((by >> 4).permute(0, 3, 1, 2))
+    return out
 
 
 def int4_dense(x, packed, scales_and_zeros, group_size):
     """x @ w.T for many rows of x: the weight dequantised a block of rows at a time (the kernel's own formula,
-    (q - 8) * scale + zero) and multiplied densely; torch's int4 kernel slows in proportion to x's rows."""
+    (q - 8) * scale + zero) and multiplied densely; torch's int4 kernel slows in proportion to x's rows. A block
+    is dequantised in place, so it holds one block of weights (the activation bound's workspace) at a time."""
     n, k = packed.shape[0], packed.shape[1] * 2
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block = int4_block()
     rows = max(block, DEQUANT_ELEMENTS // k // block * block)
+    weights = torch.empty(min(rows, n), k, dtype=x.dtype, device=x.device)
     for r in range(0, n, rows):
-        codes = unpack_int4(packed[r:r + rows]).reshape(-1, k // group_size, group_size).to(x.dtype)
+        w = unpack_int4(packed[r:r + rows], weights[:min(rows, n - r)])
         scales, zeros = (scales_and_zeros[:, r:r + rows, i].t().unsqueeze(-1) for i in (0, 1))
-        torch.matmul(x, ((codes - 8) * scales + zeros).flatten(1).t(), out=y[:, r:r + rows])
+        w.view(w.shape[0], -1, group_size).sub_(8).mul_(scales).add_(zeros)
+        torch.matmul(x, w.t(), out=y[:, r:r + rows])
     return y
 
 
@@ -166,9 +176,13 @@ def quantized_linear(module, wq, scales, biases, group_size, bits, x):
     """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
     if 32 % bits:
         return torch.nn.functional.linear(x, dequantize_affine(wq, scales, biases, group_size, bits), module.bias)
-    rows = max(1, head_block(x.device) // (scales.shape[-1] * group_size))
-    y = torch.empty(*x.shape[:-1], scales.shape[0], dtype=x.dtype, device=x.device)
-    for r, w in dequantized_blocks(wq, scales, biases, group_size, bits, rows):
+    n, cols = scales.shape[0], scales.shape[-1] * group_size
+    rows = max(1, head_block(x.device) // cols)
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    block = torch.empty(min(rows, n), cols, dtype=scales.dtype, device=x.device)  # one block, refilled
+    for r in range(0, n, rows):
+        w = dequantize_rows(wq[r:r + rows], scales[r:r + rows], biases[r:r + rows], group_size, bits,
+                            block[:min(rows, n - r)])
         y[..., r:r + w.shape[0]] = torch.nn.functional.linear(x, w)  # F.linear: a wide batch's WideLinears applies
     return y + module.bias if module.bias is not None else y
 

@@ -231,6 +231,48 @@ def test_int4_prefill_dequantises_blocks_and_agrees_with_the_kernel(monkeypatch)
     assert torch.allclose(y.reshape(-1, n), exact, rtol=1e-5, atol=1e-4)
 
 
+BLOCK_FAULTS = """
+import resource, sys, torch
+from airmlx.backends import torch_quant as tq
+gen = torch.Generator().manual_seed(0)
+n, k, group = 4096, 512, 32
+wq = torch.randint(0, 256, (n, k), dtype=torch.int32, generator=gen).to(torch.uint8).view(torch.int32)  # 8-bit codes
+scales, biases = torch.rand(n, k // group, generator=gen), torch.rand(n, k // group, generator=gen)
+head = torch.nn.Linear(k, n, bias=False, device="meta")
+tq.install_linear(head, wq, scales, biases, group, 8)
+c4 = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+packed = tq.repack_int4((c4.reshape(n, k // 8, 8) << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1).to(torch.int32))
+sz = tq.scales_and_zeros(scales, biases)
+tq.DEQUANT_ELEMENTS = 256 * k  # blocks of 256 rows: 16 of them
+x = torch.randn(1, 16, k, generator=gen)
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+runs = [lambda: head(x)] + ([lambda: tq.int4_dense(x[0], packed, sz, group)] if tq.int4_kernel_ok() else [])
+for run in runs:
+    run()
+    before = faults()
+    run()
+    print(faults() - before, n * k * 4 // 4096)  # pages faulted in, pages of the whole weight in float32
+"""
+
+
+@pytest.mark.skipif(not airmlx.uses_glibc(), reason="glibc's MALLOC_MMAP_THRESHOLD_")
+def test_a_quantised_weight_is_dequantised_into_one_block_per_call():
+    """A quantised head dequantised a fresh block for each block of its rows, and int4_dense made four copies
+    of each block (codes, minus 8, times scales, plus zeros): each a new allocation, so with glibc serving
+    them from mappings, pages faulted in afresh (SmolLM2's head: 108 MB of faults a token). Now one block is
+    filled in place and reused: a call faults in about one block, not the whole weight."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", BLOCK_FAULTS], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in done.stdout.splitlines():
+        faults, weight_pages = map(int, line.split())
+        # the head's weight is 8 of its blocks, int4_dense's 16: the whole weight (or 4 x it) was faulted in
+        assert faults < weight_pages / 2, (faults, weight_pages)
+
+
 def test_4bit_torch_stages_stay_packed(converted, tmp_path):
     """A streamed 4-bit stage holds its packed codes (about its file size), not a dequantised copy, and
     computes what the dequantised weights compute."""
