@@ -179,16 +179,20 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
     seq = (known or []) + prompt  # what the draft sees: the target's tokens as far as they are known
     runner = DraftRunner(draft, state, measure, draft_probs, target.config.get("vocab_size") or 0, mode == "tree")
     limit = target.config.get("max_position_embeddings") or 1 << 62
+    # a draft with learned positions (GPT-2's) runs none past its table, which may be shorter than the model's:
+    # beyond it the model takes plain steps
+    draft_limit = draft.backend.position_table or 1 << 62
     after, held, new = list(prompt), past_length, []  # after: the tokens after the past; held: in the cache
     try:
         while len(new) < max_new_tokens:
             pending, start = after[held - past_length:], held  # pending: never empty (the last token given out)
             runner.seconds = 0.0
-            drafting = measure.worth_a_round()
+            drafting = len(seq) <= draft_limit and measure.worth_a_round()
             if drafting:
                 target.read_ahead()
                 root = runner.catch_up(seq)
-                depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending))  # more is never used
+                depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending),  # more is never used
+                            draft_limit - len(seq) + 1)  # the deepest level is never run through the draft
                 tree, dists = grow(root, runner.expand, measure, cap=measure.round_cap(cap), depth=depth,
                                    branching=TREE_BRANCHING if mode == "tree" else 1, greedy=greedy, rng=rng)
             else:  # a plain step: the draft catches up at the next round

@@ -426,3 +426,19 @@ def test_rounds_verify_a_small_tree_until_the_sweeps_cost_per_token_is_measured(
                                                                                                pending)
         assert model.generate(PROMPT, max_new_tokens=12) == plain
         assert sizes and sizes[0] <= FIRST_TREE and model.speculation.verify.spread
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_a_draft_with_fewer_learned_positions_sits_out_past_its_table(tmp_path, mode):
+    """Regression: a draft whose learned positions (GPT-2's) end before the model's context ran past its table:
+    `generate` failed with 'position 16 is past the 16 positions this model has embeddings for' although the
+    model has 256. The model now takes plain steps where the draft has no positions."""
+    from tiny import PROMPT
+    make_checkpoint(tmp_path / "target", "llama")
+    make_checkpoint(tmp_path / "draft", "gpt2", max_position_embeddings=16, num_hidden_layers=1)
+    with airmlx.AutoModel.from_pretrained(tmp_path / "target", backend="torch", progress=False,
+                                          layer_shards_saving_path=tmp_path / "shards",
+                                          draft_model=tmp_path / "draft") as model:
+        plain = model.generate(PROMPT, max_new_tokens=24, draft_model=False)
+        assert model.generate(PROMPT, max_new_tokens=24, speculation=mode) == plain
+        assert model.speculation.last.drafted > 0  # it speculated while the draft had positions
