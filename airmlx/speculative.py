@@ -223,8 +223,9 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
                     break
             if drafting:
                 measure.verify.add(len(pending) + len(tree), verify_s)
-                measure.record_round(Totals(1, emitted, len(tree), len(path), runner.seconds, verify_s, len(tree)),
-                                     len(pending))
+                # accepted tokens after an EOS or a stop string are not given out: not counted as accepted
+                measure.record_round(Totals(1, emitted, len(tree), min(len(path), emitted), runner.seconds, verify_s,
+                                            len(tree)), len(pending))
             else:
                 measure.record_plain(len(pending), verify_s)
             if stop or (rounds is not None and measure.last.sweeps >= rounds):

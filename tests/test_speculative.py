@@ -442,3 +442,20 @@ def test_a_draft_with_fewer_learned_positions_sits_out_past_its_table(tmp_path, 
         plain = model.generate(PROMPT, max_new_tokens=24, draft_model=False)
         assert model.generate(PROMPT, max_new_tokens=24, speculation=mode) == plain
         assert model.speculation.last.drafted > 0  # it speculated while the draft had positions
+
+
+def test_a_stop_inside_an_accepted_run_counts_only_the_tokens_given_out(tmp_path):
+    """Regression: an EOS inside an accepted run gave 'speculation: 3.00 tokens per sweep, 8/8 draft tokens
+    accepted': the draft tokens accepted after the stop were counted though never given out."""
+    from tiny import PROMPT
+    src = tmp_path / "src"
+    make_checkpoint(src, "llama")
+    shards = shard(src, tmp_path)
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as draft, \
+            airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model=draft) as model:
+        plain = model.generate(PROMPT, max_new_tokens=12, draft_model=False)[0][len(PROMPT[0]):]
+        out = model.generate(PROMPT, max_new_tokens=12, speculation="chain", eos_token_id=plain[2])
+        assert out[0][len(PROMPT[0]):] == plain[:3]
+        last = model.speculation.last  # the model as its own draft: every proposal is accepted
+        assert last.drafted > 3 and last.accepted <= last.tokens == 3
+        assert model.speculation.total.accepted <= model.speculation.total.tokens
