@@ -337,13 +337,13 @@ class Engine:
                                    num_draft_tokens=self.model.num_draft_tokens, repeatable=s.seed is not None)
         new = out[0, 1:].tolist()
         self.rows_peak = max(self.rows_peak, 1)
-        self.speculative_sweeps += 1
-        self.speculative_tokens += len(new)
         r.cached = past + len(new)  # its feed and every new token but the last
         given = 0
         while given < len(new) and not r.closed:
             self._take_token(r, new[given], None)
             given += 1
+        self.speculative_sweeps += 1
+        self.speculative_tokens += given  # not those after a stop string
         if given < len(new):  # a stop string ended it early: the cache keeps only what was given out
             try:
                 self.model.trim_cache(g.cache, past + given)

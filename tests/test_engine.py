@@ -365,3 +365,26 @@ def test_a_half_precision_batch_multiplies_in_float32_blocks(shards, monkeypatch
         ids = np.array([PROMPTS[0][:4], PROMPTS[1][:4]])
         m.step(ids, np.ones_like(ids), m.new_cache(2, [0, 0]))
         assert calls and all(s[0] == 2 for s in calls)
+
+
+def test_speculative_tokens_count_only_the_tokens_given_out(shards, monkeypatch):
+    """Regression: a stop string inside an accepted run left /health's speculative_tokens counting the tokens
+    after it, which the request never gave out."""
+    from airmlx.spec_measure import Measurements
+    monkeypatch.setattr(Measurements, "worth_a_round", lambda self: True)  # drafting on a tiny model in memory
+    prompt = PROMPTS[0]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as draft, \
+            airmlx.AutoModel.from_pretrained(shards, backend="torch", draft_model=draft) as m:
+        solo = m.generate(prompt, max_new_tokens=12, draft_model=False)[len(prompt):]
+        stop = m.tokenizer.decode(solo[5:6]).strip()
+        assert stop not in m.tokenizer.decode(solo[:5])
+        engine = Engine(m, kv_allowance=10**8)
+        try:
+            out = Collect()
+            engine.submit(Request(prompt, 12, Sampling(), out, stop=[stop]))
+            assert out.done.wait(60)
+            assert out.tokens == solo[:6]  # the prefill's token, then speculative sweeps: every proposal accepted
+            assert engine.stats()["speculative_tokens"] == 5 and engine.stats()["speculative_sweeps"] >= 1
+        finally:
+            engine.stop()
+            engine.join(30)
