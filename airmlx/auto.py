@@ -14,7 +14,7 @@ from .model import AirModel
 from .pipeline import launched_framework
 from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
-from .quant import COMPRESSIONS, compression_config
+from .quant import COMPRESSION_SPELLING, COMPRESSIONS, compression_config
 from .sharder import shard_checkpoint
 from .spec_measure import check_num_draft_tokens
 from .stagefile import PROGRESS_NAME, complete_folder
@@ -259,16 +259,21 @@ def load_draft(spec, shard_dir: Path, backend: str, device=None, dtype=None, hf_
                allow_pickle: bool = False, progress: bool = True, trust_remote_code: bool = False,
                prefill_step_size: int = 512) -> tuple:
     """(the draft AirModel, whether it was loaded here and so belongs to the model): `spec` is an AirModel,
-    "4bit" / "8bit" (a quantised copy of the model in shard_dir), or a path or hub id."""
+    a compression ("4bit", "8bit", "4bit-g32", ...: a quantised copy of the model in shard_dir), or a path or
+    hub id."""
     if isinstance(spec, AirModel):
         return spec, False
     if not isinstance(spec, (str, Path)):
         raise DraftModelError(f"draft_model={spec!r}: pass a path, a hub id, an AirModel, or one of "
                               f"{sorted(COMPRESSIONS)} for a quantised copy of the model.")
-    if spec in COMPRESSIONS and same_compression(Manifest.load(shard_dir).quantization, spec):
-        raise DraftModelError(f"the model is quantised as {spec} already, so its {spec} copy would be the model "
-                              "itself; use draft_model=PATH of a smaller model (or '4bit' for an 8-bit model).")
-    source = quantised_copy(Path(shard_dir), spec, progress) if spec in COMPRESSIONS else spec
+    copy = isinstance(spec, str) and COMPRESSION_SPELLING.fullmatch(spec) and not Path(spec).exists()
+    if copy:
+        compression_config(spec)  # an OptionError for a spelling it does not take ("3bit", "4bit-g48")
+        if same_compression(Manifest.load(shard_dir).quantization, spec):
+            raise DraftModelError(f"the model is quantised as {spec} already, so its {spec} copy would be the "
+                                  "model itself; use draft_model=PATH of a smaller model (or '4bit' for an 8-bit "
+                                  "model).")
+    source = quantised_copy(Path(shard_dir), spec, progress) if copy else spec
     # the draft's precision changes only how many proposals are accepted, never the output: it may compute in
     # whatever its backend runs fastest (bf16 on torch's CPU, where its int4 kernel is 7 x faster than in fp32)
     dtype = dtype or backend_class(backend).draft_dtype(device)

@@ -177,7 +177,7 @@ def add_model_options(parser: argparse.ArgumentParser, speculation: bool = True)
     else:
         parser.add_argument("--draft-model", default=None,
                             help="speculative decoding: a smaller model of the same tokenizer (path or hub id), or "
-                                 "4bit / 8bit for a quantised copy of the model; kept resident, inside "
+                                 "4bit / 8bit (or 4bit-g32, ...) for a quantised copy of the model; kept resident, inside "
                                  "--memory-budget; on torch's CPU it computes in bfloat16 unless --dtype says; "
                                  "where a round costs more than it gives, plain steps are taken; the server "
                                  "speculates for a request while it is alone")

@@ -8,7 +8,9 @@ from scipy.stats import chisquare
 import airmlx
 from airmlx.acceptance import ROOT, draw, draw_distinct, sampling_probs, walk_greedy, walk_sampling
 from airmlx.draft_tree import Tree, grow
+from airmlx.errors import OptionError
 from airmlx.generation import sample
+from airmlx.manifest import Manifest
 from airmlx.spec_measure import Measurements
 
 from tiny import make_chat_checkpoint, make_checkpoint, make_mlx_checkpoint
@@ -459,3 +461,17 @@ def test_a_stop_inside_an_accepted_run_counts_only_the_tokens_given_out(tmp_path
         last = model.speculation.last  # the model as its own draft: every proposal is accepted
         assert last.drafted > 3 and last.accepted <= last.tokens == 3
         assert model.speculation.total.accepted <= model.speculation.total.tokens
+
+
+def test_any_compression_spelling_names_a_quantised_copy_as_draft(tmp_path):
+    """Regression (QA): draft_model='4bit-g32' was taken for a hub id ('not in the Hugging Face cache'), though
+    bench_spec's --draft-compression makes such copies; every compression spelling now names one, and one it does
+    not take is an OptionError naming the spellings."""
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama", draft="4bit-g32") as model:
+        assert model.draft.shard_dir.name == "shards-4bit-g32"
+        assert Manifest.load(model.draft.shard_dir).quantization["group_size"] == 32
+        assert model.generate(PROMPT, max_new_tokens=8, speculation="chain") == \
+            model.generate(PROMPT, max_new_tokens=8, draft_model=False)
+    with pytest.raises(OptionError, match="compression '4bit-g48' is unknown"):
+        load_pair(tmp_path, "torch", "llama", draft="4bit-g48")
