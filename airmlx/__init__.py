@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
-MMAP_THRESHOLD = 4 << 20  # bytes: glibc serves allocations this large from mappings of their own
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves allocations this large from mappings of their own
 
 
 def uses_glibc() -> bool:
@@ -33,9 +33,9 @@ def uses_glibc() -> bool:
 def keep_freed_memory_out_of_the_heap() -> None:
     """glibc raises its mmap threshold to the size of each mapped allocation that is freed (up to 32 MB), so
     the next ones of that size come from the heap and stay in the process once freed: a read buffer, a
-    conversion's source or a dequantised block the plan counts as gone. SmolLM2 on torch under a 100 MB budget
-    held 160-198 MB after a generation, 132 MB with this. A fixed threshold stops that rise; 4 MiB costs few page
-    faults (64 KiB took 8x as many). A value the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
+    conversion's source or a dequantised block the plan counts as gone. A fixed threshold stops that rise; at
+    4 MiB SmolLM2's process on torch still peaked tens of MB higher in some runs than others, at 1 MiB it does
+    not (README, "Freed memory"). A value the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
     if not uses_glibc() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     M_MMAP_THRESHOLD = -3

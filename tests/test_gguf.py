@@ -429,6 +429,35 @@ def test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations(smol_sha
     assert got["rss_peak"] <= bound, (got["rss_peak"] / bound, got)
 
 
+# README, "Memory budget": what comes on top of the budget, KV cache and activations once per process for SmolLM2
+# (transformers' modelling code about 50 MB, the tokenizer 35-50 MB, oneDNN's kernel caches at most about 18 MB)
+SMOLLM2_RUNTIME = 125_000_000
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_smollm2_process_holds_no_more_than_the_budget_and_the_runtime_the_readme_names(smol_shard, backend):
+    """The whole process, not only the model: its peak resident set above the imports, with airmlx's own malloc
+    settings (no MALLOC_ variables), the tokenizer loaded, stays within budget + KV cache + activations + the
+    runtime README names. Regression: with glibc's mmap threshold at 4 MiB, torch's process peaked 215-294 MB from
+    run to run (bound + runtime: 233 MB); at 1 MiB, 209 MB."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_memory import PROBE
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(PROBE.parent)
+    cmd = [sys.executable, str(PROBE), str(smol_shard), backend, "--budget", "100MB", "--baseline", "imports",
+           "--prompt", "24", "--step", "8", "--new", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
+    assert got["tokenizer_rss"] > 10e6  # the tokenizer was loaded, in the measurement
+    assert got["rss_peak"] <= bound + SMOLLM2_RUNTIME, ((got["rss_peak"] - bound) / 1e6, got)
+
+
 def test_a_finished_gguf_shard_folder_on_a_read_only_disk_opens(tiny_ggufs, tmp_path, monkeypatch):
     """Regression (QA): a finished GGUF shard folder in a read-only HF_HOME was refused (its lock file opens for
     writing); as for a Hugging Face checkpoint, a finished folder of the same file is reused without writing."""
