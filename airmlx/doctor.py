@@ -35,11 +35,13 @@ def draft_call_seconds(draft, calls: int = 4) -> float:
 
 def scoring_passes(requests: int, tokens: int, per_pass: int, batch_size: int = 8) -> int:
     """The passes score() makes of `requests` of `tokens` tokens each (its batches of batch_size rows, as many to a
-    pass as per_pass tokens hold); counted without a list past 100,000 requests (one pass more at most)."""
+    pass as per_pass tokens hold; a request runs all its tokens but the last); counted without a list past 100,000
+    requests (one pass more at most)."""
+    run = max(tokens - 1, 1)
     if requests <= 100_000:
-        return len(make_passes([tokens] * requests, batch_size, per_pass))
+        return len(make_passes([run] * requests, batch_size, per_pass))
     batches = -(-requests // batch_size)
-    return -(-batches // max(per_pass // (batch_size * tokens), 1))
+    return -(-batches // max(per_pass // (batch_size * run), 1))
 
 
 def rounds(draft_tokens, draft_s) -> str:

@@ -122,30 +122,32 @@ def score(model, requests, batch_size=8, max_tokens=None, progress=True):
             model.check_vocabulary(tokens)
         except GenerationError as e:
             raise ScoreRequestError(number, f": {e}") from None
-        if context and len(tokens) > context:
+        if context and len(tokens) - 1 > context:  # the last token is only scored, never run
             raise ScoreRequestError(number, f" has {len(tokens)} tokens, more than the model's context of "
-                                       f"{context}; shorten it.")
+                                       f"{context} and the last, scored token; shorten it.")
     max_tokens = max_tokens or pass_tokens(model.config)
     results = Scores([None] * len(encoded))
     before = model.swept_bytes_read
     pad = model.pad_token_id or 0
-    passes = make_passes([len(t) for t, _ in encoded], batch_size, max_tokens)
+    # every token but the last runs (as lm-eval's models run them): a rolling window of max_length scored tokens
+    # after its prefix token fits the context
+    passes = make_passes([len(t) - 1 for t, _ in encoded], batch_size, max_tokens)
     for n, batches in enumerate(passes):
         inputs = []
         for batch in batches:
-            width = max(len(encoded[i][0]) for i in batch)
+            width = max(len(encoded[i][0]) - 1 for i in batch)
             ids = np.full((len(batch), width), pad, dtype=np.int64)
-            mask = np.zeros_like(ids)
+            mask, targets = np.zeros_like(ids), np.zeros_like(ids)
             for r, i in enumerate(batch):
                 tokens = encoded[i][0]
-                ids[r, width - len(tokens):], mask[r, width - len(tokens):] = tokens, 1
-            targets = np.concatenate([ids[:, 1:], np.zeros((len(batch), 1), dtype=np.int64)], axis=1)
+                run = width - len(tokens) + 1
+                ids[r, run:], mask[r, run:], targets[r, run:] = tokens[:-1], 1, tokens[1:]
             inputs.append((ids, mask, targets))
 
         def collect(b, scores, batches=batches):
             for r, i in enumerate(batches[b]):
                 tokens, start = encoded[i]
-                results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens))
+                results[i] = row_scores(scores[r], tokens, start, scores.shape[1] - len(tokens) + 1)
 
         model.sweep(inputs, collect, f"scoring pass {n + 1}/{len(passes)}" if progress else None)
     results.bytes_read = model.swept_bytes_read - before

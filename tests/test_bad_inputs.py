@@ -395,7 +395,7 @@ ROWS = [
                  r"request 1: token id 5000 is outside the model's vocabulary",
                  id="score of a token id outside the vocabulary (an IndexError on torch, garbage on MLX)"),
     pytest.param(lambda c: c.model.score([list(range(1, 90)) * 4]), GenerationError,
-                 "request 0 has 356 tokens, more than the model's context of 256; shorten it",
+                 "request 0 has 356 tokens, more than the model's context of 256 and the last, scored token; shorten it",
                  id="score of a request past the context"),
     pytest.param(lambda c: c.model.score("w3 w4"), GenerationError, r"score\(\) takes a list of requests, not one str",
                  id="score of one text, not a list (it scored each character)"),

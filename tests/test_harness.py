@@ -50,6 +50,24 @@ def test_rolling_scores_every_token_after_the_prefix(lm):
     assert got == pytest.approx(sum(logp[j, tokens[j + 1]].item() for j in range(len(tokens) - 1)), rel=1e-4)
 
 
+def test_rolling_scores_a_text_longer_than_max_length_in_lm_evals_windows(lm):
+    """Regression (QA): a window of max_length scored tokens after its prefix token is max_length + 1 tokens, and
+    score() ran (and refused, past the context) the last one too, so any text past max_length was an error."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    adapter, ref = lm
+    text = " ".join(f"w{3 + (7 * i) % 90}" for i in range(300))
+    assert adapter.max_length == 256
+    (got,) = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    want = 0.0
+    for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            ids(adapter, text), adapter.prefix_token, adapter.max_length, context_len=1)):
+        tokens = context + continuation
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([tokens[:-1]])).logits[0].double(), -1)
+        want += sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(continuation))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
 def test_generate_until_stops_at_the_stop_string(lm):
     adapter, _ = lm
     free = adapter.generate_until([Instance("generate_until", {}, ("w5 w6", {"max_gen_toks": 6}), 0)])[0]
