@@ -66,6 +66,13 @@ class AirmlxLM(LM):
         from lm_eval import utils
         return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
+    @property
+    def tokenizer_name(self):
+        """lm-eval asks for it only to apply a chat template, which this model does not do (it was lm-eval's
+        NotImplementedError traceback)."""
+        raise OptionError("--apply_chat_template: the airmlx model scores and generates the task's plain text; "
+                          "leave it out.")
+
     def loglikelihood(self, requests, disable_tqdm=False):
         pairs = [self.fitted(i, *encode_pair(self.tokenizer, *r.args)) for i, r in enumerate(requests)]
         return [tuple(s) for s in self.model.score(pairs, batch_size=self.batch_size, progress=not disable_tqdm)]

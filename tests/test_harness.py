@@ -206,3 +206,13 @@ def test_lm_evals_own_refusals_are_one_line_exit_2():
                          capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.splitlines()[-1] == "airmlx: lm-eval: Tasks not found: no_such_task"
+
+
+def test_apply_chat_template_is_refused_in_one_line(lm):
+    """Regression (QA): --apply_chat_template ended in lm-eval's NotImplementedError traceback ("please implement the
+    'tokenizer_name' property"), which its evaluator raises from getattr(lm, "tokenizer_name", "")."""
+    from airmlx.errors import OptionError
+    adapter, _ = lm
+    with pytest.raises(OptionError, match="--apply_chat_template: the airmlx model scores and generates the task's "
+                                          "plain text; leave it out"):
+        getattr(adapter, "tokenizer_name", "")
