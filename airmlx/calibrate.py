@@ -107,6 +107,15 @@ def sink_weighted(x):
     return x
 
 
+def check_dense(config, qconfig):
+    """Calibrated compression needs a dense model: routed experts are a one-line error."""
+    from .archs import arch_for
+    from .errors import OptionError
+    if arch_for(config).experts:
+        raise OptionError(f"calibrated compression ({qconfig['method']}) is for dense models, not "
+                          f"{config['model_type']}'s routed experts; use plain rounding, e.g. '4bit'.")
+
+
 class Calibrator:
     """Runs a model stage by stage on the calibration rows with transformers' own modules (the torch backend,
     on the CPU, in float32) and quantises each stage as it goes: GPTQ for every linear whose inputs it sees
@@ -115,11 +124,8 @@ class Calibrator:
     def __init__(self, config, qconfig, tokenizer, storage, rows=16, seq_len=512):
         from .archs import arch_for
         from .backends.torch_backend import TorchBackend
-        from .errors import OptionError
+        check_dense(config, qconfig)
         self.arch = arch_for(config)
-        if self.arch.experts:
-            raise OptionError(f"calibrated compression ({qconfig['method']}) is for dense models, not "
-                              f"{config['model_type']}'s routed experts; use plain rounding, e.g. '4bit'.")
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         self.backend = TorchBackend(SimpleNamespace(config=plain), device="cpu", dtype="float32")
         self.qconfig, self.storage = qconfig, storage

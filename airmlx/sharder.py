@@ -334,6 +334,9 @@ def quantization_for(config, compression, src):
     if "quantization" in config:
         raise CheckpointError(f"{src} is already quantised ({config['quantization']}); shard it without compression.")
     qconfig = quant.compression_config(compression)
+    if qconfig.get("method"):  # refused before the shard folder is made, not after it
+        from .calibrate import check_dense
+        check_dense(config, qconfig)
     # mlx-lm's per-module convention: False keeps a module unquantised
     return {**qconfig, **dict.fromkeys(unquantized_modules(config), False)}
 

@@ -76,10 +76,13 @@ def test_compression_spellings():
             quant.compression_config(bad)
 
 
-def test_calibration_refuses_routed_experts(checkpoints, tmp_path):
+def test_calibration_refuses_routed_experts(checkpoints, tmp_path, capsys):
+    """Regression (QA): the refusal came after the shard folder was made (an empty folder holding a lock file was
+    left behind) and after the line saying which matrices stay unquantised."""
     folder, _ = checkpoints("mixtral")
     with pytest.raises(OptionError, match="dense models"):
         airmlx.shard_checkpoint(folder, tmp_path / "q", compression="4bit-gptq", progress=False)
+    assert not (tmp_path / "q").exists() and "unquantised" not in capsys.readouterr().err
 
 
 def test_calibration_rows_fit_a_small_table_of_learned_positions(checkpoints, tmp_path):
