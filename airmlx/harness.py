@@ -45,7 +45,9 @@ class AirmlxLM(LM):
         self.tokenizer = self.model.tokenizer
         # lm-eval's --batch_size auto (or auto:N) asks it to find the largest that fits: airmlx's default instead
         self.batch_size = 8 if str(batch_size).startswith("auto") else whole("batch_size", batch_size)
-        self.max_length = whole("max_length", max_length or self.model.config.get("max_position_embeddings", 2048))
+        if max_length is None:
+            max_length = self.model.config.get("max_position_embeddings", 2048)
+        self.max_length = whole("max_length", max_length)  # max_length=0 was the default, without a word
         self.max_gen_toks = whole("max_gen_toks", max_gen_toks)
         self.prefix_token = prefix_token(self.tokenizer)
 

@@ -184,11 +184,13 @@ def test_a_context_is_cut_from_the_left_to_fit_max_length_with_its_continuation(
 
 @pytest.mark.parametrize("args, error", [("max_length=abc", "max_length='abc': use a whole number >= 1"),
                                          ("max_gen_toks=-3", "max_gen_toks=-3: use a whole number >= 1"),
+                                         ("max_length=0", "max_length=0: use a whole number >= 1"),
                                          ("batch_size=x", "batch_size='x': use a whole number >= 1"),
                                          ("memory_budgt=4MB", "--model_args memory_budgt: not an option of the airmlx "
                                                               "model; it takes pretrained, backend, ")])
 def test_model_args_that_are_not_whole_numbers_are_refused_in_one_line(checkpoints, tmp_path, args, error):
-    """Regression (QA): max_length=abc ended in a ValueError traceback; batch_size=-1 became 8 without a word."""
+    """Regression (QA): max_length=abc ended in a ValueError traceback; batch_size=-1 became 8 without a word;
+    max_length=0 became the model's context."""
     from airmlx.errors import OptionError
     folder, _ = checkpoints("llama")
     with pytest.raises(OptionError, match=error):
