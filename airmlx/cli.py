@@ -62,10 +62,13 @@ def as_options(message: str) -> str:
     return re.sub(r" \((--[\w-]+)\)", lambda m: "" if out.find(m.group(1)) < m.start() else m.group(0), out)
 
 
-def face(body: Callable[..., int]) -> Callable[..., int]:
+def face(body: Callable[..., int] | None = None, *, options: bool = True) -> Callable[..., int]:
     """Wrap a face's main(): an AirmlxError prints `airmlx: <message>` and returns 2, Ctrl-C returns 130,
     output cut off by its reader (`| head`) ends quietly with 141, as a command killed by SIGPIPE does, and
-    output that cannot be written (a full disk, a closed stdout) is said in one line."""
+    output that cannot be written (a full disk, a closed stdout) is said in one line. options=False (as
+    @face(options=False)) keeps the message's Python names: a face that takes them so (--model_args)."""
+    if body is None:
+        return functools.partial(face, options=options)
 
     @functools.wraps(body)
     def main(argv=None, **kwargs):
@@ -76,7 +79,7 @@ def face(body: Callable[..., int]) -> Callable[..., int]:
         try:
             return body(argv, **kwargs) or 0
         except AirmlxError as e:
-            print(f"airmlx: {as_options(str(e))}", file=err)
+            print(f"airmlx: {as_options(str(e)) if options else e}", file=err)
             return 2
         except KeyboardInterrupt:
             print(file=err)

@@ -189,7 +189,7 @@ def group_by_kwargs(all_kwargs: list) -> list:
     return list(groups.values())
 
 
-@face
+@face(options=False)  # --model_args memory_budget=...: the Python names the errors use
 def main(argv=None) -> int:
     """lm-eval's own command line (the same arguments as `lm_eval`), with "airmlx" registered."""
     from lm_eval.__main__ import cli_evaluate

@@ -218,3 +218,15 @@ def test_apply_chat_template_is_refused_in_one_line(lm):
     with pytest.raises(OptionError, match="--apply_chat_template: the airmlx model scores and generates the task's "
                                           "plain text; leave it out"):
         getattr(adapter, "tokenizer_name", "")
+
+
+def test_errors_name_the_model_args_as_model_args_take_them(checkpoints, tmp_path, capsys):
+    """Regression (QA): the harness said "raise --memory-budget to at least ...", an option lm-eval does not take, where
+    the user gives --model_args memory_budget=..."""
+    from airmlx.harness import main
+    folder, _ = checkpoints("llama")
+    (tmp_path / "task.yaml").write_text("task: airmlx_budget\ndataset_path: json\noutput_type: loglikelihood\n")
+    code = main(["--model", "airmlx", "--model_args", f"pretrained={folder},backend=torch,memory_budget=1KB,"
+                 f"layer_shards_saving_path={tmp_path / 's'}", "--tasks", "airmlx_budget", "--include_path", str(tmp_path)])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2 and last.startswith("airmlx: memory_budget 1.00 KB is below") and "raise memory_budget to" in last
