@@ -72,7 +72,8 @@ def report(model, p, prompt_tokens, requests, request_tokens, draft_s=None, draf
            f"without it; a round of {rounds(draft_tokens, draft_s)} and pays while the tokens it adds save more "
            f"than that in sweeps (the stats line shows what a run gets)"] if draft_s is not None else []),
         f"prefill  {prefill:.1f} s for a {prompt_tokens}-token prompt",
-        f"scoring  {scoring / 3600:.2f} h for {requests} requests of {request_tokens} tokens ({passes} passes)",
+        f"scoring  {scoring / 3600:.2f} h for {requests} request{'s' * (requests != 1)} of {request_tokens} tokens "
+        f"({passes} pass{'es' * (passes != 1)})",
     ])
 
 

@@ -130,3 +130,16 @@ def test_the_doctor_counts_the_passes_score_makes(tmp_path):
     for requests, tokens, per_pass in [(250_000, 100, 8000), (100_000, 7, 100)]:  # counted, and listed, alike
         listed = len(make_passes([tokens - 1] * requests, 8, per_pass))  # score() runs all tokens but the last
         assert scoring_passes(requests, tokens, per_pass) in (listed, listed + 1)
+
+
+def test_the_scoring_line_counts_one_request_and_one_pass_in_the_singular():
+    """Regression (QA): the doctor said "(1 passes)", and "1 requests" for --requests 1."""
+    from types import SimpleNamespace
+
+    from airmlx.doctor import report
+    from airmlx.preflight import Preflight
+    model = SimpleNamespace(plan=plan(1), config={"hidden_size": 64}, shard_dir="s", shard_bytes=1000,
+                            backend_name="torch")
+    p = Preflight(100.0, 1000.0, compute_s={}, prefill_s_per_token=0.001, cold_s_per_token=1.0, warm_s_per_token=1.0)
+    assert report(model, p, 16, 1, 8).splitlines()[-1].endswith("for 1 request of 8 tokens (1 pass)")
+    assert report(model, p, 16, 3, 8).splitlines()[-1].endswith("for 3 requests of 8 tokens (1 pass)")
