@@ -450,6 +450,10 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
     if not verify and (made := finished_folder(out, fp)):  # reused without writing: a read-only disk opens
         delete_after_check(path, out, made, delete_original)
         return out
+    model = open_gguf(path)  # before the shard folder is made: a refused file leaves nothing behind
+    if qconfig and qconfig.get("method"):
+        from .calibrate import check_dense
+        check_dense(model.config, qconfig)
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         done = {}
@@ -475,7 +479,6 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
                 if saved.get("source") == fp:
                     done = reusable(out, [StageEntry(**e) for e in saved["stages"]], verify=True)
 
-        model = open_gguf(path)
         config = dict(model.config)
         arch = arch_for(config)
         if qconfig:

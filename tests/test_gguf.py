@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import airmlx
 from airmlx import quant
-from airmlx.errors import CheckpointError, UnsupportedArchitectureError
+from airmlx.errors import CheckpointError, OptionError, UnsupportedArchitectureError
 from airmlx.gguf import EXACT_BITS, GGUFError, blocks_to_affine, dequantize, find_gguf, open_gguf, reader_shared
 from airmlx.manifest import Manifest
 
@@ -252,6 +252,19 @@ def test_unsupported_gguf_architectures_are_named(tmp_path, arch):
     writer.close()
     with pytest.raises(UnsupportedArchitectureError, match=f"'{arch}'"):
         airmlx.shard_checkpoint(tmp_path / f"{arch}.gguf", tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()  # refused before the shard folder is made
+
+
+def test_a_refused_gguf_leaves_no_shard_folder_behind(tmp_path):
+    """Regression (QA): the folder was made before the file was read, so an unreadable GGUF, or a MoE one given
+    calibrated compression, left an empty folder holding a lock file (the default: under $HF_HOME/airmlx)."""
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        airmlx.shard_checkpoint(tmp_path / "bad.gguf", tmp_path / "bad", progress=False)
+    write_gguf(tmp_path / "moe.gguf", make_model("qwen2_moe"))
+    with pytest.raises(OptionError, match="calibrated compression .gptq. is for dense models"):
+        airmlx.shard_checkpoint(tmp_path / "moe.gguf", tmp_path / "moe", compression="4bit-gptq", progress=False)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "moe").exists()
 
 
 def test_a_type_gguf_cannot_dequantise_is_refused_before_sharding_and_f64_is_read(tmp_path):
