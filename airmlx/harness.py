@@ -91,13 +91,17 @@ class AirmlxLM(LM):
         return context[-room:], continuation
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        out = []
-        for (text,) in (r.args for r in requests):
+        """Every text's windows in one model.score(), so the model is read once per pass, not once per text."""
+        windows, owners = [], []
+        for n, (text,) in enumerate(r.args for r in requests):
             ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            windows = [make_disjoint_window(w) for w in
-                       get_rolling_token_windows(ids, self.prefix_token, self.max_length, context_len=1)]
-            scores = self.model.score(windows, batch_size=self.batch_size, progress=False)
-            out.append(sum(s for s, _ in scores))
+            for window in get_rolling_token_windows(ids, self.prefix_token, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(n)
+        out = [0.0] * len(requests)
+        for n, (loglikelihood, _) in zip(owners, self.model.score(windows, batch_size=self.batch_size,
+                                                                   progress=not disable_tqdm)):
+            out[n] += loglikelihood
         return out
 
     def generate_until(self, requests, disable_tqdm=False):

@@ -230,3 +230,19 @@ def test_errors_name_the_model_args_as_model_args_take_them(checkpoints, tmp_pat
                  f"layer_shards_saving_path={tmp_path / 's'}", "--tasks", "airmlx_budget", "--include_path", str(tmp_path)])
     last = capsys.readouterr().err.splitlines()[-1]
     assert code == 2 and last.startswith("airmlx: memory_budget 1.00 KB is below") and "raise memory_budget to" in last
+
+
+def test_rolling_reads_the_model_once_for_many_texts(lm):
+    """Regression (QA): loglikelihood_rolling called model.score once per text, so a task of N documents read the
+    streamed model N times where one pass holds them all."""
+    adapter, _ = lm
+    texts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13", "w14 w15 w16 w17 w18"]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    alone = [adapter.loglikelihood_rolling([r])[0] for r in requests]
+    sweeps, real = [], adapter.model.sweep
+    adapter.model.sweep = lambda *a, **k: sweeps.append(1) or real(*a, **k)
+    try:
+        together = adapter.loglikelihood_rolling(requests)
+    finally:
+        adapter.model.sweep = real
+    assert len(sweeps) == 1 and together == pytest.approx(alone, rel=1e-6)
