@@ -35,7 +35,13 @@ import numpy as np
 
 from . import quant
 from .archs import arch_for, stage_layout, unquantized_modules
-from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, UnsupportedArchitectureError
+from .errors import (
+    CheckpointError,
+    CorruptShardError,
+    InsufficientDiskSpaceError,
+    OptionError,
+    UnsupportedArchitectureError,
+)
 from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
 from .tensorfile import DTYPE_SIZES, TensorInfo
 
@@ -467,6 +473,12 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
                 (out / PROGRESS_NAME).unlink(missing_ok=True)
                 delete_after_check(path, out, existing, delete_original)
                 return out
+        made_from = existing and existing.extra.get("source_path")
+        if existing is not None and existing.source != fp and made_from:
+            from .sharder import same_source
+            if not same_source(Path(made_from), path):  # as for a checkpoint: another model's shards stay
+                raise OptionError(f"{out} holds the shards of {made_from}, not of {path}; give each model a folder "
+                                  f"of its own (or delete {out} first).")
         if existing is not None:
             print(f"airmlx: {out}: rebuilding " + ("damaged stages." if existing.source == fp else
                                                    "it (made from a different file)."), file=sys.stderr)

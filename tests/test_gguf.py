@@ -267,6 +267,20 @@ def test_a_refused_gguf_leaves_no_shard_folder_behind(tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "moe").exists()
 
 
+def test_a_gguf_does_not_overwrite_another_models_shard_folder(checkpoints, tmp_path):
+    """Regression (QA): sharding a GGUF into a folder holding another model's shards rebuilt it over them ("rebuilding
+    it (made from a different file)"), where a checkpoint is refused: give each model a folder of its own."""
+    folder, _ = checkpoints("llama")
+    out = airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    write_gguf(tmp_path / "other.gguf", make_model("llama"))
+    with pytest.raises(OptionError, match=r"holds the shards of .*, not of .*other.gguf; give each model a folder"):
+        airmlx.shard_checkpoint(tmp_path / "other.gguf", out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    made = airmlx.shard_checkpoint(tmp_path / "other.gguf", tmp_path / "g", progress=False)
+    assert airmlx.shard_checkpoint(tmp_path / "other.gguf", made, compression="8bit", progress=False) == made  # same file
+
+
 def test_a_type_gguf_cannot_dequantise_is_refused_before_sharding_and_f64_is_read(tmp_path):
     """Regression (QA): a Q8_1 or F64 tensor stopped the sharder part-way with gguf's NotImplementedError."""
     model = make_model("llama")
