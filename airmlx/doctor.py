@@ -94,10 +94,12 @@ def main(argv=None) -> int:
     args.model = args.model or args.model_path
     with load_model(args, preflight=False) as model:
         context = model.config.get("max_position_embeddings") or 1 << 62
-        for option, tokens in (("--prompt-tokens", args.prompt_tokens), ("--request-tokens", args.request_tokens)):
-            if tokens is not None and tokens > context:  # generate and score refuse such work: no time predicted
+        # generate and score refuse such work: no time predicted (score never runs a request's last token)
+        for option, tokens, most in (("--prompt-tokens", args.prompt_tokens, context),
+                                     ("--request-tokens", args.request_tokens, context + 1)):
+            if tokens is not None and tokens > most:
                 raise OptionError(f"{option} {tokens} is past the model's context of {context} tokens; give at most "
-                                  f"{context}.")
+                                  f"{most}.")
         args.prompt_tokens = args.prompt_tokens or min(512, context)
         args.request_tokens = args.request_tokens or min(256, context)
         cold, warm = measure_disk(model)

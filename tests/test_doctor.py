@@ -35,6 +35,8 @@ def test_doctor_predicts_saves_and_the_stats_line_compares(tmp_path, capsys):
     args = ["--model", str(shards), "--backend", "torch", "--memory-budget", "400KB"]
     assert main(args + ["--prompt-tokens", "300"]) == 2  # past the context: generate would refuse it (QA)
     assert "--prompt-tokens 300 is past the model's context of 256 tokens" in capsys.readouterr().err
+    assert main(args + ["--request-tokens", "258"]) == 2  # score() takes 257: the last token only scored (QA)
+    assert "--request-tokens 258 is past the model's context of 256 tokens; give at most 257." in capsys.readouterr().err
     assert main(args + ["--prompt-tokens", "100", "--requests", "10"]) == 0
     out = capsys.readouterr().out
     for line in ("disk ", "decode ", "prefill ", "scoring "):
