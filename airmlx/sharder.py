@@ -498,6 +498,10 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
             finish_delete(src, out, originals, made, delete_original)
             return out
+        if hosts != 1 or pipeline_split is not None:  # a bad --hosts, --rank or split: refused before the folder
+            layout = stage_layout(config, list(job.sources))
+            host_share(layout, {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in layout}, hosts, rank,
+                       pipeline_split)
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         if pickled:

@@ -127,6 +127,9 @@ def test_a_host_folder_holds_its_range_and_the_same_manifest_entries(moe_source,
     airmlx.shard_checkpoint(moe_source / "src", tmp_path / "r1", progress=False, hosts=2, rank=1)  # reused
     assert (tmp_path / "r1" / "head.safetensors").stat().st_mtime_ns == before
     assert main([str(moe_source / "src"), str(tmp_path / "bad"), "--hosts", "2", "--rank", "2"]) == 2
+    assert main([str(moe_source / "src"), str(tmp_path / "bad"), "--hosts", "2", "--rank", "0",
+                 "--pipeline-split", "3,3"]) == 2
+    assert not (tmp_path / "bad").exists()  # Regression (QA): refused after an empty folder was made
 
 
 def test_a_store_opens_only_the_stages_it_reads(moe_source, tmp_path):
