@@ -42,7 +42,7 @@ from .errors import (
     OptionError,
     UnsupportedArchitectureError,
 )
-from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, same_source, write_atomic
 from .tensorfile import DTYPE_SIZES, TensorInfo
 
 GROUP_SIZE = 32  # the block size of every GGUF type kept quantised
@@ -475,7 +475,6 @@ def shard_gguf(path, out, *, compression=None, progress=True, verify=False, dele
                 return out
         made_from = existing and existing.extra.get("source_path")
         if existing is not None and existing.source != fp and made_from:
-            from .sharder import same_source
             if not same_source(Path(made_from), path):  # as for a checkpoint: another model's shards stay
                 raise OptionError(f"{out} holds the shards of {made_from}, not of {path}; give each model a folder "
                                   f"of its own (or delete {out} first).")

@@ -193,3 +193,12 @@ def write_atomic(path, data):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def same_source(made_from: Path, src: Path) -> bool:
+    """Whether a folder made from `made_from` may be rebuilt from `src`: the same checkpoint folder or file (its
+    files may have changed since), or another revision of the same repo in the hub cache."""
+    if made_from.resolve() == Path(src).resolve():
+        return True
+    repo = [next((p for p in path.parts if p.startswith("models--")), None) for path in (made_from, Path(src).resolve())]
+    return repo[0] is not None and repo[0] == repo[1]

@@ -32,7 +32,7 @@ from .archs import (
 )
 from .errors import CheckpointError, CorruptShardError, InsufficientDiskSpaceError, OptionError
 from .hf_config import with_standard_names
-from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, write_atomic
+from .manifest import MANIFEST_NAME, Manifest, StageEntry, fsync_dir, same_source, write_atomic
 from .multimodal import (
     SOURCE_CONFIG,
     WRAPPED,
@@ -376,15 +376,6 @@ def resume_state(job, verify):
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable progress file only costs a full rebuild
     return done, None
-
-
-def same_source(made_from: Path, src: Path) -> bool:
-    """Whether a folder made from `made_from` may be rebuilt from `src`: the same checkpoint folder or file (its
-    files may have changed since), or another revision of the same repo in the hub cache."""
-    if made_from.resolve() == Path(src).resolve():
-        return True
-    repo = [next((p for p in path.parts if p.startswith("models--")), None) for path in (made_from, Path(src).resolve())]
-    return repo[0] is not None and repo[0] == repo[1]
 
 
 def check_disk(job, sizes):
