@@ -8,7 +8,7 @@ from .archs import arch_for
 from .draft import quantised_copy
 from .errors import BackendError, BudgetError, CorruptShardError, DraftModelError, OptionError
 from .generation import check_flags
-from .hub import default_shard_dir, is_hub_id, resolve_model
+from .hub import default_shard_dir, gone_local_gguf, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .pipeline import launched_framework
@@ -162,7 +162,8 @@ class AutoModel:
             shard_dir = Path(layer_shards_saving_path or default_shard_dir(source_name, compression)).expanduser()
             if layer_shards_saving_path is not None:
                 refuse_another_model(shard_dir, path_or_id, gguf_file, compression)
-            if not (is_hub_id(str(path_or_id)) and complete_folder(shard_dir)):
+            # a hub model, or a GGUF deleted once sharded (delete_original), opens its finished folder as it is
+            if not ((is_hub_id(str(path_or_id)) or gone_local_gguf(source_name)) and complete_folder(shard_dir)):
                 src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
                                     gguf_file=gguf_file)
                 shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,

@@ -21,6 +21,13 @@ def is_hub_id(name):
         and not str(name).lower().endswith(".gguf")
 
 
+def gone_local_gguf(name) -> bool:
+    """Whether name is a .gguf file in a local folder that is no longer there (delete_original removes it once
+    sharded): its shard folder is named as while it was."""
+    path = Path(name).expanduser()
+    return path.suffix.lower() == ".gguf" and not path.exists() and path.parent.is_dir()
+
+
 def refuse_gguf_file_of_a_file(local: Path, gguf_file: "str | None") -> None:
     """gguf_file picks a .gguf from a folder or hub repo; given with a file, it would be ignored."""
     if gguf_file and local.is_file():
@@ -108,7 +115,7 @@ def default_shard_dir(path_or_id, compression=None):
     """$HF_HOME/airmlx/<name>[-<compression>]: hub ids by name, local folders by name plus a path hash."""
     from huggingface_hub import constants
     path = Path(path_or_id).expanduser()
-    if path.exists():
+    if path.exists() or gone_local_gguf(path):
         resolved = str(path.resolve())
         name = f"{path.resolve().name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
     else:

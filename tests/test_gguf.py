@@ -485,6 +485,24 @@ def test_smollm2_process_holds_no_more_than_the_budget_and_the_runtime_the_readm
     assert got["rss_peak"] <= bound + SMOLLM2_RUNTIME, ((got["rss_peak"] - bound) / 1e6, got)
 
 
+def test_a_gguf_deleted_once_sharded_opens_by_its_path(tiny_ggufs, tmp_path):
+    """Regression (QA): after delete_original=True removed a .gguf, opening the model by the file's path said 'no
+    such GGUF file' though its shard folder was finished (its default name hashes the path, which a missing path
+    did not get). It opens that folder; a .gguf never sharded is still 'no such GGUF file'."""
+    import shutil
+    path, want = tiny_ggufs("llama")
+    copy = tmp_path / "tiny.gguf"
+    shutil.copy(path, copy)
+    with airmlx.AutoModel.from_pretrained(copy, backend="torch", delete_original=True, progress=False) as m:
+        made = m.shard_dir
+    assert not copy.exists()
+    with airmlx.AutoModel.from_pretrained(copy, backend="torch", progress=False) as m:
+        assert m.shard_dir == made
+        assert m.generate(PROMPT, max_new_tokens=12, eos_token_id=-1) == want
+    with pytest.raises(airmlx.AirmlxError, match="no such GGUF file"):
+        airmlx.AutoModel.from_pretrained(tmp_path / "other.gguf", backend="torch", progress=False)
+
+
 def test_a_finished_gguf_shard_folder_on_a_read_only_disk_opens(tiny_ggufs, tmp_path, monkeypatch):
     """Regression (QA): a finished GGUF shard folder in a read-only HF_HOME was refused (its lock file opens for
     writing); as for a Hugging Face checkpoint, a finished folder of the same file is reused without writing."""
