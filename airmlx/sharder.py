@@ -489,10 +489,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
             finish_delete(src, out, originals, made, delete_original)
             return out
-        if hosts != 1 or pipeline_split is not None:  # a bad --hosts, --rank or split: refused before the folder
-            layout = stage_layout(config, list(job.sources))
-            host_share(layout, {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in layout}, hosts, rank,
-                       pipeline_split)
+        sizes = share_stages(job, hosts, rank, pipeline_split)  # a bad --hosts, --rank or split: before the folder
     make_folder(out)
     with folder_lock(out), contextlib.ExitStack() as cleanup:
         if pickled:
@@ -501,10 +498,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
             job.sources = checked_sources(files, config, src)
             config = job.config = plain_config(untied_where_stored_apart(config, job.sources), job.sources)
-        job.layout = stage_layout(config, list(job.sources))
+            sizes = share_stages(job, hosts, rank, pipeline_split)
         job.fingerprint = fingerprint(originals, config, qconfig)
-        sizes = {name: stage_bytes(ts, job.sources, qconfig) for name, _, ts in job.layout}
-        job.pipeline, job.held = host_share(job.layout, sizes, hosts, rank, pipeline_split)
         job.done, manifest = resume_state(job, verify)
         if manifest is None and qconfig and qconfig.get("method"):
             job.done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over
@@ -534,6 +529,15 @@ def with_stored_dtype(config: dict, sources: dict) -> dict:
         if info.dtype in FLOAT_NAMES:
             stored[info.dtype] = stored.get(info.dtype, 0) + info.nbytes
     return {**config, "dtype": FLOAT_NAMES[max(stored, key=stored.get)]} if stored else config
+
+
+def share_stages(job, hosts, rank, split=None) -> dict:
+    """Lay the checkpoint's tensors out in stages (job.layout) and give this host its share of them (job.pipeline,
+    job.held: host_share); returns each stage's estimated file bytes."""
+    job.layout = stage_layout(job.config, list(job.sources))
+    sizes = {name: stage_bytes(ts, job.sources, job.qconfig) for name, _, ts in job.layout}
+    job.pipeline, job.held = host_share(job.layout, sizes, hosts, rank, split)
+    return sizes
 
 
 def host_share(layout, sizes, hosts, rank, split=None):
