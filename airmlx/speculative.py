@@ -187,12 +187,13 @@ def speculative_generate(target, draft, ids: np.ndarray, mask: np.ndarray, *, ma
         while len(new) < max_new_tokens:
             pending, start = after[held - past_length:], held  # pending: never empty (the last token given out)
             runner.seconds = 0.0
-            drafting = len(seq) <= draft_limit and measure.worth_a_round()
+            depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending),  # more is never used
+                        draft_limit - len(seq) + 1)  # the deepest level is never run through the draft
+            # no room for a draft token (the last token of a call, the end of a position table): a plain step
+            drafting = depth > 0 and measure.worth_a_round()
             if drafting:
                 target.read_ahead()
                 root = runner.catch_up(seq)
-                depth = min(max_new_tokens - len(new) - 1, limit - held - len(pending),  # more is never used
-                            draft_limit - len(seq) + 1)  # the deepest level is never run through the draft
                 tree, dists = grow(root, runner.expand, measure, cap=measure.round_cap(cap), depth=depth,
                                    branching=TREE_BRANCHING if mode == "tree" else 1, greedy=greedy, rng=rng)
             else:  # a plain step: the draft catches up at the next round
