@@ -87,11 +87,12 @@ def grow(root_probs: np.ndarray, expand, measure, *, cap: int, depth: int, branc
          rng) -> tuple:
     """Grow a draft tree of at most `cap` nodes and `depth` levels from the draft's distribution after the
     root. expand(tree, nodes) runs the draft on those nodes (all of one level, their ancestors already run)
-    and returns its distribution after each. Returns (the tree to verify, {its node or ROOT: the draft's
-    distribution after it, where it ran})."""
+    and returns its distribution after each; it runs at most `cap` nodes in all. Returns (the tree to verify,
+    {its node or ROOT: the draft's distribution after it, where it ran})."""
     tree, dists = Tree(), {ROOT: root_probs}
     frontier = [ROOT]
     carry_on = measure.continues.value
+    expanded = 0  # nodes the draft ran: its cache grows by them, at most `cap` (a server's KV headroom)
     while frontier and depth > 0:
         level = []
         for node in frontier:
@@ -111,9 +112,10 @@ def grow(root_probs: np.ndarray, expand, measure, *, cap: int, depth: int, branc
         cutoff = max(measure.node_cutoff(), ranked[cap - 1] if len(ranked) >= cap else 0.0)
         frontier = sorted((i for i in level if tree.values[i] * carry_on > cutoff),
                           key=lambda i: -tree.values[i])[:LEVEL_WIDTH]
-        frontier = frontier[:measure.worth_drafting([carry_on * tree.values[i] for i in frontier])]
+        frontier = frontier[:measure.worth_drafting([carry_on * tree.values[i] for i in frontier])][:cap - expanded]
         if not frontier:
             break
+        expanded += len(frontier)
         dists.update(zip(frontier, expand(tree, frontier)))
     chosen = tree.best(cap, measure.node_cutoff())
     return chosen, {new: dists[old] for new, old in [(ROOT, ROOT)] + list(enumerate(chosen.origin)) if old in dists}

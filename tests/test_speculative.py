@@ -139,6 +139,21 @@ def test_the_tree_is_valued_best_first_within_its_cap():
     assert shallow.depths == [1, 1, 1, 1]  # as deep as tokens are still wanted, as wide as the cap allows
 
 
+@pytest.mark.parametrize("cap", [8, 16, 64])
+def test_the_draft_runs_at_most_cap_nodes_a_round(cap):
+    """Regression (QA): a tree round ran up to 16 nodes a level through the draft, 81 in all under a cap of 64,
+    so the draft's cache outgrew the headroom a server's KV allowance keeps for a sweep's draft tokens."""
+    ran = []
+
+    def expand(tree, nodes):  # a confident draft: each node's likeliest child takes 0.9
+        ran.extend(nodes)
+        return [np.where(np.arange(32) == n * 7 % 32, 0.9, 0.1 / 31) for n in nodes]
+
+    root = np.where(np.arange(32) == 0, 0.9, 0.1 / 31)
+    tree, _ = grow(root, expand, Measurements(), cap=cap, depth=cap, branching=8, greedy=True, rng=None)
+    assert len(tree) == cap and 0 < len(ran) <= cap
+
+
 # -- models ----------------------------------------------------------------------------------------
 def shard(folder, tmp_path, name="shards"):
     out = tmp_path / name
