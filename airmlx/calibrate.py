@@ -89,6 +89,11 @@ def calibration_ids(tokenizer, seq_len=512, max_rows=8, extra_texts=()):
         if len(ids) >= max_rows * seq_len:
             break
         ids += tokenizer(t, verbose=False)["input_ids"]
+    if not ids:
+        from .errors import CheckpointError
+        raise CheckpointError("the checkpoint's tokenizer turns the calibration text into no tokens, so calibrated "
+                              "compression has nothing to run; use plain rounding (e.g. '4bit'), or a checkpoint "
+                              "whose tokenizer encodes text.")
     rows = min(max_rows, max(len(ids) // seq_len, 1))
     return np.array(ids[:rows * seq_len], dtype=np.int64).reshape(rows, -1)
 

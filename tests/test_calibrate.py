@@ -5,8 +5,8 @@ import pytest
 
 import airmlx
 from airmlx import quant
-from airmlx.calibrate import gptq
-from airmlx.errors import OptionError
+from airmlx.calibrate import calibration_ids, gptq
+from airmlx.errors import CheckpointError, OptionError
 from airmlx.manifest import Manifest
 
 from tiny import minimum_budget
@@ -95,3 +95,11 @@ def test_calibration_rows_fit_a_small_table_of_learned_positions(checkpoints, tm
         want = m.generate(PROMPT, max_new_tokens=8)
     with airmlx.AutoModel.from_pretrained(out, backend="mlx") as m:
         assert m.generate(PROMPT, max_new_tokens=8) == want
+
+
+def test_a_tokenizer_that_encodes_nothing_is_a_clear_error():
+    """Regression (QA): a tokenizer that yields no tokens for the calibration text raised an IndexError deep in
+    the torch backend."""
+    with pytest.raises(CheckpointError, match="no tokens.*plain rounding"):
+        calibration_ids(lambda text, verbose: {"input_ids": []}, seq_len=16)
+    assert calibration_ids(lambda text, verbose: {"input_ids": [3] * 40}, seq_len=16, max_rows=2).shape == (2, 16)
