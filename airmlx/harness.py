@@ -80,10 +80,10 @@ class AirmlxLM(LM):
         return [tuple(s) for s in self.model.score(pairs, batch_size=self.batch_size, progress=not disable_tqdm)]
 
     def fitted(self, index, context, continuation):
-        """(context, continuation) with the context cut from the left to fit max_length with its continuation,
-        as lm-eval's own models cut it; a continuation that leaves no room for one token of context is refused
-        (its loglikelihood cannot be computed whole)."""
-        room = self.max_length - len(continuation)
+        """(context, continuation) with the context cut from the left to max_length + 1 tokens with its
+        continuation, as lm-eval's own models cut it (the last token is only scored, never run); a continuation
+        that leaves no room for one token of context is refused (its loglikelihood cannot be computed whole)."""
+        room = self.max_length + 1 - len(continuation)
         if room < 1:
             raise OptionError(f"request {index}: its continuation has {len(continuation)} tokens, which leaves no room "
                               f"for its context under max_length={self.max_length}; raise max_length (--model_args "

@@ -166,19 +166,21 @@ def test_generate_until_sampling_follows_lm_evals_seed(lm):
 def test_a_context_is_cut_from_the_left_to_fit_max_length_with_its_continuation(lm):
     """Regression (QA): at a continuation of exactly max_length - 0 tokens of room, c[-0:] kept the whole context
     (and the request went over the model's context); a continuation longer than max_length cut the context to
-    nothing and the error blamed the request."""
+    nothing and the error blamed the request. Regression (QA): the context was cut to max_length tokens with its
+    continuation, where lm-eval's models keep max_length + 1 (the last token is only scored)."""
     from airmlx.errors import OptionError
     adapter, ref = lm
-    adapter.max_length = 4
+    adapter.max_length = 3
     c, k = ids(adapter, "w5 w6 w7"), ids(adapter, " w8 w9")
+    assert len(c) > 4 - len(k)  # it is cut
     (loglik, _), = adapter.loglikelihood([Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)])
     kept = c[-(4 - len(k)):]
     with torch.no_grad():
         logp = torch.log_softmax(ref(torch.tensor([kept + k])).logits[0].double(), -1)
     assert loglik == pytest.approx(sum(logp[len(kept) - 1 + j, t].item() for j, t in enumerate(k)), rel=1e-4)
-    adapter.max_length = len(k)
+    adapter.max_length = len(k) - 1
     with pytest.raises(OptionError, match=rf"request 0: its continuation has {len(k)} tokens, which leaves no room "
-                                          rf"for its context under max_length={len(k)}"):
+                                          rf"for its context under max_length={len(k) - 1}"):
         adapter.loglikelihood([Instance("loglikelihood", {}, ("w5 w6 w7", " w8 w9"), 0)])
 
 
