@@ -289,6 +289,7 @@ class AirModel:
             return 0
         return self.scheduler.read_ahead(min(self.plan.streamed_bytes_per_step, available_ram() // 2))
 
+    @exclusive
     def read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float:
         """Bytes per second the store reads this model's streamed stages (every stage when none streams), the
         first of them up to limit_bytes; cold: from the disk, warm: from the page cache. A measurement: while
@@ -301,6 +302,7 @@ class AirModel:
             total += self.plan.stages[name].read
         return self.store.read_bandwidth(names, cold, mapped=self.backend.page_cache_views)
 
+    @exclusive
     def expert_read_bandwidth(self, cold: bool = True, limit_bytes: int | None = None) -> float | None:
         """Bytes per second the store reads routed experts as decode steps do (top_k of a layer at once, the
         layers in turn, each layer's experts in a shuffled order), up to limit_bytes; None for a model without

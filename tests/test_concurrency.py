@@ -128,3 +128,15 @@ def test_close_during_generate_cancels_it_cleanly(shards, backend):
     with pytest.raises(ModelClosedError, match="closed"):
         m.generate(PROMPT, max_new_tokens=1)
     assert m.store.held_bytes == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_measuring_a_closed_model_is_refused_and_maps_nothing(shards, backend):
+    """Regression (QA): read_bandwidth() ran on a closed model, and on torch kept the stage files it measured
+    mapped, with nothing left to unmap them (close() had run)."""
+    m = airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget="300KB")
+    m.close()
+    for measure in (m.read_bandwidth, m.expert_read_bandwidth):
+        with pytest.raises(ModelClosedError, match="closed"):
+            measure(cold=False)
+    assert not m.store._kept_maps and m.store.held_bytes == 0
