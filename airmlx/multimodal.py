@@ -79,9 +79,10 @@ def rename_quantization(quantization):
     out = {}
     for key, value in quantization.items():
         if isinstance(value, (dict, bool)):  # a module's own setting, keyed by its path
-            key = language_model_tensor(key)
+            key = language_model_tensor(key + ".")  # as a prefix, as the renames take it ("language_model.lm_head")
             if key is None:
                 continue
+            key = key[:-1]
         out[key] = value
     return out
 

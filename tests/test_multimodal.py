@@ -203,3 +203,17 @@ def test_a_fused_experts_tensor_that_fits_no_layout_is_refused(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AirmlxError, match="fused experts tensor.*does not match its config"):
         airmlx.AutoModel.from_pretrained(folder, layer_shards_saving_path=tmp_path / "shards", progress=False)
+
+
+def test_a_quantised_image_text_configs_module_settings_follow_the_renamed_modules():
+    """Regression (QA): mlx-lm keys a module's own quantisation by its path, with no trailing dot; the head's,
+    "language_model.lm_head", kept that name (the renames matched "language_model.lm_head." only), so a head
+    quantised apart from the rest (a mixed-precision quant) was loaded with the model-wide bits."""
+    from airmlx.multimodal import rename_quantization
+    head, layer = {"group_size": 64, "bits": 8}, {"group_size": 64, "bits": 6}
+    got = rename_quantization({"group_size": 64, "bits": 4, "language_model.lm_head": head,
+                               "language_model.model.layers.0.mlp.down_proj": layer,
+                               "model.language_model.layers.1.mlp.down_proj": False,
+                               "vision_tower": False, "vision_tower.blocks.0.attn": False})
+    assert got == {"group_size": 64, "bits": 4, "lm_head": head, "model.layers.0.mlp.down_proj": layer,
+                   "model.layers.1.mlp.down_proj": False}
