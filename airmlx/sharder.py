@@ -560,6 +560,6 @@ def finish_delete(src, out, originals, manifest, delete_original):
     if not delete_original:
         return
     delete_sources(out, manifest, originals, "the original weights were")
-    index = Path(src) / "model.safetensors.index.json"
-    index.unlink(missing_ok=True)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        (Path(src) / index).unlink(missing_ok=True)
 

@@ -439,3 +439,14 @@ def test_cli_refuses_gguf_file_with_a_gguf_file_and_a_split_without_hosts(tmp_pa
     assert shard_cli([tmp_path / "nope", tmp_path / "out", "--pipeline-split", "4,4"]) == 2
     err = capsys.readouterr().err
     assert "--pipeline-split splits the stages between the hosts of --hosts N" in err and err.count("\n") == 1, err
+
+
+def test_delete_original_of_a_pickle_checkpoint_takes_its_index_too(tmp_path):
+    """Regression (QA): delete_original removed model.safetensors.index.json but left pytorch_model.bin.index.json
+    naming the deleted files, so sharding the folder again said its download was incomplete."""
+    src = tmp_path / "finetune"
+    pickle_checkpoint(src, sharded_index=True)
+    airmlx.shard_checkpoint(src, tmp_path / "out", allow_pickle=True, delete_original=True, progress=False)
+    assert not list(src.glob("pytorch_model*"))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights found"):
+        airmlx.shard_checkpoint(src, tmp_path / "other", allow_pickle=True, progress=False)
