@@ -232,6 +232,7 @@ class AirModel:
         out = []
         sweep_batches(self, [(ids, mask, None)], lambda b, x: out.append(x), self._progress(ids))
         self._note_step(*ids.shape, ids.shape[1], ids.size)  # every position's logits: what was asked for
+        out[0][mask == 0] = 0.0  # padding's are whatever a backend left there: zeros on both
         return out[0]
 
     def score(self, requests: list, batch_size: int = 8, max_tokens: int | None = None,

@@ -57,6 +57,25 @@ def test_mlx_and_torch_agree(checkpoints, tmp_path, arch):
     assert np.abs(outs[0] - outs[1]).max() / np.abs(outs[0]).max() < 1e-4
 
 
+def test_logits_of_left_padded_rows_agree_across_backends_and_with_transformers(checkpoints, tmp_path):
+    """Regression (QA): a padding position's logits were zeros on torch and leftovers on MLX (up to 3.3 apart);
+    they are zeros on both, and every real position's match transformers'."""
+    folder, ref = checkpoints("llama")
+    rows = [[5, 17, 33, 2, 9, 60, 7], [0, 0, 0, 0, 3, 4, 5]]
+    mask = [[1] * 7, [0, 0, 0, 0, 1, 1, 1]]
+    with torch.no_grad():
+        want = [ref(torch.tensor([r[7 - sum(m):]])).logits[0].numpy() for r, m in zip(rows, mask)]
+    got = []
+    for backend in BACKENDS:
+        with load(folder, tmp_path / backend, backend) as model:
+            got.append(model.logits(rows, attention_mask=mask))
+    for out in got:
+        assert not out[1, :4].any()
+        for row, (w, m) in enumerate(zip(want, mask)):
+            assert np.abs(out[row, 7 - sum(m):] - w).max() < 1e-4 * np.abs(w).max()
+    assert np.array_equal(got[0][1, :4], got[1][1, :4])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_checkpoint_streams(tmp_path, backend):
     """bf16 weights pass through the sharder untouched and run on both backends."""
