@@ -8,6 +8,9 @@
    (CPUs with AVX-512); elsewhere every column reads about 0.
 2. The sharder's fp8 dequantiser: weights per second for a DeepSeek-V3-sized (7168 x 18432) weight, written with
    its sha256 as the stage writer does.
+3. torch's packed int4 CPU kernel (a 4-bit stage's decode-step matmul, one row) against a dense linear, with fp32,
+   bf16 and fp16 activations: where torch vectorises it for bf16 only (AVX2 CPUs), fp32 and fp16 run far slower,
+   which is why a draft model computes in bf16 on the CPU.
 """
 import hashlib
 import os
@@ -73,6 +76,32 @@ def fp8():
     folder.rmdir()
 
 
+def int4(shapes=((192, 192), (2048, 192), (1024, 1024), (4096, 4096)), group=64):
+    import torch
+    torch.set_num_threads(1)
+
+    def per_call(f, seconds=0.2):
+        f()
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            f()
+            n += 1
+        return (time.perf_counter() - t) / n * 1e6
+
+    print(f"  int4 kernel, one row, one thread (us per call: int4 / dense) on {torch.backends.cpu.get_cpu_capability()}")
+    for n, k in shapes:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+        line = []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x, w = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+            scales = torch.rand(k // group, n, 2, dtype=dtype)
+            kernel = per_call(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales))
+            dense = per_call(lambda: torch.nn.functional.linear(x, w))
+            line.append(f"{str(dtype)[6:]} {kernel:.0f} / {dense:.0f}")
+        print(f"    {n:>5} x {k:<5} " + ", ".join(line))
+
+
 if __name__ == "__main__":
     caches()
     fp8()
+    int4()
