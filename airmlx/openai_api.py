@@ -67,6 +67,11 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
+        # JSON's escapes can spell a lone surrogate ("\\ud800"): no text, the tokenizer's TypeError (a 500)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("the request body holds a lone surrogate escape (\\ud800 to \\udfff), which is no text; "
+                           "send text as UTF-8.") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object.") from None
     except RecursionError:  # json's decoder recurses once per level of nesting

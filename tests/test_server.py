@@ -389,6 +389,9 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/nowhere", {}, 404, None),
     # JSON nested deeper than Python's recursion limit was a 500 with a traceback in the log (QA)
     ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    # a lone surrogate escape, valid JSON but no text, reached the tokenizer: a 500 with a traceback (QA)
+    ("/v1/completions", b'{"model": "tiny", "prompt": "w5 \\ud800"}', 400, None),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
 ]
 
 
