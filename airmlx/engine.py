@@ -119,6 +119,8 @@ class Engine:
         with self.cond:
             if self.stopping:
                 raise RequestError("the server is shutting down; retry against a running one.", status=503)
+            for gone in [r for r in self.waiting if r.cancelled]:  # its client went away while it waited
+                self.waiting.remove(gone)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"all {self.max_batch} batch rows are busy and {self.max_queue} requests are "
                                      "waiting; retry later.", status=503, retry_after=self._retry_after())

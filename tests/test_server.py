@@ -275,6 +275,26 @@ def test_eight_clients_get_their_solo_tokens_from_shared_sweeps(model):
         assert ran < 2 * 16 < 8 * 16 and live.engine.rows_peak >= 4  # 128 tokens in about 16 sweeps, not 128
 
 
+def test_a_request_whose_client_went_away_while_waiting_gives_up_its_place_in_the_queue(model):
+    """Regression (QA): it kept its place until a batch row freed, so newcomers got 503 meanwhile."""
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    engine = Engine(Slow(model), max_batch=1, max_queue=1, kv_allowance=10**8)
+    try:
+        engine.submit(Request(ids, 200, Sampling(), lambda e: None))
+        deadline = time.monotonic() + 30
+        while not engine.stats()["active"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gone = Request(ids, 5, Sampling(), lambda e: None)
+        engine.submit(gone)
+        gone.cancel()
+        engine.submit(Request(ids, 5, Sampling(), lambda e: None))  # was QueueFullError
+        assert engine.stats()["waiting"] == 1
+    finally:
+        engine.stop()
+        engine.join(30)
+
+
 def test_a_lone_request_speculates_and_requests_together_share_sweeps(shards, model, monkeypatch):
     from airmlx.spec_measure import Measurements
     monkeypatch.setattr(Measurements, "worth_a_round", lambda self: True)  # drafting on a tiny model in memory
