@@ -33,11 +33,13 @@ class TextStream:
 
     def _stop_start(self) -> int:
         """Characters at the end of the text that a stop string could begin with (held back until they
-        cannot)."""
-        for n in range(min(self.hold, len(self.text) - self.sent), 0, -1):
-            if any(s.startswith(self.text[-n:]) for s in self.stops):
-                return n
-        return 0
+        cannot). A character whose bytes are still coming (U+FFFD at the end) could be any."""
+        stem = self.text.rstrip("\ufffd")
+        partial = len(self.text) - len(stem)
+        for n in range(min(self.hold, len(stem) - self.sent), 0, -1):
+            if any(s.startswith(stem[-n:]) and (not partial or len(s) > n) for s in self.stops):
+                return n + partial
+        return partial
 
     def flush(self) -> str:
         """The text held back, at the end of the answer."""

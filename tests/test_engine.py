@@ -291,6 +291,23 @@ def test_text_holds_back_only_what_could_start_a_stop_string():
     assert text.flush() == ""  # the stop string is never sent
 
 
+class Bytes:
+    """A tokenizer whose tokens are UTF-8 bytes: a character of several bytes comes over several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("stop", [" ü", "i😊"])
+def test_text_holds_back_what_could_start_a_stop_string_while_a_character_is_still_coming(stop):
+    """Regression (QA): the text before a character still coming (U+FFFD at the end) was sent, though with that
+    character it began a stop string: the answer ended after part of the stop string, which is never sent."""
+    text = TextStream(Bytes(), [stop])
+    pieces = [text.add(b) for b in ("hi" + stop + " there").encode()]
+    sent = "".join(p for p, hit in pieces)
+    assert sent == "hi" and any(hit for _, hit in pieces)
+
+
 def test_a_stop_token_ends_a_request_as_eos_ends_generate(shards):
     with load(shards, "torch") as m:
         free = m.generate(PROMPTS[1], max_new_tokens=8)[len(PROMPTS[1]):]
