@@ -88,9 +88,8 @@ class ToolCallReader:
     def add(self, tokens) -> list:
         self.tokens += [int(t) for t in tokens if int(t) not in self.stop_tokens]
         text = self._text()
-        end = len(text) - max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        while end > self.fed and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
-            end -= 1
+        stem = text.rstrip("\ufffd")  # a character whose bytes are still coming: held back, and it could be any
+        end = len(stem) - max((n for s in self.stops for n in range(1, len(s)) if stem.endswith(s[:n])), default=0)
         return self._feed(text[:end])  # held back: what may be the start of a stop string
 
     def finish(self) -> list:

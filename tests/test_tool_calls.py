@@ -112,6 +112,14 @@ def test_a_stop_string_held_back_until_it_cannot_be_one(tokenizer):
     assert "".join(v for kind, v in items if kind == "content") == "It is ST and then "
 
 
+@pytest.mark.parametrize("answer, stop", [("It is hot 😊 then", " 😊"), ("It is hot“quoted”", "t“")])
+def test_a_stop_string_held_back_while_a_character_of_it_is_still_coming(tokenizer, answer, stop):
+    """Regression (QA): the text before a character whose bytes were still coming was given to the parser even
+    where, with that character, it began a stop string: the stop string's start was streamed, or kept."""
+    items, reader = read(tokenizer, answer, stops=[stop])
+    assert joined(items) == reader.result()[0] == answer[:answer.index(stop)]
+
+
 def test_the_qwen_fallback_comes_from_transformers_and_an_unknown_model_has_none(tokenizer):
     assert response_template(tokenizer, "qwen3")["start_anchor"] == "<|im_start|>assistant\n"
     assert response_template(tokenizer, "llama") is None
