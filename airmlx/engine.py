@@ -119,8 +119,7 @@ class Engine:
         with self.cond:
             if self.stopping:
                 raise RequestError("the server is shutting down; retry against a running one.", status=503)
-            for gone in [r for r in self.waiting if r.cancelled]:  # its client went away while it waited
-                self.waiting.remove(gone)
+            self._drop_gone()
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"all {self.max_batch} batch rows are busy and {self.max_queue} requests are "
                                      "waiting; retry later.", status=503, retry_after=self._retry_after())
@@ -143,6 +142,7 @@ class Engine:
 
     def stats(self) -> dict:
         with self.cond:
+            self._drop_gone()
             return {"active": len(self._active()), "waiting": len(self.waiting), "sweeps": self.sweeps,
                     "rows_peak": self.rows_peak, "disconnected": self.disconnected,
                     "kv_allowance": self.kv_allowance, "kv_reserved": self._reserved(),
@@ -153,6 +153,13 @@ class Engine:
         """Seconds until the request closest to done finishes, by the recent sweep time."""
         left = min((r.max_tokens - len(r.tokens) for r in self._active()), default=1)
         return max(1, math.ceil(left * (self.sweep_seconds or 1.0)))
+
+    def _drop_gone(self) -> None:
+        """Take the requests whose client went away while they waited off the queue (counted as disconnected)."""
+        gone = [r for r in self.waiting if r.cancelled]
+        for r in gone:
+            self.waiting.remove(r)
+        self.disconnected += sum(1 for r in gone if not r.closed)
 
     def _active(self) -> list:
         return [r for g in list(self.groups) for r in g.rows]
@@ -174,10 +181,10 @@ class Engine:
                     break
                 if self.lanes == 1:  # else each lane admits at its turn
                     self._admit()
-            self._leave([r for r in self._active() if r.cancelled])
-            if not self.groups and (self.lanes == 1 or not self.waiting):
-                continue
             try:
+                self._leave([r for r in self._active() if r.cancelled])
+                if not self.groups and (self.lanes == 1 or not self.waiting):
+                    continue
                 lone = self._lone()
                 if lone:
                     self._timed(self._speculate, lone)
@@ -207,13 +214,26 @@ class Engine:
     def _admit(self, lane: int = 0, rows: int | None = None):
         """Move waiting requests into the next sweep (of `lane`, up to `rows` rows in it) while there are rows
         and KV room: those continuing a kept conversation on its cache, the others together as one left-padded
-        batch."""
+        batch. Where making or taking their caches fails (out of memory), those requests fail and the engine
+        goes on."""
+        queued = list(self.waiting)
+        try:
+            self._admit_rows(lane, rows)
+        except Exception as e:
+            log.exception("admitting requests failed")
+            held = {id(r) for r in self.waiting} | {id(r) for g in self.groups for r in g.rows}
+            for r in queued:  # off the queue and in no sweep: nothing else would ever answer them
+                if id(r) not in held:
+                    r.close(Failed(f"the model failed: {type(e).__name__}: {e}", 500))
+
+    def _admit_rows(self, lane: int, rows: int | None):
         fresh = []
         room = self.max_batch if rows is None else rows - sum(len(g.rows) for g in self.groups if g.lane == lane)
         while self.waiting and len(self._active()) + len(fresh) < self.max_batch and room > 0:
             r = self.waiting[0]
             if r.cancelled or r.closed:
                 self.waiting.popleft()
+                self.disconnected += r.cancelled and not r.closed
                 continue
             key, n = self._best_kept(r.prompt)
             r.cached, r.feed = n, r.prompt[n:]

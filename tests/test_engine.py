@@ -405,3 +405,24 @@ def test_speculative_tokens_count_only_the_tokens_given_out(shards, monkeypatch)
         finally:
             engine.stop()
             engine.join(30)
+
+
+def test_a_request_whose_cache_cannot_be_made_fails_and_the_engine_goes_on(shards, monkeypatch):
+    """Regression (QA): an error while admitting requests (making their cache: out of memory) ended the engine's
+    thread; the requests taken off the queue were never answered, and every later one waited forever."""
+    with load(shards, "torch") as m:
+        engine = Engine(m, keep_caches=0)
+        try:
+            want = run_engine(engine, [PROMPTS[0]], 4)[0].tokens
+            made = m.new_cache
+            monkeypatch.setattr(m, "new_cache", lambda *a: (_ for _ in ()).throw(MemoryError("no room")))
+            failed = Collect()
+            engine.submit(Request(PROMPTS[0], 4, Sampling(), failed))
+            assert failed.done.wait(30), "the request was never answered"
+            assert isinstance(failed.events[-1], Failed) and failed.events[-1].status == 500
+            assert "MemoryError: no room" in failed.events[-1].message
+            monkeypatch.setattr(m, "new_cache", made)
+            assert engine.thread.is_alive() and run_engine(engine, [PROMPTS[0]], 4)[0].tokens == want
+        finally:
+            engine.stop()
+            engine.join(30)

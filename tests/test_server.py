@@ -276,7 +276,8 @@ def test_eight_clients_get_their_solo_tokens_from_shared_sweeps(model):
 
 
 def test_a_request_whose_client_went_away_while_waiting_gives_up_its_place_in_the_queue(model):
-    """Regression (QA): it kept its place until a batch row freed, so newcomers got 503 meanwhile."""
+    """Regression (QA): it kept its place until a batch row freed, so newcomers got 503 meanwhile (and /health
+    did not count it as disconnected)."""
     ids = model.tokenizer(PROMPT)["input_ids"]
     engine = Engine(Slow(model), max_batch=1, max_queue=1, kv_allowance=10**8)
     try:
@@ -288,8 +289,9 @@ def test_a_request_whose_client_went_away_while_waiting_gives_up_its_place_in_th
         gone = Request(ids, 5, Sampling(), lambda e: None)
         engine.submit(gone)
         gone.cancel()
+        assert engine.stats()["waiting"] == 0 and engine.stats()["disconnected"] == 1
         engine.submit(Request(ids, 5, Sampling(), lambda e: None))  # was QueueFullError
-        assert engine.stats()["waiting"] == 1
+        assert engine.stats()["waiting"] == 1 and engine.stats()["disconnected"] == 1
     finally:
         engine.stop()
         engine.join(30)
