@@ -110,9 +110,9 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
         if body.get(name) not in (default, None, *ALSO_DEFAULT.get(name, ())):
             raise RequestError(f"{name}={json.dumps(body[name])[:80]} is not supported by this server; leave it out.",
                                param=name)
-    max_tokens = _get(body, "max_completion_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1")
-    if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1", default_max_tokens)
+    max_tokens = _get(body, "max_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1", default_max_tokens)
+    completion = _get(body, "max_completion_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1")
+    max_tokens = max_tokens if completion is None else completion  # the newer name wins; both are checked
     temperature = _get(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2")
     top_p = _get(body, "top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
     top_k = _get(body, "top_k", lambda v: is_int(v) and v >= 0, "a whole number >= 0 (0: off)")
@@ -191,7 +191,7 @@ def _message(m) -> dict:
                            param="messages")
     content = m.get("content")
     if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
-        raise RequestError(f"a {m['role']} message needs a content.", param="messages")
+        raise RequestError(f"each {m['role']} message needs a content.", param="messages")
     if isinstance(content, list):  # content parts: only text ones
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported.",

@@ -82,8 +82,13 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                 job = api.chat_job(body, engine.tokenizer, served, gen_config, default_max_tokens, calls_template)
             else:
                 job = api.completion_job(body, engine.tokenizer, served, gen_config, default_max_tokens)
-        job.max_tokens = engine.check(len(job.prompt), job.max_tokens, "messages" if chat else "prompt",
-                                      fit=not job.max_tokens_given)
+        try:
+            job.max_tokens = engine.check(len(job.prompt), job.max_tokens, "messages" if chat else "prompt",
+                                          fit=not job.max_tokens_given)
+        except RequestError as e:
+            if e.param == "max_tokens" and body.get("max_completion_tokens") is not None:
+                e.param = "max_completion_tokens"  # the name the client sent
+            raise
         reader = None
         if job.tools:
             reader = tool_calls.ToolCallReader(engine.tokenizer, calls_template, job.prompt, job.tools,

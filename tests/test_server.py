@@ -376,6 +376,9 @@ BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 1.5}, 400, "max_tokens"),
+    # with max_completion_tokens given, a bad max_tokens was ignored without a word (QA)
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_completion_tokens": 4, "max_tokens": 0}, 400,
+     "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", 3]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ""}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "stop": ["a", ""]}, 400, "stop"),
@@ -702,3 +705,12 @@ def test_a_client_that_stops_waiting_for_a_whole_answer_leaves_the_batch(live, m
                    json=dict(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0))
     live.settle()
     assert live.engine.stats()["disconnected"] == gone_before + 1
+
+
+def test_a_max_completion_tokens_past_the_kv_allowance_is_named_as_sent(model):
+    """Regression (QA): the error named param max_tokens when the client had sent max_completion_tokens."""
+    with Live(model, kv_allowance=40 * model.kv_bytes_per_token) as server:
+        for name in ("max_tokens", "max_completion_tokens"):
+            r = httpx.post(server.url + "/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": PROMPT, name: 60})
+            assert r.status_code == 400 and r.json()["error"]["param"] == name, r.json()
