@@ -167,6 +167,19 @@ def trim_rotating(cache, drop):
     cache.offset, cache._idx = offset, size
 
 
+def select_rows(cache, rows):
+    """Keep only these rows of one layer's cache: batch caches filter themselves; a one-row cache (mlx-lm's
+    KVCache, RotatingKVCache: new_cache() of one unpadded prompt) has no filter, its arrays are indexed."""
+    if isinstance(cache, CacheList):
+        for c in cache.caches:
+            select_rows(c, rows)
+    elif isinstance(cache, (KVCache, RotatingKVCache)):
+        if cache.keys is not None:
+            cache.keys, cache.values = cache.keys[rows], cache.values[rows]
+    else:
+        cache.filter(rows)
+
+
 def empty_layer(cache):
     """Forget what one layer's cache holds (a scoring sweep's scratch cache, once the layer has run)."""
     if isinstance(cache, CacheList):

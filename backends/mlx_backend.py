@@ -309,7 +309,7 @@ class MLXBackend:
 
     def select_rows(self, cache, rows):
         for c in cache:
-            c.filter(mx.array(rows))
+            mlx_adapters.select_rows(c, mx.array(rows))
 
     # -- steps -------------------------------------------------------------------------------------
     def begin_step(self, tokens, attention_mask, cache, all_positions=False, targets=None, attend=None,

@@ -77,6 +77,22 @@ def test_merged_caches_decode_as_each_prompt_alone(shards, backend):
         assert nxt[1:] == m.generate(PROMPTS[1], max_new_tokens=9)[len(PROMPTS[1]) + 6:]
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_selecting_the_row_of_a_one_row_cache_keeps_it(shards, backend):
+    """Regression (QA): on MLX, select_cache_rows on a cache of one unpadded prompt (mlx-lm's KVCache, which has
+    no filter) raised AttributeError; torch kept the row."""
+    with load(shards, backend) as m:
+        empty = m.new_cache()
+        m.select_cache_rows(empty, [0])
+        assert m.cache_length(empty) == 0
+        cache = m.new_cache()
+        m.step(*prefill(PROMPTS[0]), cache)
+        m.select_cache_rows(cache, [0])
+        assert m.cache_length(cache) == len(PROMPTS[0])
+        nxt = m.generate([7], past_key_values=cache, max_new_tokens=3)
+        assert nxt == m.generate(PROMPTS[0] + [7], max_new_tokens=3)[len(PROMPTS[0]):]
+
+
 class Collect:
     """An emit callback gathering one request's events."""
 
