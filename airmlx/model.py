@@ -753,6 +753,8 @@ class AirModel:
         """One row of a batch cache as a cache of its own holding that row's last `length` tokens (a copy),
         e.g. to keep a finished request's conversation for the next one that starts with it; None for caches
         that cannot be merged either."""
+        if not is_int(row) or not is_int(length) or row < 0 or length < 0:
+            raise GenerationError(f"extract_cache(row={row!r}, length={length!r}): use whole numbers >= 0.")
         single = self.backend.extract_cache(cache, row, length)
         if single is not None:
             self._caches.add(single)

@@ -3,6 +3,8 @@ server's engine (airmlx/engine.py): mlx-lm's BatchKVCache does the padding (merg
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
+from airmlx.errors import GenerationError
+
 from . import mlx_adapters
 
 
@@ -38,8 +40,10 @@ def extract(cache, row: int, length: int):
         if c.keys is None and not mlx_adapters.length(c):  # a layer this process never runs (another pipeline rank's)
             out.append(KVCache())
             continue
+        if row >= c.keys.shape[0]:
+            raise GenerationError(f"extract_cache: row {row} is not a row of this cache (it has {c.keys.shape[0]}).")
         single = c.extract(row) if isinstance(c, BatchKVCache) else c
         if single.offset != length:  # the engine's count and the cache's must agree
-            raise ValueError(f"row {row} holds {single.offset} tokens, not {length}")
+            raise GenerationError(f"extract_cache: row {row} holds {single.offset} tokens, not {length}.")
         out.append(single)
     return mlx_adapters.Caches(out)

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from airmlx.errors import GenerationError
+
 
 def mergeable(cache) -> bool:
     """Plain key/value layers only: sliding-window layers keep window bookkeeping a padded batch would break."""
@@ -61,6 +63,10 @@ def extract(cache, row: int, length: int, new_cache):
     for src, dst in zip(cache.layers, out.layers):
         if not src.is_initialized:
             continue  # a layer this process never runs stays empty
+        if row >= src.keys.shape[0]:
+            raise GenerationError(f"extract_cache: row {row} is not a row of this cache (it has {src.keys.shape[0]}).")
+        if length > src.keys.shape[-2]:  # the mask, not the cache, knows a row's padding: only the width is known
+            raise GenerationError(f"extract_cache: row {row} holds at most {src.keys.shape[-2]} tokens, not {length}.")
         _fill(dst, src.keys[row:row + 1, :, src.keys.shape[-2] - length:].clone(),
               src.values[row:row + 1, :, src.values.shape[-2] - length:].clone())
     return out

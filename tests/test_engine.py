@@ -93,6 +93,24 @@ def test_selecting_the_row_of_a_one_row_cache_keeps_it(shards, backend):
         assert nxt == m.generate(PROMPTS[0] + [7], max_new_tokens=3)[len(PROMPTS[0]):]
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_extracting_more_tokens_than_a_row_holds_is_refused(shards, backend):
+    """Regression (QA): after a trim to 1 token, extract_cache(cache, 0, 3) raised a bare ValueError on MLX and on
+    torch returned a 1-token cache; a row the cache lacks gave torch an empty cache and MLX an IndexError."""
+    from airmlx.errors import GenerationError
+    with load(shards, backend) as m:
+        cache = m.new_cache()
+        m.step(*prefill(PROMPTS[0]), cache)
+        m.trim_cache(cache, 1)
+        with pytest.raises(GenerationError, match="row 0 holds .*1 tokens, not 3"):
+            m.extract_cache(cache, 0, 3)
+        with pytest.raises(GenerationError, match="row 1 is not a row of this cache"):
+            m.extract_cache(cache, 1, 1)
+        with pytest.raises(GenerationError, match="whole numbers"):
+            m.extract_cache(cache, -1, 1)
+        assert m.cache_length(m.extract_cache(cache, 0, 1)) == 1
+
+
 class Collect:
     """An emit callback gathering one request's events."""
 
