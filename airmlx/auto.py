@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .archs import arch_for
 from .draft import quantised_copy
-from .errors import BackendError, BudgetError, CorruptShardError, DraftModelError, OptionError
+from .errors import BackendError, BudgetError, CheckpointError, CorruptShardError, DraftModelError, OptionError
 from .generation import check_flags
 from .hub import default_shard_dir, gone_local_gguf, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
@@ -166,8 +166,16 @@ class AutoModel:
             if not ((is_hub_id(str(path_or_id)) or gone_local_gguf(source_name)) and complete_folder(shard_dir)):
                 src = resolve_model(path_or_id, hf_token=hf_token, allow_pickle=allow_pickle, progress=progress,
                                     gguf_file=gguf_file)
-                shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
-                                 compression=compression, progress=progress)
+                try:
+                    shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
+                                     compression=compression, progress=progress)
+                except CheckpointError:
+                    plain = default_shard_dir(source_name)
+                    if compression is None or not complete_folder(plain):
+                        raise
+                    # quantised from the weights that folder was made from: it says when delete_original removed
+                    # them (and with them there, it shards as the call above did)
+                    quantised_copy(plain, compression, progress, out=shard_dir)
         manifest = Manifest.load(shard_dir)
         arch_for(manifest.config)
         if launched is None and manifest.pipeline:

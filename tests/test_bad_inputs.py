@@ -64,6 +64,14 @@ def quantised_after_delete_original(ctx):
     return airmlx.AutoModel.from_pretrained(made, backend="torch", compression="4bit", progress=False)
 
 
+def checkpoint_quantised_after_delete_original(ctx):
+    """Regression (QA): the checkpoint folder itself, with a compression, said "no *.safetensors weights found; is
+    this a model folder?" once delete_original had deleted its weights into the default shard folder."""
+    shutil.copytree(ctx.src, ctx.tmp / "copy")
+    airmlx.AutoModel.from_pretrained(ctx.tmp / "copy", backend="torch", delete_original=True, progress=False).close()
+    return airmlx.AutoModel.from_pretrained(ctx.tmp / "copy", backend="torch", compression="8bit", progress=False)
+
+
 def offline(ctx):
     from huggingface_hub import constants
     ctx.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -434,6 +442,9 @@ ROWS = [
     pytest.param(quantised_after_delete_original, CheckpointError, r"4bit is quantised from the checkpoint .* was "
                  r"made from \(.*copy\), whose weights are gone \(delete_original=True deletes them\)",
                  id="a compression of a shard folder whose checkpoint delete_original deleted"),
+    pytest.param(checkpoint_quantised_after_delete_original, CheckpointError, r"8bit is quantised from the checkpoint "
+                 r".* was made from \(.*copy\), whose weights are gone \(delete_original=True deletes them\)",
+                 id="a compression of a checkpoint whose weights delete_original deleted"),
     # what AirLLM and transformers users try: a TypeError, or no hint
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, max_seq_len=512, torch_dtype="float16"),
                  OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; max_seq_len: the context is the "
