@@ -1,5 +1,6 @@
 """The token loop: sampling, stopping, streaming, left-padded batches. Knows nothing of the backend:
 it calls step(tokens, attention_mask, cache) -> last-position logits as numpy (B, vocab)."""
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -206,10 +207,17 @@ class StopStrings:
             raise GenerationError("stop_strings needs a tokenizer to decode the new tokens; pass tokenizer=... "
                                   "(anything with decode(ids)).")
         self.stops, self.tokenizer = list(stops), tokenizer
+        try:
+            params = inspect.signature(tokenizer.decode).parameters.values()
+            keyword = any(p.name == "skip_special_tokens" or p.kind is p.VAR_KEYWORD for p in params)
+        except (TypeError, ValueError):  # no signature to read (a compiled decode): pass it, as to transformers'
+            keyword = True
+        # a plain decode(ids) has no special tokens to keep
+        self.options = {"skip_special_tokens": False} if keyword else {}
 
     def rows_hit(self, new_tokens: np.ndarray) -> np.ndarray:
         """new_tokens (B, n): the tokens each row generated so far -> bool (B,), True where a stop string is in."""
-        texts = (self.tokenizer.decode([int(t) for t in row], skip_special_tokens=False) for row in new_tokens)
+        texts = (self.tokenizer.decode([int(t) for t in row], **self.options) for row in new_tokens)
         return np.array([any(stop in text for stop in self.stops) for text in texts], dtype=bool)
 
 

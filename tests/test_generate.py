@@ -348,6 +348,20 @@ def test_stop_string_split_over_two_tokens_stops_the_row(model):
     assert m.generate(PROMPT, max_new_tokens=10, stop_strings=stop, tokenizer=AngleTok()) == got  # a lone string
 
 
+def test_a_stop_strings_tokenizer_needs_only_decode_of_ids(model):
+    """Regression (QA): the error said a tokenizer is "anything with decode(ids)", and a decode taking no keyword
+    got decode(ids, skip_special_tokens=False): a TypeError."""
+    class Plain:
+        def decode(self, ids):
+            return AngleTok().decode(ids)
+
+    m, _ = model
+    free = m.generate(PROMPT, max_new_tokens=10)[len(PROMPT):]
+    stop = f"{free[2]}><{free[3]}"
+    n = tokens_to_reach(free, stop, AngleTok().decode)
+    assert m.generate(PROMPT, max_new_tokens=10, stop_strings=stop, tokenizer=Plain()) == PROMPT + free[:n]
+
+
 def test_stop_strings_default_to_the_models_tokenizer(model):
     m, _ = model
     free = m.generate(PROMPT, max_new_tokens=10)[len(PROMPT):]
