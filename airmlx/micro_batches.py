@@ -34,7 +34,9 @@ def generate_in_parts(model, ids: np.ndarray, mask: np.ndarray, parts: int, **op
                 start(i, loops[i].send(logits.pop(i)))
                 turn.append(i)
     width = max(s.shape[1] for s in seqs.values())
-    pad = options.get("pad_token_id") or 0
+    pad, eos = options.get("pad_token_id"), np.atleast_1d(options.get("eos_token_id", []))
+    if pad is None:  # token_steps' padding: the first EOS id, as transformers does
+        pad = int(eos[0]) if eos.size and eos[0] is not None else 0
     return np.concatenate([np.pad(seqs[i], ((0, 0), (0, width - seqs[i].shape[1])), constant_values=pad)
                            for i in range(parts)])
 

@@ -353,3 +353,12 @@ def test_micro_batches_give_what_the_whole_batch_gives(tmp_path):
                     assert (got[1, 5 + 3:] == 0).all() and got.shape == whole.shape
                 else:  # the parts take turns drawing: other draws, the same prompts and padding
                     assert (got[:, :5] == ids).all() and got.shape[1] <= 5 + 8
+        # Regression (QA): without a pad id a row that ended early was filled with 0, not with the EOS id as the
+        # whole batch fills it
+        options = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=None, top_p=1.0, do_sample=False,
+                       temperature=1.0, top_k=0)
+        whole = generate_tokens(model.step, model.new_cache, ids, mask, rng=np.random.default_rng(0),
+                                select_rows=model.backend.select_rows, **options)
+        got = generate_in_parts(LaterSteps(model), ids, mask, 4, rng=np.random.default_rng(0),
+                                select_rows=model.backend.select_rows, **options)
+        assert got.tolist() == whole.tolist() and (got[1, 5 + 3:] == eos).all()
