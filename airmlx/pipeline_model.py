@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AirmlxError, GenerationError
+from .errors import AirmlxError, DraftModelError, GenerationError
 from .manifest import Manifest
 from .micro_batches import generate_in_parts
 from .model import AirModel, exclusive
@@ -260,6 +260,12 @@ class PipelineModel(RankModel):
         if parts == 1:
             return super()._token_loop(ids, mask, None, **options)
         return generate_in_parts(self, ids, mask, parts, **options)
+
+    def _draft_for(self, draft_model, batch: int, use_cache: bool):
+        # a tree's accepted path is kept by keep_cache_positions, which the other ranks' caches would not follow
+        if draft_model is not None and draft_model is not False:
+            raise DraftModelError("a pipeline over several ranks does not speculate; leave out draft_model.")
+        return None
 
     def micro_batch_count(self, rows: int, asked: int | None = None) -> int:
         """How many micro-batches `rows` rows run in: `asked` (at most one per row), else one per rank when

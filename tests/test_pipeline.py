@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import airmlx
+from airmlx.auto import make_backend
 from airmlx.errors import BackendError, BudgetError, CorruptShardError
 from airmlx.generation import generate_tokens, to_batch
 from airmlx.manifest import Manifest, verify_folder
@@ -26,7 +27,7 @@ from airmlx.pipeline import (
     rank_budget,
 )
 from airmlx.pipeline_link import ABORT, PING, STEP, Link, pack, unpack
-from airmlx.pipeline_model import RecordingBackend
+from airmlx.pipeline_model import RecordingBackend, open_pipeline
 from airmlx.plan import StageCost
 from airmlx.store import ShardStore
 
@@ -192,6 +193,59 @@ class Wires:
                 pass
 
         return Transport()
+
+
+def in_process_pipeline(shards, backend, size=2):
+    """Rank 0's PipelineModel over in-process wires, with the other ranks following it in threads (they end when
+    it closes the model): (model, the followers' threads)."""
+    wires, barrier, rows = Wires(size), threading.Barrier(size), {}
+
+    def transport(rank):
+        t = wires.transport(rank)
+        t.describe = lambda x: ([*x.shape], "framework", False)  # hidden states travel as the framework's arrays
+        t.send = lambda x, dst, wait=True: wires.queues[rank, dst].put(np.array(x, copy=True)
+                                                                       if isinstance(x, np.ndarray) else x)
+
+        def all_gather(row):
+            rows[rank] = row
+            barrier.wait()
+            out = np.stack([rows[r] for r in range(size)])
+            barrier.wait()
+            return out
+
+        t.all_gather = all_gather
+        return t
+
+    manifest = Manifest.load(shards)
+    opened = [lambda r=r: open_pipeline(shards, make_backend(backend, manifest), transport(r), "1GB", timeout=30,
+                                        progress=False) for r in range(size)]
+    followers = [threading.Thread(target=f, daemon=True) for f in opened[1:]]
+    for f in followers:
+        f.start()
+    return opened[0](), followers
+
+
+def test_a_pipeline_refuses_a_draft_model_given_to_generate(tmp_path):
+    """Regression (QA): generate(draft_model=AirModel) on a pipeline speculated; a tree's accepted path
+    (keep_cache_positions) was not repeated on the other ranks, whose caches then differed: the pipeline ended
+    with "rank 1: The size of tensor a (38) must match the size of tensor b (31)"."""
+    from airmlx.errors import DraftModelError
+    make_checkpoint(tmp_path / "src", "llama")
+    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
+    draft = airmlx.AutoModel.from_pretrained(shards, backend="torch")
+    model, followers = in_process_pipeline(shards, "torch")
+    try:
+        prompt = [5, 17, 33, 2, 9, 60, 7]
+        assert model.generate(prompt, max_new_tokens=6) == draft.generate(prompt, max_new_tokens=6)
+        with pytest.raises(DraftModelError, match="a pipeline over several ranks does not speculate"):
+            model.generate(prompt, max_new_tokens=6, draft_model=draft)
+        assert model.generate(prompt, max_new_tokens=6, draft_model=False) == draft.generate(prompt, max_new_tokens=6)
+    finally:
+        model.close()
+        draft.close()
+        for f in followers:
+            f.join(30)
+    assert not any(f.is_alive() for f in followers)
 
 
 def test_messages_arrive_whole_and_pings_reach_every_waiting_rank():
