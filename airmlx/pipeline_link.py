@@ -17,6 +17,7 @@ Nothing may wait forever:
 """
 import contextlib
 import json
+import numbers
 import os
 import signal
 import struct
@@ -145,8 +146,10 @@ class Link:
     """This rank's messages: sent to the next rank, received from the previous one."""
 
     def __init__(self, transport, timeout: float = DEFAULT_TIMEOUT):
-        if not timeout > 0:
-            raise PipelineError(f"pipeline timeout {timeout!r}: use a number of seconds > 0.")
+        # finite: the watchdog's wait and gloo's timedelta overflow on inf, and a pipeline must not hang
+        if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or \
+                not 0 < timeout < threading.TIMEOUT_MAX / 2:
+            raise PipelineError(f"pipeline timeout {timeout!r}: use a finite number of seconds > 0.")
         self.transport, self.timeout = transport, float(timeout)
         self.rank, self.size = transport.rank, transport.size
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size

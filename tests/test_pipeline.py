@@ -290,6 +290,14 @@ def test_an_abort_ends_the_rank_with_the_culprits_error_and_travels_on():
     assert wires.queues[0, 1].empty()  # rank 1 is the culprit: nothing is sent to it
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), "10", None, True])
+def test_a_pipeline_timeout_that_is_not_a_finite_positive_number_is_refused(timeout):
+    """Regression (QA): "10" (from Python) or None raised a TypeError, inf (--pipeline-timeout inf) killed the
+    watchdog thread with an OverflowError (no receive could time out), True was 1 s."""
+    with pytest.raises(PipelineError, match="use a finite number of seconds > 0"):
+        Link(Wires(2).transport(1), timeout=timeout)
+
+
 def test_the_watchdog_ends_a_receive_the_transport_cannot_time_out(monkeypatch):
     wires = Wires(2)
     transport = wires.transport(1, times_out=False)
