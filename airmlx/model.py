@@ -469,6 +469,7 @@ class AirModel:
         draft = self._draft_for(draft_model, ids.shape[0], use_cache)
         if draft is not None:  # speculative_generate counts its rounds in speculation.last
             from .speculative import speculative_generate
+            self.micro_batch_count(ids.shape[0], micro_batches)  # refused in one process, as without a draft
             seqs = speculative_generate(self, draft, ids, mask, max_new_tokens=max_new_tokens, **sampling,
                                         eos_token_id=eos, pad_token_id=pad, streamer=streamer,
                                         rng=np.random.default_rng(seed), cache=past_key_values, past_length=past,

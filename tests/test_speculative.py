@@ -512,3 +512,13 @@ def test_a_last_token_alone_is_a_plain_step_without_the_draft(tmp_path):
         assert calls == [] and model.speculation.last.sweeps == 1
         assert model.generate(PROMPT, max_new_tokens=6, speculation="chain") == \
             model.generate(PROMPT, max_new_tokens=6, draft_model=False)
+
+
+def test_micro_batches_in_one_process_are_refused_with_a_draft_too(tmp_path):
+    """Regression (QA): generate(micro_batches=2) in one process is a GenerationError, but with the model's own
+    draft it ran (speculating) without a word."""
+    from tiny import PROMPT
+    with load_pair(tmp_path, "torch", "llama") as model:
+        for draft in (None, False):
+            with pytest.raises(airmlx.AirmlxError, match="micro_batches=2: a batch is split into micro-batches only"):
+                model.generate(PROMPT, max_new_tokens=4, micro_batches=2, draft_model=draft)
