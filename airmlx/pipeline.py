@@ -187,6 +187,10 @@ def even_split(sizes: list, hosts: int) -> list:
 def check_split(manifest: Manifest, counts: list) -> list:
     """The stage names of each rank for a split (sweep stages per rank); rank 0 needs a layer besides the
     embedding."""
+    stages = sum(1 for s in manifest.stages if s.kind != "experts")
+    if sum(counts) != stages:  # an option, not a damaged folder (host_ranges' CorruptShardError)
+        raise PipelineError(f"pipeline split {counts}: {sum(counts)} stages in all, but the model has {stages} (embed, "
+                            f"layers, head); give the ranks {stages} in all.")
     ranges = host_ranges(manifest.stages, counts)
     if not any(s.kind == "layer" for s in ranges[0]):
         raise PipelineError(f"pipeline split {counts}: rank 0 must run the embedding and at least one layer; give it "

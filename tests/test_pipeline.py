@@ -109,8 +109,12 @@ def test_check_split_keeps_experts_with_their_layer_and_a_layer_on_rank_0(moe_so
                                              ["layer.001", "layer.001.experts", "head"]]
     with pytest.raises(PipelineError, match="rank 0 must run the embedding and at least one layer"):
         check_split(manifest, [1, 3])
-    with pytest.raises(CorruptShardError, match="does not cover"):
+    # a split that does not add up is an option's error, not a damaged shard folder's (QA)
+    with pytest.raises(PipelineError, match=r"pipeline split \[2, 3\]: 5 stages in all, but the model has 4"):
         check_split(manifest, [2, 3])
+    with pytest.raises(PipelineError, match="but the model has 4"):
+        airmlx.shard_checkpoint(moe_source / "src", moe_source / "split", hosts=2, rank=0, pipeline_split="3,3",
+                                progress=False)
 
 
 def test_a_host_folder_holds_its_range_and_the_same_manifest_entries(moe_source, tmp_path):
