@@ -159,15 +159,18 @@ class ExpertCache:
         nxt = self.next_layer.get(layer)
         if nxt is None:
             return
-        keep = {(layer, e) for e in self.last_routed.get(layer, [])} | set(self.pending)
+        routed = self.last_routed.get(layer, [])
+        keep = {(layer, e) for e in routed} | set(self.pending)
+        # this layer's own group needs its room: groups of one (group_bytes 0) one expert as held
+        group = self.group_bytes or max((self.sizes[layer, e] for e in routed), default=0) * self.held_per_byte
         for e in self.last_routed.get(nxt, [])[: self.top_k]:
             key = (nxt, e)
             if key in self.cached or key in self.pending:
                 continue
-            if self.group_bytes + self.pending_bytes + self.sizes[key] > self.capacity:
+            if group + self.pending_bytes + self.sizes[key] > self.capacity:
                 return  # not even evicting every other expert would make room
             # a guess may displace only experts routed no more often than itself: never a hotter one
-            if not self._evict(self.sizes[key] + self.group_bytes, keep, below=self.score(key)):
+            if not self._evict(self.sizes[key] + group, keep, below=self.score(key)):
                 continue
             self._start_read(nxt, e)
             self.ahead.add(key)
@@ -219,8 +222,8 @@ class ExpertCache:
         """Bytes of routed experts a decode step reads once the cache has settled, from the decode steps'
         routing in the saved usage profile (not this run's, which may be one synthetic prompt's; not prefills',
         which count a whole prompt's experts once): the cache keeps the most routed experts (_evict) but for the
-        room where a step's misses land, one expert, or top_k when groups are of one and the look-ahead's
-        guesses take room too, so a layer's choices miss with the routing share of the experts that do not fit
+        room where a step's misses land, one expert (the room look-ahead leaves a layer's group), so a layer's
+        choices miss with the routing share of the experts that do not fit
         (within 10% of simulated steps, tests/test_moe.py). None before warm() or while some layer has fewer
         than min_steps decode steps in the profile."""
         counts = self.decode_prior
@@ -229,7 +232,7 @@ class ExpertCache:
             per_layer[layer] += n
         if any(per_layer[layer] < min_steps * self.top_k for layer in self.entries):
             return None
-        landing = (1 if self.group_bytes else self.top_k) * max(self.sizes.values()) * self.held_per_byte
+        landing = max(self.sizes.values()) * self.held_per_byte
         held, room = set(), self.capacity - landing
         for key, _ in counts.most_common():
             room -= self.sizes[key] * self.held_per_byte

@@ -397,6 +397,32 @@ def test_a_decode_steps_experts_are_read_at_once_but_never_in_place_of_hotter_on
     cache.clear()
 
 
+def test_look_ahead_leaves_room_for_the_layers_own_expert_when_each_is_computed_alone(tmp_path):
+    """Regression: with groups of one (torch), the look-ahead kept room for a group of 0 bytes: where a layer's
+    missing experts could not displace hotter ones, the next layer's guesses took the whole cache, and the
+    layer's own expert was then read beside them, past the capacity (3 experts held under a cache of 2)."""
+    from types import SimpleNamespace
+
+    from airmlx.experts import ExpertCache
+    size = 100
+    entries = [SimpleNamespace(layer=n, name=f"layer.{n:03d}.experts", parts={str(e): [e * size, (e + 1) * size]
+                                                                            for e in range(4)}) for n in range(2)]
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: SimpleNamespace(
+        nbytes=size, tensors={}))
+    backend = SimpleNamespace(allocate=lambda n: None, load_expert=lambda entry, e, tensors: ((entry.layer, e), size),
+                              free_expert=lambda handle: None, expert_order=lambda entry, e: None)
+    cache = ExpertCache(store, backend, entries, capacity=2 * size, stack_bytes=0, top_k=2, stacking=0)
+    held = []
+    # layer 1's experts 2 and 3 routed most, then layer 0's 0 and 1 cached: hotter than layer 0's 2 and 3
+    for layer, experts, times in [(1, [2, 3], 10), (0, [0, 1], 5), (0, [2, 3], 1)]:
+        for _ in range(times):
+            for group, handles in cache.chunks(layer, experts):
+                assert handles == [(layer, e) for e in group]
+                held.append(cache.cached_bytes + cache.pending_bytes)
+    assert max(held) <= cache.capacity
+    cache.clear()
+
+
 @pytest.mark.parametrize("held_per_byte, stacking", [(2.0, 1.0), (1.0, 2.0)])
 def test_expert_groups_fit_the_stacking_room_as_held_and_stacked(tmp_path, held_per_byte, stacking):
     """A group's stacked copy must fit the room the plan set aside for it. Groups were measured in file bytes,
