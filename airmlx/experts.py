@@ -276,7 +276,7 @@ def load_profile(folder) -> tuple:
 def profile_table(raw, table) -> Counter:
     try:
         return Counter({(int(layer), int(e)): int(n) for layer, row in raw[table].items() for e, n in row.items()})
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # Overflow: a count of Infinity
         return Counter()
 
 

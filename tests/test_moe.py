@@ -364,6 +364,28 @@ def test_the_usage_profile_fills_the_cache_with_experts_as_held_not_as_read(tmp_
     cache.clear()
 
 
+@pytest.mark.parametrize("text", ['{"layers": {"0": {"1": Infinity}}}', '{"layers": {"0": {"1": 1e999}}}',
+                                  '{"layers": {"0": {"1": NaN}}}', '{"layers": {"0": {"1"', '[1]', '{"layers": [1]}'])
+def test_a_corrupt_usage_profile_is_ignored_and_written_anew(tmp_path, text):
+    """Regression: a count of Infinity (or a number too large for a float) in expert_usage.json raised
+    OverflowError from the first MoE layer's routing, instead of being ignored as other corrupt profiles are."""
+    from types import SimpleNamespace
+
+    from airmlx.experts import PROFILE_NAME, ExpertCache, load_profile
+    size = 100
+    entries = [SimpleNamespace(layer=0, name="layer.000.experts", parts={str(e): [e * size, (e + 1) * size]
+                                                                        for e in range(4)})]
+    (tmp_path / PROFILE_NAME).write_text(text)
+    store = SimpleNamespace(folder=tmp_path, read_part=lambda name, e, buffer=None, order=None: SimpleNamespace(
+        nbytes=size, tensors={}))
+    backend = SimpleNamespace(allocate=lambda n: None, load_expert=lambda entry, e, tensors: ((entry.layer, e), size),
+                              free_expert=lambda handle: None, expert_order=lambda entry, e: None)
+    cache = ExpertCache(store, backend, entries, capacity=4 * size, stack_bytes=0, top_k=2, stacking=0)
+    assert [g for g, _ in cache.chunks(0, [1, 2])] == [[1], [2]] and not cache.profiled
+    cache.clear()
+    assert load_profile(tmp_path)[0] == {(0, 1): 1, (0, 2): 1}
+
+
 def test_a_decode_steps_experts_are_read_at_once_but_never_in_place_of_hotter_ones(tmp_path):
     """Groups of one (torch computes each expert as cached) used to read one expert, compute it, then read the
     next: no read overlapped compute. Now a step's routed experts are all being read before the first group
