@@ -252,7 +252,7 @@ class ExpertCache:
     def clear(self):
         """Wait for reads in flight, forget them, empty the cache and save the usage profile."""
         for key, future in list(self.pending.items()):
-            future.result()
+            future.exception()  # waited for; a failed read nobody asked for is dropped (its step raised already)
         self.pending.clear()
         self.pending_bytes = 0
         self.ahead.clear()

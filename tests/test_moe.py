@@ -314,6 +314,31 @@ def test_reads_run_concurrently_ahead_of_routing_and_from_a_usage_profile(checkp
         assert model.memory_stats()["expert_profile_hits"] > 0
 
 
+def test_close_after_a_failed_expert_read_ends_the_readers(checkpoints, tmp_path):
+    """Regression: when an expert's read failed (a disk error), the step raised it, but the other reads of that
+    step were left pending, and close() raised the error again from them: the reader threads stayed, the
+    cache was not emptied and the usage profile not saved."""
+    import threading
+
+    from airmlx.experts import PROFILE_NAME
+    folder, ref, shards = shard(checkpoints, tmp_path, "mixtral")
+    model = airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=min_budget(shards))
+    assert model.generate(PROMPT, max_new_tokens=2) == [reference_generate(ref, PROMPT)[0][: len(PROMPT[0]) + 2]]
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    model.store.read_part = failing
+    with pytest.raises(OSError):
+        model.generate(BATCH, max_new_tokens=2)
+    cache = model.scheduler.experts
+    assert cache.pending  # the step's other read, failed as well
+    model.close()
+    assert not cache.pending and not cache.cached and cache.readers is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("airmlx-experts")]
+    assert (shards / PROFILE_NAME).exists()
+
+
 def test_the_expert_cache_keeps_hot_experts_through_the_layer_cycle(tmp_path):
     """Regression: with LRU alone, layers visited in a fixed cycle evict exactly the expert needed next, so a
     cache smaller than a step's experts never hit (bench_moe: 0 hits under a quarter budget). The cache now
