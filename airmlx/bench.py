@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args, whole_numbers
+from .cli import ArgumentParser, add_budget_options, bench_budget, face, parse_bench_args, whole_number, whole_numbers
 from .preflight import predict
 from .quant import COMPRESSIONS
 from .store import evict
@@ -299,7 +299,7 @@ def add_common_options(parser, generated, layers):
     add_source_options(parser, generated, layers)
     parser.add_argument("--backend", default="torch", help="comma-separated: torch,mlx")
     add_budget_options(parser, fraction=0.25)
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per regime")
+    parser.add_argument("--steps", type=whole_number(1), default=8, help="decode steps per regime")
 
 
 def build_parser():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import add_common_options, bench_shards, save_random_model
-from .cli import ArgumentParser, bench_budget, face
+from .cli import ArgumentParser, bench_budget, face, whole_number
 from .errors import AirmlxError
 from .experts import PROFILE_NAME
 from .preflight import measure_experts, predict
@@ -150,7 +150,8 @@ def run(args):
 def main(argv=None):
     parser = ArgumentParser(prog="python -m airmlx.bench_moe", description=__doc__.split("\n")[0])
     add_common_options(parser, "the generated random Mixtral", layers=8)
-    parser.add_argument("--experts", type=int, default=8, help="routed experts per layer of the generated model")
+    parser.add_argument("--experts", type=whole_number(MOE_CONFIG["num_experts_per_tok"]), default=8,
+                        help="routed experts per layer of the generated model (at least its top_k, 2)")
     parser.add_argument("--hidden", type=int, default=MOE_CONFIG["hidden_size"],
                         help="hidden size of the generated model; its experts are hidden x 3 hidden (default %(default)s)")
     parser.add_argument("--skew", type=float, default=2.0,

@@ -575,6 +575,10 @@ def test_bad_input_raises_a_clear_airmlx_error(ctx, call, error, phrase):
     ("bench", ["--batch", "0"]),
     ("bench", ["--batch", "1,,8"]),
     ("bench_server", ["--clients", "abc"]),
+    # built a bench MoE model, then a traceback: no step to average, fewer experts than top_k (QA)
+    ("bench_moe", ["--steps", "0", "--layers", "1", "--hidden", "64", "--work-dir", "/tmp/out-never-made"]),
+    ("bench_moe", ["--experts", "1", "--layers", "1", "--hidden", "64", "--work-dir", "/tmp/out-never-made"]),
+    ("bench", ["--steps", "-2", "--layers", "1", "--hidden", "64", "--work-dir", "/tmp/out-never-made"]),
 ])
 def test_every_face_reports_one_line_and_exit_status_2(face, argv, capsys):
     import importlib
