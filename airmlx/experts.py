@@ -24,6 +24,11 @@ PROFILE_TABLES = ("layers", "decode")  # the profile's tables: every routing; de
 PROFILE_MIN_STEPS = 16  # decode steps' worth of routing counts a layer needs before they predict its misses
 
 
+def experts_per_token(config: dict) -> int:
+    """The experts a token routes to: num_experts_per_tok, which ERNIE 4.5's config.json calls moe_k."""
+    return config.get("num_experts_per_tok") or config.get("moe_k") or 1
+
+
 class ExpertCache:
     """(layer, expert) -> the backend's loaded expert, least recently used evicted first, at most
     `capacity` bytes (loaded experts plus reads in flight). The backend asks for a layer's routed experts with

@@ -16,7 +16,7 @@ from .archs import arch_for
 from .backends.base import available_ram, position_table
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
-from .experts import expert_demand
+from .experts import expert_demand, experts_per_token
 from .generation import (
     GenerateOutput,
     Given,
@@ -107,7 +107,7 @@ class AirModel:
         scale = max((costs[s.name].held / s.nbytes for s in routed), default=1.0)
         stages = {n: c for n, c in costs.items() if n not in {s.name for s in routed}}
         total, largest, largest_read = expert_demand(routed, scale)
-        top_k = self.config.get("num_experts_per_tok", 1) if routed else 0
+        top_k = experts_per_token(self.config) if routed else 0
         stacking = max((backend.expert_stacking(self.store.tensor_infos(s.name)) for s in routed), default=1.0)
         # the cache counts a read buffer while it fills; a load that converts holds it beside what it makes
         converts = any(costs[s.name].loading > costs[s.name].held for s in routed)
@@ -313,7 +313,7 @@ class AirModel:
         routed = self.routed
         if not routed:
             return None
-        top_k = self.config.get("num_experts_per_tok", 1)
+        top_k = experts_per_token(self.config)
         rng = np.random.default_rng(0)
         keys = {s.name: list(rng.permutation(sorted(s.parts, key=int))) for s in routed}
         rounds = -(-max(map(len, keys.values())) // top_k)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
-from .experts import ExpertCache
+from .experts import ExpertCache, experts_per_token
 from .plan import Plan
 from .store import HUGE_MAPPINGS, HUGE_PAGE
 
@@ -118,7 +118,7 @@ class Scheduler:
         routed = [s for s in stages if s.kind == "experts"]
         if routed:  # the backend runs routing, then asks for the chosen experts
             self.experts = ExpertCache(self.store, self.backend, routed, self.plan.expert_cache,
-                                       self.plan.expert_stack, self.store.manifest.config.get("num_experts_per_tok", 1),
+                                       self.plan.expert_stack, experts_per_token(self.store.manifest.config),
                                        self.plan.expert_held_per_byte, self.plan.expert_stacking)
             self.backend.stream_experts(sorted(s.layer for s in routed), self.experts.chunks)
         self.resident = {}  # name -> (loaded stage, its raw data while the backend views it)

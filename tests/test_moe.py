@@ -203,6 +203,20 @@ def test_a_decode_step_reads_only_the_routed_experts(checkpoints, tmp_path, back
             assert step_bytes < plan.streamed_bytes_per_step + plan.expert_bytes  # the dense layer's bytes
 
 
+def test_ernies_moe_k_is_the_experts_per_token(checkpoints, tmp_path):
+    """Regression: ERNIE 4.5's config.json names a token's experts moe_k, not num_experts_per_tok, and airmlx
+    took 1: the minimum budget and the cache counted one expert of a token's two, a decode step read them one
+    after another, and no decode step was recorded in the usage profile (the doctor could not predict)."""
+    folder, ref, shards = shard(checkpoints, tmp_path, "ernie4_5_moe")
+    assert "num_experts_per_tok" not in ShardStore(shards).manifest.config
+    want = reference_generate(ref, PROMPT)
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=min_budget(shards)) as model:
+        cache = model.scheduler.experts
+        assert cache.top_k == TOP_K and cache.capacity == TOP_K * expert_size(shards)
+        assert model.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS).tolist() == want
+        assert sum(cache.decode_usage.values()) >= TOP_K * (NEW_TOKENS - 1)
+
+
 def test_budget_minimum_counts_one_tokens_experts(checkpoints, tmp_path):
     _, _, shards = shard(checkpoints, tmp_path, "qwen3_moe")
     with pytest.raises(BudgetError, match="routed experts"):
