@@ -29,6 +29,12 @@ def experts_per_token(config: dict) -> int:
     return config.get("num_experts_per_tok") or config.get("moe_k") or 1
 
 
+def routed_experts(config: dict) -> int:
+    """The routed experts of a layer, under the names configs give them (1 for a dense model)."""
+    names = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), 1)
+
+
 class ExpertCache:
     """(layer, expert) -> the backend's loaded expert, least recently used evicted first, at most
     `capacity` bytes (loaded experts plus reads in flight). The backend asks for a layer's routed experts with

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .errors import AirmlxError, BudgetError
+from .experts import experts_per_token, routed_experts
 from .manifest import Manifest, host_ranges, stage_file_problem
 from .plan import StageCost, make_plan
 from .tensorfile import read_header
@@ -96,8 +97,7 @@ def local_costs(manifest: Manifest, folder, backend) -> np.ndarray:
     read = sum(m[0] for m in measured.values()) or 1
     scale = [sum(m[i] for m in measured.values()) / read if measured else 1.0 for i in range(1, COST_FIELDS)]
     config = manifest.config
-    share = config.get("num_experts_per_tok", 1) / max(config.get("num_local_experts") or config.get("num_experts")
-                                                       or 1, 1)
+    share = experts_per_token(config) / routed_experts(config)
     experts = {s.layer: s.nbytes for s in manifest.stages if s.kind == "experts"}
     rows = []
     for s in sweep_stages(manifest):

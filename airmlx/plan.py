@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import BudgetError
+from .experts import experts_per_token
 from .units import format_bytes, parse_bytes
 
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
@@ -220,7 +221,7 @@ def kv_bytes_per_token(config: dict, itemsize: int = 2) -> int:
 def inner_size(config: dict) -> int:
     """The widest MLP of a layer: dense, or a token's routed experts side by side plus a shared one."""
     return max(config.get("intermediate_size", 0),
-               config.get("moe_intermediate_size", 0) * config.get("num_experts_per_tok", 1)
+               config.get("moe_intermediate_size", 0) * experts_per_token(config)
                + config.get("shared_expert_intermediate_size", 0))
 
 

@@ -217,6 +217,28 @@ def test_ernies_moe_k_is_the_experts_per_token(checkpoints, tmp_path):
         assert sum(cache.decode_usage.values()) >= TOP_K * (NEW_TOKENS - 1)
 
 
+def test_every_configs_names_for_experts_are_read_where_experts_are_counted(checkpoints, tmp_path):
+    """Regression (review): a pipeline split folded all of an ERNIE layer's experts into its cost (moe_k and
+    moe_num_experts were not read, so a token's share was 1), and the activation bound one expert's width."""
+    from airmlx.experts import experts_per_token, routed_experts
+    from airmlx.pipeline import local_costs
+    from airmlx.plan import inner_size
+    assert [(experts_per_token(c), routed_experts(c)) for c in (
+        {"num_experts_per_tok": 2, "num_local_experts": 8}, {"num_experts_per_tok": 8, "n_routed_experts": 64},
+        {"moe_k": 2, "moe_num_experts": 4}, {"num_experts_per_tok": 4, "num_experts": 16}, {})] == \
+        [(2, 8), (8, 64), (2, 4), (4, 16), (1, 1)]
+    _, _, shards = shard(checkpoints, tmp_path, "ernie4_5_moe")
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model:
+        manifest, backend = model.store.manifest, model.backend
+        costs = local_costs(manifest, shards, backend)
+    experts = {s.layer: s.nbytes for s in manifest.stages if s.kind == "experts"}
+    layers = [s for s in manifest.stages if s.kind != "experts"]
+    for row, s in zip(costs, layers):
+        if s.layer in experts:  # the layer's own bytes and half its experts (2 of 4 a token)
+            assert row[0] == s.nbytes + experts[s.layer] // 2
+    assert inner_size(manifest.config) >= 2 * manifest.config["moe_intermediate_size"]
+
+
 def test_budget_minimum_counts_one_tokens_experts(checkpoints, tmp_path):
     _, _, shards = shard(checkpoints, tmp_path, "qwen3_moe")
     with pytest.raises(BudgetError, match="routed experts"):
