@@ -136,7 +136,7 @@ def run(args):
                 warm = decode_steps(model, args.steps, cold=False, seed=1)
                 stats = {k: v for k, v in model.memory_stats().items() if k.startswith("expert_")}
                 plan = str(model.plan)
-                # the doctor's prediction, last: its steps add to the usage profile the next run starts from
+                # the doctor's prediction, last (its own steps are left out of the usage profile)
                 predicted = predict(model, gbps * 1e9, model.read_bandwidth(cold=False), expert_bps=expert_bps) \
                     if run_name == "with profile" else None
             rows.append(report_row(backend, run_name, dtype, cold, warm, stats, plan, gbps, expert_bps[0] / 1e9, budget,
