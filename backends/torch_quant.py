@@ -28,30 +28,43 @@ INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
 HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes on a CPU (1 MB
 # in float32); on a GPU DEQUANT_ELEMENTS, where each block costs a few kernel launches
 INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
+NUMPY_ELEMENTS = 1 << 20  # weights of 3, 5 or 6 bits dequantised at once (airmlx.quant.dequantize, on the CPU)
+NUMPY_BYTES = 20  # its temporaries per weight, its result included (measured: 18-20 bytes)
 
 
 def dequantize_affine(wq, scales, biases, group_size, bits):
     """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
     back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
-    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser."""
-    if 32 % bits:
-        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
-        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
-        w = dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size, bits=bits, dtype=storage)
-        w = torch.from_numpy(w)
-        return (w.view(torch.bfloat16) if storage == "bfloat16" else w).to(wq.device)
+    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser, in smaller blocks."""
     lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
     wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
     out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
-    rows = max(1, DEQUANT_ELEMENTS // cols)
+    rows = max(1, block_elements(bits, DEQUANT_ELEMENTS) // cols)
     for r in range(0, wq.shape[0], rows):
         dequantize_rows(wq[r:r + rows], scales[r:r + rows], biases[r:r + rows], group_size, bits, out[r:r + rows])
     return out.reshape(*lead, cols)
 
 
+def block_elements(bits, elements):
+    """Weights dequantised at once: `elements`, or fewer where numpy does it (NUMPY_BYTES a weight)."""
+    return elements if 32 % bits == 0 else min(elements, NUMPY_ELEMENTS)
+
+
+def dequant_bytes(bits, itemsize):
+    """Temporaries per weight of a block dequantize_rows fills: the codes (bytes for 8-bit, int32 otherwise),
+    their float copy, the product and the sum; numpy's for widths that straddle words."""
+    return NUMPY_BYTES if 32 % bits else (1 if bits == 8 else 4) + 3 * itemsize
+
+
 def dequantize_rows(wq, scales, biases, group_size, bits, out):
-    """(N, K / (32 / bits)) codes whose width divides 32 -> their (N, K) weights, written into `out` (a block
-    reused from call to call makes no new memory of its size)."""
+    """(N, K * bits / 32) codes -> their (N, K) weights, written into `out` (a block reused from call to call
+    makes no new memory of its size)."""
+    if 32 % bits:  # 3, 5, 6 bits: the shared numpy quantiser, bit-exact with mx.dequantize
+        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
+        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
+        w = torch.from_numpy(dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size,
+                                        bits=bits, dtype=storage))
+        return out.copy_(w.view(torch.bfloat16) if storage == "bfloat16" else w)
     if bits == 8:  # a code per byte, in order: no shifting
         codes = wq.contiguous().view(torch.uint8)
     else:
@@ -174,10 +187,8 @@ def install_embedding(module, wq, scales, biases, group_size, bits):
 
 def quantized_linear(module, wq, scales, biases, group_size, bits, x):
     """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
-    if 32 % bits:
-        return torch.nn.functional.linear(x, dequantize_affine(wq, scales, biases, group_size, bits), module.bias)
     n, cols = scales.shape[0], scales.shape[-1] * group_size
-    rows = max(1, head_block(x.device) // cols)
+    rows = max(1, block_elements(bits, head_block(x.device)) // cols)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     block = torch.empty(min(rows, n), cols, dtype=scales.dtype, device=x.device)  # one block, refilled
     for r in range(0, n, rows):
@@ -214,13 +225,12 @@ def quantized_footprint(backend, entry, name, info, infos):
         return rows * cols // 2 + math.prod(scales.shape) * 2 * backend.dtype.itemsize, info.nbytes // 2
     if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
         return quantized_bytes, 0
-    # dequantising a block of rows: the codes (bytes for 8-bit, int32 otherwise), their float copy, the
-    # product and the sum
-    block = min(rows * cols, DEQUANT_ELEMENTS)
+    # dequantising a block of rows
+    block = min(rows * cols, block_elements(bits, DEQUANT_ELEMENTS))
     if stage_name(backend, entry, base) == backend.arch.head:  # kept quantised: dequantised a block per forward
-        block = min(rows * cols, head_block(backend.device)) if 32 % bits == 0 else rows * cols  # else whole
-        return quantized_bytes, block * ((1 if bits == 8 else 4) + 4 * backend.dtype.itemsize)
-    return rows * cols * backend.dtype.itemsize, block * ((1 if bits == 8 else 4) + 3 * backend.dtype.itemsize)
+        block = min(rows * cols, block_elements(bits, head_block(backend.device)))  # and the block itself
+        return quantized_bytes, block * (dequant_bytes(bits, backend.dtype.itemsize) + backend.dtype.itemsize)
+    return rows * cols * backend.dtype.itemsize, block * dequant_bytes(bits, backend.dtype.itemsize)
 
 def stage_name(backend, entry, name):
     """A checkpoint name (a tensor's, or a module's: "model.embed_tokens") as load_stage sees it: a tied head's

@@ -1,7 +1,8 @@
 """The budget is the truth (audit bug 1): what the process holds stays within memory_budget + the KV cache +
 the bound on a step's activations, measured two ways: the model's own count (memory_stats) and the process's
 peak resident set above its baseline, in a fresh process per case (tests/memory_probe.py). Both backends;
-bf16, fp16 (upcast to fp32 by torch on a CPU), 4-bit and 8-bit shards; a dense and a MoE model, and a model whose
+bf16, fp16 (upcast to fp32 by torch on a CPU), 4-bit and 8-bit shards, an mlx-lm 3-bit checkpoint (torch dequantised
+each weight of a width that straddles words whole, with numpy's temporaries); a dense and a MoE model, and a model whose
 head is its 8-bit embedding (torch once dequantised it whole while counting it quantised), a GPT-2 (Conv1D
 weights stored transposed, learned positions, its MLP width derived from a config without n_inner), a gpt-oss
 (experts split from fused tensors, gate and up alternating, attention sinks); MLX asked
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlx_lm import convert
 
 import airmlx
 
@@ -46,7 +48,8 @@ def shard_sets(tmp_path_factory):
     make_checkpoint(root / "tied", "qwen2", dtype=torch.float32, **TIED)  # the head is the embedding
     make_checkpoint(root / "gpt2", "gpt2", dtype=torch.bfloat16, **GPT2)
     make_checkpoint(root / "gpt_oss", "gpt_oss", dtype=torch.bfloat16, **GPT_OSS)
-    made = {}
+    convert(str(root / "bf16"), str(root / "mlx3"), quantize=True, q_bits=3, q_group_size=64)
+    made = {"3bit": airmlx.shard_checkpoint(root / "mlx3", root / "shards-3bit", progress=False)}
     for name, src, compression in [("bf16", "bf16", None), ("fp16", "fp16", None), ("8bit", "bf16", "8bit"),
                                    ("4bit", "bf16", "4bit"), ("moe", "moe", None), ("moe-8bit", "moe", "8bit"),
                                    ("8bit-tied", "tied", "8bit"), ("gpt2", "gpt2", None), ("gpt2-8bit", "gpt2", "8bit"),
@@ -72,6 +75,7 @@ def probe(shards, backend, fraction=0.3, dtype=None, prompt=48):
 
 
 CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", None), ("torch", "4bit", None),
+         ("torch", "3bit", None),
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
          ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32"),
          ("torch", "moe-8bit", None), ("torch", "8bit-tied", None), ("mlx", "8bit-tied", None),
