@@ -46,6 +46,10 @@ class Arch:
     # MoE: where a layer's per-expert modules sit in the checkpoint ("<experts>.<e>.<proj>.weight"); the
     # sharder stores them apart from the layer so each expert is read on its own, after routing
     experts: str = None
+    # MoE: the SwitchGLU mlx-lm stacks a layer's routed experts into, (experts, ...) per projection, as
+    # mlx-community checkpoints store them (the sharder splits those): by default beside `experts`, "switch_mlp"
+    switch: str = None
+    expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ (Mixtral's w1, w2, w3)
     # MoE checkpoints that fuse a layer's experts into one (experts, ...) tensor: (Fused, ...); the sharder splits
     # each (airmlx/relayout.py) into what a per-expert checkpoint holds
     fused_experts: tuple = ()
@@ -69,6 +73,11 @@ class Arch:
         return self.layers + "."
 
     @property
+    def stacked_experts(self):
+        """Where mlx-lm's SwitchGLU sits in a layer (None for a dense architecture)."""
+        return self.switch or (self.experts and self.experts.rpartition(".")[0] + ".switch_mlp")
+
+    @property
     def embed_stage_prefixes(self):
         return (self.embed_prefix, self.positions + ".") if self.positions else (self.embed_prefix,)
 
@@ -76,6 +85,8 @@ class Arch:
     def head_prefixes(self):
         return (self.norm + ".", self.head + ".")
 
+
+W123 = (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))  # Mixtral's names for its experts' projections
 
 ARCHS = {a.model_type: a for a in [
     Arch("llama"),
@@ -121,7 +132,7 @@ ARCHS = {a.model_type: a for a in [
     Arch("ministral3", window_everywhere=True),  # Ministral 3: Llama 4's attention temperature scaling
     # MoE: the layer stage holds attention, norms, router (and a shared expert); the routed experts stream
     # one by one (airmlx/experts.py), stacked for the framework's own MoE module
-    Arch("mixtral", experts="block_sparse_moe.experts", window_everywhere=True),
+    Arch("mixtral", experts="block_sparse_moe.experts", expert_names=W123, window_everywhere=True),
     Arch("qwen2_moe", experts="mlp.experts"),
     # Qwen3-VL-MoE's language model is Qwen3-MoE with its experts fused (released (in, out), as transformers
     # 5 saves them (out, in))
@@ -129,15 +140,17 @@ ARCHS = {a.model_type: a for a in [
         Fused("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight")),
         Fused("mlp.experts.down_proj", False, ("down_proj.weight",)))),
     Arch("olmoe", experts="mlp.experts"),
-    Arch("phimoe", experts="block_sparse_moe.experts", window_everywhere=True),  # Phi-3.5-MoE: sparsemixer routing
+    # Phi-3.5-MoE: sparsemixer routing
+    Arch("phimoe", experts="block_sparse_moe.experts", expert_names=W123, window_everywhere=True),
     Arch("ernie4_5_moe", experts="mlp.experts"),  # ERNIE 4.5 MoE: shared experts, a routing bias
     # routers that are plain arrays in mlx-lm stay unquantised (as DeepSeek's below)
     Arch("exaone_moe", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # K-EXAONE: DeepSeek-V3's routing
     Arch("laguna", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),
-    Arch("dots1", experts="mlp.experts", unquantized_in_layers=("mlp.gate",)),  # dots.llm1: DeepSeek-V3's routing
+    # dots.llm1: DeepSeek-V3's routing
+    Arch("dots1", experts="mlp.experts", switch="mlp.experts", unquantized_in_layers=("mlp.gate",)),
     Arch("mellum", experts="mlp.experts"),  # sliding-window layers with rotary settings of their own
     # MiniMax-M2, M2.1, M2.5: Mixtral's layout, sigmoid routing with a correction bias, q / k norms over all heads
-    Arch("minimax_m2", experts="block_sparse_moe.experts"),
+    Arch("minimax_m2", experts="block_sparse_moe.experts", expert_names=W123),
     # Granite 3 MoE: Granite's multipliers; its experts fused, gate and up in one
     Arch("granitemoe", experts="block_sparse_moe.experts", embed_multiplier="embedding_multiplier",
          logit_divisor="logits_scaling", fused_experts=(
@@ -145,7 +158,7 @@ ARCHS = {a.model_type: a for a in [
              Fused("block_sparse_moe.output_linear.weight", False, ("down_proj.weight",)))),
     # gpt-oss 20B / 120B: attention sinks, sliding-window layers from config.layer_types, biased experts whose gate
     # and up outputs alternate, stored (in, out) in bf16 checkpoints; the released ones are mxfp4 (relayout.py)
-    Arch("gpt_oss", experts="mlp.experts", unquantized_in_layers=("mlp.router",), fused_experts=(
+    Arch("gpt_oss", experts="mlp.experts", switch="mlp.experts", unquantized_in_layers=("mlp.router",), fused_experts=(
         Fused("mlp.experts.gate_up_proj", True, ("gate_proj.weight", "up_proj.weight"), interleaved=True, in_out=True),
         Fused("mlp.experts.gate_up_proj_bias", None, ("gate_proj.bias", "up_proj.bias"), interleaved=True),
         Fused("mlp.experts.down_proj", False, ("down_proj.weight",), in_out=True),

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import quant
 from .errors import CheckpointError
+from .experts import routed_experts
 from .tensorfile import DTYPE_SIZES, TensorInfo
 
 
@@ -180,6 +181,65 @@ def mxfp4_parts(name, info, scales, spec, config):
             yield e, part, Mxfp4Part(name, dtype, (len(range(first, last, step)), groups * 32), start,
                                      start + out_dim * groups * 16, rows=(first, last), step=step,
                                      scales=(spath, sstart, sfirst, sfirst + out_dim * groups))
+
+
+SWITCH_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def stacked_pattern(arch, tail: str = r"\.(\w+)"):
+    """Matches a name under a layer's SwitchGLU projection (Arch.stacked_experts): groups (layer, projection, tail)."""
+    return re.compile(re.escape(arch.layer_prefix) + r"(\d+)\." + re.escape(arch.stacked_experts) +
+                      r"\.(" + "|".join(SWITCH_PROJECTIONS) + ")" + tail + "$")
+
+
+def expert_name(arch, layer, e: int, projection: str, tail: str = "") -> str:
+    """A SwitchGLU projection's name for expert e as the family's per-expert checkpoints name it."""
+    back = {switch: proj for proj, switch in arch.expert_names}
+    return f"{arch.layer_prefix}{layer}.{arch.experts}.{e}.{back.get(projection, projection)}{tail}"
+
+
+def split_stacked_experts(arch, config: dict, sources: dict) -> dict:
+    """sources with each routed-expert tensor mlx-lm stacks, (experts, ...), as mlx-community checkpoints store
+    them ("<layer>.<switch_mlp>.<projection>.<weight, scales, biases or bias>"), replaced by each expert's own:
+    its block is one byte range, named as a per-expert checkpoint of the family names it. So the experts stage
+    apart from their layer and stream after routing, and the torch backend (whose transformers modules know no
+    SwitchGLU) runs them, as it runs the same family's Hugging Face checkpoints."""
+    if not arch or not arch.experts:
+        return sources
+    stacked, experts = stacked_pattern(arch, r"\.(weight|scales|biases|bias)"), routed_experts(config)
+    out = {}
+    for name, (path, data_start, info) in sources.items():
+        m = stacked.match(name)
+        if not m:
+            out[name] = (path, data_start, info)
+            continue
+        if not info.shape or info.shape[0] != experts or info.dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"tensor {name!r} has shape {list(info.shape)} ({info.dtype}); a layer's stacked "
+                                  f"experts are ({experts} experts, ...) as config.json counts them: the checkpoint "
+                                  "does not match its config.")
+        block = math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype]
+        for e in range(experts):
+            new = expert_name(arch, m.group(1), e, m.group(2), "." + m.group(3))
+            start = info.start + e * block
+            out[new] = (path, data_start, TensorInfo(new, info.dtype, tuple(info.shape[1:]), start, start + block))
+    return out
+
+
+def per_expert_quantization(arch, config: dict) -> dict:
+    """config with each of mlx-lm's per-module quantisation settings of a stacked SwitchGLU projection given to
+    that projection of every expert too (split_stacked_experts names them): the MLX backend reads the stacked
+    module's, the torch backend each expert's."""
+    qconfig = config.get("quantization")
+    if not arch or not arch.experts or not isinstance(qconfig, dict):
+        return config
+    stacked, experts = stacked_pattern(arch, ""), routed_experts(config)
+    split = {expert_name(arch, m.group(1), e, m.group(2)): v
+             for k, v in qconfig.items() if (m := stacked.match(k)) for e in range(experts)}
+    if not split:
+        return config
+    same = config.get("quantization_config") == qconfig  # mlx-lm writes both
+    qconfig = {**qconfig, **split}
+    return {**config, "quantization": qconfig, **({"quantization_config": qconfig} if same else {})}
 
 
 def conv1d_as_linear(arch, sources: dict) -> dict:

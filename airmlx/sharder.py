@@ -46,10 +46,12 @@ from .relayout import (
     Derived,
     conv1d_as_linear,
     dequantized_fp8,
+    per_expert_quantization,
     quant_method,
     read_array,
     read_bytes,
     split_fused_experts,
+    split_stacked_experts,
 )
 from .stagefile import (
     LEGACY_DIR,
@@ -282,7 +284,7 @@ def checked_sources(files, config: dict, src) -> dict:
         sources = {new: sources[old] for old, new in names.items()}
     if arch and not any(n.startswith(arch.embed_prefix) for n in sources):  # saved from the base model
         sources = {new: sources[old] for old, new in with_base_prefix(arch, sources).items()}
-    sources = split_fused_experts(arch, config, sources)
+    sources = split_stacked_experts(arch, config, split_fused_experts(arch, config, sources))
     if not mlx_written:  # mlx-lm's linears are (out, in) already
         sources = conv1d_as_linear(arch, sources)
     sources = dequantized_fp8(config, sources, src)
@@ -302,6 +304,12 @@ def untied_where_stored_apart(config: dict, sources: dict) -> dict:
     print(f"airmlx: config.json ties {arch.head}.weight to {arch.embed}.weight, but the checkpoint holds a head of "
           "other values; it runs untied, as transformers runs it.", file=sys.stderr)
     return {**config, "tie_word_embeddings": False}
+
+
+def shard_config(config: dict, sources: dict) -> dict:
+    """The config the shard folder's manifest carries for these (checked) sources."""
+    arch = ARCHS.get(config.get("model_type"))
+    return per_expert_quantization(arch, plain_config(untied_where_stored_apart(config, sources), sources))
 
 
 def plain_config(config: dict, sources: dict) -> dict:
@@ -483,7 +491,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
         job.sources = checked_sources(originals, config, src)
-        config = job.config = plain_config(untied_where_stored_apart(config, job.sources), job.sources)
+        config = job.config = shard_config(config, job.sources)
         made = not verify and hosts == 1 and pipeline_split is None and \
             finished_folder(out, fingerprint(originals, config, qconfig))
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
@@ -497,7 +505,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
             job.sources = checked_sources(files, config, src)
-            config = job.config = plain_config(untied_where_stored_apart(config, job.sources), job.sources)
+            config = job.config = shard_config(config, job.sources)
             sizes = share_stages(job, hosts, rank, pipeline_split)
         job.fingerprint = fingerprint(originals, config, qconfig)
         job.done, manifest = resume_state(job, verify)

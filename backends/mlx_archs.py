@@ -25,8 +25,6 @@ class MLXArch:
     # zero left-padded positions before each layer: its attention also reads the position before (a
     # convolution), so padding would leak into a row's first token
     zero_padding: bool = False
-    experts: str = None  # MoE: the SwitchGLU in a layer
-    expert_names: tuple = ()  # (checkpoint projection, SwitchGLU projection) where they differ
     # (ModelArgs key, HF config key) where transformers renamed a key mlx-lm reads (or config.json leaves it null)
     config_aliases: tuple = ()
     config_defaults: tuple = ()  # (ModelArgs key, value) that mlx-lm requires and transformers' configs leave out
@@ -77,29 +75,26 @@ MLX_ARCHS = {
     # mlx-lm: exact GELU, transformers: the tanh approximation (as for gpt2 and gptj the other way round, where a
     # config names the exact one); n_inner null means 4 x hidden
     "gpt_bigcode": MLXArch("gpt_bigcode", config_aliases=(("n_inner", "intermediate_size"),)),
-    "mixtral": MLXArch("mixtral", experts="block_sparse_moe.switch_mlp",
-                       expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
-    "qwen2_moe": MLXArch("qwen2_moe", experts="mlp.switch_mlp"),
-    "deepseek_v2": MLXArch("deepseek_v2", experts="mlp.switch_mlp", mask_array=True),
-    "deepseek_v3": MLXArch("deepseek_v3", experts="mlp.switch_mlp", mask_array=True),
-    "glm4_moe": MLXArch("glm4_moe", experts="mlp.switch_mlp"),
-    "glm4_moe_lite": MLXArch("glm4_moe_lite", experts="mlp.switch_mlp", mask_array=True),
-    "olmoe": MLXArch("olmoe", experts="mlp.switch_mlp"),
-    "phimoe": MLXArch("phimoe", experts="block_sparse_moe.switch_mlp",
-                      expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))),
-    "ernie4_5_moe": MLXArch("ernie4_5_moe", experts="mlp.switch_mlp"),
-    "granitemoe": MLXArch("granitemoe", experts="block_sparse_moe.switch_mlp"),
-    "exaone_moe": MLXArch("exaone_moe", experts="mlp.switch_mlp", moe_layers_key="is_moe_layer", sanitize_numbered=True),
-    "laguna": MLXArch("laguna", experts="mlp.switch_mlp"),
-    "dots1": MLXArch("dots1", experts="mlp.experts"),
-    "mellum": MLXArch("mellum", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
+    "mixtral": MLXArch("mixtral"),
+    "qwen2_moe": MLXArch("qwen2_moe"),
+    "deepseek_v2": MLXArch("deepseek_v2", mask_array=True),
+    "deepseek_v3": MLXArch("deepseek_v3", mask_array=True),
+    "glm4_moe": MLXArch("glm4_moe"),
+    "glm4_moe_lite": MLXArch("glm4_moe_lite", mask_array=True),
+    "olmoe": MLXArch("olmoe"),
+    "phimoe": MLXArch("phimoe"),
+    "ernie4_5_moe": MLXArch("ernie4_5_moe"),
+    "granitemoe": MLXArch("granitemoe"),
+    "exaone_moe": MLXArch("exaone_moe", moe_layers_key="is_moe_layer", sanitize_numbered=True),
+    "laguna": MLXArch("laguna"),
+    "dots1": MLXArch("dots1"),
+    "mellum": MLXArch("mellum", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm reads the rotated part of a head as rotary_dim (MiniMax-M2's own config.json has it); shared experts
     # it has none of
-    "minimax_m2": MLXArch("minimax", experts="block_sparse_moe.switch_mlp", rotary_dim=True,
-                          expert_names=(("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")),
+    "minimax_m2": MLXArch("minimax", rotary_dim=True,
                           config_defaults=(("shared_intermediate_size", 0),)),
-    "gpt_oss": MLXArch("gpt_oss", experts="mlp.experts"),
-    "qwen3_moe": MLXArch("qwen3_moe", experts="mlp.switch_mlp", config_aliases=(("num_experts", "num_local_experts"),)),
+    "gpt_oss": MLXArch("gpt_oss"),
+    "qwen3_moe": MLXArch("qwen3_moe", config_aliases=(("num_experts", "num_local_experts"),)),
     # mlx-lm's gemma2 module has no sliding window of its own: its sliding layers get a RotatingKVCache and
     # a windowed mask here
     "gemma2": MLXArch("gemma2", mask_array=True),

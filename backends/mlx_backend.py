@@ -252,7 +252,7 @@ class MLXBackend:
         final norm's and the head's (unless the head is the embedding: its own module, made in load_stage)."""
         if entry.kind == "layer":
             prefixes = (f"{self.paths.layer_prefix}{entry.layer}.",)
-            experts = f"{prefixes[0]}{self.mlx_arch.experts}." if self.mlx_arch.experts else None
+            experts = f"{prefixes[0]}{self.arch.stacked_experts}." if self.arch.experts else None
         elif entry.kind == "head":
             prefixes, experts = (f"{self.paths.norm}.",) + (() if tied else (f"{self.paths.head}.",)), None
         else:

@@ -19,10 +19,10 @@ from airmlx.quant import SUPPORTED_GROUP_SIZES
 def switch_name(backend, tensor_name):
     """A routed expert's checkpoint tensor -> the SwitchGLU parameter it stacks into, e.g.
     model.layers.3.block_sparse_moe.experts.5.w1.scales -> model.layers.3.block_sparse_moe.switch_mlp.gate_proj.scales."""
-    arch, table = backend.arch, backend.mlx_arch
+    arch = backend.arch
     m = expert_pattern(arch).match(tensor_name)
     proj, _, kind = tensor_name[m.end():].partition(".")
-    return f"{arch.layer_prefix}{m.group(1)}.{table.experts}.{dict(table.expert_names).get(proj, proj)}.{kind}"
+    return f"{arch.layer_prefix}{m.group(1)}.{arch.stacked_experts}.{dict(arch.expert_names).get(proj, proj)}.{kind}"
 
 
 def widened_when_stacked(backend, infos):
@@ -58,7 +58,7 @@ def quantising_hint(qconfig, plain) -> str:
 
 def load_expert(backend, entry, tensors):
     """One expert's checkpoint tensors -> ({SwitchGLU parameter, e.g. gate_proj.weight: array}, bytes)."""
-    prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.mlx_arch.experts}."
+    prefix = f"{backend.arch.layer_prefix}{entry.layer}.{backend.arch.stacked_experts}."
     # weights the sharder left unquantised (none, or those whose rows do not split into its groups)
     plain = {name: raw for name, raw in tensors.items()
              if name.endswith(".weight") and f"{name[:-len('.weight')]}.scales" not in tensors}
@@ -76,10 +76,10 @@ def load_expert(backend, entry, tensors):
 
 
 def stream_experts(backend, layers, chunks):
-    block_path, _, attr = backend.mlx_arch.experts.rpartition(".")
+    block_path, _, attr = backend.arch.stacked_experts.rpartition(".")
     for layer in layers:
         block = functools.reduce(getattr, block_path.split("."), backend.skeleton.layers[layer])
-        prefix = f"{backend.arch.layer_prefix}{layer}.{backend.mlx_arch.experts}."
+        prefix = f"{backend.arch.layer_prefix}{layer}.{backend.arch.stacked_experts}."
         placeholders = {k[len(prefix):]: a for k, a in backend.placeholders.items() if k.startswith(prefix)}
         # an instance attribute, so the SwitchGLU stays in the parameter tree
         object.__setattr__(block, attr, StreamedSwitch(getattr(block, attr), layer, chunks, placeholders,
