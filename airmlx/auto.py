@@ -15,7 +15,7 @@ from .pipeline import launched_framework
 from .pipeline_link import DEFAULT_TIMEOUT
 from .plan import DEFAULT_PREFILL_STEP
 from .quant import COMPRESSION_SPELLING, COMPRESSIONS, compression_config
-from .sharder import shard_checkpoint
+from .sharder import shard_checkpoint, sharded_into
 from .spec_measure import check_num_draft_tokens
 from .stagefile import PROGRESS_NAME, complete_folder
 
@@ -170,7 +170,7 @@ class AutoModel:
                     shard_checkpoint(src, shard_dir, delete_original=delete_original, allow_pickle=allow_pickle,
                                      compression=compression, progress=progress)
                 except CheckpointError:
-                    plain = default_shard_dir(source_name)
+                    plain = sharded_into(src) or default_shard_dir(source_name)
                     if compression is None or not complete_folder(plain):
                         raise
                     # quantised from the weights that folder was made from: it says when delete_original removed

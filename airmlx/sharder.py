@@ -75,7 +75,9 @@ from .tensorfile import DTYPE_SIZES, NUMPY_VIEWS, read_header
 # files are called: tokenizer.json, qwen.tiktoken, vocab.txt, ...), chat template, the checkpoint's own code
 AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py", ".vocab")
 NOT_AUX = re.compile(r"^(model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json|manifest\.json|"
-                     r"progress\.json|README.*|LICENSE.*|.*\.md)$")
+                     r"progress\.json|airmlx_sharded\.json|README.*|LICENSE.*|.*\.md)$")
+# left in a source folder whose weights delete_original removed: the shard folder they went to
+SHARDED_NAME = "airmlx_sharded.json"
 # Trainer and optimizer state saved beside pickle weights: never model weights
 NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt)$")
 # mistral-inference's copy of the weights (other tensor names), shipped beside the HF files in mistralai repos
@@ -136,7 +138,20 @@ def weight_files(src, allow_pickle=False):
             "arbitrary code; pass allow_pickle=True (--allow-pickle) to convert them, or use a safetensors checkpoint.")
     if bins:
         return bins
+    if (folder := sharded_into(src)) is not None:
+        raise CheckpointError(f"{src}: its weights were deleted once sharded into {folder} (delete_original=True); "
+                              f"open that folder instead (from_pretrained('{folder}')); a compressed copy needs the "
+                              "original weights again.")
     raise CheckpointError(f"{src}: no *.safetensors weights found; is this a model folder?")
+
+
+def sharded_into(src) -> "Path | None":
+    """The shard folder delete_original recorded in src when it removed src's weights, if it is still whole."""
+    try:
+        folder = Path(json.loads((Path(src) / SHARDED_NAME).read_text())["shard_folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder if complete_folder(folder) else None
 
 
 def pickle_files(src):
@@ -570,4 +585,6 @@ def finish_delete(src, out, originals, manifest, delete_original):
     delete_sources(out, manifest, originals, "the original weights were")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         (Path(src) / index).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only a pointer for later calls: a read-only folder goes without
+        write_atomic(Path(src) / SHARDED_NAME, json.dumps({"shard_folder": str(Path(out).resolve())}).encode())
 

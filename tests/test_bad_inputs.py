@@ -72,6 +72,18 @@ def checkpoint_quantised_after_delete_original(ctx):
     return airmlx.AutoModel.from_pretrained(ctx.tmp / "copy", backend="torch", compression="8bit", progress=False)
 
 
+def checkpoint_opened_after_delete_original_into_its_own_folder(ctx):
+    """Regression (QA): shards in a folder of the caller's (layer_shards_saving_path) and the weights deleted, the
+    checkpoint folder opened again said "no *.safetensors weights found; is this a model folder?"."""
+    shutil.copytree(ctx.src, ctx.tmp / "copy")
+    airmlx.AutoModel.from_pretrained(ctx.tmp / "copy", backend="torch", delete_original=True, progress=False,
+                                     layer_shards_saving_path=ctx.tmp / "mine").close()
+    assert not list((ctx.tmp / "copy").glob("*.safetensors"))
+    with airmlx.AutoModel.from_pretrained(ctx.tmp / "mine", backend="torch", progress=False) as model:
+        assert model.generate([3, 4], max_new_tokens=1)  # the folder the error names serves
+    return airmlx.AutoModel.from_pretrained(ctx.tmp / "copy", backend="torch", progress=False)
+
+
 def offline(ctx):
     from huggingface_hub import constants
     ctx.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -445,6 +457,10 @@ ROWS = [
     pytest.param(checkpoint_quantised_after_delete_original, CheckpointError, r"8bit is quantised from the checkpoint "
                  r".* was made from \(.*copy\), whose weights are gone \(delete_original=True deletes them\)",
                  id="a compression of a checkpoint whose weights delete_original deleted"),
+    pytest.param(checkpoint_opened_after_delete_original_into_its_own_folder, CheckpointError,
+                 r"copy: its weights were deleted once sharded into .*mine \(delete_original=True\); open that "
+                 r"folder instead \(from_pretrained\('.*mine'\)\)",
+                 id="a checkpoint whose weights delete_original deleted into a folder of the caller's"),
     # what AirLLM and transformers users try: a TypeError, or no hint
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, max_seq_len=512, torch_dtype="float16"),
                  OptionError, r"unsupported arguments \['max_seq_len', 'torch_dtype'\]; max_seq_len: the context is the "
