@@ -3,6 +3,7 @@ of its layer's experts file, read only when the router picks it, and kept in a c
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -619,3 +620,27 @@ def test_the_settled_miss_bytes_from_the_profile_match_what_decode_steps_read(tm
     assert 0.9 * measured <= predicted <= 1.1 * measured, (predicted, measured)
     assert predicted < 0.75 * layers * 2 * size  # what a cold cache reads: the hot experts stay
     cache.clear()
+
+
+def test_processes_closing_together_keep_each_others_profile_counts(tmp_path, monkeypatch):
+    """Regression (QA): pipeline ranks sharing a shard folder save their layers' counts as they close, each
+    reading the profile and writing it back; one writing between the other's read and write lost its counts."""
+    import threading
+    from collections import Counter
+
+    from airmlx import experts
+    read = experts.load_profile
+
+    def slow_read(folder):  # widens the window between reading the profile and writing it back
+        saved = read(folder)
+        time.sleep(0.05)
+        return saved
+
+    monkeypatch.setattr(experts, "load_profile", slow_read)
+    ranks = [threading.Thread(target=experts.save_profile, args=(tmp_path, Counter({(layer, 1): 3})))
+             for layer in range(6)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert read(tmp_path)[0] == Counter({(layer, 1): 3 for layer in range(6)})
