@@ -456,6 +456,8 @@ def finalise(job):
     if job.qconfig:  # the mlx-lm convention: the config says how its weights are quantised
         config = {**config, "quantization": job.qconfig}
     extra = {"source_path": str(job.src.resolve())}
+    if any(p.suffix == ".safetensors" and read_header(p)[2].get("format") == "mlx" for p in job.originals):
+        extra["written_by"] = "mlx-lm"  # its names are mlx-lm's where it renames beyond what checked_sources undoes
     if job.pipeline:
         extra["pipeline"] = job.pipeline
     manifest = Manifest(architecture=config["model_type"], config=config, source=job.fingerprint, stages=stages,

@@ -151,25 +151,32 @@ class Backend(Protocol):
         None for caches that cannot be merged either."""
 
 
-def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str) -> None:
+# where the shards were made from a checkpoint mlx-lm wrote (manifest extra "written_by"), the likely cause
+MLX_WRITTEN = ("the checkpoint was written by mlx-lm (mlx-community's), whose modules name or lay out some tensors "
+               "otherwise than transformers' (e.g. DeepSeek-V3's attention); run it with backend='mlx', or use the "
+               "model's Hugging Face checkpoint with backend='torch'.")
+
+
+def check_placement(entry: Any, name: str, shape: tuple, expected: tuple | None, framework: str,
+                    cause: str = "the checkpoint does not match its config.") -> None:
     """A checkpoint tensor must have a parameter of the same shape in the framework's model."""
     if expected is None:
-        raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in {framework}; the checkpoint "
-                              "does not match its config.")
+        raise CheckpointError(f"stage {entry.name}: tensor {name!r} has no place in {framework}; {cause}")
     if tuple(shape) != tuple(expected):
         raise CheckpointError(f"stage {entry.name}: tensor {name!r} has shape {tuple(shape)}, the config implies "
-                              f"{tuple(expected)}; the checkpoint does not match its config.")
+                              f"{tuple(expected)}; {cause}")
 
 
-def check_complete(entry: Any, names, owned, framework: str) -> None:
+def check_complete(entry: Any, names, owned, framework: str,
+                   cause: str = "config.json does not match the checkpoint (e.g. its attention_bias), or the "
+                                "framework's module differs for it.") -> None:
     """A stage's tensors must fill every parameter of the framework's modules it loads (`owned`): one left out
     would run with the module's initial values, silently (mlx-lm's phimoe has attention biases whatever the
     config says)."""
     missing = sorted(set(owned) - set(names))
     if missing:
         raise CheckpointError(f"stage {entry.name}: the checkpoint has no {missing[:3]}{' ...' if len(missing) > 3 else ''} "
-                              f"({len(missing)} tensors) that {framework} needs; config.json does not match the "
-                              "checkpoint (e.g. its attention_bias), or the framework's module differs for it.")
+                              f"({len(missing)} tensors) that {framework} needs; {cause}")
 
 
 def available_ram() -> int:

@@ -27,7 +27,16 @@ from airmlx.hf_config import transformers_config
 from airmlx.plan import SCORE_LOGITS, workspace_elements
 
 from . import torch_batching, torch_experts, torch_quant
-from .base import available_ram, check_complete, check_placement, check_positions, kept_tail, position_table, with_layer_types
+from .base import (
+    MLX_WRITTEN,
+    available_ram,
+    check_complete,
+    check_placement,
+    check_positions,
+    kept_tail,
+    position_table,
+    with_layer_types,
+)
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -182,6 +191,7 @@ class TorchBackend:
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.itemsize = self.dtype.itemsize  # of activations and KV caches
         self.qconfig = config.get("quantization")
+        self.mlx_written = (MLX_WRITTEN,) if manifest.extra.get("written_by") == "mlx-lm" else ()  # errors' cause
         self.expert_layouts = {}  # MoE: experts stage -> how its fused parameters lie in an expert's read (or None)
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
         # tensors stay views of the raw buffers: on the CPU, when nothing needs converting
@@ -397,13 +407,14 @@ class TorchBackend:
         for path, (name, tensor) in self._converted(entry, tensors).items():
             module, pname, placeholder = self._slot(path)
             check_placement(entry, name, tensor.shape, None if placeholder is None else placeholder.shape,
-                            f"transformers' {type(self.skeleton).__name__}")
+                            f"transformers' {type(self.skeleton).__name__}", *self.mlx_written)
             tensor = self._kept(tensor, raw_ranges, keep)
             set_parameter(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)
         if entry.name not in self._complete:
-            check_complete(entry, [], self._unfilled(entry, overrides), f"transformers' {type(self.skeleton).__name__}")
+            check_complete(entry, [], self._unfilled(entry, overrides), f"transformers' {type(self.skeleton).__name__}",
+                           *self.mlx_written)
             self._complete.add(entry.name)
         self._live += nbytes
         self._peak_live = max(self._peak_live, self._live)

@@ -1,6 +1,8 @@
 """MoE checkpoints that store a layer's routed experts stacked, (experts, ...) per projection, as mlx-lm's
 SwitchGLU holds them (mlx-community's, written by mlx_lm.convert): the sharder splits them into each expert's
 own tensors, so they stream after routing, and both backends run them as mlx-lm does."""
+import dataclasses
+import importlib
 import json
 
 import mlx.core as mx
@@ -10,13 +12,22 @@ from mlx_lm import load as mlx_load
 from mlx_lm.models.cache import make_prompt_cache
 
 import airmlx
-from airmlx.archs import ARCHS, rope_config
+from airmlx.archs import ARCHS
+from airmlx.backends.mlx_archs import MLX_ARCHS, mlx_args
 from airmlx.errors import CheckpointError
+from airmlx.experts import routed_experts
 from airmlx.store import ShardStore
 
-from tiny import BACKENDS, NEW_TOKENS, PROMPT, minimum_budget
+from tiny import ARCH_CONFIGS, BACKENDS, NEW_TOKENS, PROMPT, minimum_budget
 
-EXPERTS = 4  # tests/tiny.py's MoE configs
+FOUR_BITS = {"group_size": 32, "bits": 4}
+# families whose mlx-lm checkpoints hold only what transformers' modules name (once the experts are split)
+BOTH = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe", "exaone_moe", "dots1",
+        "mellum", "deepseek_v2", "glm4_moe"]
+# families mlx-lm renames or re-lays further (DeepSeek-V3's latent attention split into embed_q / unembed_out,
+# Laguna's router, ERNIE's routing bias): MLX runs them, torch says what to do
+# (gpt-oss: mlx_lm.convert cannot read the layout transformers 5 saves it in, so no mlx-lm checkpoint is made here)
+MLX_ONLY = ["deepseek_v3", "glm4_moe_lite", "laguna", "ernie4_5_moe"]
 
 
 def mlx_lm_greedy(folder):
@@ -31,20 +42,22 @@ def mlx_lm_greedy(folder):
 def mlx_community(checkpoints, tmp_path, arch, quantize):
     """An HF checkpoint of arch through mlx_lm.convert; quantised, its experts' down projections get 4 bits
     where the rest get 8 (a per-module setting, as mixed-precision conversions write them)."""
-    folder, _ = checkpoints(arch, intermediate_size=64)
+    moe = {"moe_intermediate_size": 32} if "moe_intermediate_size" in ARCH_CONFIGS[arch][1] else {}
+    folder, _ = checkpoints(arch, intermediate_size=64, **moe)  # the experts' rows split into groups of 32
     config = json.loads((folder / "config.json").read_text())
-    # mlx-lm reads rope settings and Qwen3-MoE's expert count only where transformers 4 wrote them
-    theta, scaling = rope_config(config)
-    if arch == "qwen3_moe":
-        config["num_experts"] = config["num_local_experts"]
+    # mlx_lm.convert reads the keys its ModelArgs names, where transformers 5 writes some under other names or
+    # none (the hub's config.json files carry them): the ones the MLX backend gives it are written in
+    args = dataclasses.asdict(mlx_args(config, importlib.import_module(f"mlx_lm.models.{MLX_ARCHS[arch].module}")))
     hf = tmp_path / "hf"
     hf.mkdir()
     for f in folder.iterdir():
         (hf / f.name).write_bytes(f.read_bytes())
-    (hf / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": scaling}))
+    rope = {k: args[k] for k in ("rope_theta", "rope_scaling") if k in args}
+    (hf / "config.json").write_text(json.dumps({**config, **{k: v for k, v in args.items() if config.get(k) is None},
+                                                **rope}))
 
     def bits(path, module, *_):
-        return {"group_size": 32, "bits": 4} if path.endswith("switch_mlp.down_proj") else True
+        return FOUR_BITS if path.endswith(f"{ARCHS[arch].stacked_experts}.down_proj") else True
 
     convert(str(hf), str(tmp_path / "mlx"), quantize=quantize, q_bits=8, q_group_size=32, dtype="float32",
             quant_predicate=bits if quantize else None)
@@ -52,22 +65,23 @@ def mlx_community(checkpoints, tmp_path, arch, quantize):
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["float32", "8bit-4bit"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", BOTH)
 def test_stacked_experts_stream_apart_and_match_mlx_lm(checkpoints, tmp_path, arch, quantize):
     src = mlx_community(checkpoints, tmp_path, arch, quantize)
     stored = json.loads((src / "config.json").read_text())
-    switch = f"model.layers.0.{ARCHS[arch].stacked_experts}.down_proj"
-    assert stored.get("quantization", {}).get(switch) == ({"group_size": 32, "bits": 4} if quantize else None)
     want = mlx_lm_greedy(src)
     shards = airmlx.shard_checkpoint(src, tmp_path / "shards", progress=False)
     store = ShardStore(shards)
-    down = "w2" if arch == "mixtral" else "down_proj"
-    experts = next(s for s in store.manifest.stages if s.name == "layer.000.experts")
-    assert sorted(experts.parts) == [str(e) for e in range(EXPERTS)]
-    assert f"model.layers.0.{ARCHS[arch].experts}.3.{down}.weight" in experts.tensors
-    assert not any("switch_mlp" in t for s in store.manifest.stages for t in s.tensors)
+    down = dict((switch, proj) for proj, switch in ARCHS[arch].expert_names).get("down_proj", "down_proj")
+    experts = [s for s in store.manifest.stages if s.kind == "experts"]  # DeepSeek's first layers are dense
+    assert experts and all(sorted(s.parts, key=int) == [str(e) for e in range(routed_experts(stored))]
+                           for s in experts)
+    last = experts[-1].layer
+    assert f"model.layers.{last}.{ARCHS[arch].experts}.3.{down}.weight" in experts[-1].tensors
+    assert not any(".switch_mlp." in t for s in store.manifest.stages for t in s.tensors)
     if quantize:  # each expert's down projection keeps its 4 bits (torch reads them by the expert's name)
-        assert store.manifest.quantization[f"model.layers.1.{ARCHS[arch].experts}.2.{down}"]["bits"] == 4
+        assert stored["quantization"][f"model.layers.{last}.{ARCHS[arch].stacked_experts}.down_proj"] == FOUR_BITS
+        assert store.manifest.quantization[f"model.layers.{last}.{ARCHS[arch].experts}.2.{down}"] == FOUR_BITS
     for backend in BACKENDS:
         with airmlx.AutoModel.from_pretrained(shards, backend=backend,
                                               memory_budget=minimum_budget(shards, backend)) as model:
@@ -78,6 +92,21 @@ def test_stacked_experts_stream_apart_and_match_mlx_lm(checkpoints, tmp_path, ar
 def test_stacked_experts_of_another_count_are_refused(checkpoints, tmp_path):
     src = mlx_community(checkpoints, tmp_path, "mixtral", False)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "num_local_experts": EXPERTS + 1}))
+    (src / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
     with pytest.raises(CheckpointError, match=r"switch_mlp.*\(5 experts, \.\.\.\) as config.json counts them"):
         airmlx.shard_checkpoint(src, tmp_path / "shards", progress=False)
+
+
+@pytest.mark.parametrize("arch", MLX_ONLY)
+def test_stacked_experts_of_families_mlx_lm_renames_further_run_on_mlx(checkpoints, tmp_path, arch):
+    src = mlx_community(checkpoints, tmp_path, arch, False)
+    want = mlx_lm_greedy(src)
+    shards = airmlx.shard_checkpoint(src, tmp_path / "shards", progress=False)
+    assert any(s.kind == "experts" for s in ShardStore(shards).manifest.stages)
+    with airmlx.AutoModel.from_pretrained(shards, backend="mlx", memory_budget=minimum_budget(shards, "mlx")) as model:
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0] == want
+    # it blamed config.json
+    with pytest.raises(CheckpointError, match="written by mlx-lm .*run it with backend='mlx', or use the model's "
+                                              "Hugging Face checkpoint"):
+        with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model:
+            model.generate(PROMPT, max_new_tokens=1)
