@@ -132,7 +132,7 @@ class Calibrator:
         check_dense(config, qconfig)
         self.arch = arch_for(config)
         plain = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-        self.backend = TorchBackend(SimpleNamespace(config=plain), device="cpu", dtype="float32")
+        self.backend = TorchBackend(SimpleNamespace(config=plain, extra={}), device="cpu", dtype="float32")
         self.qconfig, self.storage = qconfig, storage
         from .backends.base import position_table
         from .corpus import corpus  # Python's documentation: more tokens than the shipped text alone

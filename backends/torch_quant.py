@@ -353,7 +353,8 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
         module = target_module(backend, base)
         if wq.dtype == torch.uint8 and module is not None:  # in the int4 kernel's layout (prepare_stage)
             check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
-                            tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}")
+                            tuple(module.weight.shape), f"transformers' {type(backend.skeleton).__name__}",
+                            *backend.mlx_written)
             # biases None: the copy in the kernel's layout holds the stacked scales and zeros already
             kept = [backend._kept(t, raw_ranges, keep)
                     for t in (wq, scales if biases is None else scales_and_zeros(scales, biases))]
