@@ -174,6 +174,16 @@ def cache_argument(function):
     return name
 
 
+def check_affine(qconfig) -> None:
+    """mlx-lm quantises in other modes too (mxfp4, nvfp4, mxfp8: float codes with power-of-two or fp8 scales);
+    torch computes only its affine one (scales and biases), as airmlx's own compression writes it."""
+    modes = {q.get("mode", "affine") for q in [qconfig or {}, *(qconfig or {}).values()] if isinstance(q, dict)}
+    if modes - {"affine"}:
+        raise BackendError(f"this checkpoint is quantised by mlx-lm in mode {sorted(modes - {'affine'})[0]!r}, "
+                           "which the torch backend does not compute (it runs mlx-lm's affine mode); run it with "
+                           "backend='mlx', or shard the model's Hugging Face checkpoint with compression='4bit'.")
+
+
 class TorchBackend:
     """Stages are transformers modules on a meta skeleton. On the CPU a stage's tensors are views of its
     read buffer or page-cache mapping (no copy) unless they need a dtype conversion or dequantising."""
@@ -191,6 +201,7 @@ class TorchBackend:
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.itemsize = self.dtype.itemsize  # of activations and KV caches
         self.qconfig = config.get("quantization")
+        check_affine(self.qconfig)
         self.mlx_written = (MLX_WRITTEN,) if manifest.extra.get("written_by") == "mlx-lm" else ()  # errors' cause
         self.expert_layouts = {}  # MoE: experts stage -> how its fused parameters lie in an expert's read (or None)
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import airmlx
 from airmlx.archs import rope_config
-from airmlx.errors import CheckpointError, OptionError
+from airmlx.errors import BackendError, CheckpointError, OptionError
 from airmlx.manifest import Manifest
 
 from tiny import make_checkpoint, minimum_budget
@@ -419,3 +419,17 @@ def test_the_ungrouped_note_names_a_group_size_that_fits_or_none(capsys):
     assert "1 of 2 matrices stay unquantised" in err and "group size 32 (-g32) quantises them" in err
     say_ungrouped(wide(24), {"group_size": 32, "bits": 4})
     assert "no group size airmlx supports divides them" in capsys.readouterr().err
+
+
+def test_a_float_mode_mlx_lm_checkpoint_runs_on_mlx_and_torch_says_what_to_do(converted, tmp_path):
+    """Regression (QA): an mlx_lm.convert --q-mode mxfp4 checkpoint (float codes, power-of-two scales, no biases)
+    failed on torch with "'NoneType' object has no attribute 'data_ptr'"."""
+    convert(str(converted / "hf"), str(tmp_path / "mxfp4"), quantize=True, q_mode="mxfp4", dtype="float32")
+    model, _ = mlx_load(str(tmp_path / "mxfp4"))
+    want = mlx_lm_greedy(model, 8)
+    shards = airmlx.shard_checkpoint(tmp_path / "mxfp4", tmp_path / "s", progress=False)
+    with airmlx.AutoModel.from_pretrained(shards, backend="mlx", memory_budget=minimum_budget(shards, "mlx")) as streamed:
+        assert streamed.plan.streamed and streamed.generate(PROMPT, max_new_tokens=8) == want
+    with pytest.raises(BackendError, match="quantised by mlx-lm in mode 'mxfp4', which the torch backend does not "
+                                           "compute.*backend='mlx'"):
+        airmlx.AutoModel.from_pretrained(shards, backend="torch")
