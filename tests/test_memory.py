@@ -5,7 +5,8 @@ bf16, fp16 (upcast to fp32 by torch on a CPU), 4-bit and 8-bit shards, an mlx-lm
 each weight of a width that straddles words whole, with numpy's temporaries); a dense and a MoE model, and a model whose
 head is its 8-bit embedding (torch once dequantised it whole while counting it quantised), a GPT-2 (Conv1D
 weights stored transposed, learned positions, its MLP width derived from a config without n_inner), a gpt-oss
-(experts split from fused tensors, gate and up alternating, attention sinks); MLX asked
+(experts split from fused tensors, gate and up alternating, attention sinks), an mlx-lm MoE checkpoint (experts
+split from stacked tensors, of two widths); MLX asked
 for float32 on bf16 shards (a conversion on load; for routed experts, when their group is stacked)."""
 import json
 import os
@@ -50,6 +51,11 @@ def shard_sets(tmp_path_factory):
     make_checkpoint(root / "gpt_oss", "gpt_oss", dtype=torch.bfloat16, **GPT_OSS)
     convert(str(root / "bf16"), str(root / "mlx3"), quantize=True, q_bits=3, q_group_size=64)
     made = {"3bit": airmlx.shard_checkpoint(root / "mlx3", root / "shards-3bit", progress=False)}
+    # mlx-community's MoE layout: experts stacked per projection (the sharder splits them), 4-bit with 8-bit downs
+    convert(str(root / "moe"), str(root / "mlx-moe"), quantize=True, q_bits=4, q_group_size=64,
+            quant_predicate=lambda path, *_: {"group_size": 64, "bits": 8} if path.endswith("switch_mlp.down_proj")
+            else True)
+    made["moe-mlx-4bit"] = airmlx.shard_checkpoint(root / "mlx-moe", root / "shards-moe-mlx-4bit", progress=False)
     for name, src, compression in [("bf16", "bf16", None), ("fp16", "fp16", None), ("8bit", "bf16", "8bit"),
                                    ("4bit", "bf16", "4bit"), ("moe", "moe", None), ("moe-8bit", "moe", "8bit"),
                                    ("8bit-tied", "tied", "8bit"), ("gpt2", "gpt2", None), ("gpt2-8bit", "gpt2", "8bit"),
@@ -79,7 +85,8 @@ CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", Non
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
          ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32"),
          ("torch", "moe-8bit", None), ("torch", "8bit-tied", None), ("mlx", "8bit-tied", None),
-         ("torch", "gpt2", None), ("mlx", "gpt2-8bit", None), ("torch", "gpt_oss", None), ("mlx", "gpt_oss", "float32")]
+         ("torch", "gpt2", None), ("mlx", "gpt2-8bit", None), ("torch", "gpt_oss", None), ("mlx", "gpt_oss", "float32"),
+         ("torch", "moe-mlx-4bit", None), ("mlx", "moe-mlx-4bit", None)]
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])
