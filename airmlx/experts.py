@@ -9,15 +9,13 @@ While a layer computes, the experts the next layer routed to at the previous ste
 look-ahead by temporal locality: a wrong guess costs bytes, never correctness). And a usage profile, saved in
 the shard folder when the model closes, fills the cache with the hottest experts when the next run starts.
 """
-import contextlib
 import json
-import os
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import CorruptShardError
+from .errors import CheckpointError, CorruptShardError
 from .manifest import repair_hint, write_atomic
 
 READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
@@ -298,33 +296,17 @@ def save_profile(folder, usage, decode_usage=None):
     read-only folder keeps none)."""
     if not usage:
         return
-    with profile_lock(folder):  # pipeline ranks sharing a folder close together: each adds to the others' counts
-        tables = {}
-        for table, saved, counts in zip(PROFILE_TABLES, load_profile(folder), (usage, decode_usage or Counter())):
-            rows = tables[table] = {}
-            for (layer, e), n in (saved + counts).items():
-                rows.setdefault(str(layer), {})[str(e)] = n
-        try:
+    from .stagefile import folder_lock  # imported here: stagefile imports relayout, which imports this module
+    try:
+        with folder_lock(folder):  # pipeline ranks sharing a folder close together: each adds to the others' counts
+            tables = {}
+            for table, saved, counts in zip(PROFILE_TABLES, load_profile(folder), (usage, decode_usage or Counter())):
+                rows = tables[table] = {}
+                for (layer, e), n in (saved + counts).items():
+                    rows.setdefault(str(layer), {})[str(e)] = n
             write_atomic(Path(folder) / PROFILE_NAME, json.dumps(tables).encode())
-        except OSError:
-            pass
-
-
-@contextlib.contextmanager
-def profile_lock(folder):
-    """An exclusive lock on the folder itself (no file of its own: a read-only folder locks as well) while a
-    process reads the profile and writes it back; none where the platform has no flock."""
-    try:
-        import fcntl
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    except (CheckpointError, OSError):  # a read-only folder: no lock file, no profile
+        pass
 
 
 def expert_demand(entries, scale=1.0):
