@@ -14,7 +14,17 @@ import airmlx
 from airmlx.errors import BudgetError
 from airmlx.store import ShardStore
 
-from tiny import BACKENDS, BATCH, NEW_TOKENS, PROMPT, assert_last_logits_match, minimum_budget, reference_generate
+from tiny import (
+    BACKENDS,
+    BATCH,
+    NEW_TOKENS,
+    PROMPT,
+    assert_last_logits_match,
+    minimum_budget,
+    mlx_lm_greedy,
+    mlx_lm_readable,
+    reference_generate,
+)
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 TOP_K = 2  # tests/tiny.py: 4 experts, 2 per token, 2 layers
@@ -249,26 +259,12 @@ def test_budget_minimum_counts_one_tokens_experts(checkpoints, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_8bit_streamed_experts_match_mlx_lm(checkpoints, tmp_path, backend):
     """Our 8-bit shards quantise each expert as mlx_lm.convert quantises the stacked experts."""
-    import mlx.core as mx
     from mlx_lm import convert
-    from mlx_lm import load as mlx_load
-    from mlx_lm.models.cache import make_prompt_cache
 
-    from airmlx.archs import rope_config
     folder, _ = checkpoints("mixtral", intermediate_size=64)
-    config = json.loads((folder / "config.json").read_text())
-    theta, scaling = rope_config(config)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    for f in folder.iterdir():
-        (hf / f.name).write_bytes(f.read_bytes())
-    (hf / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": scaling}))
+    hf = mlx_lm_readable(folder, tmp_path / "hf", "mixtral")
     convert(str(hf), str(tmp_path / "mlx8"), quantize=True, q_bits=8, q_group_size=64, dtype="float32")
-    ref, _ = mlx_load(str(tmp_path / "mlx8"))
-    cache, ids, want = make_prompt_cache(ref), mx.array(PROMPT), list(PROMPT[0])
-    for _ in range(NEW_TOKENS):
-        want.append(int(mx.argmax(ref(ids, cache=cache)[:, -1], axis=-1).item()))
-        ids = mx.array([[want[-1]]])
+    want = mlx_lm_greedy(tmp_path / "mlx8")
     shards = airmlx.shard_checkpoint(hf, tmp_path / "q8", compression="8bit", progress=False)
     assert any(t.endswith(".experts.0.w1.scales") for s in ShardStore(shards).manifest.stages for t in s.tensors)
     with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=min_budget(shards, backend)) as model:

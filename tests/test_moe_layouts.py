@@ -1,24 +1,18 @@
 """MoE checkpoints that store a layer's routed experts stacked, (experts, ...) per projection, as mlx-lm's
 SwitchGLU holds them (mlx-community's, written by mlx_lm.convert): the sharder splits them into each expert's
 own tensors, so they stream after routing, and both backends run them as mlx-lm does."""
-import dataclasses
-import importlib
 import json
 
-import mlx.core as mx
 import pytest
 from mlx_lm import convert
-from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import make_prompt_cache
 
 import airmlx
 from airmlx.archs import ARCHS
-from airmlx.backends.mlx_archs import MLX_ARCHS, mlx_args
 from airmlx.errors import CheckpointError
 from airmlx.experts import routed_experts
 from airmlx.store import ShardStore
 
-from tiny import ARCH_CONFIGS, BACKENDS, NEW_TOKENS, PROMPT, minimum_budget
+from tiny import ARCH_CONFIGS, BACKENDS, NEW_TOKENS, PROMPT, minimum_budget, mlx_lm_greedy, mlx_lm_readable
 
 FOUR_BITS = {"group_size": 32, "bits": 4}
 # families whose mlx-lm checkpoints hold only what transformers' modules name (once the experts are split)
@@ -30,31 +24,12 @@ BOTH = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "minimax_m2", "g
 MLX_ONLY = ["deepseek_v3", "glm4_moe_lite", "laguna", "ernie4_5_moe"]
 
 
-def mlx_lm_greedy(folder):
-    model, _ = mlx_load(str(folder))
-    cache, ids, out = make_prompt_cache(model), mx.array(PROMPT), list(PROMPT[0])
-    for _ in range(NEW_TOKENS):
-        out.append(int(mx.argmax(model(ids, cache=cache)[:, -1], axis=-1).item()))
-        ids = mx.array([[out[-1]]])
-    return out
-
-
 def mlx_community(checkpoints, tmp_path, arch, quantize):
     """An HF checkpoint of arch through mlx_lm.convert; quantised, its experts' down projections get 4 bits
     where the rest get 8 (a per-module setting, as mixed-precision conversions write them)."""
     moe = {"moe_intermediate_size": 32} if "moe_intermediate_size" in ARCH_CONFIGS[arch][1] else {}
     folder, _ = checkpoints(arch, intermediate_size=64, **moe)  # the experts' rows split into groups of 32
-    config = json.loads((folder / "config.json").read_text())
-    # mlx_lm.convert reads the keys its ModelArgs names, where transformers 5 writes some under other names or
-    # none (the hub's config.json files carry them): the ones the MLX backend gives it are written in
-    args = dataclasses.asdict(mlx_args(config, importlib.import_module(f"mlx_lm.models.{MLX_ARCHS[arch].module}")))
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    for f in folder.iterdir():
-        (hf / f.name).write_bytes(f.read_bytes())
-    rope = {k: args[k] for k in ("rope_theta", "rope_scaling") if k in args}
-    (hf / "config.json").write_text(json.dumps({**config, **{k: v for k, v in args.items() if config.get(k) is None},
-                                                **rope}))
+    hf = mlx_lm_readable(folder, tmp_path / "hf", arch)
 
     def bits(path, module, *_):
         return FOUR_BITS if path.endswith(f"{ARCHS[arch].stacked_experts}.down_proj") else True

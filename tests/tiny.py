@@ -256,6 +256,41 @@ BATCH = [[5, 17, 33, 2, 9, 60, 7, 41, 12], [8, 90, 10, 4]]
 NEW_TOKENS = 16
 
 
+def mlx_lm_readable(folder, dst, arch):
+    """A copy of the HF checkpoint `folder` in `dst` that mlx_lm.convert and mlx_lm.load read: its config.json
+    with the keys mlx-lm's ModelArgs name, where transformers 5 writes some under other names or none (the
+    hub's config.json files carry them), as the MLX backend gives them."""
+    import dataclasses
+    import importlib
+    import json
+    from pathlib import Path
+
+    from airmlx.backends.mlx_archs import MLX_ARCHS, mlx_args
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    args = dataclasses.asdict(mlx_args(config, importlib.import_module(f"mlx_lm.models.{MLX_ARCHS[arch].module}")))
+    for f in Path(folder).iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    rope = {k: args[k] for k in ("rope_theta", "rope_scaling") if k in args}
+    (dst / "config.json").write_text(json.dumps({**config, **{k: v for k, v in args.items() if config.get(k) is None},
+                                                 **rope}))
+    return dst
+
+
+def mlx_lm_greedy(folder, rows=PROMPT, n=NEW_TOKENS):
+    """Greedy tokens of the mlx-lm checkpoint in `folder`, held resident, with mlx-lm's own cache."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+    model, _ = load(str(folder))
+    cache, ids, out = make_prompt_cache(model), mx.array(rows), list(rows[0])
+    for _ in range(n):
+        out.append(int(mx.argmax(model(ids, cache=cache)[:, -1], axis=-1).item()))
+        ids = mx.array([[out[-1]]])
+    return out
+
+
 def stage_size(folder):
     return max(s.nbytes for s in ShardStore(folder).manifest.stages)
 
