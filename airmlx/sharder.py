@@ -188,18 +188,19 @@ def aux_files(src):
 
 
 def source_tensors(files):
-    """{tensor name: (file, data_start, TensorInfo)} over all source files."""
-    tensors = {}
+    """({tensor name: (file, data_start, TensorInfo)} over all source files, the files' metadata "format"s)."""
+    tensors, formats = {}, set()
     for path in files:
         try:
-            data_start, infos, _ = read_header(path, fix="download the checkpoint again.")
+            data_start, infos, metadata = read_header(path, fix="download the checkpoint again.")
         except CorruptShardError as e:
             raise CheckpointError(str(e)) from None
         for name, info in infos.items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in both {tensors[name][0].name} and {path.name}.")
             tensors[name] = (path, data_start, info)
-    return tensors
+        formats.add(metadata.get("format"))
+    return tensors, formats
 
 
 def fingerprint(files, config, quantization=None):
@@ -250,6 +251,7 @@ class Job:
     qconfig: dict
     originals: list  # the source's weight files (the fingerprint; what delete_original removes)
     sources: dict = None  # tensor name -> (file, data start, TensorInfo)
+    written_by: str = None  # "mlx-lm": its names are mlx-lm's where it renames beyond what checked_sources undoes
     layout: list = None  # [(stage name, kind, tensor names)] in sweep order
     fingerprint: dict = None
     done: dict = None  # stage name -> StageEntry already written and intact
@@ -286,9 +288,10 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
                               "(airmlx quantises it with compression='4bit' or '8bit').")
 
 
-def checked_sources(files, config: dict, src) -> dict:
-    """source_tensors(files), once refuse_foreign_quantization has found none quantised in another format."""
-    sources = source_tensors(files)
+def checked_sources(files, config: dict, src) -> tuple:
+    """(source_tensors(files), once refuse_foreign_quantization has found none quantised in another format;
+    "mlx-lm" where mlx-lm wrote the files, else None)."""
+    sources, formats = source_tensors(files)
     if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
         sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
     arch = ARCHS.get(config.get("model_type"))
@@ -304,7 +307,7 @@ def checked_sources(files, config: dict, src) -> dict:
         sources = conv1d_as_linear(arch, sources)
     sources = dequantized_fp8(config, sources, src)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
-    return sources
+    return sources, "mlx-lm" if "mlx" in formats else None
 
 
 def untied_where_stored_apart(config: dict, sources: dict) -> dict:
@@ -456,8 +459,8 @@ def finalise(job):
     if job.qconfig:  # the mlx-lm convention: the config says how its weights are quantised
         config = {**config, "quantization": job.qconfig}
     extra = {"source_path": str(job.src.resolve())}
-    if any(p.suffix == ".safetensors" and read_header(p)[2].get("format") == "mlx" for p in job.originals):
-        extra["written_by"] = "mlx-lm"  # its names are mlx-lm's where it renames beyond what checked_sources undoes
+    if job.written_by:
+        extra["written_by"] = job.written_by
     if job.pipeline:
         extra["pipeline"] = job.pipeline
     manifest = Manifest(architecture=config["model_type"], config=config, source=job.fingerprint, stages=stages,
@@ -507,7 +510,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     job = Job(src, out, config, qconfig, originals)
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
-        job.sources = checked_sources(originals, config, src)
+        job.sources, job.written_by = checked_sources(originals, config, src)
         config = job.config = shard_config(config, job.sources)
         made = not verify and hosts == 1 and pipeline_split is None and \
             finished_folder(out, fingerprint(originals, config, qconfig))
@@ -521,7 +524,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             from .legacy import convert_pickle_checkpoint
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
-            job.sources = checked_sources(files, config, src)
+            job.sources, job.written_by = checked_sources(files, config, src)
             config = job.config = shard_config(config, job.sources)
             sizes = share_stages(job, hosts, rank, pipeline_split)
         job.fingerprint = fingerprint(originals, config, qconfig)
