@@ -186,8 +186,9 @@ def mxfp4_parts(name, info, scales, spec, config):
 SWITCH_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def stacked_pattern(arch, tail: str = r"\.(\w+)"):
-    """Matches a name under a layer's SwitchGLU projection (Arch.stacked_experts): groups (layer, projection, tail)."""
+def stacked_pattern(arch, tail: str):
+    """Matches a SwitchGLU projection of a layer (Arch.stacked_experts) followed by `tail`: groups (layer, projection,
+    and those of tail)."""
     return re.compile(re.escape(arch.layer_prefix) + r"(\d+)\." + re.escape(arch.stacked_experts) +
                       r"\.(" + "|".join(SWITCH_PROJECTIONS) + ")" + tail + "$")
 
