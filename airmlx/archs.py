@@ -239,6 +239,17 @@ def stage_name(kind, index=None, num_layers=0):
     return kind
 
 
+def experts_per_token(config: dict) -> int:
+    """The experts a token routes to: num_experts_per_tok, which ERNIE 4.5's config.json calls moe_k."""
+    return config.get("num_experts_per_tok") or config.get("moe_k") or 1
+
+
+def routed_experts(config: dict) -> int:
+    """The routed experts of a layer, under the names configs give them (1 for a dense model)."""
+    names = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), 1)
+
+
 def expert_pattern(arch):
     """Matches a routed expert's checkpoint tensor: groups (layer, expert)."""
     return re.compile(re.escape(arch.layer_prefix) + r"(\d+)\." + re.escape(arch.experts) + r"\.(\d+)\.")

@@ -17,22 +17,12 @@ from pathlib import Path
 
 from .errors import CheckpointError, CorruptShardError
 from .manifest import repair_hint, write_atomic
+from .stagefile import folder_lock
 
 READERS = 4  # expert reads in flight at once (several preads keep an SSD's queue full)
 PROFILE_NAME = "expert_usage.json"
 PROFILE_TABLES = ("layers", "decode")  # the profile's tables: every routing; decode steps' (one token's top_k)
 PROFILE_MIN_STEPS = 16  # decode steps' worth of routing counts a layer needs before they predict its misses
-
-
-def experts_per_token(config: dict) -> int:
-    """The experts a token routes to: num_experts_per_tok, which ERNIE 4.5's config.json calls moe_k."""
-    return config.get("num_experts_per_tok") or config.get("moe_k") or 1
-
-
-def routed_experts(config: dict) -> int:
-    """The routed experts of a layer, under the names configs give them (1 for a dense model)."""
-    names = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-    return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), 1)
 
 
 class ExpertCache:
@@ -296,7 +286,6 @@ def save_profile(folder, usage, decode_usage=None):
     read-only folder keeps none)."""
     if not usage:
         return
-    from .stagefile import folder_lock  # imported here: stagefile imports relayout, which imports this module
     try:
         with folder_lock(folder):  # pipeline ranks sharing a folder close together: each adds to the others' counts
             tables = {}

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .archs import arch_for
+from .archs import arch_for, experts_per_token
 from .backends.base import available_ram, position_table
 from .draft import check_same_vocabulary, draft_share
 from .errors import GenerationError, ModelClosedError, ModelNotFoundError
-from .experts import expert_demand, experts_per_token
+from .experts import expert_demand
 from .generation import (
     GenerateOutput,
     Given,

@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
+from .archs import experts_per_token, routed_experts
 from .errors import AirmlxError, BudgetError
-from .experts import experts_per_token, routed_experts
 from .manifest import Manifest, host_ranges, stage_file_problem
 from .plan import StageCost, make_plan
 from .tensorfile import read_header

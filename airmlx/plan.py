@@ -9,8 +9,8 @@ counted in model.memory_stats(), and the default budget leaves room for them.
 import math
 from dataclasses import dataclass
 
+from .archs import experts_per_token
 from .errors import BudgetError
-from .experts import experts_per_token
 from .units import format_bytes, parse_bytes
 
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation

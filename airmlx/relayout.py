@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import quant
+from .archs import routed_experts
 from .errors import CheckpointError
-from .experts import routed_experts
 from .tensorfile import DTYPE_SIZES, TensorInfo
 
 

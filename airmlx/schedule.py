@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm  # text bars everywhere: tqdm.auto wants ipywidgets in notebooks
 
-from .experts import ExpertCache, experts_per_token
+from .archs import experts_per_token
+from .experts import ExpertCache
 from .plan import Plan
 from .store import HUGE_MAPPINGS, HUGE_PAGE
 

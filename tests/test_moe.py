@@ -231,7 +231,7 @@ def test_ernies_moe_k_is_the_experts_per_token(checkpoints, tmp_path):
 def test_every_configs_names_for_experts_are_read_where_experts_are_counted(checkpoints, tmp_path):
     """Regression (review): a pipeline split folded all of an ERNIE layer's experts into its cost (moe_k and
     moe_num_experts were not read, so a token's share was 1), and the activation bound one expert's width."""
-    from airmlx.experts import experts_per_token, routed_experts
+    from airmlx.archs import experts_per_token, routed_experts
     from airmlx.pipeline import local_costs
     from airmlx.plan import inner_size
     assert [(experts_per_token(c), routed_experts(c)) for c in (

@@ -7,9 +7,8 @@ import pytest
 from mlx_lm import convert
 
 import airmlx
-from airmlx.archs import ARCHS
+from airmlx.archs import ARCHS, routed_experts
 from airmlx.errors import CheckpointError
-from airmlx.experts import routed_experts
 from airmlx.store import ShardStore
 
 from tiny import ARCH_CONFIGS, BACKENDS, NEW_TOKENS, PROMPT, minimum_budget, mlx_lm_greedy, mlx_lm_readable
