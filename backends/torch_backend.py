@@ -548,6 +548,7 @@ class TorchBackend:
         for layer in cache.layers:
             if getattr(layer, "is_sliding", False):
                 layer.activate_past_recording()
+        torch_batching.set_padding(cache, left_padding)
         return cache
 
     def cache_length(self, cache):
@@ -570,6 +571,7 @@ class TorchBackend:
                 layer.crop(-drop)  # transformers 5: a negative crop removes that many tokens
             else:  # keys and values apart: Ctrl-C may land between transformers' two updates
                 layer.keys, layer.values = layer.keys[..., :keep, :], layer.values[..., :keep, :]
+        torch_batching.trim_padding(cache, keep)
 
     def drop_cache_layer(self, cache, layer):
         cache.layers[layer] = type(cache.layers[layer])(**({"sliding_window": cache.layers[layer].sliding_window}
@@ -577,6 +579,7 @@ class TorchBackend:
 
     def select_rows(self, cache, rows):
         cache.batch_select_indices(torch.as_tensor(rows, device=self.device))
+        torch_batching.select_padding(cache, rows)
 
     def cache_bytes(self, cache):
         total = 0

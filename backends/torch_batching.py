@@ -1,7 +1,8 @@
 """Requests with caches of their own joined into one left-padded batch and taken apart again, for the
-server's engine (airmlx/engine.py). transformers' cache keeps no padding of its own: the attention mask
-says which positions of a row are padding, so only each row's length is needed here. And a batch's
-half-precision Linears on the CPU, computed in float32 (WideLinears)."""
+server's engine (airmlx/engine.py). transformers' cache keeps no padding of its own (the attention mask
+says which positions of a row are padding), so each row's left padding is kept beside it, on the cache
+(PADDING), to tell how many tokens a row holds. And a batch's half-precision Linears on the CPU, computed
+in float32 (WideLinears)."""
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -20,6 +21,24 @@ def holds(layers) -> "bool | None":
     runs: another pipeline rank's, airmlx/pipeline_model.py), None when some do and some do not."""
     states = {layer.is_initialized for layer in layers}
     return states.pop() if len(states) == 1 else None
+
+
+PADDING = "airmlx_left_padding"  # the cache's attribute: each row's padding positions, left of its tokens
+
+
+def set_padding(cache, padding) -> None:
+    setattr(cache, PADDING, [int(p) for p in padding])
+
+
+def select_padding(cache, rows) -> None:
+    if hasattr(cache, PADDING):
+        set_padding(cache, [getattr(cache, PADDING)[r] for r in rows])
+
+
+def trim_padding(cache, keep: int) -> None:
+    """After a trim to `keep` positions: a row's padding cannot be wider than what is left."""
+    if hasattr(cache, PADDING):
+        set_padding(cache, [min(p, keep) for p in getattr(cache, PADDING)])
 
 
 def _fill(layer, keys, values):
@@ -51,6 +70,7 @@ def merge(caches: list, lengths: list, new_cache):
             keys.append(torch.nn.functional.pad(src.keys[..., src.keys.shape[-2] - n:, :], pad))
             values.append(torch.nn.functional.pad(src.values[..., src.values.shape[-2] - n:, :], pad))
         _fill(layer, torch.cat(keys), torch.cat(values))
+    set_padding(merged, [longest - n for rows in lengths for n in rows])
     return merged
 
 
@@ -65,7 +85,12 @@ def extract(cache, row: int, length: int, new_cache):
             continue  # a layer this process never runs stays empty
         if row >= src.keys.shape[0]:
             raise GenerationError(f"extract_cache: row {row} is not a row of this cache (it has {src.keys.shape[0]}).")
-        if length > src.keys.shape[-2]:  # the mask, not the cache, knows a row's padding: only the width is known
+        padding = getattr(cache, PADDING, None)
+        if padding is not None and len(padding) == src.keys.shape[0]:
+            if src.keys.shape[-2] - padding[row] != length:  # the engine's count and the cache's must agree
+                raise GenerationError(f"extract_cache: row {row} holds {src.keys.shape[-2] - padding[row]} tokens, "
+                                      f"not {length}.")
+        elif length > src.keys.shape[-2]:  # a cache made elsewhere: only its width is known
             raise GenerationError(f"extract_cache: row {row} holds at most {src.keys.shape[-2]} tokens, not {length}.")
         _fill(dst, src.keys[row:row + 1, :, src.keys.shape[-2] - length:].clone(),
               src.values[row:row + 1, :, src.values.shape[-2] - length:].clone())

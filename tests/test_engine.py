@@ -111,6 +111,27 @@ def test_extracting_more_tokens_than_a_row_holds_is_refused(shards, backend):
         assert m.cache_length(m.extract_cache(cache, 0, 1)) == 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_extracting_a_padded_row_counts_its_own_tokens(shards, backend):
+    """Regression (stop 44's note): on torch, extract_cache checked a length only against the batch's width, so a
+    left-padded row asked for more tokens than it holds came back with padding positions as tokens."""
+    from airmlx.errors import GenerationError
+    with load(shards, backend) as m:
+        caches = [m.new_cache() for _ in PROMPTS[:2]]
+        m.step_many([(*prefill(p), c) for p, c in zip(PROMPTS[:2], caches)])
+        batch = m.merge_caches(caches, [[len(p)] for p in PROMPTS[:2]])
+        assert m.cache_length(batch) == len(PROMPTS[0])
+        with pytest.raises(GenerationError, match=f"row 1 holds {len(PROMPTS[1])} tokens, not {len(PROMPTS[0])}"):
+            m.extract_cache(batch, 1, len(PROMPTS[0]))
+        m.select_cache_rows(batch, [1])  # the short row alone keeps its padding
+        with pytest.raises(GenerationError, match=f"row 0 holds {len(PROMPTS[1])} tokens"):
+            m.extract_cache(batch, 0, len(PROMPTS[1]) + 1)
+        one = m.extract_cache(batch, 0, len(PROMPTS[1]))
+        assert m.cache_length(one) == len(PROMPTS[1])
+        assert m.generate([7], past_key_values=one, max_new_tokens=3) == \
+            m.generate(PROMPTS[1] + [7], max_new_tokens=3)[len(PROMPTS[1]):]
+
+
 class Collect:
     """An emit callback gathering one request's events."""
 
