@@ -230,3 +230,10 @@ def module_params(qconfig, module_path):
     params = qconfig.get(module_path)
     params = params if isinstance(params, dict) else qconfig
     return params.get("group_size", DEFAULT_GROUP_SIZE), params["bits"]
+
+
+def module_mode(qconfig, module_path) -> str:
+    """mlx-lm's quantisation mode of one module: "affine" (scales and biases; airmlx's own), or a float mode
+    ("mxfp4", "nvfp4", "mxfp8": float codes and scales, no biases)."""
+    params = qconfig.get(module_path)
+    return (params if isinstance(params, dict) and "mode" in params else qconfig).get("mode", "affine")

@@ -37,6 +37,7 @@ from .base import (
     position_table,
     with_layer_types,
 )
+from .torch_float_quant import FLOAT_MODES
 from .torch_remote import remote_config, shared_rotary
 
 # Stages arrive as read-only views of the page cache (mmap) and inference never writes weights; one filter
@@ -174,13 +175,14 @@ def cache_argument(function):
     return name
 
 
-def check_affine(qconfig) -> None:
-    """mlx-lm quantises in other modes too (mxfp4, nvfp4, mxfp8: float codes with power-of-two or fp8 scales);
-    torch computes only its affine one (scales and biases), as airmlx's own compression writes it."""
+def check_modes(qconfig) -> None:
+    """mlx-lm's quantisation modes torch computes: affine (scales and biases, as airmlx's own compression
+    writes it) and the float modes of torch_float_quant; a mode added to mlx-lm later is refused when the
+    model opens, not at its first step."""
     modes = {q.get("mode", "affine") for q in [qconfig or {}, *(qconfig or {}).values()] if isinstance(q, dict)}
-    if modes - {"affine"}:
-        raise BackendError(f"this checkpoint is quantised by mlx-lm in mode {sorted(modes - {'affine'})[0]!r}, "
-                           "which the torch backend does not compute (it runs mlx-lm's affine mode); run it with "
+    if unknown := modes - {"affine", *FLOAT_MODES}:
+        raise BackendError(f"this checkpoint is quantised by mlx-lm in mode {sorted(unknown)[0]!r}, which the torch "
+                           f"backend does not compute (it runs {', '.join(['affine', *FLOAT_MODES])}); run it with "
                            "backend='mlx', or shard the model's Hugging Face checkpoint with compression='4bit'.")
 
 
@@ -201,7 +203,7 @@ class TorchBackend:
         self.dtype = resolve_dtype(config, dtype, self.device)
         self.itemsize = self.dtype.itemsize  # of activations and KV caches
         self.qconfig = config.get("quantization")
-        check_affine(self.qconfig)
+        check_modes(self.qconfig)
         self.mlx_written = (MLX_WRITTEN,) if manifest.extra.get("written_by") == "mlx-lm" else ()  # errors' cause
         self.expert_layouts = {}  # MoE: experts stage -> how its fused parameters lie in an expert's read (or None)
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")

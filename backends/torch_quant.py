@@ -5,7 +5,7 @@ codes repacked from MLX's layout with a few numpy byte operations (no dequantise
 exists); an embedding dequantises only the rows a step looks up, and a head the kernel cannot run (a tied
 head's 8-bit embedding) a block of its rows at a time as it computes, so neither is ever held dequantised.
 Everything else is dequantised once per load: 8-bit codes straight from their bytes, other widths with shifts
-and masks (`dequantize_affine`).
+and masks (`dequantize_weight`); mlx-lm's float modes (mxfp4, nvfp4, mxfp8) through torch_float_quant.
 MLX computes `w = q * scale + bias`; the int4 kernel computes `(q - 8) * scale + (bias + 8 * scale)`, which
 agrees to the rounding of the compute dtype (exactly in float32 up to float32 rounding).
 """
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from transformers.core_model_loading import rename_source_key
 
-from airmlx.quant import dequantize, module_params
+from airmlx.quant import dequantize, module_mode, module_params
 from airmlx.stage_copies import span
 
 from .base import check_placement
+from .torch_float_quant import FLOAT_MODES, TEMPORARY_BYTES, float_rows
 
 DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporaries of a stage's load
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
@@ -32,16 +33,19 @@ NUMPY_ELEMENTS = 1 << 20  # weights of 3, 5 or 6 bits dequantised at once (airml
 NUMPY_BYTES = 20  # its temporaries per weight, its result included (measured: 18-20 bytes)
 
 
-def dequantize_affine(wq, scales, biases, group_size, bits):
-    """MLX's affine layout (codes packed lowest bits first into uint32 words; per-group scale and bias)
-    back to weights, with torch ops on the weights' device, a block of rows at a time so the temporaries stay
-    small. Widths that straddle words (3, 5, 6 bits) go through the shared numpy quantiser, in smaller blocks."""
+def dequantize_weight(wq, scales, biases, group_size, bits, mode="affine", dtype=None):
+    """MLX's quantised layout (codes packed lowest bits first into uint32 words; per-group scale and bias, or
+    a float mode's scale alone) back to weights in `dtype` (default: the scales'), with torch ops on the
+    weights' device, a block of rows at a time so the temporaries stay small. Widths that straddle words
+    (3, 5, 6 bits) go through the shared numpy quantiser, in smaller blocks."""
     lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
-    wq, scales, biases = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1]), biases.reshape(-1, biases.shape[-1])
-    out = torch.empty(wq.shape[0], cols, dtype=scales.dtype, device=wq.device)
+    wq, scales = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1])
+    biases = None if biases is None else biases.reshape(-1, biases.shape[-1])
+    out = torch.empty(wq.shape[0], cols, dtype=dtype or scales.dtype, device=wq.device)
     rows = max(1, block_elements(bits, DEQUANT_ELEMENTS) // cols)
     for r in range(0, wq.shape[0], rows):
-        dequantize_rows(wq[r:r + rows], scales[r:r + rows], biases[r:r + rows], group_size, bits, out[r:r + rows])
+        dequantize_rows(wq[r:r + rows], scales[r:r + rows], None if biases is None else biases[r:r + rows],
+                        group_size, bits, out[r:r + rows], mode)
     return out.reshape(*lead, cols)
 
 
@@ -50,15 +54,19 @@ def block_elements(bits, elements):
     return elements if 32 % bits == 0 else min(elements, NUMPY_ELEMENTS)
 
 
-def dequant_bytes(bits, itemsize):
+def dequant_bytes(bits, itemsize, mode="affine"):
     """Temporaries per weight of a block dequantize_rows fills: the codes (bytes for 8-bit, int32 otherwise),
-    their float copy, the product and the sum; numpy's for widths that straddle words."""
+    their float copy, the product and the sum; numpy's for widths that straddle words; a float mode's own."""
+    if mode in FLOAT_MODES:
+        return TEMPORARY_BYTES[bits]
     return NUMPY_BYTES if 32 % bits else (1 if bits == 8 else 4) + 3 * itemsize
 
 
-def dequantize_rows(wq, scales, biases, group_size, bits, out):
+def dequantize_rows(wq, scales, biases, group_size, bits, out, mode="affine"):
     """(N, K * bits / 32) codes -> their (N, K) weights, written into `out` (a block reused from call to call
     makes no new memory of its size)."""
+    if mode in FLOAT_MODES:
+        return float_rows(wq, scales, group_size, bits, mode, out)
     if 32 % bits:  # 3, 5, 6 bits: the shared numpy quantiser, bit-exact with mx.dequantize
         as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
         storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
@@ -115,9 +123,9 @@ def int4_kernel_ok():
     return int4_block() is not None
 
 
-def packable(module, bits, group_size):
-    """A Linear whose 4-bit weight torch's int4 kernel can run."""
-    return (isinstance(module, torch.nn.Linear) and bits == 4 and group_size in INT4_GROUPS
+def packable(module, bits, group_size, mode="affine"):
+    """A Linear whose 4-bit affine weight torch's int4 kernel can run."""
+    return (isinstance(module, torch.nn.Linear) and bits == 4 and mode == "affine" and group_size in INT4_GROUPS
             and int4_kernel_ok() and module.out_features % int4_block() == 0 and module.in_features % group_size == 0)
 
 
@@ -173,27 +181,28 @@ def install_int4(module, packed, stacked, group_size):
     module.forward = functools.partial(int4_linear, module, packed, stacked, group_size)
 
 
-def quantized_embedding(module, wq, scales, biases, group_size, bits, ids):
+def quantized_embedding(module, wq, scales, biases, group_size, bits, mode, dtype, ids):
     rows = ids.reshape(-1)
-    out = dequantize_affine(wq[rows], scales[rows], biases[rows], group_size, bits).reshape(*ids.shape, -1)
+    out = dequantize_weight(wq[rows], scales[rows], None if biases is None else biases[rows], group_size, bits,
+                            mode, dtype).reshape(*ids.shape, -1)
     scale = getattr(module, "embed_scale", None)  # Gemma's scaled embeddings multiply in their own forward
     return out if scale is None else out * scale.to(out.dtype)
 
 
-def install_embedding(module, wq, scales, biases, group_size, bits):
+def install_embedding(module, wq, scales, biases, group_size, bits, mode, dtype):
     """Look up rows of a quantised embedding, dequantising only those: forward is replaced until remove()."""
-    module.forward = functools.partial(quantized_embedding, module, wq, scales, biases, group_size, bits)
+    module.forward = functools.partial(quantized_embedding, module, wq, scales, biases, group_size, bits, mode, dtype)
 
 
-def quantized_linear(module, wq, scales, biases, group_size, bits, x):
+def quantized_linear(module, wq, scales, biases, group_size, bits, mode, dtype, x):
     """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
     n, cols = scales.shape[0], scales.shape[-1] * group_size
     rows = max(1, block_elements(bits, head_block(x.device)) // cols)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    block = torch.empty(min(rows, n), cols, dtype=scales.dtype, device=x.device)  # one block, refilled
+    block = torch.empty(min(rows, n), cols, dtype=dtype, device=x.device)  # one block, refilled
     for r in range(0, n, rows):
-        w = dequantize_rows(wq[r:r + rows], scales[r:r + rows], biases[r:r + rows], group_size, bits,
-                            block[:min(rows, n - r)])
+        w = dequantize_rows(wq[r:r + rows], scales[r:r + rows], None if biases is None else biases[r:r + rows],
+                            group_size, bits, block[:min(rows, n - r)], mode)
         y[..., r:r + w.shape[0]] = torch.nn.functional.linear(x, w)  # F.linear: a wide batch's WideLinears applies
     return y + module.bias if module.bias is not None else y
 
@@ -202,9 +211,10 @@ def head_block(device) -> int:
     return HEAD_BLOCK_ELEMENTS if device.type == "cpu" else DEQUANT_ELEMENTS
 
 
-def install_linear(module, wq, scales, biases, group_size, bits):
+def install_linear(module, wq, scales, biases, group_size, bits, mode="affine", dtype=None):
     """Run a Linear on its quantised weight (quantized_linear): forward is replaced until remove()."""
-    module.forward = functools.partial(quantized_linear, module, wq, scales, biases, group_size, bits)
+    module.forward = functools.partial(quantized_linear, module, wq, scales, biases, group_size, bits, mode,
+                                       dtype or scales.dtype)
 
 
 def remove(module):
@@ -217,9 +227,11 @@ def quantized_footprint(backend, entry, name, info, infos):
     base = name.rpartition(".")[0]
     scales = infos[base + ".scales"]
     group_size, bits = module_params(backend.qconfig, base)
+    mode, itemsize = module_mode(backend.qconfig, base), backend.dtype.itemsize
     rows, cols = math.prod(scales.shape[:-1]), scales.shape[-1] * group_size
     module = target_module(backend, stage_name(backend, entry, base))
-    quantized_bytes = info.nbytes + 2 * math.prod(scales.shape) * backend.dtype.itemsize  # scales, biases as loaded
+    # scales and biases as loaded: the compute dtype's, or a float mode's scale bytes alone
+    quantized_bytes = info.nbytes + math.prod(scales.shape) * (1 if mode in FLOAT_MODES else 2 * itemsize)
     if packable_weight(backend, entry, base):
         # the packed codes and stacked scales and zeros; the repack's temporaries while loading
         return rows * cols // 2 + math.prod(scales.shape) * 2 * backend.dtype.itemsize, info.nbytes // 2
@@ -229,8 +241,8 @@ def quantized_footprint(backend, entry, name, info, infos):
     block = min(rows * cols, block_elements(bits, DEQUANT_ELEMENTS))
     if stage_name(backend, entry, base) == backend.arch.head:  # kept quantised: dequantised a block per forward
         block = min(rows * cols, block_elements(bits, head_block(backend.device)))  # and the block itself
-        return quantized_bytes, block * (dequant_bytes(bits, backend.dtype.itemsize) + backend.dtype.itemsize)
-    return rows * cols * backend.dtype.itemsize, block * dequant_bytes(bits, backend.dtype.itemsize)
+        return quantized_bytes, block * (dequant_bytes(bits, itemsize, mode) + itemsize)
+    return rows * cols * itemsize, block * dequant_bytes(bits, itemsize, mode)
 
 def stage_name(backend, entry, name):
     """A checkpoint name (a tensor's, or a module's: "model.embed_tokens") as load_stage sees it: a tied head's
@@ -244,7 +256,8 @@ def packable_weight(backend, entry, base):
     if backend.device.type != "cpu" or not backend.qconfig:
         return False
     group_size, bits = module_params(backend.qconfig, base)
-    return packable(target_module(backend, stage_name(backend, entry, base)), bits, group_size)
+    return packable(target_module(backend, stage_name(backend, entry, base)), bits, group_size,
+                    module_mode(backend.qconfig, base))
 
 def prepare_stage(backend, entry, tensors):
     """On the reading thread: 4-bit codes of packable Linears repacked into torch's int4 layout (INT4PACK: an
@@ -349,7 +362,8 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
     for name in [n for n in tensors if n.endswith(".scales")]:
         base = name[: -len(".scales")]
         scales, biases, wq = out.pop(name), out.pop(base + ".biases", None), out.pop(base + ".weight")
-        group_size, bits = module_params(backend.qconfig, (source or {}).get(name, name)[: -len(".scales")])
+        configured = (source or {}).get(name, name)[: -len(".scales")]
+        (group_size, bits), mode = module_params(backend.qconfig, configured), module_mode(backend.qconfig, configured)
         module = target_module(backend, base)
         if wq.dtype == torch.uint8 and module is not None:  # in the int4 kernel's layout (prepare_stage)
             check_placement(SimpleNamespace(name=base), base + ".weight", (wq.shape[0], wq.shape[1] * 2),
@@ -363,10 +377,10 @@ def load_quantized(backend, tensors, raw_ranges=(), source=None, keep=False):
             overrides.append(module)
         elif isinstance(module, torch.nn.Embedding) or base == backend.arch.head:  # kept quantised
             install = install_embedding if isinstance(module, torch.nn.Embedding) else install_linear
-            kept = [backend._kept(t, raw_ranges, keep) for t in (wq, scales, biases)]
-            install(module, *kept, group_size, bits)
-            nbytes += sum(backend._made(t, raw_ranges) for t in kept)
+            kept = [t if t is None else backend._kept(t, raw_ranges, keep) for t in (wq, scales, biases)]
+            install(module, *kept, group_size, bits, mode, backend.dtype)
+            nbytes += sum(backend._made(t, raw_ranges) for t in kept if t is not None)
             overrides.append(module)
         else:
-            out[base + ".weight"] = dequantize_affine(wq, scales, biases, group_size, bits)
+            out[base + ".weight"] = dequantize_weight(wq, scales, biases, group_size, bits, mode, backend.dtype)
     return out, overrides, nbytes

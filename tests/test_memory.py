@@ -6,7 +6,8 @@ each weight of a width that straddles words whole, with numpy's temporaries); a 
 head is its 8-bit embedding (torch once dequantised it whole while counting it quantised), a GPT-2 (Conv1D
 weights stored transposed, learned positions, its MLP width derived from a config without n_inner), a gpt-oss
 (experts split from fused tensors, gate and up alternating, attention sinks), an mlx-lm MoE checkpoint (experts
-split from stacked tensors, of two widths); MLX asked
+split from stacked tensors, of two widths), mlx-lm's float modes (mxfp4 on both backends, mxfp8 on torch, which
+dequantises their codes with float32 temporaries); MLX asked
 for float32 on bf16 shards (a conversion on load; for routed experts, when their group is stacked)."""
 import json
 import os
@@ -56,6 +57,9 @@ def shard_sets(tmp_path_factory):
             quant_predicate=lambda path, *_: {"group_size": 64, "bits": 8} if path.endswith("switch_mlp.down_proj")
             else True)
     made["moe-mlx-4bit"] = airmlx.shard_checkpoint(root / "mlx-moe", root / "shards-moe-mlx-4bit", progress=False)
+    for mode in ("mxfp4", "mxfp8"):
+        convert(str(root / "bf16"), str(root / mode), quantize=True, q_mode=mode)
+        made[f"{mode}-bit"] = airmlx.shard_checkpoint(root / mode, root / f"shards-{mode}", progress=False)
     for name, src, compression in [("bf16", "bf16", None), ("fp16", "fp16", None), ("8bit", "bf16", "8bit"),
                                    ("4bit", "bf16", "4bit"), ("moe", "moe", None), ("moe-8bit", "moe", "8bit"),
                                    ("8bit-tied", "tied", "8bit"), ("gpt2", "gpt2", None), ("gpt2-8bit", "gpt2", "8bit"),
@@ -86,7 +90,8 @@ CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", Non
          ("mlx", "4bit", None), ("mlx", "bf16", "float32"), ("mlx", "moe-8bit", None), ("mlx", "moe", "float32"),
          ("torch", "moe-8bit", None), ("torch", "8bit-tied", None), ("mlx", "8bit-tied", None),
          ("torch", "gpt2", None), ("mlx", "gpt2-8bit", None), ("torch", "gpt_oss", None), ("mlx", "gpt_oss", "float32"),
-         ("torch", "moe-mlx-4bit", None), ("mlx", "moe-mlx-4bit", None)]
+         ("torch", "moe-mlx-4bit", None), ("mlx", "moe-mlx-4bit", None), ("torch", "mxfp4-bit", None),
+         ("mlx", "mxfp4-bit", None), ("torch", "mxfp8-bit", None)]
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])

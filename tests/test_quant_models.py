@@ -176,7 +176,7 @@ def test_unknown_compression_is_refused(converted):
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype):
-    from airmlx.backends.torch_quant import dequantize_affine
+    from airmlx.backends.torch_quant import dequantize_weight
     mx_dtype, torch_dtype = getattr(mx, dtype), getattr(torch, dtype)
     w = mx.array(np.random.default_rng(bits).normal(size=(32, 256)).astype(np.float32)).astype(mx_dtype)
     q, s, b = mx.quantize(w, group_size=64, bits=bits)
@@ -186,7 +186,7 @@ def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype):
         return torch.from_numpy(np.array(a.view(mx.uint16))).view(torch.bfloat16) if dtype == "bfloat16" \
             else torch.from_numpy(np.array(a))
 
-    got = dequantize_affine(torch.from_numpy(np.array(q)), to_torch(s), to_torch(b), 64, bits)
+    got = dequantize_weight(torch.from_numpy(np.array(q)), to_torch(s), to_torch(b), 64, bits)
     assert got.dtype == torch_dtype and torch.equal(got.view(torch.int16) if dtype != "float32" else got,
                                                     to_torch(want).view(torch.int16) if dtype != "float32" else to_torch(want))
 
@@ -421,15 +421,40 @@ def test_the_ungrouped_note_names_a_group_size_that_fits_or_none(capsys):
     assert "no group size airmlx supports divides them" in capsys.readouterr().err
 
 
-def test_a_float_mode_mlx_lm_checkpoint_runs_on_mlx_and_torch_says_what_to_do(converted, tmp_path):
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_a_float_mode_mlx_lm_checkpoint_streams_like_mlx_lm_on_both_backends(converted, tmp_path, mode):
     """Regression (QA): an mlx_lm.convert --q-mode mxfp4 checkpoint (float codes, power-of-two scales, no biases)
-    failed on torch with "'NoneType' object has no attribute 'data_ptr'"."""
-    convert(str(converted / "hf"), str(tmp_path / "mxfp4"), quantize=True, q_mode="mxfp4", dtype="float32")
-    model, _ = mlx_load(str(tmp_path / "mxfp4"))
+    failed on torch with "'NoneType' object has no attribute 'data_ptr'"; torch now dequantises the float modes."""
+    convert(str(converted / "hf"), str(tmp_path / mode), quantize=True, q_mode=mode, dtype="float32")
+    model, _ = mlx_load(str(tmp_path / mode))
     want = mlx_lm_greedy(model, 8)
-    shards = airmlx.shard_checkpoint(tmp_path / "mxfp4", tmp_path / "s", progress=False)
-    with airmlx.AutoModel.from_pretrained(shards, backend="mlx", memory_budget=minimum_budget(shards, "mlx")) as streamed:
-        assert streamed.plan.streamed and streamed.generate(PROMPT, max_new_tokens=8) == want
-    with pytest.raises(BackendError, match="quantised by mlx-lm in mode 'mxfp4', which the torch backend does not "
-                                           "compute.*backend='mlx'"):
-        airmlx.AutoModel.from_pretrained(shards, backend="torch")
+    shards = airmlx.shard_checkpoint(tmp_path / mode, tmp_path / "s", progress=False)
+    assert Manifest.load(shards).config["quantization"]["mode"] == mode
+    for backend in ("mlx", "torch"):
+        with airmlx.AutoModel.from_pretrained(shards, backend=backend,
+                                              memory_budget=minimum_budget(shards, backend)) as streamed:
+            assert streamed.plan.streamed and streamed.generate(PROMPT, max_new_tokens=8) == want, backend
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_torch_dequantizes_float_modes_bit_exact_with_mlx(mode, dtype):
+    from airmlx.backends.torch_quant import dequantize_weight
+    # rows of very different magnitudes: the groups' scales span many exponents
+    w = np.random.default_rng(3).normal(size=(32, 256)) * np.logspace(-6, 3, 32)[:, None]
+    q, s = mx.quantize(mx.array(w.astype(np.float32)), mode=mode)
+    want = mx.dequantize(q, s, mode=mode, dtype=getattr(mx, dtype))
+    group, bits = 256 // s.shape[-1], 32 * q.shape[-1] // 256
+    got = dequantize_weight(torch.from_numpy(np.array(q)), torch.from_numpy(np.array(s)), None, group, bits, mode,
+                            getattr(torch, dtype))
+    want = torch.from_numpy(np.array(want.view(mx.uint16 if dtype != "float32" else mx.float32)))
+    assert got.dtype == getattr(torch, dtype)
+    assert torch.equal(got.view(torch.int16) if dtype != "float32" else got,
+                       want.view(torch.int16) if dtype != "float32" else want)
+
+
+def test_a_quantisation_mode_torch_does_not_know_is_refused_when_the_model_opens():
+    from airmlx.backends.torch_backend import check_modes
+    check_modes({"group_size": 32, "bits": 4, "mode": "mxfp4", "model.layers.0.mlp.down_proj": {"bits": 8, "mode": "mxfp8"}})
+    with pytest.raises(BackendError, match="mode 'newfp3', which the torch backend does not compute.*backend='mlx'"):
+        check_modes({"group_size": 32, "bits": 4, "mode": "affine", "lm_head": {"bits": 3, "mode": "newfp3"}})
