@@ -19,7 +19,8 @@ BOTH = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "minimax_m2", "g
         "mellum", "deepseek_v2", "glm4_moe"]
 # families mlx-lm renames or re-lays further (DeepSeek-V3's latent attention split into embed_q / unembed_out,
 # Laguna's router, ERNIE's routing bias): MLX runs them, torch says what to do
-# (gpt-oss: mlx_lm.convert cannot read the layout transformers 5 saves it in, so no mlx-lm checkpoint is made here)
+# (gpt-oss: mlx_lm.convert reads only the released mxfp4 layout, not the one transformers 5 saves; its mlx-lm
+# checkpoint is tested from that in tests/test_mxfp4.py)
 MLX_ONLY = ["deepseek_v3", "glm4_moe_lite", "laguna", "ernie4_5_moe"]
 
 

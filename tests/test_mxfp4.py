@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import airmlx
 from airmlx.errors import CheckpointError
 
-from tiny import PROMPT, make_checkpoint
+from tiny import PROMPT, make_checkpoint, minimum_budget
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
@@ -84,6 +84,28 @@ def test_mxfp4_experts_on_mlx_equal_their_dequantised_copy(gpt_oss_mxfp4, tmp_pa
                                               layer_shards_saving_path=tmp_path / f"{src.name}-shards") as model:
             outs.append(model.generate(PROMPT[0], max_new_tokens=12))
     assert outs[0] == outs[1]
+
+
+def test_mlx_lms_gpt_oss_checkpoint_streams_as_transformers_runs_the_released_one(gpt_oss_mxfp4, tmp_path):
+    """mlx-community's gpt-oss: mlx_lm.convert keeps the released experts' mxfp4 codes as its own mode 'mxfp4',
+    stacked per projection under mlp.experts (gate and up apart, their biases beside them). The sharder splits
+    them into each expert's tensors; torch dequantises them (torch_float_quant), MLX runs them quantised, and both
+    give transformers' tokens on the released checkpoint (mlx-lm's own differ: it rounds the YaRN ramp's ends)."""
+    from mlx_lm import convert
+    convert(str(gpt_oss_mxfp4 / "mxfp4"), str(tmp_path / "mlx"))
+    shards = airmlx.shard_checkpoint(tmp_path / "mlx", tmp_path / "shards", progress=False)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["config"]["quantization"]["mode"] == "mxfp4" and manifest["extra"]["written_by"] == "mlx-lm"
+    split = shard_tensors(shards)
+    assert "model.layers.1.mlp.experts.3.up_proj.scales" in split and "model.layers.1.mlp.experts.3.up_proj.bias" in split
+    ref = AutoModelForCausalLM.from_pretrained(gpt_oss_mxfp4 / "mxfp4").eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[0].tolist()
+    for backend in ("torch", "mlx"):
+        budget = minimum_budget(shards, backend)
+        with airmlx.AutoModel.from_pretrained(shards, backend=backend, memory_budget=budget) as model:
+            assert model.plan.streamed and model.generate(PROMPT[0], max_new_tokens=12) == want, backend
 
 
 def test_mxfp4_codes_take_transformers_values():
