@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,27 @@ def probe(shards, backend, fraction=0.3, dtype=None, prompt=48):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+PROBES_AT_ONCE = 2  # each probe is a process of its own (what one holds is not another's); they share only time
+
+
+@pytest.fixture(scope="module")
+def probes(shard_sets, request):
+    """{(backend, shards, dtype, fraction): the probe's result, a future}: every probe this run's selected cases
+    ask for, started when the first of them runs, PROBES_AT_ONCE at a time (most of a probe is importing the
+    frameworks, on one core)."""
+    here, wanted = Path(__file__), []
+    for item in request.session.items:
+        if item.path == here and getattr(item, "originalname", None) in FRACTIONS:
+            params = item.callspec.params
+            wanted.append((params["backend"], params["shards"], params["dtype"], FRACTIONS[item.originalname]))
+    with ThreadPoolExecutor(PROBES_AT_ONCE) as pool:
+        futures = {key: pool.submit(probe, shard_sets[key[1]], key[0], fraction=key[3], dtype=key[2],
+                                    prompt=prompt_length(key[0], key[1])) for key in dict.fromkeys(wanted)}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
+
 CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", None), ("torch", "4bit", None),
          ("torch", "3bit", None),
          ("torch", "moe", None), ("mlx", "bf16", None), ("mlx", "fp16", None), ("mlx", "8bit", None),
@@ -95,9 +117,9 @@ CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", Non
 
 
 @pytest.mark.parametrize("backend, shards, dtype", CASES, ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in CASES])
-def test_peak_memory_stays_within_budget_kv_and_activations(shard_sets, backend, shards, dtype):
+def test_peak_memory_stays_within_budget_kv_and_activations(probes, backend, shards, dtype):
     prompt = prompt_length(backend, shards)
-    got = probe(shard_sets[shards], backend, dtype=dtype, prompt=prompt)
+    got = probes[backend, shards, dtype, 0.3].result()
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
     assert got["tokens"] == prompt + 4 and got["steps"] >= 4
     assert got["budget"] < 0.6 * got["held_model"]  # most of the model streams (stages or routed experts)
@@ -112,18 +134,23 @@ TIGHT_MOE = [("torch", "moe", None), ("torch", "moe-8bit", None), ("mlx", "moe",
 
 @pytest.mark.parametrize("backend, shards, dtype", TIGHT_MOE,
                          ids=[f"{b}-{s}" + (f"-as-{d}" if d else "") for b, s, d in TIGHT_MOE])
-def test_moe_near_the_minimum_budget_stacks_one_expert_at_a_time_within_it(shard_sets, backend, shards, dtype):
+def test_moe_near_the_minimum_budget_stacks_one_expert_at_a_time_within_it(probes, backend, shards, dtype):
     """At 1.2 x the minimum budget the stacking room holds one expert (widened to float32 on MLX's CPU build,
     dequantised from 8-bit on torch), so each token's experts are stacked one at a time: the process still
     holds no more than the budget, the KV cache and the activations."""
     prompt = prompt_length(backend, shards)
-    got = probe(shard_sets[shards], backend, fraction=0.01, dtype=dtype, prompt=prompt)
+    got = probes[backend, shards, dtype, 0.01].result()
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
     assert got["tokens"] == prompt + 4 and got["budget"] <= 1.2 * got["minimum_budget"] + 1
     assert got["expert_group_bytes"] < 2 * got["largest_expert_held"]  # a group of one expert, not two
     assert got["plan_total"] <= got["budget"]
     assert got["peak"] <= bound, (got["peak"] / bound, got)
     assert got["rss_peak"] <= bound, (got["rss_peak"] / bound, got)
+
+
+# the cases' tests and the fraction of the model their budget is
+FRACTIONS = {test_peak_memory_stays_within_budget_kv_and_activations.__name__: 0.3,
+             test_moe_near_the_minimum_budget_stacks_one_expert_at_a_time_within_it.__name__: 0.01}
 
 
 def test_prefill_in_chunks_gives_the_same_logits_and_reads_the_model_once(tmp_path):
