@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from mlx_lm import convert
 
 import airmlx
 
-from tiny import make_checkpoint
+from tiny import make_checkpoint, selected_params, started_ahead
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 # stages of ~12 MB (bf16) so the budget, not the interpreter, dominates what is measured
@@ -85,25 +84,15 @@ def probe(shards, backend, fraction=0.3, dtype=None, prompt=48):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-PROBES_AT_ONCE = 2  # each probe is a process of its own (what one holds is not another's); they share only time
-
-
 @pytest.fixture(scope="module")
 def probes(shard_sets, request):
-    """{(backend, shards, dtype, fraction): the probe's result, a future}: every probe this run's selected cases
-    ask for, started when the first of them runs, PROBES_AT_ONCE at a time (most of a probe is importing the
-    frameworks, on one core)."""
-    here, wanted = Path(__file__), []
-    for item in request.session.items:
-        if item.path == here and getattr(item, "originalname", None) in FRACTIONS:
-            params = item.callspec.params
-            wanted.append((params["backend"], params["shards"], params["dtype"], FRACTIONS[item.originalname]))
-    with ThreadPoolExecutor(PROBES_AT_ONCE) as pool:
-        futures = {key: pool.submit(probe, shard_sets[key[1]], key[0], fraction=key[3], dtype=key[2],
-                                    prompt=prompt_length(key[0], key[1])) for key in dict.fromkeys(wanted)}
-        yield futures
-        for future in futures.values():
-            future.cancel()
+    """{(backend, shards, dtype, fraction): a future of the probe's result} for every probe this run's selected
+    cases ask for, started ahead (most of a probe is importing the frameworks, on one core)."""
+    keys = [(p["backend"], p["shards"], p["dtype"], FRACTIONS[name]) for name in FRACTIONS
+            for p in selected_params(request, __file__, (name,))]
+    with started_ahead(keys, lambda backend, shards, dtype, fraction: probe(
+            shard_sets[shards], backend, fraction=fraction, dtype=dtype, prompt=prompt_length(backend, shards))) as got:
+        yield got
 
 
 CASES = [("torch", "bf16", None), ("torch", "fp16", None), ("torch", "8bit", None), ("torch", "4bit", None),

@@ -150,43 +150,58 @@ def change_file(path, how, other):
         path.unlink()
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
-@pytest.mark.parametrize("how", CHANGES)
-def test_a_stage_file_changed_under_a_running_model_is_a_clear_error(tmp_path, backend, how):
-    """Audit bug 10: a truncated stage killed a torch-CPU process (SIGBUS), a shorter one raised a raw
-    ValueError, a replaced one silently mixed weights. Now: CorruptShardError naming the file, every time, in
-    a process that survives (run apart, so a SIGBUS would show as a signal)."""
-    import shutil
-    import subprocess
-    import sys
-
-    import airmlx
-
-    from tiny import make_checkpoint
-    make_checkpoint(tmp_path / "src", "llama")
-    make_checkpoint(tmp_path / "other", "llama", seed=7)
-    shards = airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False)
-    other = airmlx.shard_checkpoint(tmp_path / "other", tmp_path / "other-shards", progress=False)
-    script = f"""
-import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+CHANGED = """
+import sys; sys.path.insert(0, {tests!r})
 from pathlib import Path
 import airmlx
 from test_store import change_file
-m = airmlx.AutoModel.from_pretrained({str(shards)!r}, backend={backend!r}, memory_budget="300KB")
+m = airmlx.AutoModel.from_pretrained({shards!r}, backend={backend!r}, memory_budget="300KB")
 first = m.generate([4, 5, 6], max_new_tokens=4)
-change_file(Path({str(shards)!r}) / "layer.001.safetensors", {how!r}, Path({str(other)!r}) / "layer.001.safetensors")
+change_file(Path({shards!r}) / "layer.001.safetensors", {how!r}, Path({other!r}) / "layer.001.safetensors")
 try:
     again = m.generate([4, 5, 6], max_new_tokens=4)
     print("RESULT", "same" if again == first else "DIFFERENT")
 except airmlx.AirmlxError as e:
     print("RESULT", type(e).__name__, e)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def changed_under_a_model(tmp_path_factory, request):
+    """{(backend, how): a future of the finished process} for this run's selected cases of the test below: each
+    process runs a model, changes one of its stage files, and runs it again, started ahead."""
+    import subprocess
+
+    import airmlx
+
+    from tiny import make_checkpoint, selected_params, started_ahead
+    root = tmp_path_factory.mktemp("changed")
+    make_checkpoint(root / "src", "llama")
+    make_checkpoint(root / "other", "llama", seed=7)
+    other = airmlx.shard_checkpoint(root / "other", root / "other-shards", progress=False)
+    keys = [(p["backend"], p["how"]) for p in selected_params(
+        request, __file__, ("test_a_stage_file_changed_under_a_running_model_is_a_clear_error",))]
+    folders = {key: airmlx.shard_checkpoint(root / "src", root / "-".join(key), progress=False) for key in keys}
+
+    def run(backend, how):
+        script = CHANGED.format(tests=str(Path(__file__).parent), shards=str(folders[backend, how]), backend=backend,
+                                how=how, other=str(other))
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    with started_ahead(keys, run) as done:
+        yield done
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("how", CHANGES)
+def test_a_stage_file_changed_under_a_running_model_is_a_clear_error(changed_under_a_model, backend, how):
+    """Audit bug 10: a truncated stage killed a torch-CPU process (SIGBUS), a shorter one raised a raw
+    ValueError, a replaced one silently mixed weights. Now: CorruptShardError naming the file, every time, in
+    a process that survives (run apart, so a SIGBUS would show as a signal)."""
+    done = changed_under_a_model[backend, how].result()
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     result = done.stdout.strip().splitlines()[-1]
     assert result.startswith("RESULT CorruptShardError stage layer.001") and "layer.001.safetensors" in result, result
     assert "python -m airmlx.shard --repair" in result or "reload the model" in result
-    shutil.rmtree(tmp_path / "shards")
 
 
 def test_populating_a_mapping_leaves_the_compute_thread_running(tmp_path, store, monkeypatch):

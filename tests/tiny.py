@@ -1,5 +1,9 @@
 """What the tests share: tiny random-weight checkpoints (built with transformers' and mlx-lm's own classes),
-the reference comparisons, and a Ctrl-C injected mid-sweep."""
+the reference comparisons, a Ctrl-C injected mid-sweep, and processes of selected cases started ahead."""
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
@@ -370,3 +374,27 @@ def make_chat_checkpoint(folder, arch="llama", **overrides):
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **overrides)
     tok.save_pretrained(folder)
     return folder
+
+
+AT_ONCE = 2  # processes of test cases run at once: most of each is importing the frameworks, on one core
+
+
+def selected_params(request, test_file: str, tests: tuple) -> list:
+    """The parameters (callspec.params) of this run's selected cases of `tests` (function names) in `test_file`."""
+    here = Path(test_file)
+    return [item.callspec.params for item in request.session.items
+            if item.path == here and getattr(item, "originalname", None) in tests]
+
+
+@contextmanager
+def started_ahead(keys, run):
+    """{key: a future of run(*key)} for each key, AT_ONCE running at a time (run starts a process of its own, so
+    what one holds is not another's: they share only time); those not started are cancelled on leaving. Work that
+    must run on the main thread (seeded checkpoints) is done before."""
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        futures = {key: pool.submit(run, *key) for key in dict.fromkeys(keys)}
+        try:
+            yield futures
+        finally:
+            for future in futures.values():
+                future.cancel()
