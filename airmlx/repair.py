@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, CorruptShardError
 from .manifest import Manifest
-from .sharder import fingerprint, load_config, reusable, shard_checkpoint, weight_files
+from .sharder import checkpoint_fingerprint, reusable, shard_checkpoint, weight_files
 
 
 def repair_stages(folder, progress=True):
@@ -26,7 +26,7 @@ def repair_stages(folder, progress=True):
         else:
             # allow_pickle: the fingerprint must match, so only files the user already opted in to convert are read
             files = weight_files(src, allow_pickle=True) if src else []
-            same = bool(files) and fingerprint(files, load_config(src), qconfig) == manifest.source
+            same = bool(files) and checkpoint_fingerprint(Path(src), files, qconfig) == manifest.source
     except (CheckpointError, OSError):
         same = False
     if not same:

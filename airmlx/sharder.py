@@ -203,14 +203,32 @@ def source_tensors(files):
     return tensors, formats
 
 
-def fingerprint(files, config, quantization=None):
-    """What the shard folder was made from; any change means the folder is rebuilt."""
+SPLIT_STACKED = "stacked experts"  # in the fingerprint of a checkpoint mlx-lm wrote whose experts the sharder splits
+
+
+def fingerprint(files, config, quantization=None, written_by=None):
+    """What the shard folder was made from; any change means the folder is rebuilt. A MoE checkpoint mlx-lm wrote
+    is marked as one whose stacked experts are split (airmlx before 2026-12-03 kept them whole in their layers),
+    so a folder made then is rebuilt; no other folder's fingerprint changes."""
+    arch = ARCHS.get(config.get("model_type"))
+    split = written_by == "mlx-lm" and arch is not None and arch.experts is not None
     return {
         "files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
         # an image-text checkpoint's: of its config.json, not of the language model's config transformers derives
         "config_sha256": config.get(SOURCE_CONFIG) or hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
         "quantization": quantization,
+        **({"relayout": SPLIT_STACKED} if split else {}),
     }
+
+
+def checkpoint_fingerprint(src: Path, files: list, qconfig=None) -> dict:
+    """The fingerprint shard_checkpoint gives a folder it makes from the checkpoint's weight `files` (repair
+    compares it): of the config as the sharder derives it from the checked tensors (pickled files: as stored)."""
+    config, written_by = load_config(src), None
+    if files[0].suffix != ".bin":
+        sources, written_by = checked_sources(files, config, src)
+        config = shard_config(config, sources)
+    return fingerprint(files, config, qconfig, written_by)
 
 
 def expert_items(arch, tensor_names, sources, qconfig=None):
@@ -390,6 +408,8 @@ def resume_state(job, verify):
                               f"of its own (or delete {job.out} first).")
         same_files = {**existing.source, "quantization": None} == {**job.fingerprint, "quantization": None}
         why = "with another compression" if same_files else "from a different checkpoint"
+        if {**existing.source, "relayout": SPLIT_STACKED} == job.fingerprint:
+            why = "by an earlier airmlx, which kept mlx-lm's stacked experts inside their layers"
         print(f"airmlx: {job.out} was made {why}; rebuilding it.", file=sys.stderr)
     if existing is not None:
         (job.out / MANIFEST_NAME).unlink()
@@ -513,7 +533,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
         job.sources, job.written_by = checked_sources(originals, config, src)
         config = job.config = shard_config(config, job.sources)
         made = not verify and hosts == 1 and pipeline_split is None and \
-            finished_folder(out, fingerprint(originals, config, qconfig))
+            finished_folder(out, fingerprint(originals, config, qconfig, job.written_by))
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
             finish_delete(src, out, originals, made, delete_original)
             return out
@@ -527,7 +547,7 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             job.sources, job.written_by = checked_sources(files, config, src)
             config = job.config = shard_config(config, job.sources)
             sizes = share_stages(job, hosts, rank, pipeline_split)
-        job.fingerprint = fingerprint(originals, config, qconfig)
+        job.fingerprint = fingerprint(originals, config, qconfig, job.written_by)
         job.done, manifest = resume_state(job, verify)
         if manifest is None and qconfig and qconfig.get("method"):
             job.done = {}  # each stage's calibration needs the ones before it: an interrupted run starts over

@@ -207,3 +207,16 @@ def test_the_hub_check_lets_fp8_blocks_through_and_refuses_other_formats():
     for config in ({}, {"quantization_config": {"quant_method": "compressed-tensors"}}):
         with pytest.raises(CheckpointError, match="airmlx does not read"):
             refuse_foreign_quantization(config, names, "org/other")
+
+
+def test_a_damaged_stage_of_an_fp8_folder_is_repaired_from_the_checkpoint(llama_fp8, tmp_path):
+    """Regression: `--repair` compared the folder's fingerprint with one of config.json as stored, while the
+    sharder fingerprints the config it derives (here without the fp8 quantization_config it dequantised), so it
+    said the checkpoint had changed and could not rebuild the stage."""
+    from airmlx.repair import repair_stages
+    root, _ = llama_fp8
+    shards = airmlx.shard_checkpoint(root / "fp8", tmp_path / "shards", progress=False)
+    before = (shards / "layer.001.safetensors").read_bytes()
+    (shards / "layer.001.safetensors").write_bytes(before[:-16] + b"\xff" * 16)
+    assert repair_stages(shards, progress=False) == ["layer.001"]
+    assert (shards / "layer.001.safetensors").read_bytes() == before

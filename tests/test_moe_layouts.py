@@ -85,3 +85,28 @@ def test_stacked_experts_of_families_mlx_lm_renames_further_run_on_mlx(checkpoin
                                               "Hugging Face checkpoint"):
         with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model:
             model.generate(PROMPT, max_new_tokens=1)
+
+
+def test_a_folder_made_before_the_split_is_rebuilt_and_a_damaged_stage_repaired(checkpoints, tmp_path, capsys):
+    """Regression (stop 44's note): a shard folder an earlier airmlx made from such a checkpoint kept the experts
+    inside their layers, and was reused as long as the checkpoint was unchanged (torch then refused it). Now its
+    fingerprint lacks the split's mark, so it is rebuilt, saying why. And `--repair` compares the fingerprint the
+    sharder gives (of the config it derives), so a damaged stage of such a folder is rebuilt from the checkpoint."""
+    from airmlx.repair import repair_stages
+    src = mlx_community(checkpoints, tmp_path, "mixtral", True)
+    shards = airmlx.shard_checkpoint(src, tmp_path / "shards", progress=False)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["source"].pop("relayout") == "stacked experts"  # as an earlier airmlx fingerprinted it
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    airmlx.shard_checkpoint(src, shards, progress=False)
+    assert "by an earlier airmlx, which kept mlx-lm's stacked experts inside their layers; rebuilding it" in \
+        capsys.readouterr().err
+    assert json.loads((shards / "manifest.json").read_text())["source"]["relayout"] == "stacked experts"
+    experts = next(s for s in ShardStore(shards).manifest.stages if s.kind == "experts")
+    data = bytearray((shards / experts.file).read_bytes())
+    data[-16:] = b"\xff" * 16
+    (shards / experts.file).write_bytes(bytes(data))
+    assert repair_stages(shards, progress=False) == [experts.name]
+    with airmlx.AutoModel.from_pretrained(shards, backend="torch", memory_budget=minimum_budget(shards, "torch")) as m:
+        assert m.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0] == mlx_lm_greedy(src)
