@@ -35,6 +35,9 @@ class MLXArch:
     moe_layers_key: str = None  # a list of booleans mlx-lm reads: which layers are MoE (transformers' mlp_layer_types)
     pattern_letters: bool = False  # sliding_window_pattern as letters, "LLLG" (local, global), as EXAONE 4's configs have it
     rotary_dim: bool = False  # mlx-lm reads the rotated dimensions of a head as rotary_dim (from partial_rotary_factor)
+    # the tensor of a MoE block holding the routing bias mlx-lm's module leaves out (its sanitize drops it): the
+    # backend keeps it and routes with it, as transformers does (routing_bias)
+    routing_bias: str = None
 
 
 MLX_ARCHS = {
@@ -83,7 +86,7 @@ MLX_ARCHS = {
     "glm4_moe_lite": MLXArch("glm4_moe_lite", mask_array=True),
     "olmoe": MLXArch("olmoe"),
     "phimoe": MLXArch("phimoe"),
-    "ernie4_5_moe": MLXArch("ernie4_5_moe"),
+    "ernie4_5_moe": MLXArch("ernie4_5_moe", routing_bias="moe_statics.e_score_correction_bias"),
     "granitemoe": MLXArch("granitemoe"),
     "exaone_moe": MLXArch("exaone_moe", moe_layers_key="is_moe_layer", sanitize_numbered=True),
     "laguna": MLXArch("laguna"),
@@ -252,3 +255,33 @@ def untruncated_yarn(skeleton, config) -> None:
         rope = layer.self_attn.rope
         if hasattr(rope, "_freqs"):
             rope._freqs = freqs(rope.dims)
+
+
+class BiasedErnieMoE(nn.Module):
+    """ERNIE 4.5's MoE block as transformers runs it: the experts chosen by their softmax scores plus the routing
+    bias (moe_statics.e_score_correction_bias), weighted by the scores alone. mlx-lm's module leaves the bias out,
+    so with a trained checkpoint's bias it chose other experts. Given to mlx-lm's blocks by routing_bias."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scores = self.gate_act(self.gate(x).astype(mx.float32))
+        chosen = scores + self.moe_statics.e_score_correction_bias.reshape(-1).astype(mx.float32)
+        inds = mx.stop_gradient(mx.argpartition(-chosen, kth=self.k - 1, axis=-1)[..., :self.k])
+        weights = mx.take_along_axis(scores, inds, axis=-1)
+        weights = weights / mx.maximum(weights.sum(axis=-1, keepdims=True), self.norm_min)
+        y = self.switch_mlp(x, inds)
+        y = (y * weights[..., None]).sum(axis=-2).astype(y.dtype)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+
+def routing_bias(skeleton, config, path) -> None:
+    """Each MoE block (one with a switch_mlp) routes with a bias at `path` (MLXArch.routing_bias), zero until a
+    stage fills it (a checkpoint mlx-lm wrote has none: mlx-lm routes without it, and so do zeros)."""
+    for layer in skeleton.layers:
+        block = layer.mlp
+        if "switch_mlp" not in block:
+            continue
+        holder, name = path.rsplit(".", 1)
+        block[holder] = nn.Module()
+        block[holder][name] = mx.zeros((1, block.gate.weight.shape[0]), dtype=mx.float32)
+        block.norm_min = config.get("moe_norm_min", 1e-12)
+        block.__class__ = type("Biased" + type(block).__name__, (BiasedErnieMoE, type(block)), {})

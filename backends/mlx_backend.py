@@ -25,7 +25,7 @@ from airmlx.tensorfile import DTYPE_SIZES
 
 from . import mlx_adapters, mlx_batching, mlx_experts
 from .base import available_ram, check_complete, check_placement, check_positions, kept_tail, position_table, with_layer_types
-from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads, untruncated_yarn
+from .mlx_archs import MLX_ARCHS, MLX_LIMITS, mlx_args, rotate_part_of_heads, routing_bias, untruncated_yarn
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 RAW_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float64, "U32": mx.uint32,
@@ -100,6 +100,10 @@ class MLXBackend:
         if self.mlx_arch.partial_rotary:
             rotate_part_of_heads(self.skeleton, config, self.mlx_arch.partial_rotary)
         untruncated_yarn(self.skeleton, config)
+        if self.mlx_arch.routing_bias:
+            routing_bias(self.skeleton, config, self.mlx_arch.routing_bias)
+        # a checkpoint mlx-lm wrote has no routing bias (its sanitize drops it): it routes with zeros, as mlx-lm
+        self.unbiased = self.mlx_arch.routing_bias if manifest.extra.get("written_by") == "mlx-lm" else None
         self.qconfig = config.get("quantization")
         if self.qconfig:  # quantised modules are those whose .scales the shards carry (mlx-lm's rule)
             names = {self.mlx_name(t) for s in manifest.stages for t in s.tensors}
@@ -211,11 +215,13 @@ class MLXBackend:
         Some sanitizers look for layer 0's keys only, so a layer stage goes through as layer 0."""
         if not (self.mlx_arch.sanitize and hasattr(self.skeleton, "sanitize")):
             return arrays
+        bias = self.mlx_arch.routing_bias  # kept past a sanitize that drops it
+        kept = {k: arrays.pop(k) for k in list(arrays) if bias and k.endswith("." + bias)}
         if layer is None or self.mlx_arch.sanitize_numbered:
-            return self.skeleton.sanitize(arrays)
+            return {**self.skeleton.sanitize(arrays), **kept}
         ours, zero = f"{self.paths.layers}.{layer}.", f"{self.paths.layers}.0."
         out = self.skeleton.sanitize({zero + k[len(ours):] if k.startswith(ours) else k: a for k, a in arrays.items()})
-        return {ours + k[len(zero):] if k.startswith(zero) else k: a for k, a in out.items()}
+        return {**{ours + k[len(zero):] if k.startswith(zero) else k: a for k, a in out.items()}, **kept}
 
     def load_stage(self, entry, tensors):
         layer = entry.layer
@@ -257,7 +263,8 @@ class MLXBackend:
             prefixes, experts = (f"{self.paths.norm}.",) + (() if tied else (f"{self.paths.head}.",)), None
         else:
             return []
-        return [n for n in self.placeholders if n.startswith(prefixes) and not (experts and n.startswith(experts))]
+        return [n for n in self.placeholders if n.startswith(prefixes) and not (experts and n.startswith(experts))
+                and not (self.unbiased and n.endswith("." + self.unbiased))]
 
     def free_stage(self, stage):
         self.skeleton.load_weights([(n, self.placeholders[n]) for n in stage.names], strict=False)

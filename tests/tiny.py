@@ -193,7 +193,8 @@ def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-        for name, b in model.named_buffers():  # DeepSeek-V3's routing bias, a buffer, starts at zero
+        # routing biases start at zero: DeepSeek-V3's (a buffer), ERNIE 4.5's (a parameter)
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
                 # positive: mlx-lm masks the groups not chosen with 0 where transformers uses -inf, which
                 # differ only when an expert's score plus its bias is below 0
