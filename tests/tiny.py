@@ -193,6 +193,9 @@ def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif p.numel() and not p.any() and not name.endswith("e_score_correction_bias"):
+                # biases start at zero (transformers' init): a backend that dropped or misplaced one would pass
+                p.add_(torch.randn_like(p) * 0.05)
         # routing biases start at zero: DeepSeek-V3's (a buffer), ERNIE 4.5's (a parameter)
         for name, b in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
