@@ -284,4 +284,9 @@ def routing_bias(skeleton, config, path) -> None:
         block[holder] = nn.Module()
         block[holder][name] = mx.zeros((1, block.gate.weight.shape[0]), dtype=mx.float32)
         block.norm_min = config.get("moe_norm_min", 1e-12)
-        block.__class__ = type("Biased" + type(block).__name__, (BiasedErnieMoE, type(block)), {})
+        block.__class__ = biased(type(block))
+
+
+@functools.cache
+def biased(block_class):
+    return type("Biased" + block_class.__name__, (BiasedErnieMoE, block_class), {})
