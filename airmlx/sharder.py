@@ -226,8 +226,7 @@ def checkpoint_fingerprint(src: Path, files: list, qconfig=None) -> dict:
     compares it): of the config as the sharder derives it from the checked tensors (pickled files: as stored)."""
     config, written_by = load_config(src), None
     if files[0].suffix != ".bin":
-        sources, written_by = checked_sources(files, config, src)
-        config = shard_config(config, sources)
+        _, written_by, config = checked_sources(files, config, src)
     return fingerprint(files, config, qconfig, written_by)
 
 
@@ -308,7 +307,7 @@ def refuse_foreign_quantization(config: dict, dtypes: dict, src) -> None:
 
 def checked_sources(files, config: dict, src) -> tuple:
     """(source_tensors(files), once refuse_foreign_quantization has found none quantised in another format;
-    "mlx-lm" where mlx-lm wrote the files, else None)."""
+    "mlx-lm" where mlx-lm wrote the files, else None; the config the shard folder's manifest carries for them)."""
     sources, formats = source_tensors(files)
     if config.get(WRAPPED):  # an image-text checkpoint: its language model's tensors, named as that model's
         sources = {new: entry for name, entry in sources.items() if (new := language_model_tensor(name))}
@@ -325,7 +324,7 @@ def checked_sources(files, config: dict, src) -> tuple:
         sources = conv1d_as_linear(arch, sources)
     sources = dequantized_fp8(config, sources, src)
     refuse_foreign_quantization(config, {n: info.dtype for n, (_, _, info) in sources.items()}, src)
-    return sources, "mlx-lm" if "mlx" in formats else None
+    return sources, "mlx-lm" if "mlx" in formats else None, shard_config(config, sources)
 
 
 def untied_where_stored_apart(config: dict, sources: dict) -> dict:
@@ -530,8 +529,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
     job = Job(src, out, config, qconfig, originals)
     pickled = originals[0].suffix == ".bin"
     if not pickled:  # before the shard folder is made: a refused checkpoint leaves nothing behind
-        job.sources, job.written_by = checked_sources(originals, config, src)
-        config = job.config = shard_config(config, job.sources)
+        job.sources, job.written_by, config = checked_sources(originals, config, src)
+        job.config = config
         made = not verify and hosts == 1 and pipeline_split is None and \
             finished_folder(out, fingerprint(originals, config, qconfig, job.written_by))
         if made:  # nothing written, no lock taken: a shard folder on a read-only disk opens
@@ -544,8 +543,8 @@ def shard_checkpoint(src: "str | Path", out: "str | Path", *, delete_original: b
             from .legacy import convert_pickle_checkpoint
             files = convert_pickle_checkpoint(originals, out / LEGACY_DIR)
             cleanup.callback(shutil.rmtree, out / LEGACY_DIR, True)
-            job.sources, job.written_by = checked_sources(files, config, src)
-            config = job.config = shard_config(config, job.sources)
+            job.sources, job.written_by, config = checked_sources(files, config, src)
+            job.config = config
             sizes = share_stages(job, hosts, rank, pipeline_split)
         job.fingerprint = fingerprint(originals, config, qconfig, job.written_by)
         job.done, manifest = resume_state(job, verify)

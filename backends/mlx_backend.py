@@ -216,7 +216,7 @@ class MLXBackend:
         if not (self.mlx_arch.sanitize and hasattr(self.skeleton, "sanitize")):
             return arrays
         bias = self.mlx_arch.routing_bias  # kept past a sanitize that drops it
-        kept = {k: arrays.pop(k) for k in list(arrays) if bias and k.endswith("." + bias)}
+        kept = {k: arrays.pop(k) for k in list(arrays) if k.endswith("." + bias)} if bias else {}
         if layer is None or self.mlx_arch.sanitize_numbered:
             return {**self.skeleton.sanitize(arrays), **kept}
         ours, zero = f"{self.paths.layers}.{layer}.", f"{self.paths.layers}.0."

@@ -44,9 +44,14 @@ def dequantize_weight(wq, scales, biases, group_size, bits, mode="affine", dtype
     out = torch.empty(wq.shape[0], cols, dtype=dtype or scales.dtype, device=wq.device)
     rows = max(1, block_elements(bits, DEQUANT_ELEMENTS) // cols)
     for r in range(0, wq.shape[0], rows):
-        dequantize_rows(wq[r:r + rows], scales[r:r + rows], None if biases is None else biases[r:r + rows],
-                        group_size, bits, out[r:r + rows], mode)
+        dequantize_rows(wq[r:r + rows], scales[r:r + rows], row_slice(biases, r, rows), group_size, bits,
+                        out[r:r + rows], mode)
     return out.reshape(*lead, cols)
+
+
+def row_slice(t, first, count):
+    """Rows first .. first + count of t; None for a float mode's absent biases."""
+    return None if t is None else t[first:first + count]
 
 
 def block_elements(bits, elements):
@@ -184,7 +189,7 @@ def install_int4(module, packed, stacked, group_size):
 def quantized_embedding(module, wq, scales, biases, group_size, bits, mode, dtype, ids):
     rows = ids.reshape(-1)
     out = dequantize_weight(wq[rows], scales[rows], None if biases is None else biases[rows], group_size, bits,
-                            mode, dtype).reshape(*ids.shape, -1)
+                            mode, dtype).reshape(*ids.shape, -1)  # biases None: a float mode
     scale = getattr(module, "embed_scale", None)  # Gemma's scaled embeddings multiply in their own forward
     return out if scale is None else out * scale.to(out.dtype)
 
@@ -201,8 +206,8 @@ def quantized_linear(module, wq, scales, biases, group_size, bits, mode, dtype, 
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     block = torch.empty(min(rows, n), cols, dtype=dtype, device=x.device)  # one block, refilled
     for r in range(0, n, rows):
-        w = dequantize_rows(wq[r:r + rows], scales[r:r + rows], None if biases is None else biases[r:r + rows],
-                            group_size, bits, block[:min(rows, n - r)], mode)
+        w = dequantize_rows(wq[r:r + rows], scales[r:r + rows], row_slice(biases, r, rows), group_size, bits,
+                            block[:min(rows, n - r)], mode)
         y[..., r:r + w.shape[0]] = torch.nn.functional.linear(x, w)  # F.linear: a wide batch's WideLinears applies
     return y + module.bias if module.bias is not None else y
 
