@@ -110,6 +110,8 @@ def test_peak_memory_stays_within_budget_kv_and_activations(probes, backend, sha
     prompt = prompt_length(backend, shards)
     got = probes[backend, shards, dtype, 0.3].result()
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
+    print(f"{backend} {shards}: budget {got['budget']:,} held model {got['held_model']:,} rss_peak {got['rss_peak']:,} "
+          f"bound {bound:,} rss/bound {got['rss_peak'] / bound:.2f}")  # pytest -s shows the figures
     assert got["tokens"] == prompt + 4 and got["steps"] >= 4
     assert got["budget"] < 0.6 * got["held_model"]  # most of the model streams (stages or routed experts)
     assert got["plan_total"] <= got["budget"]
