@@ -58,6 +58,9 @@ class TorchArch:
     # the module's forward skips index num_experts (the others' slots are renumbered to it); else each expert's
     # tokens alone are given to it (gpt-oss's one-hot has no such class)
     experts_sentinel: bool = True
+    # parameters of a decoder layer (transformers' paths in memory) that mlx-lm's sanitize drops, so a checkpoint
+    # mlx-lm wrote lacks them: zeros, as mlx-lm computes without them (ERNIE 4.5's routing bias)
+    mlx_dropped: tuple = ()
 
 
 TORCH_ARCHS = {
@@ -70,7 +73,8 @@ TORCH_ARCHS = {
     "gpt_bigcode": TorchArch(), "gpt2": TorchArch(), "gptj": TorchArch(),
     "mixtral": TorchArch(), "qwen2_moe": TorchArch(), "qwen3_moe": TorchArch(), "deepseek_v2": TorchArch(),
     "deepseek_v3": TorchArch(), "glm4_moe": TorchArch(), "glm4_moe_lite": TorchArch(), "olmoe": TorchArch(),
-    "phimoe": TorchArch(), "ernie4_5_moe": TorchArch(), "exaone_moe": TorchArch(),
+    "phimoe": TorchArch(), "exaone_moe": TorchArch(),
+    "ernie4_5_moe": TorchArch(mlx_dropped=("mlp.gate.moe_statics.e_score_correction_bias",)),
     "laguna": TorchArch(), "dots1": TorchArch(), "mellum": TorchArch(),
     "granitemoe": TorchArch(experts="block_sparse_moe.experts"),
     "gpt_oss": TorchArch(attention="eager", experts_in_out=True, experts_sentinel=False),  # no sdpa with sinks
@@ -425,6 +429,8 @@ class TorchBackend:
             set_parameter(module, pname, torch.nn.Parameter(tensor, requires_grad=False))
             params[path] = (module, pname, placeholder)
             nbytes += self._made(tensor, raw_ranges)
+        if self.mlx_written and entry.kind == "layer":
+            nbytes += self._zeros_for_dropped(entry, params)
         if entry.name not in self._complete:
             check_complete(entry, [], self._unfilled(entry, overrides), f"transformers' {type(self.skeleton).__name__}",
                            *self.mlx_written)
@@ -441,6 +447,21 @@ class TorchBackend:
             self._bound[entry.name] = (layer, tuple((name, raw[name].dtype == "BF16", params[path], path)
                                                     for name, path in renamed.items()), {})
         return TorchStage(entry.kind, params, nbytes, layer, index, overrides)
+
+    def _zeros_for_dropped(self, entry, params) -> int:
+        """Zeros for the parameters of a layer mlx-lm dropped (TorchArch.mlx_dropped) that its checkpoint lacked;
+        their bytes."""
+        made = 0
+        for name in self.torch_arch.mlx_dropped:
+            path = f"{self.arch.layers}.{entry.layer}.{name}"
+            module, pname, placeholder = self._slot(path)
+            if placeholder is None or path in params:  # a dense layer, or the checkpoint had it
+                continue
+            zeros = torch.zeros(placeholder.shape, dtype=torch.float32, device=self.device)
+            set_parameter(module, pname, torch.nn.Parameter(zeros, requires_grad=False))
+            params[path] = (module, pname, placeholder)
+            made += zeros.numel() * zeros.element_size()
+        return made
 
     def _unfilled(self, entry, overrides) -> list:
         """The parameters of the modules a stage fills left on meta by its load: a tensor the checkpoint lacks

@@ -16,12 +16,12 @@ from tiny import ARCH_CONFIGS, BACKENDS, NEW_TOKENS, PROMPT, minimum_budget, mlx
 FOUR_BITS = {"group_size": 32, "bits": 4}
 # families whose mlx-lm checkpoints hold only what transformers' modules name (once the experts are split)
 BOTH = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "minimax_m2", "granitemoe", "exaone_moe", "dots1",
-        "mellum", "deepseek_v2", "glm4_moe"]
+        "mellum", "deepseek_v2", "glm4_moe", "ernie4_5_moe"]  # ERNIE: without its routing bias (torch: zeros)
 # families mlx-lm renames or re-lays further (DeepSeek-V3's latent attention split into embed_q / unembed_out,
-# Laguna's router, ERNIE's routing bias): MLX runs them, torch says what to do
+# Laguna's router): MLX runs them, torch says what to do
 # (gpt-oss: mlx_lm.convert reads only the released mxfp4 layout, not the one transformers 5 saves; its mlx-lm
 # checkpoint is tested from that in tests/test_mxfp4.py)
-MLX_ONLY = ["deepseek_v3", "glm4_moe_lite", "laguna", "ernie4_5_moe"]
+MLX_ONLY = ["deepseek_v3", "glm4_moe_lite", "laguna"]
 
 
 def mlx_community(checkpoints, tmp_path, arch, quantize):
