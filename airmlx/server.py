@@ -246,7 +246,10 @@ def make_server(app, engine: Engine, host: str, port: int, log_level: str = "inf
     import uvicorn
 
     class Server(uvicorn.Server):
+        exit_signal = None  # the first signal that stopped it
+
         def handle_exit(self, sig, frame):
+            self.exit_signal = self.exit_signal or sig
             # not here: engine.stop() takes the engine's lock, which this (signal-handling) thread may hold
             threading.Thread(target=engine.stop, name="airmlx-stop", daemon=True).start()
             super().handle_exit(sig, frame)
@@ -349,12 +352,15 @@ def main(argv=None) -> int:
         app = build_app(engine, [name], api_key=args.api_key, default_max_tokens=args.max_tokens)
         log.info("serving %s on http://%s:%d/v1 | KV allowance %s | %s", name, args.host, args.port,
                  format_bytes(engine.kv_allowance), model.plan)
+        server = make_server(app, engine, args.host, args.port, args.log_level)
         try:
-            make_server(app, engine, args.host, args.port, args.log_level).run(sockets=[sock])
+            server.run(sockets=[sock])
         finally:
             engine.stop()
             engine.join(60)
-    return 0
+    # uvicorn raises the signal again once shut down, which ends here as 130 or 143; but a server started with
+    # SIGINT ignored (a shell's background job) gets it back ignored, and would end with 0
+    return 128 + server.exit_signal if server.exit_signal else 0
 
 
 if __name__ == "__main__":

@@ -602,13 +602,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig, backend", [(signal.SIGINT, "mlx"), (signal.SIGTERM, "torch")])
-def test_a_signal_ends_running_streams_with_an_error_and_the_server_exits(shards, sig, backend):
+def ignoring_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, backend, started_ignoring", [(signal.SIGINT, "mlx", False), (signal.SIGTERM, "torch", False),
+                                                            (signal.SIGINT, "torch", True)],
+                         ids=["sigint-mlx", "sigterm-torch", "sigint-background-torch"])
+def test_a_signal_ends_running_streams_with_an_error_and_the_server_exits(shards, sig, backend, started_ignoring):
+    """started_ignoring: regression, a server started as a shell's background job (SIGINT ignored, inherited)
+    stopped on SIGINT but exited with 0; uvicorn restored the ignored handler before raising the signal again."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "airmlx.server", "--model", str(shards), "--backend", backend,
                              "--memory-budget", "420KB", "--port", str(port), "--log-level", "info"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=ignoring_sigint if started_ignoring else None)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -633,7 +642,7 @@ def test_a_signal_ends_running_streams_with_an_error_and_the_server_exits(shards
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == (130 if sig == signal.SIGINT else 143)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), out[-2000:]
     assert "Traceback" not in out and secret not in out  # prompts are never logged unless asked
 
 
