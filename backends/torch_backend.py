@@ -270,6 +270,7 @@ class TorchBackend:
         self._live = self._peak_live = self._peak = 0  # bytes of tensors made here (not views of buffers)
         self.window = config.get("sliding_window")
         self._renames, self._slots = {}, {}  # per stage: checkpoint name -> parameter path; path -> its slot
+        self._held_dtypes = {}  # checkpoint name -> the dtype its parameter is held in (held_dtype)
         # per stage loaded as views under plain renames: (layer, ((name, bf16, slot, path), ...),
         # {name: (weakref to the raw tensor viewed last, its parameter while the store keeps that view)})
         self._bound = {}
@@ -301,8 +302,8 @@ class TorchBackend:
                 made += held
                 temporaries = max(temporaries, transient)
                 prepared += info.nbytes if torch_quant.packable_weight(self, entry, name.rpartition(".")[0]) else 0
-            elif info.dtype in STORED and (STORED[info.dtype] != self.dtype or self.device.type == "cuda"):
-                made += math.prod(info.shape) * self.dtype.itemsize
+            elif info.dtype in STORED and (STORED[info.dtype] != self.held_dtype(name) or self.device.type == "cuda"):
+                made += math.prod(info.shape) * self.held_dtype(name).itemsize
             elif self.device.type == "cuda" or not self.zero_copy or entry.kind == "experts" and self.expert_copies:
                 made += info.nbytes
             else:
@@ -375,13 +376,25 @@ class TorchBackend:
     def from_raw(self, raw):
         return self._typed(raw, torch.from_numpy(raw.data))  # read-only mappings too: see the warning filter
 
-    def _typed(self, raw, t):
-        """from_raw, given the raw tensor's bytes as a torch tensor."""
+    def _typed(self, raw, t, dtype=None):
+        """from_raw, given the raw tensor's bytes as a torch tensor; dtype: a float tensor's, if not the model's."""
         if raw.dtype == "BF16":
             t = t.view(torch.bfloat16)
-        if t.is_floating_point() and t.dtype != self.dtype:
-            t = t.to(self.dtype)
+        if t.is_floating_point() and t.dtype != (dtype or self.dtype):
+            t = t.to(dtype or self.dtype)
         return t.to(self.device)
+
+    def held_dtype(self, name):
+        """The float dtype a checkpoint tensor is held in: the model's, or another where transformers' module keeps
+        that parameter so (float32 routers and routing biases in bf16 or fp16 models, _keep_in_fp32_modules_strict:
+        DeepSeek-V2/V3, GLM-4.5, dots.llm1, ERNIE 4.5, K-EXAONE), as transformers loads it."""
+        dtype = self._held_dtypes.get(name)
+        if dtype is None:
+            target, pattern = rename_source_key(name, self.renamings, self.converter_list)
+            placeholder = self._slot(target)[2] if pattern is None else None
+            dtype = placeholder.dtype if placeholder is not None and placeholder.is_floating_point() else self.dtype
+            self._held_dtypes[name] = dtype
+        return dtype
 
     def _kept(self, tensor, raw_ranges, keep=False):
         """A tensor the loaded stage keeps: its own copy when it still views a read buffer that goes back to
@@ -413,7 +426,7 @@ class TorchBackend:
         # the read buffer's address ranges: tensors still viewing them are its, not this backend's
         raw_ranges = merged_ranges([(t.data_ptr(), t.data_ptr() + t.nbytes) for name, t in tensors.items()
                                     if raw[name].dtype != "INT4PACK"])
-        tensors = {name: self._typed(raw[name], t) for name, t in tensors.items()}
+        tensors = {name: self._typed(raw[name], t, self.held_dtype(name)) for name, t in tensors.items()}
         source = None
         if entry.kind == "head":  # a tied head reads the embedding: its tensors take the head's names
             source = {torch_quant.stage_name(self, entry, n): n for n in tensors}

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import load_file
 
 import airmlx
@@ -168,6 +169,34 @@ def test_bf16_experts_laid_out_compute_exactly_as_converted(checkpoints, tmp_pat
             views = sum(len({t.untyped_storage().data_ptr() for t in params.values()}) == 1 for params, _ in cached)
             assert (views == len(cached) > 0) if learn else views == 0
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+# transformers keeps these families' routers and routing biases in float32 in a bf16 or fp16 model
+# (_keep_in_fp32_modules_strict), and a bf16 checkpoint it saves stores them so
+FLOAT32_ROUTERS = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "ernie4_5_moe", "exaone_moe"]
+
+
+@pytest.mark.parametrize("arch", FLOAT32_ROUTERS)
+def test_torch_holds_float32_routers_of_a_bf16_model_as_transformers_does(checkpoints, tmp_path, arch):
+    """Regression: torch held every float tensor in the model's dtype, so a bf16 model's float32 routing bias
+    (and router) were rounded to bf16, where transformers keeps them in float32: near a tie it chose other
+    experts, and a bf16 GLM-4.5 parted from transformers' greedy tokens at the 6th. Every parameter and buffer
+    a step holds is now transformers' own, dtype and value."""
+    folder, _ = checkpoints(arch)
+    transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    theirs = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    assert any(t.dtype == torch.float32 for t in theirs.values())
+    seq = np.array(PROMPT)
+    with airmlx.AutoModel.from_pretrained(tmp_path / "bf16", backend="torch",
+                                          layer_shards_saving_path=tmp_path / "shards") as model:
+        model.step(seq, np.ones_like(seq), model.new_cache(1, [0]))  # every stage resident, held as loaded
+        skeleton = model.backend.skeleton
+        mine = {**dict(skeleton.named_parameters()), **dict(skeleton.named_buffers())}
+        held = {n: t for n, t in mine.items() if not t.is_meta and n in theirs}
+        assert len(held) > len(theirs) / 2
+        assert {n: t.dtype for n, t in held.items()} == {n: theirs[n].dtype for n in held}
+        assert all(torch.equal(t, theirs[n]) for n, t in held.items())
 
 
 def test_a_layout_is_learnt_only_from_whole_distinguishable_tensors():
