@@ -390,9 +390,16 @@ class TorchBackend:
         DeepSeek-V2/V3, GLM-4.5, dots.llm1, ERNIE 4.5, K-EXAONE), as transformers loads it."""
         dtype = self._held_dtypes.get(name)
         if dtype is None:
+            dtype = self.dtype
             target, pattern = rename_source_key(name, self.renamings, self.converter_list)
-            placeholder = self._slot(target)[2] if pattern is None else None
-            dtype = placeholder.dtype if placeholder is not None and placeholder.is_floating_point() else self.dtype
+            if pattern is None:  # (not _slot: a stage may hold the parameter now, not its placeholder)
+                module_path, _, pname = target.rpartition(".")
+                try:
+                    current = getattr(self.skeleton.get_submodule(module_path), pname)
+                except AttributeError:
+                    current = None
+                if isinstance(current, torch.Tensor) and current.is_floating_point():
+                    dtype = current.dtype
             self._held_dtypes[name] = dtype
         return dtype
 
@@ -470,7 +477,7 @@ class TorchBackend:
             module, pname, placeholder = self._slot(path)
             if placeholder is None or path in params:  # a dense layer, or the checkpoint had it
                 continue
-            zeros = torch.zeros(placeholder.shape, dtype=torch.float32, device=self.device)
+            zeros = torch.zeros(placeholder.shape, dtype=placeholder.dtype, device=self.device)
             set_parameter(module, pname, torch.nn.Parameter(zeros, requires_grad=False))
             params[path] = (module, pname, placeholder)
             made += zeros.numel() * zeros.element_size()
