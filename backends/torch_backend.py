@@ -302,8 +302,9 @@ class TorchBackend:
                 made += held
                 temporaries = max(temporaries, transient)
                 prepared += info.nbytes if torch_quant.packable_weight(self, entry, name.rpartition(".")[0]) else 0
-            elif info.dtype in STORED and (STORED[info.dtype] != self.held_dtype(name) or self.device.type == "cuda"):
-                made += math.prod(info.shape) * self.held_dtype(name).itemsize
+            elif info.dtype in STORED and (STORED[info.dtype] != (held := self.held_dtype(name))
+                                           or self.device.type == "cuda"):
+                made += math.prod(info.shape) * held.itemsize
             elif self.device.type == "cuda" or not self.zero_copy or entry.kind == "experts" and self.expert_copies:
                 made += info.nbytes
             else:
