@@ -179,9 +179,8 @@ FLOAT32_ROUTERS = ["deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "d
 @pytest.mark.parametrize("arch", FLOAT32_ROUTERS)
 def test_torch_holds_float32_routers_of_a_bf16_model_as_transformers_does(checkpoints, tmp_path, arch):
     """Regression: torch held every float tensor in the model's dtype, so a bf16 model's float32 routing bias
-    (and router) were rounded to bf16, where transformers keeps them in float32: near a tie it chose other
-    experts, and a bf16 GLM-4.5 parted from transformers' greedy tokens at the 6th. Every parameter and buffer
-    a step holds is now transformers' own, dtype and value."""
+    (and router) were rounded to bf16, where transformers keeps them in float32, so near a tie it chose other
+    experts than transformers. Every parameter and buffer a step holds is now transformers' own, dtype and value."""
     folder, _ = checkpoints(arch)
     transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
