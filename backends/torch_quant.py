@@ -5,7 +5,8 @@ codes repacked from MLX's layout with a few numpy byte operations (no dequantise
 exists); an embedding dequantises only the rows a step looks up, and a head the kernel cannot run (a tied
 head's 8-bit embedding) a block of its rows at a time as it computes, so neither is ever held dequantised.
 Everything else is dequantised once per load: 8-bit codes straight from their bytes, other widths with shifts
-and masks (`dequantize_weight`); mlx-lm's float modes (mxfp4, nvfp4, mxfp8) through torch_float_quant.
+and masks (`dequantize_weight`; 3, 5 and 6 bits from the two bytes each code lies in); mlx-lm's float modes
+(mxfp4, nvfp4, mxfp8) through torch_float_quant.
 MLX computes `w = q * scale + bias`; the int4 kernel computes `(q - 8) * scale + (bias + 8 * scale)`, which
 agrees to the rounding of the compute dtype (exactly in float32 up to float32 rounding).
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from transformers.core_model_loading import rename_source_key
 
-from airmlx.quant import dequantize, module_mode, module_params
+from airmlx.quant import module_mode, module_params
 from airmlx.stage_copies import span
 
 from .base import check_placement
@@ -28,21 +29,21 @@ DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporarie
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
 HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes on a CPU (1 MB
 # in float32); on a GPU DEQUANT_ELEMENTS, where each block costs a few kernel launches
+# temporaries per weight of 3, 5 or 6 bits: the int32 codes, the second byte's int32 and a byte gathered, the rest
+# in place (straddling_codes; measured 9.2-9.3 bytes)
+STRADDLING_BYTES = 10
 INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
-NUMPY_ELEMENTS = 1 << 20  # weights of 3, 5 or 6 bits dequantised at once (airmlx.quant.dequantize, on the CPU)
-NUMPY_BYTES = 20  # its temporaries per weight, its result included (measured: 18-20 bytes)
 
 
 def dequantize_weight(wq, scales, biases, group_size, bits, mode="affine", dtype=None):
     """MLX's quantised layout (codes packed lowest bits first into uint32 words; per-group scale and bias, or
     a float mode's scale alone) back to weights in `dtype` (default: the scales'), with torch ops on the
-    weights' device, a block of rows at a time so the temporaries stay small. Widths that straddle words
-    (3, 5, 6 bits) go through the shared numpy quantiser, in smaller blocks."""
+    weights' device, a block of rows at a time so the temporaries stay small."""
     lead, cols = scales.shape[:-1], scales.shape[-1] * group_size
     wq, scales = wq.reshape(-1, wq.shape[-1]), scales.reshape(-1, scales.shape[-1])
     biases = None if biases is None else biases.reshape(-1, biases.shape[-1])
     out = torch.empty(wq.shape[0], cols, dtype=dtype or scales.dtype, device=wq.device)
-    rows = max(1, block_elements(bits, DEQUANT_ELEMENTS) // cols)
+    rows = max(1, DEQUANT_ELEMENTS // cols)
     for r in range(0, wq.shape[0], rows):
         dequantize_rows(wq[r:r + rows], scales[r:r + rows], row_slice(biases, r, rows), group_size, bits,
                         out[r:r + rows], mode)
@@ -54,17 +55,14 @@ def row_slice(t, first, count):
     return None if t is None else t[first:first + count]
 
 
-def block_elements(bits, elements):
-    """Weights dequantised at once: `elements`, or fewer where numpy does it (NUMPY_BYTES a weight)."""
-    return elements if 32 % bits == 0 else min(elements, NUMPY_ELEMENTS)
-
-
 def dequant_bytes(bits, itemsize, mode="affine"):
     """Temporaries per weight of a block dequantize_rows fills: the codes (bytes for 8-bit, int32 otherwise),
-    their float copy, the product and the sum; numpy's for widths that straddle words; a float mode's own."""
+    their float copy, the product and the sum; STRADDLING_BYTES for 3, 5 and 6 bits; a float mode's own."""
     if mode in FLOAT_MODES:
         return TEMPORARY_BYTES[bits]
-    return NUMPY_BYTES if 32 % bits else (1 if bits == 8 else 4) + 3 * itemsize
+    if 32 % bits:
+        return STRADDLING_BYTES
+    return (1 if bits == 8 else 4) + 3 * itemsize
 
 
 def dequantize_rows(wq, scales, biases, group_size, bits, out, mode="affine"):
@@ -72,14 +70,10 @@ def dequantize_rows(wq, scales, biases, group_size, bits, out, mode="affine"):
     makes no new memory of its size)."""
     if mode in FLOAT_MODES:
         return float_rows(wq, scales, group_size, bits, mode, out)
-    if 32 % bits:  # 3, 5, 6 bits: the shared numpy quantiser, bit-exact with mx.dequantize
-        as_np = lambda t: t.cpu().view(torch.int16).numpy().view("uint16") if t.dtype == torch.bfloat16 else t.cpu().numpy()
-        storage = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[scales.dtype]
-        w = torch.from_numpy(dequantize(wq.cpu().numpy(), as_np(scales), as_np(biases), group_size=group_size,
-                                        bits=bits, dtype=storage))
-        return out.copy_(w.view(torch.bfloat16) if storage == "bfloat16" else w)
     if bits == 8:  # a code per byte, in order: no shifting
         codes = wq.contiguous().view(torch.uint8)
+    elif 32 % bits:
+        codes = straddling_codes(wq, bits)
     else:
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=wq.device)
         codes = (wq.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
@@ -88,6 +82,23 @@ def dequantize_rows(wq, scales, biases, group_size, bits, out, mode="affine"):
     # the product, rounded, then the sum: as mx.dequantize rounds (a fused multiply-add would not)
     w.mul_(scales.unsqueeze(-1)).add_(biases.unsqueeze(-1))
     return out
+
+
+def straddling_codes(wq, bits):
+    """The codes of a width that does not divide 32 (3, 5, 6 bits), as int32: MLX packs each row as one
+    little-endian bit stream, so a code lies within two consecutive bytes, which repeat their pattern every
+    lcm(bits, 8) bits: gather the two bytes of every code, join them, shift and mask."""
+    chunk_bits = math.lcm(bits, 8)
+    per_chunk, chunk_bytes = chunk_bits // bits, chunk_bits // 8
+    raw = wq.contiguous().view(torch.uint8).reshape(wq.shape[0], -1, chunk_bytes)
+    first = [k * bits // 8 for k in range(per_chunk)]
+    codes = raw[..., first].to(torch.int32)
+    # a code within one byte takes the bits above it from the next (or the same) byte: masked off below
+    second = raw[..., [min(i + 1, chunk_bytes - 1) for i in first]].to(torch.int32)
+    codes |= second.bitwise_left_shift_(8)
+    del second
+    codes >>= torch.tensor([k * bits % 8 for k in range(per_chunk)], dtype=torch.int32, device=wq.device)
+    return codes.bitwise_and_((1 << bits) - 1)
 
 
 def repack_int4(wq, block=None):
@@ -202,7 +213,7 @@ def install_embedding(module, wq, scales, biases, group_size, bits, mode, dtype)
 def quantized_linear(module, wq, scales, biases, group_size, bits, mode, dtype, x):
     """x @ w.T (+ bias) for a weight kept quantised: a block of its rows dequantised at a time, never all of it."""
     n, cols = scales.shape[0], scales.shape[-1] * group_size
-    rows = max(1, block_elements(bits, head_block(x.device)) // cols)
+    rows = max(1, head_block(x.device) // cols)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     block = torch.empty(min(rows, n), cols, dtype=dtype, device=x.device)  # one block, refilled
     for r in range(0, n, rows):
@@ -243,9 +254,9 @@ def quantized_footprint(backend, entry, name, info, infos):
     if isinstance(module, torch.nn.Embedding):  # kept quantised: rows are dequantised as they are looked up
         return quantized_bytes, 0
     # dequantising a block of rows
-    block = min(rows * cols, block_elements(bits, DEQUANT_ELEMENTS))
+    block = min(rows * cols, DEQUANT_ELEMENTS)
     if stage_name(backend, entry, base) == backend.arch.head:  # kept quantised: dequantised a block per forward
-        block = min(rows * cols, block_elements(bits, head_block(backend.device)))  # and the block itself
+        block = min(rows * cols, head_block(backend.device))  # and the block itself
         return quantized_bytes, block * (dequant_bytes(bits, itemsize, mode) + itemsize)
     return rows * cols * itemsize, block * dequant_bytes(bits, itemsize, mode)
 
