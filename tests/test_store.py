@@ -155,21 +155,23 @@ import sys; sys.path.insert(0, {tests!r})
 from pathlib import Path
 import airmlx
 from test_store import change_file
-m = airmlx.AutoModel.from_pretrained({shards!r}, backend={backend!r}, memory_budget="300KB")
-first = m.generate([4, 5, 6], max_new_tokens=4)
-change_file(Path({shards!r}) / "layer.001.safetensors", {how!r}, Path({other!r}) / "layer.001.safetensors")
-try:
-    again = m.generate([4, 5, 6], max_new_tokens=4)
-    print("RESULT", "same" if again == first else "DIFFERENT")
-except airmlx.AirmlxError as e:
-    print("RESULT", type(e).__name__, e)
+for how, shards in {cases!r}:
+    with airmlx.AutoModel.from_pretrained(shards, backend={backend!r}, memory_budget="300KB") as m:
+        first = m.generate([4, 5, 6], max_new_tokens=4)
+        change_file(Path(shards) / "layer.001.safetensors", how, Path({other!r}) / "layer.001.safetensors")
+        try:
+            again = m.generate([4, 5, 6], max_new_tokens=4)
+            print("RESULT", how, "same" if again == first else "DIFFERENT", flush=True)
+        except airmlx.AirmlxError as e:
+            print("RESULT", how, type(e).__name__, e, flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def changed_under_a_model(tmp_path_factory, request):
-    """{(backend, how): a future of the finished process} for this run's selected cases of the test below: each
-    process runs a model, changes one of its stage files, and runs it again, started ahead."""
+    """{(backend,): a future of the finished process} for this run's selected cases of the test below: a process
+    per backend, started ahead, runs a model of its own for each case, changes one of its stage files, and runs
+    it again."""
     import subprocess
 
     import airmlx
@@ -179,15 +181,16 @@ def changed_under_a_model(tmp_path_factory, request):
     make_checkpoint(root / "src", "llama")
     make_checkpoint(root / "other", "llama", seed=7)
     other = airmlx.shard_checkpoint(root / "other", root / "other-shards", progress=False)
-    keys = [(p["backend"], p["how"]) for p in selected_params(
-        request, __file__, ("test_a_stage_file_changed_under_a_running_model_is_a_clear_error",))]
-    folders = {key: airmlx.shard_checkpoint(root / "src", root / "-".join(key), progress=False) for key in keys}
+    cases = {}
+    for p in selected_params(request, __file__, ("test_a_stage_file_changed_under_a_running_model_is_a_clear_error",)):
+        folder = airmlx.shard_checkpoint(root / "src", root / f"{p['backend']}-{p['how']}", progress=False)
+        cases.setdefault(p["backend"], []).append((p["how"], str(folder)))
 
-    def run(backend, how):
-        script = CHANGED.format(tests=str(Path(__file__).parent), shards=str(folders[backend, how]), backend=backend,
-                                how=how, other=str(other))
+    def run(backend):
+        script = CHANGED.format(tests=str(Path(__file__).parent), cases=cases[backend], backend=backend,
+                                other=str(other))
         return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    with started_ahead(keys, run) as done:
+    with started_ahead([(backend,) for backend in cases], run) as done:
         yield done
 
 
@@ -196,11 +199,13 @@ def changed_under_a_model(tmp_path_factory, request):
 def test_a_stage_file_changed_under_a_running_model_is_a_clear_error(changed_under_a_model, backend, how):
     """Audit bug 10: a truncated stage killed a torch-CPU process (SIGBUS), a shorter one raised a raw
     ValueError, a replaced one silently mixed weights. Now: CorruptShardError naming the file, every time, in
-    a process that survives (run apart, so a SIGBUS would show as a signal)."""
-    done = changed_under_a_model[backend, how].result()
+    a process that survives all the changes (run apart, so a SIGBUS would show as a signal)."""
+    done = changed_under_a_model[backend,].result()
+    results = dict(line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    assert how in results, (done.returncode, done.stdout[-1000:], done.stderr[-2000:])
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
-    result = done.stdout.strip().splitlines()[-1]
-    assert result.startswith("RESULT CorruptShardError stage layer.001") and "layer.001.safetensors" in result, result
+    result = results[how]
+    assert result.startswith("CorruptShardError stage layer.001") and "layer.001.safetensors" in result, result
     assert "python -m airmlx.shard --repair" in result or "reload the model" in result
 
 
