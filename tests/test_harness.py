@@ -15,6 +15,56 @@ from airmlx.harness import AirmlxLM  # noqa: E402
 WORDS = ["w5 w6 w7", "w8 w9", "w10 w11 w12 w13", "w20"]
 
 
+def local_task_command(folder, work):
+    """python -m airmlx.harness on a local multiple-choice task of WORDS, written into `work`."""
+    data = work / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": w, "choices": [" w30", " w31", " w32"], "answer": i % 3})
+                              for i, w in enumerate(WORDS)))
+    (work / "task.yaml").write_text(f"""task: airmlx_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    # batch_size as the README gives it: it collided with lm-eval's own --batch_size
+    return [sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--model_args",
+            f"pretrained={folder},backend=torch,layer_shards_saving_path={work / 's'},batch_size=2",
+            "--tasks", "airmlx_local", "--include_path", str(work), "--output_path", str(work / "results")]
+
+
+COMMANDS = {  # the tests that run the harness's command line, and what each runs
+    "local task": ("test_local_task_end_to_end_from_the_command_line", local_task_command),
+    "unknown task": ("test_lm_evals_own_refusals_are_one_line_exit_2",
+                     lambda folder, work: [sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--tasks",
+                                           "no_such_task"]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness_runs(checkpoints, tmp_path_factory, request):
+    """{name: a future of (the finished process, its work folder)} for each of COMMANDS whose test this run
+    selected, started ahead as the module starts: most of a run is lm-eval indexing its thousands of tasks and
+    importing the frameworks, which then overlaps the tests run in this process."""
+    from tiny import selected_tests, started_ahead
+    folder, _ = checkpoints("llama")
+    selected = selected_tests(request, __file__)
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"}
+
+    def run(name):
+        work = tmp_path_factory.mktemp(name.replace(" ", "-"))
+        done = subprocess.run(COMMANDS[name][1](folder, work), capture_output=True, text=True, env=env, timeout=600)
+        return done, work / "results"
+    with started_ahead([(name,) for name, (test, _) in COMMANDS.items() if test in selected], run) as got:
+        yield {name: future for (name,), future in got.items()}
+
+
 @pytest.fixture
 def lm(checkpoints, tmp_path):
     folder, ref = checkpoints("llama")
@@ -76,34 +126,13 @@ def test_generate_until_stops_at_the_stop_string(lm):
     assert cut == free.split(stop)[0] and stop not in cut
 
 
-def test_local_task_end_to_end_from_the_command_line(checkpoints, tmp_path):
-    folder, _ = checkpoints("llama")
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"question": w, "choices": [" w30", " w31", " w32"], "answer": i % 3})
-                              for i, w in enumerate(WORDS)))
-    (tmp_path / "task.yaml").write_text(f"""task: airmlx_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
-    out = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--model_args",
-                          # batch_size as the README gives it: it collided with lm-eval's own --batch_size
-                          f"pretrained={folder},backend=torch,layer_shards_saving_path={tmp_path / 's'},batch_size=2",
-                          "--tasks", "airmlx_local", "--include_path", str(tmp_path), "--output_path", str(out)],
-                         capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
+def test_local_task_end_to_end_from_the_command_line(harness_runs, checkpoints, tmp_path):
+    run, out = harness_runs["local task"].result()
     assert run.returncode == 0, run.stderr[-2000:]
     (result,) = out.rglob("results*.json")
     acc = json.loads(result.read_text())["results"]["airmlx_local"]["acc,none"]
     assert 0.0 <= acc <= 1.0 and "airmlx_local" in run.stdout and "CUDA" not in run.stderr
+    folder, _ = checkpoints("llama")
     made = AirmlxLM.create_from_arg_string(f"pretrained={folder},backend=torch,batch_size=3,layer_shards_saving_path="
                                            f"{tmp_path / 's'}", {"batch_size": 1, "device": "cuda"})
     assert made.batch_size == 3  # --model_args over lm-eval's own options
@@ -204,10 +233,9 @@ def test_model_args_that_are_not_whole_numbers_are_refused_in_one_line(checkpoin
     made.model.close()
 
 
-def test_lm_evals_own_refusals_are_one_line_exit_2():
+def test_lm_evals_own_refusals_are_one_line_exit_2(harness_runs):
     """Regression (QA): an unknown task ended in lm-eval's ValueError traceback."""
-    run = subprocess.run([sys.executable, "-m", "airmlx.harness", "--model", "airmlx", "--tasks", "no_such_task"],
-                         capture_output=True, text=True, env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
+    run, _ = harness_runs["unknown task"].result()
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.splitlines()[-1] == "airmlx: lm-eval: Tasks not found: no_such_task"
 

@@ -390,6 +390,12 @@ def selected_params(request, test_file: str, tests: tuple) -> list:
             if item.path == here and getattr(item, "originalname", None) in tests]
 
 
+def selected_tests(request, test_file: str) -> set:
+    """The function names of this run's selected tests in `test_file`."""
+    here = Path(test_file)
+    return {getattr(item, "originalname", item.name) for item in request.session.items if item.path == here}
+
+
 @contextmanager
 def started_ahead(keys, run):
     """{key: a future of run(*key)} for each key, AT_ONCE running at a time (run starts a process of its own, so
