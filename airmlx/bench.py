@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from .quant import COMPRESSIONS
 from .store import evict
 from .units import format_bytes
 
+REFERENCES = {"torch": "transformers", "mlx": "mlx-lm"}  # the resident reference's framework
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
@@ -115,10 +117,32 @@ def time_scoring(model, requests, length):
                 score_s=seconds, tokens_per_s=requests * length / seconds)
 
 
-def resident_stepper(backend, src):
+def reference_loads(backend: str, src: Path) -> bool:
+    """Whether the reference framework's own loader takes the checkpoint: neither takes a GGUF file, and
+    transformers no mlx-lm quantised folder (its quantization config names no quant_method)."""
+    config = Path(src) / "config.json"
+    if not config.is_file():
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return backend != "torch" or not quantization or "quant_method" in quantization
+
+
+@contextmanager
+def resident_stepper(backend, src, shards):
     """The reference framework's own model of the whole checkpoint, in memory and prefilled: a function that
-    runs its next decode step and returns the seconds it took."""
+    runs its next decode step and returns the seconds it took. Where the framework cannot load the checkpoint
+    (mlx-community's quantisation on torch, a GGUF file), airmlx's own model of its shards with every stage
+    resident stands in (resident_reference_s: the row says which)."""
     tokens = itertools.count(5)
+    if not reference_loads(backend, src):
+        from .auto import AutoModel
+        from .manifest import Manifest
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=2 * Manifest.load(shards).total_bytes
+                                       + (1 << 30)) as model:
+            if model.plan.streamed_bytes_per_step:
+                raise RuntimeError(f"airmlx could not hold {shards} resident for the reference")
+            yield streamed_stepper(model)
+        return
     if backend == "torch":
         import torch
         from transformers import AutoModelForCausalLM, DynamicCache
@@ -134,7 +158,8 @@ def resident_stepper(backend, src):
             with torch.inference_mode():
                 ref(torch.tensor([[next(tokens)]]), use_cache=True, **kw)
             return time.perf_counter() - t0
-        return step
+        yield step
+        return
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -146,7 +171,7 @@ def resident_stepper(backend, src):
         t0 = time.perf_counter()
         mx.eval(ref(mx.array([[next(tokens)]]), cache=cache))
         return time.perf_counter() - t0
-    return step
+    yield step
 
 
 def streamed_stepper(model):
@@ -166,8 +191,9 @@ def time_warm_and_resident(model, backend, src, steps):
     """(median warm streamed step, median resident step, median of their ratios), the two taking turns step by
     step, so that a machine busier at one moment slows both alike (run one after the other, they were often
     measured minutes apart on a shared machine, and the ratio moved with its load)."""
-    streamed, resident = streamed_stepper(model), resident_stepper(backend, src)
-    pairs = [(streamed(), resident()) for _ in range(steps + 1)][1:]
+    with resident_stepper(backend, src, model.shard_dir) as resident:
+        streamed = streamed_stepper(model)
+        pairs = [(streamed(), resident()) for _ in range(steps + 1)][1:]
     return (statistics.median(s for s, _ in pairs), statistics.median(r for _, r in pairs),
             statistics.median(s / r for s, r in pairs))
 
@@ -210,7 +236,9 @@ def run(args):
     budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
-        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=max(budget, model_bytes)) as probe:
+        # opened only for its minimum budget (nothing loads before a step), at a budget no model is below: a model
+        # held wider than its files (3-bit weights dequantised on torch) needs more than model_bytes
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=1 << 50) as probe:
             minimum = probe.minimum_budget
         if budget < minimum:  # e.g. a quarter of a 4-bit model: less than its largest stage takes loaded
             print(f"{backend}: the budget is raised to this model's minimum, {format_bytes(minimum)}", file=sys.stderr)
@@ -234,6 +262,7 @@ def run(args):
         model.close()
         # the resident reference is the framework's own load of the checkpoint: unquantised
         row = dict(backend=backend, compression=args.compression, resident_is_unquantised=bool(args.compression),
+                   resident_reference=REFERENCES[backend] if reference_loads(backend, src) else "airmlx",
                    model_bytes=model_bytes, budget_bytes=plan.budget,
                    streamed_bytes_per_step=plan.streamed_bytes_per_step, cold_read_gbps=round(gbps, 3),
                    io_floor_s=floor, cold_step_s=cold, warm_step_s=warm, resident_step_s=resident,
@@ -272,7 +301,8 @@ def print_row(r):
               f"{r['warm_after_read_step_s'] / r['resident_step_s']:>14.2f} x resident (files cached by read())")
     print(f"  {'predicted':<10}{r['predicted_cold_s']:>10.3f}{r['cold_over_predicted']:>14.2f} x (cold / doctor's "
           f"prediction; warm predicted {r['predicted_warm_s']:.3f})")
-    print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}")
+    print(f"  {'resident':<10}{r['resident_step_s']:>10.3f}" + ("" if r["resident_reference"] != "airmlx" else
+          f"{'':>14}  (airmlx, every stage resident: {REFERENCES[r['backend']]} cannot load this checkpoint)"))
     if r.get("airllm_step_s"):
         print(f"  {'airllm':<10}{r['airllm_step_s']:>10.3f}{r['speedup_vs_airllm']:>14.1f} x slower than warm")
     print(f"  peak memory {format_bytes(r['peak_memory_bytes'])} = {r['peak_over_bound']:.2f} x (budget + KV cache + "
@@ -288,7 +318,8 @@ def print_row(r):
 
 def add_source_options(parser, generated, layers):
     """The model options every bench over the generated model shares (bench_shards reads them)."""
-    parser.add_argument("--model", help=f"HF model folder to use instead of {generated}")
+    parser.add_argument("--model", help=f"HF model folder (or mlx-community folder, or GGUF file) to use instead of "
+                                        f"{generated}")
     parser.add_argument("--layers", type=int, default=layers, help="decoder layers of the generated model")
     parser.add_argument("--work-dir", help="where the generated model and shards live (default: $TMPDIR/airmlx-bench)")
     parser.add_argument("--json", help="write the results here")

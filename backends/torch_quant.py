@@ -29,9 +29,9 @@ DEQUANT_ELEMENTS = 1 << 22  # weights dequantised at once: bounds the temporarie
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernel takes
 HEAD_BLOCK_ELEMENTS = 1 << 18  # a quantised head's weights dequantised at once as it computes on a CPU (1 MB
 # in float32); on a GPU DEQUANT_ELEMENTS, where each block costs a few kernel launches
-# temporaries per weight of 3, 5 or 6 bits: the int32 codes, the second byte's int32 and a byte gathered, the rest
-# in place (straddling_codes; measured 9.2-9.3 bytes)
-STRADDLING_BYTES = 10
+# temporaries per weight of 3, 5 or 6 bits: the int16 codes, the second byte's int16 and a byte gathered, the rest
+# in place (straddling_codes; measured 5.2 bytes)
+STRADDLING_BYTES = 6
 INT4_KERNEL_ROWS = 8  # from this many input rows (prefill, batches) a dequantised block and a matmul are faster
 
 
@@ -85,19 +85,20 @@ def dequantize_rows(wq, scales, biases, group_size, bits, out, mode="affine"):
 
 
 def straddling_codes(wq, bits):
-    """The codes of a width that does not divide 32 (3, 5, 6 bits), as int32: MLX packs each row as one
+    """The codes of a width that does not divide 32 (3, 5, 6 bits), as int16: MLX packs each row as one
     little-endian bit stream, so a code lies within two consecutive bytes, which repeat their pattern every
-    lcm(bits, 8) bits: gather the two bytes of every code, join them, shift and mask."""
+    lcm(bits, 8) bits: gather the two bytes of every code, join them, shift and mask. (A code's bits lie below
+    bit 13 of the pair, so int16's sign, which the right shift copies down, never reaches the mask.)"""
     chunk_bits = math.lcm(bits, 8)
     per_chunk, chunk_bytes = chunk_bits // bits, chunk_bits // 8
     raw = wq.contiguous().view(torch.uint8).reshape(wq.shape[0], -1, chunk_bytes)
     first = [k * bits // 8 for k in range(per_chunk)]
-    codes = raw[..., first].to(torch.int32)
+    codes = raw[..., first].to(torch.int16)
     # a code within one byte takes the bits above it from the next (or the same) byte: masked off below
-    second = raw[..., [min(i + 1, chunk_bytes - 1) for i in first]].to(torch.int32)
+    second = raw[..., [min(i + 1, chunk_bytes - 1) for i in first]].to(torch.int16)
     codes |= second.bitwise_left_shift_(8)
     del second
-    codes >>= torch.tensor([k * bits % 8 for k in range(per_chunk)], dtype=torch.int32, device=wq.device)
+    codes >>= torch.tensor([k * bits % 8 for k in range(per_chunk)], dtype=torch.int16, device=wq.device)
     return codes.bitwise_and_((1 << bits) - 1)
 
 
