@@ -26,6 +26,7 @@ from .store import evict
 from .units import format_bytes
 
 REFERENCES = {"torch": "transformers", "mlx": "mlx-lm"}  # the resident reference's framework
+UNBOUNDED = 1 << 50  # a memory budget no model is below: every stage resident
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
@@ -132,15 +133,11 @@ def resident_stepper(backend, src, shards):
     """The reference framework's own model of the whole checkpoint, in memory and prefilled: a function that
     runs its next decode step and returns the seconds it took. Where the framework cannot load the checkpoint
     (mlx-community's quantisation on torch, a GGUF file), airmlx's own model of its shards with every stage
-    resident stands in (resident_reference_s: the row says which)."""
+    resident stands in (the row's resident_reference says which)."""
     tokens = itertools.count(5)
     if not reference_loads(backend, src):
         from .auto import AutoModel
-        from .manifest import Manifest
-        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=2 * Manifest.load(shards).total_bytes
-                                       + (1 << 30)) as model:
-            if model.plan.streamed_bytes_per_step:
-                raise RuntimeError(f"airmlx could not hold {shards} resident for the reference")
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=UNBOUNDED) as model:
             yield streamed_stepper(model)
         return
     if backend == "torch":
@@ -236,9 +233,9 @@ def run(args):
     budget = bench_budget(args, model_bytes)
     rows = []
     for backend in args.backend.split(","):
-        # opened only for its minimum budget (nothing loads before a step), at a budget no model is below: a model
-        # held wider than its files (3-bit weights dequantised on torch) needs more than model_bytes
-        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=1 << 50) as probe:
+        # opened only for its minimum budget (nothing loads before a step): a model held wider than its files
+        # (3-bit weights dequantised on torch) is below model_bytes
+        with AutoModel.from_pretrained(shards, backend=backend, memory_budget=UNBOUNDED) as probe:
             minimum = probe.minimum_budget
         if budget < minimum:  # e.g. a quarter of a 4-bit model: less than its largest stage takes loaded
             print(f"{backend}: the budget is raised to this model's minimum, {format_bytes(minimum)}", file=sys.stderr)
