@@ -179,7 +179,7 @@ def test_unknown_compression_is_refused(converted):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_torch_dequantize_is_bit_exact_with_mlx(bits, dtype, group_size, monkeypatch):
     """Every width on torch's own ops (3, 5 and 6 bits, whose codes straddle bytes and words, went through numpy
-    on the CPU, ~3 x slower), in blocks of 5 rows that do not divide the 37."""
+    on the CPU, about 5 x slower), in blocks of 5 rows that do not divide the 37."""
     from airmlx.backends import torch_quant
     from airmlx.backends.torch_quant import dequantize_weight
     monkeypatch.setattr(torch_quant, "DEQUANT_ELEMENTS", 5 * 256)
