@@ -363,24 +363,23 @@ def new_tokens(rows, n):
     return [row[len(row) - n:] for row in rows]
 
 
-PROBED = ("test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations",
-          "test_smollm2_process_holds_no_more_than_the_budget_and_the_runtime_the_readme_names")
+PROBED = {"budget": "test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations",  # kind -> its test
+          "runtime": "test_smollm2_process_holds_no_more_than_the_budget_and_the_runtime_the_readme_names"}
 
 
 @pytest.fixture(scope="module")
 def smol_probes(smol_shard, request):
-    """{(test, backend): a future of its process's result} for this run's selected cases of the two tests of a
+    """{(kind, backend): a future of its process's result} for this run's selected cases of the two tests of a
     process's memory below, started ahead as the first SmolLM2 test starts: most of a probe is importing the
     frameworks, which then overlaps the tests run in this process."""
     from tiny import selected_params, started_ahead
-    keys = [(name, p["backend"]) for name in PROBED for p in selected_params(request, __file__, (name,))]
-    with started_ahead(keys, lambda name, backend: (budget_probe if name == PROBED[0] else runtime_probe)(
-            smol_shard, backend)) as got:
+    keys = [(kind, p["backend"]) for kind, test in PROBED.items() for p in selected_params(request, __file__, (test,))]
+    probes = {"budget": budget_probe, "runtime": runtime_probe}
+    with started_ahead(keys, lambda kind, backend: probes[kind](smol_shard, backend)) as got:
         yield got
 
 
 @pytest.mark.usefixtures("smol_probes")
-
 def test_smollm2_q4_1_converts_exactly(smol, smol_shard):
     """Every quantised tensor of the shard, dequantised in float32, is bit for bit what transformers loads
     (gguf's dequantiser, then transformers' Q/K row order): 4-bit and 8-bit, group size 32, no bf16 anywhere."""
@@ -471,7 +470,7 @@ def test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations(smol_pro
     """A fresh process streams SmolLM2 under about 100 MB (tests/memory_probe.py). Regression on MLX:
     mx.quantized_matmul widens the 8-bit tied head's float16 scales and biases to float32 at every call (7.1 MB),
     which the activation bound did not count: the process held 1.02 x budget + KV cache + activations."""
-    got = smol_probes[PROBED[0], backend].result()
+    got = smol_probes["budget", backend].result()
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
     assert got["plan_total"] <= got["budget"] < got["held_model"]
     assert got["peak"] <= bound, (got["peak"] / bound, got)
@@ -504,7 +503,7 @@ def test_smollm2_process_holds_no_more_than_the_budget_and_the_runtime_the_readm
     settings, the tokenizer loaded, stays within budget + KV cache + activations + the runtime README names.
     Regression: with glibc's mmap threshold at 4 MiB, torch's process peaked 215-294 MB from run to run (bound +
     runtime: 233 MB); at 1 MiB, 209 MB."""
-    got = smol_probes[PROBED[1], backend].result()
+    got = smol_probes["runtime", backend].result()
     bound = got["budget"] + got["kv_cache_peak"] + got["activation_bound"]
     assert got["tokenizer_rss"] > 10e6  # the tokenizer was loaded, in the measurement
     assert got["rss_peak"] <= bound + SMOLLM2_RUNTIME, ((got["rss_peak"] - bound) / 1e6, got)
