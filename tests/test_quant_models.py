@@ -312,6 +312,7 @@ def test_dequantising_a_block_makes_no_more_temporaries_than_the_plan_counts():
     lines = done.stdout.splitlines()
     assert len(lines) == 12
     for line in lines:
+        print(line)  # bits, dtype, bytes a weight measured, counted: pytest -s shows them
         bits, dtype, measured, counted = line.split()
         assert float(measured) <= float(counted), line
 
