@@ -201,7 +201,8 @@ def install_int4(module, packed, stacked, group_size):
 def quantized_embedding(module, wq, scales, biases, group_size, bits, mode, dtype, ids):
     rows = ids.reshape(-1)
     biases = None if biases is None else biases[rows]  # None: a float mode has no biases
-    out = dequantize_weight(wq[rows], scales[rows], biases, group_size, bits, mode, dtype).reshape(*ids.shape, -1)
+    codes = wq.view(torch.int32)[rows].view(wq.dtype)  # (torch before 2.7 cannot index uint32)
+    out = dequantize_weight(codes, scales[rows], biases, group_size, bits, mode, dtype).reshape(*ids.shape, -1)
     scale = getattr(module, "embed_scale", None)  # Gemma's scaled embeddings multiply in their own forward
     return out if scale is None else out * scale.to(out.dtype)
 

@@ -1,8 +1,14 @@
-"""The wheel installs airmlx and airmlx.backends, and no top-level `backends` package."""
+"""The wheel installs airmlx and airmlx.backends, and no top-level `backends` package; the dependency floors
+are ones the frameworks accept."""
+import importlib.metadata
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +33,17 @@ def test_wheel_maps_backends_under_airmlx(tmp_path):
                      "generate", "harness", "score", "server", "shard"]
     for face in faces:
         assert f"airmlx.{face} = airmlx.{face}:main" in entry_points
+
+
+def floor(requirement: Requirement) -> Version:
+    return min(Version(spec.version) for spec in requirement.specifier if spec.operator in (">=", "=="))
+
+
+def test_torch_floor_is_one_transformers_runs_with():
+    """transformers turns torch off below its own floor (is_torch_available() is False, with a warning), so a
+    lower floor of ours would install a torch the torch backend cannot use."""
+    ours = next(r for r in map(Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+                               ["dependencies"]) if r.name == "torch")
+    theirs = [Requirement(r) for r in importlib.metadata.requires("transformers") or []]
+    needed = max(floor(r) for r in theirs if r.name == "torch" and r.marker and r.marker.evaluate({"extra": "torch"}))
+    assert floor(ours) >= needed, f"pyproject.toml asks torch>={floor(ours)}; transformers needs torch>={needed}"
