@@ -46,9 +46,6 @@ HUGE_MAPPINGS = _LIBC is not None  # populate() asks for huge pages
 KEEP_MAPPINGS = _LIBC is not None
 if _LIBC is not None:
     _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-# A warm populate maps 2 MB folios at about 2.5 us per MB here and 4 KiB ones at 70-90 us per MB: slower than
-# this, a stage already in the page cache was read there in small folios (see map_stage)
-SMALL_FOLIO_S_PER_BYTE = 20e-6 / (1 << 20)
 
 
 def populate(buf: np.ndarray, mapped: mmap.mmap) -> None:
@@ -68,6 +65,20 @@ def populate(buf: np.ndarray, mapped: mmap.mmap) -> None:
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_WILLNEED)
     int(buf[::PAGE].sum())
+
+
+def mapping_kib(addr: int, field: str) -> int:
+    """A field ("Rss:", "FilePmdMapped:") of this process's mapping that starts at addr, from /proc/self/smaps,
+    in KiB (0 where the mapping does not list it)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(format(addr, "x") + "-"))
+    for line in lines[start + 1:]:
+        if line.startswith(field):
+            return int(line.split()[1])
+        if "-" in line.split()[0]:  # the next mapping
+            break
+    return 0
 
 
 def huge_pages_possible() -> bool:
@@ -313,15 +324,15 @@ class ShardStore:
                 raise self._unreadable(name, e) from None
             self._count(entry.nbytes, entry.nbytes)
             return self._kept_use(name, tensors, time.perf_counter() - t0)
-        mapped, buf, populate_s = self._mapped(name)
+        mapped, buf = self._mapped(name)
         if self._check_folios and name not in self._folios_checked:
             self._folios_checked.add(name)
-            if self._small_folios(buf, mapped, populate_s):
+            if self._small_folios(buf):
                 del buf
                 mapped.close()
                 evict([self._paths[name]])
-                mapped, buf, populate_s = self._mapped(name)
-                if self._small_folios(buf, mapped, populate_s):  # this system reads files so: stop asking
+                mapped, buf = self._mapped(name)
+                if self._small_folios(buf):  # this system reads files so: stop asking
                     self._check_folios = False
         tensors = self._views(name, buf)
         self._count(entry.nbytes, entry.nbytes)
@@ -344,35 +355,34 @@ class ShardStore:
         self._count(0, -nbytes)
 
     def _mapped(self, name: str) -> tuple:
-        """(mapping, its uint8 view, seconds to populate it) of a stage file, every page mapped (populate)."""
+        """(mapping, its uint8 view) of a stage file, every page mapped (populate)."""
         with self._open(name) as f:
             try:
                 mapped = mmap.mmap(f.fileno(), self.stages[name].nbytes, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
                 raise self._unreadable(name, e) from None
         buf = np.frombuffer(mapped, dtype=np.uint8)
-        t0 = time.perf_counter()
         try:
             populate(buf, mapped)
         except OSError as e:
             raise self._unreadable(name, e) from None
-        return mapped, buf, time.perf_counter() - t0
+        return mapped, buf
 
     @staticmethod
-    def _small_folios(fresh: np.ndarray, mapped: mmap.mmap, populate_s: float) -> bool:
-        """Whether a stage file sits in the page cache in small folios, which a mapping cannot map as huge pages:
-        read there by read() (another backend, a checksum, the sharder's small writes) rather than by a mapping
-        that asked for huge pages. Every warm sweep then costs 1.4-2.1 x more (python -m airmlx.bench
-        --warm-after-read). A populate that was fast mapped 2 MB folios; a slow one read the file (cold: into
-        huge pages) or mapped small folios, which a second, warm populate tells apart. map_stage then drops the
-        file from the page cache, once, so the next populate reads it into huge pages."""
-        limit = fresh.size * SMALL_FOLIO_S_PER_BYTE
-        if fresh.size < HUGE_PAGE or populate_s <= limit:
+    def _small_folios(fresh: np.ndarray) -> bool:
+        """Whether a populated mapping of a stage file maps none of it as huge pages, though it spans a whole
+        aligned one: the file sits in the page cache in small folios, read there by read() (another backend, a
+        checksum, the sharder's small writes) rather than by a mapping that asked for huge pages. Every warm
+        sweep then costs 1.4-2.1 x more (python -m airmlx.bench --warm-after-read). map_stage then drops the file
+        from the page cache, once, so the next populate reads it into huge pages. (Told by the kernel's own
+        count, once per stage: a populate's speed told small folios from huge ones on one machine, not another.)"""
+        start = fresh.ctypes.data
+        if -(-start // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE > start + fresh.size:
             return False
-        _LIBC.madvise(fresh.ctypes.data, fresh.size, MADV_DONTNEED)  # unmapped here, still in the page cache
-        t0 = time.perf_counter()
-        populate(fresh, mapped)
-        return time.perf_counter() - t0 > limit
+        try:
+            return mapping_kib(start, "FilePmdMapped:") == 0
+        except (OSError, StopIteration):  # no /proc/self/smaps: nothing to tell by
+            return False
 
     def release(self, data: StageData) -> None:
         """Give a read_stage() buffer back, or drop a kept mapping's pages (any other mapping goes with its

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from airmlx.store import BufferPool, ShardStore
+from airmlx.store import BufferPool, ShardStore, mapping_kib
 
 
 def test_streamed_stages_share_slot_buffers():
@@ -264,18 +264,18 @@ def test_a_streamed_stages_mapping_is_kept_between_uses_without_its_pages(tmp_pa
     first = store.map_stage(entry.name)
     name, raw = next(iter(first.tensors.items()))
     start = raw.data.ctypes.data - store.data_start(entry.name) - store.tensor_infos(entry.name)[name].start
-    assert mapping_field_kib(start, "Rss:") > 0
+    assert mapping_kib(start, "Rss:") > 0
     store.release(first)
-    assert store.held_bytes == 0 and mapping_field_kib(start, "Rss:") == 0  # mapped still, its pages dropped
+    assert store.held_bytes == 0 and mapping_kib(start, "Rss:") == 0  # mapped still, its pages dropped
     again = store.map_stage(entry.name)
     assert again.tensors[name] is raw and store.held_bytes == entry.nbytes  # the same views, the pages back
-    assert mapping_field_kib(start, "Rss:") > 0
+    assert mapping_kib(start, "Rss:") > 0
     check_stage(store, entry, again)
     store.release(again)
     store.release(again)  # once only
     assert store.held_bytes == 0
     store.map_stage(entry.name)  # a use dropped without release(): its pages and count go with it
-    assert store.held_bytes == 0 and mapping_field_kib(start, "Rss:") == 0
+    assert store.held_bytes == 0 and mapping_kib(start, "Rss:") == 0
 
     make_checkpoint(tmp_path / "src", "llama")
     own = ShardStore(airmlx.shard_checkpoint(tmp_path / "src", tmp_path / "shards", progress=False))
@@ -287,21 +287,9 @@ def test_a_streamed_stages_mapping_is_kept_between_uses_without_its_pages(tmp_pa
     own.close()
 
 
-def mapping_field_kib(addr: int, field: str) -> int:
-    """A field of the mapping starting at addr in /proc/self/smaps (Rss:, FilePmdMapped:), in KiB."""
-    lines = open("/proc/self/smaps").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(format(addr, "x") + "-"))
-    for line in lines[start + 1:]:
-        if line.startswith(field):
-            return int(line.split()[1])
-        if "-" in line.split()[0]:
-            break
-    return 0
-
-
 def pmd_mapped_kib(addr: int) -> int:
     """FilePmdMapped of the mapping starting at addr (/proc/self/smaps), in KiB."""
-    return mapping_field_kib(addr, "FilePmdMapped:")
+    return mapping_kib(addr, "FilePmdMapped:")
 
 
 def mapping_pmd_kib(path, fill) -> int:
@@ -352,7 +340,7 @@ def test_a_cold_mapping_is_read_into_huge_pages_where_the_system_can(tmp_path):
 def test_a_stage_read_into_small_folios_is_read_again_into_huge_pages_once(tmp_path, monkeypatch):
     """A stage file that another reader brought into the page cache (read(): small folios) cannot be mapped as
     huge pages, and every warm sweep pays for it (1.6-2 x on the 617.7 MB bench model). The store's first
-    mapping of the stage tells (a warm populate about 30 x slower), drops the file from the page cache once and
+    mapping of the stage tells (no part of it mapped as a huge page), drops the file from the page cache once and
     reads it again into huge pages; later mappings keep them and drop nothing."""
     import airmlx
     from airmlx import store as store_module
