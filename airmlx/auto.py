@@ -6,7 +6,15 @@ from pathlib import Path
 
 from .archs import arch_for
 from .draft import quantised_copy
-from .errors import BackendError, BudgetError, CheckpointError, CorruptShardError, DraftModelError, OptionError
+from .errors import (
+    BackendError,
+    BudgetError,
+    CheckpointError,
+    CorruptShardError,
+    DraftModelError,
+    GenerationError,
+    OptionError,
+)
 from .generation import check_flags
 from .hub import default_shard_dir, gone_local_gguf, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
@@ -18,6 +26,7 @@ from .quant import COMPRESSION_SPELLING, COMPRESSIONS, compression_config
 from .sharder import shard_checkpoint, sharded_into
 from .spec_measure import check_num_draft_tokens
 from .stagefile import PROGRESS_NAME, complete_folder
+from .units import parse_bytes
 
 BACKENDS = ("auto", "mlx", "torch")
 UNLIMITED = 1 << 60  # a draft's own budget: everything resident
@@ -139,6 +148,12 @@ class AutoModel:
         if launched is None and isinstance(memory_budget, str) and "," in memory_budget:
             raise BudgetError(f"memory_budget {memory_budget!r} lists one budget per rank, for a pipeline launched by "
                               "mlx.launch or torchrun; in one process give one size, e.g. '4GB'.")
+        # what would be refused only after a download and a sharding of hours is refused now
+        for part in memory_budget.split(",") if isinstance(memory_budget, str) else [memory_budget]:
+            if part is not None:
+                parse_bytes(part)
+        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+            raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
         name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():

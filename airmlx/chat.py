@@ -16,6 +16,7 @@ from .cli import (
     check_sampling_options,
     face,
     load_model,
+    text_input,
     whole_number,
 )
 from .errors import AirmlxError
@@ -37,7 +38,7 @@ class ChatUI:
 
     def __init__(self, session, name="", profile=False, stdin=None, stdout=None, stderr=None, interactive=None):
         self.session, self.name, self.profile = session, name, profile
-        self.stdin, self.out, self.err = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+        self.stdin, self.out, self.err = text_input(stdin or sys.stdin), stdout or sys.stdout, stderr or sys.stderr
         self.interactive = self.stdin.isatty() if interactive is None else interactive
 
     def say(self, text, stream=None):
@@ -87,7 +88,7 @@ class ChatUI:
                 self.say(s.stats())
                 if self.profile:
                     self.say(s.model.profile_report(show=False))
-            elif query.split()[0] in ("/reset", "/help", "/stats", *QUIT):
+            elif query.split()[0] in ("/reset", "/help", "/stats", *QUIT) and query.startswith("/"):
                 self.say(f"{query.split()[0]} takes nothing after it; /help lists the commands", self.err)
             elif query.startswith("/") and " " not in query:
                 self.say(f"unknown command {query}; /help lists the commands", self.err)

@@ -19,6 +19,7 @@ from .plan import DEFAULT_PREFILL_STEP
 from .preflight import load as load_preflight
 from .preflight import quick as quick_preflight
 from .spec_measure import check_num_draft_tokens
+from .textstream import TextStream
 from .units import parse_bytes
 
 
@@ -99,6 +100,14 @@ def face(body: Callable[..., int] | None = None, *, options: bool = True) -> Cal
 
 # errors of a write that fails whoever writes (the shard writer turns its own into InsufficientDiskSpaceError)
 UNWRITABLE = {errno.ENOSPC, errno.EFBIG, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def text_input(stream):
+    """`stream`, reading bytes that are not UTF-8 as lone surrogates, as Python does only under the C locale: the
+    face's check_text then refuses them in one line, where a UTF-8 locale's strict reading raised a traceback."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="surrogateescape")
+    return stream
 
 
 def whole_number(least: int) -> Callable[[str], int]:
@@ -274,26 +283,25 @@ def open_model(args: argparse.Namespace):
 
 class PrintStreamer:
     """Prints text as tokens arrive (decoding the whole answer so far, so multi-token characters come out
-    whole) and times the prompt and each new token."""
+    whole) and times the prompt and each new token. prefix: the prompt's text, printed once generation starts,
+    which the answer's text then goes on from (decoded after the prompt's last tokens)."""
 
     def __init__(self, tokenizer, out=None, prefix: str = ""):
         self.tokenizer, self.out, self.prefix = tokenizer, out or sys.stdout, prefix
-        self.tokens, self.printed, self.times = [], "", []
+        self.text, self.times = None, []
 
     def put(self, value):
         self.times.append(time.perf_counter())
-        if len(self.times) == 1:  # the prompt: `prefix` goes out now that generation has started
-            if self.prefix:
-                self.out.write(self.prefix)
-                self.out.flush()
+        if len(self.times) == 1:  # the prompt
+            self.text = TextStream(self.tokenizer, context=value.reshape(-1).tolist() if self.prefix else None)
+            self._write(self.prefix)
             return
-        self.tokens.extend(int(t) for t in value.reshape(-1))
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
+        self._write(self.text.add(value.reshape(-1).tolist())[0])
 
     def end(self):
-        self.out.write("\n")
-        self.out.flush()
+        self._write((self.text.flush() if self.text else "") + "\n")
+
+    def _write(self, piece: str) -> None:
+        if piece:
+            self.out.write(piece)
+            self.out.flush()

@@ -114,7 +114,8 @@ class Engine:
         except GenerationError as e:
             raise RequestError(f"the prompt's {e}", param="prompt") from None
         request.max_tokens = self.check(len(request.prompt), request.max_tokens)
-        request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock)
+        request.text = TextStream(self.tokenizer, request.stop, self.tokenizer_lock,
+                                  request.prompt if request.continues else None)
         request.headroom = self.headroom
         with self.cond:
             if self.stopping:

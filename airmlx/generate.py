@@ -14,6 +14,7 @@ from .cli import (
     check_sampling_options,
     face,
     load_model,
+    text_input,
     whole_number,
 )
 from .errors import GenerationError
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     if args.system_prompt is not None and not args.chat_template:
         parser.error("--system-prompt goes in the chat template: add --chat-template")
     if args.prompt == "-":  # as mlx_lm.generate reads it
-        args.prompt = sys.stdin.read()
+        args.prompt = text_input(sys.stdin).read()
     check_text(args.prompt, "the prompt")
     if args.system_prompt is not None:
         check_text(args.system_prompt, "the system prompt")

@@ -29,7 +29,7 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_pe
                "response_format": None, "ignore_eos": False,
                # what is not text
                "modalities": None, "audio": None, "prediction": None, "reasoning_effort": None,
-               "web_search_options": None, "verbosity": None}
+               "web_search_options": None, "verbosity": None, "moderation": None}
 # (ignore_eos is vLLM's and SGLang's, which their serving benchmarks send as false in every request)
 # what clients send for "none of that" besides leaving a field out (LangChain sends logit_bias {})
 ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_choice": ("none",),
@@ -37,7 +37,7 @@ ALSO_DEFAULT = {"tools": ([],), "functions": ([],), "logit_bias": ({},), "tool_c
 # OpenAI's fields that change nothing here; any other field is refused, as OpenAI refuses one it does not know
 # (a sampler's extra such as repetition_penalty or min_p would otherwise be ignored without a word)
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-           "safety_identifier"}
+           "prompt_cache_retention", "prompt_cache_options", "safety_identifier"}
 TAKEN = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
          "stream_options", "logprobs"}
 CHAT_ONLY = {"messages", "top_logprobs"}
@@ -60,7 +60,8 @@ class Job:
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {401: "invalid_api_key", 404: "not_found", 503: "overloaded"}.get(status)
+    code = "model_not_found" if status == 404 and param == "model" else \
+        {401: "invalid_api_key", 404: "not_found", 503: "overloaded"}.get(status)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -92,9 +93,11 @@ def _get(body, name, check, what, default=None):
 
 def _common(body: dict, served: list, generation_config: dict, default_max_tokens: int, chat: bool) -> dict:
     model = body.get("model")
-    if model not in served:
+    if model is None:
+        raise RequestError(f"model is missing; use one of {served} (GET /v1/models).", param="model")
+    if model not in served:  # OpenAI's answer: 404, model_not_found
         raise RequestError(f"model {json.dumps(model)[:80]} is not served here; use one of {served} "
-                           "(GET /v1/models).", param="model", status=400)
+                           "(GET /v1/models).", param="model", status=404)
     known = TAKEN | IGNORED | UNSUPPORTED.keys() | (CHAT_ONLY if chat else {"prompt"})
     unknown = sorted(k for k, v in body.items() if k not in known and v is not None)  # null: left out
     if unknown:
@@ -114,7 +117,7 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
     completion = _get(body, "max_completion_tokens", lambda v: is_int(v) and v >= 1, "a whole number >= 1")
     max_tokens = max_tokens if completion is None else completion  # the newer name wins; both are checked
     temperature = _get(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2, "a number from 0 to 2")
-    top_p = _get(body, "top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    top_p = _get(body, "top_p", lambda v: is_number(v) and 0 <= v <= 1, "a number from 0 to 1")
     top_k = _get(body, "top_k", lambda v: is_int(v) and v >= 0, "a whole number >= 0 (0: off)")
     seed = _get(body, "seed", lambda v: is_int(v) and v >= 0, "a whole number >= 0")
     stop = _get(body, "stop", lambda v: isinstance(v, str) or isinstance(v, list) and len(v) <= MAX_STOPS and all(
@@ -146,8 +149,11 @@ def _common(body: dict, served: list, generation_config: dict, default_max_token
 def sampling(generation_config: dict, temperature, top_p, top_k, seed) -> Sampling:
     """temperature 0: greedy; > 0: sample at it; left out: the model's generation_config.json decides (greedy
     when it says nothing), as model.generate does. top_p and top_k left out come from generation_config.json,
-    else no cut (OpenAI's API has no top_k)."""
+    else no cut (OpenAI's API has no top_k). top_p 0 (OpenAI's range starts there) leaves only the most likely
+    token: greedy."""
     do_sample = temperature > 0 if temperature is not None else bool(generation_config.get("do_sample", False))
+    if top_p == 0:
+        do_sample, top_p = False, 1.0
     if temperature is None:
         temperature = generation_config.get("temperature", 1.0) or 1.0
     return Sampling(do_sample=do_sample and temperature > 0, temperature=float(temperature),
@@ -250,9 +256,15 @@ def completion_job(body: dict, tokenizer, served: list, generation_config: dict,
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's piece for one byte
 
 
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The token's own bytes: its text, or, where that is part of a character (it decodes to U+FFFD), the bytes
-    its vocabulary piece stands for (sentencepiece's <0xNN> byte fallback, or byte-level BPE's alphabet)."""
+def token_bytes(tokenizer, token: int, before: "int | None" = None) -> bytes:
+    """The token's own bytes: its text (after the token `before` it, as the answer's text has it: a
+    sentencepiece word decoded alone loses the space it starts with), or, where that is part of a character (it
+    decodes to U+FFFD), the bytes its vocabulary piece stands for (sentencepiece's <0xNN> byte fallback, or
+    byte-level BPE's alphabet)."""
+    if before is not None:
+        lead, both = tokenizer.decode([before]), tokenizer.decode([before, token])
+        if both.startswith(lead) and "\ufffd" not in both:  # else a token or the one before is part of a character
+            return both[len(lead):].encode()
     text = tokenizer.decode([token])
     if "\ufffd" not in text:
         return text.encode()
@@ -283,12 +295,25 @@ def shown(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-class TextOffsets:
-    """Each token's character offset in the text, carried across a stream's chunks: a token that starts inside
-    a character starts where that character does."""
+class TokenPieces:
+    """Where a response's listed tokens stand, carried across a stream's chunks: the token before the next one
+    (each is decoded after it, as the text is) and each token's character offset in the text (a token that
+    starts inside a character starts where that character does)."""
 
-    def __init__(self):
+    def __init__(self, before: "int | None" = None):
+        """before: the token the text is decoded after (a completion's prompt's last; a chat's reply stands
+        alone)."""
+        self.before = before
         self.decoder, self.offset = codecs.getincrementaldecoder("utf-8")("replace"), 0
+
+    def listed(self, tokenizer, entries: list) -> list:
+        """[(the token's bytes, [each alternative's bytes])] for (token, logprob, top) entries, in order."""
+        out = []
+        for t, _, top in entries:
+            out.append((token_bytes(tokenizer, t, self.before), [token_bytes(tokenizer, u, self.before)
+                                                                 for u, _ in top]))
+            self.before = t
+        return out
 
     def next(self, raw: bytes) -> int:
         start = self.offset
@@ -296,21 +321,23 @@ class TextOffsets:
         return start
 
 
-def completion_logprobs(tokenizer, entries: list, offsets: TextOffsets) -> dict:
-    """Legacy completions' logprobs for (token, logprob, top) entries; offsets: where the text stands. Each
+def completion_logprobs(tokenizer, entries: list, pieces: TokenPieces) -> dict:
+    """Legacy completions' logprobs for (token, logprob, top) entries; pieces: where the text stands. Each
     top_logprobs holds the chosen token too, as OpenAI's legacy API has it (up to logprobs + 1 of them)."""
-    raw = [token_bytes(tokenizer, t) for t, _, _ in entries]
-    return {"tokens": [shown(r) for r in raw], "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-            "top_logprobs": [{shown(token_bytes(tokenizer, u)): _finite(q) for u, q in [*top, (t, lp)]}
-                             for t, lp, top in entries],
-            "text_offset": [offsets.next(r) for r in raw]}
+    raw = pieces.listed(tokenizer, entries)
+    return {"tokens": [shown(r) for r, _ in raw], "token_logprobs": [_finite(lp) for _, lp, _ in entries],
+            "top_logprobs": [{shown(u): _finite(q) for u, q in zip([*alts, r], [*(q for _, q in top), lp])}
+                             for (r, alts), (_, lp, top) in zip(raw, entries)],
+            "text_offset": [pieces.next(r) for r, _ in raw]}
 
 
-def chat_logprobs(tokenizer, entries: list) -> dict:
-    def one(t, lp):
-        raw = token_bytes(tokenizer, t)
-        return {"token": shown(raw), "logprob": _finite(lp), "bytes": list(raw)}
-    return {"content": [{**one(t, lp), "top_logprobs": [one(u, q) for u, q in top]} for t, lp, top in entries]}
+def chat_logprobs(tokenizer, entries: list, pieces: "TokenPieces | None" = None) -> dict:
+    raw = (pieces or TokenPieces()).listed(tokenizer, entries)
+
+    def one(r, lp):
+        return {"token": shown(r), "logprob": _finite(lp), "bytes": list(r)}
+    return {"content": [{**one(r, lp), "top_logprobs": [one(u, q) for u, (_, q) in zip(alts, top)]}
+                        for (r, alts), (_, lp, top) in zip(raw, entries)]}
 
 
 def _finite(x: float) -> float:

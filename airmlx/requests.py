@@ -70,14 +70,16 @@ class Request:
     """One completion: prompt ids in, Delta events out through emit(), then Finished or Failed."""
 
     def __init__(self, prompt: list, max_tokens: int, sampling: Sampling, emit: Callable, stop: list | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, continues: bool = False):
+        """continues: the answer's text goes on from the prompt's (a completion's), rather than standing alone (a
+        chat's reply)."""
         if not is_int(max_tokens) or max_tokens < 1:
             raise RequestError(f"max_tokens={max_tokens!r}: use a whole number >= 1.", param="max_tokens")
         if not len(prompt) or not all(is_int(t) and t >= 0 for t in prompt):
             raise RequestError("the prompt must be a non-empty list of token ids (whole numbers >= 0).", param="prompt")
         self.id = next(_ids)
         self.prompt, self.max_tokens, self.sampling, self.emit = list(prompt), max_tokens, sampling, emit
-        self.stop, self.logprobs = list(stop or []), logprobs
+        self.stop, self.logprobs, self.continues = list(stop or []), logprobs, continues
         self.rng = np.random.default_rng(sampling.seed)
         self.headroom = 0  # positions a speculative sweep may add to its cache beyond the reach (set by the engine)
         self.tokens = []  # generated so far (a final stop token included)

@@ -103,7 +103,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             job, reader = await run_in_threadpool(make_job, chat, body)
             events = asyncio.Queue()
             req = Request(job.prompt, job.max_tokens, job.sampling, deliver(asyncio.get_running_loop(), events),
-                          stop=job.stop, logprobs=job.logprobs)
+                          stop=job.stop, logprobs=job.logprobs, continues=not job.chat)
             engine.submit(req)
         except RequestError as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
@@ -124,12 +124,16 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
         token that ended it, as its content does (a completion's text_offset-aligned list keeps it)."""
         return [e for e in entries if e[0] not in engine.stop_tokens] if job.chat else entries
 
-    def logprobs_of(job, entries, offsets):
+    def pieces(job):
+        """Where the listed tokens stand: a completion's text goes on from its prompt, a chat's reply stands alone."""
+        return api.TokenPieces(None if job.chat else job.prompt[-1])
+
+    def logprobs_of(job, entries, at):
         if job.logprobs is None:
             return None
         with engine.tokenizer_lock:
-            return api.chat_logprobs(engine.tokenizer, entries) if job.chat else \
-                api.completion_logprobs(engine.tokenizer, entries, offsets)
+            return api.chat_logprobs(engine.tokenizer, entries, at) if job.chat else \
+                api.completion_logprobs(engine.tokenizer, entries, at)
 
     async def collect(request, req, events, meta, reader):
         job = meta[0]
@@ -160,11 +164,11 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     content, reasoning, calls = reader.result()
                     text, parts = [content], dict(tool_calls=calls, reasoning=reasoning)
                 return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
-                                                 logprobs_of(job, entries, api.TextOffsets()), **parts))
+                                                 logprobs_of(job, entries, pieces(job)), **parts))
 
     async def stream(req, events, meta, reader):
         job = meta[0]
-        offsets = api.TextOffsets()  # where each token starts, text held back for a stop string included
+        at = pieces(job)  # where each token starts, text held back for a stop string included
         calls = []  # the tool calls sent so far
 
         def read_calls(items, logprobs):
@@ -188,12 +192,12 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     entries = listed(job, event.logprobs)
                     if reader:  # off the loop: it decodes the answer so far
                         items = await run_in_threadpool(reader.add, event.tokens)
-                        for piece in read_calls(items, logprobs_of(job, entries, offsets)):
+                        for piece in read_calls(items, logprobs_of(job, entries, at)):
                             yield piece
                         continue
                     if not event.text and not entries:
                         continue
-                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, entries, offsets)))
+                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, entries, at)))
                 elif isinstance(event, Failed):
                     yield sse(api.error_body(event.message, event.status))
                     break

@@ -301,6 +301,11 @@ ROWS = [
                  id="unfinished shard folder"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="1KB"),
                  BudgetError, r"below the minimum .*at least \d+", id="memory_budget below the minimum"),
+    # refused before a hub id is downloaded and sharded (it was refused after: hours, for a big model) (review)
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained("nobody/not-a-model", memory_budget="8G"), BudgetError,
+                 "'8G' is not a size", id="memory_budget not a size, before a download"),
+    pytest.param(lambda c: airmlx.AutoModel.from_pretrained("nobody/not-a-model", prefill_step_size=0),
+                 GenerationError, "prefill_step_size=0", id="prefill_step_size, before a download"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget="lots"),
                  BudgetError, "'lots' is not a size", id="memory_budget not a size"),
     pytest.param(lambda c: airmlx.AutoModel.from_pretrained(c.shards, backend="torch", memory_budget=float("inf")),

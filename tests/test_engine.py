@@ -10,7 +10,7 @@ import airmlx
 from airmlx.engine import Delta, Engine, Failed, Finished, Request, RequestError, Sampling
 from airmlx.textstream import TextStream
 
-from tiny import make_checkpoint
+from tiny import make_checkpoint, sentencepiece_tokenizer, word_tokenizer_with_special
 
 PROMPTS = [[5, 17, 33, 2, 9, 60, 7], [8, 90, 10, 4], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
 
@@ -344,6 +344,29 @@ def test_text_holds_back_only_what_could_start_a_stop_string():
     text = TextStream(Chars(), ["xyz"])
     assert [text.add(ord(c)) for c in "12xyz"] == [("1", False), ("2", False), ("", False), ("", False), ("", True)]
     assert text.flush() == ""  # the stop string is never sent
+
+
+def test_text_that_continues_a_prompt_keeps_the_space_its_first_word_starts_with():
+    """Regression (review): a completion's text was its new tokens decoded alone, and sentencepiece tokenizers
+    (Llama 2, Mistral) drop the space that starts a text: after the prompt "w5 w6" it went on "w7", not " w7"."""
+    tok = sentencepiece_tokenizer()
+    prompt, new = [1, 5, 6], [7, 3, 4, 8]  # 3, 4: the two bytes of "é"
+    for context, want in ((prompt, " w7é w8"), (None, "w7é w8")):  # a chat's reply stands alone
+        text = TextStream(tok, context=context)
+        assert "".join(text.add(t)[0] for t in new) + text.flush() == want
+    assert tok.decode(prompt + new, skip_special_tokens=True) == "w5 w6" + " w7é w8"
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_text_at_that_token():
+    """Regression (review): the text is decoded without special tokens, so stop=["<|im_end|>"] was never found
+    and the answer ran on past the model's end of turn to max_tokens."""
+    tok = word_tokenizer_with_special(40)
+    text = TextStream(tok, ["<|end|>"])
+    assert [text.add(t) for t in (5, 6, 40)] == [("w5", False), (" w6", False), ("", True)]
+    text = TextStream(tok, ["w6", "<|end|>"])  # a stop string before it in the same tokens still cuts first
+    assert text.add([5, 6, 7, 40]) == ("w5 ", True)
+    text = TextStream(tok, ["<|end|", "w7"])  # not the whole token: not found, and the token left out of the text
+    assert "".join(text.add(t)[0] for t in (5, 40, 6)) + text.flush() == "w5 w6"
 
 
 class Bytes:

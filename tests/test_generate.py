@@ -1,5 +1,6 @@
 """The token loop: input types, stopping, padding, streaming, sampling, and its errors."""
 import inspect
+import io
 import os
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ from airmlx.errors import GenerationError
 from airmlx.generation import sample, to_batch
 from airmlx.units import format_bytes
 
-from tiny import interrupt_at
+from tiny import interrupt_at, sentencepiece_tokenizer
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7]
 
@@ -503,7 +504,8 @@ def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
     with airmlx.AutoModel.from_pretrained(qwen, backend="torch") as m:
         ids = m.tokenizer("w5 w17 w33")["input_ids"]
         greedy = m.tokenizer.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[len(ids):])
-    assert run("--seed", "1") == run("--seed", "2") == run("--temp", "0") == f"w5 w17 w33{greedy}\n"
+    # the new words go on after a space (they were glued to the prompt: "w5 w17 w33w20")
+    assert run("--seed", "1") == run("--seed", "2") == run("--temp", "0") == f"w5 w17 w33 {greedy}\n"
     # a prompt of no tokens was told in the Python API's terms ("input_ids has shape (1, 0)")
     assert main(["--model", str(qwen), "--backend", "torch", "--prompt", ""]) == 2
     assert "is no tokens at all for this tokenizer" in capsys.readouterr().err
@@ -513,7 +515,24 @@ def test_generate_cli_is_greedy_unless_temp_is_given(vocab400, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "decoding is greedy without --temp" in err
     assert len({run("--temp", "1.0", "--seed", str(s)) for s in range(3)}) > 1
-    assert run("--temp", "1.0", "--top-k", "1", "--seed", "3") == f"w5 w17 w33{greedy}\n"
+    assert run("--temp", "1.0", "--top-k", "1", "--seed", "3") == f"w5 w17 w33 {greedy}\n"
+
+
+def test_printed_text_goes_on_from_the_prompt_and_all_of_it_comes_out():
+    """Regressions (review): generate printed the prompt, then the new tokens decoded alone, and sentencepiece
+    tokenizers (Llama 2, Mistral) drop the space that starts a text ("The capital of France isParis"); and text
+    held back while a character was incomplete never came out (the tokens of a speculative round, put at once,
+    ending inside a character: all their text was lost)."""
+    from airmlx.cli import PrintStreamer
+    tok = sentencepiece_tokenizer()
+    for prefix, want in (("w5 w6", "w5 w6 w7 w8 w9\ufffd\n"), ("", "w7 w8 w9\ufffd\n")):  # a chat reply stands alone
+        out = io.StringIO()
+        streamer = PrintStreamer(tok, out, prefix=prefix)
+        streamer.put(np.array([[1, 5, 6]]))
+        streamer.put(np.array([7]))
+        streamer.put(np.array([8, 9, 3]))  # "<0xC3>": the first byte of "é"
+        streamer.end()
+        assert out.getvalue() == want
 
 
 def test_generate_cli_prints_a_chat_reply_without_the_prompt(capsys):
@@ -610,15 +629,17 @@ def test_output_that_cannot_be_written_is_said_in_one_line(redirect, code, said)
 
 
 def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_in_one_line(monkeypatch, capsys):
-    """Regression (QA): `printf 'hi \\xff' | python -m airmlx.generate --prompt -` ended in the tokenizer's TypeError."""
-    import io
+    """Regressions: `printf 'hi \\xff' | python -m airmlx.generate --prompt -` ended in the tokenizer's TypeError
+    (QA, under the C locale, where Python reads such bytes as lone surrogates), and under a UTF-8 locale, where
+    Python reads stdin strictly, in a UnicodeDecodeError traceback (review)."""
     import sys
 
     from airmlx.generate import main
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hi \udcff"))
-    assert main(["--backend", "torch", "--prompt", "-"]) == 2
-    assert capsys.readouterr().err.strip() == "airmlx: the prompt is not UTF-8 text (byte 0xff at character 3); give it " \
-                                             "as UTF-8."
+    for stdin in (io.StringIO("hi \udcff"), io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8")):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert main(["--backend", "torch", "--prompt", "-"]) == 2
+        assert capsys.readouterr().err.strip() == "airmlx: the prompt is not UTF-8 text (byte 0xff at character 3); " \
+                                                 "give it as UTF-8."
 
 
 def test_the_stats_line_of_a_call_that_speculated_counts_its_whole_time():

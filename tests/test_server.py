@@ -21,7 +21,7 @@ from airmlx.engine import Engine, Finished, Request, RequestError, Sampling
 from airmlx.openai_api import chat_job
 from airmlx.server import build_app, make_server
 
-from tiny import make_chat_checkpoint, make_checkpoint
+from tiny import make_chat_checkpoint, make_checkpoint, sentencepiece_tokenizer, word_tokenizer_with_special
 
 # the word-level test tokenizer ("w5 w17 ..."), with a chat template of its own words
 WORD_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}w3 {{ m['content'] }} w4 "
@@ -87,9 +87,25 @@ def live(model):
         yield server
 
 
-def expected(model, ids, n):
+def expected(model, ids, n, chat=False):
+    """(the model's greedy text, its tokens): a chat's reply stands alone, a completion's text goes on from its
+    prompt (decoded after it: with the word-level tokenizer, a space first)."""
     new = model.generate(ids, max_new_tokens=n)[len(ids):]
-    return model.tokenizer.decode(new, skip_special_tokens=True), new
+    if chat:
+        return model.tokenizer.decode(new, skip_special_tokens=True), new
+    lead = model.tokenizer.decode(ids, skip_special_tokens=True)
+    return model.tokenizer.decode([*ids, *new], skip_special_tokens=True)[len(lead):], new
+
+
+def token_texts(tokenizer, new, before=None):
+    """Each token's text as the answer's text has it: decoded after the token before it (the first one after
+    `before`, a completion's prompt's last, or alone, as a chat's reply starts)."""
+    out = []
+    for t in new:
+        out.append(tokenizer.decode([t]) if before is None else
+                   tokenizer.decode([before, t])[len(tokenizer.decode([before])):])
+        before = t
+    return out
 
 
 def chat_ids(tokenizer, messages):
@@ -101,7 +117,7 @@ def test_chat_and_completions_streamed_or_not_equal_generate(live, model):
     tok = model.tokenizer
     c = live.client
     ids = chat_ids(tok, MESSAGES)
-    text, _ = expected(model, ids, 10)
+    text, _ = expected(model, ids, 10, chat=True)
     r = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
     assert r.choices[0].message.content == text and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 10)
@@ -144,7 +160,7 @@ def test_completion_logprobs_are_the_models(live, model):
     lp = r.choices[0].logprobs
     logits = model.logits([ids])[0, -1].astype(np.float64)
     want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-    assert lp.tokens == [model.tokenizer.decode([t]) for t in new]
+    assert lp.tokens == token_texts(model.tokenizer, new, ids[-1]) and "".join(lp.tokens) == r.choices[0].text
     assert lp.token_logprobs[0] == pytest.approx(want[new[0]], abs=1e-4)
     assert len(lp.top_logprobs[0]) == 2 and max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0])
     assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
@@ -176,7 +192,7 @@ def test_a_chat_messages_logprobs_leave_out_the_stop_token_as_its_content_does(m
         whole = server.client.chat.completions.create(**ask).choices[0]
         chunks = list(server.client.chat.completions.create(**ask, stream=True))
     assert whole.finish_reason == "stop"
-    assert [t.token for t in whole.logprobs.content] == [model.tokenizer.decode([t]) for t in new[:2]]
+    assert [t.token for t in whole.logprobs.content] == token_texts(model.tokenizer, new[:2])
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
     assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content]
 
@@ -189,7 +205,7 @@ def test_streamed_text_offsets_count_the_text_held_back_for_a_stop_string(live, 
     whole = live.client.completions.create(**ask).choices[0].logprobs
     chunks = live.client.completions.create(**ask, stream=True)
     streamed = [o for ch in chunks if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
-    pieces = [model.tokenizer.decode([t]) for t in new]
+    pieces = token_texts(model.tokenizer, new, model.tokenizer(PROMPT)["input_ids"][-1])
     assert whole.text_offset == streamed == [sum(map(len, pieces[:i])) for i in range(10)]
 
 
@@ -207,7 +223,7 @@ def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_own_bytes()
     content = api.chat_logprobs(tok, entries)["content"]
     assert bytes(b for c in content for b in c["bytes"]).decode() == text
     assert any(c["token"].startswith("bytes:\\x") for c in content)
-    legacy = api.completion_logprobs(tok, entries, api.TextOffsets())
+    legacy = api.completion_logprobs(tok, entries, api.TokenPieces())
     assert all(len(top) == 2 for top in legacy["top_logprobs"])  # different parts keep different names
     assert legacy["text_offset"][-1] == len(text) - 1  # the emoji's four tokens start where it does
     assert legacy["text_offset"][-4] == legacy["text_offset"][-1]
@@ -223,12 +239,69 @@ def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_own_bytes()
     assert api.byte_level_alphabet() == {char: byte for byte, char in bytes_to_unicode().items()}
 
 
+class Retokenized:
+    """The model with another tokenizer over the same ids."""
+
+    def __init__(self, model, tokenizer):
+        self._model, self.tokenizer = model, tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_a_completion_goes_on_from_its_prompt_with_a_sentencepiece_tokenizer(model):
+    """Regression (review): a completion's text and its logprobs' tokens were decoded alone, and sentencepiece
+    tokenizers (Llama 2, Mistral) drop the space that starts a text: the text went on "w7 w9" where the prompt's
+    words and the model's go "... w6 w7 w9", each listed token lost its space, and text_offset drifted by one a
+    word. A chat's reply stands alone: its first word starts it."""
+    tok = sentencepiece_tokenizer()
+    ids = [1, 12, 13]
+    new = list(model.generate(ids, max_new_tokens=8)[len(ids):])
+    assert len(new) == 8 and min(new) >= 5  # all words (not a special token nor a byte)
+    text = tok.decode(ids + new, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+    assert text.startswith(" w") and text.count(" ") == 8
+    with Live(Retokenized(model, tok)) as live:
+        for stream in (False, True):
+            r = live.client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0, logprobs=2,
+                                               stream=stream)
+            chunks = list(r) if stream else [r]
+            listed = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs]
+            tokens = [t for lp in listed for t in lp.tokens]
+            assert "".join(ch.choices[0].text for ch in chunks) == "".join(tokens) == text
+            assert [o for lp in listed for o in lp.text_offset] == [len("".join(tokens[:i])) for i in range(8)]
+            assert all(t in top for lp in listed for t, top in zip(lp.tokens, lp.top_logprobs))
+    from airmlx import openai_api as api
+    content = api.chat_logprobs(tok, [(t, -1.0, [(t, -1.0)]) for t in new])["content"]
+    assert "".join(c["token"] for c in content) == tok.decode(new) == text[1:]
+    assert [c["top_logprobs"][0]["token"] for c in content] == [c["token"] for c in content]
+
+
+def test_a_stop_string_that_is_a_special_token_stops_the_answer(model):
+    """Regression (review): stop=["<|im_end|>"] (a chat model's end of turn, where its config's EOS is another
+    token) was never found in the text, which leaves special tokens out: the answer ran on to max_tokens."""
+    ids = [1, 12, 13]
+    new = list(model.generate(ids, max_new_tokens=8)[len(ids):])
+    assert new[3] > 2 and new[3] not in new[:3]  # not one of the tokenizer's own specials, and first there
+    tok = word_tokenizer_with_special(new[3])
+    lead = tok.decode(ids, skip_special_tokens=True)
+    text = tok.decode(ids + new[:3], skip_special_tokens=True)[len(lead):]
+    with Live(Retokenized(model, tok)) as live:
+        for stream in (False, True):
+            r = live.client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0,
+                                               stop=["<|end|>"], stream=stream)
+            chunks = list(r) if stream else [r]
+            assert "".join(ch.choices[0].text for ch in chunks) == text
+            assert chunks[-1].choices[0].finish_reason == "stop"
+            if not stream:
+                assert r.usage.completion_tokens == 4
+
+
 def test_a_seed_samples_as_generate_does(live, model):
     ids = model.tokenizer(PROMPT)["input_ids"]
     want = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, seed=5)
     texts = [live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.95,
                                             seed=5).choices[0].text for _ in range(2)]
-    assert texts == [model.tokenizer.decode(want[len(ids):])] * 2
+    assert texts == [model.tokenizer.decode(want)[len(model.tokenizer.decode(ids)):]] * 2
 
 
 def test_a_tiny_temperature_samples_the_most_likely_token(live, model):
@@ -358,7 +431,7 @@ def test_a_resent_conversation_computes_only_what_is_new(live, model):
     turn = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
                        {"role": "user", "content": "w40 w41"}]
     ids = chat_ids(model.tokenizer, turn)
-    text, _ = expected(model, ids, 6)
+    text, _ = expected(model, ids, 6, chat=True)
     live.settle()
     r = live.client.chat.completions.create(model="tiny", messages=turn, max_tokens=6, temperature=0)
     assert r.choices[0].message.content == text
@@ -369,11 +442,12 @@ LONG = " ".join(["w7"] * 300)  # longer than the tiny model's 256-token context
 BAD = [  # (path, body or raw bytes, status, param)
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
-    ("/v1/completions", {"model": "gpt-9", "prompt": PROMPT}, 400, "model"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": PROMPT}, 404, "model"),  # was a 400; OpenAI's is a 404
     ("/v1/completions", {"prompt": PROMPT}, 400, "model"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "temperature": 3}, 400, "temperature"),
-    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "top_p": -0.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "moderation": {"model": "m"}}, 400, "moderation"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": PROMPT, "max_tokens": 1.5}, 400, "max_tokens"),
     # with max_completion_tokens given, a bad max_tokens was ignored without a word (QA)
@@ -551,7 +625,8 @@ def test_unsupported_fields_at_their_defaults_are_accepted(live):
     for field in ({"logit_bias": {}}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": []},
                   {"modalities": ["text"]}, {"user": "u1", "metadata": {"k": "v"}, "store": False},
                   {"repetition_penalty": None},  # a field sent as null is left out
-                  {"ignore_eos": False}):  # vLLM's and SGLang's serving benchmarks send it in every request
+                  {"ignore_eos": False},  # vLLM's and SGLang's serving benchmarks send it in every request
+                  {"prompt_cache_retention": "24h", "prompt_cache_options": {"ttl": "1h"}}):  # were 400s (review)
         r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
                        json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, **field})
         assert r.status_code == 200, (field, r.text)
@@ -560,11 +635,37 @@ def test_unsupported_fields_at_their_defaults_are_accepted(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 
 
+def test_every_field_the_openai_client_sends_is_taken_ignored_or_refused_by_name():
+    """Regression (review): prompt_cache_retention and prompt_cache_options, which the installed openai client
+    sends when asked to, were refused as "not a field this server takes"; a client's newer field must be known."""
+    from openai.types import completion_create_params as legacy
+    from openai.types.chat import completion_create_params as chat
+
+    from airmlx import openai_api as api
+    known = api.TAKEN | api.IGNORED | api.UNSUPPORTED.keys()
+    for params, only in ((chat, api.CHAT_ONLY), (legacy, {"prompt"})):
+        fields = set(params.CompletionCreateParamsBase.__annotations__)
+        assert "model" in fields and not fields - known - only, fields - known - only
+
+
+def test_top_p_0_leaves_only_the_most_likely_token(live, model):
+    """Regression (review): top_p 0, in OpenAI's range (0 to 1) and a common way to ask for greedy output, was a
+    400."""
+    text, _ = expected(model, model.tokenizer(PROMPT)["input_ids"], 6)
+    for seed in (1, 2):
+        r = live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.5, top_p=0,
+                                           seed=seed)
+        assert r.choices[0].text == text
+
+
 def test_the_openai_client_sees_a_bad_request_as_one(live):
     with pytest.raises(openai.BadRequestError, match="top_p"):
         live.client.completions.create(model="tiny", prompt=PROMPT, top_p=2)
     with pytest.raises(openai.NotFoundError):
         live.client.get("/nowhere", cast_to=object)
+    with pytest.raises(openai.NotFoundError, match="not served here") as e:  # was a BadRequestError
+        live.client.completions.create(model="gpt-9", prompt=PROMPT)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
 
 
 def test_an_api_key_is_asked_for_when_set(model):
@@ -650,7 +751,7 @@ def test_bpe_chat_streams_whole_characters_as_generate_decodes_them(tmp_path):
     shards = airmlx.shard_checkpoint(make_chat_checkpoint(tmp_path / "src"), tmp_path / "shards", progress=False)
     with airmlx.AutoModel.from_pretrained(shards, backend="torch") as model, Live(model) as server:
         messages = [{"role": "user", "content": "What is a list?"}]
-        text, _ = expected(model, chat_ids(model.tokenizer, messages), 24)
+        text, _ = expected(model, chat_ids(model.tokenizer, messages), 24, chat=True)
         whole = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
         chunks = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
                                                        stream=True)

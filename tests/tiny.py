@@ -183,6 +183,27 @@ ARCH_CONFIGS = {
 }
 
 
+def word_tokenizer_with_special(token_id: int, content: str = "<|end|>", vocab_size=96):
+    """The test models' word-level tokenizer ("w5 w17 ..."), with id `token_id` a special token `content` (as
+    "<|im_end|>" is in Qwen's): decoded text leaves it out unless asked to keep special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {**{f"w{i}": i for i in range(vocab_size) if i != token_id}, content: token_id}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", unk_token="w2",
+                                   additional_special_tokens=[content])
+
+
+def sentencepiece_tokenizer(vocab_size=96):
+    """A Llama 2 / Mistral style tokenizer (sentencepiece pieces, its decoder dropping the space that starts the
+    text) over the test models' ids: <unk> <s> </s>, the bytes of "é" as <0xC3> <0xA9>, then "▁w5".."▁w{n-1}"
+    (each a word after a space: "▁w7" decoded alone is "w7", after another token " w7")."""
+    from transformers import LlamaTokenizer
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0xC3>": 3, "<0xA9>": 4, **{f"▁w{i}": i for i in range(5, vocab_size)}}
+    return LlamaTokenizer(vocab=vocab, merges=[])
+
+
 def make_checkpoint(folder, arch="llama", dtype=torch.float32, seed=0, max_shard_size=None, **overrides):
     """Save a random model of `arch` to `folder`; return the transformers model (eval mode, fp32)."""
     config_cls, extra = ARCH_CONFIGS[arch]
