@@ -18,7 +18,7 @@ from .cli import (
     whole_number,
 )
 from .errors import GenerationError
-from .session import check_text, render_chat
+from .session import check_text, render_chat, stop_token_ids
 
 
 def build_parser() -> ArgumentParser:
@@ -72,8 +72,11 @@ def main(argv=None) -> int:
         # a completion reads on from its prompt, printed once generation starts; a chat's reply stands alone
         streamer = PrintStreamer(tok, prefix="" if args.chat_template else args.prompt)
         start = time.perf_counter()
+        # a reply ends where airmlx.chat's and the server's do: at the model's EOS ids or the tokenizer's (some
+        # checkpoints' generation config leaves out the end-of-turn token their tokenizer names)
         model.generate([ids], max_new_tokens=args.max_tokens, do_sample=bool(args.temp), temperature=args.temp or None,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, streamer=streamer)
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, streamer=streamer,
+                       eos_token_id=stop_token_ids(model) if args.chat_template else None)
         print(model.stats_line(len(ids), streamer.times, start), file=sys.stderr)
         if args.profile:
             print(model.profile_report(show=False), file=sys.stderr)

@@ -14,7 +14,7 @@ from airmlx.errors import GenerationError
 from airmlx.generation import sample, to_batch
 from airmlx.units import format_bytes
 
-from tiny import interrupt_at, sentencepiece_tokenizer
+from tiny import interrupt_at, make_chat_checkpoint, sentencepiece_tokenizer
 
 PROMPT = [5, 17, 33, 2, 9, 60, 7]
 
@@ -533,6 +533,30 @@ def test_printed_text_goes_on_from_the_prompt_and_all_of_it_comes_out():
         streamer.put(np.array([8, 9, 3]))  # "<0xC3>": the first byte of "é"
         streamer.end()
         assert out.getvalue() == want
+
+
+def test_a_chat_reply_from_generate_ends_at_the_tokenizers_eos_as_chats_does(tmp_path, capsys):
+    """Regression (review): generate --chat-template stopped only at the generation config's EOS ids, where
+    airmlx.chat and the server also stop at the tokenizer's: a checkpoint whose config leaves out the end-of-turn
+    token its tokenizer names ran on past the reply."""
+    from transformers import AutoTokenizer
+
+    from airmlx.generate import main
+    from airmlx.session import render_chat
+    src = make_chat_checkpoint(tmp_path / "src")
+    with airmlx.AutoModel.from_pretrained(src, backend="torch", layer_shards_saving_path=tmp_path / "plain") as m:
+        ids = render_chat(m.tokenizer, [{"role": "user", "content": "What is a list?"}])
+        reply = [int(t) for t in m.generate([ids], max_new_tokens=8)[0][len(ids):]]
+        config_eos = m.eos_token_id
+    assert reply[3] not in reply[:3] and reply[3] != config_eos
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = tok.chat_template.replace("eos_token", "'<|eos|>'")  # the prompt as it was
+    tok.eos_token = tok.convert_ids_to_tokens(reply[3])  # the tokenizer's end of turn; the config keeps its own
+    tok.save_pretrained(src)
+    argv = ["--model", str(src), "--backend", "torch", "--prompt", "What is a list?", "--chat-template",
+            "--max-tokens", "8"]
+    assert main([*argv, "--layer-shards-saving-path", str(tmp_path / "shards")]) == 0
+    assert capsys.readouterr().out == tok.decode(reply[:3], skip_special_tokens=True) + "\n"
 
 
 def test_generate_cli_prints_a_chat_reply_without_the_prompt(capsys):

@@ -478,8 +478,10 @@ def test_smollm2_holds_no_more_than_its_budget_kv_cache_and_activations(smol_pro
 
 
 # README, "Memory budget": what comes on top of the budget, KV cache and activations once per process for SmolLM2
-# (transformers' modelling code about 50 MB, the tokenizer 35-50 MB, oneDNN's kernel caches at most about 18 MB)
-SMOLLM2_RUNTIME = 125_000_000
+# (transformers' modelling code about 50 MB, the tokenizer 35-50 MB, oneDNN's kernel caches at most about 18 MB);
+# with torch 2.6 (the floor; not measured between it and 2.13) transformers' config import pulls in torch.distributed's
+# compiler stack (sympy, dynamo): about 60 MB more on MLX, whose imports before the model do not hold it already
+SMOLLM2_RUNTIME = 125_000_000 if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 13) else 195_000_000
 
 
 def runtime_probe(shard, backend):
