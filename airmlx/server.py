@@ -104,7 +104,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
             events = asyncio.Queue()
             req = Request(job.prompt, job.max_tokens, job.sampling, deliver(asyncio.get_running_loop(), events),
                           stop=job.stop, logprobs=job.logprobs, continues=not job.chat)
-            engine.submit(req)
+            await run_in_threadpool(engine.submit, req)  # off the loop: it takes the tokenizer's lock
         except RequestError as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
             return error(str(e), e.status, e.param, headers)
@@ -128,12 +128,15 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
         """Where the listed tokens stand: a completion's text goes on from its prompt, a chat's reply stands alone."""
         return api.TokenPieces(None if job.chat else job.prompt[-1])
 
-    def logprobs_of(job, entries, at):
-        if job.logprobs is None:
-            return None
+    def decoded_logprobs(job, entries, at):
         with engine.tokenizer_lock:
             return api.chat_logprobs(engine.tokenizer, entries, at) if job.chat else \
                 api.completion_logprobs(engine.tokenizer, entries, at)
+
+    async def logprobs_of(job, entries, at):
+        """Off the loop: the tokenizer's lock may be held a while (a long prompt's chat template), and every
+        stream and /health would wait meanwhile."""
+        return None if job.logprobs is None else await run_in_threadpool(decoded_logprobs, job, entries, at)
 
     async def collect(request, req, events, meta, reader):
         job = meta[0]
@@ -164,7 +167,7 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     content, reasoning, calls = reader.result()
                     text, parts = [content], dict(tool_calls=calls, reasoning=reasoning)
                 return JSONResponse(api.response(*meta, "".join(text), event.reason, used,
-                                                 logprobs_of(job, entries, pieces(job)), **parts))
+                                                 await logprobs_of(job, entries, pieces(job)), **parts))
 
     async def stream(req, events, meta, reader):
         job = meta[0]
@@ -192,12 +195,12 @@ def build_app(engine: Engine, served: list, api_key: str | None = None, default_
                     entries = listed(job, event.logprobs)
                     if reader:  # off the loop: it decodes the answer so far
                         items = await run_in_threadpool(reader.add, event.tokens)
-                        for piece in read_calls(items, logprobs_of(job, entries, at)):
+                        for piece in read_calls(items, await logprobs_of(job, entries, at)):
                             yield piece
                         continue
                     if not event.text and not entries:
                         continue
-                    yield sse(api.chunk(*meta, event.text, logprobs=logprobs_of(job, entries, at)))
+                    yield sse(api.chunk(*meta, event.text, logprobs=await logprobs_of(job, entries, at)))
                 elif isinstance(event, Failed):
                     yield sse(api.error_body(event.message, event.status))
                     break

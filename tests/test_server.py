@@ -296,6 +296,37 @@ def test_a_stop_string_that_is_a_special_token_stops_the_answer(model):
                 assert r.usage.completion_tokens == 4
 
 
+class RecordingLock:
+    """A lock that notes every thread that took it."""
+
+    def __init__(self):
+        self.lock, self.threads = threading.Lock(), set()
+
+    def __enter__(self):
+        self.threads.add(threading.current_thread())
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_the_event_loop_never_takes_the_tokenizers_lock(model):
+    """Regression (review): logprobs were decoded, and requests submitted (a completion's text decoded after its
+    prompt, a logged prompt), on the event loop under the tokenizer's lock, which a worker thread holds while it
+    renders a long prompt's chat template: every stream and /health waited meanwhile."""
+    with Live(model, log_prompts=True) as live:
+        lock = live.engine.tokenizer_lock = RecordingLock()
+        for stream in (False, True):
+            answers = [live.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                                      logprobs=1, stream=stream),
+                       live.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
+                                                           temperature=0, logprobs=True, stream=stream)]
+            for r in answers:
+                assert (list(r) if stream else r.choices)  # a whole answer came
+        assert live.engine.thread in lock.threads and live.thread not in lock.threads
+
+
 def test_a_seed_samples_as_generate_does(live, model):
     ids = model.tokenizer(PROMPT)["input_ids"]
     want = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, seed=5)
