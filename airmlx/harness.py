@@ -129,7 +129,9 @@ class AirmlxLM(LM):
         seed = settings.seed
         if seed is None and settings.do_sample:
             seed = int(np.random.randint(2**31 - 1))  # numpy's global RNG: lm-eval's --seed makes runs repeat
-        seqs = self.model.generate(prompts, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+        # the mask says what padding there is: a prompt that starts with the pad id (a pad id that is the BOS) keeps it
+        seqs = self.model.generate(prompts, attention_mask=[[1] * len(p) for p in prompts],
+                                   max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                                    stop_strings=settings.until or None, tokenizer=self.tokenizer, seed=seed)
         width = max(len(p) for p in prompts)
@@ -157,6 +159,9 @@ def whole(name, value) -> int:
     return number
 
 
+LIMIT_NAMES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """An lm-eval request's generation kwargs as model.generate() takes them. Greedy unless the task asks for
@@ -174,9 +179,13 @@ class GenerationSettings:
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = (until,) if isinstance(until, str) else tuple(u for u in until if u)
-        max_new = int(kwargs.pop("max_gen_toks", max_gen_toks))
-        temperature = float(kwargs.pop("temperature", 0.0))
-        do_sample = bool(kwargs.pop("do_sample", temperature > 0))
+        # the names lm-eval takes for the limit, the first given winning, as its normalize_gen_kwargs orders them
+        limits = [kwargs.pop(name, None) for name in LIMIT_NAMES]
+        max_new = int(next((v for v in limits if v is not None), max_gen_toks))
+        temperature = kwargs.pop("temperature", None)
+        temperature = 0.0 if temperature is None else float(temperature)
+        do_sample = kwargs.pop("do_sample", None)
+        do_sample = temperature > 0 if do_sample is None else bool(do_sample)
         top_p, top_k, seed = kwargs.pop("top_p", None), kwargs.pop("top_k", None), kwargs.pop("seed", None)
         if kwargs:
             warnings.warn(f"airmlx ignores these generation arguments: {sorted(kwargs)}.")

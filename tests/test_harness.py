@@ -126,6 +126,39 @@ def test_generate_until_stops_at_the_stop_string(lm):
     assert cut == free.split(stop)[0] and stop not in cut
 
 
+def test_the_limit_under_any_of_lm_evals_names_is_taken(lm):
+    """Regression (review): lm-eval takes max_new_tokens, max_tokens and max_completion_tokens for max_gen_toks (ten
+    bundled tasks use max_new_tokens); they were ignored with a warning, and 256 tokens generated. null values of
+    temperature and do_sample were a TypeError, or greedy where the temperature asked for sampling."""
+    from airmlx.harness import GenerationSettings
+    adapter, _ = lm
+    want = adapter.generate_until([Instance("generate_until", {}, ("w5 w6", {"max_gen_toks": 3}), 0)])[0]
+    for name in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
+        got = adapter.generate_until([Instance("generate_until", {}, ("w5 w6", {name: 3}), 0)])[0]
+        assert got == want and len(adapter.tokenizer(got, add_special_tokens=False)["input_ids"]) <= 3
+    assert GenerationSettings.from_kwargs({"max_gen_toks": 4, "max_new_tokens": 9}, 256).max_new_tokens == 4
+    nulls = GenerationSettings.from_kwargs({"temperature": None, "do_sample": None, "max_gen_toks": None}, 256)
+    assert (nulls.do_sample, nulls.temperature, nulls.max_new_tokens) == (False, None, 256)
+    assert GenerationSettings.from_kwargs({"temperature": 0.7, "do_sample": None}, 256).do_sample
+
+
+def test_a_generation_prompt_that_starts_with_the_pad_id_keeps_it(checkpoints, tmp_path):
+    """Regression (review): prompts went to model.generate without a mask, so leading tokens equal to the pad id
+    were taken for padding: with a pad id that is the BOS (and not an EOS), every prompt lost its BOS."""
+    folder, _ = checkpoints("llama", pad_token_id=1, bos_token_id=1, eos_token_id=2)
+    adapter = AirmlxLM(pretrained=str(airmlx.shard_checkpoint(folder, tmp_path / "s", progress=False)),
+                       backend="torch", batch_size=2)
+    try:
+        prompt = ids(adapter, "w1 w5 w6")
+        assert prompt[0] == adapter.model.pad_token_id == 1
+        want = adapter.model.generate([prompt], attention_mask=[[1] * 3], max_new_tokens=5)[0][3:]
+        assert want != adapter.model.generate([prompt], max_new_tokens=5)[0][3:]  # without a mask: the BOS dropped
+        got = adapter.generate_until([Instance("generate_until", {}, ("w1 w5 w6", {"max_gen_toks": 5}), 0)])[0]
+        assert got == adapter.continuation_text(want, ())
+    finally:
+        adapter.model.close()
+
+
 def test_local_task_end_to_end_from_the_command_line(harness_runs, checkpoints, tmp_path):
     run, out = harness_runs["local task"].result()
     assert run.returncode == 0, run.stderr[-2000:]
