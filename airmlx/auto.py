@@ -6,22 +6,14 @@ from pathlib import Path
 
 from .archs import arch_for
 from .draft import quantised_copy
-from .errors import (
-    BackendError,
-    BudgetError,
-    CheckpointError,
-    CorruptShardError,
-    DraftModelError,
-    GenerationError,
-    OptionError,
-)
+from .errors import BackendError, BudgetError, CheckpointError, CorruptShardError, DraftModelError, OptionError
 from .generation import check_flags
 from .hub import default_shard_dir, gone_local_gguf, is_hub_id, resolve_model
 from .manifest import MANIFEST_NAME, Manifest
 from .model import AirModel
 from .pipeline import launched_framework
 from .pipeline_link import DEFAULT_TIMEOUT
-from .plan import DEFAULT_PREFILL_STEP
+from .plan import DEFAULT_PREFILL_STEP, check_prefill_step
 from .quant import COMPRESSION_SPELLING, COMPRESSIONS, compression_config
 from .sharder import shard_checkpoint, sharded_into
 from .spec_measure import check_num_draft_tokens
@@ -152,8 +144,7 @@ class AutoModel:
         for part in memory_budget.split(",") if isinstance(memory_budget, str) else [memory_budget]:
             if part is not None:
                 parse_bytes(part)
-        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
-            raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
+        check_prefill_step(prefill_step_size)
         name = launched or pick_backend(backend)
         local = Path(str(path_or_id)).expanduser()
         if (local / MANIFEST_NAME).is_file():

@@ -32,13 +32,20 @@ BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, 
                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
 
 
-def save_tokenizer(folder, vocab_size):
-    """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), for tools that insist on one."""
+def word_tokenizer(vocab_size, renamed: "dict | None" = None):
+    """A word-level tokenizer over tokens "w0".."w{n-1}" (w0 = pad, w1 = bos), for tools that insist on one;
+    renamed: {id: another word for it}."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w2"))
+    words = {**{f"w{i}": i for i in range(vocab_size) if i not in (renamed or {})},
+             **{word: i for i, word in (renamed or {}).items()}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", unk_token="w2").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", unk_token="w2")
+
+
+def save_tokenizer(folder, vocab_size):
+    word_tokenizer(vocab_size).save_pretrained(folder)
 
 
 def build_model(folder, layers, hidden):

@@ -43,6 +43,7 @@ from .plan import (
     ExpertDemand,
     StageCost,
     activation_bytes,
+    check_prefill_step,
     kv_bytes_per_token,
     make_plan,
     minimum_budget,
@@ -91,9 +92,7 @@ class AirModel:
         self.shard_dir = Path(shard_dir)
         self.progress = progress
         self.trust_remote_code = trust_remote_code
-        if not isinstance(prefill_step_size, int) or prefill_step_size < 1:
-            raise GenerationError(f"prefill_step_size={prefill_step_size!r}: use a whole number of tokens >= 1.")
-        self.prefill_step_size = prefill_step_size
+        self.prefill_step_size = check_prefill_step(prefill_step_size)
         self.store = ShardStore(shard_dir, stages)
         self.config = self.store.manifest.config
         self.backend = backend

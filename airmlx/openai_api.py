@@ -256,15 +256,15 @@ def completion_job(body: dict, tokenizer, served: list, generation_config: dict,
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's piece for one byte
 
 
-def token_bytes(tokenizer, token: int, before: "int | None" = None) -> bytes:
-    """The token's own bytes: its text (after the token `before` it, as the answer's text has it: a
-    sentencepiece word decoded alone loses the space it starts with), or, where that is part of a character (it
-    decodes to U+FFFD), the bytes its vocabulary piece stands for (sentencepiece's <0xNN> byte fallback, or
-    byte-level BPE's alphabet)."""
+def token_bytes(tokenizer, token: int, before: "tuple | None" = None) -> bytes:
+    """The token's own bytes: its text (after `before`, (the token before it, that token's text), as the answer's
+    text has it: a sentencepiece word decoded alone loses the space it starts with), or, where that is part of a
+    character (it decodes to U+FFFD), the bytes its vocabulary piece stands for (sentencepiece's <0xNN> byte
+    fallback, or byte-level BPE's alphabet)."""
     if before is not None:
-        lead, both = tokenizer.decode([before]), tokenizer.decode([before, token])
-        if both.startswith(lead) and "\ufffd" not in both:  # else a token or the one before is part of a character
-            return both[len(lead):].encode()
+        both = tokenizer.decode([before[0], token])
+        if both.startswith(before[1]) and "\ufffd" not in both:  # else it or the one before is part of a character
+            return both[len(before[1]):].encode()
     text = tokenizer.decode([token])
     if "\ufffd" not in text:
         return text.encode()
@@ -310,8 +310,8 @@ class TokenPieces:
         """[(the token's bytes, [each alternative's bytes])] for (token, logprob, top) entries, in order."""
         out = []
         for t, _, top in entries:
-            out.append((token_bytes(tokenizer, t, self.before), [token_bytes(tokenizer, u, self.before)
-                                                                 for u, _ in top]))
+            before = None if self.before is None else (self.before, tokenizer.decode([self.before]))  # once a place
+            out.append((token_bytes(tokenizer, t, before), [token_bytes(tokenizer, u, before) for u, _ in top]))
             self.before = t
         return out
 

@@ -10,12 +10,19 @@ import math
 from dataclasses import dataclass
 
 from .archs import experts_per_token
-from .errors import BudgetError
+from .errors import BudgetError, GenerationError
 from .units import format_bytes, parse_bytes
 
 SAFE_FRACTION = 0.8  # of what the device reports free: room for the OS, the interpreter, fragmentation
 RESERVE_CONTEXT = 4096  # tokens of KV cache the default budget leaves room for
 DEFAULT_PREFILL_STEP = 512  # tokens (rows x positions) a stage runs at once; longer prompts run in chunks
+
+
+def check_prefill_step(value) -> int:
+    """prefill_step_size: a whole number of tokens >= 1."""
+    if not isinstance(value, int) or value < 1:
+        raise GenerationError(f"prefill_step_size={value!r}: use a whole number of tokens >= 1.")
+    return value
 NO_PREFETCH_COST = 1.25  # a sweep without prefetch waits for its reads: as if it read this much more
 SCORE_LOGITS = 1 << 22  # logits the head computes at once when it scores targets (float32: 16 MB)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import airmlx
-from airmlx.bench import save_tokenizer
+from airmlx.bench import save_tokenizer, word_tokenizer
 from airmlx.store import ShardStore
 
 ARCHS = ["llama", "mistral", "qwen2"]
@@ -186,13 +186,9 @@ ARCH_CONFIGS = {
 def word_tokenizer_with_special(token_id: int, content: str = "<|end|>", vocab_size=96):
     """The test models' word-level tokenizer ("w5 w17 ..."), with id `token_id` a special token `content` (as
     "<|im_end|>" is in Qwen's): decoded text leaves it out unless asked to keep special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {**{f"w{i}": i for i in range(vocab_size) if i != token_id}, content: token_id}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", unk_token="w2",
-                                   additional_special_tokens=[content])
+    tok = word_tokenizer(vocab_size, {token_id: content})
+    tok.add_special_tokens({"additional_special_tokens": [content]})  # its own id: the word is in the vocabulary
+    return tok
 
 
 def sentencepiece_tokenizer(vocab_size=96):
